@@ -1,0 +1,638 @@
+"""Samplers: a sampling plan plus the per-step coefficient table the fused kernel applies.
+
+Each sampler visits a descending plan of train timesteps ``t_0 > t_1 > ... > t_{n-1}`` and
+then the clean data ("t = -1", ``ab = 1``). Its state ``x`` is in VP space
+(``x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps``), so the model is called on ``x`` as it is and the
+initial noise is N(0, I).
+
+A step is ``x_next = X x + X0 x0 + M m + X0_PREV x0_prev + std z`` with
+``x0 = process(X0_X x + X0_M m)`` (see ``fastdiff.kernels.fused_step``); every sampler is a
+rule that fills that table once, on the host, in float64, from the schedule. The ``triton``
+backend gathers rows of that table inside the kernel. The ``reference`` backend does not use
+the table at all: it calls ``fastdiff.reference`` with the schedule values of the step, so a
+wrong table is caught by the tests that compare the two.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from fastdiff import philox, reference
+from fastdiff.backend import check_backend, resolve_backend
+from fastdiff.kernels.fused_step import COLUMNS, fused_step
+from fastdiff.schedules import CONDITIONINGS, NoiseSchedule, make_plan
+
+__all__ = [
+    "SAMPLERS",
+    "DDIMSampler",
+    "DDPMSampler",
+    "DPMSolverPP2MSampler",
+    "EulerAncestralSampler",
+    "EulerSampler",
+    "Sampler",
+    "StepOutput",
+]
+
+_COL = {name: k for k, name in enumerate(COLUMNS)}
+
+
+@dataclass
+class StepOutput:
+    """What a step returns (the names diffusers uses).
+
+    Attributes:
+        prev_sample: the next sample ``x_{t'}``.
+        pred_original_sample: the step's (processed) prediction of x0.
+    """
+
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor
+
+
+def _bcast(value: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per-sample values [B] (or a scalar) shaped to broadcast over x's trailing dims."""
+    return value.reshape(-1, *([1] * (x.dim() - 1))) if value.dim() == 1 else value
+
+
+def _x0_coefficients(ab: torch.Tensor, prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x0 = X0_X x + X0_M m`` for each prediction type (Ho et al. 2020 eq. 15; v of
+    Salimans & Ho 2022: ``x0 = sqrt(ab) x - sqrt(1 - ab) v``)."""
+    if prediction_type == "epsilon":
+        return 1.0 / ab.sqrt(), -(1.0 - ab).sqrt() / ab.sqrt()
+    if prediction_type == "sample":
+        return torch.zeros_like(ab), torch.ones_like(ab)
+    return ab.sqrt(), -(1.0 - ab).sqrt()
+
+
+def _eps_coefficients(ab: torch.Tensor, prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``eps = E_X x + E_M m`` from the raw model output (eq. 4 solved for eps)."""
+    if prediction_type == "epsilon":
+        return torch.zeros_like(ab), torch.ones_like(ab)
+    if prediction_type == "sample":
+        return 1.0 / (1.0 - ab).sqrt(), -ab.sqrt() / (1.0 - ab).sqrt()
+    return (1.0 - ab).sqrt(), ab.sqrt()
+
+
+class Sampler:
+    """Base class: the plan, the table, and one ``step`` for both backends.
+
+    Args:
+        schedule: the noise schedule the model was trained with.
+        steps: number of sampling steps (spaced by ``timestep_spacing``), a respacing string
+            (``"ddim50"``, ``"10,15,20"``) or an explicit descending list of train timesteps.
+        timestep_spacing: "leading", "trailing" or "linspace" (with an int ``steps``).
+        steps_offset: added to leading-spaced timesteps (diffusers' ``steps_offset``).
+        prediction_type: what the model predicts: "epsilon", "sample" or "v_prediction".
+        clip_sample_range: clamp the predicted x0 to ``[-r, r]`` (None: no clipping).
+        thresholding: ``(ratio, max_value)`` for dynamic thresholding (Saharia et al. 2022).
+        conditioning: what the model is conditioned on: "timestep", "alpha_bar", "sigma" or
+            "log_snr" (see ``model_condition``).
+        backend: "triton", "reference", "auto", or None (``FASTDIFF_BACKEND``, else auto).
+    """
+
+    stochastic = False
+    multistep = False
+
+    def __init__(
+        self,
+        schedule: NoiseSchedule,
+        steps: int | str | Sequence[int] | torch.Tensor = 50,
+        *,
+        timestep_spacing: str = "leading",
+        steps_offset: int = 0,
+        prediction_type: str = "epsilon",
+        clip_sample_range: float | None = None,
+        thresholding: tuple[float, float] | None = None,
+        conditioning: str = "timestep",
+        backend: str | None = None,
+    ) -> None:
+        if not isinstance(schedule, NoiseSchedule):
+            raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+        if prediction_type not in reference.PREDICTION_TYPES:
+            raise ValueError(
+                f"unknown prediction_type {prediction_type!r}; choose one of "
+                f"{reference.PREDICTION_TYPES}"
+            )
+        if conditioning not in CONDITIONINGS:
+            raise ValueError(f"unknown conditioning {conditioning!r}; choose one of {CONDITIONINGS}")
+        if clip_sample_range is not None and thresholding is not None:
+            raise ValueError("clip_sample_range and thresholding are exclusive: choose one")
+        if clip_sample_range is not None and not (
+            isinstance(clip_sample_range, (int, float)) and clip_sample_range > 0
+        ):
+            raise ValueError(f"clip_sample_range must be a positive number, got {clip_sample_range!r}")
+        if thresholding is not None:
+            if len(thresholding) != 2:
+                raise ValueError("thresholding must be a (ratio, max_value) pair")
+            ratio, max_value = thresholding
+            if not (0.0 < ratio <= 1.0 and max_value >= 1.0):
+                raise ValueError(
+                    f"thresholding needs 0 < ratio <= 1 and max_value >= 1, got {thresholding}"
+                )
+            thresholding = (float(ratio), float(max_value))
+        self.schedule = schedule
+        self.prediction_type = prediction_type
+        self.clip_sample_range = None if clip_sample_range is None else float(clip_sample_range)
+        self.thresholding = thresholding
+        self.conditioning = conditioning
+        self.backend = check_backend(backend)
+        self.timesteps = make_plan(
+            schedule.num_train_timesteps, steps, timestep_spacing, steps_offset
+        )
+        n = len(self.timesteps)
+        nxt = torch.cat([self.timesteps[1:], torch.tensor([-1])])
+        prv = torch.cat([torch.tensor([-1]), self.timesteps[:-1]])
+        # Schedule values of each step, float64, CPU: ab at t_i, at t_{i+1} (1 after the
+        # last step) and at t_{i-1} (the previous visited step; 1 before the first).
+        self.alpha_bar = schedule.alpha_bar(self.timesteps)
+        self.alpha_bar_next = schedule.alpha_bar(nxt)
+        self.alpha_bar_prev = schedule.alpha_bar(prv)
+        self._check_prediction_at_zero_snr()
+        table = self._build_table()
+        if table.shape != (n, len(COLUMNS)) or table.dtype != torch.float64:
+            raise AssertionError("internal: table has the wrong shape or dtype")
+        bad = ~torch.isfinite(table)
+        if bad.any():
+            step, col = (int(v) for v in bad.nonzero()[0])
+            raise ValueError(
+                f"{type(self).__name__}: coefficient {COLUMNS[col]!r} of step {step} "
+                f"(t={int(self.timesteps[step])}) is not finite; the schedule and prediction "
+                "type do not fit (e.g. epsilon prediction at zero terminal SNR)"
+            )
+        self.table = table
+        self._device_cache: dict = {}
+
+    # -- what subclasses provide -------------------------------------------------------------
+
+    def _build_table(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _reference_step(self, x, m, v, i, x0_prev, noise, grad):
+        raise NotImplementedError
+
+    # -- shared machinery ----------------------------------------------------------------------
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(steps={self.num_steps}, prediction_type="
+            f"{self.prediction_type!r}, backend={self.backend!r})"
+        )
+
+    @property
+    def num_steps(self) -> int:
+        """Number of sampling steps (model calls)."""
+        return len(self.timesteps)
+
+    def _check_prediction_at_zero_snr(self) -> None:
+        if self.prediction_type == "epsilon" and bool((self.alpha_bar <= 0).any()):
+            raise ValueError(
+                "epsilon prediction cannot recover x0 where alpha_bar is 0 (zero terminal SNR); "
+                "use v_prediction or a plan that avoids the last train timestep"
+            )
+
+    def _empty_table(self) -> torch.Tensor:
+        return torch.zeros(self.num_steps, len(COLUMNS), dtype=torch.float64)
+
+    def _fill_x0(self, table: torch.Tensor) -> None:
+        x0_x, x0_m = _x0_coefficients(self.alpha_bar, self.prediction_type)
+        table[:, _COL["x0_x"]] = x0_x
+        table[:, _COL["x0_m"]] = x0_m
+
+    def device_tables(self, device: torch.device | str) -> dict[str, torch.Tensor]:
+        """Device copies of the table and the per-step schedule values (cached per device).
+
+        Keys: ``table`` (float32), ``rows`` (int64 step indices 0..n-1), ``timesteps``,
+        ``alpha_bar``, ``alpha_bar_next``, ``alpha_bar_prev`` (float64).
+        """
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        cached = self._device_cache.get(device)
+        if cached is None:
+            cached = {
+                "table": self.table.to(device=device, dtype=torch.float32).contiguous(),
+                "rows": torch.arange(self.num_steps, dtype=torch.int64, device=device),
+                "timesteps": self.timesteps.to(device),
+                "alpha_bar": self.alpha_bar.to(device),
+                "alpha_bar_next": self.alpha_bar_next.to(device),
+                "alpha_bar_prev": self.alpha_bar_prev.to(device),
+            }
+            self._device_cache[device] = cached
+        return cached
+
+    def _step_index(self, i, x: torch.Tensor) -> torch.Tensor | int:
+        if isinstance(i, bool):
+            raise TypeError("step index must be an int or an integer tensor, got a bool")
+        if isinstance(i, int):
+            if not 0 <= i < self.num_steps:
+                raise IndexError(f"step index {i} outside [0, {self.num_steps})")
+            return i
+        if not isinstance(i, torch.Tensor) or i.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"step index must be an int or an integer tensor, got {i!r}")
+        if i.dim() > 1 or (i.dim() == 1 and i.shape[0] != x.shape[0]):
+            raise ValueError(
+                f"a per-sample step index must have shape [{x.shape[0]}], got {tuple(i.shape)}"
+            )
+        if i.device != x.device:
+            raise ValueError(f"step index is on {i.device} but x is on {x.device}")
+        if i.device.type == "cpu" and bool(((i < 0) | (i >= self.num_steps)).any()):
+            raise IndexError(f"step index outside [0, {self.num_steps})")
+        return i.long()
+
+    def model_condition(
+        self, i: int | torch.Tensor, batch_size: int, device: torch.device | str
+    ) -> torch.Tensor:
+        """What the model is conditioned on at step ``i``, one float32 value per sample.
+
+        ``conditioning="timestep"`` gives the train timestep ``t_i``; ``"alpha_bar"``,
+        ``"sigma"`` and ``"log_snr"`` give the noise level, so a model conditioned on the noise
+        level can be sampled on any plan.
+
+        Args:
+            i: step index (int, 0-d or per-sample [B] tensor on ``device``).
+            batch_size: B.
+            device: where the model runs.
+
+        Returns:
+            float32 tensor [B].
+        """
+        timesteps = self.device_tables(device)["timesteps"]
+        t = timesteps[i]
+        value = self.schedule.conditioning(t, self.conditioning)
+        return value.to(torch.float32).expand(batch_size) if value.dim() == 0 else value.float()
+
+    def _noise_for(self, x, i, noise, seeds):
+        """The standard-normal noise of the reference path: given, or the Philox stream."""
+        if noise is not None:
+            return noise.to(x.dtype if x.dtype == torch.float64 else torch.float32)
+        if seeds is None:
+            return None
+        fmt = (
+            torch.channels_last
+            if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+            else torch.contiguous_format
+        )
+        return philox.randn(seeds, i, x.shape, memory_format=fmt)
+
+    def step(
+        self,
+        x: torch.Tensor,
+        model_output: torch.Tensor,
+        i: int | torch.Tensor,
+        *,
+        x0_prev: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        seeds: torch.Tensor | None = None,
+        guidance_scale: float | None = None,
+        guidance_rescale: float = 0.0,
+        grad: torch.Tensor | None = None,
+    ) -> StepOutput:
+        """One reverse step from step index ``i`` to ``i + 1`` (or to clean after the last).
+
+        Args:
+            x: the current sample ``[B, ...]``.
+            model_output: the model's output ``[B, ...]``; ``[2B, ...]`` with guidance
+                (unconditional half first); learned variances carry 2x channels.
+            i: step index: int, 0-d int tensor on x's device, or per-sample ``[B]`` tensor.
+            x0_prev: the previous step's x0 (multistep samplers; zeros at the first step).
+            noise: explicit standard-normal noise like x (stochastic samplers).
+            seeds: int64 ``[B]`` per-sample seeds: Philox noise keyed by (seed, i, element).
+                Deterministic samplers ignore ``noise`` and ``seeds``.
+            guidance_scale: classifier-free guidance scale (None: no guidance).
+            guidance_rescale: Lin et al. 2023 rescale factor in [0, 1].
+            grad: classifier guidance: the scaled gradient of log p(y | x_t), like x.
+
+        Returns:
+            StepOutput(prev_sample, pred_original_sample).
+
+        Example:
+            >>> out = sampler.step(x, model(x, sampler.model_condition(0, 4, x.device)), 0,
+            ...                    seeds=torch.arange(4))
+        """
+        if not isinstance(x, torch.Tensor) or not isinstance(model_output, torch.Tensor):
+            raise TypeError("x and model_output must be tensors")
+        if not x.is_floating_point() or not model_output.is_floating_point():
+            raise TypeError(f"x and model_output must be floating point, got {x.dtype}, {model_output.dtype}")
+        i = self._step_index(i, x)
+        if self.stochastic and noise is None and seeds is None:
+            raise ValueError(f"{type(self).__name__} adds noise: pass noise= or seeds=")
+        if grad is not None and not self.stochastic:
+            raise ValueError(
+                "classifier guidance shifts the mean by variance x gradient; this sampler's step "
+                "has no variance (use DDPM, DDIM with eta > 0 or Euler ancestral)"
+            )
+        if not self.stochastic:
+            noise = seeds = None
+        if guidance_scale is None and guidance_rescale:
+            raise ValueError("guidance_rescale needs guidance_scale")
+        if self.multistep and x0_prev is not None and x0_prev.shape != x.shape:
+            raise ValueError(f"x0_prev has shape {tuple(x0_prev.shape)}, x has {tuple(x.shape)}")
+        if not self.multistep:
+            x0_prev = None
+        if resolve_backend(self.backend, x) == "triton":
+            tables = self.device_tables(x.device)
+            rows = tables["rows"][i : i + 1] if isinstance(i, int) else i.reshape(-1)
+            x_next, x0 = fused_step(
+                x,
+                model_output,
+                tables["table"],
+                rows,
+                guidance_scale=guidance_scale,
+                guidance_rescale=guidance_rescale,
+                clip_range=self.clip_sample_range,
+                thresholding=self.thresholding,
+                variance_mode=self._variance_mode(),
+                x0_prev=x0_prev,
+                noise=noise,
+                seeds=seeds,
+                grad=grad,
+            )
+            return StepOutput(x_next, x0)
+        return self._reference(x, model_output, i, x0_prev, noise, seeds, guidance_scale,
+                               guidance_rescale, grad)
+
+    def _variance_mode(self) -> str:
+        return "fixed"
+
+    def _reference(self, x, model_output, i, x0_prev, noise, seeds, guidance_scale,
+                   guidance_rescale, grad) -> StepOutput:
+        batch = x.shape[0]
+        learned = self._variance_mode() != "fixed"
+        expected = 2 * batch if guidance_scale is not None else batch
+        if model_output.shape[0] != expected or model_output.shape[2:] != x.shape[2:]:
+            raise ValueError(
+                f"model_output has shape {tuple(model_output.shape)}, expected batch {expected} "
+                f"and trailing shape {tuple(x.shape[2:])}"
+            )
+        m, v = (
+            reference.split_learned_variance(model_output, self.variance_type)
+            if learned
+            else (model_output, None)
+        )
+        if m.shape[1:] != x.shape[1:]:
+            raise ValueError(f"model_output prediction has shape {tuple(m.shape)}, x has {tuple(x.shape)}")
+        if guidance_scale is not None:
+            m = reference.cfg_combine(m[:batch], m[batch:], guidance_scale, guidance_rescale)
+            v = v[batch:] if v is not None else None
+        z = self._noise_for(x, i, noise, seeds)
+        x_next, x0 = self._reference_step(x, m, v, i, x0_prev, z, grad)
+        return StepOutput(x_next.to(x.dtype), x0.to(x.dtype))
+
+    def _values(self, x: torch.Tensor, i) -> dict[str, torch.Tensor]:
+        """ab_t, ab_next, ab_prev of step i on x's device (per sample when i is a tensor)."""
+        tables = self.device_tables(x.device)
+        return {k: tables[k][i] for k in ("alpha_bar", "alpha_bar_next", "alpha_bar_prev")}
+
+    def _process_kwargs(self) -> dict:
+        return {"clip_range": self.clip_sample_range, "thresholding": self.thresholding}
+
+
+class DDPMSampler(Sampler):
+    """Ancestral sampling with the DDPM posterior (Ho et al. 2020, eq. 6-7; respaced betas
+    ``beta' = 1 - ab_t / ab_next`` as improved-diffusion does).
+
+    Args:
+        variance_type: "fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log",
+            "learned" (the model's extra channels are the log variance, improved-diffusion) or
+            "learned_range" (Nichol & Dhariwal 2021, eq. 15).
+        **kwargs: see ``Sampler``.
+    """
+
+    stochastic = True
+
+    def __init__(self, schedule, steps=1000, *, variance_type="fixed_small", **kwargs) -> None:
+        if variance_type not in reference.VARIANCE_TYPES:
+            raise ValueError(
+                f"unknown variance_type {variance_type!r}; choose one of {reference.VARIANCE_TYPES}"
+            )
+        self.variance_type = variance_type
+        super().__init__(schedule, steps, **kwargs)
+
+    def _variance_mode(self) -> str:
+        return self.variance_type if self.variance_type.startswith("learned") else "fixed"
+
+    def _build_table(self) -> torch.Tensor:
+        ab, an = self.alpha_bar, self.alpha_bar_next
+        beta = 1.0 - ab / an
+        alpha = ab / an
+        table = self._empty_table()
+        self._fill_x0(table)
+        table[:, _COL["x"]] = alpha.sqrt() * (1.0 - an) / (1.0 - ab)
+        table[:, _COL["x0"]] = an.sqrt() * beta / (1.0 - ab)
+        var_small = ((1.0 - an) / (1.0 - ab) * beta).clamp_min(1e-20)
+        noisy = (an < 1.0).double()
+        if self.variance_type in ("fixed_small", "fixed_small_log"):
+            std = var_small.sqrt()
+        elif self.variance_type in ("fixed_large", "fixed_large_log"):
+            std = beta.sqrt()
+        else:
+            std = torch.ones_like(ab)
+            if self.variance_type == "learned_range":
+                # log(beta') is -inf on the step to clean; it has no noise there anyway.
+                table[:, _COL["log_var_min"]] = torch.where(an < 1.0, var_small.log(), 0.0)
+                table[:, _COL["log_var_max"]] = torch.where(an < 1.0, beta.log(), 0.0)
+        table[:, _COL["std"]] = std * noisy
+        return table
+
+    def _reference_step(self, x, m, v, i, x0_prev, noise, grad):
+        s = self._values(x, i)
+        model_output = m if v is None else torch.cat([m, v], dim=1)
+        return reference.ddpm_step(
+            x,
+            model_output,
+            s["alpha_bar"],
+            s["alpha_bar_next"],
+            prediction_type=self.prediction_type,
+            variance_type=self.variance_type,
+            noise=noise,
+            grad=grad,
+            **self._process_kwargs(),
+        )
+
+
+class DDIMSampler(Sampler):
+    """DDIM (Song et al. 2021, eq. 12 with sigma of eq. 16 scaled by ``eta``).
+
+    Args:
+        eta: 0 for the deterministic DDIM, 1 for DDPM-like ancestral noise.
+        use_clipped_model_output: re-derive eps from the processed x0 (as diffusers).
+        **kwargs: see ``Sampler``.
+    """
+
+    def __init__(self, schedule, steps=50, *, eta=0.0, use_clipped_model_output=False, **kwargs):
+        if not (isinstance(eta, (int, float)) and eta >= 0):
+            raise ValueError(f"eta must be a number >= 0, got {eta!r}")
+        self.eta = float(eta)
+        self.use_clipped_model_output = bool(use_clipped_model_output)
+        self.stochastic = self.eta > 0
+        super().__init__(schedule, steps, **kwargs)
+
+    def _build_table(self) -> torch.Tensor:
+        ab, an = self.alpha_bar, self.alpha_bar_next
+        sigma = self.eta * ((1.0 - an) / (1.0 - ab) * (1.0 - ab / an)).sqrt()
+        c = (1.0 - an - sigma**2).clamp_min(0.0).sqrt()
+        table = self._empty_table()
+        self._fill_x0(table)
+        if self.use_clipped_model_output:
+            # eps from the processed x0: eps = (x - sqrt(ab) x0) / sqrt(1 - ab)
+            table[:, _COL["x"]] = c / (1.0 - ab).sqrt()
+            table[:, _COL["x0"]] = an.sqrt() - c * ab.sqrt() / (1.0 - ab).sqrt()
+        else:
+            e_x, e_m = _eps_coefficients(ab, self.prediction_type)
+            table[:, _COL["x"]] = c * e_x
+            table[:, _COL["x0"]] = an.sqrt()
+            table[:, _COL["m"]] = c * e_m
+        table[:, _COL["std"]] = sigma
+        return table
+
+    def _reference_step(self, x, m, v, i, x0_prev, noise, grad):
+        s = self._values(x, i)
+        return reference.ddim_step(
+            x,
+            m,
+            s["alpha_bar"],
+            s["alpha_bar_next"],
+            eta=self.eta,
+            prediction_type=self.prediction_type,
+            use_clipped_model_output=self.use_clipped_model_output,
+            noise=noise,
+            grad=grad,
+            **self._process_kwargs(),
+        )
+
+
+def _sigma(ab: torch.Tensor) -> torch.Tensor:
+    """k-diffusion's noise level ``sigma = sqrt((1 - ab) / ab)`` (0 for clean)."""
+    return ((1.0 - ab) / ab).sqrt()
+
+
+class EulerSampler(Sampler):
+    """Euler in sigma space (Karras et al. 2022, Alg. 2 without churn), run in VP space.
+
+    In sigma space ``x_s = x / sqrt(ab)``, ``d = (x_s - x0) / sigma`` and
+    ``x_s' = x_s + (sigma_down - sigma) d + sigma_up z``; the VP state is ``sqrt(ab') x_s'``.
+    Plain Euler has ``sigma_down = sigma'`` and no noise.
+    """
+
+    def _sigmas_down_up(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return _sigma(self.alpha_bar_next), torch.zeros_like(self.alpha_bar)
+
+    def _build_table(self) -> torch.Tensor:
+        ab, an = self.alpha_bar, self.alpha_bar_next
+        sigma_down, sigma_up = self._sigmas_down_up()
+        # sigma_down / sigma, written so that ab = 0 (sigma = inf) stays finite.
+        ratio = sigma_down * ab.sqrt() / (1.0 - ab).sqrt()
+        table = self._empty_table()
+        self._fill_x0(table)
+        table[:, _COL["x"]] = an.sqrt() * sigma_down / (1.0 - ab).sqrt()
+        table[:, _COL["x0"]] = an.sqrt() * (1.0 - ratio)
+        table[:, _COL["std"]] = an.sqrt() * sigma_up
+        return table
+
+    def _reference_step(self, x, m, v, i, x0_prev, noise, grad):
+        s = self._values(x, i)
+        ab, an = s["alpha_bar"], s["alpha_bar_next"]
+        x_sigma = x / _bcast(ab.sqrt(), x)
+        x_next, x0 = self._sigma_space_step(x_sigma, m, _sigma(ab), _sigma(an), noise)
+        return x_next * _bcast(an.sqrt(), x_next).to(x_next.dtype), x0
+
+    def _sigma_space_step(self, x_sigma, m, sigma, sigma_next, noise):
+        return reference.euler_step(
+            x_sigma, m, sigma, sigma_next, prediction_type=self.prediction_type,
+            **self._process_kwargs(),
+        )
+
+
+class EulerAncestralSampler(EulerSampler):
+    """Euler ancestral (k-diffusion ``sample_euler_ancestral``), run in VP space.
+
+    Args:
+        eta: scales the ancestral noise (``sigma_up``); 1 is k-diffusion's default.
+        **kwargs: see ``Sampler``.
+    """
+
+    def __init__(self, schedule, steps=50, *, eta=1.0, **kwargs):
+        if not (isinstance(eta, (int, float)) and eta >= 0):
+            raise ValueError(f"eta must be a number >= 0, got {eta!r}")
+        self.eta = float(eta)
+        self.stochastic = self.eta > 0
+        super().__init__(schedule, steps, **kwargs)
+
+    def _sigmas_down_up(self) -> tuple[torch.Tensor, torch.Tensor]:
+        ab, an = self.alpha_bar, self.alpha_bar_next
+        sn2 = (1.0 - an) / an
+        # sigma_up^2 = sigma'^2 (sigma^2 - sigma'^2) / sigma^2 = sigma'^2 (1 - sigma'^2 / sigma^2)
+        up2 = sn2 * (1.0 - sn2 * ab / (1.0 - ab))
+        sigma_up = torch.minimum(sn2.sqrt(), self.eta * up2.clamp_min(0.0).sqrt())
+        sigma_down = (sn2 - sigma_up**2).clamp_min(0.0).sqrt()
+        return sigma_down, sigma_up
+
+    def _sigma_space_step(self, x_sigma, m, sigma, sigma_next, noise):
+        return reference.euler_ancestral_step(
+            x_sigma, m, sigma, sigma_next, eta=self.eta, prediction_type=self.prediction_type,
+            noise=noise, **self._process_kwargs(),
+        )
+
+
+class DPMSolverPP2MSampler(Sampler):
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2, midpoint form), first order on the first
+    and the last step (the step to clean data has an infinite log-SNR step ``h``).
+
+    Pass the previous step's x0 as ``x0_prev`` (zeros on the first step: its coefficient is 0).
+    """
+
+    multistep = True
+
+    def _build_table(self) -> torch.Tensor:
+        ab, an, ap = self.alpha_bar, self.alpha_bar_next, self.alpha_bar_prev
+        alpha, sigma = ab.sqrt(), (1.0 - ab).sqrt()
+        alpha_n, sigma_n = an.sqrt(), (1.0 - an).sqrt()
+        # exp(-h) = exp(lambda_t - lambda_next) with lambda = log(alpha / sigma).
+        exp_neg_h = alpha * sigma_n / (sigma * alpha_n)
+        first = alpha_n * (1.0 - exp_neg_h)
+        table = self._empty_table()
+        self._fill_x0(table)
+        table[:, _COL["x"]] = sigma_n / sigma
+        table[:, _COL["x0"]] = first
+        n = self.num_steps
+        for k in range(1, n - 1):  # second order where a previous x0 exists and h is finite
+            lam = math.log(alpha[k] / sigma[k])
+            h = math.log(alpha_n[k] / sigma_n[k]) - lam
+            h_prev = lam - 0.5 * math.log(ap[k] / (1.0 - ap[k]))
+            half_inv_r = 0.5 * h / h_prev
+            table[k, _COL["x0"]] = first[k] * (1.0 + half_inv_r)
+            table[k, _COL["x0_prev"]] = -first[k] * half_inv_r
+        return table
+
+    def _reference_step(self, x, m, v, i, x0_prev, noise, grad):
+        s = self._values(x, i)
+        first_order = self._first_order(i, x)
+        kwargs = dict(prediction_type=self.prediction_type, **self._process_kwargs())
+        args = (x, m, s["alpha_bar"], s["alpha_bar_next"])
+        x1, x0 = reference.dpmpp_2m_step(*args, **kwargs)
+        if x0_prev is None or first_order is True:
+            return x1, x0
+        ab_prev = torch.where(s["alpha_bar_prev"] < 1.0, s["alpha_bar_prev"], 0.5)
+        x2, _ = reference.dpmpp_2m_step(*args, x0_prev=x0_prev, ab_prev=ab_prev, **kwargs)
+        if first_order is False:
+            return x2, x0
+        return torch.where(_bcast(first_order, x), x1, x2), x0
+
+    def _first_order(self, i, x):
+        """True / False for an int step, a per-sample bool tensor otherwise."""
+        if isinstance(i, int):
+            return i == 0 or i == self.num_steps - 1
+        return (i == 0) | (i == self.num_steps - 1)
+
+
+SAMPLERS: dict[str, type[Sampler]] = {
+    "ddpm": DDPMSampler,
+    "ddim": DDIMSampler,
+    "euler": EulerSampler,
+    "euler_ancestral": EulerAncestralSampler,
+    "dpmpp_2m": DPMSolverPP2MSampler,
+}

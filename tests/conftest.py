@@ -1,0 +1,43 @@
+"""Shared test settings: the kernels run under the Triton interpreter on this CPU machine.
+
+Tolerances for comparing a kernel (float32 arithmetic, output rounded to its dtype) with the
+reference computed in float64 from the same inputs. Each number is the output rounding of
+the dtype plus float32 arithmetic error amplified by the step's coefficients:
+
+* float32: unit roundoff 6e-8; the eps->x0 conversion multiplies by up to 1/sqrt(ab_min)
+  ~ 160 for the schedules used in the tests, and the coefficient table itself is rounded to
+  float32, so relative errors reach ~1e-5 and absolute ones ~2e-5 on N(0,1)-sized data.
+* float16: output rounding 2**-11 = 4.9e-4 relative (the arithmetic error is far below).
+* bfloat16: output rounding 2**-8 = 3.9e-3 relative, doubled because the interpreter
+  truncates bfloat16 stores instead of rounding them.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Before any kernel module is imported: triton.jit reads this when it decorates.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+TOLERANCES = {
+    torch.float32: {"rtol": 2e-5, "atol": 5e-5},
+    torch.float16: {"rtol": 1e-3, "atol": 1e-3},
+    torch.bfloat16: {"rtol": 8e-3, "atol": 8e-3},
+}
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def device():
+    """CUDA when there is one (GPU runs), else the CPU under the Triton interpreter."""
+    return torch.device("cuda") if HAS_CUDA else torch.device("cpu")

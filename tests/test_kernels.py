@@ -1,0 +1,204 @@
+"""Fused step kernels against the reference: every option, dtype and layout.
+
+Each case builds the same sampler twice, once per backend, feeds both fresh random inputs
+and the same explicit noise, and compares the kernel's output with the reference computed
+in float64 from the same inputs (tolerances by dtype in conftest.py). On this CPU machine
+the kernels run under the Triton interpreter; with a GPU the same tests run on the card.
+"""
+
+import pytest
+import torch
+from conftest import TOLERANCES
+
+from fastdiff.kernels.fused_step import COLUMNS, fused_step
+from fastdiff.philox import seeds_from
+from fastdiff.samplers import (
+    DDIMSampler,
+    DDPMSampler,
+    DPMSolverPP2MSampler,
+    EulerAncestralSampler,
+    EulerSampler,
+)
+from fastdiff.schedules import NoiseSchedule
+
+SCHEDULE = NoiseSchedule.create("linear", 1000)
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+SAMPLER_CASES = {
+    "ddpm": lambda **kw: DDPMSampler(SCHEDULE, 20, **kw),
+    "ddpm_large": lambda **kw: DDPMSampler(SCHEDULE, 20, variance_type="fixed_large", **kw),
+    "ddim": lambda **kw: DDIMSampler(SCHEDULE, 10, **kw),
+    "ddim_eta": lambda **kw: DDIMSampler(SCHEDULE, 10, eta=0.7, use_clipped_model_output=True, **kw),
+    "euler": lambda **kw: EulerSampler(SCHEDULE, 10, **kw),
+    "euler_a": lambda **kw: EulerAncestralSampler(SCHEDULE, 10, **kw),
+    "dpmpp_2m": lambda **kw: DPMSolverPP2MSampler(SCHEDULE, 10, **kw),
+}
+
+
+def _pair(name, **kwargs):
+    return SAMPLER_CASES[name](backend="triton", **kwargs), SAMPLER_CASES[name](
+        backend="reference", **kwargs
+    )
+
+
+def _reference64(sampler, x, m, i, **kw):
+    kw = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+          for k, v in kw.items()}
+    out = sampler.step(x.double(), m.double(), i, **kw)
+    return out.prev_sample, out.pred_original_sample
+
+
+def _check(got, want, dtype):
+    assert got.dtype == dtype
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), want, **TOLERANCES[dtype])
+
+
+def _make(shape, dtype, layout, device):
+    t = torch.randn(shape, device=device).to(dtype)
+    return t.to(memory_format=torch.channels_last) if layout == "channels_last" else t
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("name", list(SAMPLER_CASES))
+def test_step_matches_reference(name, layout, dtype, device):
+    fused, ref = _pair(name)
+    shape = (3, 5, 7, 9)  # not a multiple of any block
+    x, m = _make(shape, dtype, layout, device), _make(shape, dtype, layout, device)
+    noise = _make(shape, dtype, layout, device)
+    x0_prev = _make(shape, dtype, layout, device)
+    i = int(torch.randint(1, fused.num_steps, ()))
+    kw = {"noise": noise, "x0_prev": x0_prev}
+    out = fused.step(x, m, i, **kw)
+    want_x, want_x0 = _reference64(ref, x, m, i, **kw)
+    assert out.prev_sample.is_contiguous(
+        memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    )
+    _check(out.pred_original_sample, want_x0, dtype)
+    _check(out.prev_sample, want_x, dtype)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+@pytest.mark.parametrize("process", ["none", "clip", "threshold"])
+@pytest.mark.parametrize("name", ["ddpm", "ddim_eta", "euler_a", "dpmpp_2m"])
+def test_prediction_types_and_x0_processing(name, prediction_type, process, device):
+    kw = {"prediction_type": prediction_type}
+    if process == "clip":
+        kw["clip_sample_range"] = 1.5
+    elif process == "threshold":
+        kw["thresholding"] = (0.9, 2.5)
+    fused, ref = _pair(name, **kw)
+    shape = (4, 3, 5, 11)
+    x, m = torch.randn(shape, device=device) * 2, torch.randn(shape, device=device) * 2
+    noise, x0_prev = torch.randn_like(x), torch.randn_like(x)
+    for i in (0, fused.num_steps // 2, fused.num_steps - 1):  # first, middle and last step
+        out = fused.step(x, m, i, noise=noise, x0_prev=x0_prev)
+        want_x, want_x0 = _reference64(ref, x, m, i, noise=noise, x0_prev=x0_prev)
+        _check(out.pred_original_sample, want_x0, torch.float32)
+        _check(out.prev_sample, want_x, torch.float32)
+
+
+@pytest.mark.parametrize("variance_type", ["fixed_small_log", "fixed_large_log", "learned", "learned_range"])
+@pytest.mark.parametrize("guided", [False, True])
+def test_ddpm_variances_with_guidance(variance_type, guided, device):
+    fused, ref = (DDPMSampler(SCHEDULE, 25, variance_type=variance_type, backend=b)
+                  for b in ("triton", "reference"))
+    shape = (3, 2, 6, 5)
+    channels = 4 if variance_type.startswith("learned") else 2
+    x = torch.randn(shape, device=device)
+    m = torch.randn((6 if guided else 3, channels, 6, 5), device=device)
+    if variance_type == "learned":
+        m[:, 2:] = torch.rand_like(m[:, 2:]) * -6  # log variances
+    elif variance_type == "learned_range":
+        m[:, 2:] = torch.rand_like(m[:, 2:]) * 2 - 1  # in [-1, 1]
+    noise, grad = torch.randn_like(x), torch.randn_like(x)
+    kw = {"noise": noise, "grad": grad}
+    if guided:
+        kw.update(guidance_scale=4.0, guidance_rescale=0.7)
+    for i in (3, 24):
+        out = fused.step(x, m, i, **kw)
+        want_x, want_x0 = _reference64(ref, x, m, i, **kw)
+        _check(out.pred_original_sample, want_x0, torch.float32)
+        _check(out.prev_sample, want_x, torch.float32)
+
+
+@pytest.mark.parametrize("name", ["ddim", "dpmpp_2m", "euler_a"])
+def test_guidance_fused(name, device):
+    fused, ref = _pair(name)
+    x = torch.randn(2, 3, 9, 9, device=device)
+    m = torch.randn(4, 3, 9, 9, device=device)
+    kw = {"noise": torch.randn_like(x), "x0_prev": torch.randn_like(x), "guidance_scale": 7.5}
+    out = fused.step(x, m, 4, **kw)
+    want_x, want_x0 = _reference64(ref, x, m, 4, **kw)
+    _check(out.prev_sample, want_x, torch.float32)
+    _check(out.pred_original_sample, want_x0, torch.float32)
+
+
+@pytest.mark.parametrize("name", ["ddpm", "euler_a", "dpmpp_2m"])
+def test_per_sample_steps_and_device_step_index(name, device):
+    fused, ref = _pair(name)
+    x = torch.randn(5, 2, 3, 13, device=device)
+    m, noise, x0_prev = torch.randn_like(x), torch.randn_like(x), torch.randn_like(x)
+    steps = torch.tensor([0, 3, fused.num_steps - 1, 3, 1], device=device)
+    kw = {"noise": noise, "x0_prev": x0_prev}
+    out = fused.step(x, m, steps, **kw)
+    want_x, want_x0 = _reference64(ref, x, m, steps, **kw)
+    _check(out.prev_sample, want_x, torch.float32)
+    # a 0-d device step index gives the same as the python int
+    same = fused.step(x, m, torch.tensor(3, device=device), **kw)
+    torch.testing.assert_close(same.prev_sample, fused.step(x, m, 3, **kw).prev_sample)
+
+
+def test_in_kernel_noise_matches_reference_stream(device):
+    """seeds= draws the same Philox stream on both backends, and per sample."""
+    fused, ref = _pair("ddpm")
+    x = torch.randn(4, 3, 8, 8, device=device)
+    m = torch.randn_like(x)
+    seeds = seeds_from(11, 4, device)
+    got = fused.step(x, m, 5, seeds=seeds).prev_sample
+    want, _ = _reference64(ref, x, m, 5, seeds=seeds)
+    _check(got, want, torch.float32)
+    # a sample's result does not depend on its batch
+    alone = fused.step(x[2:3], m[2:3], 5, seeds=seeds[2:3]).prev_sample
+    torch.testing.assert_close(alone, got[2:3], rtol=0, atol=0)
+
+
+def test_outputs_poisoned_before_launch_are_all_written(device):
+    sampler = DDPMSampler(SCHEDULE, 10, backend="triton")
+    tables = sampler.device_tables(device)
+    for shape in [(3, 5, 7, 9), (257, 2), (1, 4099)]:
+        x = torch.randn(shape, device=device)
+        out = torch.full_like(x, float("nan"))
+        x0 = torch.full_like(x, float("nan"))
+        fused_step(x, torch.randn_like(x), tables["table"], tables["rows"][2:3],
+                   noise=torch.randn_like(x), out=out, x0_out=x0)
+        assert torch.isfinite(out).all() and torch.isfinite(x0).all()
+
+
+def test_kernel_errors(device):
+    sampler = DDPMSampler(SCHEDULE, 10, backend="triton")
+    tables = sampler.device_tables(device)
+    table, rows = tables["table"], tables["rows"][:1]
+    x = torch.randn(2, 3, 4, 4, device=device)
+    with pytest.raises(TypeError, match="float64"):
+        fused_step(x.double(), x.double(), table, rows)
+    with pytest.raises(ValueError, match="model_output has shape"):
+        fused_step(x, x[:1], table, rows)
+    with pytest.raises(ValueError, match="guidance doubles the batch"):
+        fused_step(x, x, table, rows, guidance_scale=3.0)
+    with pytest.raises(ValueError, match="laid out differently"):
+        fused_step(x, x.to(memory_format=torch.channels_last), table, rows)
+    with pytest.raises(ValueError, match="either noise or seeds"):
+        fused_step(x, x, table, rows, noise=x, seeds=seeds_from(0, 2, device))
+    with pytest.raises(ValueError, match="2x channels"):
+        fused_step(x, x, table, rows, variance_mode="learned_range")
+    with pytest.raises(ValueError, match="table must be float32"):
+        fused_step(x, x, table.double(), rows)
+    with pytest.raises(ValueError, match="rows must have"):
+        fused_step(x, x, table, tables["rows"][:3])
+    with pytest.raises(TypeError, match="dtype"):
+        fused_step(x, x.to(torch.int32), table, rows)
+    with pytest.raises(ValueError, match="contiguous or channels_last"):
+        fused_step(x.transpose(2, 3), x, table, rows)
+    assert len(COLUMNS) == table.shape[1]

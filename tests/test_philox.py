@@ -1,0 +1,106 @@
+"""The Philox noise stream: known-answer vectors, statistics, and kernel == PyTorch."""
+
+import math
+
+import pytest
+import torch
+
+from fastdiff.philox import philox4x32, randn, seeds_from
+from fastdiff.kernels.fused_step import COLUMNS, fused_step
+
+
+def _words(*values):
+    return [torch.tensor(v, dtype=torch.int64) for v in values]
+
+
+# Philox4x32-10 known-answer vectors of the Random123 distribution (kat_vectors).
+KAT = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
+]
+
+
+@pytest.mark.parametrize("counter,key,expected", KAT)
+def test_philox_known_answers(counter, key, expected):
+    got = philox4x32(*_words(*counter), *_words(*key))
+    assert [int(w) for w in got] == list(expected)
+
+
+def test_moments_and_tails():
+    # 2**20 normals: the standard error of the mean is 1e-3 and of the variance 1.4e-3, so
+    # 5-sigma bounds fail with probability ~1e-6 for a correct generator.
+    n = 2**20
+    z = randn(seeds_from(123, 16), 7, (16, n // 16)).double().flatten()
+    se = 1 / math.sqrt(n)
+    assert abs(z.mean()) < 5 * se
+    assert abs(z.var() - 1) < 5 * math.sqrt(2) * se
+    assert abs((z**3).mean()) < 5 * math.sqrt(15) * se  # skewness, var(z^3) = 15
+    assert abs((z**4).mean() - 3) < 5 * math.sqrt(96) * se  # kurtosis, var(z^4) = 96
+    # Tail mass beyond 3 sigma: 0.0026998 expected, binomial standard error sqrt(p/n).
+    p3 = 0.0026997960632601866
+    assert abs((z.abs() > 3).double().mean() - p3) < 5 * math.sqrt(p3 / n)
+    assert z.abs().max() < 5.9  # 24-bit uniforms cap |z| at sqrt(-2 ln 2**-25) = 5.89
+
+
+def _corr(a, b):
+    a, b = a.double().flatten(), b.double().flatten()
+    return float(torch.corrcoef(torch.stack([a, b]))[0, 1])
+
+
+def test_independence_across_elements_steps_seeds_and_streams():
+    # Correlations of 65536 pairs have standard error 1/256 = 0.0039: |r| < 0.025 is 6.4 sigma.
+    seeds = seeds_from(5, 4)
+    shape = (4, 16384)
+    z = randn(seeds, 3, shape)
+    assert abs(_corr(z[:, :-1], z[:, 1:])) < 0.025  # neighbouring elements (same quad)
+    assert abs(_corr(z[:, :-4], z[:, 4:])) < 0.025  # neighbouring quads
+    assert abs(_corr(z, randn(seeds, 4, shape))) < 0.025  # next step
+    assert abs(_corr(z, randn(seeds + 1, 3, shape))) < 0.025  # next seed
+    assert abs(_corr(z, randn(seeds, 3, shape, stream=1))) < 0.025  # initial-noise stream
+
+
+def test_deterministic_and_batch_independent():
+    seeds = seeds_from(9, 5)
+    a = randn(seeds, 2, (5, 3, 7, 7))
+    assert torch.equal(a, randn(seeds, 2, (5, 3, 7, 7)))
+    # a sample's noise depends on its own seed only, not on the batch around it
+    assert torch.equal(a[3:4], randn(seeds[3:4], 2, (1, 3, 7, 7)))
+    per_sample_step = torch.tensor([2, 5, 2, 5, 2])
+    b = randn(seeds, per_sample_step, (5, 3, 7, 7))
+    assert torch.equal(b[0], a[0]) and torch.equal(b[1], randn(seeds, 5, (5, 3, 7, 7))[1])
+
+
+def test_channels_last_is_memory_order():
+    seeds = seeds_from(1, 2)
+    cl = randn(seeds, 0, (2, 3, 4, 5), memory_format=torch.channels_last)
+    assert cl.is_contiguous(memory_format=torch.channels_last)
+    flat = randn(seeds, 0, (2, 60))
+    assert torch.equal(cl.permute(0, 2, 3, 1).reshape(2, 60), flat)
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="seed must be"):
+        seeds_from(-1, 2)
+    with pytest.raises(TypeError, match="int64"):
+        randn(torch.zeros(2), 0, (2, 3))
+    with pytest.raises(ValueError, match="3 seeds for a batch of 2"):
+        randn(seeds_from(0, 3), 0, (2, 3))
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 7, 9), (70, 2), (2, 1, 33)])
+def test_kernel_draws_the_same_stream(shape, device):
+    """In-kernel Philox noise equals fastdiff.philox.randn (std = 1, everything else 0)."""
+    x = torch.randn(shape, device=device)
+    table = torch.zeros(6, len(COLUMNS), device=device)
+    table[:, COLUMNS.index("std")] = 1.0
+    seeds = seeds_from(77, shape[0], device)
+    out = torch.full_like(x, float("nan"))
+    fused_step(x, torch.randn_like(x), table, torch.tensor([4], device=device), seeds=seeds, out=out)
+    expected = randn(seeds, 4, shape)
+    # Same 32-bit words; log/cos/sin of the kernel vs PyTorch differ in the last bits only.
+    torch.testing.assert_close(out, expected, rtol=2e-6, atol=2e-6)
