@@ -15,13 +15,12 @@ wrong table is caught by the tests that compare the two.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from fastdiff import philox, reference
+from fastdiff import philox, reference, tables
 from fastdiff.backend import check_backend, resolve_backend
 from fastdiff.kernels.fused_step import COLUMNS, fused_step
 from fastdiff.schedules import CONDITIONINGS, NoiseSchedule, make_plan
@@ -36,8 +35,6 @@ __all__ = [
     "Sampler",
     "StepOutput",
 ]
-
-_COL = {name: k for k, name in enumerate(COLUMNS)}
 
 
 @dataclass
@@ -56,25 +53,6 @@ class StepOutput:
 def _bcast(value: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Per-sample values [B] (or a scalar) shaped to broadcast over x's trailing dims."""
     return value.reshape(-1, *([1] * (x.dim() - 1))) if value.dim() == 1 else value
-
-
-def _x0_coefficients(ab: torch.Tensor, prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x0 = X0_X x + X0_M m`` for each prediction type (Ho et al. 2020 eq. 15; v of
-    Salimans & Ho 2022: ``x0 = sqrt(ab) x - sqrt(1 - ab) v``)."""
-    if prediction_type == "epsilon":
-        return 1.0 / ab.sqrt(), -(1.0 - ab).sqrt() / ab.sqrt()
-    if prediction_type == "sample":
-        return torch.zeros_like(ab), torch.ones_like(ab)
-    return ab.sqrt(), -(1.0 - ab).sqrt()
-
-
-def _eps_coefficients(ab: torch.Tensor, prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``eps = E_X x + E_M m`` from the raw model output (eq. 4 solved for eps)."""
-    if prediction_type == "epsilon":
-        return torch.zeros_like(ab), torch.ones_like(ab)
-    if prediction_type == "sample":
-        return 1.0 / (1.0 - ab).sqrt(), -ab.sqrt() / (1.0 - ab).sqrt()
-    return (1.0 - ab).sqrt(), ab.sqrt()
 
 
 class Sampler:
@@ -118,13 +96,17 @@ class Sampler:
                 f"{reference.PREDICTION_TYPES}"
             )
         if conditioning not in CONDITIONINGS:
-            raise ValueError(f"unknown conditioning {conditioning!r}; choose one of {CONDITIONINGS}")
+            raise ValueError(
+                f"unknown conditioning {conditioning!r}; choose one of {CONDITIONINGS}"
+            )
         if clip_sample_range is not None and thresholding is not None:
             raise ValueError("clip_sample_range and thresholding are exclusive: choose one")
         if clip_sample_range is not None and not (
             isinstance(clip_sample_range, (int, float)) and clip_sample_range > 0
         ):
-            raise ValueError(f"clip_sample_range must be a positive number, got {clip_sample_range!r}")
+            raise ValueError(
+                f"clip_sample_range must be a positive number, got {clip_sample_range!r}"
+            )
         if thresholding is not None:
             if len(thresholding) != 2:
                 raise ValueError("thresholding must be a (ratio, max_value) pair")
@@ -193,14 +175,6 @@ class Sampler:
                 "epsilon prediction cannot recover x0 where alpha_bar is 0 (zero terminal SNR); "
                 "use v_prediction or a plan that avoids the last train timestep"
             )
-
-    def _empty_table(self) -> torch.Tensor:
-        return torch.zeros(self.num_steps, len(COLUMNS), dtype=torch.float64)
-
-    def _fill_x0(self, table: torch.Tensor) -> None:
-        x0_x, x0_m = _x0_coefficients(self.alpha_bar, self.prediction_type)
-        table[:, _COL["x0_x"]] = x0_x
-        table[:, _COL["x0_m"]] = x0_m
 
     def device_tables(self, device: torch.device | str) -> dict[str, torch.Tensor]:
         """Device copies of the table and the per-step schedule values (cached per device).
@@ -273,7 +247,9 @@ class Sampler:
             return None
         fmt = (
             torch.channels_last
-            if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+            if x.dim() == 4
+            and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last)
             else torch.contiguous_format
         )
         return philox.randn(seeds, i, x.shape, memory_format=fmt)
@@ -316,7 +292,9 @@ class Sampler:
         if not isinstance(x, torch.Tensor) or not isinstance(model_output, torch.Tensor):
             raise TypeError("x and model_output must be tensors")
         if not x.is_floating_point() or not model_output.is_floating_point():
-            raise TypeError(f"x and model_output must be floating point, got {x.dtype}, {model_output.dtype}")
+            raise TypeError(
+                f"x and model_output must be floating point, got {x.dtype}, {model_output.dtype}"
+            )
         i = self._step_index(i, x)
         if self.stochastic and noise is None and seeds is None:
             raise ValueError(f"{type(self).__name__} adds noise: pass noise= or seeds=")
@@ -352,14 +330,16 @@ class Sampler:
                 grad=grad,
             )
             return StepOutput(x_next, x0)
-        return self._reference(x, model_output, i, x0_prev, noise, seeds, guidance_scale,
-                               guidance_rescale, grad)
+        return self._reference(
+            x, model_output, i, x0_prev, noise, seeds, guidance_scale, guidance_rescale, grad
+        )
 
     def _variance_mode(self) -> str:
         return "fixed"
 
-    def _reference(self, x, model_output, i, x0_prev, noise, seeds, guidance_scale,
-                   guidance_rescale, grad) -> StepOutput:
+    def _reference(
+        self, x, model_output, i, x0_prev, noise, seeds, guidance_scale, guidance_rescale, grad
+    ) -> StepOutput:
         batch = x.shape[0]
         learned = self._variance_mode() != "fixed"
         expected = 2 * batch if guidance_scale is not None else batch
@@ -374,7 +354,9 @@ class Sampler:
             else (model_output, None)
         )
         if m.shape[1:] != x.shape[1:]:
-            raise ValueError(f"model_output prediction has shape {tuple(m.shape)}, x has {tuple(x.shape)}")
+            raise ValueError(
+                f"model_output prediction has shape {tuple(m.shape)}, x has {tuple(x.shape)}"
+            )
         if guidance_scale is not None:
             m = reference.cfg_combine(m[:batch], m[batch:], guidance_scale, guidance_rescale)
             v = v[batch:] if v is not None else None
@@ -416,27 +398,14 @@ class DDPMSampler(Sampler):
         return self.variance_type if self.variance_type.startswith("learned") else "fixed"
 
     def _build_table(self) -> torch.Tensor:
-        ab, an = self.alpha_bar, self.alpha_bar_next
-        beta = 1.0 - ab / an
-        alpha = ab / an
-        table = self._empty_table()
-        self._fill_x0(table)
-        table[:, _COL["x"]] = alpha.sqrt() * (1.0 - an) / (1.0 - ab)
-        table[:, _COL["x0"]] = an.sqrt() * beta / (1.0 - ab)
-        var_small = ((1.0 - an) / (1.0 - ab) * beta).clamp_min(1e-20)
-        noisy = (an < 1.0).double()
-        if self.variance_type in ("fixed_small", "fixed_small_log"):
-            std = var_small.sqrt()
-        elif self.variance_type in ("fixed_large", "fixed_large_log"):
-            std = beta.sqrt()
-        else:
-            std = torch.ones_like(ab)
-            if self.variance_type == "learned_range":
-                # log(beta') is -inf on the step to clean; it has no noise there anyway.
-                table[:, _COL["log_var_min"]] = torch.where(an < 1.0, var_small.log(), 0.0)
-                table[:, _COL["log_var_max"]] = torch.where(an < 1.0, beta.log(), 0.0)
-        table[:, _COL["std"]] = std * noisy
-        return table
+        # no noise on the step to clean data
+        return tables.ddpm_table(
+            self.alpha_bar,
+            self.alpha_bar_next,
+            self.prediction_type,
+            self.variance_type,
+            add_noise=self.alpha_bar_next < 1.0,
+        )
 
     def _reference_step(self, x, m, v, i, x0_prev, noise, grad):
         s = self._values(x, i)
@@ -472,22 +441,13 @@ class DDIMSampler(Sampler):
         super().__init__(schedule, steps, **kwargs)
 
     def _build_table(self) -> torch.Tensor:
-        ab, an = self.alpha_bar, self.alpha_bar_next
-        sigma = self.eta * ((1.0 - an) / (1.0 - ab) * (1.0 - ab / an)).sqrt()
-        c = (1.0 - an - sigma**2).clamp_min(0.0).sqrt()
-        table = self._empty_table()
-        self._fill_x0(table)
-        if self.use_clipped_model_output:
-            # eps from the processed x0: eps = (x - sqrt(ab) x0) / sqrt(1 - ab)
-            table[:, _COL["x"]] = c / (1.0 - ab).sqrt()
-            table[:, _COL["x0"]] = an.sqrt() - c * ab.sqrt() / (1.0 - ab).sqrt()
-        else:
-            e_x, e_m = _eps_coefficients(ab, self.prediction_type)
-            table[:, _COL["x"]] = c * e_x
-            table[:, _COL["x0"]] = an.sqrt()
-            table[:, _COL["m"]] = c * e_m
-        table[:, _COL["std"]] = sigma
-        return table
+        return tables.ddim_table(
+            self.alpha_bar,
+            self.alpha_bar_next,
+            self.prediction_type,
+            self.eta,
+            self.use_clipped_model_output,
+        )
 
     def _reference_step(self, x, m, v, i, x0_prev, noise, grad):
         s = self._values(x, i)
@@ -518,20 +478,12 @@ class EulerSampler(Sampler):
     Plain Euler has ``sigma_down = sigma'`` and no noise.
     """
 
-    def _sigmas_down_up(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return _sigma(self.alpha_bar_next), torch.zeros_like(self.alpha_bar)
+    eta = 0.0
 
     def _build_table(self) -> torch.Tensor:
-        ab, an = self.alpha_bar, self.alpha_bar_next
-        sigma_down, sigma_up = self._sigmas_down_up()
-        # sigma_down / sigma, written so that ab = 0 (sigma = inf) stays finite.
-        ratio = sigma_down * ab.sqrt() / (1.0 - ab).sqrt()
-        table = self._empty_table()
-        self._fill_x0(table)
-        table[:, _COL["x"]] = an.sqrt() * sigma_down / (1.0 - ab).sqrt()
-        table[:, _COL["x0"]] = an.sqrt() * (1.0 - ratio)
-        table[:, _COL["std"]] = an.sqrt() * sigma_up
-        return table
+        return tables.euler_table(
+            _sigma(self.alpha_bar), _sigma(self.alpha_bar_next), self.prediction_type, self.eta
+        )
 
     def _reference_step(self, x, m, v, i, x0_prev, noise, grad):
         s = self._values(x, i)
@@ -542,7 +494,11 @@ class EulerSampler(Sampler):
 
     def _sigma_space_step(self, x_sigma, m, sigma, sigma_next, noise):
         return reference.euler_step(
-            x_sigma, m, sigma, sigma_next, prediction_type=self.prediction_type,
+            x_sigma,
+            m,
+            sigma,
+            sigma_next,
+            prediction_type=self.prediction_type,
             **self._process_kwargs(),
         )
 
@@ -562,19 +518,16 @@ class EulerAncestralSampler(EulerSampler):
         self.stochastic = self.eta > 0
         super().__init__(schedule, steps, **kwargs)
 
-    def _sigmas_down_up(self) -> tuple[torch.Tensor, torch.Tensor]:
-        ab, an = self.alpha_bar, self.alpha_bar_next
-        sn2 = (1.0 - an) / an
-        # sigma_up^2 = sigma'^2 (sigma^2 - sigma'^2) / sigma^2 = sigma'^2 (1 - sigma'^2 / sigma^2)
-        up2 = sn2 * (1.0 - sn2 * ab / (1.0 - ab))
-        sigma_up = torch.minimum(sn2.sqrt(), self.eta * up2.clamp_min(0.0).sqrt())
-        sigma_down = (sn2 - sigma_up**2).clamp_min(0.0).sqrt()
-        return sigma_down, sigma_up
-
     def _sigma_space_step(self, x_sigma, m, sigma, sigma_next, noise):
         return reference.euler_ancestral_step(
-            x_sigma, m, sigma, sigma_next, eta=self.eta, prediction_type=self.prediction_type,
-            noise=noise, **self._process_kwargs(),
+            x_sigma,
+            m,
+            sigma,
+            sigma_next,
+            eta=self.eta,
+            prediction_type=self.prediction_type,
+            noise=noise,
+            **self._process_kwargs(),
         )
 
 
@@ -588,25 +541,15 @@ class DPMSolverPP2MSampler(Sampler):
     multistep = True
 
     def _build_table(self) -> torch.Tensor:
-        ab, an, ap = self.alpha_bar, self.alpha_bar_next, self.alpha_bar_prev
-        alpha, sigma = ab.sqrt(), (1.0 - ab).sqrt()
-        alpha_n, sigma_n = an.sqrt(), (1.0 - an).sqrt()
-        # exp(-h) = exp(lambda_t - lambda_next) with lambda = log(alpha / sigma).
-        exp_neg_h = alpha * sigma_n / (sigma * alpha_n)
-        first = alpha_n * (1.0 - exp_neg_h)
-        table = self._empty_table()
-        self._fill_x0(table)
-        table[:, _COL["x"]] = sigma_n / sigma
-        table[:, _COL["x0"]] = first
-        n = self.num_steps
-        for k in range(1, n - 1):  # second order where a previous x0 exists and h is finite
-            lam = math.log(alpha[k] / sigma[k])
-            h = math.log(alpha_n[k] / sigma_n[k]) - lam
-            h_prev = lam - 0.5 * math.log(ap[k] / (1.0 - ap[k]))
-            half_inv_r = 0.5 * h / h_prev
-            table[k, _COL["x0"]] = first[k] * (1.0 + half_inv_r)
-            table[k, _COL["x0_prev"]] = -first[k] * half_inv_r
-        return table
+        first_order = torch.zeros(self.num_steps, dtype=torch.bool)
+        first_order[0] = first_order[-1] = True
+        return tables.dpmpp_2m_table(
+            self.alpha_bar,
+            self.alpha_bar_next,
+            self.alpha_bar_prev,
+            self.prediction_type,
+            first_order,
+        )
 
     def _reference_step(self, x, m, v, i, x0_prev, noise, grad):
         s = self._values(x, i)

@@ -228,9 +228,7 @@ def _check_same_layout(name: str, t: torch.Tensor, x: torch.Tensor, batch: int) 
         raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
     if t.dtype not in _IO_DTYPES:
         raise TypeError(f"{name} has dtype {t.dtype}; the kernel takes float32, float16, bfloat16")
-    if x.dim() > 1 and any(
-        t.stride(d) != x.stride(d) for d in range(1, x.dim()) if x.shape[d] > 1
-    ):
+    if x.dim() > 1 and any(t.stride(d) != x.stride(d) for d in range(1, x.dim()) if x.shape[d] > 1):
         raise ValueError(
             f"{name} is laid out differently from x (strides {t.stride()} vs {x.stride()}); "
             "pass tensors with the same memory format (contiguous or channels_last)"
@@ -327,9 +325,13 @@ def fused_step(
         raise ValueError("x must be contiguous or channels_last (a dense tensor)")
     n_per_sample = x[0].numel()
     if variance_mode not in VARIANCE_MODES:
-        raise ValueError(f"variance_mode must be one of {sorted(VARIANCE_MODES)}, got {variance_mode!r}")
+        raise ValueError(
+            f"variance_mode must be one of {sorted(VARIANCE_MODES)}, got {variance_mode!r}"
+        )
     if table.dim() != 2 or table.shape[1] != len(COLUMNS) or table.dtype != torch.float32:
-        raise ValueError(f"table must be float32 [R, {len(COLUMNS)}], got {table.dtype} {tuple(table.shape)}")
+        raise ValueError(
+            f"table must be float32 [R, {len(COLUMNS)}], got {table.dtype} {tuple(table.shape)}"
+        )
     if table.device != x.device or not table.is_contiguous():
         raise ValueError("table must be a contiguous tensor on x's device")
     if rows.dtype not in (torch.int32, torch.int64) or rows.device != x.device:
@@ -360,8 +362,8 @@ def fused_step(
     else:
         if x.dim() < 2 or model_output.shape[1] != 2 * x.shape[1]:
             raise ValueError(
-                f"a learned variance needs 2x channels in model_output ({2 * x.shape[1] if x.dim() > 1 else '?'}),"
-                f" got shape {tuple(model_output.shape)}"
+                "a learned variance needs 2x channels in model_output (prediction, then "
+                f"variance), got {tuple(model_output.shape)} for x {tuple(x.shape)}"
             )
         channels = x.shape[1]
         m_view = model_output[:, :channels]
@@ -370,7 +372,9 @@ def fused_step(
             raise ValueError("a learned-variance model_output must be contiguous (NCHW)")
     _check_same_layout("model_output", m_view[:batch], x, batch)
     if model_output.shape[2:] != x.shape[2:]:
-        raise ValueError(f"model_output shape {tuple(model_output.shape)} does not match x {tuple(x.shape)}")
+        raise ValueError(
+            f"model_output shape {tuple(model_output.shape)} does not match x {tuple(x.shape)}"
+        )
     m_cond_off = batch * model_output.stride(0) if guided else 0
 
     for name, t in (("x0_prev", x0_prev), ("noise", noise), ("grad", grad)):
@@ -449,7 +453,9 @@ def fused_step(
     if thresholding is not None:
         ratio, max_value = thresholding
         if not 0.0 < ratio <= 1.0 or not max_value >= 1.0:
-            raise ValueError(f"thresholding needs 0 < ratio <= 1 and max_value >= 1, got {thresholding}")
+            raise ValueError(
+                f"thresholding needs 0 < ratio <= 1 and max_value >= 1, got {thresholding}"
+            )
         # Pass 1: x0 only; then the per-sample quantile of |x0| (Saharia et al. 2022).
         pointers[5] = table
         _fused_step_kernel[grid](*pointers, **args, THRESH=False, WRITE_OUT=False, WRITE_X0=True)

@@ -28,7 +28,9 @@ SAMPLER_CASES = {
     "ddpm": lambda **kw: DDPMSampler(SCHEDULE, 20, **kw),
     "ddpm_large": lambda **kw: DDPMSampler(SCHEDULE, 20, variance_type="fixed_large", **kw),
     "ddim": lambda **kw: DDIMSampler(SCHEDULE, 10, **kw),
-    "ddim_eta": lambda **kw: DDIMSampler(SCHEDULE, 10, eta=0.7, use_clipped_model_output=True, **kw),
+    "ddim_eta": lambda **kw: DDIMSampler(
+        SCHEDULE, 10, eta=0.7, use_clipped_model_output=True, **kw
+    ),
     "euler": lambda **kw: EulerSampler(SCHEDULE, 10, **kw),
     "euler_a": lambda **kw: EulerAncestralSampler(SCHEDULE, 10, **kw),
     "dpmpp_2m": lambda **kw: DPMSolverPP2MSampler(SCHEDULE, 10, **kw),
@@ -42,8 +44,10 @@ def _pair(name, **kwargs):
 
 
 def _reference64(sampler, x, m, i, **kw):
-    kw = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
-          for k, v in kw.items()}
+    kw = {
+        k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+        for k, v in kw.items()
+    }
     out = sampler.step(x.double(), m.double(), i, **kw)
     return out.prev_sample, out.pred_original_sample
 
@@ -99,11 +103,15 @@ def test_prediction_types_and_x0_processing(name, prediction_type, process, devi
         _check(out.prev_sample, want_x, torch.float32)
 
 
-@pytest.mark.parametrize("variance_type", ["fixed_small_log", "fixed_large_log", "learned", "learned_range"])
+@pytest.mark.parametrize(
+    "variance_type", ["fixed_small_log", "fixed_large_log", "learned", "learned_range"]
+)
 @pytest.mark.parametrize("guided", [False, True])
 def test_ddpm_variances_with_guidance(variance_type, guided, device):
-    fused, ref = (DDPMSampler(SCHEDULE, 25, variance_type=variance_type, backend=b)
-                  for b in ("triton", "reference"))
+    fused, ref = (
+        DDPMSampler(SCHEDULE, 25, variance_type=variance_type, backend=b)
+        for b in ("triton", "reference")
+    )
     shape = (3, 2, 6, 5)
     channels = 4 if variance_type.startswith("learned") else 2
     x = torch.randn(shape, device=device)
@@ -171,8 +179,15 @@ def test_outputs_poisoned_before_launch_are_all_written(device):
         x = torch.randn(shape, device=device)
         out = torch.full_like(x, float("nan"))
         x0 = torch.full_like(x, float("nan"))
-        fused_step(x, torch.randn_like(x), tables["table"], tables["rows"][2:3],
-                   noise=torch.randn_like(x), out=out, x0_out=x0)
+        fused_step(
+            x,
+            torch.randn_like(x),
+            tables["table"],
+            tables["rows"][2:3],
+            noise=torch.randn_like(x),
+            out=out,
+            x0_out=x0,
+        )
         assert torch.isfinite(out).all() and torch.isfinite(x0).all()
 
 

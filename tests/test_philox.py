@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from fastdiff.philox import philox4x32, randn, seeds_from
 from fastdiff.kernels.fused_step import COLUMNS, fused_step
+from fastdiff.philox import philox4x32, randn, seeds_from
 
 
 def _words(*values):
@@ -100,7 +100,9 @@ def test_kernel_draws_the_same_stream(shape, device):
     table[:, COLUMNS.index("std")] = 1.0
     seeds = seeds_from(77, shape[0], device)
     out = torch.full_like(x, float("nan"))
-    fused_step(x, torch.randn_like(x), table, torch.tensor([4], device=device), seeds=seeds, out=out)
+    fused_step(
+        x, torch.randn_like(x), table, torch.tensor([4], device=device), seeds=seeds, out=out
+    )
     expected = randn(seeds, 4, shape)
     # Same 32-bit words; log/cos/sin of the kernel vs PyTorch differ in the last bits only.
     torch.testing.assert_close(out, expected, rtol=2e-6, atol=2e-6)

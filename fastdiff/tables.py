@@ -1,0 +1,248 @@
+"""Per-step coefficient tables: each sampler as a rule from schedule values to table rows.
+
+A row holds the coefficients of ``fastdiff.kernels.fused_step`` (``COLUMNS``)::
+
+    x0     = process(x0_x * x + x0_m * m)
+    x_next = x * x + x0 * x0 + m * m + x0_prev * x0_prev + std * z
+
+Every function takes float64 CPU tensors ``[n]`` of schedule values of the n steps (``ab``:
+alpha_bar at the step, ``ab_next`` at the step it goes to, 1 for clean) and returns a float64
+``[n, len(COLUMNS)]`` table. They are used by ``fastdiff.samplers`` (VP-space state) and by
+the diffusers adapter (diffusers' own timestep rules, sigma-space Euler).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastdiff.kernels.fused_step import COLUMNS
+
+__all__ = [
+    "COL",
+    "ddim_table",
+    "ddpm_table",
+    "dpmpp_2m_table",
+    "eps_coefficients",
+    "euler_table",
+    "x0_coefficients",
+]
+
+COL = {name: k for k, name in enumerate(COLUMNS)}
+
+
+def _empty(n: int) -> torch.Tensor:
+    return torch.zeros(n, len(COLUMNS), dtype=torch.float64)
+
+
+def x0_coefficients(ab: torch.Tensor, prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x0 = x0_x x + x0_m m`` in VP space (Ho et al. 2020 eq. 15; v-prediction of Salimans
+    & Ho 2022: ``x0 = sqrt(ab) x - sqrt(1 - ab) v``)."""
+    if prediction_type == "epsilon":
+        return 1.0 / ab.sqrt(), -(1.0 - ab).sqrt() / ab.sqrt()
+    if prediction_type == "sample":
+        return torch.zeros_like(ab), torch.ones_like(ab)
+    if prediction_type == "v_prediction":
+        return ab.sqrt(), -(1.0 - ab).sqrt()
+    raise ValueError(f"unknown prediction_type {prediction_type!r}")
+
+
+def eps_coefficients(ab: torch.Tensor, prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``eps = e_x x + e_m m`` from the raw model output (eq. 4 solved for eps)."""
+    if prediction_type == "epsilon":
+        return torch.zeros_like(ab), torch.ones_like(ab)
+    if prediction_type == "sample":
+        return 1.0 / (1.0 - ab).sqrt(), -ab.sqrt() / (1.0 - ab).sqrt()
+    if prediction_type == "v_prediction":
+        return (1.0 - ab).sqrt(), ab.sqrt()
+    raise ValueError(f"unknown prediction_type {prediction_type!r}")
+
+
+def _with_x0(ab: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    table = _empty(len(ab))
+    table[:, COL["x0_x"]], table[:, COL["x0_m"]] = x0_coefficients(ab, prediction_type)
+    return table
+
+
+def ddpm_table(
+    ab: torch.Tensor,
+    ab_next: torch.Tensor,
+    prediction_type: str,
+    variance_type: str,
+    add_noise: torch.Tensor,
+) -> torch.Tensor:
+    """DDPM posterior q(x_t' | x_t, x0) (Ho et al. 2020 eq. 6-7) with the respaced
+    ``beta' = 1 - ab / ab_next``.
+
+    Args:
+        ab, ab_next: alpha_bar at the step and at the step it goes to.
+        prediction_type: "epsilon", "sample" or "v_prediction".
+        variance_type: fixed_small(_log), fixed_large(_log), learned, learned_range.
+        add_noise: bool [n]: whether the step adds noise.
+
+    Returns:
+        The float64 table; for learned variances ``std`` is the 0/1 noise flag and the
+        kernel multiplies it by ``exp(log_var / 2)``.
+    """
+    beta = 1.0 - ab / ab_next
+    table = _with_x0(ab, prediction_type)
+    table[:, COL["x"]] = (ab / ab_next).sqrt() * (1.0 - ab_next) / (1.0 - ab)
+    table[:, COL["x0"]] = ab_next.sqrt() * beta / (1.0 - ab)
+    var_small = ((1.0 - ab_next) / (1.0 - ab) * beta).clamp_min(1e-20)
+    if variance_type in ("fixed_small", "fixed_small_log"):
+        std = var_small.sqrt()
+    elif variance_type in ("fixed_large", "fixed_large_log"):
+        std = beta.sqrt()
+    elif variance_type in ("learned", "learned_range"):
+        std = torch.ones_like(ab)
+        if variance_type == "learned_range":
+            # Nichol & Dhariwal 2021 eq. 15 interpolates log(var_small) and log(beta');
+            # log(beta') is -inf only where beta' = 0, a step that adds no noise.
+            ok = add_noise & (beta > 0)
+            table[:, COL["log_var_min"]] = torch.where(ok, var_small.log(), 0.0)
+            table[:, COL["log_var_max"]] = torch.where(ok, beta.clamp_min(1e-300).log(), 0.0)
+    else:
+        raise ValueError(f"unknown variance_type {variance_type!r}")
+    table[:, COL["std"]] = torch.where(add_noise, std, 0.0)
+    return table
+
+
+def ddim_table(
+    ab: torch.Tensor,
+    ab_next: torch.Tensor,
+    prediction_type: str,
+    eta: float,
+    use_clipped_model_output: bool,
+) -> torch.Tensor:
+    """DDIM (Song et al. 2021 eq. 12, sigma of eq. 16 scaled by eta)::
+
+        x' = sqrt(ab') x0 + sqrt(1 - ab' - s^2) eps + s z
+
+    with eps from the raw model output, or re-derived from the processed x0
+    (``use_clipped_model_output``).
+    """
+    sigma = eta * ((1.0 - ab_next) / (1.0 - ab) * (1.0 - ab / ab_next)).sqrt()
+    direction = (1.0 - ab_next - sigma**2).clamp_min(0.0).sqrt()
+    table = _with_x0(ab, prediction_type)
+    if use_clipped_model_output:
+        # eps = (x - sqrt(ab) x0) / sqrt(1 - ab)
+        table[:, COL["x"]] = direction / (1.0 - ab).sqrt()
+        table[:, COL["x0"]] = ab_next.sqrt() - direction * ab.sqrt() / (1.0 - ab).sqrt()
+    else:
+        e_x, e_m = eps_coefficients(ab, prediction_type)
+        table[:, COL["x"]] = direction * e_x
+        table[:, COL["x0"]] = ab_next.sqrt()
+        table[:, COL["m"]] = direction * e_m
+    table[:, COL["std"]] = sigma
+    return table
+
+
+def ancestral_sigmas(
+    sigma: torch.Tensor, sigma_next: torch.Tensor, eta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """k-diffusion's ancestral split of a step sigma -> sigma_next into (sigma_down, sigma_up):
+    ``sigma_up = min(sigma', eta sqrt(sigma'^2 (sigma^2 - sigma'^2) / sigma^2))``,
+    ``sigma_down = sqrt(sigma'^2 - sigma_up^2)``. ``sigma = inf`` (zero SNR) is allowed."""
+    sn2 = sigma_next**2
+    up2 = sn2 * (1.0 - sn2 / sigma**2)
+    sigma_up = torch.minimum(sigma_next, eta * up2.clamp_min(0.0).sqrt())
+    sigma_down = (sn2 - sigma_up**2).clamp_min(0.0).sqrt()
+    return sigma_down, sigma_up
+
+
+def euler_table(
+    sigma: torch.Tensor,
+    sigma_next: torch.Tensor,
+    prediction_type: str,
+    eta: float = 0.0,
+    space: str = "vp",
+) -> torch.Tensor:
+    """Euler / Euler ancestral (Karras et al. 2022 Alg. 2; k-diffusion) in sigma space,
+    ``x_s' = x_s + (sigma_down - sigma) (x_s - x0) / sigma + sigma_up z``.
+
+    Args:
+        sigma, sigma_next: k-diffusion noise levels ``sqrt((1 - ab) / ab)`` (inf allowed for
+            sigma, 0 for clean).
+        prediction_type: "epsilon", "sample" or "v_prediction".
+        eta: ancestral noise scale (0: plain Euler).
+        space: "vp": the state is ``x = x_s / sqrt(1 + sigma^2)`` (fastdiff's samplers);
+            "sigma": the state is ``x_s`` (diffusers' Euler schedulers, k-diffusion).
+    """
+    sigma_down, sigma_up = (
+        ancestral_sigmas(sigma, sigma_next, eta)
+        if eta > 0
+        else (sigma_next, torch.zeros_like(sigma))
+    )
+    finite = torch.isfinite(sigma)
+    # ratio = sigma_down / sigma, 0 when sigma is infinite (zero terminal SNR).
+    ratio = torch.where(finite, sigma_down / torch.where(finite, sigma, 1.0), 0.0)
+    if space == "vp":
+        ab = torch.where(finite, 1.0 / (1.0 + sigma**2), 0.0)
+        ab_next = 1.0 / (1.0 + sigma_next**2)
+        table = _with_x0(ab, prediction_type)
+        # x_s = x / sqrt(ab) and x' = sqrt(ab') x_s', so X = sqrt(ab') ratio / sqrt(ab)
+        # = sqrt(ab') sigma_down / sqrt(1 - ab) (finite at ab = 0).
+        table[:, COL["x"]] = ab_next.sqrt() * sigma_down / (1.0 - ab).sqrt()
+        table[:, COL["x0"]] = ab_next.sqrt() * (1.0 - ratio)
+        table[:, COL["std"]] = ab_next.sqrt() * sigma_up
+        return table
+    if space != "sigma":
+        raise ValueError(f"space must be 'vp' or 'sigma', got {space!r}")
+    table = _empty(len(sigma))
+    if prediction_type == "epsilon":
+        table[:, COL["x0_x"]], table[:, COL["x0_m"]] = 1.0, -sigma
+    elif prediction_type == "v_prediction":
+        table[:, COL["x0_x"]] = 1.0 / (sigma**2 + 1.0)
+        table[:, COL["x0_m"]] = -sigma / (sigma**2 + 1.0).sqrt()
+    elif prediction_type == "sample":
+        table[:, COL["x0_m"]] = 1.0
+    else:
+        raise ValueError(f"unknown prediction_type {prediction_type!r}")
+    table[:, COL["x"]] = ratio
+    table[:, COL["x0"]] = 1.0 - ratio
+    table[:, COL["std"]] = sigma_up
+    return table
+
+
+def dpmpp_2m_table(
+    ab: torch.Tensor,
+    ab_next: torch.Tensor,
+    ab_prev: torch.Tensor,
+    prediction_type: str,
+    first_order: torch.Tensor,
+) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022 Alg. 2, midpoint form as diffusers' "midpoint").
+
+    With ``lambda = log(alpha / sigma)``, ``alpha = sqrt(ab)``, ``sigma = sqrt(1 - ab)``,
+    ``h = lambda' - lambda`` and ``r = h_prev / h``::
+
+        x' = (sigma' / sigma) x + alpha' (1 - e^-h) (x0 + (x0 - x0_prev) / (2 r))
+
+    first order (no x0_prev term) where ``first_order`` is set.
+
+    Args:
+        ab, ab_next: alpha_bar at the step and at the next one (1 for clean).
+        ab_prev: alpha_bar of the previous visited step (ignored on first-order steps).
+        prediction_type: "epsilon", "sample" or "v_prediction".
+        first_order: bool [n].
+    """
+    alpha, sigma = ab.sqrt(), (1.0 - ab).sqrt()
+    alpha_n, sigma_n = ab_next.sqrt(), (1.0 - ab_next).sqrt()
+    exp_neg_h = alpha * sigma_n / (sigma * alpha_n)  # exp(lambda - lambda'), finite at the ends
+    gain = alpha_n * (1.0 - exp_neg_h)
+    table = _with_x0(ab, prediction_type)
+    table[:, COL["x"]] = sigma_n / sigma
+    table[:, COL["x0"]] = gain
+    second = ~first_order
+    if second.any():
+        # log-SNRs of the previous, current and next step; only second-order rows are read.
+        def lam(a):
+            return 0.5 * (a / (1.0 - a)).log()
+
+        ap = torch.where(second, ab_prev, 0.5)
+        an = torch.where(second, ab_next, 0.5)
+        h = lam(an) - lam(ab)
+        h_prev = lam(ab) - lam(ap)
+        half_inv_r = torch.where(second, 0.5 * h / h_prev, 0.0)
+        table[:, COL["x0"]] = gain * (1.0 + half_inv_r)
+        table[:, COL["x0_prev"]] = -gain * half_inv_r
+    return table
