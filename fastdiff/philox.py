@@ -95,7 +95,9 @@ def _box_muller(w0: torch.Tensor, w1: torch.Tensor) -> tuple[torch.Tensor, torch
     return radius * torch.cos(angle), radius * torch.sin(angle)
 
 
-def seeds_from(seed: int, batch_size: int, device: torch.device | str | None = None) -> torch.Tensor:
+def seeds_from(
+    seed: int, batch_size: int, device: torch.device | str | None = None
+) -> torch.Tensor:
     """Per-sample seeds of a batch drawn from one integer: ``seed * 2**32 + arange(batch_size)``.
 
     Args:
