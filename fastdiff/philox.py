@@ -12,7 +12,8 @@ Every normal fastdiff draws is a pure function of ``(seed, step, stream, element
 Philox4x32-10 (Salmon et al. 2011, "Parallel random numbers: as easy as 1, 2, 3") maps the
 counter ``(q, step, stream, 0)`` with ``q = element // 4`` under the key to four 32-bit words;
 each pair of words becomes two normals by the Box-Muller transform, so one Philox call serves
-four consecutive elements. The uniforms are ``(u >> 8) * 2**-24 + 2**-25``: 24-bit, strictly
+four consecutive elements (``r cos a, r sin a`` with ``r = sqrt(-2 ln u0)`` and
+``a = 2 pi u1 - pi``). The uniforms are ``(u >> 8) * 2**-24 + 2**-25``: 24-bit, strictly
 inside (0, 1), so the largest normal magnitude is ``sqrt(-2 ln 2**-25) = 5.89`` (a tail
 mass of 4e-9 is cut).
 
@@ -91,7 +92,7 @@ def _uniform(words: torch.Tensor) -> torch.Tensor:
 def _box_muller(w0: torch.Tensor, w1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Two independent standard normals from two 32-bit words (Box & Muller 1958)."""
     radius = torch.sqrt(-2.0 * torch.log(_uniform(w0)))
-    angle = TWO_PI * _uniform(w1)
+    angle = TWO_PI * _uniform(w1) - math.pi  # in (-pi, pi)
     return radius * torch.cos(angle), radius * torch.sin(angle)
 
 

@@ -47,7 +47,7 @@ class StepOutput:
     """
 
     prev_sample: torch.Tensor
-    pred_original_sample: torch.Tensor
+    pred_original_sample: torch.Tensor | None
 
 
 def _bcast(value: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -266,6 +266,7 @@ class Sampler:
         guidance_scale: float | None = None,
         guidance_rescale: float = 0.0,
         grad: torch.Tensor | None = None,
+        return_x0: bool = True,
     ) -> StepOutput:
         """One reverse step from step index ``i`` to ``i + 1`` (or to clean after the last).
 
@@ -281,6 +282,8 @@ class Sampler:
             guidance_scale: classifier-free guidance scale (None: no guidance).
             guidance_rescale: Lin et al. 2023 rescale factor in [0, 1].
             grad: classifier guidance: the scaled gradient of log p(y | x_t), like x.
+            return_x0: also return the predicted x0; False saves the kernel one pass over
+                the tensor (``pred_original_sample`` is then None).
 
         Returns:
             StepOutput(prev_sample, pred_original_sample).
@@ -328,11 +331,13 @@ class Sampler:
                 noise=noise,
                 seeds=seeds,
                 grad=grad,
+                write_x0=return_x0,
             )
             return StepOutput(x_next, x0)
-        return self._reference(
+        out = self._reference(
             x, model_output, i, x0_prev, noise, seeds, guidance_scale, guidance_rescale, grad
         )
+        return out if return_x0 else StepOutput(out.prev_sample, None)
 
     def _variance_mode(self) -> str:
         return "fixed"

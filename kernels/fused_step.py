@@ -47,6 +47,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 __all__ = ["COLUMNS", "VARIANCE_MODES", "fused_step"]
 
@@ -56,14 +57,14 @@ VARIANCE_MODES = {"fixed": 0, "learned": 1, "learned_range": 2}
 _IO_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Philox4x32 constants (Salmon et al. 2011), the same as fastdiff.philox.
-_PHILOX_M0 = 0xD2511F53
-_PHILOX_M1 = 0xCD9E8D57
-_PHILOX_W0 = 0x9E3779B9
-_PHILOX_W1 = 0xBB67AE85
+_PHILOX_M0 = tl.constexpr(0xD2511F53)
+_PHILOX_M1 = tl.constexpr(0xCD9E8D57)
+_PHILOX_W0 = tl.constexpr(0x9E3779B9)
+_PHILOX_W1 = tl.constexpr(0xBB67AE85)
 
 
 @triton.jit
-def _philox_normal4(seed, step, quad):
+def _philox_normal4(seed, step, quad, FAST_MATH: tl.constexpr):
     """Four standard normals of counter (quad, step, 0, 0) under the 64-bit key ``seed``.
 
     Philox4x32-10 followed by two Box-Muller transforms of 24-bit uniforms in (0, 1);
@@ -93,11 +94,22 @@ def _philox_normal4(seed, step, quad):
     u1 = (c1 >> 8).to(tl.float32) * 5.960464477539063e-08 + 2.9802322387695312e-08
     u2 = (c2 >> 8).to(tl.float32) * 5.960464477539063e-08 + 2.9802322387695312e-08
     u3 = (c3 >> 8).to(tl.float32) * 5.960464477539063e-08 + 2.9802322387695312e-08
-    r01 = tl.sqrt(-2.0 * tl.log(u0))
-    r23 = tl.sqrt(-2.0 * tl.log(u2))
-    a01 = 6.283185307179586 * u1
-    a23 = 6.283185307179586 * u3
-    return r01 * tl.cos(a01), r01 * tl.sin(a01), r23 * tl.cos(a23), r23 * tl.sin(a23)
+    # Angles in (-pi, pi), where the hardware sin/cos approximations are accurate.
+    a01 = 6.283185307179586 * u1 - 3.141592653589793
+    a23 = 6.283185307179586 * u3 - 3.141592653589793
+    if FAST_MATH:
+        # MUFU lg2/sin/cos approximations (abs. error ~1e-6): the precise libdevice versions
+        # make the step compute-bound for 16-bit I/O.
+        r01 = tl.sqrt(-2.0 * libdevice.fast_logf(u0))
+        r23 = tl.sqrt(-2.0 * libdevice.fast_logf(u2))
+        cos01, sin01 = libdevice.fast_cosf(a01), libdevice.fast_sinf(a01)
+        cos23, sin23 = libdevice.fast_cosf(a23), libdevice.fast_sinf(a23)
+    else:
+        r01 = tl.sqrt(-2.0 * tl.log(u0))
+        r23 = tl.sqrt(-2.0 * tl.log(u2))
+        cos01, sin01 = tl.cos(a01), tl.sin(a01)
+        cos23, sin23 = tl.cos(a23), tl.sin(a23)
+    return r01 * cos01, r01 * sin01, r23 * cos23, r23 * sin23
 
 
 @triton.jit
@@ -139,6 +151,7 @@ def _fused_step_kernel(
     HAS_GRAD: tl.constexpr,
     WRITE_OUT: tl.constexpr,
     WRITE_X0: tl.constexpr,
+    FAST_MATH: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -208,7 +221,7 @@ def _fused_step_kernel(
                 # Four normals per Philox call: quad q serves elements 4q .. 4q+3 of a sample.
                 seed = tl.load(seed_ptr + b, mask=b_ok, other=0)[:, None]
                 quad = pid_n * (BLOCK_N // 4) + tl.arange(0, BLOCK_N // 4).to(tl.int64)
-                z0, z1, z2, z3 = _philox_normal4(seed, row[:, None], quad[None, :])
+                z0, z1, z2, z3 = _philox_normal4(seed, row[:, None], quad[None, :], FAST_MATH)
                 z = tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), (BLOCK_S, BLOCK_N))
                 x_next += std * z
         tl.store(out_ptr + b2 * out_bstride + j2, x_next.to(out_ptr.dtype.element_ty), mask=mask)
@@ -275,7 +288,8 @@ def fused_step(
     grad: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     x0_out: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    write_x0: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Apply one reverse step (rows of ``table``) to a batch, in one kernel launch.
 
     Args:
@@ -297,9 +311,11 @@ def fused_step(
         seeds: int64 ``[B]`` per-sample Philox keys: in-kernel noise (instead of ``noise``).
         grad: classifier-guidance gradient like x.
         out, x0_out: optional preallocated outputs (like x); ``out`` may alias ``x``.
+        write_x0: also write the predicted x0 (one more pass over the tensor).
 
     Returns:
-        ``(x_next, x0)``, both laid out like x, in x's dtype.
+        ``(x_next, x0)``, both laid out like x, in x's dtype; x0 is None without
+        ``write_x0`` (dynamic thresholding still uses a temporary x0 for its quantile).
 
     Example:
         >>> x_next, x0 = fused_step(x, eps, sampler.table, sampler.step_rows[i], seeds=seeds)
@@ -400,10 +416,11 @@ def fused_step(
         out = torch.empty_like(x)
     else:
         _check_same_layout("out", out, x, batch)
-    if x0_out is None:
-        x0_out = torch.empty_like(x)
-    else:
+    write_x0 = write_x0 or x0_out is not None
+    if x0_out is not None:
         _check_same_layout("x0_out", x0_out, x, batch)
+    elif write_x0 or thresholding is not None:
+        x0_out = torch.empty_like(x)
 
     block_s, block_n, num_warps = _block_sizes(batch, n_per_sample)
     grid = (triton.cdiv(n_per_sample, block_n), triton.cdiv(batch, block_s))
@@ -419,7 +436,7 @@ def fused_step(
         noise_bstride=noise.stride(0) if noise is not None else 0,
         grad_bstride=grad.stride(0) if grad is not None else 0,
         out_bstride=out.stride(0),
-        x0_bstride=x0_out.stride(0),
+        x0_bstride=x0_out.stride(0) if x0_out is not None else 0,
         rows_stride=rows_stride,
         guidance_scale=float(guidance_scale) if guided else 0.0,
         clip_range=float(clip_range) if clip_range is not None else 0.0,
@@ -431,6 +448,7 @@ def fused_step(
         HAS_PREV=x0_prev is not None,
         NOISE=1 if noise is not None else (2 if seeds is not None else 0),
         HAS_GRAD=grad is not None,
+        FAST_MATH=not _interpreting(),
         BLOCK_S=block_s,
         BLOCK_N=block_n,
         num_warps=num_warps,
@@ -447,7 +465,7 @@ def fused_step(
         table,
         rows,
         out,
-        x0_out,
+        x0_out if x0_out is not None else out,
     ]
     thresh = None
     if thresholding is not None:
@@ -463,6 +481,6 @@ def fused_step(
         thresh = _per_sample_quantile(abs_x0, ratio).clamp(1.0, max_value).contiguous()
     pointers[5] = thresh if thresh is not None else table
     _fused_step_kernel[grid](
-        *pointers, **args, THRESH=thresh is not None, WRITE_OUT=True, WRITE_X0=True
+        *pointers, **args, THRESH=thresh is not None, WRITE_OUT=True, WRITE_X0=write_x0
     )
-    return out, x0_out
+    return out, (x0_out if write_x0 else None)

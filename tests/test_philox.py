@@ -8,6 +8,11 @@ import torch
 from fastdiff.kernels.fused_step import COLUMNS, fused_step
 from fastdiff.philox import philox4x32, randn, seeds_from
 
+# The kernel uses the hardware lg2/sin/cos approximations on a GPU (absolute error about
+# 2**-20 on (-pi, pi), relative 2**-22 for lg2), so with |z| <= 5.9 the normals agree with
+# PyTorch's precise functions to ~1e-5; under the interpreter both use precise functions.
+ATOL_NOISE = 2e-5 if torch.cuda.is_available() else 2e-6
+
 
 def _words(*values):
     return [torch.tensor(v, dtype=torch.int64) for v in values]
@@ -104,5 +109,5 @@ def test_kernel_draws_the_same_stream(shape, device):
         x, torch.randn_like(x), table, torch.tensor([4], device=device), seeds=seeds, out=out
     )
     expected = randn(seeds, 4, shape)
-    # Same 32-bit words; log/cos/sin of the kernel vs PyTorch differ in the last bits only.
-    torch.testing.assert_close(out, expected, rtol=2e-6, atol=2e-6)
+    # Same 32-bit words; only log/sin/cos differ (see ATOL_NOISE).
+    torch.testing.assert_close(out, expected, rtol=0, atol=ATOL_NOISE)
