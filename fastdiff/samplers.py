@@ -179,23 +179,30 @@ class Sampler:
     def device_tables(self, device: torch.device | str) -> dict[str, torch.Tensor]:
         """Device copies of the table and the per-step schedule values (cached per device).
 
-        Keys: ``table`` (float32), ``rows`` (int64 step indices 0..n-1), ``timesteps``,
-        ``alpha_bar``, ``alpha_bar_next``, ``alpha_bar_prev`` (float64).
+        Keys: ``table`` (float32), ``rows`` (int64 step indices 0..n-1) and ``row_views``
+        (``rows[i:i+1]`` for each i, made once: a step then costs no tensor creation),
+        ``timesteps``, ``alpha_bar``, ``alpha_bar_next``, ``alpha_bar_prev`` (float64).
         """
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        cached = self._device_cache.get(device)
+        cached = self._device_cache.get(device)  # fast path: a tensor's own device
+        if cached is not None:
+            return cached
+        key = torch.device(device)
+        if key.type == "cuda" and key.index is None:
+            key = torch.device("cuda", torch.cuda.current_device())
+        cached = self._device_cache.get(key)
         if cached is None:
+            rows = torch.arange(self.num_steps, dtype=torch.int64, device=key)
             cached = {
-                "table": self.table.to(device=device, dtype=torch.float32).contiguous(),
-                "rows": torch.arange(self.num_steps, dtype=torch.int64, device=device),
-                "timesteps": self.timesteps.to(device),
-                "alpha_bar": self.alpha_bar.to(device),
-                "alpha_bar_next": self.alpha_bar_next.to(device),
-                "alpha_bar_prev": self.alpha_bar_prev.to(device),
+                "row_views": [rows[i : i + 1] for i in range(self.num_steps)],
+                "rows": rows,
+                "timesteps": self.timesteps.to(key),
+                "alpha_bar": self.alpha_bar.to(key),
+                "alpha_bar_next": self.alpha_bar_next.to(key),
+                "alpha_bar_prev": self.alpha_bar_prev.to(key),
             }
-            self._device_cache[device] = cached
+            cached["table"] = self.table.to(device=key, dtype=torch.float32).contiguous()
+            self._device_cache[key] = cached
+        self._device_cache[device] = cached
         return cached
 
     def _step_index(self, i, x: torch.Tensor) -> torch.Tensor | int:
@@ -316,7 +323,7 @@ class Sampler:
             x0_prev = None
         if resolve_backend(self.backend, x) == "triton":
             tables = self.device_tables(x.device)
-            rows = tables["rows"][i : i + 1] if isinstance(i, int) else i.reshape(-1)
+            rows = tables["row_views"][i] if isinstance(i, int) else i.reshape(-1)
             x_next, x0 = fused_step(
                 x,
                 model_output,
