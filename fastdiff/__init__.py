@@ -1,3 +1,46 @@
-"""fastdiff: diffusion-model samplers whose reverse steps run as fused Triton kernels."""
+"""fastdiff: diffusion-model samplers whose reverse steps run as fused Triton kernels.
+
+Example:
+    >>> import fastdiff
+    >>> schedule = fastdiff.NoiseSchedule.create("linear", 1000)
+    >>> sampler = fastdiff.DDIMSampler(schedule, 50)
+    >>> x = fastdiff.sample(model, sampler, shape=(4, 3, 32, 32), seed=0)
+"""
+
+from fastdiff.backend import BACKENDS, resolve_backend
+from fastdiff.gmm import GaussianMixture
+from fastdiff.philox import seeds_from
+from fastdiff.samplers import (
+    SAMPLERS,
+    DDIMSampler,
+    DDPMSampler,
+    DPMSolverPP2MSampler,
+    EulerAncestralSampler,
+    EulerSampler,
+    Sampler,
+    StepOutput,
+)
+from fastdiff.sampling import sample
+from fastdiff.schedules import NoiseSchedule, make_betas, make_plan, rescale_zero_terminal_snr
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "SAMPLERS",
+    "DDIMSampler",
+    "DDPMSampler",
+    "DPMSolverPP2MSampler",
+    "EulerAncestralSampler",
+    "EulerSampler",
+    "GaussianMixture",
+    "NoiseSchedule",
+    "Sampler",
+    "StepOutput",
+    "make_betas",
+    "make_plan",
+    "rescale_zero_terminal_snr",
+    "resolve_backend",
+    "sample",
+    "seeds_from",
+]

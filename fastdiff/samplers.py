@@ -274,6 +274,8 @@ class Sampler:
         guidance_rescale: float = 0.0,
         grad: torch.Tensor | None = None,
         return_x0: bool = True,
+        out: torch.Tensor | None = None,
+        x0_out: torch.Tensor | None = None,
     ) -> StepOutput:
         """One reverse step from step index ``i`` to ``i + 1`` (or to clean after the last).
 
@@ -291,6 +293,8 @@ class Sampler:
             grad: classifier guidance: the scaled gradient of log p(y | x_t), like x.
             return_x0: also return the predicted x0; False saves the kernel one pass over
                 the tensor (``pred_original_sample`` is then None).
+            out, x0_out: preallocated outputs like x (static buffers for CUDA graphs). They
+                may alias ``x`` and ``x0_prev``: every element is read before it is written.
 
         Returns:
             StepOutput(prev_sample, pred_original_sample).
@@ -338,13 +342,20 @@ class Sampler:
                 noise=noise,
                 seeds=seeds,
                 grad=grad,
+                out=out,
+                x0_out=x0_out,
                 write_x0=return_x0,
             )
             return StepOutput(x_next, x0)
-        out = self._reference(
+        result = self._reference(
             x, model_output, i, x0_prev, noise, seeds, guidance_scale, guidance_rescale, grad
         )
-        return out if return_x0 else StepOutput(out.prev_sample, None)
+        x_next, x0 = result.prev_sample, result.pred_original_sample
+        if out is not None:
+            x_next = out.copy_(x_next)
+        if x0_out is not None:
+            x0 = x0_out.copy_(x0)
+        return StepOutput(x_next, x0 if (return_x0 or x0_out is not None) else None)
 
     def _variance_mode(self) -> str:
         return "fixed"

@@ -189,9 +189,6 @@ def _fused_step_kernel(
     if THRESH:
         s = tl.load(thresh_ptr + b, mask=b_ok, other=1.0).to(tl.float32)[:, None]
         x0 = tl.minimum(tl.maximum(x0, -s), s) / s
-    if WRITE_X0:
-        tl.store(x0_ptr + b2 * x0_bstride + j2, x0.to(x0_ptr.dtype.element_ty), mask=mask)
-
     if WRITE_OUT:
         x_next = c_x * x + c_x0 * x0 + c_m * m
         if HAS_PREV:
@@ -225,6 +222,9 @@ def _fused_step_kernel(
                 z = tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), (BLOCK_S, BLOCK_N))
                 x_next += std * z
         tl.store(out_ptr + b2 * out_bstride + j2, x_next.to(out_ptr.dtype.element_ty), mask=mask)
+    # Stored last, after every load: x0_out may alias x0_prev (and out may alias x).
+    if WRITE_X0:
+        tl.store(x0_ptr + b2 * x0_bstride + j2, x0.to(x0_ptr.dtype.element_ty), mask=mask)
 
 
 def _interpreting() -> bool:

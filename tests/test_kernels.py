@@ -237,3 +237,18 @@ def test_cached_launch_matches_first_launch(device):
         assert torch.equal(first, again)
         want = ref.step(x.double(), m.double(), 3, noise=noise.double())
         torch.testing.assert_close(again.double(), want.prev_sample.double(), rtol=2e-5, atol=5e-5)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_step_into_static_buffers_in_place(backend, device):
+    """out= may alias x and x0_out= may alias x0_prev (how a CUDA-graph loop keeps state)."""
+    sampler = DPMSolverPP2MSampler(SCHEDULE, 10, backend=backend)
+    x = torch.randn(2, 3, 5, 7, device=device)
+    m, x0_prev = torch.randn_like(x), torch.randn_like(x)
+    want = sampler.step(x, m, 4, x0_prev=x0_prev)
+    x_buf, x0_buf = x.clone(), x0_prev.clone()
+    got = sampler.step(x_buf, m, 4, x0_prev=x0_buf, out=x_buf, x0_out=x0_buf)
+    assert got.prev_sample.data_ptr() == x_buf.data_ptr()
+    assert got.pred_original_sample.data_ptr() == x0_buf.data_ptr()
+    torch.testing.assert_close(x_buf, want.prev_sample, rtol=0, atol=0)
+    torch.testing.assert_close(x0_buf, want.pred_original_sample, rtol=0, atol=0)
