@@ -111,3 +111,39 @@ def test_kernel_draws_the_same_stream(shape, device):
     expected = randn(seeds, 4, shape)
     # Same 32-bit words; only log/sin/cos differ (see ATOL_NOISE).
     torch.testing.assert_close(out, expected, rtol=0, atol=ATOL_NOISE)
+
+
+def _kernel_noise(seeds, step, shape, device):
+    """The kernel's own noise: a step whose only non-zero coefficient is std = 1."""
+    table = torch.zeros(step + 1, len(COLUMNS), device=device)
+    table[:, COLUMNS.index("std")] = 1.0
+    x = torch.zeros(shape, device=device)
+    rows = torch.tensor([step], device=device)
+    out, _ = fused_step(x, x, table, rows, seeds=seeds, write_x0=False)
+    return out
+
+
+def test_kernel_noise_statistics(device):
+    """Moments, tails and correlations measured on the kernel's output itself (on a GPU this
+    covers the hardware lg2/sin/cos path); thresholds as in test_moments_and_tails."""
+    n_per, batch = 2**16, 4
+    n = n_per * batch
+    seeds = seeds_from(2024, batch, device)
+    z = _kernel_noise(seeds, 3, (batch, n_per), device).double().cpu()
+    se = 1 / math.sqrt(n)
+    flat = z.flatten()
+    assert abs(flat.mean()) < 5 * se
+    assert abs(flat.var() - 1) < 5 * math.sqrt(2) * se
+    assert abs((flat**4).mean() - 3) < 5 * math.sqrt(96) * se
+    p3 = 0.0026997960632601866
+    assert abs((flat.abs() > 3).double().mean() - p3) < 5 * math.sqrt(p3 / n)
+    # correlations of 2**18 pairs: standard error 0.002, bound 0.012 is 6 sigma
+    assert abs(_corr(z[:, :-1], z[:, 1:])) < 0.012
+    other_step = _kernel_noise(seeds, 4, (batch, n_per), device).cpu()
+    other_seed = _kernel_noise(seeds + 1, 3, (batch, n_per), device).cpu()
+    assert abs(_corr(z, other_step)) < 0.012
+    assert abs(_corr(z, other_seed)) < 0.012
+    again = _kernel_noise(seeds, 3, (batch, n_per), device).cpu()
+    assert torch.equal(again.double(), z)
+    alone = _kernel_noise(seeds[1:2], 3, (1, n_per), device).cpu()
+    assert torch.equal(alone.double(), z[1:2])
