@@ -37,6 +37,16 @@ GMM = _mixture()
 MODEL = GMM.denoiser(SCHEDULE)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The loops here run many small ops: one intra-op thread is faster, and on a busy CI
+    machine multi-threaded small ops stall waiting for descheduled threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _sampler(name="ddpm", steps=8, **kwargs):
     return SAMPLERS[name](SCHEDULE, steps, backend="reference", **kwargs)
 
