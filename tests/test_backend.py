@@ -26,13 +26,13 @@ def test_argument_wins_over_environment(monkeypatch):
     assert resolve_backend("reference", x) == "reference"
 
 
-def test_environment_selects_the_backend_of_a_sampler(monkeypatch):
+def test_environment_selects_the_backend_of_a_sampler(monkeypatch, device):
     schedule = NoiseSchedule.create("linear", 1000)
     sampler = DDIMSampler(schedule, 10)  # backend None: FASTDIFF_BACKEND decides at step time
-    x, m = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    x, m = torch.randn(2, 3, 4, 4, device=device), torch.randn(2, 3, 4, 4, device=device)
     monkeypatch.setenv("FASTDIFF_BACKEND", "reference")
     want = sampler.step(x.double(), m.double(), 3).prev_sample
-    monkeypatch.setenv("FASTDIFF_BACKEND", "triton")  # the interpreter runs it on the CPU
+    monkeypatch.setenv("FASTDIFF_BACKEND", "triton")  # on a CPU, under the interpreter
     got = sampler.step(x, m, 3).prev_sample
     torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=5e-5)
 
