@@ -1,0 +1,494 @@
+"""Machinery shared by the fused diffusers schedulers.
+
+Each fused scheduler subclasses the diffusers scheduler it replaces, so configuration,
+``set_timesteps`` (the plan: timesteps, sigmas, alphas_cumprod), ``save_pretrained`` /
+``from_pretrained`` and every attribute a pipeline reads are diffusers' own. What the
+subclass replaces is the reverse step: on ``set_timesteps`` nothing is computed, and the first
+``step`` with a given set of step-time options builds a float64 coefficient table on the host
+with ``fastdiff.tables`` (from diffusers' own schedule values and diffusers' own rules for the
+next timestep), uploads it once per device in float32, and from then on every step is one
+``fastdiff.kernels.fused_step`` launch that gathers its row on the device.
+
+Rows and host syncs. A row is chosen either on the host (a python int step index or
+timestep: a slice of a cached device ``arange``, no copy) or on the device (a timestep given
+as a CUDA tensor: integer arithmetic or a gather on the device, never ``nonzero()`` or
+``.item()``). Tables end in NaN "poison" rows that a timestep missing from the plan maps to,
+so a device lookup that finds nothing gives NaN instead of a silently wrong step.
+
+Noise. With a ``generator`` (or an explicit noise tensor) the noise is drawn exactly as the
+diffusers class draws it (same ``randn_tensor`` call, same shape, dtype and device, on the
+same steps) and passed to the kernel. Without one, the kernel makes Philox noise keyed by
+(per-sample seed, table row, element); the seeds come from one integer drawn from torch's
+global RNG at the first step that needs noise after ``set_timesteps`` (so deterministic
+schedulers never touch the global RNG).
+
+Backends. ``backend`` is "triton" (the kernels: CUDA tensors, or CPU tensors under
+``TRITON_INTERPRET=1``), "reference" (``fastdiff.reference``, plain PyTorch on any device and
+dtype) or "auto"/None (None reads ``FASTDIFF_BACKEND``): auto takes the kernels for CUDA
+tensors in float32/float16/bfloat16 and the reference otherwise. The reference path calls
+``fastdiff.reference`` with the schedule values of the row, not the table, so the two
+backends check each other.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from fastdiff import philox
+from fastdiff.backend import check_backend, resolve_backend
+from fastdiff.kernels.fused_step import COLUMNS, fused_step
+
+__all__ = ["FusedSchedulerMixin", "StepIndexMixin", "TimestepRowsMixin", "fused_init"]
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+
+
+def fused_init(diffusers_cls: type) -> Callable[..., None]:
+    """An ``__init__`` for a fused subclass of ``diffusers_cls``: diffusers' own parameters
+    (registered to the config by diffusers' decorator) plus a keyword-only ``backend`` that is
+    not part of the config (a runtime choice, so saved configs stay loadable by diffusers).
+
+    Args:
+        diffusers_cls: the diffusers scheduler class being subclassed.
+
+    Returns:
+        The ``__init__`` function, with a signature that ``from_config`` understands.
+    """
+
+    def __init__(self, *args: Any, backend: str | None = None, **kwargs: Any) -> None:
+        diffusers_cls.__init__(self, *args, **kwargs)
+        self._setup_fused(backend)
+
+    signature = inspect.signature(diffusers_cls.__init__)
+    backend_param = inspect.Parameter(
+        "backend", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="str | None"
+    )
+    __init__.__signature__ = signature.replace(
+        parameters=[*signature.parameters.values(), backend_param]
+    )
+    __init__.__doc__ = (
+        f"Same parameters as ``diffusers.{diffusers_cls.__name__}``, plus ``backend``: "
+        '"triton", "reference", "auto" or None (``FASTDIFF_BACKEND``, else auto).'
+    )
+    return __init__
+
+
+def on_host(t: torch.Tensor) -> bool:
+    """Whether reading ``t``'s values costs no device sync (a CPU tensor)."""
+    return t.device.type == "cpu"
+
+
+def host_scalar(timestep: Any) -> float | int | None:
+    """The value of a timestep known on the host (python number, one-element CPU tensor),
+    else None (a device tensor: reading it would sync)."""
+    if isinstance(timestep, torch.Tensor):
+        if on_host(timestep) and timestep.numel() == 1:
+            return timestep.reshape(()).item()
+        return None
+    if isinstance(timestep, (int, float)):
+        return timestep
+    raise TypeError(f"timestep must be a number or a tensor, got {type(timestep).__name__}")
+
+
+def device_index(schedule: torch.Tensor, timestep: torch.Tensor, miss: int) -> torch.Tensor:
+    """Position of ``timestep`` in ``schedule`` computed on the device, without a sync.
+
+    Same rule as diffusers' ``index_for_timestep``: the first match, or the second when the
+    timestep occurs more than once (so an img2img loop starting at a repeated timestep does
+    not skip a step); ``miss`` when it does not occur.
+
+    Args:
+        schedule: the plan's timesteps ``[n]`` on the device.
+        timestep: 0-d or ``[B]`` tensor on the same device.
+        miss: the index returned for a timestep not in the plan.
+
+    Returns:
+        int64 tensor of ``timestep``'s shape.
+    """
+    eq = schedule[None, :] == timestep.reshape(-1, 1)
+    count = eq.sum(dim=1)
+    wanted = torch.where(count > 1, 2, 1)
+    hit = eq & (eq.cumsum(dim=1) == wanted[:, None])
+    index = torch.where(count > 0, hit.to(torch.int32).argmax(dim=1).long(), miss)
+    return index.reshape(timestep.shape)
+
+
+def host_index(schedule: torch.Tensor, timestep: Any, miss: int | None) -> int:
+    """``device_index`` on the host (CPU schedule, host timestep); ``miss=None`` raises."""
+    found = (schedule == timestep).nonzero().flatten().tolist()
+    if not found:
+        if miss is None:
+            raise ValueError(
+                f"timestep {timestep} is not in the scheduler's timesteps; pass one of "
+                "scheduler.timesteps (after set_timesteps) or call set_begin_index"
+            )
+        return miss
+    return found[1] if len(found) > 1 else found[0]
+
+
+def upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor copied to ``device`` without a host sync: through pinned memory,
+    asynchronously, for CUDA (PyTorch keeps the pinned block until the copy is done)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """channels_last for a 4-D channels_last tensor, else contiguous."""
+    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+    if channels_last and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def dense(x: torch.Tensor, contiguous: bool = False) -> torch.Tensor:
+    """``x`` as the kernel takes it: contiguous or channels_last (a copy only if neither, or
+    if ``contiguous`` is asked)."""
+    if contiguous or not (
+        x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+    ):
+        return x.contiguous()
+    return x
+
+
+class FusedSchedulerMixin:
+    """Mixed in before a diffusers scheduler class; see the module docstring.
+
+    Subclasses provide ``_unsupported()`` (config checks) and their ``step``.
+    """
+
+    _diffusers_cls: type
+
+    # -- setup and configuration ------------------------------------------------------------
+
+    def _setup_fused(self, backend: str | None) -> None:
+        self.backend = backend
+        self._tables: dict = {}
+        self._seeds_cache: dict = {}
+        self._seed: int | None = None
+        self._plan_host: torch.Tensor = self.timesteps  # diffusers' default plan (CPU)
+        self._plan_sigmas = getattr(self, "sigmas", None)
+        self._plan_sig = self._plan_signature()
+        self._plan_device: dict = {}
+        self.check_config()
+
+    @property
+    def backend(self) -> str | None:
+        """ "triton", "reference", "auto" or None (``FASTDIFF_BACKEND``, else auto)."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str | None) -> None:
+        self._backend = check_backend(value)
+
+    def _unsupported(self, config) -> list[tuple[str, bool, str]]:
+        """(option, is_unsupported, why) triples for the current config."""
+        raise NotImplementedError
+
+    def _thresholding_checks(self, config) -> list[tuple[str, bool, str]]:
+        threshold = bool(config.get("thresholding", False))
+        ratio = config.get("dynamic_thresholding_ratio", 0.995)
+        return [
+            (
+                "prediction_type",
+                config.prediction_type not in PREDICTION_TYPES,
+                f"the fused step supports {PREDICTION_TYPES}",
+            ),
+            (
+                "dynamic_thresholding_ratio",
+                threshold and not 0.0 < ratio <= 1.0,
+                "the quantile ratio must be in (0, 1]",
+            ),
+            (
+                "sample_max_value",
+                threshold and not config.get("sample_max_value", 1.0) >= 1.0,
+                "dynamic thresholding clamps the quantile to [1, sample_max_value]",
+            ),
+            (
+                "clip_sample_range",
+                not threshold
+                and bool(config.get("clip_sample", False))
+                and not config.get("clip_sample_range", 1.0) > 0,
+                "the clip range must be positive",
+            ),
+        ]
+
+    def check_config(self) -> None:
+        """Raise ValueError naming the first option of ``self.config`` the fused step does not
+        reproduce. Called at construction, by ``set_timesteps`` and by every ``step`` (the
+        config may be patched after construction).
+
+        Raises:
+            ValueError: an unsupported option value.
+        """
+        for option, bad, why in self._unsupported(self.config):
+            if bad:
+                value = self.config.get(option)
+                raise ValueError(
+                    f"{type(self).__name__} does not support {option}={value!r}: {why}. "
+                    f"Use diffusers' {self._diffusers_cls.__name__} for this configuration."
+                )
+
+    def _processing(self, config) -> tuple[float | None, tuple[float, float] | None]:
+        """(clip_range, thresholding) of the x0 prediction, read from the config now."""
+        if config.get("thresholding", False):
+            return None, (
+                float(config.dynamic_thresholding_ratio),
+                float(config.sample_max_value),
+            )
+        if config.get("clip_sample", False):
+            return float(config.clip_sample_range), None
+        return None, None
+
+    def _plan_changed(self, device: torch.device | str | None) -> None:
+        """After diffusers' set_timesteps ran on the CPU: keep the host plan, move the public
+        timesteps where the caller wants them, draw a new noise seed at the next stochastic
+        step. Tables are kept when the plan is the same as before (a loop that calls
+        set_timesteps again, e.g. before a CUDA graph capture, uploads nothing)."""
+        sigmas = getattr(self, "sigmas", None)
+        same = (
+            torch.equal(self.timesteps, self._plan_host)
+            and (sigmas is None) == (self._plan_sigmas is None)
+            and (sigmas is None or torch.equal(sigmas, self._plan_sigmas))
+            and self._plan_signature() == self._plan_sig
+        )
+        if not same:
+            self._tables.clear()
+            self._plan_device.clear()
+        self._plan_host = self.timesteps
+        self._plan_sigmas = None if sigmas is None else sigmas.clone()
+        self._plan_sig = self._plan_signature()
+        if device is not None:
+            self.timesteps = self.timesteps.to(device)
+        self._seeds_cache.clear()
+        self._seed = None
+
+    def _plan_signature(self) -> tuple:
+        """Plan state besides the timesteps and sigmas that the tables depend on."""
+        return (self.num_inference_steps, getattr(self, "custom_timesteps", None))
+
+    # -- tables ------------------------------------------------------------------------------
+
+    def _device_tables(
+        self, key: tuple, device: torch.device, build: Callable[[], dict[str, torch.Tensor]]
+    ) -> dict[str, torch.Tensor]:
+        """The tables for ``key`` on ``device`` (built on the host once per key, uploaded once
+        per device). ``build`` returns CPU tensors: "table" float64 ``[R, len(COLUMNS)]`` and
+        per-row schedule values ``[R]`` for the reference path."""
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        per_key = self._tables.get(key)
+        if per_key is None:
+            host = build()
+            table = host["table"]
+            if table.dim() != 2 or table.shape[1] != len(COLUMNS):
+                raise AssertionError("internal: coefficient table has the wrong shape")
+            per_key = self._tables[key] = {"host": host}
+        cached = per_key.get(device)
+        if cached is None:
+            host = per_key["host"]
+            cached = {
+                name: upload(value.float().contiguous() if name == "table" else value, device)
+                for name, value in host.items()
+            }
+            cached["arange"] = torch.arange(len(host["table"]), dtype=torch.int64, device=device)
+            per_key[device] = cached
+        return cached
+
+    # -- noise -------------------------------------------------------------------------------
+
+    def _philox_seeds(self, batch: int, device: torch.device) -> torch.Tensor:
+        """Per-sample Philox keys: one integer from torch's global RNG per set_timesteps."""
+        if self._seed is None:
+            self._seed = int(torch.randint(0, 2**31, (1,)).item())  # CPU RNG: no device sync
+        key = (device, batch)
+        seeds = self._seeds_cache.get(key)
+        if seeds is None:
+            seeds = self._seeds_cache[key] = philox.seeds_from(self._seed, batch, device)
+        return seeds
+
+    @staticmethod
+    def _draw(shape, generator, device, dtype) -> torch.Tensor:
+        """Noise drawn exactly as the diffusers schedulers draw it."""
+        return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+
+    # -- running a step ----------------------------------------------------------------------
+
+    def _use_kernel(self, *tensors: torch.Tensor, out_dtypes=()) -> bool:
+        """Whether this step runs the fused kernel (else the reference)."""
+        backend = self.backend
+        if backend is None:
+            backend = os.environ.get("FASTDIFF_BACKEND", "auto") or "auto"
+        if resolve_backend(backend, tensors[0]) != "triton":
+            return False
+        if backend == "auto":
+            dtypes = [t.dtype for t in tensors] + list(out_dtypes)
+            return all(d in _KERNEL_DTYPES for d in dtypes)
+        return True
+
+    @staticmethod
+    def _launch(
+        x: torch.Tensor,
+        model_output: torch.Tensor,
+        tables: dict[str, torch.Tensor],
+        rows: torch.Tensor,
+        *,
+        out_dtype: torch.dtype,
+        x0_dtype: torch.dtype,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        out = torch.empty_like(x, dtype=out_dtype)
+        x0 = torch.empty_like(x, dtype=x0_dtype)
+        return fused_step(x, model_output, tables["table"], rows, out=out, x0_out=x0, **kwargs)
+
+    @staticmethod
+    def _philox_reference_noise(seeds, rows, x) -> torch.Tensor:
+        """The in-kernel noise of ``rows``, computed in PyTorch (the reference path)."""
+        step = rows.reshape(()) if rows.numel() == 1 else rows
+        return philox.randn(seeds, step, x.shape, memory_format=memory_format_of(x))
+
+    @staticmethod
+    def _values(tables: dict[str, torch.Tensor], rows: torch.Tensor, *names: str):
+        """Per-row schedule values for the reference: 0-d for one row, ``[B]`` per sample
+        (gathered with a 1-D index: indexing with a 0-d tensor would read it on the host)."""
+        shape = () if rows.numel() == 1 else (-1,)
+        flat = rows.reshape(-1)
+        return tuple(tables[name].index_select(0, flat).reshape(shape) for name in names)
+
+    @staticmethod
+    def _compute_input(x: torch.Tensor) -> torch.Tensor:
+        """The reference path computes in float64 (it is the fallback and the check, not the
+        fast path; float32 would lose digits where diffusers' own float32 formulas do not,
+        e.g. ``sqrt(1 - beta')`` for ``beta'`` near 1 at the end of a cosine schedule)."""
+        return x.double()
+
+
+def nan_row() -> torch.Tensor:
+    """A poison row: a step that lands on it gives NaN instead of a wrong result."""
+    return torch.full((1, len(COLUMNS)), float("nan"), dtype=torch.float64)
+
+
+class TimestepRowsMixin(FusedSchedulerMixin):
+    """DDPM / DDIM: the table has one row per train timestep (row ``t + 1``; rows 0 and
+    ``T + 1`` are poison), so the row of a step is the timestep itself: python ints, 0-d
+    device tensors, per-sample tensors and plans that start mid-schedule all work."""
+
+    def _timestep_rows(
+        self, timestep: Any, tables: dict[str, torch.Tensor], x: torch.Tensor
+    ) -> tuple[torch.Tensor, int | torch.Tensor | None]:
+        """(rows on x's device, the timestep on the host or None when it lives on a device)."""
+        train_steps = len(tables["arange"]) - 2
+        value = host_scalar(timestep)
+        if value is not None:
+            t = int(value)
+            if t != value or not 0 <= t < train_steps:
+                raise ValueError(f"timestep must be an integer in [0, {train_steps}), got {value}")
+            return tables["arange"][t + 1 : t + 2], t
+        batch = x.shape[0]
+        if timestep.is_floating_point() and on_host(timestep):
+            raise ValueError("per-sample timesteps must be an integer tensor")
+        if timestep.dim() > 1 or timestep.numel() not in (1, batch):
+            raise ValueError(
+                f"timestep must be a scalar or one per sample ([{batch}]), got shape "
+                f"{tuple(timestep.shape)}"
+            )
+        if on_host(timestep):  # per-sample, known on the host
+            if bool(((timestep < 0) | (timestep >= train_steps)).any()):
+                raise ValueError(f"timesteps must be in [0, {train_steps})")
+            return upload(timestep.long() + 1, x.device), timestep
+        # On the device: no check (it would sync); anything outside maps to a poison row.
+        rows = (timestep.to(x.device).long().reshape(-1) + 1).clamp_(0, train_steps + 1)
+        return rows, None
+
+
+class StepIndexMixin(FusedSchedulerMixin):
+    """Euler / DPM: diffusers' step_index / begin_index bookkeeping without host syncs.
+
+    The step index is a python int when the first timestep is known on the host (a python
+    number or a CPU tensor) or when ``set_begin_index`` was called; for a timestep on a CUDA
+    device it is found by a device-side lookup and stays a 0-d device tensor, advanced on
+    the device.
+    """
+
+    def _miss_index(self) -> int | None:
+        """Index of a timestep not in the plan (None: an error, as in diffusers)."""
+        return None
+
+    def _plan_on(self, device: torch.device) -> torch.Tensor:
+        plan = self._plan_device.get(device)
+        if plan is None:
+            plan = self._plan_device[device] = upload(self._plan_host, device)
+        return plan
+
+    def _lookup(self, timestep: Any) -> int | torch.Tensor:
+        miss = self._miss_index()
+        value = host_scalar(timestep)
+        if value is not None:
+            return host_index(self._plan_host, value, miss)
+        if timestep.numel() != 1:
+            raise ValueError(
+                f"{type(self).__name__} takes one timestep for the whole batch, got shape "
+                f"{tuple(timestep.shape)}"
+            )
+        n = len(self._plan_host)
+        plan = self._plan_on(timestep.device)
+        return device_index(plan, timestep.reshape(()), n if miss is None else miss)
+
+    def _init_step_index(self, timestep: Any) -> None:
+        if self.begin_index is None:
+            self._step_index = self._lookup(timestep)
+        else:
+            self._step_index = self._begin_index
+
+    def _index_rows(self, tables: dict[str, torch.Tensor], offset: int = 0) -> torch.Tensor:
+        """Table rows ``[1]`` of the current step index (shifted by ``offset``)."""
+        index = self._step_index
+        if isinstance(index, torch.Tensor):
+            return (index + offset).reshape(1) if offset else index.reshape(1)
+        n = len(self._plan_host)
+        if not 0 <= index < n:
+            raise ValueError(
+                f"step index {index} is outside the {n} steps of the plan: step was called "
+                "more often than set_timesteps planned (call set_timesteps again)"
+            )
+        return tables["arange"][index + offset : index + offset + 1]
+
+    def _advance(self) -> None:
+        index = self._step_index
+        if isinstance(index, torch.Tensor):
+            # stays on the poison row once past the end
+            self._step_index = torch.clamp(index + 1, max=len(self._plan_host))
+        else:
+            self._step_index = index + 1
+
+    def _add_noise_indices(self, timesteps: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Step indices for add_noise (diffusers' rule), without a sync."""
+        batch = timesteps.shape[0] if timesteps.dim() else 1
+        if self.begin_index is None:
+            miss = self._miss_index()
+            if on_host(timesteps):
+                found = [host_index(self._plan_host, t, miss) for t in timesteps.reshape(-1)]
+                return upload(torch.tensor(found, dtype=torch.int64), device)
+            n = len(self._plan_host)
+            plan = self._plan_on(timesteps.device)
+            # a timestep not in the plan reads the NaN appended to the sigmas
+            return device_index(plan, timesteps.reshape(-1), n + 1 if miss is None else miss).to(
+                device
+            )
+        index = self.step_index if self.step_index is not None else self.begin_index
+        if isinstance(index, torch.Tensor):
+            return index.reshape(1).expand(batch).to(device)
+        return upload(torch.full((batch,), index, dtype=torch.int64), device)
+
+    def _sigmas_for_noise(self, like: torch.Tensor) -> torch.Tensor:
+        """diffusers' sigmas in ``like``'s dtype and device, plus a NaN for misses."""
+        sigmas = torch.cat([self.sigmas, self.sigmas.new_full((1,), float("nan"))])
+        return upload(sigmas.to(like.dtype), like.device)

@@ -1,0 +1,183 @@
+"""FusedDDIMScheduler: diffusers' DDIMScheduler with the reverse step as one fused kernel."""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+from diffusers.schedulers.scheduling_ddim import DDIMScheduler, DDIMSchedulerOutput
+
+from fastdiff import reference, tables
+from fastdiff.diffusers._base import (
+    TimestepRowsMixin,
+    dense,
+    fused_init,
+    memory_format_of,
+    nan_row,
+)
+
+__all__ = ["FusedDDIMScheduler"]
+
+
+class FusedDDIMScheduler(TimestepRowsMixin, DDIMScheduler):
+    """Drop-in ``DDIMScheduler`` (Song et al. 2021) whose ``step`` is one fused kernel launch.
+
+    Same config, plan and results as diffusers' ``DDIMScheduler``: the step goes from ``t`` to
+    ``t - num_train_timesteps // num_inference_steps`` (``final_alpha_cumprod`` below 0, 1 with
+    ``set_alpha_to_one``), with diffusers' ``eta``, ``use_clipped_model_output``,
+    ``variance_noise`` and ``generator`` semantics (noise only when ``eta > 0``). ``eta`` must
+    be in [0, 1]: above 1 diffusers' direction coefficient is the square root of a negative
+    number on some steps.
+
+    Example:
+        >>> pipe.scheduler = FusedDDIMScheduler.from_config(pipe.scheduler.config)
+    """
+
+    _diffusers_cls = DDIMScheduler
+    __init__ = fused_init(DDIMScheduler)
+
+    def _setup_fused(self, backend: str | None) -> None:
+        # fixed at construction in diffusers
+        self._alphas_cumprod64 = self.alphas_cumprod.detach().to("cpu", torch.float64)
+        self._final_alpha_cumprod64 = float(self.final_alpha_cumprod)
+        super()._setup_fused(backend)
+
+    def _unsupported(self, config) -> list[tuple[str, bool, str]]:
+        return self._thresholding_checks(config)
+
+    def set_timesteps(
+        self, num_inference_steps: int, device: str | torch.device | None = None
+    ) -> None:
+        """diffusers' ``DDIMScheduler.set_timesteps``; tables are built at the next step.
+
+        Args:
+            num_inference_steps: number of steps.
+            device: where ``self.timesteps`` goes.
+        """
+        self.check_config()
+        super().set_timesteps(num_inference_steps, None)
+        self._plan_changed(device)
+
+    def _build(
+        self, prediction_type: str, eta: float, use_clipped: bool, stride: int
+    ) -> dict[str, torch.Tensor]:
+        ab = self._alphas_cumprod64
+        prev = torch.arange(len(ab)) - stride
+        ab_next = torch.where(prev >= 0, ab[prev.clamp(min=0)], self._final_alpha_cumprod64)
+        table = tables.ddim_table(ab, ab_next, prediction_type, eta, use_clipped)
+        nan = torch.full((1,), float("nan"), dtype=torch.float64)
+        return {
+            "table": torch.cat([nan_row(), table, nan_row()]),
+            "ab": torch.cat([nan, ab, nan]),
+            "ab_next": torch.cat([nan, ab_next, nan]),
+        }
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int | torch.Tensor,
+        sample: torch.Tensor,
+        eta: float = 0.0,
+        use_clipped_model_output: bool = False,
+        generator: torch.Generator | None = None,
+        variance_noise: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> DDIMSchedulerOutput | tuple:
+        """One DDIM step x_t -> x_prev, as diffusers' ``DDIMScheduler.step``.
+
+        Args:
+            model_output: the model output, like ``sample``.
+            timestep: the current timestep: int, 0-d tensor, or one per sample ``[B]``.
+            sample: x_t ``[B, ...]``.
+            eta: noise scale in [0, 1] (0: deterministic DDIM).
+            use_clipped_model_output: re-derive eps from the clipped / thresholded x0.
+            generator: draws the noise as diffusers does; None: in-kernel Philox noise.
+            variance_noise: explicit standard-normal noise like ``sample``.
+            return_dict: return a ``DDIMSchedulerOutput`` (else a tuple).
+
+        Returns:
+            ``DDIMSchedulerOutput(prev_sample, pred_original_sample)`` or the tuple.
+        """
+        if self.num_inference_steps is None:
+            raise ValueError(
+                "Number of inference steps is 'None', you need to run 'set_timesteps' after "
+                "creating the scheduler"
+            )
+        self.check_config()
+        config = self.config
+        if isinstance(eta, torch.Tensor) and eta.device.type == "cpu" and eta.numel() == 1:
+            eta = eta.item()
+        if not isinstance(eta, numbers.Real) or isinstance(eta, bool):
+            raise TypeError(f"eta must be a python number, got {type(eta).__name__}")
+        eta = float(eta)
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError(
+                f"eta must be in [0, 1], got {eta}: above 1 diffusers' DDIM direction "
+                "coefficient is the square root of a negative number on some steps"
+            )
+        use_clipped = bool(use_clipped_model_output)
+        prediction_type = config.prediction_type
+        stride = config.num_train_timesteps // self.num_inference_steps
+        x = dense(sample)
+        fmt = memory_format_of(x)
+        tabs = self._device_tables(
+            ("ddim", prediction_type, eta, use_clipped, stride),
+            x.device,
+            lambda: self._build(prediction_type, eta, use_clipped, stride),
+        )
+        rows, _ = self._timestep_rows(timestep, tabs, x)
+        noise = seeds = None
+        if eta > 0:
+            if variance_noise is not None and generator is not None:
+                raise ValueError(
+                    "Cannot pass both generator and variance_noise. Please make sure that "
+                    "either `generator` or `variance_noise` stays `None`."
+                )
+            if variance_noise is not None:
+                noise = variance_noise
+            elif generator is not None:
+                noise = self._draw(
+                    model_output.shape, generator, model_output.device, model_output.dtype
+                )
+            else:
+                seeds = self._philox_seeds(x.shape[0], x.device)
+        out_dtype = torch.promote_types(sample.dtype, model_output.dtype)
+        x0_dtype = model_output.dtype if prediction_type == "sample" else out_dtype
+        clip_range, thresholding = self._processing(config)
+
+        if self._use_kernel(x, model_output, out_dtypes=(out_dtype, x0_dtype)):
+            if noise is not None:
+                noise = noise.to(x.device).contiguous(memory_format=fmt)
+            prev, x0 = self._launch(
+                x,
+                model_output.contiguous(memory_format=fmt),
+                tabs,
+                rows,
+                out_dtype=out_dtype,
+                x0_dtype=x0_dtype,
+                clip_range=clip_range,
+                thresholding=thresholding,
+                noise=noise,
+                seeds=seeds,
+            )
+        else:
+            if seeds is not None:
+                noise = self._philox_reference_noise(seeds, rows, x)
+            ab, ab_next = self._values(tabs, rows, "ab", "ab_next")
+            xr = self._compute_input(x)
+            prev, x0 = reference.ddim_step(
+                xr,
+                model_output.to(xr.dtype),
+                ab,
+                ab_next,
+                eta=eta,
+                prediction_type=prediction_type,
+                clip_range=clip_range,
+                thresholding=thresholding,
+                use_clipped_model_output=use_clipped,
+                noise=None if noise is None else noise.to(device=xr.device, dtype=xr.dtype),
+            )
+            prev, x0 = prev.to(out_dtype), x0.to(x0_dtype)
+        if not return_dict:
+            return (prev, x0)
+        return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)

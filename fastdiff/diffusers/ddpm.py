@@ -1,0 +1,226 @@
+"""FusedDDPMScheduler: diffusers' DDPMScheduler with the reverse step as one fused kernel."""
+
+from __future__ import annotations
+
+import torch
+from diffusers.schedulers.scheduling_ddpm import DDPMScheduler, DDPMSchedulerOutput
+
+from fastdiff import reference, tables
+from fastdiff.diffusers._base import (
+    TimestepRowsMixin,
+    dense,
+    fused_init,
+    memory_format_of,
+    nan_row,
+)
+
+__all__ = ["FusedDDPMScheduler"]
+
+_VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "learned_range")
+
+
+class FusedDDPMScheduler(TimestepRowsMixin, DDPMScheduler):
+    """Drop-in ``DDPMScheduler`` (Ho et al. 2020) whose ``step`` is one fused kernel launch.
+
+    Same config, plan and results as diffusers' ``DDPMScheduler``: the next timestep is the
+    next one of ``timesteps`` (``t - 1`` before ``set_timesteps``), the posterior uses the
+    respaced ``beta' = 1 - ab_t / ab_prev``, and noise is added where ``t > 0``.
+
+    Unsupported (ValueError at construction): ``variance_type="learned"`` (diffusers reads the
+    model's extra channels as a variance, the kernel as a log variance) and
+    ``"fixed_large_log"`` (diffusers takes the square root of a log variance: NaN).
+
+    ``step`` also takes ``variance_noise=`` (explicit standard-normal noise, as DDIM's step
+    does). A timestep given as a CUDA tensor is not read on the host; with a ``generator``
+    the noise is then drawn on every step, also at ``t = 0`` where diffusers draws none (the
+    table multiplies it by 0 there, so the result is the same; only the generator advances).
+
+    Example:
+        >>> pipe.scheduler = FusedDDPMScheduler.from_config(pipe.scheduler.config)
+    """
+
+    _diffusers_cls = DDPMScheduler
+    __init__ = fused_init(DDPMScheduler)
+
+    def _setup_fused(self, backend: str | None) -> None:
+        # diffusers fixes alphas_cumprod at construction; keep a CPU float64 copy of its values
+        self._alphas_cumprod64 = self.alphas_cumprod.detach().to("cpu", torch.float64)
+        super()._setup_fused(backend)
+
+    def _unsupported(self, config) -> list[tuple[str, bool, str]]:
+        variance_type = config.variance_type
+        return [
+            (
+                "variance_type",
+                variance_type == "learned",
+                "diffusers reads 'learned' model channels as the variance itself, the fused "
+                "kernel as a log variance (use 'learned_range')",
+            ),
+            (
+                "variance_type",
+                variance_type == "fixed_large_log",
+                "diffusers takes the square root of a log variance there (NaN)",
+            ),
+            (
+                "variance_type",
+                variance_type not in _VARIANCE_TYPES + ("learned", "fixed_large_log"),
+                f"the fused step supports {_VARIANCE_TYPES}",
+            ),
+            (
+                "variance_type",
+                variance_type != self.variance_type,
+                f"diffusers fixes it at construction ({self.variance_type!r}); build a new "
+                "scheduler with from_config to change it",
+            ),
+            *self._thresholding_checks(config),
+        ]
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        timesteps: list[int] | None = None,
+    ) -> None:
+        """diffusers' ``DDPMScheduler.set_timesteps`` (leading / trailing / linspace spacing,
+        ``steps_offset``, custom ``timesteps``); tables are built at the next step.
+
+        Args:
+            num_inference_steps: number of steps (exclusive with ``timesteps``).
+            device: where ``self.timesteps`` goes.
+            timesteps: custom descending timesteps.
+        """
+        self.check_config()
+        super().set_timesteps(num_inference_steps, None, timesteps)
+        self._plan_changed(device)
+
+    def _build(self, prediction_type: str, variance_type: str) -> dict[str, torch.Tensor]:
+        ab = self._alphas_cumprod64
+        train_steps = len(ab)
+        t = torch.arange(train_steps)
+        if self.custom_timesteps or self.num_inference_steps:
+            # the next timestep of the plan; -2 marks timesteps outside the plan
+            plan = self._plan_host.long()
+            nxt = torch.full((train_steps,), -2, dtype=torch.long)
+            nxt[plan] = torch.cat([plan[1:], plan.new_full((1,), -1)])
+        else:
+            nxt = t - 1
+        valid = nxt >= -1
+        ab_next = torch.where(nxt >= 0, ab[nxt.clamp(min=0)], 1.0)
+        noisy = t > 0  # diffusers adds noise where t > 0
+        table = tables.ddpm_table(ab, ab_next, prediction_type, variance_type, noisy)
+        table[~valid] = float("nan")
+        nan = torch.full((1,), float("nan"), dtype=torch.float64)
+        no = torch.zeros(1, dtype=torch.bool)
+        return {
+            "table": torch.cat([nan_row(), table, nan_row()]),
+            "ab": torch.cat([nan, torch.where(valid, ab, float("nan")), nan]),
+            "ab_next": torch.cat([nan, torch.where(valid, ab_next, float("nan")), nan]),
+            "noisy": torch.cat([no, noisy, no]),
+        }
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int | torch.Tensor,
+        sample: torch.Tensor,
+        generator: torch.Generator | None = None,
+        return_dict: bool = True,
+        *,
+        variance_noise: torch.Tensor | None = None,
+    ) -> DDPMSchedulerOutput | tuple:
+        """One DDPM step x_t -> x_prev, as diffusers' ``DDPMScheduler.step``.
+
+        Args:
+            model_output: the model output ``[B, C, ...]`` (``[B, 2C, ...]`` for
+                ``learned_range``: prediction, then variance values).
+            timestep: the current timestep: int, 0-d tensor, or one per sample ``[B]``.
+            sample: x_t ``[B, C, ...]``.
+            generator: draws the noise as diffusers does; None: in-kernel Philox noise.
+            return_dict: return a ``DDPMSchedulerOutput`` (else a tuple).
+            variance_noise: explicit standard-normal noise like ``sample`` (instead of
+                ``generator``).
+
+        Returns:
+            ``DDPMSchedulerOutput(prev_sample, pred_original_sample)`` or the tuple.
+        """
+        self.check_config()
+        config = self.config
+        if generator is not None and variance_noise is not None:
+            raise ValueError("pass either generator or variance_noise, not both")
+        prediction_type = config.prediction_type
+        variance_type = config.variance_type
+        channels = sample.shape[1] if sample.dim() > 1 else None
+        learned = variance_type == "learned_range"
+        if learned and (channels is None or model_output.shape[1] != 2 * channels):
+            raise ValueError(
+                "variance_type='learned_range' needs a model output with twice the sample's "
+                f"channels (prediction, then variance values), got {tuple(model_output.shape)} "
+                f"for a sample of shape {tuple(sample.shape)}"
+            )
+        prediction = model_output[:, :channels] if learned else model_output
+        x = dense(sample, contiguous=learned)
+        fmt = memory_format_of(x)
+        tabs = self._device_tables(
+            ("ddpm", prediction_type, variance_type),
+            x.device,
+            lambda: self._build(prediction_type, variance_type),
+        )
+        rows, t_host = self._timestep_rows(timestep, tabs, x)
+        if t_host is not None and (self.custom_timesteps or self.num_inference_steps):
+            missing = set(torch.as_tensor(t_host).reshape(-1).tolist()) - set(
+                self._plan_host.tolist()
+            )
+            if missing:
+                raise ValueError(f"timesteps {sorted(missing)} are not in scheduler.timesteps")
+        # diffusers draws noise only where t > 0 (a device timestep: always, see the class doc)
+        needs_noise = t_host is None or bool(torch.as_tensor(t_host).gt(0).any())
+        noise = seeds = None
+        if needs_noise:
+            if variance_noise is not None:
+                noise = variance_noise
+            elif generator is not None:
+                noise = self._draw(prediction.shape, generator, prediction.device, prediction.dtype)
+            else:
+                seeds = self._philox_seeds(x.shape[0], x.device)
+        out_dtype = torch.promote_types(sample.dtype, model_output.dtype)
+        x0_dtype = model_output.dtype if prediction_type == "sample" else out_dtype
+        clip_range, thresholding = self._processing(config)
+
+        if self._use_kernel(x, model_output, out_dtypes=(out_dtype, x0_dtype)):
+            if noise is not None:
+                noise = noise.to(x.device).contiguous(memory_format=fmt)
+            m = model_output.contiguous() if learned else model_output.contiguous(memory_format=fmt)
+            prev, x0 = self._launch(
+                x,
+                m,
+                tabs,
+                rows,
+                out_dtype=out_dtype,
+                x0_dtype=x0_dtype,
+                clip_range=clip_range,
+                thresholding=thresholding,
+                variance_mode="learned_range" if learned else "fixed",
+                noise=noise,
+                seeds=seeds,
+            )
+        else:
+            if seeds is not None:
+                noise = self._philox_reference_noise(seeds, rows, x)
+            ab, ab_next, noisy = self._values(tabs, rows, "ab", "ab_next", "noisy")
+            xr = self._compute_input(x)
+            prev, x0 = reference.ddpm_step(
+                xr,
+                model_output.to(xr.dtype),
+                ab,
+                ab_next,
+                prediction_type=prediction_type,
+                variance_type=variance_type,
+                clip_range=clip_range,
+                thresholding=thresholding,
+                noise=None if noise is None else noise.to(device=xr.device, dtype=xr.dtype),
+                add_noise=noisy,
+            )
+            prev, x0 = prev.to(out_dtype), x0.to(x0_dtype)
+        if not return_dict:
+            return (prev, x0)
+        return DDPMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)

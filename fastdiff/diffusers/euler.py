@@ -1,0 +1,323 @@
+"""FusedEulerDiscreteScheduler and FusedEulerAncestralDiscreteScheduler: diffusers' Euler
+schedulers (sigma-space state, Karras et al. 2022 / k-diffusion) with the step as one fused
+kernel."""
+
+from __future__ import annotations
+
+import torch
+from diffusers.schedulers.scheduling_euler_ancestral_discrete import (
+    EulerAncestralDiscreteScheduler,
+    EulerAncestralDiscreteSchedulerOutput,
+)
+from diffusers.schedulers.scheduling_euler_discrete import (
+    EulerDiscreteScheduler,
+    EulerDiscreteSchedulerOutput,
+)
+from diffusers.utils import logging
+
+from fastdiff import reference, tables
+from fastdiff.diffusers._base import (
+    StepIndexMixin,
+    dense,
+    fused_init,
+    memory_format_of,
+    nan_row,
+    upload,
+)
+
+__all__ = ["FusedEulerAncestralDiscreteScheduler", "FusedEulerDiscreteScheduler"]
+
+logger = logging.get_logger(__name__)
+
+
+class _EulerBase(StepIndexMixin):
+    """Shared by both Euler schedulers: the sigma-space table (``tables.euler_table`` with
+    ``space="sigma"``: the state is diffusers' ``x0 + sigma eps``), scale_model_input and
+    add_noise without host syncs."""
+
+    _eta = 0.0
+    _output_cls: type
+
+    def _build(self, prediction_type: str) -> dict[str, torch.Tensor]:
+        sigmas = self.sigmas.to(torch.float64)
+        table = tables.euler_table(sigmas[:-1], sigmas[1:], prediction_type, self._eta, "sigma")
+        nan = torch.full((1,), float("nan"), dtype=torch.float64)
+        return {
+            "table": torch.cat([table, nan_row()]),
+            "sigma": torch.cat([sigmas[:-1], nan]),
+            "sigma_next": torch.cat([sigmas[1:], nan]),
+        }
+
+    def _input_scale(self, device: torch.device) -> torch.Tensor:
+        """``sqrt(sigma^2 + 1)`` per step on ``device``, in diffusers' float32 arithmetic."""
+        scale = self._plan_device.get(("scale", device))
+        if scale is None:
+            values = (self.sigmas[:-1] ** 2 + 1) ** 0.5
+            scale = upload(torch.cat([values, values.new_full((1,), float("nan"))]), device)
+            self._plan_device[("scale", device)] = scale
+        return scale
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: float | torch.Tensor):
+        """``sample / sqrt(sigma^2 + 1)``, as diffusers (no host sync for a CUDA timestep).
+
+        Args:
+            sample: the current sample (sigma-space state).
+            timestep: the current timestep (sets the step index on the first call).
+
+        Returns:
+            The scaled model input, in ``sample``'s dtype.
+        """
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        index = self._step_index
+        if isinstance(index, torch.Tensor):
+            scale = self._input_scale(index.device).index_select(0, index.reshape(1))
+            sample = sample / scale.reshape(())
+        else:
+            sigma = self.sigmas[index]
+            sample = sample / ((sigma**2 + 1) ** 0.5)
+        self.is_scale_input_called = True
+        return sample
+
+    def add_noise(
+        self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> torch.Tensor:
+        """``x0 + sigma noise`` at each sample's timestep, as diffusers (no host sync).
+
+        Args:
+            original_samples: clean samples ``[B, ...]``.
+            noise: standard-normal noise like them.
+            timesteps: one timestep per sample (from ``self.timesteps``).
+
+        Returns:
+            The noisy samples.
+        """
+        indices = self._add_noise_indices(timesteps, original_samples.device)
+        sigma = self._sigmas_for_noise(original_samples)[indices].flatten()
+        while sigma.dim() < original_samples.dim():
+            sigma = sigma.unsqueeze(-1)
+        return original_samples + noise * sigma
+
+    def _euler_step(self, model_output, timestep, sample, generator, return_dict, prediction_type):
+        if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
+            raise ValueError(
+                "Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to "
+                f"`{type(self).__name__}.step()` is not supported. Make sure to pass one of "
+                "the `scheduler.timesteps` as a timestep."
+            )
+        if not self.is_scale_input_called:
+            logger.warning(
+                "The `scale_model_input` function should be called before `step` to ensure "
+                "correct denoising. See `StableDiffusionPipeline` for a usage example."
+            )
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        x = dense(sample)
+        fmt = memory_format_of(x)
+        tabs = self._device_tables(
+            ("euler", prediction_type, self._eta),
+            x.device,
+            lambda: self._build(prediction_type),
+        )
+        rows = self._index_rows(tabs)
+        noise = seeds = None
+        if self._eta > 0:
+            if generator is not None:
+                noise = self._draw(
+                    model_output.shape, generator, model_output.device, model_output.dtype
+                )
+            else:
+                seeds = self._philox_seeds(x.shape[0], x.device)
+        # diffusers computes in float32 and returns prev_sample in the model output's dtype
+        out_dtype = model_output.dtype
+        x0_dtype = (
+            model_output.dtype
+            if prediction_type == "sample"
+            else torch.promote_types(torch.float32, model_output.dtype)
+        )
+        if self._use_kernel(x, model_output, out_dtypes=(out_dtype, x0_dtype)):
+            if noise is not None:
+                noise = noise.to(x.device).contiguous(memory_format=fmt)
+            prev, x0 = self._launch(
+                x,
+                model_output.contiguous(memory_format=fmt),
+                tabs,
+                rows,
+                out_dtype=out_dtype,
+                x0_dtype=x0_dtype,
+                noise=noise,
+                seeds=seeds,
+            )
+        else:
+            if seeds is not None:
+                noise = self._philox_reference_noise(seeds, rows, x)
+            sigma, sigma_next = self._values(tabs, rows, "sigma", "sigma_next")
+            xr = self._compute_input(x)
+            kwargs = dict(prediction_type=prediction_type)
+            if self._eta > 0:
+                kwargs.update(
+                    eta=self._eta,
+                    noise=None if noise is None else noise.to(device=xr.device, dtype=xr.dtype),
+                )
+                step = reference.euler_ancestral_step
+            else:
+                step = reference.euler_step
+            prev, x0 = step(xr, model_output.to(xr.dtype), sigma, sigma_next, **kwargs)
+            prev, x0 = prev.to(out_dtype), x0.to(x0_dtype)
+        self._advance()
+        if not return_dict:
+            return (prev, x0)
+        return self._output_cls(prev_sample=prev, pred_original_sample=x0)
+
+
+class FusedEulerDiscreteScheduler(_EulerBase, EulerDiscreteScheduler):
+    """Drop-in ``EulerDiscreteScheduler`` whose ``step`` is one fused kernel launch.
+
+    The plan is diffusers' own (every spacing, ``interpolation_type``, Karras / exponential /
+    beta sigmas, ``sigma_min`` / ``sigma_max``, ``final_sigmas_type``, ``timestep_type``,
+    custom ``timesteps`` / ``sigmas``); the step is Euler in sigma space. ``s_churn > 0``
+    (stochastic churn) is not supported: ``step`` raises ValueError.
+
+    Example:
+        >>> pipe.scheduler = FusedEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    """
+
+    _diffusers_cls = EulerDiscreteScheduler
+    _output_cls = EulerDiscreteSchedulerOutput
+    __init__ = fused_init(EulerDiscreteScheduler)
+
+    def _unsupported(self, config) -> list[tuple[str, bool, str]]:
+        return [
+            (
+                "prediction_type",
+                config.prediction_type
+                not in ("epsilon", "v_prediction", "sample", "original_sample"),
+                "the fused Euler step supports epsilon, v_prediction and sample",
+            )
+        ]
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+    ) -> None:
+        """diffusers' ``EulerDiscreteScheduler.set_timesteps``; tables are built at the next
+        step.
+
+        Args:
+            num_inference_steps: number of steps.
+            device: where ``self.timesteps`` goes.
+            timesteps: custom timesteps.
+            sigmas: custom sigmas (the last one is where the loop ends).
+        """
+        self.check_config()
+        super().set_timesteps(num_inference_steps, None, timesteps, sigmas)
+        self._plan_changed(device)
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: float | torch.Tensor,
+        sample: torch.Tensor,
+        s_churn: float = 0.0,
+        s_tmin: float = 0.0,
+        s_tmax: float = float("inf"),
+        s_noise: float = 1.0,
+        generator: torch.Generator | None = None,
+        return_dict: bool = True,
+    ) -> EulerDiscreteSchedulerOutput | tuple:
+        """One Euler step, as diffusers' ``EulerDiscreteScheduler.step`` (without churn).
+
+        Args:
+            model_output: the model output, like ``sample``.
+            timestep: the current timestep (one of ``self.timesteps``).
+            sample: the current sample (sigma-space state).
+            s_churn: must be 0 (churn is not supported).
+            s_tmin, s_tmax, s_noise: churn parameters (unused without churn).
+            generator: unused (the step is deterministic without churn).
+            return_dict: return an ``EulerDiscreteSchedulerOutput`` (else a tuple).
+
+        Returns:
+            ``EulerDiscreteSchedulerOutput(prev_sample, pred_original_sample)`` or the tuple.
+        """
+        if s_churn != 0:
+            raise ValueError(
+                f"{type(self).__name__} does not support s_churn={s_churn!r} (stochastic churn); "
+                "use diffusers' EulerDiscreteScheduler for churn"
+            )
+        self.check_config()
+        prediction_type = self.config.prediction_type
+        if prediction_type == "original_sample":
+            prediction_type = "sample"
+        return self._euler_step(
+            model_output, timestep, sample, generator, return_dict, prediction_type
+        )
+
+
+class FusedEulerAncestralDiscreteScheduler(_EulerBase, EulerAncestralDiscreteScheduler):
+    """Drop-in ``EulerAncestralDiscreteScheduler`` (k-diffusion's ``sample_euler_ancestral``)
+    whose ``step`` is one fused kernel launch; noise as diffusers draws it with a
+    ``generator``, in-kernel Philox noise without one.
+
+    Unsupported: ``prediction_type="sample"`` (diffusers raises NotImplementedError too).
+
+    Example:
+        >>> pipe.scheduler = FusedEulerAncestralDiscreteScheduler.from_config(
+        ...     pipe.scheduler.config)
+    """
+
+    _diffusers_cls = EulerAncestralDiscreteScheduler
+    _output_cls = EulerAncestralDiscreteSchedulerOutput
+    _eta = 1.0
+    __init__ = fused_init(EulerAncestralDiscreteScheduler)
+
+    def _unsupported(self, config) -> list[tuple[str, bool, str]]:
+        return [
+            (
+                "prediction_type",
+                config.prediction_type not in ("epsilon", "v_prediction"),
+                "diffusers' Euler ancestral step supports epsilon and v_prediction",
+            )
+        ]
+
+    def set_timesteps(
+        self, num_inference_steps: int, device: str | torch.device | None = None
+    ) -> None:
+        """diffusers' ``EulerAncestralDiscreteScheduler.set_timesteps``; tables are built at
+        the next step.
+
+        Args:
+            num_inference_steps: number of steps.
+            device: where ``self.timesteps`` goes.
+        """
+        self.check_config()
+        super().set_timesteps(num_inference_steps, None)
+        self._plan_changed(device)
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: float | torch.Tensor,
+        sample: torch.Tensor,
+        generator: torch.Generator | None = None,
+        return_dict: bool = True,
+    ) -> EulerAncestralDiscreteSchedulerOutput | tuple:
+        """One Euler ancestral step, as diffusers' ``EulerAncestralDiscreteScheduler.step``.
+
+        Args:
+            model_output: the model output, like ``sample``.
+            timestep: the current timestep (one of ``self.timesteps``).
+            sample: the current sample (sigma-space state).
+            generator: draws the noise as diffusers does; None: in-kernel Philox noise.
+            return_dict: return an ``EulerAncestralDiscreteSchedulerOutput`` (else a tuple).
+
+        Returns:
+            ``EulerAncestralDiscreteSchedulerOutput(prev_sample, pred_original_sample)`` or
+            the tuple.
+        """
+        self.check_config()
+        return self._euler_step(
+            model_output, timestep, sample, generator, return_dict, self.config.prediction_type
+        )

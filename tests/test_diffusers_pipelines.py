@@ -1,0 +1,192 @@
+"""Pipelines with a fused scheduler swapped in give the images of the original scheduler.
+
+``pipe.scheduler = FusedX.from_config(pipe.scheduler.config)`` in diffusers' DDPMPipeline and
+DDIMPipeline with a tiny randomly initialized UNet2DModel, and a Stable-Diffusion-style loop
+(classifier-free guidance, ``scale_model_input``, ``prepare_extra_step_kwargs``-style
+signature inspection, img2img with ``add_noise`` and ``set_begin_index``) with a tiny
+UNet2DConditionModel, for every fused scheduler. The same generator seed must give the same
+images.
+
+Tolerance: the schedulers agree to float32 rounding per step (test_diffusers_adapter.py);
+here the UNet feeds each step's small difference back through the model (and the guidance
+scale 7.5 multiplies it), over a few steps, on outputs of size ~1: 1e-4 absolute on images
+in [0, 1] and 1e-3 relative to the largest latent (observed: below 2e-5 on latents up
+to ~60).
+"""
+
+from __future__ import annotations
+
+import inspect
+import random
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+
+from diffusers import (  # noqa: E402
+    DDIMPipeline,
+    DDIMScheduler,
+    DDPMPipeline,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    UNet2DConditionModel,
+    UNet2DModel,
+)
+from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
+
+from fastdiff.diffusers import (  # noqa: E402
+    FusedDDIMScheduler,
+    FusedDDPMScheduler,
+    FusedDPMSolverMultistepScheduler,
+    FusedEulerAncestralDiscreteScheduler,
+    FusedEulerDiscreteScheduler,
+)
+
+BACKENDS = ["triton", "reference"]
+PAIRS = {
+    "ddpm": (DDPMScheduler, FusedDDPMScheduler),
+    "ddim": (DDIMScheduler, FusedDDIMScheduler),
+    "euler": (EulerDiscreteScheduler, FusedEulerDiscreteScheduler),
+    "euler_a": (EulerAncestralDiscreteScheduler, FusedEulerAncestralDiscreteScheduler),
+    "dpm": (DPMSolverMultistepScheduler, FusedDPMSolverMultistepScheduler),
+}
+
+
+def tiny_unet() -> UNet2DModel:
+    """A randomly initialized two-level UNet on 3x8x8 images (~42K parameters)."""
+    return UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    ).eval()
+
+
+def tiny_conditional_unet() -> UNet2DConditionModel:
+    """A randomly initialized text-conditioned UNet on 4x8x8 latents (~51K parameters)."""
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        cross_attention_dim=8,
+        attention_head_dim=2,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    ).eval()
+
+
+@pytest.fixture
+def seed():
+    return random.randrange(2**31)
+
+
+def _images(pipe, seed, **kwargs):
+    generator = torch.Generator().manual_seed(seed)
+    out = pipe(batch_size=2, generator=generator, output_type="pt", **kwargs)
+    return out.images
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["ddpm", "ddim"])
+def test_ddpm_pipeline_swap(name, backend, seed):
+    d_cls, f_cls = PAIRS[name]
+    pipe = DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = d_cls.from_config(pipe.scheduler.config)
+    want = _images(pipe, seed, num_inference_steps=4)
+    pipe.scheduler = f_cls.from_config(pipe.scheduler.config, backend=backend)
+    got = _images(pipe, seed, num_inference_steps=4)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("eta, use_clipped_model_output", [(0.0, False), (1.0, False), (0.5, True)])
+def test_ddim_pipeline_swap(eta, use_clipped_model_output, backend, seed):
+    pipe = DDIMPipeline(unet=tiny_unet(), scheduler=DDIMScheduler(clip_sample=True))
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = {
+        "num_inference_steps": 4,
+        "eta": eta,
+        "use_clipped_model_output": use_clipped_model_output,
+    }
+    want = _images(pipe, seed, **kwargs)
+    pipe.scheduler = FusedDDIMScheduler.from_config(pipe.scheduler.config, backend=backend)
+    got = _images(pipe, seed, **kwargs)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
+def stable_diffusion_loop(
+    unet, scheduler, embeddings, seed, *, steps=4, guidance_scale=7.5, strength=None
+):
+    """The denoising loop of diffusers' StableDiffusion(Img2Img)Pipeline, model and scheduler
+    calls in the same order with the same arguments.
+
+    Args:
+        unet: the conditional UNet.
+        scheduler: any scheduler.
+        embeddings: ``[2B, L, D]`` text embeddings, unconditional half first.
+        seed: seed of the pipeline's generator.
+        steps: num_inference_steps.
+        guidance_scale: classifier-free guidance scale.
+        strength: img2img strength (None: text-to-image).
+
+    Returns:
+        The final latents ``[B, 4, 8, 8]``.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    batch = embeddings.shape[0] // 2
+    shape = (batch, unet.config.in_channels, 8, 8)
+    scheduler.set_timesteps(steps, device="cpu")
+    timesteps = scheduler.timesteps
+    if strength is None:
+        latents = randn_tensor(shape, generator=generator) * scheduler.init_noise_sigma
+    else:  # img2img: start from a noised "encoded image" at an inner timestep
+        init_latents = randn_tensor(shape, generator=generator).clamp(-1, 1)
+        t_start = max(steps - min(int(steps * strength), steps), 0)
+        timesteps = timesteps[t_start * scheduler.order :]
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(t_start * scheduler.order)
+        noise = randn_tensor(shape, generator=generator)
+        latents = scheduler.add_noise(init_latents, noise, timesteps[:1].repeat(batch))
+    # prepare_extra_step_kwargs: eta and generator only where the step takes them
+    parameters = set(inspect.signature(scheduler.step).parameters)
+    extra = {}
+    if "eta" in parameters:
+        extra["eta"] = 0.0
+    if "generator" in parameters:
+        extra["generator"] = generator
+    with torch.no_grad():
+        for t in timesteps:
+            model_input = scheduler.scale_model_input(torch.cat([latents] * 2), t)
+            noise_pred = unet(model_input, t, encoder_hidden_states=embeddings).sample
+            uncond, text = noise_pred.chunk(2)
+            noise_pred = uncond + guidance_scale * (text - uncond)
+            latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
+    return latents
+
+
+@pytest.mark.parametrize("strength", [None, 0.6])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_stable_diffusion_style_loop(name, backend, strength, seed):
+    d_cls, f_cls = PAIRS[name]
+    unet = tiny_conditional_unet()
+    embeddings = torch.randn(4, 5, 8)
+    # a Stable-Diffusion-like schedule; the fused scheduler is built from that config
+    original = d_cls(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    want = stable_diffusion_loop(unet, original, embeddings, seed, strength=strength)
+    fused = f_cls.from_config(original.config, backend=backend)
+    got = stable_diffusion_loop(unet, fused, embeddings, seed, strength=strength)
+    assert torch.isfinite(want).all()
+    scale = max(1.0, want.abs().max().item())
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3 * scale)
