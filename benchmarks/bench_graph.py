@@ -321,7 +321,9 @@ def test_graph_step(benchmark, case, sampler_name, impl):
     if graph is not None:
         engine = graph._engine
 
-        def replays():
+        def replays():  # from the start of the chain (two tiny resets, then the replays)
+            graph.x.copy_(noise)
+            graph.counter.zero_()
             for _ in range(NUM_STEPS // graph.steps_per_graph):
                 engine.graph.replay()
 

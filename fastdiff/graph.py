@@ -17,7 +17,9 @@ How it works (:class:`SamplingGraph`):
   step index read from the counter, and increments the counter, all inside the graph.
 * **Warm-up.** The first ``warmup_steps`` steps of the first run are real steps run eagerly
   on a side stream, as PyTorch requires before a capture (lazy initialization, cuBLAS
-  workspaces, Triton compilation). Then the step is captured on that stream.
+  workspaces, Triton compilation); when too few steps would be left to capture (a graph of
+  the whole loop), they run on a copy of the state instead. Then the step is captured on
+  that stream.
 * **Verification.** Right after the capture, one step (``steps_per_graph`` steps) is run
   eagerly from a saved state, the state is restored and the graph replayed: the two results
   must be bitwise identical, or the model depends on something a graph cannot see (a Python
@@ -331,9 +333,17 @@ class _Engine:
 
         with self.runtime.side_stream():
             if self.graph is None:
-                for _ in range(min(self.warmup_steps, n)):
-                    self.body()
-                    stepped(1)
+                warmup = min(self.warmup_steps, n)
+                if n - warmup >= k:  # real steps as the warm-up
+                    for _ in range(warmup):
+                        self.body()
+                        stepped(1)
+                elif n >= k:  # too few steps left after it: warm up on a copy of the state
+                    saved = [t.clone() for t in self.state]
+                    for _ in range(warmup):
+                        self.body()
+                    for t, s in zip(self.state, saved):
+                        t.copy_(s)
                 if n - done >= k:
                     self._capture()
                     if self.verify:
