@@ -494,7 +494,7 @@ def _component_terms(
         return resp.T, None
     gain = sa * t.evals[:, :, None] * inv_var  # sqrt(ab) S_k C_k^-1 in the eigenbasis
     comp = t.means[:, :, None] + torch.matmul(t.evecs, gain * y)  # E[x0 | x_t, k]: [K, d, B]
-    return resp.T, (resp[:, None, :] * comp).sum(0).T
+    return resp.T, (resp[:, None, :] * comp).sum(0).T.contiguous()
 
 
 class _ExactDenoiser:
@@ -582,7 +582,7 @@ class _ExactDenoiser:
             out = torch.where(a == 0, torch.nan, eps)  # reached only off the CPU
         else:  # v = sqrt(ab) eps - sqrt(1-ab) x0 = (sqrt(ab) x - x0) / sqrt(1-ab)
             out = (torch.sqrt(a) * x64 - x0) / torch.sqrt(1 - a)
-        return out.to(x.dtype)
+        return out.to(x.dtype).contiguous()  # the math ran in a [K, d, B] layout
 
 
 def _as_f64(value: Any, name: str) -> torch.Tensor:

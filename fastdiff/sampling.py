@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from fastdiff import philox
 
-__all__ = ["guidance_pair", "sample", "seeds_for", "start_index"]
+__all__ = ["INITIAL_NOISE_STREAM", "guidance_pair", "sample", "seeds_for", "start_index"]
 
 # Stream of the initial noise x_T in fastdiff.philox (0 is the steps' noise).
 INITIAL_NOISE_STREAM = 1
@@ -163,6 +163,13 @@ def _resolve_seeds(seed: int, seeds: torch.Tensor | None, batch: int, device: to
     return seeds.to(device=device, dtype=torch.int64)
 
 
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """t itself if contiguous or channels_last (what the fused kernels take), else a copy."""
+    if t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)):
+        return t
+    return t.contiguous()
+
+
 def _check_output(out: Any, expected_batch: int, guided: bool) -> None:
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"the model must return a tensor, got {type(out).__name__}")
@@ -287,11 +294,12 @@ def sample(
     seeds = _resolve_seeds(seed, seeds, batch, device)
 
     if x is not None:
-        noise = x.to(device=device, dtype=dtype)
+        noise = _dense(x.to(device=device, dtype=dtype))
     else:
         noise = philox.randn(seeds, 0, out_shape, stream=INITIAL_NOISE_STREAM, dtype=dtype)
+        noise = _dense(noise)  # a strided view when a sample's size is not a multiple of 4
     if init_image is not None:
-        image = init_image.to(device=device, dtype=dtype)
+        image = _dense(init_image.to(device=device, dtype=dtype))
         x = sampler.schedule.add_noise(image, noise, int(sampler.timesteps[start]))
         x = x.to(dtype)
     else:

@@ -35,6 +35,7 @@ with a real error fails by far: the wrong-schedule test below misses by > 18 SE 
 statistics at n = 1000.
 """
 
+import functools
 import math
 
 import pytest
@@ -43,11 +44,15 @@ from torch.distributions import Categorical, MixtureSameFamily, MultivariateNorm
 
 from fastdiff.gmm import GaussianMixture
 from fastdiff.samplers import SAMPLERS
-from fastdiff.sampling import guidance_pair, sample
+from fastdiff.sampling import guidance_pair
+from fastdiff.sampling import sample as _sample
 from fastdiff.schedules import NoiseSchedule
 
 F64 = torch.float64
 Z = 5.0  # tolerance in standard errors (see the module docstring)
+# CPU tests (the reference backend), also on a machine with a GPU, where sample() would
+# otherwise default to CUDA.
+sample = functools.partial(_sample, device="cpu")
 SCHEDULE = NoiseSchedule.create("linear", 1000)
 
 
