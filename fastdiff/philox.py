@@ -175,7 +175,7 @@ def randn(
     n0, n1 = _box_muller(w0, w1)
     n2, n3 = _box_muller(w2, w3)
     flat = torch.stack(torch.broadcast_tensors(n0, n1, n2, n3), dim=-1).reshape(batch, 4 * quads)
-    flat = flat[:, :numel].to(dtype)
+    flat = flat[:, :numel].to(dtype).contiguous()  # dense even when numel % 4 != 0
     if memory_format == torch.channels_last:
         if len(shape) != 4:
             raise ValueError("channels_last noise needs a 4-D shape")

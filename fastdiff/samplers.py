@@ -242,7 +242,8 @@ class Sampler:
             float32 tensor [B].
         """
         timesteps = self.device_tables(device)["timesteps"]
-        t = timesteps[i]
+        # torch.take: indexing with a 0-d device tensor would read it on the host (a sync)
+        t = timesteps.take(torch.as_tensor(i, device=timesteps.device))
         value = self.schedule.conditioning(t, self.conditioning)
         return value.to(torch.float32).expand(batch_size) if value.dim() == 0 else value.float()
 
@@ -390,6 +391,8 @@ class Sampler:
     def _values(self, x: torch.Tensor, i) -> dict[str, torch.Tensor]:
         """ab_t, ab_next, ab_prev of step i on x's device (per sample when i is a tensor)."""
         tables = self.device_tables(x.device)
+        if isinstance(i, torch.Tensor):  # take, not [i]: a 0-d index tensor would sync
+            return {k: tables[k].take(i) for k in ("alpha_bar", "alpha_bar_next", "alpha_bar_prev")}
         return {k: tables[k][i] for k in ("alpha_bar", "alpha_bar_next", "alpha_bar_prev")}
 
     def _process_kwargs(self) -> dict:

@@ -251,13 +251,18 @@ def _check_same_layout(name: str, t: torch.Tensor, x: torch.Tensor, batch: int) 
 def _block_sizes(n_samples: int, n_per_sample: int) -> tuple[int, int, int]:
     """Tile shape (BLOCK_S, BLOCK_N) and num_warps.
 
-    On a GPU: 2048 elements a program over 4 warps (16 per thread). Measured on an H200 for
-    (256, 3, 256, 256): the Philox step in bfloat16 reaches 80% of copy bandwidth with this
-    tile, 70% with 1024 or 8192 elements, 77% with 4096 over 8 warps; float32 and
-    deterministic steps are at 94-98% for any tile from 1024 to 8192 (benchmarks/RESULTS.md).
+    On a GPU, 4 warps a program and 2048 elements (16 a thread) for large steps, 1024 below
+    4M elements. Measured on an H200 (benchmarks/RESULTS.md): for (256, 3, 256, 256) the
+    Philox step in bfloat16 reaches 80% of copy bandwidth with 2048-element tiles and 70%
+    with 1024 or 8192; float32 and deterministic steps are at 94-98% for any tile from 1024
+    to 8192; for the small latents (8, 4, 128, 128) a Python loop of steps runs at 23 us a
+    step with 1024-element tiles and up to 37 with 512 or 2048.
     Under the interpreter, 64K elements a program: each program instance costs ~10 ms there.
     """
-    tile = 1 << 16 if _interpreting() else 2048
+    if _interpreting():
+        tile = 1 << 16
+    else:
+        tile = 2048 if n_samples * n_per_sample >= 1 << 22 else 1024
     block_n = max(4, min(triton.next_power_of_2(n_per_sample), tile))
     block_s = max(1, min(tile // block_n, triton.next_power_of_2(n_samples)))
     return block_s, block_n, 4

@@ -69,3 +69,23 @@ def test_loop_has_no_host_sync_and_replays_in_a_cuda_graph(name, guided):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(static, eager)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_device_step_index_does_not_sync(backend):
+    """A 0-d device step index (what a one-step graph replays) never reads back to the host."""
+    sampler = SAMPLERS["dpmpp_2m"](SCHEDULE, 12, backend=backend)
+    x = torch.randn(2, 4, 8, 8, device="cuda")
+    m, x0 = torch.randn_like(x), torch.randn_like(x)
+    i = torch.tensor(5, device="cuda")
+    sampler.step(x, m, i, x0_prev=x0)  # first call: compile, upload tables
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        cond = sampler.model_condition(i, 2, x.device)
+        out = sampler.step(x, m, i, x0_prev=x0)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert cond.shape == (2,)
+    want = sampler.step(x, m, 5, x0_prev=x0)
+    torch.testing.assert_close(out.prev_sample, want.prev_sample, rtol=0, atol=0)
