@@ -5,10 +5,15 @@ Example:
     >>> schedule = fastdiff.NoiseSchedule.create("linear", 1000)
     >>> sampler = fastdiff.DDIMSampler(schedule, 50)
     >>> x = fastdiff.sample(model, sampler, shape=(4, 3, 32, 32), seed=0)
+
+Many samples over many GPUs: ``torchrun -m fastdiff.sample_many`` (``fastdiff.sample_many``,
+not imported here so that ``-m`` runs it cleanly). The diffusers schedulers:
+``fastdiff.diffusers`` (needs diffusers).
 """
 
 from fastdiff.backend import BACKENDS, resolve_backend
 from fastdiff.gmm import GaussianMixture
+from fastdiff.graph import GraphCaptureError, SamplingGraph
 from fastdiff.philox import seeds_from
 from fastdiff.samplers import (
     SAMPLERS,
@@ -34,8 +39,10 @@ __all__ = [
     "EulerAncestralSampler",
     "EulerSampler",
     "GaussianMixture",
+    "GraphCaptureError",
     "NoiseSchedule",
     "Sampler",
+    "SamplingGraph",
     "StepOutput",
     "make_betas",
     "make_plan",
