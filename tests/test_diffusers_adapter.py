@@ -64,6 +64,14 @@ PAIRS = {
 }
 BACKENDS = ["triton", "reference"]
 SHAPE = (2, 3, 5, 7)  # odd spatial sizes: not a multiple of any block
+# the card when there is one (the kernels run there), else the CPU (Triton interpreter)
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def randn(*shape, generator=None) -> torch.Tensor:
+    """Standard normals on DEVICE, drawn on the CPU (a CPU generator gives the same values
+    on any machine)."""
+    return torch.randn(*shape, generator=generator).to(DEVICE)
 
 
 def assert_step_close(got, want, what: str, scale: float = 0.0, rtol=1e-4) -> None:
@@ -206,12 +214,12 @@ def run_pair(name, case, backend, seed, *, noise_mode="generator", fused_kwargs=
     d_cls, f_cls = PAIRS[name]
     d = d_cls(**case["config"])
     f = f_cls.from_config(d.config, backend=backend, **(fused_kwargs or {}))
-    d.set_timesteps(**case["set"])
-    f.set_timesteps(**case["set"])
+    d.set_timesteps(**case["set"], device=DEVICE)
+    f.set_timesteps(**case["set"], device=DEVICE)
     assert torch.equal(d.timesteps, f.timesteps)
     gen = torch.Generator().manual_seed(seed)
     if x is None:
-        x = torch.randn(SHAPE, generator=gen) * d.init_noise_sigma
+        x = randn(SHAPE, generator=gen) * d.init_noise_sigma
     xd, xf = x.clone(), x.clone()
     gen_d = torch.Generator().manual_seed(seed + 1)
     gen_f = torch.Generator().manual_seed(seed + 1)
@@ -221,6 +229,7 @@ def run_pair(name, case, backend, seed, *, noise_mode="generator", fused_kwargs=
         model_output = torch.randn(SHAPE[0], channels, *SHAPE[2:], generator=gen)
         if case["learned"]:
             model_output[:, SHAPE[1] :].uniform_(-1, 1, generator=gen)
+        model_output = model_output.to(DEVICE)
         md = d.scale_model_input(xd, t)
         mf = f.scale_model_input(xd, t)
         assert torch.equal(md, mf), f"scale_model_input differs at step {k}"
@@ -228,7 +237,7 @@ def run_pair(name, case, backend, seed, *, noise_mode="generator", fused_kwargs=
         if noise_mode == "generator":
             kw_d["generator"], kw_f["generator"] = gen_d, gen_f
         elif noise_mode == "variance_noise":
-            noise = torch.randn(SHAPE, generator=gen)
+            noise = randn(SHAPE, generator=gen)
             kw_d["variance_noise"] = kw_f["variance_noise"] = noise
         try:
             out_d = d.step(model_output, t, xd, **kw_d)
@@ -294,10 +303,10 @@ def test_ddpm_variance_type_each(backend, seed):
 
 def test_ddpm_without_set_timesteps_steps_to_t_minus_one(seed):
     d, f = DDPMScheduler(num_train_timesteps=20), FusedDDPMScheduler(num_train_timesteps=20)
-    x = torch.randn(SHAPE)
+    x = randn(SHAPE)
     gd, gf = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
     for t in (19, 18, 1, 0):
-        m = torch.randn(SHAPE)
+        m = randn(SHAPE)
         want = d.step(m, t, x, generator=gd).prev_sample
         got = f.step(m, t, x, generator=gf).prev_sample
         assert_step_close(got, want, f"t={t}")
@@ -317,13 +326,13 @@ def test_per_sample_timesteps(name, backend, seed):
     d.set_timesteps(10)
     f.set_timesteps(10)
     batch = 3
-    x = torch.randn(batch, *SHAPE[1:])
-    m = torch.randn(batch, *SHAPE[1:])
+    x = randn(batch, *SHAPE[1:])
+    m = randn(batch, *SHAPE[1:])
     t = d.timesteps[torch.tensor([0, 4, 9])]
     kw = {"eta": 0.5} if name == "ddim" else {}
     # diffusers' DDPM has no variance_noise: each sample's normals come from its generator
     gens = [lambda b=b: torch.Generator().manual_seed(seed + b) for b in range(batch)]
-    noise = torch.cat([torch.randn(1, *SHAPE[1:], generator=g()) for g in gens])
+    noise = torch.cat([randn(1, *SHAPE[1:], generator=g()) for g in gens])
     got = f.step(m, t, x, variance_noise=noise, **kw)
     for b in range(batch):
         if name == "ddim":
@@ -348,8 +357,8 @@ def test_img2img_start_mid_schedule(name, backend, seed):
     for s in (d, f):
         if hasattr(s, "set_begin_index"):
             s.set_begin_index(start)
-    x0 = torch.randn(SHAPE).clamp(-1, 1)
-    noise = torch.randn(SHAPE)
+    x0 = randn(SHAPE).clamp(-1, 1)
+    noise = randn(SHAPE)
     t0 = d.timesteps[start : start + 1].repeat(SHAPE[0])
     xd = d.add_noise(x0, noise, t0)
     xf = f.add_noise(x0, noise, t0)
@@ -357,7 +366,7 @@ def test_img2img_start_mid_schedule(name, backend, seed):
     gd, gf = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
     scale = 0.0
     for t in d.timesteps[start:]:
-        m = torch.randn(SHAPE)
+        m = randn(SHAPE)
         scale = max(scale, xd.abs().max().item())
         xd = denoise(d, m, t, xd, generator=gd)
         xf = denoise(f, m, t, xf, generator=gf)
@@ -370,7 +379,7 @@ def test_add_noise_matches_diffusers(name):
     d, f = d_cls(), f_cls()
     d.set_timesteps(6)
     f.set_timesteps(6)
-    x0, noise = torch.randn(SHAPE), torch.randn(SHAPE)
+    x0, noise = randn(SHAPE), randn(SHAPE)
     t = d.timesteps[torch.tensor([1, 4])]
     assert_step_close(f.add_noise(x0, noise, t), d.add_noise(x0, noise, t), "add_noise")
 
@@ -409,16 +418,17 @@ def test_device_timesteps_no_host_reads(name, backend, device_timesteps, seed):
     d_cls, f_cls = PAIRS[name]
     d = d_cls(prediction_type="v_prediction") if name != "euler_a" else d_cls()
     f = f_cls.from_config(d.config, backend=backend)
-    d.set_timesteps(5)
-    f.set_timesteps(5)
-    f.step(torch.zeros(SHAPE), f.timesteps[0], torch.zeros(SHAPE))  # build tables once
-    f.set_timesteps(5)
-    x = torch.randn(SHAPE) * d.init_noise_sigma
+    d.set_timesteps(5, device=DEVICE)
+    f.set_timesteps(5, device=DEVICE)
+    zeros = torch.zeros(SHAPE, device=DEVICE)
+    f.step(zeros, f.timesteps[0], zeros)  # build the tables (and upload them) once
+    f.set_timesteps(5, device=DEVICE)
+    x = randn(SHAPE) * d.init_noise_sigma
     xd, xf = x.clone(), x.clone()
     gd, gf = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
     scale = 0.0
     for k, t in enumerate(d.timesteps):
-        m = torch.randn(SHAPE)
+        m = randn(SHAPE)
         scale = max(scale, xd.abs().max().item())
         xd = denoise(d, m, t, xd, generator=gd)
         device_timesteps.active = True
@@ -433,8 +443,8 @@ def test_device_timesteps_no_host_reads(name, backend, device_timesteps, seed):
 
 def test_device_lookup_miss_gives_nan_not_a_wrong_step(device_timesteps):
     f = FusedEulerDiscreteScheduler(backend="reference")
-    f.set_timesteps(4)
-    out = f.step(torch.randn(SHAPE), torch.tensor(123.5), torch.randn(SHAPE)).prev_sample
+    f.set_timesteps(4, device=DEVICE)
+    out = f.step(randn(SHAPE), torch.tensor(123.5, device=DEVICE), randn(SHAPE)).prev_sample
     assert out.isnan().all()
 
 
@@ -524,7 +534,7 @@ def test_config_patched_after_construction_is_read_at_step_time(backend, seed):
     f = FusedDDIMScheduler.from_config(d.config, backend=backend)
     d.set_timesteps(5)
     f.set_timesteps(5)
-    x, m = torch.randn(SHAPE) * 3, torch.randn(SHAPE)
+    x, m = randn(SHAPE) * 3, randn(SHAPE)
     t = d.timesteps[2]
     for patch in (
         {"clip_sample": False},
@@ -543,7 +553,7 @@ def test_config_patched_after_construction_is_read_at_step_time(backend, seed):
 
 def test_step_argument_errors():
     f = FusedDDIMScheduler()
-    x = torch.randn(SHAPE)
+    x = randn(SHAPE)
     with pytest.raises(ValueError, match="set_timesteps"):
         f.step(x, 10, x)
     f.set_timesteps(4)
@@ -576,7 +586,7 @@ def test_return_dict_false(name):
     d_cls, f_cls = PAIRS[name]
     f = f_cls(backend="reference")
     f.set_timesteps(3)
-    x = torch.randn(SHAPE)
+    x = randn(SHAPE)
     out = f.step(x, f.timesteps[0], x, return_dict=False)
     assert isinstance(out, tuple) and len(out) == (1 if name == "dpm" else 2)
 
@@ -611,14 +621,14 @@ def test_half_precision_steps(name, sample_dtype, output_dtype, monkeypatch):
     for s in (d, d64, f):
         s.set_timesteps(6)
     # every scheduler draws the same normals, as rounded to the model output's dtype
-    noise = torch.randn(SHAPE).to(output_dtype)
+    noise = randn(SHAPE).to(output_dtype)
     for target in (sys.modules[d_cls.__module__], base):
         monkeypatch.setattr(
             target, "randn_tensor", lambda shape, generator, device, dtype: noise.to(dtype)
         )
-    x = torch.randn(SHAPE).to(sample_dtype)
+    x = randn(SHAPE).to(sample_dtype)
     for t in d.timesteps[:3]:
-        m = torch.randn(SHAPE).to(output_dtype)
+        m = randn(SHAPE).to(output_dtype)
         kw = {"generator": torch.Generator()} if name != "dpm" else {}
         for s, sample in ((d, x), (d64, x.double()), (f, x)):
             s.scale_model_input(sample, t)  # the model input; the step takes the sample itself
@@ -645,12 +655,12 @@ def test_channels_last(name, backend, seed):
     d, f = d_cls(), f_cls(backend=backend)
     d.set_timesteps(3)
     f.set_timesteps(3)
-    x = torch.randn(SHAPE).contiguous(memory_format=torch.channels_last)
+    x = randn(SHAPE).contiguous(memory_format=torch.channels_last)
     xd, xf = x, x
     gd, gf = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
     scale = 0.0
     for t in d.timesteps:
-        m = torch.randn(SHAPE).contiguous(memory_format=torch.channels_last)
+        m = randn(SHAPE).contiguous(memory_format=torch.channels_last)
         scale = max(scale, xd.abs().max().item())
         xd = denoise(d, m, t, xd, generator=gd)
         xf = denoise(f, m, t, xf, generator=gf)
@@ -665,7 +675,7 @@ def _philox_run(name, backend, steps=3, **step_kwargs):
     d_cls, f_cls = PAIRS[name]
     f = f_cls(backend=backend)
     f.set_timesteps(steps)
-    x = torch.linspace(-2, 2, math.prod(SHAPE)).reshape(SHAPE)
+    x = torch.linspace(-2, 2, math.prod(SHAPE), device=DEVICE).reshape(SHAPE)
     outs = []
     for t in f.timesteps:
         m = torch.cos(x * 3)  # a fixed function of x: no RNG used outside the scheduler
@@ -696,9 +706,9 @@ def test_philox_noise_is_standard_normal(seed):
     f = FusedDDIMScheduler(clip_sample=False, backend="triton")
     f.set_timesteps(10)
     shape = (2, 3, 32, 32)
-    x, m, t = torch.randn(shape), torch.randn(shape), f.timesteps[3]
+    x, m, t = randn(shape), randn(shape), f.timesteps[3]
     noisy = f.step(m, t, x, eta=1.0).prev_sample
-    clean = f.step(m, t, x, eta=1.0, variance_noise=torch.zeros(shape)).prev_sample
+    clean = f.step(m, t, x, eta=1.0, variance_noise=torch.zeros(shape, device=DEVICE)).prev_sample
     ab, ab_prev = f.alphas_cumprod[t].double(), f.alphas_cumprod[t - 100].double()
     sigma = ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
     z = ((noisy - clean).double() / sigma).flatten()

@@ -46,6 +46,8 @@ from fastdiff.diffusers import (  # noqa: E402
 )
 
 BACKENDS = ["triton", "reference"]
+# the card when there is one (the kernels run there), else the CPU (Triton interpreter)
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 PAIRS = {
     "ddpm": (DDPMScheduler, FusedDDPMScheduler),
     "ddim": (DDIMScheduler, FusedDDIMScheduler),
@@ -57,32 +59,40 @@ PAIRS = {
 
 def tiny_unet() -> UNet2DModel:
     """A randomly initialized two-level UNet on 3x8x8 images (~42K parameters)."""
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    ).eval()
+    return (
+        UNet2DModel(
+            sample_size=8,
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(8, 16),
+            layers_per_block=1,
+            norm_num_groups=4,
+            down_block_types=("DownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "UpBlock2D"),
+        )
+        .eval()
+        .to(DEVICE)
+    )
 
 
 def tiny_conditional_unet() -> UNet2DConditionModel:
     """A randomly initialized text-conditioned UNet on 4x8x8 latents (~51K parameters)."""
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        cross_attention_dim=8,
-        attention_head_dim=2,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    ).eval()
+    return (
+        UNet2DConditionModel(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(8, 16),
+            layers_per_block=1,
+            norm_num_groups=4,
+            cross_attention_dim=8,
+            attention_head_dim=2,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        )
+        .eval()
+        .to(DEVICE)
+    )
 
 
 @pytest.fixture
@@ -146,17 +156,18 @@ def stable_diffusion_loop(
     generator = torch.Generator().manual_seed(seed)
     batch = embeddings.shape[0] // 2
     shape = (batch, unet.config.in_channels, 8, 8)
-    scheduler.set_timesteps(steps, device="cpu")
+    scheduler.set_timesteps(steps, device=DEVICE)
     timesteps = scheduler.timesteps
     if strength is None:
-        latents = randn_tensor(shape, generator=generator) * scheduler.init_noise_sigma
+        latents = randn_tensor(shape, generator=generator, device=DEVICE)
+        latents = latents * scheduler.init_noise_sigma
     else:  # img2img: start from a noised "encoded image" at an inner timestep
-        init_latents = randn_tensor(shape, generator=generator).clamp(-1, 1)
+        init_latents = randn_tensor(shape, generator=generator, device=DEVICE).clamp(-1, 1)
         t_start = max(steps - min(int(steps * strength), steps), 0)
         timesteps = timesteps[t_start * scheduler.order :]
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(t_start * scheduler.order)
-        noise = randn_tensor(shape, generator=generator)
+        noise = randn_tensor(shape, generator=generator, device=DEVICE)
         latents = scheduler.add_noise(init_latents, noise, timesteps[:1].repeat(batch))
     # prepare_extra_step_kwargs: eta and generator only where the step takes them
     parameters = set(inspect.signature(scheduler.step).parameters)
@@ -181,7 +192,7 @@ def stable_diffusion_loop(
 def test_stable_diffusion_style_loop(name, backend, strength, seed):
     d_cls, f_cls = PAIRS[name]
     unet = tiny_conditional_unet()
-    embeddings = torch.randn(4, 5, 8)
+    embeddings = torch.randn(4, 5, 8).to(DEVICE)
     # a Stable-Diffusion-like schedule; the fused scheduler is built from that config
     original = d_cls(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     want = stable_diffusion_loop(unet, original, embeddings, seed, strength=strength)
