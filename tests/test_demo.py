@@ -37,8 +37,8 @@ def test_quick_demo_writes_both_plots_and_the_table(tmp_path):
     }
     assert set(SAMPLERS) <= set(rows)
     for name in SAMPLERS:
-        steps, us_per_step, w2 = rows[name][1:4]
-        assert int(steps) > 0 and float(us_per_step) > 0 and float(w2) >= 0
+        steps, loop_us, step_us, w2 = rows[name][1:5]
+        assert int(steps) > 0 and float(loop_us) > 0 and float(step_us) > 0 and float(w2) >= 0
 
 
 def test_bad_arguments_fail_cleanly(tmp_path, capsys):
