@@ -324,7 +324,8 @@ def sample(
     guided = guidance_scale is not None
     stochastic = bool(getattr(sampler, "stochastic", False))
     multistep = bool(getattr(sampler, "multistep", False))
-    x0_prev = torch.zeros_like(x) if multistep else None
+    x0_prev = None
+    want_x0 = multistep or callback is not None  # else the kernel skips writing x0
     step_kwargs: dict[str, Any] = {}
     if stochastic:
         step_kwargs["seeds"] = seeds
@@ -348,11 +349,10 @@ def sample(
             out = model(x, cond)
             _check_output(out, batch, guided=False)
         grad = cond_fn(x, cond) if cond_fn is not None else None
-        if multistep and i == start and start > 0:
-            # The sampler treats only step 0 as a first step. A second-order step whose x0_prev
-            # is its own x0 is exactly the first-order step, so take x0 from a first pass.
-            x0_prev = sampler.step(x, out, i, x0_prev=x0_prev, **step_kwargs).pred_original_sample
-        result = sampler.step(x, out, i, x0_prev=x0_prev, grad=grad, **step_kwargs)
+        # A chain's first step has no previous x0: without one, a multistep sampler takes
+        # its first-order step (this matters for truncated chains that start past step 0).
+        prev = x0_prev if i > start else None
+        result = sampler.step(x, out, i, x0_prev=prev, grad=grad, return_x0=want_x0, **step_kwargs)
         x = result.prev_sample
         if multistep:
             x0_prev = result.pred_original_sample

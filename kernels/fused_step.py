@@ -17,7 +17,8 @@ row of a device table built once on the host in float64 (``fastdiff.samplers``):
        x0 = process(X0_X * x + X0_M * m)
 
 3. the linear update (posterior mean, DDIM, Euler, DPM-Solver++ all take this form, with
-   the epsilon of the step folded into the X / X0 / M coefficients)::
+   the epsilon of the step folded into the X / X0 / M coefficients; without an x0_prev
+   tensor, x0_prev = x0, the first-order step of a multistep row)::
 
        std    = STD                                    # fixed variances
               | STD * exp(v / 2)                       # learned: v is the log variance
@@ -191,10 +192,14 @@ def _fused_step_kernel(
         x0 = tl.minimum(tl.maximum(x0, -s), s) / s
     if WRITE_OUT:
         x_next = c_x * x + c_x0 * x0 + c_m * m
+        c_prev = tl.load(coef + 5, mask=b_ok, other=0.0)[:, None]
         if HAS_PREV:
-            c_prev = tl.load(coef + 5, mask=b_ok, other=0.0)[:, None]
             prev = tl.load(prev_ptr + b2 * prev_bstride + j2, mask=mask, other=0.0)
             x_next += c_prev * prev.to(tl.float32)
+        else:
+            # No previous x0 (a chain's first step): x0_prev = x0, which turns a multistep
+            # row into its first-order step, as the reference does.
+            x_next += c_prev * x0
         if NOISE != 0 or HAS_GRAD:
             std = tl.load(coef + 6, mask=b_ok, other=0.0)[:, None]
             if VAR_MODE != 0:

@@ -252,3 +252,17 @@ def test_step_into_static_buffers_in_place(backend, device):
     assert got.pred_original_sample.data_ptr() == x0_buf.data_ptr()
     torch.testing.assert_close(x_buf, want.prev_sample, rtol=0, atol=0)
     torch.testing.assert_close(x0_buf, want.pred_original_sample, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("i", [3, 9])
+def test_multistep_without_previous_x0_is_first_order(i, device):
+    """A chain that starts mid-plan (img2img) has no x0_prev: both backends take the
+    first-order step, which equals DDIM eta=0 (Lu et al. 2022: DPM-Solver++(1) = DDIM)."""
+    fused, ref = _pair("dpmpp_2m")
+    ddim = DDIMSampler(SCHEDULE, 10, backend="reference")
+    x, m = torch.randn(2, 3, 6, 6, device=device), torch.randn(2, 3, 6, 6, device=device)
+    got = fused.step(x, m, i).prev_sample
+    want, _ = _reference64(ref, x, m, i)
+    _check(got, want, torch.float32)
+    want_ddim, _ = _reference64(ddim, x, m, i)
+    torch.testing.assert_close(want, want_ddim, rtol=1e-10, atol=1e-10)
