@@ -13,6 +13,11 @@ the host to issue them), over the time of the whole call; on the CPU the wall ti
 drawn as diffusers draws it), "fused-philox" (DDPM only: the pipeline is called without a
 generator, so the step noise comes from the in-kernel Philox stream).
 
+``test_scheduler_loop``: the scheduler alone, as a Stable Diffusion loop drives it (timesteps
+on the device, ``scale_model_input`` + ``step`` with a fixed model output, a CUDA generator),
+50 steps on (1, 4, 64, 64) float16 latents, synchronized once at the end: wall time per step
+from Python (PERFORMANCE.md's host-overhead figure), for all five schedulers.
+
 Run: ``pytest benchmarks/bench_pipeline.py --benchmark-columns=mean,stddev
 --benchmark-group-by=group``.
 """
@@ -28,9 +33,24 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("pytest_benchmark")
 
-from diffusers import DDIMPipeline, DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402
+from diffusers import (  # noqa: E402
+    DDIMPipeline,
+    DDIMScheduler,
+    DDPMPipeline,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    UNet2DModel,
+)
 
-from fastdiff.diffusers import FusedDDIMScheduler, FusedDDPMScheduler  # noqa: E402
+from fastdiff.diffusers import (  # noqa: E402
+    FusedDDIMScheduler,
+    FusedDDPMScheduler,
+    FusedDPMSolverMultistepScheduler,
+    FusedEulerAncestralDiscreteScheduler,
+    FusedEulerDiscreteScheduler,
+)
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -165,5 +185,57 @@ def test_pipeline(benchmark, unet_fp32, name, variant, batch, dtype):
             "ms_per_image": mean_s * 1e3 / batch if mean_s is not None else None,
             "scheduler_ms_per_step": step_ms / STEPS,
             "scheduler_share": step_ms / total_ms,
+        }
+    )
+
+
+SCHEDULERS = {
+    "ddpm": (DDPMScheduler, FusedDDPMScheduler),
+    "ddim": (DDIMScheduler, FusedDDIMScheduler),
+    "euler": (EulerDiscreteScheduler, FusedEulerDiscreteScheduler),
+    "euler_a": (EulerAncestralDiscreteScheduler, FusedEulerAncestralDiscreteScheduler),
+    "dpm": (DPMSolverMultistepScheduler, FusedDPMSolverMultistepScheduler),
+}
+LOOP_SHAPE = (1, 4, 64, 64) if CUDA else (1, 4, 8, 8)
+LOOP_DTYPE = torch.float16 if CUDA else torch.float32
+# "fused-philox": no generator, in-kernel noise (the stochastic schedulers only)
+LOOP_CASES = [(name, impl) for name in SCHEDULERS for impl in ("diffusers", "fused")]
+LOOP_CASES += [("ddpm", "fused-philox"), ("euler_a", "fused-philox")]
+
+
+@pytest.mark.parametrize("name, impl", LOOP_CASES)
+def test_scheduler_loop(benchmark, name, impl):
+    d_cls, f_cls = SCHEDULERS[name]
+    scheduler = d_cls(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    if impl != "diffusers":
+        scheduler = f_cls.from_config(scheduler.config)
+    x = torch.randn(LOOP_SHAPE, device=DEVICE, dtype=LOOP_DTYPE)
+    model_output = torch.randn(LOOP_SHAPE, device=DEVICE, dtype=LOOP_DTYPE)
+    generator = None if impl == "fused-philox" else torch.Generator(DEVICE).manual_seed(0)
+
+    def setup():
+        scheduler.set_timesteps(STEPS, device=DEVICE)
+        return (), {}
+
+    def loop():
+        sample = x
+        for t in scheduler.timesteps:
+            scheduler.scale_model_input(sample, t)
+            sample = scheduler.step(model_output, t, sample, generator=generator).prev_sample
+        if CUDA:
+            torch.cuda.synchronize()
+        return sample
+
+    setup()
+    loop()  # warm-up: kernels compiled, tables uploaded
+    benchmark.group = f"scheduler loop, {STEPS} steps, {LOOP_SHAPE}, {LOOP_DTYPE}"
+    benchmark.pedantic(loop, setup=setup, rounds=4 * ROUNDS)
+    stats = getattr(benchmark, "stats", None)
+    mean_s = stats.stats.mean if stats is not None else None
+    benchmark.extra_info.update(
+        {
+            "device": torch.cuda.get_device_name() if CUDA else "cpu",
+            "steps": STEPS,
+            "us_per_step": mean_s * 1e6 / STEPS if mean_s is not None else None,
         }
     )

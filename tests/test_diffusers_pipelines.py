@@ -100,6 +100,16 @@ def seed():
     return random.randrange(2**31)
 
 
+@pytest.fixture(autouse=True)
+def no_tf32():
+    """Full float32 convolutions on a GPU: TF32 rounds the UNet's inputs to 10 mantissa bits,
+    which would turn the schedulers' float32-ulp differences into 1e-3 ones."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def _images(pipe, seed, **kwargs):
     generator = torch.Generator().manual_seed(seed)
     out = pipe(batch_size=2, generator=generator, output_type="pt", **kwargs)

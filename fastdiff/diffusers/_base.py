@@ -178,6 +178,7 @@ class FusedSchedulerMixin:
         self._plan_sigmas = getattr(self, "sigmas", None)
         self._plan_sig = self._plan_signature()
         self._plan_device: dict = {}
+        self._checked_config = None
         self.check_config()
 
     @property
@@ -229,16 +230,27 @@ class FusedSchedulerMixin:
         Raises:
             ValueError: an unsupported option value.
         """
-        for option, bad, why in self._unsupported(self.config):
+        config = self.config
+        if config is self._checked_config:  # a patch replaces the FrozenDict: checked again
+            return
+        for option, bad, why in self._unsupported(config):
             if bad:
-                value = self.config.get(option)
+                value = config.get(option)
                 raise ValueError(
                     f"{type(self).__name__} does not support {option}={value!r}: {why}. "
                     f"Use diffusers' {self._diffusers_cls.__name__} for this configuration."
                 )
+        self._checked_config = config
+        self._processing_options = self._read_processing(config)
 
     def _processing(self, config) -> tuple[float | None, tuple[float, float] | None]:
-        """(clip_range, thresholding) of the x0 prediction, read from the config now."""
+        """(clip_range, thresholding) of the x0 prediction for the current config."""
+        if config is not self._checked_config:
+            self.check_config()
+        return self._processing_options
+
+    @staticmethod
+    def _read_processing(config) -> tuple[float | None, tuple[float, float] | None]:
         if config.get("thresholding", False):
             return None, (
                 float(config.dynamic_thresholding_ratio),

@@ -167,13 +167,20 @@ class FusedDDPMScheduler(TimestepRowsMixin, DDPMScheduler):
         )
         rows, t_host = self._timestep_rows(timestep, tabs, x)
         if t_host is not None and (self.custom_timesteps or self.num_inference_steps):
-            missing = set(torch.as_tensor(t_host).reshape(-1).tolist()) - set(
-                self._plan_host.tolist()
-            )
+            plan = tabs.get("plan_set")
+            if plan is None:
+                plan = tabs["plan_set"] = frozenset(self._plan_host.tolist())
+            given = [t_host] if isinstance(t_host, int) else t_host.tolist()
+            missing = [t for t in given if t not in plan]
             if missing:
                 raise ValueError(f"timesteps {sorted(missing)} are not in scheduler.timesteps")
         # diffusers draws noise only where t > 0 (a device timestep: always, see the class doc)
-        needs_noise = t_host is None or bool(torch.as_tensor(t_host).gt(0).any())
+        if t_host is None:
+            needs_noise = True
+        elif isinstance(t_host, int):
+            needs_noise = t_host > 0
+        else:
+            needs_noise = bool((t_host > 0).any())
         noise = seeds = None
         if needs_noise:
             if variance_noise is not None:

@@ -48,13 +48,25 @@ class _EulerBase(StepIndexMixin):
             "sigma_next": torch.cat([sigmas[1:], nan]),
         }
 
+    def _input_divisor(self) -> torch.Tensor:
+        """``sqrt(sigma^2 + 1)`` per sigma (CPU float32), computed one 0-d tensor at a time
+        exactly as diffusers' scale_model_input computes it; then a NaN."""
+        divisor = self._plan_device.get("divisor")
+        if divisor is None:
+            values = [(sigma**2 + 1) ** 0.5 for sigma in self.sigmas]
+            divisor = torch.stack([*values, torch.tensor(float("nan"))])
+            self._plan_device["divisor"] = divisor
+        return divisor
+
     def _input_scale(self, device: torch.device) -> torch.Tensor:
-        """``sqrt(sigma^2 + 1)`` per step on ``device``, in diffusers' float32 arithmetic."""
-        scale = self._plan_device.get(("scale", device))
+        """The divisor on ``device``, or on CUDA its float32 reciprocal: diffusers divides a
+        CUDA sample by a CPU scalar, which CUDA runs as a multiplication by the reciprocal."""
+        key = ("scale", device)
+        scale = self._plan_device.get(key)
         if scale is None:
-            values = (self.sigmas[:-1] ** 2 + 1) ** 0.5
-            scale = upload(torch.cat([values, values.new_full((1,), float("nan"))]), device)
-            self._plan_device[("scale", device)] = scale
+            divisor = self._input_divisor()
+            scale = upload(1.0 / divisor if device.type == "cuda" else divisor, device)
+            self._plan_device[key] = scale
         return scale
 
     def scale_model_input(self, sample: torch.Tensor, timestep: float | torch.Tensor):
@@ -71,11 +83,10 @@ class _EulerBase(StepIndexMixin):
             self._init_step_index(timestep)
         index = self._step_index
         if isinstance(index, torch.Tensor):
-            scale = self._input_scale(index.device).index_select(0, index.reshape(1))
-            sample = sample / scale.reshape(())
+            scale = self._input_scale(index.device).index_select(0, index.reshape(1)).reshape(())
+            sample = sample * scale if index.device.type == "cuda" else sample / scale
         else:
-            sigma = self.sigmas[index]
-            sample = sample / ((sigma**2 + 1) ** 0.5)
+            sample = sample / self._input_divisor()[index]  # a CPU scalar, as in diffusers
         self.is_scale_input_called = True
         return sample
 
