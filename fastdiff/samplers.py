@@ -242,8 +242,9 @@ class Sampler:
             float32 tensor [B].
         """
         timesteps = self.device_tables(device)["timesteps"]
-        # torch.take: indexing with a 0-d device tensor would read it on the host (a sync)
-        t = timesteps.take(torch.as_tensor(i, device=timesteps.device))
+        # an int indexes on the host side (a view); a tensor index goes through torch.take,
+        # since indexing with a 0-d device tensor would read it back to the host (a sync)
+        t = timesteps[i] if isinstance(i, int) else timesteps.take(i)
         value = self.schedule.conditioning(t, self.conditioning)
         return value.to(torch.float32).expand(batch_size) if value.dim() == 0 else value.float()
 

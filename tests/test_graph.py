@@ -155,7 +155,7 @@ def test_whole_loop_in_one_graph(eager_runtime):
     for seed in (1, 2):
         seeds = philox.seeds_from(seed, 3)
         x = philox.randn(seeds, 0, (3, D), stream=1)
-        ref = sample(MODEL, sampler, shape=(3, D), seed=seed, progress=False)
+        ref = sample(MODEL, sampler, shape=(3, D), seed=seed, progress=False, device="cpu")
         assert torch.equal(g.run(x, seeds), ref)
     assert eager_runtime[-1].captures == 1 and eager_runtime[-1].replays == 2
 
@@ -168,7 +168,8 @@ def test_reused_graph_and_steps_per_graph(eager_runtime, steps_per_graph):
         seeds = philox.seeds_from(seed, 4)
         x = philox.randn(seeds, 0, (4, D), stream=1)
         assert torch.equal(
-            g.run(x, seeds), sample(MODEL, sampler, shape=(4, D), seed=seed, progress=False)
+            g.run(x, seeds),
+            sample(MODEL, sampler, shape=(4, D), seed=seed, progress=False, device="cpu"),
         )
     runtime = eager_runtime[-1]
     assert runtime.captures == 1 and g.captured
