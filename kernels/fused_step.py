@@ -113,7 +113,9 @@ def _philox_normal4(seed, step, quad, FAST_MATH: tl.constexpr):
     return r01 * cos01, r01 * sin01, r23 * cos23, r23 * sin23
 
 
-@triton.jit
+# Per-sample scalars (rows, seeds, thresholds, rescale factors) are not specialized on their
+# pointers' alignment: a step index is a view rows[i:i+1], aligned for every other i only.
+@triton.jit(do_not_specialize=["thresh_ptr", "mscale_ptr", "seed_ptr", "rows_ptr"])
 def _fused_step_kernel(
     x_ptr,
     m_ptr,
