@@ -333,6 +333,7 @@ def test_bfloat16_samples_are_stored_as_float32(tmp_path):
         seeds=seeds,
         dtype=torch.bfloat16,
         progress=False,
+        device="cpu",
     )
     assert np.array_equal(x, direct.float().numpy())
 
