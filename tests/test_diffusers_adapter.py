@@ -447,6 +447,31 @@ def test_device_timesteps_no_host_reads(name, backend, device_timesteps, seed):
             assert isinstance(f.step_index, torch.Tensor)
 
 
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_plan_elements_are_read_from_the_host_copy(name, monkeypatch, seed):
+    """Timesteps taken from ``scheduler.timesteps`` (on the GPU in Stable Diffusion pipelines)
+    are located by their storage offset, so their values come from the host copy of the plan:
+    the step index stays a python int and DDPM draws noise on exactly the steps diffusers
+    draws it (the generators end in the same state)."""
+    monkeypatch.setattr(base, "on_host", lambda t: False)  # as if every tensor were on a GPU
+    d_cls, f_cls = PAIRS[name]
+    d, f = d_cls(), f_cls()
+    d.set_timesteps(5, device=DEVICE)
+    f.set_timesteps(5, device=DEVICE)
+    x = randn(SHAPE) * d.init_noise_sigma
+    xd, xf = x.clone(), x.clone()
+    gd, gf = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+    scale = 0.0
+    for td, tf in zip(d.timesteps, f.timesteps[0:]):  # a slice is a view of the plan too
+        m = randn(SHAPE)
+        scale = max(scale, xd.abs().max().item())
+        xd = denoise(d, m, td, xd, generator=gd)
+        xf = denoise(f, m, tf, xf, generator=gf)
+        assert_step_close(xf, xd, f"{name} t={td.item()}", scale)
+        assert isinstance(getattr(f, "_step_index", 0), int)
+    assert torch.equal(gd.get_state(), gf.get_state())
+
+
 def test_device_lookup_miss_gives_nan_not_a_wrong_step(device_timesteps):
     f = FusedEulerDiscreteScheduler(backend="reference")
     f.set_timesteps(4, device=DEVICE)

@@ -175,6 +175,7 @@ class FusedSchedulerMixin:
         self._seeds_cache: dict = {}
         self._seed: int | None = None
         self._plan_host: torch.Tensor = self.timesteps  # diffusers' default plan (CPU)
+        self._plan_tensor: torch.Tensor = self.timesteps
         self._plan_sigmas = getattr(self, "sigmas", None)
         self._plan_sig = self._plan_signature()
         self._plan_device: dict = {}
@@ -261,13 +262,17 @@ class FusedSchedulerMixin:
         return None, None
 
     def _plan_changed(self, device: torch.device | str | None) -> None:
-        """After diffusers' set_timesteps ran on the CPU: keep the host plan, move the public
-        timesteps where the caller wants them, draw a new noise seed at the next stochastic
-        step. Tables are kept when the plan is the same as before (a loop that calls
-        set_timesteps again, e.g. before a CUDA graph capture, uploads nothing)."""
+        """After diffusers' set_timesteps: keep a host copy of the plan (reading it back from
+        the device here, outside the loop, as diffusers' own set_timesteps does with its
+        sigmas), put ``self.timesteps`` where the caller wants it, draw a new noise seed at
+        the next stochastic step. Tables are kept when the plan is the same as before (a loop
+        that calls set_timesteps again, e.g. before a CUDA graph capture, uploads nothing)."""
+        host = self.timesteps.cpu()
+        if device is not None:
+            self.timesteps = self.timesteps.to(device)
         sigmas = getattr(self, "sigmas", None)
         same = (
-            torch.equal(self.timesteps, self._plan_host)
+            torch.equal(host, self._plan_host)
             and (sigmas is None) == (self._plan_sigmas is None)
             and (sigmas is None or torch.equal(sigmas, self._plan_sigmas))
             and self._plan_signature() == self._plan_sig
@@ -275,13 +280,38 @@ class FusedSchedulerMixin:
         if not same:
             self._tables.clear()
             self._plan_device.clear()
-        self._plan_host = self.timesteps
+        self._plan_host = host
+        self._plan_tensor = self.timesteps  # the tensor the pipeline iterates
         self._plan_sigmas = None if sigmas is None else sigmas.clone()
         self._plan_sig = self._plan_signature()
-        if device is not None:
-            self.timesteps = self.timesteps.to(device)
         self._seeds_cache.clear()
         self._seed = None
+
+    def _plan_position(self, timestep: torch.Tensor) -> int | None:
+        """The position of ``timestep`` in the plan when it is an element of the plan tensor
+        handed out by set_timesteps (``for t in scheduler.timesteps``, also after slicing):
+        found from its storage offset, so its value is known on the host without reading the
+        device. None for any other tensor."""
+        plan = self._plan_tensor
+        if timestep.dim() != 0 or timestep.dtype != plan.dtype or timestep.device != plan.device:
+            return None
+        if timestep.untyped_storage().data_ptr() != plan.untyped_storage().data_ptr():
+            return None
+        offset, stride = timestep.storage_offset() - plan.storage_offset(), plan.stride(0)
+        if stride <= 0 or offset % stride or not 0 <= offset // stride < len(self._plan_host):
+            return None
+        return offset // stride
+
+    def _host_value(self, timestep: Any) -> float | int | None:
+        """A timestep's value when it is known on the host: a python number, a CPU tensor, or
+        an element of the plan tensor (its value is in the host copy of the plan); None for
+        other device tensors (reading them would sync)."""
+        value = host_scalar(timestep)
+        if value is None and timestep.numel() == 1:
+            position = self._plan_position(timestep)
+            if position is not None:
+                value = self._plan_host[position].item()
+        return value
 
     def _plan_signature(self) -> tuple:
         """Plan state besides the timesteps and sigmas that the tables depend on."""
@@ -398,7 +428,7 @@ class TimestepRowsMixin(FusedSchedulerMixin):
     ) -> tuple[torch.Tensor, int | torch.Tensor | None]:
         """(rows on x's device, the timestep on the host or None when it lives on a device)."""
         train_steps = len(tables["arange"]) - 2
-        value = host_scalar(timestep)
+        value = self._host_value(timestep)
         if value is not None:
             t = int(value)
             if t != value or not 0 <= t < train_steps:
@@ -442,7 +472,7 @@ class StepIndexMixin(FusedSchedulerMixin):
 
     def _lookup(self, timestep: Any) -> int | torch.Tensor:
         miss = self._miss_index()
-        value = host_scalar(timestep)
+        value = self._host_value(timestep)
         if value is not None:
             return host_index(self._plan_host, value, miss)
         if timestep.numel() != 1:

@@ -55,7 +55,7 @@ class FusedDDIMScheduler(TimestepRowsMixin, DDIMScheduler):
             device: where ``self.timesteps`` goes.
         """
         self.check_config()
-        super().set_timesteps(num_inference_steps, None)
+        super().set_timesteps(num_inference_steps, device)
         self._plan_changed(device)
 
     def _build(

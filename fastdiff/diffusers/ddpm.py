@@ -90,7 +90,7 @@ class FusedDDPMScheduler(TimestepRowsMixin, DDPMScheduler):
             timesteps: custom descending timesteps.
         """
         self.check_config()
-        super().set_timesteps(num_inference_steps, None, timesteps)
+        super().set_timesteps(num_inference_steps, device, timesteps)
         self._plan_changed(device)
 
     def _build(self, prediction_type: str, variance_type: str) -> dict[str, torch.Tensor]:

@@ -96,7 +96,7 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
         self.check_config()
         if mu is not None:
             raise ValueError("mu (dynamic shifting of flow schedules) is not supported")
-        super().set_timesteps(num_inference_steps, None, None, timesteps)
+        super().set_timesteps(num_inference_steps, device, None, timesteps)
         self._plan_changed(device)
 
     def _build(self, prediction_type: str, final_first_order: bool, order: int):

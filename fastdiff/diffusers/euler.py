@@ -224,7 +224,7 @@ class FusedEulerDiscreteScheduler(_EulerBase, EulerDiscreteScheduler):
             sigmas: custom sigmas (the last one is where the loop ends).
         """
         self.check_config()
-        super().set_timesteps(num_inference_steps, None, timesteps, sigmas)
+        super().set_timesteps(num_inference_steps, device, timesteps, sigmas)
         self._plan_changed(device)
 
     def step(
@@ -304,7 +304,7 @@ class FusedEulerAncestralDiscreteScheduler(_EulerBase, EulerAncestralDiscreteSch
             device: where ``self.timesteps`` goes.
         """
         self.check_config()
-        super().set_timesteps(num_inference_steps, None)
+        super().set_timesteps(num_inference_steps, device)
         self._plan_changed(device)
 
     def step(
