@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -276,6 +277,24 @@ def _process_x0(x0: Tensor, clip_range: float | None, thresholding: tuple | None
     return x0
 
 
+def _predict(
+    from_output: Callable[[Tensor, Tensor, Tensor, str], Tensor],
+    x: Tensor,
+    model_output: Tensor,
+    ab_t: ScheduleValue,
+    prediction_type: str,
+) -> Tensor:
+    """Validate the public prediction arguments and apply ``from_output`` (one of the VP
+    prediction helpers above) in the compute dtype; the result is in ``x.dtype``."""
+    _check_sample(x)
+    _check_like(model_output, "model_output", x)
+    _check_choice(prediction_type, "prediction_type", PREDICTION_TYPES)
+    dtype = _compute_dtype(x)
+    xc = x.to(dtype)
+    ab = _schedule(ab_t, "ab_t", xc, 0.0, 1.0)
+    return from_output(xc, model_output.to(dtype), ab, prediction_type).to(x.dtype)
+
+
 # ---------------------------------------------------------------------------------------
 # Public prediction helpers
 # ---------------------------------------------------------------------------------------
@@ -298,13 +317,7 @@ def predict_x0(
     Example:
         >>> x0 = predict_x0(x, eps_hat, 0.5, "epsilon")
     """
-    _check_sample(x)
-    _check_like(model_output, "model_output", x)
-    _check_choice(prediction_type, "prediction_type", PREDICTION_TYPES)
-    dtype = _compute_dtype(x)
-    xc = x.to(dtype)
-    ab = _schedule(ab_t, "ab_t", xc, 0.0, 1.0)
-    return _x0_from_output(xc, model_output.to(dtype), ab, prediction_type).to(x.dtype)
+    return _predict(_x0_from_output, x, model_output, ab_t, prediction_type)
 
 
 def predict_eps(
@@ -324,13 +337,7 @@ def predict_eps(
     Example:
         >>> eps = predict_eps(x, v_hat, ab, "v_prediction")
     """
-    _check_sample(x)
-    _check_like(model_output, "model_output", x)
-    _check_choice(prediction_type, "prediction_type", PREDICTION_TYPES)
-    dtype = _compute_dtype(x)
-    xc = x.to(dtype)
-    ab = _schedule(ab_t, "ab_t", xc, 0.0, 1.0)
-    return _eps_from_output(xc, model_output.to(dtype), ab, prediction_type).to(x.dtype)
+    return _predict(_eps_from_output, x, model_output, ab_t, prediction_type)
 
 
 def process_x0(
