@@ -372,10 +372,32 @@ def _check_sampler(sampler: Any) -> None:
             )
 
 
+class _GraphedLoop:
+    """What :class:`SamplingGraph` and :class:`DenoisingLoopGraph` share: the ``_Engine``
+    (set up by their ``__init__``) that runs their step, and the accessors over it."""
+
+    _engine: _Engine
+
+    @property
+    def runtime(self) -> Any:
+        """The device runtime (stream, capture)."""
+        return self._engine.runtime
+
+    @property
+    def captured(self) -> bool:
+        """Whether the step (one iteration of the loop) has been captured (it is, after the
+        first run of enough steps)."""
+        return self._engine.graph is not None
+
+    def reset(self) -> None:
+        """Drops the captured graph (its memory pool is freed); the next run captures again."""
+        self._engine.reset()
+
+
 # -- the native sampling loop --------------------------------------------------------------------
 
 
-class SamplingGraph:
+class SamplingGraph(_GraphedLoop):
     """A fastdiff sampler's reverse chain with ``model``, captured once as a CUDA graph of one
     step (or ``steps_per_graph`` steps) and replayed for every step of every run.
 
@@ -504,20 +526,6 @@ class SamplingGraph:
             warmup_steps=warmup_steps,
             verify=verify,
         )
-
-    @property
-    def runtime(self) -> Any:
-        """The device runtime (stream, capture)."""
-        return self._engine.runtime
-
-    @property
-    def captured(self) -> bool:
-        """Whether the step has been captured (it is, after the first run of enough steps)."""
-        return self._engine.graph is not None
-
-    def reset(self) -> None:
-        """Drops the captured graph (its memory pool is freed); the next run captures again."""
-        self._engine.reset()
 
     # -- one step on the static buffers ----------------------------------------------------
 
@@ -757,7 +765,7 @@ def _scheduler_policy(scheduler: Any) -> bool:
     return hasattr(scheduler, "_init_step_index")
 
 
-class DenoisingLoopGraph:
+class DenoisingLoopGraph(_GraphedLoop):
     """A diffusers-style denoising loop ``for t in timesteps: latents = step_fn(latents, t)``
     captured as a CUDA graph of one iteration and replayed for every timestep.
 
@@ -851,20 +859,6 @@ class DenoisingLoopGraph:
             warmup_steps=warmup_steps,
             verify=verify,
         )
-
-    @property
-    def runtime(self) -> Any:
-        """The device runtime (stream, capture)."""
-        return self._engine.runtime
-
-    @property
-    def captured(self) -> bool:
-        """Whether the iteration has been captured."""
-        return self._engine.graph is not None
-
-    def reset(self) -> None:
-        """Drops the captured graph; the next run captures again."""
-        self._engine.reset()
 
     def _body(self) -> None:
         t = torch.take(self.plan, self.counter)
