@@ -394,6 +394,18 @@ class _GraphedLoop:
         self._engine.reset()
 
 
+def _memory_format_of(t: torch.Tensor) -> torch.memory_format:
+    """channels_last for a 4-D channels_last tensor that is not also contiguous, else
+    contiguous (the layout of a static buffer made like ``t``)."""
+    return (
+        torch.channels_last
+        if t.dim() == 4
+        and not t.is_contiguous()
+        and t.is_contiguous(memory_format=torch.channels_last)
+        else torch.contiguous_format
+    )
+
+
 # -- the native sampling loop --------------------------------------------------------------------
 
 
@@ -708,20 +720,13 @@ def sample_graphed(
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
-    fmt = (
-        torch.channels_last
-        if x.dim() == 4
-        and not x.is_contiguous()
-        and x.is_contiguous(memory_format=torch.channels_last)
-        else torch.contiguous_format
-    )
     graph = SamplingGraph(
         model,
         sampler,
         tuple(x.shape),
         device=x.device,
         dtype=x.dtype,
-        memory_format=fmt,
+        memory_format=_memory_format_of(x),
         guidance_scale=guidance_scale,
         guidance_rescale=guidance_rescale,
         cond_fn=cond_fn,
@@ -842,14 +847,7 @@ class DenoisingLoopGraph(_GraphedLoop):
         self.device = device
         self.num_steps = plan.numel()
         self.plan = plan.to(device).contiguous()
-        fmt = (
-            torch.channels_last
-            if latents.dim() == 4
-            and not latents.is_contiguous()
-            and latents.is_contiguous(memory_format=torch.channels_last)
-            else torch.contiguous_format
-        )
-        self.latents = torch.zeros_like(latents, memory_format=fmt)
+        self.latents = torch.zeros_like(latents, memory_format=_memory_format_of(latents))
         self.counter = torch.zeros((), dtype=torch.int64, device=device)
         self._engine = _Engine(
             runtime,
