@@ -46,7 +46,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -566,6 +566,19 @@ def _init_distributed(device: torch.device | str | None) -> tuple[bool, torch.de
     return created, device
 
 
+@contextlib.contextmanager
+def _destroy_group_on_exit(created: bool) -> Iterator[None]:
+    """Destroys the process group on leaving the block (normally or by an exception) when
+    :func:`_init_distributed` created it for this call (``created``)."""
+    try:
+        yield
+    finally:
+        if created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
 # -- the run -------------------------------------------------------------------------------------
 
 
@@ -658,151 +671,110 @@ def sample_many(
     out_dir = Path(out_dir)
 
     created, device = _init_distributed(device)
-    if cuda_graph and device.type != "cuda":
-        if created:
-            import torch.distributed as dist
+    with _destroy_group_on_exit(created):
+        if cuda_graph and device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs a CUDA device; this rank samples on {device}")
+        comm = _Comm()
+        if model_id is None:
+            model_id = model if isinstance(model, str) else _qualname(model)
+        model_id = comm.broadcast(model_id)  # rank 0's name for the manifest
 
-            dist.destroy_process_group()
-        raise ValueError(f"cuda_graph=True needs a CUDA device; this rank samples on {device}")
-    try:
-        return _run(
-            model,
-            sampler,
-            num_samples,
-            shape,
-            out_dir,
-            batch_size,
-            shard_size,
-            seed,
-            device,
-            dtype,
-            guidance_scale,
-            guidance_rescale,
-            model_id,
-            cuda_graph,
-            progress,
-        )
-    finally:
-        if created:
-            import torch.distributed as dist
+        manifest = {
+            "format": FORMAT,
+            "num_samples": num_samples,
+            "config": {
+                "model": model_id,
+                "sampler": _sampler_config(sampler),
+                "shape": list(shape),
+                "dtype": str(dtype).replace("torch.", ""),
+                "seed": seed,
+                "guidance_scale": guidance_scale,
+                "guidance_rescale": guidance_rescale if guidance_scale is not None else None,
+            },
+            "info": {
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                    timespec="seconds"
+                ),
+                "world_size": comm.world,
+                "batch_size": batch_size,
+                "shard_size": shard_size,
+                "device": device.type,
+                "torch": torch.__version__,
+            },
+        }
+        # Rank 0 owns the folder: checks it, writes the manifest, finds the work left.
+        plan: Any
+        if comm.rank == 0:
+            try:
+                plan = ("ok", _prepare_folder(out_dir, manifest, shard_size))
+            except (ValueError, OSError) as err:
+                plan = ("error", f"{err}")
+        else:
+            plan = None
+        status, payload = comm.broadcast(plan)
+        if status != "ok":
+            raise ValueError(payload)
 
-            dist.destroy_process_group()
-
-
-def _run(
-    model,
-    sampler,
-    num_samples,
-    shape,
-    out_dir,
-    batch_size,
-    shard_size,
-    seed,
-    device,
-    dtype,
-    guidance_scale,
-    guidance_rescale,
-    model_id,
-    cuda_graph,
-    progress,
-) -> SampleManyResult:
-    comm = _Comm()
-    if model_id is None:
-        model_id = model if isinstance(model, str) else _qualname(model)
-    model_id = comm.broadcast(model_id)  # rank 0's name for the manifest
-
-    manifest = {
-        "format": FORMAT,
-        "num_samples": num_samples,
-        "config": {
-            "model": model_id,
-            "sampler": _sampler_config(sampler),
-            "shape": list(shape),
-            "dtype": str(dtype).replace("torch.", ""),
-            "seed": seed,
-            "guidance_scale": guidance_scale,
-            "guidance_rescale": guidance_rescale if guidance_scale is not None else None,
-        },
-        "info": {
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "world_size": comm.world,
-            "batch_size": batch_size,
-            "shard_size": shard_size,
-            "device": device.type,
-            "torch": torch.__version__,
-        },
-    }
-    # Rank 0 owns the folder: checks it, writes the manifest, finds the work left.
-    plan: Any
-    if comm.rank == 0:
+        # The model: built on every rank; any failure is everyone's error.
+        built = error = None
         try:
-            plan = ("ok", _prepare_folder(out_dir, manifest, shard_size))
-        except (ValueError, OSError) as err:
-            plan = ("error", f"{err}")
-    else:
-        plan = None
-    status, payload = comm.broadcast(plan)
-    if status != "ok":
-        raise ValueError(payload)
-
-    # The model: built on every rank; any failure is everyone's error.
-    built = error = None
-    try:
-        built, _ = resolve_model(model, sampler, device, dtype)
-    except Exception as err:
-        error = err
-    comm.check(error, "building the model")
-    chunks = [tuple(c) for c in payload]
-    width = _width(num_samples)
-    done_before = num_samples - sum(b - a for a, b in chunks)
-
-    sampler_fn = _batch_sampler(
-        built, sampler, shape, device, dtype, guidance_scale, guidance_rescale, cuda_graph
-    )
-    rounds = -(-len(chunks) // comm.world)
-    bar = tqdm(
-        total=num_samples,
-        initial=done_before,
-        disable=not progress or comm.rank != 0,
-        desc="sample_many",
-        unit="sample",
-    )
-    new_samples = 0
-    with bar:
-        for r in range(rounds):
-            index = r * comm.world + comm.rank
-            error = None
-            count = 0
-            if index < len(chunks):
-                start, end = chunks[index]
-                try:
-                    samples, seeds = _sample_range(sampler_fn, start, end, batch_size, seed, device)
-                    _save_shard(out_dir, start, end, samples, seeds, width)
-                    count = end - start
-                except Exception as err:
-                    error = err
-            failed, total = comm.sum([1 if error is not None else 0, count])
-            if failed:
-                comm.check(error, "sampling")
-            new_samples += total
-            bar.update(total)
-
-    error = None
-    if comm.rank == 0:
-        try:
-            shards = _scan_shards(out_dir)
-            if not _missing_ranges(shards, num_samples):
-                _write_json(
-                    out_dir / INDEX,
-                    {
-                        "num_samples": num_samples,
-                        "shards": [{"file": f, "start": s, "end": e} for s, e, f in shards],
-                    },
-                )
-        except (ValueError, OSError) as err:
+            built, _ = resolve_model(model, sampler, device, dtype)
+        except Exception as err:
             error = err
-    comm.check(error, "writing index.json")  # everyone waits for the index
-    return SampleManyResult(out_dir, num_samples, new_samples, len(chunks), comm.world)
+        comm.check(error, "building the model")
+        chunks = [tuple(c) for c in payload]
+        width = _width(num_samples)
+        done_before = num_samples - sum(b - a for a, b in chunks)
+
+        sampler_fn = _batch_sampler(
+            built, sampler, shape, device, dtype, guidance_scale, guidance_rescale, cuda_graph
+        )
+        rounds = -(-len(chunks) // comm.world)
+        bar = tqdm(
+            total=num_samples,
+            initial=done_before,
+            disable=not progress or comm.rank != 0,
+            desc="sample_many",
+            unit="sample",
+        )
+        new_samples = 0
+        with bar:
+            for r in range(rounds):
+                index = r * comm.world + comm.rank
+                error = None
+                count = 0
+                if index < len(chunks):
+                    start, end = chunks[index]
+                    try:
+                        samples, seeds = _sample_range(
+                            sampler_fn, start, end, batch_size, seed, device
+                        )
+                        _save_shard(out_dir, start, end, samples, seeds, width)
+                        count = end - start
+                    except Exception as err:
+                        error = err
+                failed, total = comm.sum([1 if error is not None else 0, count])
+                if failed:
+                    comm.check(error, "sampling")
+                new_samples += total
+                bar.update(total)
+
+        error = None
+        if comm.rank == 0:
+            try:
+                shards = _scan_shards(out_dir)
+                if not _missing_ranges(shards, num_samples):
+                    _write_json(
+                        out_dir / INDEX,
+                        {
+                            "num_samples": num_samples,
+                            "shards": [{"file": f, "start": s, "end": e} for s, e, f in shards],
+                        },
+                    )
+            except (ValueError, OSError) as err:
+                error = err
+        comm.check(error, "writing index.json")  # everyone waits for the index
+        return SampleManyResult(out_dir, num_samples, new_samples, len(chunks), comm.world)
 
 
 def _batch_sampler(model, sampler, shape, device, dtype, guidance_scale, guidance_rescale, graph):
