@@ -41,3 +41,24 @@ def pytest_collection_modifyitems(config, items):
 def device():
     """CUDA when there is one (GPU runs), else the CPU under the Triton interpreter."""
     return torch.device("cuda") if HAS_CUDA else torch.device("cpu")
+
+
+def random_mixture(seed: int, dim: int):
+    """A random two-component Gaussian mixture in ``dim`` dimensions, the same for one seed:
+    means N(0, 4 I), covariances A A^T / dim + 0.2 I (A with N(0, 1) entries; eigenvalues
+    >= 0.2), weights 0.4 and 0.6; all in float64.
+
+    Args:
+        seed: seed of the torch.Generator that draws the means and covariances.
+        dim: the dimension of a sample.
+
+    Returns:
+        A ``fastdiff.gmm.GaussianMixture``.
+    """
+    from fastdiff.gmm import GaussianMixture
+
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(2, dim, generator=g, dtype=torch.float64) * 2
+    a = torch.randn(2, dim, dim, generator=g, dtype=torch.float64)
+    covs = a @ a.transpose(1, 2) / dim + 0.2 * torch.eye(dim, dtype=torch.float64)
+    return GaussianMixture([0.4, 0.6], means, covs)

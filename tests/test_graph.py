@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import random_mixture
 
 from fastdiff import graph as graph_module
 from fastdiff import philox
-from fastdiff.gmm import GaussianMixture
 from fastdiff.graph import (
     DenoisingLoopGraph,
     GraphCaptureError,
@@ -31,16 +31,7 @@ SCHEDULE = NoiseSchedule.create("linear", 1000)
 HAS_CUDA = torch.cuda.is_available()
 D = 3
 
-
-def _mixture() -> GaussianMixture:
-    g = torch.Generator().manual_seed(7)
-    means = torch.randn(2, D, generator=g, dtype=torch.float64) * 2
-    a = torch.randn(2, D, D, generator=g, dtype=torch.float64)
-    covs = a @ a.transpose(1, 2) / D + 0.2 * torch.eye(D, dtype=torch.float64)
-    return GaussianMixture([0.4, 0.6], means, covs)
-
-
-GMM = _mixture()
+GMM = random_mixture(seed=7, dim=D)
 MODEL = GMM.denoiser(SCHEDULE)
 GUIDED_MODEL = guidance_pair(MODEL, GMM.denoiser(SCHEDULE, component=1))
 

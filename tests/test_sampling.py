@@ -10,9 +10,9 @@ import functools
 
 import pytest
 import torch
+from conftest import random_mixture
 
 from fastdiff import philox
-from fastdiff.gmm import GaussianMixture
 from fastdiff.samplers import (
     SAMPLERS,
     DDIMSampler,
@@ -30,16 +30,7 @@ sample = functools.partial(_sample, device="cpu")
 SCHEDULE = NoiseSchedule.create("linear", 1000)
 D = 3
 
-
-def _mixture() -> GaussianMixture:
-    g = torch.Generator().manual_seed(1234)
-    means = torch.randn(2, D, generator=g, dtype=torch.float64) * 2
-    a = torch.randn(2, D, D, generator=g, dtype=torch.float64)
-    covs = a @ a.transpose(1, 2) / D + 0.2 * torch.eye(D, dtype=torch.float64)
-    return GaussianMixture([0.4, 0.6], means, covs)
-
-
-GMM = _mixture()
+GMM = random_mixture(seed=1234, dim=D)
 MODEL = GMM.denoiser(SCHEDULE)
 
 
