@@ -62,3 +62,15 @@ def random_mixture(seed: int, dim: int):
     a = torch.randn(2, dim, dim, generator=g, dtype=torch.float64)
     covs = a @ a.transpose(1, 2) / dim + 0.2 * torch.eye(dim, dtype=torch.float64)
     return GaussianMixture([0.4, 0.6], means, covs)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test (restored after it). For files whose loops run many
+    small ops: one thread is faster, and on a busy CI machine multi-threaded small ops stall
+    waiting for descheduled threads. Use it with ``pytestmark =
+    pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -75,14 +75,8 @@ def _test_mixture() -> GaussianMixture:
 GMM = _test_mixture()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The loops here run many small ops: one intra-op thread is faster, and on a busy CI
-    machine multi-threaded small ops stall waiting for descheduled threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# The loops here run many small ops: one intra-op thread (conftest.py) for every test.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _mismatches(gmm: GaussianMixture, samples: torch.Tensor) -> list[str]:

@@ -34,14 +34,8 @@ GMM = random_mixture(seed=1234, dim=D)
 MODEL = GMM.denoiser(SCHEDULE)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The loops here run many small ops: one intra-op thread is faster, and on a busy CI
-    machine multi-threaded small ops stall waiting for descheduled threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# The loops here run many small ops: one intra-op thread (conftest.py) for every test.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _sampler(name="ddpm", steps=8, **kwargs):
