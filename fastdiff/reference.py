@@ -454,7 +454,9 @@ def _posterior_mean_coefficients(ab_t: Tensor, ab_prev: Tensor) -> tuple[Tensor,
     """
     beta = _respaced_beta(ab_t, ab_prev)
     coef_x0 = torch.sqrt(ab_prev) * beta / (1 - ab_t)
-    coef_xt = torch.sqrt(1 - beta) * (1 - ab_prev) / (1 - ab_t)
+    # sqrt(alpha') with alpha' = ab_t / ab_prev directly: sqrt(1 - beta') loses the small
+    # alpha' of the last steps of a cosine schedule to cancellation
+    coef_xt = torch.sqrt(ab_t / ab_prev) * (1 - ab_prev) / (1 - ab_t)
     return coef_x0, coef_xt
 
 
