@@ -421,7 +421,13 @@ def nan_row() -> torch.Tensor:
 class TimestepRowsMixin(FusedSchedulerMixin):
     """DDPM / DDIM: the table has one row per train timestep (row ``t + 1``; rows 0 and
     ``T + 1`` are poison), so the row of a step is the timestep itself: python ints, 0-d
-    device tensors, per-sample tensors and plans that start mid-schedule all work."""
+    device tensors, per-sample tensors and plans that start mid-schedule all work. The tables
+    are built from ``_alphas_cumprod64``, a CPU float64 copy of diffusers' ``alphas_cumprod``."""
+
+    def _setup_fused(self, backend: str | None) -> None:
+        # diffusers fixes alphas_cumprod at construction; keep a CPU float64 copy of its values
+        self._alphas_cumprod64 = self.alphas_cumprod.detach().to("cpu", torch.float64)
+        super()._setup_fused(backend)
 
     def _timestep_rows(
         self, timestep: Any, tables: dict[str, torch.Tensor], x: torch.Tensor

@@ -37,8 +37,7 @@ class FusedDDIMScheduler(TimestepRowsMixin, DDIMScheduler):
     __init__ = fused_init(DDIMScheduler)
 
     def _setup_fused(self, backend: str | None) -> None:
-        # fixed at construction in diffusers
-        self._alphas_cumprod64 = self.alphas_cumprod.detach().to("cpu", torch.float64)
+        # fixed at construction in diffusers (alphas_cumprod: see TimestepRowsMixin)
         self._final_alpha_cumprod64 = float(self.final_alpha_cumprod)
         super()._setup_fused(backend)
 

@@ -42,11 +42,6 @@ class FusedDDPMScheduler(TimestepRowsMixin, DDPMScheduler):
     _diffusers_cls = DDPMScheduler
     __init__ = fused_init(DDPMScheduler)
 
-    def _setup_fused(self, backend: str | None) -> None:
-        # diffusers fixes alphas_cumprod at construction; keep a CPU float64 copy of its values
-        self._alphas_cumprod64 = self.alphas_cumprod.detach().to("cpu", torch.float64)
-        super()._setup_fused(backend)
-
     def _unsupported(self, config) -> list[tuple[str, bool, str]]:
         variance_type = config.variance_type
         return [
