@@ -884,3 +884,17 @@ def test_errors_name_the_problem():
         R.cfg_combine(x[:, 0, 0, 0], x[:, 0, 0, 0], 7.5, rescale=0.5)
     with pytest.raises(ValueError, match=r"m_uncond must have the shape of m_cond"):
         R.cfg_combine(x[:1], x, 7.5)
+
+
+def test_ddpm_posterior_is_accurate_in_float32_where_alpha_is_tiny():
+    """At the end of a cosine schedule alpha' = ab_t / ab_prev is 1e-3: the posterior's x_t
+    coefficient sqrt(alpha') (1 - ab_prev) / (1 - ab_t) must keep float32's relative accuracy
+    (a few ulps); sqrt(1 - beta') loses three digits there (relative error ~3e-5)."""
+    from fastdiff.schedules import NoiseSchedule
+
+    ab = NoiseSchedule.create("squaredcos_cap_v2", 1000).alphas_cumprod
+    ab_t, ab_prev = ab[999:], ab[998:999]
+    assert float(ab_t / ab_prev) < 1e-2
+    _, coef32 = R._posterior_mean_coefficients(ab_t.float(), ab_prev.float())
+    _, coef64 = R._posterior_mean_coefficients(ab_t, ab_prev)
+    assert float(((coef32.double() - coef64) / coef64).abs()) < 1e-6
