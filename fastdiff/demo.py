@@ -30,8 +30,9 @@ from pathlib import Path
 import torch
 
 from fastdiff.gmm import GaussianMixture
+from fastdiff.philox import seeds_from
 from fastdiff.samplers import SAMPLERS
-from fastdiff.sampling import sample, seeds_for
+from fastdiff.sampling import sample
 from fastdiff.schedules import NoiseSchedule
 
 __all__ = ["DEFAULT_STEPS", "STEP_COUNTS", "DemoRow", "demo_mixture", "run"]
@@ -120,7 +121,7 @@ def _time_step_alone(model, schedule, name: str, steps: int, n: int, device: tor
     """Seconds per ``sampler.step`` on [n, 2] float32 (one model output reused; the cost of
     a step does not depend on the values)."""
     sampler = SAMPLERS[name](schedule, steps, timestep_spacing="trailing", backend="auto")
-    seeds = seeds_for(0, n, device)
+    seeds = seeds_from(0, n, device)
     x = torch.randn(n, 2, device=device)
     out = model(x, sampler.model_condition(0, n, device))
     kwargs = {"seeds": seeds} if sampler.stochastic else {}

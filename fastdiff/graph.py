@@ -42,7 +42,7 @@ Example::
 
     graph = SamplingGraph(model, DDIMSampler(schedule, 50), (16, 4, 64, 64), device="cuda")
     for k in range(100):                       # captured once, then replayed
-        seeds = seeds_for(k, 16, "cuda")
+        seeds = philox.seeds_from(k, 16, "cuda")
         x = graph.run(philox.randn(seeds, 0, (16, 4, 64, 64), stream=1), seeds)
 """
 

@@ -101,6 +101,10 @@ def seeds_from(
 ) -> torch.Tensor:
     """Per-sample seeds of a batch drawn from one integer: ``seed * 2**32 + arange(batch_size)``.
 
+    Sample ``b`` of a batch drawn with ``seed`` has seed ``seed * 2**32 + b``, so the first
+    samples of a larger batch with the same ``seed`` are the samples of a smaller one, and
+    different ``seed`` values never share a per-sample seed (for batches below 2**32).
+
     Args:
         seed: a non-negative integer below ``2**31``.
         batch_size: number of samples.

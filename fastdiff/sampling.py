@@ -26,30 +26,12 @@ from tqdm.auto import tqdm
 
 from fastdiff import philox
 
-__all__ = ["INITIAL_NOISE_STREAM", "guidance_pair", "sample", "seeds_for", "start_index"]
+__all__ = ["INITIAL_NOISE_STREAM", "guidance_pair", "sample", "start_index"]
 
 # Stream of the initial noise x_T in fastdiff.philox (0 is the steps' noise).
 INITIAL_NOISE_STREAM = 1
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def seeds_for(seed: int, batch_size: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """Per-sample seeds from one integer: ``seed * 2**32 + arange(batch_size)``.
-
-    Sample ``b`` of a batch drawn with ``seed`` has seed ``seed * 2**32 + b``, so the first
-    samples of a larger batch with the same ``seed`` are the samples of a smaller one, and
-    different ``seed`` values never share a per-sample seed (for batches below 2**32).
-
-    Args:
-        seed: an int in ``[0, 2**31)``.
-        batch_size: B >= 1.
-        device: where the seeds live.
-
-    Returns:
-        int64 tensor [B].
-    """
-    return philox.seeds_from(seed, batch_size, device)
 
 
 def start_index(num_steps: int, strength: float) -> int:
@@ -153,7 +135,7 @@ def _resolve_seeds(seed: int, seeds: torch.Tensor | None, batch: int, device: to
     if seeds is None:
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-        return seeds_for(seed, batch, device)
+        return philox.seeds_from(seed, batch, device)
     if not isinstance(seeds, torch.Tensor) or seeds.ndim != 1:
         raise TypeError("seeds must be a 1-D integer tensor with one seed per sample")
     if seeds.dtype not in (torch.int64, torch.int32):
@@ -205,7 +187,7 @@ def sample(
     """Runs a sampler's reverse chain with ``model`` and returns the samples.
 
     Noise: every sample has an int64 seed; with ``seeds=None`` sample ``b`` gets
-    ``seed * 2**32 + b`` (:func:`seeds_for`). The initial noise is
+    ``seed * 2**32 + b`` (:func:`fastdiff.philox.seeds_from`). The initial noise is
     ``philox.randn(seeds, 0, shape, stream=1)`` and each step's noise is drawn by the sampler
     from the same seeds (stream 0, keyed by the step index), so a sample depends on its seed
     alone: sample 0 of a batch of 3 equals sample 0 of a batch of 5 with the same seeds.

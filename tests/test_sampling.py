@@ -13,6 +13,7 @@ import torch
 from conftest import random_mixture
 
 from fastdiff import philox
+from fastdiff.philox import seeds_from
 from fastdiff.samplers import (
     SAMPLERS,
     DDIMSampler,
@@ -20,7 +21,7 @@ from fastdiff.samplers import (
     DPMSolverPP2MSampler,
     EulerAncestralSampler,
 )
-from fastdiff.sampling import guidance_pair, seeds_for, start_index
+from fastdiff.sampling import guidance_pair, start_index
 from fastdiff.sampling import sample as _sample
 from fastdiff.schedules import NoiseSchedule
 
@@ -69,13 +70,13 @@ def test_sample_does_not_depend_on_batch(name):
 
 
 def test_int_seed_rule_and_explicit_noise():
-    assert torch.equal(seeds_for(5, 3), torch.tensor([5 * 2**32, 5 * 2**32 + 1, 5 * 2**32 + 2]))
+    assert torch.equal(seeds_from(5, 3), torch.tensor([5 * 2**32, 5 * 2**32 + 1, 5 * 2**32 + 2]))
     sampler = _sampler("ddpm")
     by_seed = sample(MODEL, sampler, shape=(4, D), seed=5, progress=False)
-    by_seeds = sample(MODEL, sampler, shape=(4, D), seeds=seeds_for(5, 4), progress=False)
+    by_seeds = sample(MODEL, sampler, shape=(4, D), seeds=seeds_from(5, 4), progress=False)
     assert torch.equal(by_seed, by_seeds)
     # The initial noise is Philox stream 1, step 0 of the same seeds.
-    noise = philox.randn(seeds_for(5, 4), 0, (4, D), stream=1)
+    noise = philox.randn(seeds_from(5, 4), 0, (4, D), stream=1)
     by_x = sample(MODEL, sampler, x=noise, seed=5, progress=False)
     assert torch.equal(by_seed, by_x)
 
@@ -91,7 +92,7 @@ def test_callback_sees_every_step():
     out = sample(MODEL, sampler, shape=(2, D), callback=callback, progress=False)
     assert seen == list(range(sampler.num_steps))
     # The loop's x0_prev is the previous step's x0: a manual loop with the sampler agrees.
-    x = philox.randn(seeds_for(0, 2), 0, (2, D), stream=1)
+    x = philox.randn(seeds_from(0, 2), 0, (2, D), stream=1)
     x0_prev = torch.zeros_like(x)
     for i in range(sampler.num_steps):
         step = sampler.step(x, MODEL(x, sampler.model_condition(i, 2, "cpu")), i, x0_prev=x0_prev)
