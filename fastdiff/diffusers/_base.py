@@ -391,6 +391,79 @@ class FusedSchedulerMixin:
         x0 = torch.empty_like(x, dtype=x0_dtype)
         return fused_step(x, model_output, tables["table"], rows, out=out, x0_out=x0, **kwargs)
 
+    def _run_step(
+        self,
+        x: torch.Tensor,
+        model_output: torch.Tensor,
+        tables: dict[str, torch.Tensor],
+        rows: torch.Tensor,
+        reference_step: Callable[
+            [torch.Tensor, torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]
+        ],
+        *,
+        out_dtype: torch.dtype,
+        x0_dtype: torch.dtype,
+        noise: torch.Tensor | None = None,
+        seeds: torch.Tensor | None = None,
+        x0_prev: torch.Tensor | None = None,
+        **kernel_kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step on the fused kernel or on the reference (``_use_kernel`` decides), returned
+        in the dtypes the diffusers class returns.
+
+        Kernel: the model output, the noise and ``x0_prev`` laid out in ``x``'s memory format
+        (the noise moved to ``x``'s device), then one ``fused_step`` launch. Reference: the
+        in-kernel Philox noise computed in PyTorch when ``seeds`` are given, then
+        ``reference_step(xr, m, noise)`` with ``x`` and the model output in the reference's
+        compute dtype (``_compute_input``) and the noise in that dtype on ``xr``'s device
+        (None without noise); it reads its schedule values of ``rows`` from ``tables``.
+
+        Args:
+            x: the current sample, as ``dense`` returns it.
+            model_output: the model output the step reads.
+            tables: the step's device tables (``_device_tables``).
+            rows: the step's table rows.
+            reference_step: the reference path's step; returns ``(prev, x0)``.
+            out_dtype: dtype of the returned sample.
+            x0_dtype: dtype of the returned x0 prediction.
+            noise: explicit standard-normal noise like ``x``, or None.
+            seeds: per-sample Philox keys for in-kernel noise, or None.
+            x0_prev: the previous step's x0 for the kernel (multistep), or None; the reference
+                step takes its own.
+            **kernel_kwargs: further ``fused_step`` options (clip_range, thresholding,
+                variance_mode).
+
+        Returns:
+            ``(prev_sample, pred_original_sample)``.
+        """
+        if self._use_kernel(x, model_output, out_dtypes=(out_dtype, x0_dtype)):
+            fmt = memory_format_of(x)
+            if noise is not None:
+                noise = noise.to(x.device).contiguous(memory_format=fmt)
+            if x0_prev is not None:
+                x0_prev = x0_prev.contiguous(memory_format=fmt)
+            return self._launch(
+                x,
+                model_output.contiguous(memory_format=fmt),
+                tables,
+                rows,
+                out_dtype=out_dtype,
+                x0_dtype=x0_dtype,
+                noise=noise,
+                seeds=seeds,
+                x0_prev=x0_prev,
+                **kernel_kwargs,
+            )
+        if seeds is not None:
+            noise = self._philox_reference_noise(seeds, rows, x)
+        xr = self._compute_input(x)
+        prev, x0 = reference_step(
+            xr,
+            model_output.to(xr.dtype),
+            None if noise is None else noise.to(device=xr.device, dtype=xr.dtype),
+        )
+        return prev.to(out_dtype), x0.to(x0_dtype)
+
     @staticmethod
     def _philox_reference_noise(seeds, rows, x) -> torch.Tensor:
         """The in-kernel noise of ``rows``, computed in PyTorch (the reference path)."""

@@ -12,7 +12,6 @@ from fastdiff.diffusers._base import (
     TimestepRowsMixin,
     dense,
     fused_init,
-    memory_format_of,
     nan_row,
 )
 
@@ -118,7 +117,6 @@ class FusedDDIMScheduler(TimestepRowsMixin, DDIMScheduler):
         prediction_type = config.prediction_type
         stride = config.num_train_timesteps // self.num_inference_steps
         x = dense(sample)
-        fmt = memory_format_of(x)
         tabs = self._device_tables(
             ("ddim", prediction_type, eta, use_clipped, stride),
             x.device,
@@ -144,29 +142,11 @@ class FusedDDIMScheduler(TimestepRowsMixin, DDIMScheduler):
         x0_dtype = model_output.dtype if prediction_type == "sample" else out_dtype
         clip_range, thresholding = self._processing(config)
 
-        if self._use_kernel(x, model_output, out_dtypes=(out_dtype, x0_dtype)):
-            if noise is not None:
-                noise = noise.to(x.device).contiguous(memory_format=fmt)
-            prev, x0 = self._launch(
-                x,
-                model_output.contiguous(memory_format=fmt),
-                tabs,
-                rows,
-                out_dtype=out_dtype,
-                x0_dtype=x0_dtype,
-                clip_range=clip_range,
-                thresholding=thresholding,
-                noise=noise,
-                seeds=seeds,
-            )
-        else:
-            if seeds is not None:
-                noise = self._philox_reference_noise(seeds, rows, x)
+        def reference_step(xr, m, noise):
             ab, ab_next = self._values(tabs, rows, "ab", "ab_next")
-            xr = self._compute_input(x)
-            prev, x0 = reference.ddim_step(
+            return reference.ddim_step(
                 xr,
-                model_output.to(xr.dtype),
+                m,
                 ab,
                 ab_next,
                 eta=eta,
@@ -174,9 +154,22 @@ class FusedDDIMScheduler(TimestepRowsMixin, DDIMScheduler):
                 clip_range=clip_range,
                 thresholding=thresholding,
                 use_clipped_model_output=use_clipped,
-                noise=None if noise is None else noise.to(device=xr.device, dtype=xr.dtype),
+                noise=noise,
             )
-            prev, x0 = prev.to(out_dtype), x0.to(x0_dtype)
+
+        prev, x0 = self._run_step(
+            x,
+            model_output,
+            tabs,
+            rows,
+            reference_step,
+            out_dtype=out_dtype,
+            x0_dtype=x0_dtype,
+            noise=noise,
+            seeds=seeds,
+            clip_range=clip_range,
+            thresholding=thresholding,
+        )
         if not return_dict:
             return (prev, x0)
         return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)

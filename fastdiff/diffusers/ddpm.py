@@ -10,7 +10,6 @@ from fastdiff.diffusers._base import (
     TimestepRowsMixin,
     dense,
     fused_init,
-    memory_format_of,
     nan_row,
 )
 
@@ -154,7 +153,6 @@ class FusedDDPMScheduler(TimestepRowsMixin, DDPMScheduler):
             )
         prediction = model_output[:, :channels] if learned else model_output
         x = dense(sample, contiguous=learned)
-        fmt = memory_format_of(x)
         tabs = self._device_tables(
             ("ddpm", prediction_type, variance_type),
             x.device,
@@ -188,41 +186,37 @@ class FusedDDPMScheduler(TimestepRowsMixin, DDPMScheduler):
         x0_dtype = model_output.dtype if prediction_type == "sample" else out_dtype
         clip_range, thresholding = self._processing(config)
 
-        if self._use_kernel(x, model_output, out_dtypes=(out_dtype, x0_dtype)):
-            if noise is not None:
-                noise = noise.to(x.device).contiguous(memory_format=fmt)
-            m = model_output.contiguous() if learned else model_output.contiguous(memory_format=fmt)
-            prev, x0 = self._launch(
-                x,
-                m,
-                tabs,
-                rows,
-                out_dtype=out_dtype,
-                x0_dtype=x0_dtype,
-                clip_range=clip_range,
-                thresholding=thresholding,
-                variance_mode="learned_range" if learned else "fixed",
-                noise=noise,
-                seeds=seeds,
-            )
-        else:
-            if seeds is not None:
-                noise = self._philox_reference_noise(seeds, rows, x)
+        def reference_step(xr, m, noise):
             ab, ab_next, noisy = self._values(tabs, rows, "ab", "ab_next", "noisy")
-            xr = self._compute_input(x)
-            prev, x0 = reference.ddpm_step(
+            return reference.ddpm_step(
                 xr,
-                model_output.to(xr.dtype),
+                m,
                 ab,
                 ab_next,
                 prediction_type=prediction_type,
                 variance_type=variance_type,
                 clip_range=clip_range,
                 thresholding=thresholding,
-                noise=None if noise is None else noise.to(device=xr.device, dtype=xr.dtype),
+                noise=noise,
                 add_noise=noisy,
             )
-            prev, x0 = prev.to(out_dtype), x0.to(x0_dtype)
+
+        # learned_range: x is contiguous (see above), so the kernel gets the [B, 2C, ...] model
+        # output contiguous too
+        prev, x0 = self._run_step(
+            x,
+            model_output,
+            tabs,
+            rows,
+            reference_step,
+            out_dtype=out_dtype,
+            x0_dtype=x0_dtype,
+            noise=noise,
+            seeds=seeds,
+            clip_range=clip_range,
+            thresholding=thresholding,
+            variance_mode="learned_range" if learned else "fixed",
+        )
         if not return_dict:
             return (prev, x0)
         return DDPMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)

@@ -12,7 +12,6 @@ from fastdiff.diffusers._base import (
     StepIndexMixin,
     dense,
     fused_init,
-    memory_format_of,
     nan_row,
 )
 
@@ -190,7 +189,6 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
         )
         order = config.solver_order
         x = dense(sample)
-        fmt = memory_format_of(x)
         tabs = self._device_tables(
             ("dpm", prediction_type, final_first_order, order),
             x.device,
@@ -209,25 +207,10 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
         out_dtype = x0_dtype
         _, thresholding = self._processing(config)
 
-        if self._use_kernel(x, model_output, out_dtypes=(out_dtype, x0_dtype)):
-            if x0_prev is not None:
-                x0_prev = x0_prev.contiguous(memory_format=fmt)
-            prev, x0 = self._launch(
-                x,
-                model_output.contiguous(memory_format=fmt),
-                tabs,
-                rows,
-                out_dtype=out_dtype,
-                x0_dtype=x0_dtype,
-                thresholding=thresholding,
-                x0_prev=x0_prev,
-            )
-        else:
+        def reference_step(xr, m, _noise):  # no noise: DPM-Solver++ is deterministic
             ab, ab_next, ab_prev, first_order = self._values(
                 tabs, rows, "ab", "ab_next", "ab_prev", "first"
             )
-            xr = self._compute_input(x)
-            m = model_output.to(xr.dtype)
             kwargs = dict(prediction_type=prediction_type, thresholding=thresholding)
             prev, x0 = reference.dpmpp_2m_step(xr, m, ab, ab_next, **kwargs)
             if x0_prev is not None:
@@ -236,7 +219,19 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
                 )
                 mask = first_order.reshape(-1, *([1] * (x.dim() - 1)))
                 prev = torch.where(mask, prev, second)
-            prev, x0 = prev.to(out_dtype), x0.to(x0_dtype)
+            return prev, x0
+
+        prev, x0 = self._run_step(
+            x,
+            model_output,
+            tabs,
+            rows,
+            reference_step,
+            out_dtype=out_dtype,
+            x0_dtype=x0_dtype,
+            x0_prev=x0_prev,
+            thresholding=thresholding,
+        )
 
         for i in range(order - 1):
             self.model_outputs[i] = self.model_outputs[i + 1]

@@ -20,7 +20,6 @@ from fastdiff.diffusers._base import (
     StepIndexMixin,
     dense,
     fused_init,
-    memory_format_of,
     nan_row,
     upload,
 )
@@ -124,7 +123,6 @@ class _EulerBase(StepIndexMixin):
         if self.step_index is None:
             self._init_step_index(timestep)
         x = dense(sample)
-        fmt = memory_format_of(x)
         tabs = self._device_tables(
             ("euler", prediction_type, self._eta),
             x.device,
@@ -146,35 +144,32 @@ class _EulerBase(StepIndexMixin):
             if prediction_type == "sample"
             else torch.promote_types(torch.float32, model_output.dtype)
         )
-        if self._use_kernel(x, model_output, out_dtypes=(out_dtype, x0_dtype)):
-            if noise is not None:
-                noise = noise.to(x.device).contiguous(memory_format=fmt)
-            prev, x0 = self._launch(
-                x,
-                model_output.contiguous(memory_format=fmt),
-                tabs,
-                rows,
-                out_dtype=out_dtype,
-                x0_dtype=x0_dtype,
-                noise=noise,
-                seeds=seeds,
-            )
-        else:
-            if seeds is not None:
-                noise = self._philox_reference_noise(seeds, rows, x)
+
+        def reference_step(xr, m, noise):
             sigma, sigma_next = self._values(tabs, rows, "sigma", "sigma_next")
-            xr = self._compute_input(x)
-            kwargs = dict(prediction_type=prediction_type)
             if self._eta > 0:
-                kwargs.update(
+                return reference.euler_ancestral_step(
+                    xr,
+                    m,
+                    sigma,
+                    sigma_next,
                     eta=self._eta,
-                    noise=None if noise is None else noise.to(device=xr.device, dtype=xr.dtype),
+                    prediction_type=prediction_type,
+                    noise=noise,
                 )
-                step = reference.euler_ancestral_step
-            else:
-                step = reference.euler_step
-            prev, x0 = step(xr, model_output.to(xr.dtype), sigma, sigma_next, **kwargs)
-            prev, x0 = prev.to(out_dtype), x0.to(x0_dtype)
+            return reference.euler_step(xr, m, sigma, sigma_next, prediction_type=prediction_type)
+
+        prev, x0 = self._run_step(
+            x,
+            model_output,
+            tabs,
+            rows,
+            reference_step,
+            out_dtype=out_dtype,
+            x0_dtype=x0_dtype,
+            noise=noise,
+            seeds=seeds,
+        )
         self._advance()
         if not return_dict:
             return (prev, x0)
