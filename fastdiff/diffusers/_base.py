@@ -362,6 +362,31 @@ class FusedSchedulerMixin:
         """Noise drawn exactly as the diffusers schedulers draw it."""
         return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
 
+    def _step_noise(
+        self,
+        like: torch.Tensor,
+        x: torch.Tensor,
+        generator: torch.Generator | None,
+        variance_noise: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The noise of a step that adds noise, as ``(noise, seeds)`` for ``_run_step``.
+
+        Args:
+            like: the tensor whose shape, device and dtype diffusers draws the noise like.
+            x: the current sample (its batch size and device key the Philox seeds).
+            generator: draws the noise as diffusers does (``randn_tensor``), or None.
+            variance_noise: explicit standard-normal noise (taken as it is), or None.
+
+        Returns:
+            ``(variance_noise, None)`` when it is given, else ``(drawn noise, None)`` with a
+            generator, else ``(None, seeds)``: per-sample Philox keys for in-kernel noise.
+        """
+        if variance_noise is not None:
+            return variance_noise, None
+        if generator is not None:
+            return self._draw(like.shape, generator, like.device, like.dtype), None
+        return None, self._philox_seeds(x.shape[0], x.device)
+
     # -- running a step ----------------------------------------------------------------------
 
     def _use_kernel(self, *tensors: torch.Tensor, out_dtypes=()) -> bool:

@@ -130,14 +130,7 @@ class FusedDDIMScheduler(TimestepRowsMixin, DDIMScheduler):
                     "Cannot pass both generator and variance_noise. Please make sure that "
                     "either `generator` or `variance_noise` stays `None`."
                 )
-            if variance_noise is not None:
-                noise = variance_noise
-            elif generator is not None:
-                noise = self._draw(
-                    model_output.shape, generator, model_output.device, model_output.dtype
-                )
-            else:
-                seeds = self._philox_seeds(x.shape[0], x.device)
+            noise, seeds = self._step_noise(model_output, x, generator, variance_noise)
         out_dtype = torch.promote_types(sample.dtype, model_output.dtype)
         x0_dtype = model_output.dtype if prediction_type == "sample" else out_dtype
         clip_range, thresholding = self._processing(config)

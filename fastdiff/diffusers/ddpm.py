@@ -176,12 +176,7 @@ class FusedDDPMScheduler(TimestepRowsMixin, DDPMScheduler):
             needs_noise = bool((t_host > 0).any())
         noise = seeds = None
         if needs_noise:
-            if variance_noise is not None:
-                noise = variance_noise
-            elif generator is not None:
-                noise = self._draw(prediction.shape, generator, prediction.device, prediction.dtype)
-            else:
-                seeds = self._philox_seeds(x.shape[0], x.device)
+            noise, seeds = self._step_noise(prediction, x, generator, variance_noise)
         out_dtype = torch.promote_types(sample.dtype, model_output.dtype)
         x0_dtype = model_output.dtype if prediction_type == "sample" else out_dtype
         clip_range, thresholding = self._processing(config)

@@ -131,12 +131,7 @@ class _EulerBase(StepIndexMixin):
         rows = self._index_rows(tabs)
         noise = seeds = None
         if self._eta > 0:
-            if generator is not None:
-                noise = self._draw(
-                    model_output.shape, generator, model_output.device, model_output.dtype
-                )
-            else:
-                seeds = self._philox_seeds(x.shape[0], x.device)
+            noise, seeds = self._step_noise(model_output, x, generator)
         # diffusers computes in float32 and returns prev_sample in the model output's dtype
         out_dtype = model_output.dtype
         x0_dtype = (
