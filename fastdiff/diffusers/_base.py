@@ -634,7 +634,22 @@ class StepIndexMixin(FusedSchedulerMixin):
             return index.reshape(1).expand(batch).to(device)
         return upload(torch.full((batch,), index, dtype=torch.int64), device)
 
-    def _sigmas_for_noise(self, like: torch.Tensor) -> torch.Tensor:
-        """diffusers' sigmas in ``like``'s dtype and device, plus a NaN for misses."""
+    def _noise_sigma(self, original_samples: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """diffusers' sigma at each sample's timestep for add_noise (diffusers' index rule,
+        ``_add_noise_indices``; no sync).
+
+        Args:
+            original_samples: the clean samples ``[B, ...]``.
+            timesteps: one timestep per sample.
+
+        Returns:
+            The sigmas in the samples' dtype and device, shaped ``[B, 1, ...]`` to broadcast
+            over them; NaN for a timestep not in the plan.
+        """
+        indices = self._add_noise_indices(timesteps, original_samples.device)
         sigmas = torch.cat([self.sigmas, self.sigmas.new_full((1,), float("nan"))])
-        return upload(sigmas.to(like.dtype), like.device)
+        sigmas = upload(sigmas.to(original_samples.dtype), original_samples.device)
+        sigma = sigmas[indices].flatten()
+        while sigma.dim() < original_samples.dim():
+            sigma = sigma.unsqueeze(-1)
+        return sigma

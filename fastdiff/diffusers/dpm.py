@@ -139,10 +139,7 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
         Returns:
             The noisy samples.
         """
-        indices = self._add_noise_indices(timesteps, original_samples.device)
-        sigma = self._sigmas_for_noise(original_samples)[indices].flatten()
-        while sigma.dim() < original_samples.dim():
-            sigma = sigma.unsqueeze(-1)
+        sigma = self._noise_sigma(original_samples, timesteps)
         alpha_t, sigma_t = self._sigma_to_alpha_sigma_t(sigma)
         return alpha_t * original_samples + sigma_t * noise
 

@@ -102,10 +102,7 @@ class _EulerBase(StepIndexMixin):
         Returns:
             The noisy samples.
         """
-        indices = self._add_noise_indices(timesteps, original_samples.device)
-        sigma = self._sigmas_for_noise(original_samples)[indices].flatten()
-        while sigma.dim() < original_samples.dim():
-            sigma = sigma.unsqueeze(-1)
+        sigma = self._noise_sigma(original_samples, timesteps)
         return original_samples + noise * sigma
 
     def _euler_step(self, model_output, timestep, sample, generator, return_dict, prediction_type):
