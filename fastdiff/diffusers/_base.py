@@ -244,6 +244,19 @@ class FusedSchedulerMixin:
         self._checked_config = config
         self._processing_options = self._read_processing(config)
 
+    def _check_planned(self) -> None:
+        """Raise diffusers' ValueError for a step before ``set_timesteps`` (the schedulers
+        whose diffusers step checks ``num_inference_steps``).
+
+        Raises:
+            ValueError: ``num_inference_steps`` is None.
+        """
+        if self.num_inference_steps is None:
+            raise ValueError(
+                "Number of inference steps is 'None', you need to run 'set_timesteps' after "
+                "creating the scheduler"
+            )
+
     def _processing(self, config) -> tuple[float | None, tuple[float, float] | None]:
         """(clip_range, thresholding) of the x0 prediction for the current config."""
         if config is not self._checked_config:

@@ -96,11 +96,7 @@ class FusedDDIMScheduler(TimestepRowsMixin, DDIMScheduler):
         Returns:
             ``DDIMSchedulerOutput(prev_sample, pred_original_sample)`` or the tuple.
         """
-        if self.num_inference_steps is None:
-            raise ValueError(
-                "Number of inference steps is 'None', you need to run 'set_timesteps' after "
-                "creating the scheduler"
-            )
+        self._check_planned()
         self.check_config()
         config = self.config
         if isinstance(eta, torch.Tensor) and eta.device.type == "cpu" and eta.numel() == 1:

@@ -166,11 +166,7 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
         Returns:
             ``SchedulerOutput(prev_sample)`` or ``(prev_sample,)``.
         """
-        if self.num_inference_steps is None:
-            raise ValueError(
-                "Number of inference steps is 'None', you need to run 'set_timesteps' after "
-                "creating the scheduler"
-            )
+        self._check_planned()
         self.check_config()
         config = self.config
         if self.step_index is None:
