@@ -38,34 +38,17 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-from diffusers import (  # noqa: E402
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-)
+from diffusers import DDIMScheduler, DDPMScheduler  # noqa: E402
+from diffusers_cases import BACKENDS, DEVICE, PAIRS  # noqa: E402
 
 import fastdiff.diffusers._base as base  # noqa: E402
 from fastdiff.diffusers import (  # noqa: E402
     FusedDDIMScheduler,
     FusedDDPMScheduler,
-    FusedDPMSolverMultistepScheduler,
-    FusedEulerAncestralDiscreteScheduler,
     FusedEulerDiscreteScheduler,
 )
 
-PAIRS = {
-    "ddpm": (DDPMScheduler, FusedDDPMScheduler),
-    "ddim": (DDIMScheduler, FusedDDIMScheduler),
-    "euler": (EulerDiscreteScheduler, FusedEulerDiscreteScheduler),
-    "euler_a": (EulerAncestralDiscreteScheduler, FusedEulerAncestralDiscreteScheduler),
-    "dpm": (DPMSolverMultistepScheduler, FusedDPMSolverMultistepScheduler),
-}
-BACKENDS = ["triton", "reference"]
 SHAPE = (2, 3, 5, 7)  # odd spatial sizes: not a multiple of any block
-# the card when there is one (the kernels run there), else the CPU (Triton interpreter)
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def randn(*shape, generator=None) -> torch.Tensor:

@@ -29,32 +29,13 @@ from diffusers import (  # noqa: E402
     DDIMScheduler,
     DDPMPipeline,
     DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
     UNet2DConditionModel,
     UNet2DModel,
 )
 from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
+from diffusers_cases import BACKENDS, DEVICE, PAIRS  # noqa: E402
 
-from fastdiff.diffusers import (  # noqa: E402
-    FusedDDIMScheduler,
-    FusedDDPMScheduler,
-    FusedDPMSolverMultistepScheduler,
-    FusedEulerAncestralDiscreteScheduler,
-    FusedEulerDiscreteScheduler,
-)
-
-BACKENDS = ["triton", "reference"]
-# the card when there is one (the kernels run there), else the CPU (Triton interpreter)
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-PAIRS = {
-    "ddpm": (DDPMScheduler, FusedDDPMScheduler),
-    "ddim": (DDIMScheduler, FusedDDIMScheduler),
-    "euler": (EulerDiscreteScheduler, FusedEulerDiscreteScheduler),
-    "euler_a": (EulerAncestralDiscreteScheduler, FusedEulerAncestralDiscreteScheduler),
-    "dpm": (DPMSolverMultistepScheduler, FusedDPMSolverMultistepScheduler),
-}
+from fastdiff.diffusers import FusedDDIMScheduler  # noqa: E402
 
 
 def tiny_unet() -> UNet2DModel:
