@@ -37,17 +37,22 @@ from diffusers_cases import BACKENDS, DEVICE, PAIRS  # noqa: E402
 
 from fastdiff.diffusers import FusedDDIMScheduler  # noqa: E402
 
+# the size both tiny UNets share: two levels of 8 and 16 channels on 8x8 inputs
+TINY_UNET = {
+    "sample_size": 8,
+    "block_out_channels": (8, 16),
+    "layers_per_block": 1,
+    "norm_num_groups": 4,
+}
+
 
 def tiny_unet() -> UNet2DModel:
     """A randomly initialized two-level UNet on 3x8x8 images (~42K parameters)."""
     return (
         UNet2DModel(
-            sample_size=8,
+            **TINY_UNET,
             in_channels=3,
             out_channels=3,
-            block_out_channels=(8, 16),
-            layers_per_block=1,
-            norm_num_groups=4,
             down_block_types=("DownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "UpBlock2D"),
         )
@@ -60,12 +65,9 @@ def tiny_conditional_unet() -> UNet2DConditionModel:
     """A randomly initialized text-conditioned UNet on 4x8x8 latents (~51K parameters)."""
     return (
         UNet2DConditionModel(
-            sample_size=8,
+            **TINY_UNET,
             in_channels=4,
             out_channels=4,
-            block_out_channels=(8, 16),
-            layers_per_block=1,
-            norm_num_groups=4,
             cross_attention_dim=8,
             attention_head_dim=2,
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
