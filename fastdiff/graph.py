@@ -55,6 +55,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from fastdiff import philox
+
 __all__ = [
     "DenoisingLoopGraph",
     "GraphCaptureError",
@@ -394,18 +396,6 @@ class _GraphedLoop:
         self._engine.reset()
 
 
-def _memory_format_of(t: torch.Tensor) -> torch.memory_format:
-    """channels_last for a 4-D channels_last tensor that is not also contiguous, else
-    contiguous (the layout of a static buffer made like ``t``)."""
-    return (
-        torch.channels_last
-        if t.dim() == 4
-        and not t.is_contiguous()
-        and t.is_contiguous(memory_format=torch.channels_last)
-        else torch.contiguous_format
-    )
-
-
 # -- the native sampling loop --------------------------------------------------------------------
 
 
@@ -726,7 +716,7 @@ def sample_graphed(
         tuple(x.shape),
         device=x.device,
         dtype=x.dtype,
-        memory_format=_memory_format_of(x),
+        memory_format=philox.memory_format_of(x),
         guidance_scale=guidance_scale,
         guidance_rescale=guidance_rescale,
         cond_fn=cond_fn,
@@ -847,7 +837,7 @@ class DenoisingLoopGraph(_GraphedLoop):
         self.device = device
         self.num_steps = plan.numel()
         self.plan = plan.to(device).contiguous()
-        self.latents = torch.zeros_like(latents, memory_format=_memory_format_of(latents))
+        self.latents = torch.zeros_like(latents, memory_format=philox.memory_format_of(latents))
         self.counter = torch.zeros((), dtype=torch.int64, device=device)
         self._engine = _Engine(
             runtime,

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["PHILOX_ROUNDS", "philox4x32", "randn", "seeds_from"]
+__all__ = ["PHILOX_ROUNDS", "memory_format_of", "philox4x32", "randn", "seeds_from"]
 
 PHILOX_ROUNDS = 10
 # Philox4x32 multipliers and Weyl key increments (Salmon et al. 2011, Table 2).
@@ -125,6 +125,19 @@ def _check_seeds(seeds: torch.Tensor, batch_size: int) -> None:
         raise TypeError("seeds must be a 1-D int64 tensor with one seed per sample")
     if seeds.shape[0] != batch_size:
         raise ValueError(f"got {seeds.shape[0]} seeds for a batch of {batch_size} samples")
+
+
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """The memory format whose order the noise stream of a tensor like ``x`` follows:
+    ``torch.channels_last`` for a 4-D channels_last tensor that is not also contiguous,
+    ``torch.contiguous_format`` otherwise (what ``randn(..., memory_format=)`` takes)."""
+    if (
+        x.dim() == 4
+        and not x.is_contiguous()
+        and x.is_contiguous(memory_format=torch.channels_last)
+    ):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def randn(

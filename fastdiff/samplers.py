@@ -254,14 +254,7 @@ class Sampler:
             return noise.to(x.dtype if x.dtype == torch.float64 else torch.float32)
         if seeds is None:
             return None
-        fmt = (
-            torch.channels_last
-            if x.dim() == 4
-            and not x.is_contiguous()
-            and x.is_contiguous(memory_format=torch.channels_last)
-            else torch.contiguous_format
-        )
-        return philox.randn(seeds, i, x.shape, memory_format=fmt)
+        return philox.randn(seeds, i, x.shape, memory_format=philox.memory_format_of(x))
 
     def step(
         self,

@@ -141,14 +141,6 @@ def upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
-def memory_format_of(x: torch.Tensor) -> torch.memory_format:
-    """channels_last for a 4-D channels_last tensor, else contiguous."""
-    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
-    if channels_last and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
-
-
 def dense(x: torch.Tensor, contiguous: bool = False) -> torch.Tensor:
     """``x`` as the kernel takes it: contiguous or channels_last (a copy only if neither, or
     if ``contiguous`` is asked)."""
@@ -475,7 +467,7 @@ class FusedSchedulerMixin:
             ``(prev_sample, pred_original_sample)``.
         """
         if self._use_kernel(x, model_output, out_dtypes=(out_dtype, x0_dtype)):
-            fmt = memory_format_of(x)
+            fmt = philox.memory_format_of(x)
             if noise is not None:
                 noise = noise.to(x.device).contiguous(memory_format=fmt)
             if x0_prev is not None:
@@ -506,7 +498,7 @@ class FusedSchedulerMixin:
     def _philox_reference_noise(seeds, rows, x) -> torch.Tensor:
         """The in-kernel noise of ``rows``, computed in PyTorch (the reference path)."""
         step = rows.reshape(()) if rows.numel() == 1 else rows
-        return philox.randn(seeds, step, x.shape, memory_format=memory_format_of(x))
+        return philox.randn(seeds, step, x.shape, memory_format=philox.memory_format_of(x))
 
     @staticmethod
     def _values(tables: dict[str, torch.Tensor], rows: torch.Tensor, *names: str):
