@@ -5,9 +5,12 @@
 #   bash benchmarks/gpu_run.sh                          # everything, ~8 minutes
 #   bash benchmarks/gpu_run.sh -k "ddpm and fused"      # extra args go to the benchmark pytest
 #   SKIP_TESTS=1 bash benchmarks/gpu_run.sh -k loop     # benchmarks only
+#   SKIP_BENCH=1 bash benchmarks/gpu_run.sh             # tests and the stamp only
 #
+# The whole tests/ run writes benchmarks/gpu-stamp.txt (benchmarks/gpu_stamp.py: the hash of
+# fastdiff/, kernels/ and tests/, the date, the card, pytest's summary line); commit it.
 # Everything is written under $OUT (default ./out): nvidia-smi.txt, env.txt, pip.log,
-# tests_gpu.log, tests_all.log, bench.log, bench.json, summary.txt, summary.md, run.log.
+# tests_all.log, gpu-stamp.txt, bench.log, bench.json, summary.txt, summary.md, run.log.
 # Time box: RUN_BUDGET_S (default 460 s) for the whole script. Benchmarks that would start
 # after the deadline are skipped (FASTDIFF_BENCH_DEADLINE, see benchmarks/conftest.py), so the
 # run still ends normally and writes bench.json; skipped ones are listed in bench.log.
@@ -49,23 +52,27 @@ EOF
 cat "$OUT/env.txt"
 
 if [ "${SKIP_TESTS:-0}" = "0" ]; then
-    # Tests marked gpu, then the whole tests dir (the device fixture is cuda here).
-    timeout 120 "$PY" -m pytest tests -m gpu -q >"$OUT/tests_gpu.log" 2>&1
-    rc=$?
-    [ $rc -eq 5 ] && log "tests -m gpu: no tests marked gpu (rc 5)" || log "tests -m gpu: rc $rc"
-    tail -n 3 "$OUT/tests_gpu.log"
-    t=$(($(left) - 200))  # keep >= 200 s for the benchmarks
-    [ $t -gt 240 ] && t=240
+    # The whole tests dir on the card (the device fixture is cuda here), then the stamp.
+    reserve=$([ "${SKIP_BENCH:-0}" = "0" ] && echo 200 || echo 20)
+    t=$(($(left) - reserve))
     if [ $t -gt 30 ]; then
-        timeout "$t" "$PY" -m pytest tests -q >"$OUT/tests_all.log" 2>&1
+        timeout "$t" "$PY" -m pytest tests -q -p no:cacheprovider >"$OUT/tests_all.log" 2>&1
         rc=$?
         [ $rc -eq 124 ] && log "tests (all): TIMED OUT after ${t}s" || log "tests (all): rc $rc"
-        grep -E "^(FAILED|ERROR)" "$OUT/tests_all.log" | head -n 20
+        grep -E "^(FAILED|ERROR)" "$OUT/tests_all.log" | head -n 30
+        summary=$(grep -E "^=*\s*[0-9]+ (passed|failed)|^[0-9]+ (passed|failed)" "$OUT/tests_all.log" |
+            tail -n 1 | sed -E 's/^=+ //; s/ =+$//')
+        [ $rc -eq 124 ] && summary="TIMED OUT after ${t}s ${summary}"
+        card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
+        "$PY" benchmarks/gpu_stamp.py write --card "${card:-unknown}" \
+            --summary "${summary:-no summary (rc $rc)}" | tee -a "$OUT/run.log"
+        cp benchmarks/gpu-stamp.txt "$OUT/gpu-stamp.txt"
         tail -n 2 "$OUT/tests_all.log"
     else
         log "tests (all): skipped, not enough time left"
     fi
 fi
+[ "${SKIP_BENCH:-0}" = "0" ] || { log "benchmarks skipped (SKIP_BENCH=1)"; log "done"; exit 0; }
 
 # Benchmarks: no new benchmark starts in the last 45 s (summary, one late compile).
 export FASTDIFF_BENCH_DEADLINE=$((START + BUDGET - 45))

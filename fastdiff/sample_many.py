@@ -54,8 +54,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fastdiff import philox
-
 __all__ = [
     "MANIFEST",
     "SampleManyError",
@@ -780,7 +778,7 @@ def sample_many(
 def _batch_sampler(model, sampler, shape, device, dtype, guidance_scale, guidance_rescale, graph):
     """``fn(seeds) -> samples`` for one batch: ``fastdiff.sample``, or a cached
     SamplingGraph per batch size with ``cuda_graph``."""
-    from fastdiff.sampling import INITIAL_NOISE_STREAM, sample
+    from fastdiff.sampling import initial_noise, sample
 
     if not graph:
 
@@ -816,7 +814,7 @@ def _batch_sampler(model, sampler, shape, device, dtype, guidance_scale, guidanc
                 guidance_scale=guidance_scale,
                 guidance_rescale=guidance_rescale,
             )
-        x = philox.randn(seeds, 0, (batch, *shape), stream=INITIAL_NOISE_STREAM, dtype=dtype)
+        x = initial_noise(seeds, (batch, *shape), dtype=dtype)
         return g._run(x, seeds, start=0, progress=False, callback=None)
 
     return graphed

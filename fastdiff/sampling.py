@@ -26,12 +26,29 @@ from tqdm.auto import tqdm
 
 from fastdiff import philox
 
-__all__ = ["INITIAL_NOISE_STREAM", "guidance_pair", "sample", "start_index"]
+__all__ = ["INITIAL_NOISE_STREAM", "guidance_pair", "initial_noise", "sample", "start_index"]
 
 # Stream of the initial noise x_T in fastdiff.philox (0 is the steps' noise).
 INITIAL_NOISE_STREAM = 1
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def initial_noise(
+    seeds: torch.Tensor, shape: Sequence[int], *, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """The initial noise ``x_T`` of a chain: ``philox.randn(seeds, 0, shape, stream=1)``, dense.
+
+    Args:
+        seeds: int64 ``[B]`` per-sample seeds (on the device to sample on).
+        shape: the samples' shape, batch first (``shape[0] == B``).
+        dtype: dtype of the noise.
+
+    Returns:
+        Standard-normal noise of ``shape``, contiguous, on the seeds' device.
+    """
+    noise = philox.randn(seeds, 0, tuple(shape), stream=INITIAL_NOISE_STREAM, dtype=dtype)
+    return _dense(noise)  # a strided view when a sample's size is not a multiple of 4
 
 
 def start_index(num_steps: int, strength: float) -> int:
@@ -278,8 +295,7 @@ def sample(
     if x is not None:
         noise = _dense(x.to(device=device, dtype=dtype))
     else:
-        noise = philox.randn(seeds, 0, out_shape, stream=INITIAL_NOISE_STREAM, dtype=dtype)
-        noise = _dense(noise)  # a strided view when a sample's size is not a multiple of 4
+        noise = initial_noise(seeds, out_shape, dtype=dtype)
     if init_image is not None:
         image = _dense(init_image.to(device=device, dtype=dtype))
         x = sampler.schedule.add_noise(image, noise, int(sampler.timesteps[start]))
