@@ -63,9 +63,7 @@ def check_number(
     return value
 
 
-def check_guidance(
-    guidance_scale: Any, guidance_rescale: Any = 0.0
-) -> tuple[float | None, float]:
+def check_guidance(guidance_scale: Any, guidance_rescale: Any = 0.0) -> tuple[float | None, float]:
     """Classifier-free guidance: a finite scale (or None), a rescale in [0, 1] that needs it.
 
     Returns:
