@@ -19,6 +19,7 @@ __all__ = [
     "check_choice",
     "check_clip_range",
     "check_guidance",
+    "check_int",
     "check_number",
     "check_processing",
     "check_sampler",
@@ -40,6 +41,15 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"unknown {name} {value!r}; choose one of {choices}")
     return value
+
+
+def check_int(name: str, value: Any, low: int) -> int:
+    """An integer (python or numpy, not a bool) ``>= low``, as a python int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return int(value)
 
 
 def check_number(
