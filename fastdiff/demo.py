@@ -1,22 +1,11 @@
 """``python -m fastdiff demo``: every sampler against a Gaussian mixture whose answer is known.
 
-A 2-D mixture of 8 Gaussians (7 elongated blobs on a ring around a round one) has an exact
-denoiser (:class:`fastdiff.gmm.GaussianMixture`), i.e. the model a perfectly trained network
-would be. Each sampler of :data:`fastdiff.samplers.SAMPLERS` draws from it with that model,
-and the demo
-
-* plots each sampler's samples beside samples of the true mixture (``samples.png``);
-* prints a table: sampler, steps, wall time per step of the whole loop (model + step: the
-  exact float64 denoiser is most of it), of the sampler's step alone, and the fit figure,
-  the sliced 2-Wasserstein distance to the true mixture (``GaussianMixture.sliced_wasserstein``:
-  in data units; the row ``true mixture`` is the floor that n exact samples reach);
-* plots the fit figure against the number of steps, 1 to 1000 (``steps.png``): with one step
-  every sampler returns the posterior mean of pure noise, the mixture's centre; the distance
-  falls to the floor only as the steps get small, which is why diffusion denoises in many
-  small steps (and why better solvers, DPM-Solver++(2M), need fewer of them).
-
-All plans use "trailing" timestep spacing (Lin et al. 2023), so that every plan, even one of
-a single step, starts from the noisiest train timestep, where N(0, I) is the right start.
+Each sampler of :data:`fastdiff.samplers.SAMPLERS` draws from :func:`fastdiff.gmm.demo_mixture`
+with its exact denoiser (the model a perfectly trained network would be). The demo plots the
+samples (``samples.png``), prints sampler, steps, time per step (loop and step alone) and the
+fit figure (sliced 2-Wasserstein distance; ``true mixture`` is the floor of n exact samples),
+and plots the fit against 1 to 1000 steps (``steps.png``). Plans use "trailing" spacing (Lin et
+al. 2023), so even one step starts from the noisiest train timestep.
 """
 
 from __future__ import annotations
@@ -29,13 +18,13 @@ from pathlib import Path
 
 import torch
 
-from fastdiff.gmm import GaussianMixture
+from fastdiff.gmm import demo_mixture
 from fastdiff.philox import seeds_from
 from fastdiff.samplers import SAMPLERS
 from fastdiff.sampling import sample
 from fastdiff.schedules import NoiseSchedule
 
-__all__ = ["DEFAULT_STEPS", "STEP_COUNTS", "DemoRow", "demo_mixture", "run"]
+__all__ = ["DEFAULT_STEPS", "STEP_COUNTS", "DemoRow", "run"]
 
 DEFAULT_STEPS = {"ddpm": 1000, "ddim": 50, "euler": 50, "euler_ancestral": 50, "dpmpp_2m": 20}
 STEP_COUNTS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
@@ -67,27 +56,6 @@ class DemoRow:
     us_per_step: float
     step_us: float
     sliced_w2: float
-
-
-def demo_mixture() -> GaussianMixture:
-    """The demo's 2-D mixture: 7 elongated blobs on a ring of radius 3 around a round one.
-
-    Returns:
-        A GaussianMixture with 8 components; ring weights vary smoothly around the ring.
-    """
-    ring = 7
-    angles = torch.arange(ring, dtype=torch.float64) * (2 * math.pi / ring) + math.pi / 2
-    means = torch.cat([3.0 * torch.stack([angles.cos(), angles.sin()], 1), torch.zeros(1, 2)])
-    # Each ring blob is long along the ring's tangent (std 0.45) and thin across it (0.12).
-    tangent = torch.stack([-angles.sin(), angles.cos()], 1)  # [ring, 2]
-    normal = torch.stack([angles.cos(), angles.sin()], 1)
-    covs = 0.45**2 * torch.einsum("ki,kj->kij", tangent, tangent) + 0.12**2 * torch.einsum(
-        "ki,kj->kij", normal, normal
-    )
-    covs = torch.cat([covs, (0.3**2 * torch.eye(2, dtype=torch.float64))[None]])
-    ring_w = 1.0 + 0.6 * torch.cos(angles - math.pi / 2)
-    weights = torch.cat([0.84 * ring_w / ring_w.sum(), torch.tensor([0.16], dtype=torch.float64)])
-    return GaussianMixture(weights, means, covs)
 
 
 def _resolve_device(device: str) -> torch.device:

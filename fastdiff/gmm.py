@@ -1,24 +1,16 @@
 """A Gaussian mixture with its exact diffusion denoiser: a model whose right answer is known.
 
-Data ``x0 ~ sum_k w_k N(mu_k, S_k)`` noised by the forward process (Ho et al. 2020, eq. 4)
-``x_t = sqrt(ab) x0 + sqrt(1 - ab) eps`` is again a mixture,
-
-    p(x_t) = sum_k w_k N(x_t; sqrt(ab) mu_k, C_k),    C_k = ab S_k + (1 - ab) I,
-
-and the minimum-mean-square-error denoiser a perfectly trained network would learn is, by
-Gaussian conditioning within each component,
+Data ``x0 ~ sum_k w_k N(mu_k, S_k)`` noised as ``x_t = sqrt(ab) x0 + sqrt(1 - ab) eps``
+(Ho et al. 2020, eq. 4) is the mixture ``sum_k w_k N(sqrt(ab) mu_k, C_k)``,
+``C_k = ab S_k + (1 - ab) I``, and its minimum-mean-square-error denoiser is
 
     E[x0 | x_t] = sum_k r_k(x_t) (mu_k + sqrt(ab) S_k C_k^-1 (x_t - sqrt(ab) mu_k)),
 
-with responsibilities ``r_k(x_t) = w_k N(x_t; sqrt(ab) mu_k, C_k) / p(x_t)``. A sampler driven by
-this denoiser must reproduce the mixture: :meth:`GaussianMixture.fit` measures how well it did.
-
-Everything is computed through the eigendecomposition ``S_k = U_k diag(l_k) U_k^T``, so that
-``C_k = U_k diag(ab l_k + 1 - ab) U_k^T`` is inverted elementwise for any (per-sample) ``ab``.
+``r_k`` the component responsibilities; computed through ``S_k = U_k diag(l_k) U_k^T``.
 
 Example::
 
-    gmm = GaussianMixture([0.5, 0.5], [[-2.0, 0.0], [2.0, 0.0]], torch.eye(2).expand(2, 2, 2) / 4)
+    gmm = demo_mixture()
     model = gmm.denoiser(schedule, prediction_type="epsilon")   # model(x, cond) -> eps
     fit = gmm.fit(samples)                                      # weights, means, covs, sliced W2
 """
@@ -32,12 +24,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["GaussianMixture", "MixtureFit", "PREDICTION_TYPES", "CONDITIONINGS"]
+from fastdiff.checks import PREDICTION_TYPES, check_choice
+from fastdiff.schedules import CONDITIONINGS
 
-# Same names as fastdiff.reference.PREDICTION_TYPES / fastdiff.schedules.CONDITIONINGS (kept
-# local so that this module depends on nothing but torch).
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
-CONDITIONINGS = ("timestep", "alpha_bar", "sigma", "log_snr")
+__all__ = ["GaussianMixture", "MixtureFit", "demo_mixture"]
 
 _F64 = torch.float64
 # Directions and quantile levels of the sliced Wasserstein fit figure.
@@ -47,17 +37,15 @@ _SW_SEED = 20240229
 
 @dataclass(frozen=True)
 class MixtureFit:
-    """What :meth:`GaussianMixture.fit` measured on a set of samples (float64, CPU).
+    """What :meth:`GaussianMixture.fit` measured (float64, CPU), per component ``k``.
 
     Attributes:
-        weights: [K] fraction of the (finite) samples assigned to each component.
-        means: [K, d] per-component sample mean (NaN for an empty component).
-        covariances: [K, d, d] per-component unbiased sample covariance (NaN with < 2 samples).
-        counts: [K] int64 number of samples assigned to each component.
-        sliced_w2: the fit figure, in data units: the sliced 2-Wasserstein distance between the
-            samples and the true mixture (see :meth:`GaussianMixture.sliced_wasserstein`).
-            ``inf`` if any sample is not finite.
-        num_nonfinite: samples with a NaN/inf coordinate (left out of the statistics above).
+        weights: [K] fraction of the finite samples assigned to each component.
+        means: [K, d] sample means (NaN when empty).
+        covariances: [K, d, d] unbiased sample covariances (NaN with < 2 samples).
+        counts: [K] int64 samples assigned.
+        sliced_w2: :meth:`GaussianMixture.sliced_wasserstein` (``inf`` with a non-finite sample).
+        num_nonfinite: samples with a NaN/inf coordinate (left out of the statistics).
     """
 
     weights: torch.Tensor
@@ -69,17 +57,12 @@ class MixtureFit:
 
 
 class GaussianMixture:
-    """A mixture of K full-covariance Gaussians in d dimensions, stored in float64 on the CPU.
+    """A mixture of K full-covariance Gaussians in d dimensions, float64 on the CPU.
 
     Args:
-        weights: [K] positive mixture weights summing to 1 (within 1e-6).
+        weights: [K] positive weights summing to 1 (within 1e-6).
         means: [K, d] component means.
-        covariances: [K, d, d] symmetric positive-definite component covariances.
-
-    Raises:
-        TypeError: an argument is not convertible to a float tensor.
-        ValueError: wrong shapes, non-finite values, weights not positive or not summing to 1,
-            covariances not symmetric or not positive definite.
+        covariances: [K, d, d] symmetric positive-definite covariances.
     """
 
     def __init__(self, weights: Any, means: Any, covariances: Any) -> None:
@@ -149,24 +132,11 @@ class GaussianMixture:
         between = torch.einsum("k,ki,kj->ij", self.weights, centered, centered)
         return torch.einsum("k,kij->ij", self.weights, self.covariances) + between
 
-    # ------------------------------------------------------------------ sampling
-
     def sample(
-        self,
-        n: int,
-        generator: torch.Generator | None = None,
-        *,
-        return_labels: bool = False,
+        self, n: int, generator: torch.Generator | None = None, *, return_labels: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Draws ``n`` samples from the mixture.
-
-        Args:
-            n: number of samples (>= 0).
-            generator: a CPU ``torch.Generator`` for reproducibility (global RNG when None).
-            return_labels: also return the component each sample came from.
-
-        Returns:
-            float64 CPU tensor [n, d]; with ``return_labels``, also an int64 tensor [n].
+        """``n`` samples of the mixture (float64 CPU [n, d]; with ``return_labels`` also the
+        int64 [n] components they came from).
 
         Example::
 
@@ -179,38 +149,21 @@ class GaussianMixture:
         x = self.means[labels] + torch.einsum("nij,nj->ni", self._chol[labels], z)
         return (x, labels) if return_labels else x
 
-    # ------------------------------------------------------------------ the exact denoiser
-
     def posterior_mean(
         self, x: torch.Tensor, alpha_bar: torch.Tensor | float, component: int | None = None
     ) -> torch.Tensor:
-        """E[x0 | x_t = x] for the mixture noised to ``alpha_bar``, in float64 on x's device.
-
-        Args:
-            x: [B, d] noisy samples (any float dtype, any device).
-            alpha_bar: python float or float tensor of shape [] or [B], each in [0, 1].
-            component: condition on one component (the class-conditional denoiser) if given.
-
-        Returns:
-            float64 [B, d] on x's device. Finite for alpha_bar in [0, 1].
-        """
+        """``E[x0 | x_t = x]`` at ``alpha_bar`` (float, [] or [B], in [0, 1]) for x [B, d]:
+        float64 [B, d] on x's device; ``component`` conditions on one component."""
         x64, ab = self._check_x(x, alpha_bar)
         return self._posterior_mean(x64, ab, self._device_tables(x.device, component))
 
     def responsibilities(
         self, x: torch.Tensor, alpha_bar: torch.Tensor | float = 1.0
     ) -> torch.Tensor:
-        """Posterior component probabilities r_k(x_t) for the mixture noised to ``alpha_bar``.
-
-        Args:
-            x: [B, d] samples; alpha_bar: as in :meth:`posterior_mean` (1.0: the clean mixture).
-
-        Returns:
-            float64 [B, K] on x's device; rows sum to 1.
-        """
+        """Responsibilities ``r_k(x_t)`` at ``alpha_bar`` (1.0: the clean mixture): float64
+        [B, K] on x's device, rows summing to 1."""
         x64, ab = self._check_x(x, alpha_bar)
-        tables = self._device_tables(x.device, None)
-        return _component_terms(x64, ab, tables)[0]
+        return _component_terms(x64, ab, self._device_tables(x.device, None))[0]
 
     def denoiser(
         self,
@@ -220,51 +173,28 @@ class GaussianMixture:
         *,
         component: int | None = None,
     ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """The exact denoiser of this mixture as a diffusion model ``model(x, cond) -> output``.
+        """The exact denoiser as a model ``model(x, cond) -> output``, x [B, d], cond [B] or [].
 
-        ``cond`` is what ``schedule.conditioning(t, conditioning)`` produces (so what a sampler's
-        ``model_condition`` passes): the train timestep (``t == -1``: clean), ``alpha_bar``,
-        ``sigma = sqrt((1-ab)/ab)`` or ``log_snr = log(ab/(1-ab))``; it is turned back into
-        ``ab`` per sample. The output is the model's prediction in ``prediction_type``:
-        ``epsilon`` ``(x - sqrt(ab) x0)/sqrt(1-ab)``, ``sample`` ``x0`` or ``v_prediction``
-        ``sqrt(ab) eps - sqrt(1-ab) x0 = (sqrt(ab) x - x0)/sqrt(1-ab)``, with ``x0 = E[x0|x]``.
-        Computed in float64, returned in x.dtype on x's device, without host-device syncs (the
-        tables are copied to a device once, on its first call there). The model is meant for
-        noisy inputs (``ab < 1``): at ``ab == 1`` the epsilon and v outputs are 0/0.
-
-        At ``ab == 0`` (zero-terminal-SNR schedules) ``sample`` and ``v_prediction`` are exact
-        (``x0 = E[x0]``, ``v = -x0``) but ``epsilon`` carries no information about ``x0`` (it is
-        ``x`` itself), so epsilon prediction is refused: at construction when the schedule
-        reaches ``ab == 0``, and at call time for a CPU ``cond`` that does. (On an accelerator
-        the check would need a host sync; there such rows come out as NaN.)
+        ``cond`` is ``schedule.conditioning(t, conditioning)`` (what ``model_condition``
+        passes), turned back into ``ab`` per sample; the output is ``prediction_type`` of
+        ``x0 = E[x0 | x]``: epsilon ``(x - sqrt(ab) x0)/sqrt(1-ab)``, sample ``x0``, or v
+        ``(sqrt(ab) x - x0)/sqrt(1-ab)``. float64 math, x's dtype out, no host sync. Epsilon
+        is undefined at ``ab == 0`` and refused for a schedule that reaches it (and for a CPU
+        ``cond`` that does; on a device such rows are NaN).
 
         Args:
-            schedule: a ``fastdiff.schedules.NoiseSchedule`` (anything with ``alphas_cumprod``,
-                a float64 [T] tensor).
-            prediction_type: "epsilon", "sample" or "v_prediction".
-            conditioning: "timestep", "alpha_bar", "sigma" or "log_snr".
-            component: if given, the class-conditional denoiser of that one component (the
-                data distribution restricted to class ``component``), e.g. for the conditional
-                half of classifier-free guidance.
-
-        Returns:
-            ``model(x, cond)`` with x [B, d] and cond [B] (or a scalar), returning [B, d].
-
-        Raises:
-            ValueError: unknown prediction type / conditioning, bad component, epsilon
-                prediction with a schedule that reaches ``alpha_bar == 0``.
+            schedule: a ``NoiseSchedule`` (anything with a 1-D ``alphas_cumprod`` tensor).
+            prediction_type: one of ``fastdiff.checks.PREDICTION_TYPES``.
+            conditioning: one of ``fastdiff.schedules.CONDITIONINGS``.
+            component: the class-conditional denoiser of this one component, if given.
 
         Example::
 
             model = gmm.denoiser(schedule, "v_prediction", "log_snr")
             v = model(x, schedule.conditioning(t, "log_snr"))
         """
-        if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(
-                f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}"
-            )
-        if conditioning not in CONDITIONINGS:
-            raise ValueError(f"conditioning must be one of {CONDITIONINGS}, got {conditioning!r}")
+        check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+        check_choice("conditioning", conditioning, CONDITIONINGS)
         self._check_component(component)
         table = getattr(schedule, "alphas_cumprod", None)
         if not isinstance(table, torch.Tensor) or table.ndim != 1:
@@ -278,23 +208,12 @@ class GaussianMixture:
             )
         return _ExactDenoiser(self, table, prediction_type, conditioning, component)
 
-    # ------------------------------------------------------------------ fit statistics
-
     def fit(self, samples: torch.Tensor) -> MixtureFit:
-        """Measures how well ``samples`` reproduce this mixture.
+        """How well ``samples`` [n, d] (any device) reproduce this mixture.
 
-        Each sample is assigned to its most responsible component (under the clean mixture);
-        weights are the assigned fractions, means and covariances the per-component sample
-        statistics. For well-separated components these are unbiased estimates of the true
-        weights, means and covariances (with standard errors :meth:`fit_standard_errors`).
-        The fit figure is :meth:`sliced_wasserstein`. Host-side analysis: moves the samples to
-        the CPU.
-
-        Args:
-            samples: [n, d] float tensor (any device), n >= 1.
-
-        Returns:
-            A :class:`MixtureFit`.
+        Each sample goes to its most responsible component; weights, means and covariances
+        are the per-component statistics (unbiased for well-separated components, standard
+        errors :meth:`fit_standard_errors`), the fit figure :meth:`sliced_wasserstein`.
         """
         x = self._check_samples(samples)
         finite = torch.isfinite(x).all(dim=1)
@@ -317,18 +236,9 @@ class GaussianMixture:
         return MixtureFit(weights, means, covs, counts, sw2, num_nonfinite)
 
     def fit_standard_errors(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Standard errors of :meth:`fit`'s weights, means and covariances for n exact samples.
-
-        Assumes well-separated components (assignment = true label) and uses the expected
-        count ``n_k = n w_k``: weights are binomial, ``se = sqrt(w (1-w) / n)``; means
-        ``se_i = sqrt(S_ii / n_k)``; Gaussian sample covariances
-        ``se_ij = sqrt((S_ii S_jj + S_ij^2) / (n_k - 1))``.
-
-        Args:
-            n: the number of samples.
-
-        Returns:
-            (weights_se [K], means_se [K, d], covariances_se [K, d, d]), float64.
+        """Standard errors of :meth:`fit` for n exact samples, well-separated components,
+        ``n_k = n w_k``: weights ``sqrt(w (1-w) / n)``, means ``sqrt(S_ii / n_k)``,
+        covariances ``sqrt((S_ii S_jj + S_ij^2) / (n_k - 1))``; float64 ([K], [K, d], [K, d, d]).
         """
         if not isinstance(n, int) or n < 2:
             raise ValueError(f"n must be an int >= 2, got {n!r}")
@@ -343,23 +253,12 @@ class GaussianMixture:
         return w_se, mu_se, cov_se
 
     def sliced_wasserstein(self, samples: torch.Tensor) -> float:
-        """Sliced 2-Wasserstein distance between ``samples`` and this mixture, in data units.
+        """Sliced 2-Wasserstein distance between ``samples`` [n, d] and the mixture, in data units.
 
-        For each of 64 fixed unit directions u (the same every call), the samples' projections
-        ``u . x`` are sorted and compared with the exact quantiles of the projected mixture
-        (a 1-D mixture of N(u . mu_k, u^T S_k u)) at levels (i + 1/2)/n; the figure is the root
-        of the mean squared difference over samples and directions. It is 0 only for a perfect
-        match, and a sampler that put every sample on the mixture mean scores about the
-        mixture's spread. n exact samples do not score 0: their floor decays like ``n^-1/2``
-        for a single Gaussian but only like ``n^-1/4`` between well-separated modes (the
-        fraction of samples per mode fluctuates by ``~n^-1/2``, and W2 must move that mass
-        across the gap), so read the figure against that of ``self.sample(n)``.
-
-        Args:
-            samples: [n, d] float tensor (any device), n >= 1.
-
-        Returns:
-            The distance as a python float (``inf`` if a sample is not finite).
+        Over 64 fixed unit directions ``u``: the sorted projections ``u . x`` against the exact
+        quantiles of the projected mixture at levels ``(i + 1/2)/n``, root mean square. n
+        exact samples score a floor (``~n^-1/2`` for one Gaussian, ``~n^-1/4`` between
+        separated modes): read it against ``self.sample(n)``'s. ``inf`` for a non-finite sample.
         """
         x = self._check_samples(samples)
         if not torch.isfinite(x).all():
@@ -369,8 +268,6 @@ class GaussianMixture:
         proj = torch.sort(x @ dirs.T, dim=0).values  # [n, L]
         q = self._projected_quantiles(n)  # [n, L]
         return math.sqrt(((proj - q) ** 2).mean().item())
-
-    # ------------------------------------------------------------------ internals
 
     def _check_component(self, component: int | None) -> None:
         if component is None:
@@ -421,10 +318,7 @@ class GaussianMixture:
         return u / u.norm(dim=1, keepdim=True)
 
     def _projected_quantiles(self, n: int) -> torch.Tensor:
-        """[n, L] exact quantiles at levels (i + 1/2)/n of the mixture projected on each direction.
-
-        Cached per n (a demo or a test evaluates many samplers at one n).
-        """
+        """[n, L] exact quantiles at levels (i + 1/2)/n of the projected mixture, cached per n."""
         cached = self._quantile_cache.get(n)
         if cached is not None:
             return cached
@@ -443,10 +337,7 @@ class GaussianMixture:
         def cdf(z: torch.Tensor) -> torch.Tensor:  # z [L, N] -> [L, N]
             return (torch.special.ndtr((z[..., None] - m[:, None]) / s[:, None]) * w).sum(-1)
 
-        grid_cdf = cdf(grid)
-        idx = torch.searchsorted(
-            grid_cdf.contiguous(), levels.expand(dirs.shape[0], n).contiguous()
-        )
+        idx = torch.searchsorted(cdf(grid).contiguous(), levels.expand(len(dirs), n).contiguous())
         idx = idx.clamp(1, grid_size - 1)
         lo = grid.gather(1, idx - 1)
         hi = grid.gather(1, idx)
@@ -473,11 +364,8 @@ class _Tables:
 def _component_terms(
     x: torch.Tensor, ab: torch.Tensor, t: _Tables, with_means: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Responsibilities r_k(x_t) [B, K] and, if asked, the posterior mean E[x0 | x_t] [B, d].
-
-    Works in a [K, d, B] layout (batch innermost), so that the reductions over the small
-    dimensions d and K and the per-component matrix products run along contiguous B.
-    """
+    """Responsibilities r_k(x_t) [B, K] and, if asked, E[x0 | x_t] [B, d], computed in a
+    [K, d, B] layout (batch innermost, contiguous for the small reductions)."""
     a = ab[None, None, :]  # [1, 1, B]
     sa = torch.sqrt(a)
     xt = x.T[None]  # [1, d, B]
@@ -500,26 +388,16 @@ def _component_terms(
 class _ExactDenoiser:
     """model(x, cond) -> prediction; see GaussianMixture.denoiser."""
 
-    def __init__(
-        self,
-        gmm: GaussianMixture,
-        ab_table: torch.Tensor,
-        prediction_type: str,
-        conditioning: str,
-        component: int | None,
-    ) -> None:
+    def __init__(self, gmm, ab_table, prediction_type, conditioning, component) -> None:
         self.gmm = gmm
-        self.prediction_type = prediction_type
-        self.conditioning = conditioning
+        self.prediction_type, self.conditioning = prediction_type, conditioning
         self.component = component
         self._ab_table = ab_table
         self._cache: dict[torch.device, tuple[_Tables, torch.Tensor]] = {}
 
     def __repr__(self) -> str:
-        return (
-            f"ExactGMMDenoiser(prediction_type={self.prediction_type!r}, "
-            f"conditioning={self.conditioning!r}, component={self.component})"
-        )
+        kind = f"{self.prediction_type!r}, {self.conditioning!r}, component={self.component}"
+        return f"ExactGMMDenoiser({kind})"
 
     def _tables(self, device: torch.device) -> tuple[_Tables, torch.Tensor]:
         hit = self._cache.get(device)
@@ -556,10 +434,7 @@ class _ExactDenoiser:
         return ab.expand(batch)
 
     def __call__(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            raise TypeError("x must be a floating-point torch.Tensor")
-        if x.ndim != 2 or x.shape[1] != self.gmm.dim:
-            raise ValueError(f"x must have shape [B, d={self.gmm.dim}], got {tuple(x.shape)}")
+        x64, _ = self.gmm._check_x(x, 1.0)
         cond = torch.as_tensor(cond, device=x.device)
         if cond.ndim > 1 or (cond.ndim == 1 and cond.shape[0] != x.shape[0]):
             raise ValueError(f"cond must be a scalar or [B={x.shape[0]}], got {tuple(cond.shape)}")
@@ -572,7 +447,6 @@ class _ExactDenoiser:
                 "epsilon prediction is undefined at alpha_bar == 0 (pure noise); "
                 "use prediction_type='v_prediction' or 'sample'"
             )
-        x64 = x.to(_F64)
         x0 = self.gmm._posterior_mean(x64, ab, tables)
         a = ab[:, None]
         if self.prediction_type == "sample":
@@ -598,3 +472,26 @@ def _as_f64(value: Any, name: str) -> torch.Tensor:
         raise TypeError(
             f"{name} must be a tensor or a (nested) sequence of numbers: {err}"
         ) from err
+
+
+def demo_mixture() -> GaussianMixture:
+    """The built-in 2-D mixture (``fastdiff demo``, ``--model gmm``): 7 blobs on a ring of
+    radius 3, long along the ring (std 0.45) and thin across it (0.12), weights varying
+    smoothly around it, and a round one (std 0.3, weight 0.16) in the centre.
+
+    Example:
+        >>> demo_mixture().num_components
+        8
+    """
+    ring = 7
+    angles = torch.arange(ring, dtype=_F64) * (2 * math.pi / ring) + math.pi / 2
+    normal = torch.stack([angles.cos(), angles.sin()], 1)  # [ring, 2]
+    tangent = torch.stack([-angles.sin(), angles.cos()], 1)
+    covs = 0.45**2 * torch.einsum("ki,kj->kij", tangent, tangent) + 0.12**2 * torch.einsum(
+        "ki,kj->kij", normal, normal
+    )
+    covs = torch.cat([covs, (0.3**2 * torch.eye(2, dtype=_F64))[None]])
+    means = torch.cat([3.0 * normal, torch.zeros(1, 2, dtype=_F64)])
+    ring_w = 1.0 + 0.6 * torch.cos(angles - math.pi / 2)
+    weights = torch.cat([0.84 * ring_w / ring_w.sum(), torch.tensor([0.16], dtype=_F64)])
+    return GaussianMixture(weights, means, covs)
