@@ -5,9 +5,9 @@
 #   OUT=out bash benchmarks/multi_gpu.sh
 #
 # 1. torchrun --nproc_per_node=2: the built-in GMM model, DDPM (in-kernel noise), batch 96,
-#    into $OUT/run2; then the same run again (resume: nothing left to do);
-# 2. one process, batch 250, shard size 500, into $OUT/run1 (and the same with --cuda-graph
-#    into $OUT/run1g);
+#    into $OUT/run2; then the same run again (resume: every shard verified, nothing to do);
+# 2. one process (python -m fastdiff sample-many), batch 250, shard size 500, into $OUT/run1
+#    (and the same with --cuda-graph into $OUT/run1g);
 # 3. load_samples of each and a bitwise comparison: prints OK or MISMATCH (exit 1).
 # Logs: $OUT/multi_gpu.log.
 set -uo pipefail
@@ -38,9 +38,9 @@ run timeout 300 torchrun --standalone --nproc_per_node=2 -m fastdiff.sample_many
     --batch-size 96 --out "$OUT/run2"
 run timeout 300 torchrun --standalone --nproc_per_node=2 -m fastdiff.sample_many "${COMMON[@]}" \
     --batch-size 96 --out "$OUT/run2"
-run timeout 300 "$PY" -m fastdiff.sample_many "${COMMON[@]}" --batch-size 250 --shard-size 500 \
+run timeout 300 "$PY" -m fastdiff sample-many "${COMMON[@]}" --batch-size 250 --shard-size 500 \
     --out "$OUT/run1"
-run timeout 300 "$PY" -m fastdiff.sample_many "${COMMON[@]}" --batch-size 250 --shard-size 500 \
+run timeout 300 "$PY" -m fastdiff sample-many "${COMMON[@]}" --batch-size 250 --shard-size 500 \
     --cuda-graph --out "$OUT/run1g"
 grep -E "samples \(" "$LOG"
 

@@ -1,7 +1,9 @@
 """Command line: ``python -m fastdiff <command>`` (or ``fastdiff <command>``).
 
 Commands:
-    demo    sample a 2-D Gaussian mixture with every sampler; write plots and print a table.
+    demo          sample a 2-D Gaussian mixture with every sampler; write plots and a table.
+    sample-many   many samples over the ranks of a torchrun job into verified, resumable
+                  shards (``torchrun -m fastdiff.sample_many`` runs it on every rank).
 """
 
 from __future__ import annotations
@@ -56,6 +58,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--quick", action="store_true", help="a fast, small run (for tests and smoke checks)"
     )
     demo.set_defaults(func=_demo)
+
+    from fastdiff.sample_many import cli
+
+    many = commands.add_parser(
+        "sample-many",
+        help="many samples over the ranks of a torchrun job into verified, resumable shards",
+        description=(
+            "Draws many samples over all ranks of a torchrun job (or one process) into "
+            ".npz shards, verified and resumable: sample i is seeded by seed*2**32 + i, the "
+            "same for any process count. Many GPUs: torchrun --nproc_per_node=N -m "
+            "fastdiff.sample_many <options>. Read them with "
+            "fastdiff.sample_many.load_samples(out)."
+        ),
+    )
+    cli.add_arguments(many)
+    many.set_defaults(func=cli.run)
     return parser
 
 

@@ -5,16 +5,19 @@ import sys
 
 import pytest
 
-from fastdiff.__main__ import main
+from fastdiff.__main__ import build_parser, main
 from fastdiff.samplers import SAMPLERS
 
 
-def test_help_lists_the_demo():
+def test_help_lists_every_command():
     result = subprocess.run(
         [sys.executable, "-m", "fastdiff", "--help"], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
-    assert "demo" in result.stdout
+    for command in ("demo", "sample-many"):  # every command of fastdiff.__main__
+        assert f"    {command}" in result.stdout
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["sample-many", "--help"])
 
 
 def test_quick_demo_writes_both_plots_and_the_table(tmp_path):

@@ -1,4 +1,4 @@
-"""fastdiff.sample_many: sharded, resumable sampling over processes (CPU, gloo).
+"""fastdiff.sample_many: sharded, verified, resumable sampling over processes (CPU, gloo).
 
 Every sample is seeded by its index, and every op of the loop is row-wise (see
 test_sampling.py), so runs with different process counts, batch sizes and shard sizes must
@@ -9,9 +9,13 @@ the test instead of stalling the suite.
 
 from __future__ import annotations
 
-import functools
+import hashlib
 import json
 import os
+import re
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,16 +24,18 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from fastdiff.__main__ import main as fastdiff_main
 from fastdiff.gmm import GaussianMixture
 from fastdiff.sample_many import (
+    INDEX,
     MANIFEST,
+    FolderInUseError,
     SampleManyError,
-    builtin_gmm,
     load_samples,
-    main,
     resolve_model,
     sample_many,
 )
+from fastdiff.sample_many.shards import LOCK, folder_lock
 from fastdiff.samplers import SAMPLERS
 from fastdiff.schedules import NoiseSchedule
 
@@ -51,9 +57,22 @@ def _mixture() -> GaussianMixture:
     return GaussianMixture([0.2, 0.5, 0.3], means, covs)
 
 
-def make_model(sampler):
-    """A factory (importable by spawned workers): the mixture's exact denoiser."""
+def make_model(sampler, **_):
+    """A factory (``test_sample_many:make_model``, importable by spawned workers): the
+    mixture's exact denoiser."""
     return _mixture().denoiser(sampler.schedule, sampler.prediction_type)
+
+
+def failing_factory(**_):
+    raise OSError("checkpoint not found")
+
+
+def none_factory(**_):
+    return None
+
+
+def no_argument_factory():
+    return make_model(_sampler())
 
 
 class FailingModel:
@@ -82,13 +101,14 @@ class CountingModel:
         return self.model(x, cond)
 
 
-def _run(out_dir, num_samples=23, batch_size=4, model=None, **kwargs):
-    sampler = _sampler(kwargs.pop("sampler_name", "ddpm"))
+def _run(out_dir, num_samples=23, batch_size=4, model=None, sampler=None, **kwargs):
+    sampler = sampler or _sampler(kwargs.pop("sampler_name", "ddpm"))
     model = model if model is not None else make_model(sampler)
     kwargs.setdefault("model_id", "test-gmm")
     kwargs.setdefault("progress", False)
+    kwargs.setdefault("seed", 5)
     return sample_many(
-        model, sampler, num_samples, SHAPE, out_dir, batch_size, seed=5, device="cpu", **kwargs
+        model, sampler, num_samples, SHAPE, out_dir, batch_size, device="cpu", **kwargs
     )
 
 
@@ -191,7 +211,8 @@ def test_failure_on_one_rank_raises_on_every_rank_and_keeps_shards(tmp_path):
         "samples_00000008_00000012.npz",
     ]
     assert not list(out.glob(".samples_*"))  # no temporary files left
-    assert not (out / "index.json").exists()
+    index = json.loads((out / INDEX).read_text())  # rank 0 indexed the shards of both rounds
+    assert index["complete"] is False and [r["file"] for r in index["shards"]] == kept
     with pytest.raises(ValueError, match=r"incomplete: samples 12\.\.22 are missing"):
         load_samples(out)
     # resume in one process with another batch size: finishes, equal to a fresh run
@@ -214,7 +235,8 @@ def test_resume_after_deleting_a_shard(tmp_path):
     victim.unlink()
     untouched = {k: v for k, v in _snapshot(out).items() if k.startswith("samples_")}
     counting = CountingModel(make_model(_sampler()))
-    result = _run(out, batch_size=3, shard_size=4, model=counting)
+    with pytest.warns(UserWarning, match=rf"{victim.name}: it is missing"):
+        result = _run(out, batch_size=3, shard_size=4, model=counting)
     assert result.new_samples == 4 and result.shards_written == 1
     assert counting.samples == 4 * STEPS  # only the missing samples were drawn
     after = _snapshot(out)
@@ -338,6 +360,189 @@ def test_bfloat16_samples_are_stored_as_float32(tmp_path):
     assert np.array_equal(x, direct.float().numpy())
 
 
+# -- data integrity: checksums, the lock, the manifest --------------------------------------------
+
+VICTIM = "samples_00000004_00000008.npz"
+
+
+def _rewrite_shard(path: Path, change) -> None:
+    with np.load(path) as data:
+        arrays = {k: data[k] for k in data.files}
+    change(arrays)
+    np.savez(path, **arrays)
+
+
+def _corrupt(out: Path, how: str, tmp_path: Path) -> None:
+    path = out / VICTIM
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "garbage":
+        path.write_bytes(np.random.default_rng(0).bytes(len(data)))
+    elif how == "zero_bytes":
+        path.write_bytes(bytes(len(data)))
+    elif how == "one_sample_short":  # a consistent file of 3 samples under a 4-sample name
+        _rewrite_shard(path, lambda a: a.update({k: v[:-1] for k, v in a.items()}))
+    elif how == "zeroed_samples":
+        _rewrite_shard(path, lambda a: a.update(samples=np.zeros_like(a["samples"])))
+    elif how == "other_seed":  # the same shard of a seed-6 run
+        _run(tmp_path / "seed6", num_samples=12, batch_size=4, seed=6)
+        path.write_bytes((tmp_path / "seed6" / VICTIM).read_bytes())
+    else:
+        raise AssertionError(how)
+
+
+CORRUPTIONS = [
+    "truncated",
+    "empty",
+    "garbage",
+    "zero_bytes",
+    "one_sample_short",
+    "zeroed_samples",
+    "other_seed",
+]
+
+
+@pytest.mark.parametrize("how", CORRUPTIONS)
+def test_a_bad_shard_is_named_by_load_samples_and_sampled_again_on_resume(tmp_path, how):
+    out = tmp_path / "out"
+    _run(out, num_samples=12, batch_size=4)
+    before = load_samples(out)
+    _corrupt(out, how, tmp_path)
+    with pytest.raises(SampleManyError, match=rf"{VICTIM}: .*rerun sample_many"):
+        load_samples(out)  # never rows of another run, never shifted rows
+    counting = CountingModel(make_model(_sampler()))
+    with pytest.warns(UserWarning, match=rf"1 bad shard\(s\) again:\n  {VICTIM}: "):
+        result = _run(out, num_samples=12, batch_size=4, model=counting)
+    assert len(result.regenerated) == 1 and result.regenerated[0].startswith(f"{VICTIM}: ")
+    assert result.new_samples == 4 and counting.samples == 4 * STEPS  # that shard only
+    assert np.array_equal(load_samples(out), before)
+
+
+def test_a_shard_missing_from_the_index_is_sampled_again(tmp_path):
+    # a run killed between writing a shard and indexing it
+    out = tmp_path / "out"
+    _run(out, num_samples=12, batch_size=4)
+    index = json.loads((out / INDEX).read_text())
+    index["shards"] = [r for r in index["shards"] if r["file"] != VICTIM]
+    (out / INDEX).write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"incomplete: samples 4\.\.7 are missing"):
+        load_samples(out)
+    with pytest.warns(UserWarning, match=rf"{VICTIM}: it is not in index.json"):
+        assert _run(out, num_samples=12, batch_size=4).new_samples == 4
+
+
+def test_the_index_records_count_checksum_and_seed(tmp_path):
+    out = tmp_path / "out"
+    _run(out, num_samples=10, batch_size=4)
+    index = json.loads((out / INDEX).read_text())
+    assert index["complete"] is True and index["num_samples"] == 10
+    assert [(r["start"], r["end"]) for r in index["shards"]] == [(0, 4), (4, 8), (8, 10)]
+    for record in index["shards"]:
+        with np.load(out / record["file"]) as data:
+            samples = data["samples"]
+        assert record["count"] == samples.shape[0] == record["end"] - record["start"]
+        assert record["sha256"] == hashlib.sha256(samples.tobytes()).hexdigest()
+        assert record["seed"] == 5
+
+
+def test_a_folder_in_use_is_refused_at_once(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = rf"pid {os.getpid()} on host {re.escape(socket.gethostname())}, since "
+    with folder_lock(out):  # another run holds the folder (another file descriptor)
+        with pytest.raises(FolderInUseError, match=rf"{out} is in use by another .*{holder}"):
+            _run(out, num_samples=4)
+        assert os.listdir(out) == [LOCK]  # nothing was written
+    assert os.listdir(out) == []  # released: the lock file is gone
+    _run(out, num_samples=4)
+    assert LOCK not in os.listdir(out)
+
+
+def test_the_lock_is_held_for_the_whole_run(tmp_path):
+    out = tmp_path / "out"
+    inner = make_model(_sampler())
+    seen = []
+
+    def model(x, cond):  # what a second run sees while this one samples
+        try:
+            with folder_lock(out):
+                seen.append("free")
+        except FolderInUseError as err:
+            seen.append(str(err))
+        return inner(x, cond)
+
+    _run(out, num_samples=8, batch_size=4, model=model)
+    assert len(seen) == 2 * STEPS and all(f"pid {os.getpid()} " in m for m in seen)
+
+
+def test_two_processes_cannot_share_a_folder(tmp_path):
+    """A second process (``python -m fastdiff.sample_many``, the torchrun entry point) fails
+    at once on a folder this process holds, naming it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    args = [sys.executable, "-m", "fastdiff.sample_many", "--model", "gmm", "--sampler", "ddim"]
+    args += ["--steps", "3", "--num-samples", "3", "--shape", "2", "--backend", "reference"]
+    args += ["--device", "cpu", "--no-progress", "--out", str(out)]
+    with folder_lock(out):
+        busy = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert busy.returncode == 1, busy.stderr
+    assert f"in use by another sample_many run (pid {os.getpid()} on host" in busy.stderr
+    assert os.listdir(out) == []
+
+
+def test_the_backend_is_recorded_and_a_resume_on_another_is_refused(tmp_path):
+    out = tmp_path / "out"
+    _run(out, num_samples=4)
+    assert json.loads((out / MANIFEST).read_text())["config"]["backend"] == "reference"
+    before = _snapshot(out)
+    triton = SAMPLERS["ddpm"](SCHEDULE, STEPS, backend="triton")
+    with pytest.raises(ValueError, match='backend is "reference" there, "triton" in this call'):
+        _run(out, num_samples=4, model=make_model(triton), sampler=triton)
+    assert _snapshot(out) == before
+
+
+@pytest.mark.parametrize(
+    "field, value, error",
+    [
+        ("num_samples", "abc", "num_samples must be an int >= 1, got 'abc'"),
+        ("num_samples", True, "num_samples must be an int >= 1, got True"),
+        ("config", [], r"config must be an object, got \[\]"),
+        ("seed", "5", "config.seed must be an int >= 0, got '5'"),
+        ("dtype", "int8", "config.dtype must be one of .*, got 'int8'"),
+    ],
+)
+def test_a_malformed_manifest_names_the_field(tmp_path, field, value, error):
+    out = tmp_path / "out"
+    _run(out, num_samples=4)
+    manifest = json.loads((out / MANIFEST).read_text())
+    (manifest["config"] if field in ("seed", "dtype") else manifest)[field] = value
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    before = _snapshot(out)
+    with pytest.raises(ValueError, match=rf"manifest.json: {error}"):
+        _run(out, num_samples=4)
+    with pytest.raises(ValueError, match=rf"manifest.json: {error}"):
+        load_samples(out)
+    assert _snapshot(out) == before
+
+
+def test_a_sampler_mismatch_shows_the_whole_difference(tmp_path):
+    out = tmp_path / "out"
+    _run(out, num_samples=4)
+    old = json.loads((out / MANIFEST).read_text())["config"]["sampler"]
+    other = SAMPLERS["ddpm"](SCHEDULE, STEPS + 1, backend="reference")
+    with pytest.raises(ValueError) as info:
+        _run(out, num_samples=4, model=make_model(other), sampler=other)
+    message = str(info.value)
+    new_steps = json.dumps(other.timesteps.tolist())
+    assert f"sampler.num_steps is {STEPS} there, {STEPS + 1} in this call" in message
+    assert f"sampler.timesteps is {json.dumps(old['timesteps'])} there, {new_steps}" in message
+    assert f'sampler.table_sha256 is "{old["table_sha256"]}" there, "' in message
+    assert "..." not in message
+
+
 # -- models, arguments, command line ---------------------------------------------------------------
 
 
@@ -348,39 +553,37 @@ def test_model_resolution():
     assert model_id == "gmm" and model(torch.zeros(2, 2), torch.tensor([500, 500])).shape == (2, 2)
     model, model_id = resolve_model("test_sample_many:make_model", sampler, device, dtype)
     assert model_id == "test_sample_many:make_model" and callable(model)
-    seen = {}
-
-    def factory(device, dtype):
-        seen.update(device=device, dtype=dtype)
-        return make_model(sampler)
-
-    model, model_id = resolve_model(factory, sampler, device, dtype)
-    assert seen == {"device": device, "dtype": dtype} and model_id.endswith("factory")
-    partial = functools.partial(make_model, sampler)
-    assert resolve_model(partial, sampler, device, dtype)[1].endswith("make_model")
+    # a callable is the model itself, never called to build one
     direct = make_model(sampler)
-    assert resolve_model(direct, sampler, device, dtype)[0] is direct  # model(x, cond) as is
+    assert resolve_model(direct, sampler, device, dtype)[0] is direct
+    assert resolve_model(make_model, sampler, device, dtype) == (
+        make_model,
+        "test_sample_many.make_model",
+    )
     module = torch.nn.Linear(3, 3)
-    assert resolve_model(module, sampler, device, dtype)[0] is module
+    assert resolve_model(module, sampler, device, dtype) == (
+        module,
+        "torch.nn.modules.linear.Linear",
+    )
     with pytest.raises(ValueError, match="does not import"):
         resolve_model("no_such_module_xyz:f", sampler, device, dtype)
     with pytest.raises(ValueError, match="module:callable"):
         resolve_model("just_a_name", sampler, device, dtype)
+    with pytest.raises(TypeError, match="not a callable"):
+        resolve_model("test_sample_many:SHAPE", sampler, device, dtype)
     with pytest.raises(TypeError, match="not a model"):
-        resolve_model(lambda: 3, sampler, device, dtype)
+        resolve_model("test_sample_many:none_factory", sampler, device, dtype)
+    with pytest.raises(TypeError, match=r"device=\.\.\., dtype=\.\.\., sampler=\.\.\..*kwargs"):
+        resolve_model("test_sample_many:no_argument_factory", sampler, device, dtype)
     with pytest.raises(TypeError):
         resolve_model(42, sampler, device, dtype)
-    assert callable(builtin_gmm(sampler))
 
 
 def test_model_that_fails_to_build_is_a_clear_error(tmp_path):
-    def factory():
-        raise OSError("checkpoint not found")
-
     with pytest.raises(
         SampleManyError, match="(?s)building the model failed on rank 0.*checkpoint"
     ):
-        _run(tmp_path / "out", model=factory)
+        _run(tmp_path / "out", model="test_sample_many:failing_factory")
 
 
 @pytest.mark.parametrize(
@@ -423,16 +626,20 @@ def test_argument_errors(tmp_path, kwargs, error):
 def test_command_line(tmp_path, capsys):
     out = tmp_path / "cli"
     common = [
-        "--model", "gmm", "--sampler", "euler_ancestral", "--steps", "5", "--shape", "2",
-        "--backend", "reference", "--device", "cpu", "--no-progress", "--out", str(out),
+        "sample-many", "--model", "gmm", "--sampler", "euler_ancestral", "--steps", "5",
+        "--shape", "2", "--backend", "reference", "--device", "cpu", "--no-progress",
+        "--out", str(out),
     ]  # fmt: skip
-    assert main([*common, "--num-samples", "9", "--batch-size", "4"]) == 0
+    assert fastdiff_main([*common, "--num-samples", "9", "--batch-size", "4"]) == 0
     assert "9 samples (9 new" in capsys.readouterr().out
     x = load_samples(out)
     assert x.shape == (9, 2) and np.isfinite(x).all()
-    assert main([*common, "--num-samples", "9", "--seed", "1"]) == 2
+    assert fastdiff_main([*common, "--num-samples", "9", "--seed", "1"]) == 2
     assert "another run" in capsys.readouterr().err
-    assert main([*common, "--num-samples", "3", "--shape", "3", "--out", str(tmp_path / "b")]) == 1
+    assert (
+        fastdiff_main([*common, "--num-samples", "3", "--shape", "3", "--out", str(tmp_path / "b")])
+        == 1
+    )
     assert "x must have shape" in capsys.readouterr().err
     assert os.listdir(out)  # untouched by the refused call
 
