@@ -9,7 +9,6 @@ from typing import Any
 
 __all__ = ["add_arguments", "run"]
 
-DTYPES = ("float32", "float16", "bfloat16", "float64")
 MODEL_HELP = (
     "'gmm' (the built-in 2-D Gaussian mixture with its exact denoiser) or "
     "'package.module:callable': called on each rank as callable(device=, dtype=, sampler=) "
@@ -22,6 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from fastdiff.backend import BACKENDS
     from fastdiff.checks import PREDICTION_TYPES
     from fastdiff.plans import TIMESTEP_SPACINGS
+    from fastdiff.sample_many.shards import DTYPES
     from fastdiff.samplers import SAMPLERS
     from fastdiff.schedules import BETA_SCHEDULES
 

@@ -132,29 +132,26 @@ def _prepare_folder(
     except ValueError as err:
         records, unindexed = {}, f"{err}"
     expected = (config["seed"], config["shape"], shards.stored_dtype(config["dtype"]))
-    good, bad = {}, []
+    good, bad = {}, {}
     for _, _, name in files:
         record = records.get(name)
         reason = unindexed if record is None else shards.verify_shard(out_dir, record, *expected)[1]
         if reason is None:
             good[name] = record
         else:
-            bad.append(f"{name}: {reason}")
-    bad += [
-        f"{name}: it is missing"
-        for name in sorted(records.keys() - good.keys())
-        if not (out_dir / name).exists()
-    ]
-    for entry in bad:
+            bad[name] = reason
+    bad.update((name, "it is missing") for name in records.keys() - good.keys() - bad.keys())
+    for name in bad:
         with contextlib.suppress(FileNotFoundError):
-            os.remove(out_dir / entry.partition(":")[0])
+            os.remove(out_dir / name)
     shards.remove_temporary_files(out_dir)
     if old is None or old["num_samples"] != num_samples:
         shards.write_json(path, manifest)
-    shards.write_index(out_dir, good, num_samples)
+    if good != records or old is None or old["num_samples"] != num_samples:
+        shards.write_index(out_dir, good, num_samples)
     covered = [(r["start"], r["end"], name) for name, r in good.items()]
     todo = shards.chunks(shards.missing_ranges(covered, num_samples), shard_size)
-    return todo, good, bad
+    return todo, good, [f"{name}: {bad[name]}" for name in sorted(bad)]
 
 
 def _batch_sampler(
@@ -309,8 +306,8 @@ def sample_many(
     if not isinstance(model, str) and not callable(model):
         raise TypeError(f"model must be a model(x, cond) or a spec string, got {model!r}")
     check_sampler(sampler)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    if not isinstance(dtype, torch.dtype) or str(dtype)[len("torch.") :] not in shards.DTYPES:
+        raise TypeError(f"dtype must be a torch dtype of {shards.DTYPES}, got {dtype!r}")
     if model_id is not None and not isinstance(model_id, str):
         raise TypeError(f"model_id must be a string, got {type(model_id).__name__}")
     guidance = check_guidance(guidance_scale, guidance_rescale)
@@ -326,14 +323,19 @@ def sample_many(
             "sampler": _sampler_config(sampler),
             "backend": resolve_backend(getattr(sampler, "backend", None), probe),
             "shape": list(shape),
-            "dtype": str(dtype).replace("torch.", ""),
+            "dtype": str(dtype)[len("torch.") :],
             "seed": seed,
             "guidance_scale": guidance[0],
             "guidance_rescale": guidance[1] if guidance[0] is not None else None,
         }
-        created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        info = {"created": created, "world_size": comm.world, "batch_size": batch_size}
-        info.update(shard_size=shard_size, device=device.type, torch=torch.__version__)
+        info = {
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "world_size": comm.world,
+            "batch_size": batch_size,
+            "shard_size": shard_size,
+            "device": device.type,
+            "torch": torch.__version__,
+        }
         manifest = {"format": shards.FORMAT, "num_samples": num_samples, "config": config}
         manifest["info"] = info
         # Rank 0 owns the folder: locks it for the run, checks it, finds the work left.
@@ -345,13 +347,16 @@ def sample_many(
                 out_dir.mkdir(parents=True, exist_ok=True)
                 lock.enter_context(shards.folder_lock(out_dir))
                 status = ("ok", _prepare_folder(out_dir, manifest, shard_size))
-            except SampleManyError as err:
+            except shards.FolderInUseError as err:
                 status = ("busy", f"{err}")
             except (ValueError, OSError) as err:
-                status = ("error", f"{err}")
+                status = ("refused", f"{err}")
+            except Exception as err:  # never leave the other ranks waiting
+                status = ("failed", f"preparing {out_dir} failed: {type(err).__name__}: {err}")
         kind, payload = comm.broadcast(status)
+        errors = {"busy": shards.FolderInUseError, "refused": ValueError, "failed": SampleManyError}
         if kind != "ok":
-            raise (shards.FolderInUseError if kind == "busy" else ValueError)(payload)
+            raise errors[kind](payload)
         todo, records, bad = payload
         if bad and comm.rank == 0:
             warnings.warn(

@@ -30,6 +30,7 @@ import numpy as np
 from fastdiff.sample_many.comm import SampleManyError
 
 __all__ = [
+    "DTYPES",
     "FORMAT",
     "INDEX",
     "LOCK",
@@ -59,12 +60,14 @@ LOCK = ".sample_many.lock"
 FORMAT = "fastdiff.sample_many/2"
 _SHARD_RE = re.compile(r"^samples_(\d+)_(\d+)\.npz$")
 _TMP_RE = re.compile(r"^\..+\.tmp\.\d+$")
+# The samples' dtypes, and the numpy dtype a shard stores each in (numpy has no bfloat16).
 _NP_DTYPES = {
     "float32": "float32",
     "float16": "float16",
     "bfloat16": "float32",
     "float64": "float64",
 }
+DTYPES = tuple(_NP_DTYPES)
 _RECORD_KEYS = {"file": str, "start": int, "end": int, "count": int, "sha256": str, "seed": int}
 
 
