@@ -67,6 +67,14 @@ def failing_factory(**_):
     raise OSError("checkpoint not found")
 
 
+FACTORY_CALLS = []
+
+
+def recording_factory(device, dtype, sampler):
+    FACTORY_CALLS.append({"device": device, "dtype": dtype, "sampler": sampler})
+    return make_model(sampler)
+
+
 def none_factory(**_):
     return None
 
@@ -553,6 +561,10 @@ def test_model_resolution():
     assert model_id == "gmm" and model(torch.zeros(2, 2), torch.tensor([500, 500])).shape == (2, 2)
     model, model_id = resolve_model("test_sample_many:make_model", sampler, device, dtype)
     assert model_id == "test_sample_many:make_model" and callable(model)
+    FACTORY_CALLS.clear()  # a spec's callable is called once, with the documented keywords
+    model, model_id = resolve_model("test_sample_many:recording_factory", sampler, device, dtype)
+    assert FACTORY_CALLS == [{"device": device, "dtype": dtype, "sampler": sampler}]
+    assert model_id == "test_sample_many:recording_factory" and callable(model)
     # a callable is the model itself, never called to build one
     direct = make_model(sampler)
     assert resolve_model(direct, sampler, device, dtype)[0] is direct
