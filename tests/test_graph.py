@@ -2,30 +2,34 @@
 
 On the CPU: argument errors, the clear error for cuda_graph=True without CUDA, and the
 whole capture / verify / replay control flow run through an eager stand-in for the CUDA
-runtime (its "capture" runs the step's Python once on a copy of the state, its "replay"
-runs the step again), which must give exactly the eager loop's samples. On a GPU (marker
-``gpu``): real captures, bitwise equal to the eager loop, and the errors for models that
-cannot be captured. Comparisons are exact (torch.equal): the graph runs the same kernels on
-the same values as the eager loop.
+runtime (``graph_fakes.EagerRuntime``: its "capture" runs the step's Python once on a copy
+of the state, its "replay" runs the step again), which must give exactly the eager loop's
+samples. On a GPU (marker ``gpu``): real captures, bitwise equal to the eager loop, and the
+errors for models that cannot be captured. Comparisons are exact (torch.equal): the graph
+runs the same kernels on the same values as the eager loop.
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import random_mixture
+from graph_fakes import EagerRuntime
 
-from fastdiff import graph as graph_module
-from fastdiff import philox
-from fastdiff.graph import (
-    DenoisingLoopGraph,
-    GraphCaptureError,
-    SamplingGraph,
-    capture_denoising_loop,
-)
-from fastdiff.samplers import SAMPLERS
+from fastdiff import capture, philox
+from fastdiff.graph import GraphCaptureError, SamplingGraph
+from fastdiff.samplers import SAMPLERS, DPMSolverPP2MSampler
 from fastdiff.sampling import guidance_pair, sample
 from fastdiff.schedules import NoiseSchedule
+
+try:
+    from fastdiff.diffusers.graph import DenoisingLoopGraph, capture_denoising_loop
+except ImportError:  # no diffusers
+    DenoisingLoopGraph = capture_denoising_loop = None
+needs_diffusers = pytest.mark.skipif(DenoisingLoopGraph is None, reason="needs diffusers")
 
 SCHEDULE = NoiseSchedule.create("linear", 1000)
 HAS_CUDA = torch.cuda.is_available()
@@ -38,15 +42,16 @@ GUIDED_MODEL = guidance_pair(MODEL, GMM.denoiser(SCHEDULE, component=1))
 
 @pytest.fixture
 def eager_runtime(monkeypatch):
-    """Routes fastdiff.graph through the eager stand-in runtime (CPU tensors allowed)."""
+    """Routes every graph through the eager stand-in runtime (CPU tensors allowed), by
+    replacing the documented runtime factory ``fastdiff.capture.make_runtime``."""
     runtimes = []
 
     def make(device):
-        runtime = graph_module._EagerRuntime(device)
+        runtime = EagerRuntime(device)
         runtimes.append(runtime)
         return runtime
 
-    monkeypatch.setattr(graph_module, "_make_runtime", make)
+    monkeypatch.setattr(capture, "make_runtime", make)
     return runtimes
 
 
@@ -63,6 +68,10 @@ def test_cuda_graph_on_the_cpu_is_a_clear_error():
         sample(MODEL, sampler, shape=(2, D), device="cpu", cuda_graph=True, progress=False)
     with pytest.raises(ValueError, match="CUDA device"):
         SamplingGraph(MODEL, sampler, (2, D), device="cpu")
+
+
+@needs_diffusers
+def test_denoising_loop_on_the_cpu_is_a_clear_error():
     with pytest.raises(ValueError, match="CUDA device"):
         capture_denoising_loop(lambda x, t: x, torch.zeros(2, D), [3, 2, 1])
 
@@ -97,6 +106,10 @@ def test_argument_errors(eager_runtime):
         g.run(torch.zeros(2, D), seeds, start=7)
     with pytest.raises(ValueError, match="steps_per_graph=1"):
         g.run(torch.zeros(2, D), seeds, callback=lambda i, x, x0: None)
+
+
+@needs_diffusers
+def test_denoising_loop_argument_errors(eager_runtime):
     with pytest.raises(ValueError, match="timesteps"):
         DenoisingLoopGraph(lambda x, t: x, torch.zeros(2, D))
     with pytest.raises(TypeError, match="step_fn"):
