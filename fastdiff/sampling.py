@@ -215,14 +215,8 @@ def sample(
 
         x = sample(gmm.denoiser(schedule), DDPMSampler(schedule, 1000), shape=(4000, 2))
     """
-    body = SamplingStep(
-        model,
-        sampler,
-        guidance_scale=guidance_scale,
-        guidance_rescale=guidance_rescale,
-        cond_fn=cond_fn,
-        with_x0=callback is not None,
-    )
+    guidance = {"guidance_scale": guidance_scale, "guidance_rescale": guidance_rescale}
+    body = SamplingStep(model, sampler, cond_fn=cond_fn, with_x0=callback is not None, **guidance)
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable, got {type(callback).__name__}")
     if init_image is not None and not (
