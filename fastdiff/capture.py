@@ -68,11 +68,21 @@ class CudaRuntime:
 
     @contextlib.contextmanager
     def side_stream(self) -> Iterator[None]:
-        """Runs the block on the side stream, ordered after and before the current stream."""
+        """Runs the block on the side stream, ordered after and before the current stream.
+
+        Under CUDA autocast the block runs without autocast's weight-cast cache: casts cached
+        during a capture would be referenced by the graph and freed when the autocast region
+        ends (PyTorch asks for ``cache_enabled=False`` in captures), and the warm-up runs in
+        the same state as the capture (a ``torch.compile``d model is not recompiled in it).
+        """
         current = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(current)
         try:
-            with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+            with (
+                torch.cuda.device(self.device),
+                torch.cuda.stream(self.stream),
+                _no_autocast_cache(),
+            ):
                 yield
         finally:
             current.wait_stream(self.stream)
@@ -90,8 +100,7 @@ class CudaRuntime:
         graph.capture_begin(capture_error_mode="global")
         error: BaseException | None = None
         try:
-            with _no_autocast_cache():
-                fn()
+            fn()
         except BaseException as err:  # noqa: B036 - the capture must be ended whatever happened
             error = err
         finally:
@@ -110,9 +119,7 @@ class CudaRuntime:
 
 
 def _no_autocast_cache() -> contextlib.AbstractContextManager:
-    """Under CUDA autocast, a context without its weight-cast cache: casts cached during a
-    capture would be referenced by the graph and freed when the autocast region ends (PyTorch
-    asks for ``cache_enabled=False`` in captures)."""
+    """Under CUDA autocast, the same autocast without its weight-cast cache."""
     if not torch.is_autocast_enabled("cuda"):
         return contextlib.nullcontext()
     return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
