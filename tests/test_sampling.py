@@ -13,6 +13,7 @@ import torch
 from conftest import random_mixture
 
 from fastdiff import philox
+from fastdiff.loop import SamplingStep
 from fastdiff.philox import seeds_from
 from fastdiff.samplers import (
     SAMPLERS,
@@ -324,3 +325,17 @@ def test_channels_last_model(monkeypatch):
             assert torch.equal(out[backend, True], out[backend, False]), backend
     assert torch.isfinite(out["triton", False]).all()
     torch.testing.assert_close(out["triton", False], out["reference", False], rtol=1e-4, atol=1e-4)
+
+
+def test_step_body_condition_is_one_kind_of_tensor():
+    # The eager loop (an int step) and a graph (a 0-d counter) give the model the same kind
+    # of conditioning tensor: a torch.compile'd model then runs one compiled graph in both.
+    sampler = _sampler("ddim", 5)
+    step = SamplingStep(MODEL, sampler)
+    for i in range(5):
+        by_int = step.condition(i, 3, torch.device("cpu"))
+        by_counter = step.condition(torch.tensor(i), 3, torch.device("cpu"))
+        assert torch.equal(by_int, sampler.model_condition(i, 3, "cpu"))
+        assert torch.equal(by_int, by_counter) and by_int.dtype == torch.float32
+        for cond in (by_int, by_counter):
+            assert cond.stride() == (1,) and cond.storage_offset() == 0
