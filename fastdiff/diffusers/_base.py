@@ -331,6 +331,8 @@ class FusedSchedulerMixin:
         Refused: a multistep history kept in Python (``model_outputs``), and a step that
         always adds noise drawn from torch's random generators instead of in-kernel Philox
         noise (``uses_philox_noise`` False): a replay would not draw it as the eager loop.
+        (Noise asked for per call, DDIM's ``eta > 0``, is caught by the graph's check of its
+        first replay, which refuses any draw from torch's generators.)
 
         Raises:
             ValueError: the reason, and what to use instead.
@@ -356,7 +358,8 @@ class FusedSchedulerMixin:
     def prepare_graph_step(self) -> None:
         """Called at the start of every iteration of a captured denoising loop, before the
         loop's ``scale_model_input`` / ``step`` (state kept on the host would otherwise be
-        frozen at its captured value). Nothing to do here: the row is the timestep itself."""
+        frozen at its captured value). Default: nothing (DDPM / DDIM: the row is the
+        timestep itself)."""
 
     # -- end of the CUDA-graph hooks ----------------------------------------------------------
 
