@@ -1,4 +1,5 @@
-"""Whole sampling loops as CUDA graphs (fastdiff.graph) against eager loops.
+"""Whole sampling loops as CUDA graphs (fastdiff.graph, fastdiff.diffusers.graph) against
+eager loops.
 
 Two suites (CUDA only; without CUDA only ``test_models_smoke`` runs, a one-pass check that
 the benchmark's models and loops work, on tiny sizes):
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastdiff import philox
-from fastdiff.graph import SamplingGraph, capture_denoising_loop
+from fastdiff.graph import SamplingGraph
 from fastdiff.samplers import DDIMSampler, DDPMSampler
 from fastdiff.sampling import INITIAL_NOISE_STREAM, sample
 from fastdiff.schedules import NoiseSchedule
@@ -190,6 +191,7 @@ def _loops(net, shape, device, dtype, steps=NUM_STEPS, graphs=True):
     import diffusers
 
     from fastdiff.diffusers import FusedDDIMScheduler
+    from fastdiff.diffusers.graph import capture_denoising_loop
 
     sampler = DDIMSampler(SCHEDULE, steps)
     seeds = philox.seeds_from(0, shape[0], device)
@@ -219,9 +221,7 @@ def _loops(net, shape, device, dtype, steps=NUM_STEPS, graphs=True):
     }
     if graphs:
         graph = SamplingGraph(model, sampler, shape, device=device, dtype=dtype)
-        loops["fastdiff-graph"] = lambda: graph._run(
-            noise, seeds, start=0, progress=False, callback=None
-        )
+        loops["fastdiff-graph"] = lambda: graph.run(noise, seeds, copy=False)
         loops["fastdiff-graph-oneshot"] = lambda: sample(
             model, sampler, x=noise, device=device, dtype=dtype, progress=False, cuda_graph=True
         )
@@ -301,10 +301,10 @@ def test_graph_step(benchmark, case, sampler_name, impl):
     else:
         k = 1 if impl == "graph" else NUM_STEPS
         graph = SamplingGraph(model, sampler, shape, device=device, dtype=dtype, steps_per_graph=k)
-        graph._run(noise, seeds, start=0, progress=False, callback=None)  # capture
+        graph.run(noise, seeds, copy=False)  # capture
 
         def run():
-            return graph._run(noise, seeds, start=0, progress=False, callback=None)
+            return graph.run(noise, seeds, copy=False)
 
     def timed():
         run()
@@ -319,13 +319,12 @@ def test_graph_step(benchmark, case, sampler_name, impl):
         lambda: sampler.step(x, eps, 25, out=x, return_x0=False, **kw), return_mode="median"
     )
     if graph is not None:
-        engine = graph._engine
 
         def replays():  # from the start of the chain (two tiny resets, then the replays)
             graph.x.copy_(noise)
             graph.counter.zero_()
             for _ in range(NUM_STEPS // graph.steps_per_graph):
-                engine.graph.replay()
+                graph.replay()
 
         info["replay_us_per_step"] = _events_us(replays) / NUM_STEPS
         info["overhead_us_per_step"] = info["replay_us_per_step"] - info["kernel_us"]

@@ -1,19 +1,13 @@
 """The sampling loop: noise in, samples out, with any fastdiff sampler and any model.
 
-``sample(model, sampler, shape=...)`` draws the initial noise, then for each step asks the
-sampler what the model is conditioned on, calls the model, and lets the sampler take the
-step (one fused kernel launch on the GPU). All noise, the initial ``x_T`` and every step's,
-comes from the counter-based Philox stream of :mod:`fastdiff.philox`, keyed by a per-sample
-seed, so a sample depends only on its own seed: not on the batch it is drawn in, its position
-in the batch, the batch size or the device count.
-
-The loop never synchronizes the host with the device (no ``.item()``, no printing of
-tensors): only shapes are checked, so a whole run can be queued ahead of the GPU.
+Every sample has an int64 seed; its initial noise and every step's noise come from the
+counter-based Philox stream of :mod:`fastdiff.philox` keyed by that seed, so a sample does not
+depend on its batch, its position in it, or the device count. The loop never synchronizes
+the host with the device. Design notes: ``docs/graphs.md``.
 
 Example::
 
-    sampler = DDIMSampler(schedule, 50)
-    x = sample(model, sampler, shape=(16, 4, 64, 64), seed=1, device="cuda")
+    x = sample(model, DDIMSampler(schedule, 50), shape=(16, 4, 64, 64), seed=1, device="cuda")
 """
 
 from __future__ import annotations
@@ -25,13 +19,12 @@ import torch
 from tqdm.auto import tqdm
 
 from fastdiff import philox
+from fastdiff.loop import Model, SamplingStep
 
 __all__ = ["INITIAL_NOISE_STREAM", "guidance_pair", "initial_noise", "sample", "start_index"]
 
 # Stream of the initial noise x_T in fastdiff.philox (0 is the steps' noise).
 INITIAL_NOISE_STREAM = 1
-
-Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def initial_noise(
@@ -48,7 +41,7 @@ def initial_noise(
         Standard-normal noise of ``shape``, contiguous, on the seeds' device.
     """
     noise = philox.randn(seeds, 0, tuple(shape), stream=INITIAL_NOISE_STREAM, dtype=dtype)
-    return _dense(noise)  # a strided view when a sample's size is not a multiple of 4
+    return noise.contiguous()  # a strided view when a sample's size is not a multiple of 4
 
 
 def start_index(num_steps: int, strength: float) -> int:
@@ -107,15 +100,6 @@ def guidance_pair(uncond_model: Model, cond_model: Model) -> Model:
     return joined
 
 
-def _check_sampler(sampler: Any) -> None:
-    for attr in ("num_steps", "timesteps", "model_condition", "step", "schedule"):
-        if not hasattr(sampler, attr):
-            raise TypeError(
-                f"sampler must be a fastdiff sampler (missing {attr!r}), "
-                f"got {type(sampler).__name__}"
-            )
-
-
 def _resolve_shape(
     shape: Sequence[int] | None, x: torch.Tensor | None, init_image: torch.Tensor | None
 ) -> tuple[int, ...]:
@@ -164,22 +148,7 @@ def _resolve_seeds(seed: int, seeds: torch.Tensor | None, batch: int, device: to
 
 def _dense(t: torch.Tensor) -> torch.Tensor:
     """t itself if contiguous or channels_last (what the fused kernels take), else a copy."""
-    if t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)):
-        return t
-    return t.contiguous()
-
-
-def _check_output(out: Any, expected_batch: int, guided: bool) -> None:
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"the model must return a tensor, got {type(out).__name__}")
-    if out.shape[0] != expected_batch:
-        if guided:
-            raise ValueError(
-                f"with guidance_scale the model is called on the doubled batch and must return "
-                f"[2B={expected_batch}, ...] (unconditional half first); it returned "
-                f"{tuple(out.shape)}"
-            )
-        raise ValueError(f"the model returned batch {out.shape[0]}, expected {expected_batch}")
+    return t.contiguous(memory_format=philox.memory_format_of(t))
 
 
 def sample(
@@ -203,75 +172,53 @@ def sample(
 ) -> torch.Tensor:
     """Runs a sampler's reverse chain with ``model`` and returns the samples.
 
-    Noise: every sample has an int64 seed; with ``seeds=None`` sample ``b`` gets
-    ``seed * 2**32 + b`` (:func:`fastdiff.philox.seeds_from`). The initial noise is
-    ``philox.randn(seeds, 0, shape, stream=1)`` and each step's noise is drawn by the sampler
-    from the same seeds (stream 0, keyed by the step index), so a sample depends on its seed
-    alone: sample 0 of a batch of 3 equals sample 0 of a batch of 5 with the same seeds.
-
-    Each step ``i``: ``cond = sampler.model_condition(i, B, device)``; ``m = model(x, cond)``;
-    ``x = sampler.step(x, m, i, ...)``. With ``guidance_scale`` (classifier-free guidance) the
-    model is called once on ``torch.cat([x, x])`` with ``torch.cat([cond, cond])`` and must
-    return ``[2B, ...]`` with the **unconditional half first**, then the conditional half
-    (:func:`guidance_pair` builds such a model from two). Multistep samplers (DPM-Solver++(2M))
-    get the previous step's x0 (zeros before the first step).
-
-    Truncated chains (img2img, SDEdit): with ``init_image`` the chain starts at step index
-    ``start = num_steps - max(1, round(strength * num_steps))`` (:func:`start_index`) from
-    ``schedule.add_noise(init_image, noise, timesteps[start])``. A multistep sampler's first
-    step there is made first order (its x0_prev is the step's own x0).
+    Sample ``b`` is seeded by ``seeds[b]`` (default ``seed * 2**32 + b``); ``x_T`` is
+    :func:`initial_noise` of the seeds. Each step is one :class:`fastdiff.loop.SamplingStep`:
+    ``m = model(x, cond)`` (with ``guidance_scale``: on ``cat([x, x])``, returning ``[2B, ...]``,
+    unconditional half first; :func:`guidance_pair`), then ``x = sampler.step(x, m, i, ...)``.
+    With ``init_image`` the chain starts at ``start_index(num_steps, strength)`` from
+    ``schedule.add_noise(init_image, x_T, timesteps[start])``; a chain's first step takes no
+    previous x0 (a multistep sampler's first-order step).
 
     Args:
         model: ``model(x, cond) -> output`` in the sampler's prediction type.
-        sampler: a ``fastdiff.samplers.Sampler``.
-        shape: the samples' shape, batch first. Give exactly one of ``shape`` and ``x``
-            (neither is needed with ``init_image``).
-        x: explicit initial standard-normal noise instead of the Philox draw: ``x_T`` itself,
-            or with ``init_image`` the noise added to the image. Moved to ``device``/``dtype``.
-        seed: seeds the batch as above (an int in ``[0, 2**31)``); ignored when ``seeds`` is
-            given.
-        seeds: int64 tensor [B]: one seed per sample.
-        device: where to sample; default: x's or init_image's device, else CUDA when available,
-            else CPU.
+        sampler: a ``fastdiff.Sampler``.
+        shape: the samples' shape, batch first; or give ``x`` (or ``init_image``).
+        x: explicit initial noise instead of the Philox draw (with ``init_image``: the noise
+            added to it).
+        seed: seeds the batch as above; ignored when ``seeds`` is given.
+        seeds: int64 ``[B]``, one seed per sample.
+        device: default: x's or init_image's device, else CUDA when available, else CPU.
         dtype: dtype of the samples (the model's input).
-        guidance_scale: classifier-free guidance weight (None: no guidance; 1: the
-            conditional model alone).
+        guidance_scale: classifier-free guidance weight (None: no guidance).
         guidance_rescale: Lin et al. 2023 guidance rescale in [0, 1] (needs guidance_scale).
-        cond_fn: classifier guidance: ``cond_fn(x, cond)`` returns the already-scaled gradient
-            of log p(y | x_t), like x; passed to the step as ``grad`` (stochastic samplers).
-        init_image: clean data to start a truncated chain from (shape of the samples).
+        cond_fn: classifier guidance: ``cond_fn(x, cond)`` returns the scaled gradient of
+            log p(y | x_t), like x (stochastic samplers).
+        init_image: clean data to start a truncated chain from (img2img, SDEdit).
         strength: fraction of the chain to run with ``init_image``, in (0, 1].
         progress: show a tqdm progress bar.
-        callback: ``callback(i, x, x0)`` after each step with the new sample and the step's
-            predicted x0 (device tensors: do not sync in it if speed matters).
-        cuda_graph: capture one step (model call, guidance, fused update) as a CUDA graph and
-            replay it for every step (:mod:`fastdiff.graph`): bitwise the same samples, without
-            the launch overhead of the model's kernels. Needs a CUDA device and a capturable
-            model (else ``fastdiff.graph.GraphCaptureError`` says why); the callback then gets
-            static buffers that the next step overwrites.
+        callback: ``callback(i, x, x0)`` after each step (device tensors).
+        cuda_graph: replay one captured step as a CUDA graph (:class:`fastdiff.SamplingGraph`):
+            bitwise the same samples, without the model's launch overhead. Needs CUDA and a
+            capturable model, which may be a ``torch.compile``d one (else
+            ``fastdiff.GraphCaptureError`` says why); the callback then gets static buffers.
 
     Returns:
         The samples, ``[B, ...]`` in ``dtype`` on ``device``.
 
     Raises:
-        TypeError: a non-callable model, a non-sampler, wrongly typed seeds/shape.
-        ValueError: shape and x both or neither given, seeds of the wrong length, a guided
-            model output that is not [2B, ...], strength outside (0, 1], an init_image whose
-            shape differs from the samples', guidance_rescale without guidance_scale.
+        TypeError: a non-callable model, a non-sampler, wrongly typed seeds or shape.
+        ValueError: shape and x both or neither, seeds of the wrong length, a model output of
+            the wrong batch, a bad strength or init_image shape, guidance_rescale alone.
 
     Example::
 
         x = sample(gmm.denoiser(schedule), DDPMSampler(schedule, 1000), shape=(4000, 2))
     """
-    if not callable(model):
-        raise TypeError(f"model must be callable as model(x, cond), got {type(model).__name__}")
-    _check_sampler(sampler)
-    if cond_fn is not None and not callable(cond_fn):
-        raise TypeError(f"cond_fn must be callable, got {type(cond_fn).__name__}")
+    guidance = {"guidance_scale": guidance_scale, "guidance_rescale": guidance_rescale}
+    body = SamplingStep(model, sampler, cond_fn=cond_fn, with_x0=callback is not None, **guidance)
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable, got {type(callback).__name__}")
-    if guidance_scale is None and guidance_rescale:
-        raise ValueError("guidance_rescale needs guidance_scale")
     if init_image is not None and not (
         isinstance(init_image, torch.Tensor) and init_image.is_floating_point()
     ):
@@ -307,30 +254,10 @@ def sample(
         from fastdiff.graph import sample_graphed
 
         return sample_graphed(
-            model,
-            sampler,
-            x,
-            seeds=seeds,
-            start=start,
-            guidance_scale=guidance_scale,
-            guidance_rescale=guidance_rescale,
-            cond_fn=cond_fn,
-            progress=progress,
-            callback=callback,
+            body, x, seeds=seeds, start=start, progress=progress, callback=callback
         )
 
-    guided = guidance_scale is not None
-    stochastic = bool(getattr(sampler, "stochastic", False))
-    multistep = bool(getattr(sampler, "multistep", False))
-    x0_prev = None
-    want_x0 = multistep or callback is not None  # else the kernel skips writing x0
-    step_kwargs: dict[str, Any] = {}
-    if stochastic:
-        step_kwargs["seeds"] = seeds
-    if guided:
-        step_kwargs["guidance_scale"] = guidance_scale
-        step_kwargs["guidance_rescale"] = guidance_rescale
-
+    x0 = None
     steps = tqdm(
         range(start, num_steps),
         total=num_steps - start,
@@ -339,21 +266,8 @@ def sample(
         leave=False,
     )
     for i in steps:
-        cond = sampler.model_condition(i, batch, device)
-        if guided:
-            out = model(torch.cat([x, x]), torch.cat([cond, cond]))
-            _check_output(out, 2 * batch, guided=True)
-        else:
-            out = model(x, cond)
-            _check_output(out, batch, guided=False)
-        grad = cond_fn(x, cond) if cond_fn is not None else None
-        # A chain's first step has no previous x0: without one, a multistep sampler takes
-        # its first-order step (this matters for truncated chains that start past step 0).
-        prev = x0_prev if i > start else None
-        result = sampler.step(x, out, i, x0_prev=prev, grad=grad, return_x0=want_x0, **step_kwargs)
-        x = result.prev_sample
-        if multistep:
-            x0_prev = result.pred_original_sample
+        result = body(x, i, seeds=seeds, x0_prev=x0, first=i == start)
+        x, x0 = result.prev_sample, result.pred_original_sample
         if callback is not None:
-            callback(i, x, result.pred_original_sample)
+            callback(i, x, x0)
     return x

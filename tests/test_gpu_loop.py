@@ -4,6 +4,7 @@ CUDA graph (skipped without CUDA)."""
 import pytest
 import torch
 
+from fastdiff.loop import SamplingStep
 from fastdiff.philox import seeds_from
 from fastdiff.samplers import SAMPLERS
 from fastdiff.schedules import NoiseSchedule
@@ -17,23 +18,16 @@ def _model(x, cond):
     return torch.tanh(x) * (cond.view(-1, *[1] * (x.dim() - 1)) / 1000.0)
 
 
-def _loop(sampler, x, x0, seeds, guided):
-    for i in range(sampler.num_steps):
-        cond = sampler.model_condition(i, x.shape[0], x.device)
-        if guided:
-            m = _model(torch.cat([x, x]), torch.cat([cond, cond * 0.5]))
-        else:
-            m = _model(x, cond)
-        sampler.step(
-            x,
-            m,
-            i,
-            x0_prev=x0,
-            seeds=seeds,
-            out=x,
-            x0_out=x0,
-            guidance_scale=5.0 if guided else None,
-        )
+def _guided_model(x, cond):
+    """Both CFG halves in one call; the conditional half sees half the condition."""
+    b = x.shape[0] // 2
+    return torch.cat([_model(x[:b], cond[:b]), _model(x[b:], cond[b:] * 0.5)])
+
+
+def _loop(step, x, x0, seeds):
+    """A chain of the library's step body (fastdiff.loop.SamplingStep), in place."""
+    for i in range(step.sampler.num_steps):
+        step(x, i, seeds=seeds, x0_prev=x0, out=x, x0_out=x0)
     return x
 
 
@@ -41,17 +35,20 @@ def _loop(sampler, x, x0, seeds, guided):
 @pytest.mark.parametrize("guided", [False, True])
 def test_loop_has_no_host_sync_and_replays_in_a_cuda_graph(name, guided):
     sampler = SAMPLERS[name](SCHEDULE, 12, backend="triton")
+    step = SamplingStep(
+        _guided_model if guided else _model, sampler, guidance_scale=5.0 if guided else None
+    )
     shape = (2, 4, 16, 16)
     seeds = seeds_from(3, 2, "cuda")
     start = torch.randn(shape, device="cuda", dtype=torch.float16)
 
     x, x0 = start.clone(), torch.zeros_like(start)
-    _loop(sampler, x, x0, seeds, guided)  # compile and warm up outside the checks
+    _loop(step, x, x0, seeds)  # compile and warm up outside the checks
     eager, eager_x0 = start.clone(), torch.zeros_like(start)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        _loop(sampler, eager, eager_x0, seeds, guided)
+        _loop(step, eager, eager_x0, seeds)
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
@@ -60,10 +57,10 @@ def test_loop_has_no_host_sync_and_replays_in_a_cuda_graph(name, guided):
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        _loop(sampler, static.clone(), static_x0.clone(), seeds, guided)  # warm-up on the stream
+        _loop(step, static.clone(), static_x0.clone(), seeds)  # warm-up on the stream
     torch.cuda.current_stream().wait_stream(side)
     with torch.cuda.graph(graph):
-        _loop(sampler, static, static_x0, seeds, guided)
+        _loop(step, static, static_x0, seeds)
     static.copy_(start)
     static_x0.zero_()
     graph.replay()

@@ -2,30 +2,34 @@
 
 On the CPU: argument errors, the clear error for cuda_graph=True without CUDA, and the
 whole capture / verify / replay control flow run through an eager stand-in for the CUDA
-runtime (its "capture" runs the step's Python once on a copy of the state, its "replay"
-runs the step again), which must give exactly the eager loop's samples. On a GPU (marker
-``gpu``): real captures, bitwise equal to the eager loop, and the errors for models that
-cannot be captured. Comparisons are exact (torch.equal): the graph runs the same kernels on
-the same values as the eager loop.
+runtime (``graph_fakes.EagerRuntime``: its "capture" runs the step's Python once on a copy
+of the state, its "replay" runs the step again), which must give exactly the eager loop's
+samples. On a GPU (marker ``gpu``): real captures, bitwise equal to the eager loop, and the
+errors for models that cannot be captured. Comparisons are exact (torch.equal): the graph
+runs the same kernels on the same values as the eager loop.
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import random_mixture
+from graph_fakes import EagerRuntime
 
-from fastdiff import graph as graph_module
-from fastdiff import philox
-from fastdiff.graph import (
-    DenoisingLoopGraph,
-    GraphCaptureError,
-    SamplingGraph,
-    capture_denoising_loop,
-)
-from fastdiff.samplers import SAMPLERS
+from fastdiff import capture, philox
+from fastdiff.graph import GraphCaptureError, SamplingGraph
+from fastdiff.samplers import SAMPLERS, DPMSolverPP2MSampler
 from fastdiff.sampling import guidance_pair, sample
 from fastdiff.schedules import NoiseSchedule
+
+try:
+    from fastdiff.diffusers.graph import DenoisingLoopGraph, capture_denoising_loop
+except ImportError:  # no diffusers
+    DenoisingLoopGraph = capture_denoising_loop = None
+needs_diffusers = pytest.mark.skipif(DenoisingLoopGraph is None, reason="needs diffusers")
 
 SCHEDULE = NoiseSchedule.create("linear", 1000)
 HAS_CUDA = torch.cuda.is_available()
@@ -38,15 +42,16 @@ GUIDED_MODEL = guidance_pair(MODEL, GMM.denoiser(SCHEDULE, component=1))
 
 @pytest.fixture
 def eager_runtime(monkeypatch):
-    """Routes fastdiff.graph through the eager stand-in runtime (CPU tensors allowed)."""
+    """Routes every graph through the eager stand-in runtime (CPU tensors allowed), by
+    replacing the documented runtime factory ``fastdiff.capture.make_runtime``."""
     runtimes = []
 
     def make(device):
-        runtime = graph_module._EagerRuntime(device)
+        runtime = EagerRuntime(device)
         runtimes.append(runtime)
         return runtime
 
-    monkeypatch.setattr(graph_module, "_make_runtime", make)
+    monkeypatch.setattr(capture, "make_runtime", make)
     return runtimes
 
 
@@ -63,6 +68,10 @@ def test_cuda_graph_on_the_cpu_is_a_clear_error():
         sample(MODEL, sampler, shape=(2, D), device="cpu", cuda_graph=True, progress=False)
     with pytest.raises(ValueError, match="CUDA device"):
         SamplingGraph(MODEL, sampler, (2, D), device="cpu")
+
+
+@needs_diffusers
+def test_denoising_loop_on_the_cpu_is_a_clear_error():
     with pytest.raises(ValueError, match="CUDA device"):
         capture_denoising_loop(lambda x, t: x, torch.zeros(2, D), [3, 2, 1])
 
@@ -97,6 +106,10 @@ def test_argument_errors(eager_runtime):
         g.run(torch.zeros(2, D), seeds, start=7)
     with pytest.raises(ValueError, match="steps_per_graph=1"):
         g.run(torch.zeros(2, D), seeds, callback=lambda i, x, x0: None)
+
+
+@needs_diffusers
+def test_denoising_loop_argument_errors(eager_runtime):
     with pytest.raises(ValueError, match="timesteps"):
         DenoisingLoopGraph(lambda x, t: x, torch.zeros(2, D))
     with pytest.raises(TypeError, match="step_fn"):
@@ -250,6 +263,122 @@ def test_model_with_python_state_is_caught_by_the_verification(eager_runtime):
     assert g.run(torch.randn(2, D)).shape == (2, D)
 
 
+class WritesBeforeReads(DPMSolverPP2MSampler):
+    """A step that writes ``x0_out`` before it reads ``x0_prev``: correct with separate
+    buffers, wrong when they alias (the kind of bug the graph's in-place step would hide)."""
+
+    def step(self, x, model_output, i, *, x0_prev=None, out=None, x0_out=None, **kwargs):
+        if x0_prev is not None and x0_out is not None:
+            early = super().step(x, model_output, i, x0_prev=x0_prev, **kwargs)
+            x0_out.copy_(early.pred_original_sample)  # clobbers x0_prev when they alias
+        return super().step(x, model_output, i, x0_prev=x0_prev, out=out, x0_out=x0_out, **kwargs)
+
+
+def test_verification_compares_against_an_unaliased_step(eager_runtime):
+    sampler = WritesBeforeReads(SCHEDULE, 7, backend="reference")
+    eager = sample(MODEL, sampler, shape=(3, D), seed=1, progress=False)
+    assert torch.equal(eager, sample(MODEL, _sampler("dpmpp_2m"), shape=(3, D), seed=1))
+    # The captured step runs in place (x0_out is x0_prev): the check must see the difference.
+    with pytest.raises(GraphCaptureError, match="aliases"):
+        sample(MODEL, sampler, shape=(3, D), seed=1, progress=False, cuda_graph=True)
+    g = SamplingGraph(MODEL, sampler, (3, D), device="cpu", verify=False)
+    seeds = philox.seeds_from(1, 3)
+    assert not torch.equal(g.run(philox.randn(seeds, 0, (3, D), stream=1), seeds), eager)
+
+
+def test_verification_catches_draws_from_torch_rng(eager_runtime):
+    def model(x, cond):  # draws from torch's generator (the draw does not change the output)
+        return MODEL(x, cond) + 0.0 * torch.randn_like(x)
+
+    with pytest.raises(GraphCaptureError, match="random numbers from torch's generators"):
+        sample(model, _sampler("ddim"), shape=(2, D), progress=False, cuda_graph=True)
+
+
+def test_runtime_argument_and_static_result():
+    runtime = EagerRuntime(torch.device("cpu"))
+    sampler = _sampler("euler_ancestral")
+    g = SamplingGraph(MODEL, sampler, (2, D), device="cpu", runtime=runtime)
+    seeds = philox.seeds_from(3, 2)
+    x = philox.randn(seeds, 0, (2, D), stream=1)
+    static = g.run(x, seeds, copy=False)
+    assert static is g.x and runtime.captures == 1
+    assert torch.equal(static, sample(MODEL, sampler, shape=(2, D), seed=3, progress=False))
+    fresh = g.run(x, seeds)
+    assert fresh is not g.x and torch.equal(fresh, static)
+    # replay() alone: one more step of the chain on the buffers, nothing reset
+    g.x.copy_(x)
+    g.counter.zero_()
+    g.replay()
+    ref = sample(MODEL, _sampler("euler_ancestral", steps=7), x=x, seeds=seeds, progress=False)
+    assert int(g.counter) == 1 and not torch.equal(g.x, x) and ref.shape == g.x.shape
+
+
+@needs_diffusers
+def test_denoising_loop_names_stay_importable_from_fastdiff_graph():
+    import fastdiff.graph
+    from fastdiff.diffusers import graph as diffusers_graph
+
+    assert fastdiff.graph.capture_denoising_loop is diffusers_graph.capture_denoising_loop
+    assert fastdiff.graph.DenoisingLoopGraph is diffusers_graph.DenoisingLoopGraph
+    with pytest.raises(AttributeError):
+        fastdiff.graph.no_such_name  # noqa: B018
+    code = "import sys, fastdiff.graph; assert 'diffusers' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@needs_diffusers
+def test_scheduler_hooks_decide_and_prepare(eager_runtime):
+    from fastdiff.diffusers import (
+        FusedDDIMScheduler,
+        FusedDDPMScheduler,
+        FusedEulerAncestralDiscreteScheduler,
+        FusedEulerDiscreteScheduler,
+    )
+
+    latents = torch.zeros(1, 4, 5, 5)
+    for cls in (FusedDDPMScheduler, FusedEulerAncestralDiscreteScheduler):
+        scheduler = cls()
+        scheduler.set_timesteps(5)
+        scheduler.check_capturable()  # in-kernel Philox noise (today's default)
+        scheduler.uses_philox_noise = False  # noise from torch's generator: refused
+        with pytest.raises(ValueError, match="torch's random generator"):
+            capture_denoising_loop(lambda x, t: x, latents, scheduler=scheduler)
+    for cls in (FusedDDIMScheduler, FusedEulerDiscreteScheduler):
+        scheduler = cls()  # deterministic: the noise source does not matter
+        scheduler.uses_philox_noise = False
+        scheduler.set_timesteps(5)
+        scheduler.check_capturable()
+    euler = FusedEulerDiscreteScheduler()
+    euler.set_timesteps(5)
+    euler.set_begin_index(2)
+    with pytest.raises(ValueError, match="begin_index"):
+        capture_denoising_loop(lambda x, t: x, latents, scheduler=euler)
+    euler = FusedEulerDiscreteScheduler()
+    euler.set_timesteps(5)
+    euler.scale_model_input(latents, euler.timesteps[0])
+    assert euler.step_index == 0
+    euler.prepare_graph_step()
+    assert euler.step_index is None  # looked up again from the next timestep
+
+    class Custom:  # any object with the hooks takes part
+        def __init__(self):
+            self.prepared = 0
+
+        def check_capturable(self):
+            pass
+
+        def prepare_graph_step(self):
+            self.prepared += 1
+
+    custom = Custom()
+    loop = capture_denoising_loop(lambda x, t: x + 1, latents, [3, 2, 1, 0], scheduler=custom)
+    assert torch.equal(loop.run(latents), latents + 4)
+    # before every iteration's Python: 2 warm-ups, the capture, the check's reference and the
+    # stand-in's 2 replays (the verified one and the last step)
+    assert custom.prepared == 2 + 1 + 1 + 2
+
+
+@needs_diffusers
 def test_denoising_loop_equals_eager_loop(eager_runtime):
     timesteps = torch.tensor([900, 700, 500, 300, 100])
     weights = torch.randn(D, D, dtype=torch.float64) * 0.1
@@ -407,6 +536,14 @@ def test_gpu_python_state_is_caught():
         sample(counting, sampler, shape=(2, 4, 8, 8), seed=0, progress=False, cuda_graph=True)
 
 
+def _philox_noise(scheduler):
+    """The scheduler with in-kernel Philox step noise, what a graphed loop needs (the
+    adapter's opt-in; a no-op where Philox noise is the default)."""
+    if not getattr(scheduler, "uses_philox_noise", True):
+        scheduler.uses_philox_noise = True
+    return scheduler
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("scheduler_name", ["ddim", "ddpm", "euler", "euler_ancestral"])
 def test_gpu_diffusers_unet_loop_equals_eager(scheduler_name):
@@ -439,7 +576,7 @@ def test_gpu_diffusers_unet_loop_equals_eager(scheduler_name):
         .to("cuda", torch.float16)
         .eval()
     )
-    scheduler = cls()
+    scheduler = _philox_noise(cls())
 
     def step_fn(latents, t):
         model_input = scheduler.scale_model_input(latents, t)
@@ -460,3 +597,85 @@ def test_gpu_diffusers_unet_loop_equals_eager(scheduler_name):
     torch.cuda.synchronize()
     assert loop.captured and torch.isfinite(graphed).all()
     assert torch.equal(graphed, eager)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("name", ["euler", "euler_ancestral"])
+def test_gpu_euler_scale_model_input_same_for_host_and_device_index(name, dtype):
+    # The eager loop (`for t in scheduler.timesteps`) finds the step index on the host; a
+    # graphed loop (prepare_graph_step, a fresh device timestep) finds it on the device.
+    # Both must scale the model input with the same arithmetic, bit for bit.
+    pytest.importorskip("diffusers")
+    from fastdiff.diffusers import (
+        FusedEulerAncestralDiscreteScheduler,
+        FusedEulerDiscreteScheduler,
+    )
+
+    cls = FusedEulerDiscreteScheduler if name == "euler" else FusedEulerAncestralDiscreteScheduler
+    scheduler = cls()
+    scheduler.set_timesteps(10, device="cuda")
+    x = torch.randn(2, 4, 16, 16, device="cuda", dtype=dtype) * 14
+    for k, t in enumerate(scheduler.timesteps):
+        scheduler.prepare_graph_step()
+        on_host = scheduler.scale_model_input(x, t)
+        scheduler.prepare_graph_step()
+        t_device = torch.take(scheduler.timesteps, torch.tensor(k, device="cuda"))
+        on_device = scheduler.scale_model_input(x, t_device)
+        assert torch.equal(on_host, on_device), k
+
+
+@pytest.mark.gpu
+def test_gpu_channels_last_graph():
+    sampler = SAMPLERS["dpmpp_2m"](SCHEDULE, 8)
+    net = _net().to(memory_format=torch.channels_last)
+    seeds = philox.seeds_from(2, 3, "cuda")
+    noise = philox.randn(seeds, 0, (3, 4, 16, 16), stream=1)
+    with torch.no_grad():
+        for x in (noise, noise.contiguous(memory_format=torch.channels_last)):
+            eager = sample(net, sampler, x=x, seeds=seeds, progress=False)
+            graphed = sample(net, sampler, x=x, seeds=seeds, progress=False, cuda_graph=True)
+            assert torch.equal(graphed, eager)
+        g = SamplingGraph(net, sampler, (3, 4, 16, 16), memory_format=torch.channels_last)
+        assert g.x.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(g.run(noise, seeds), eager)
+
+
+class TinyMLP(torch.nn.Module):
+    """A small MLP denoiser on [B, 64] samples conditioned on the timestep."""
+
+    def __init__(self, dim: int = 64, width: int = 128) -> None:
+        super().__init__()
+        self.inp = torch.nn.Linear(dim, width)
+        self.emb = torch.nn.Linear(1, width)
+        self.out = torch.nn.Linear(width, dim)
+
+    def forward(self, x, cond):
+        h = self.inp(x) + self.emb(cond.to(x.dtype)[:, None] / 1000)
+        return self.out(torch.nn.functional.silu(h))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["default", "max-autotune-no-cudagraphs"])
+@pytest.mark.parametrize("name", ["ddpm", "dpmpp_2m"])
+def test_gpu_torch_compiled_model_in_a_graph(mode, name):
+    # The user compiles; fastdiff's warm-up (on the graph's side stream) compiles and
+    # autotunes before the capture. The graph comes first here, so the model is compiled
+    # inside it; the eager loop then reuses the compiled model and must agree bitwise.
+    torch.compiler.reset()
+    torch.manual_seed(0)
+    net = TinyMLP().cuda().eval()
+    compiled = torch.compile(net, mode=mode)
+    sampler = SAMPLERS[name](SCHEDULE, 8)
+    shape = (4, 64)
+    with torch.no_grad():
+        graphed = sample(compiled, sampler, shape=shape, seed=5, progress=False, cuda_graph=True)
+        eager = sample(compiled, sampler, shape=shape, seed=5, progress=False)
+        assert torch.equal(graphed, eager)
+        g = SamplingGraph(compiled, sampler, shape, steps_per_graph=4, guidance_scale=2.0)
+        seeds = philox.seeds_from(6, 4, "cuda")
+        x = philox.randn(seeds, 0, shape, stream=1)
+        ref = sample(compiled, sampler, x=x, seeds=seeds, guidance_scale=2.0, progress=False)
+        assert torch.equal(g.run(x, seeds), ref) and torch.equal(g.run(x, seeds), ref)
+    assert g.captured and torch.isfinite(ref).all()
+    torch.compiler.reset()

@@ -13,6 +13,7 @@ import torch
 from conftest import random_mixture
 
 from fastdiff import philox
+from fastdiff.loop import SamplingStep
 from fastdiff.philox import seeds_from
 from fastdiff.samplers import (
     SAMPLERS,
@@ -286,3 +287,55 @@ def test_loop_with_fused_kernels_matches_reference(name, device):
     a = _sample(MODEL, fused, init_image=init, strength=0.7, seed=9, progress=False)
     b = _sample(MODEL, ref, init_image=init, strength=0.7, seed=9, progress=False)
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+class ChannelsLastConv(torch.nn.Module):
+    """A conv model with channels_last weights: its output is channels_last even for a
+    contiguous input (what PyTorch's convolutions do), as in a model converted with
+    ``model.to(memory_format=torch.channels_last)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(2, 2, 3, padding=1).to(memory_format=torch.channels_last)
+
+    def forward(self, x, cond):
+        out = torch.tanh(self.conv(x)) * (cond[:, None, None, None] / 1000)
+        assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+        return out
+
+
+def test_channels_last_model(monkeypatch):
+    # Same samples on both backends; the kernel path lays the model output out like x. The
+    # graphed loop (through the eager stand-in runtime) gives bitwise the eager samples.
+    from graph_fakes import EagerRuntime
+
+    from fastdiff import capture
+
+    monkeypatch.setattr(capture, "make_runtime", EagerRuntime)
+    model = ChannelsLastConv()
+    out = {}
+    with torch.no_grad():
+        for backend in ("reference", "triton"):
+            sampler = SAMPLERS["dpmpp_2m"](SCHEDULE, 4, backend=backend)
+            for graphed in (False, True):
+                out[backend, graphed] = sample(
+                    model, sampler, shape=(2, 2, 5, 3), seed=1, progress=False, cuda_graph=graphed
+                )
+            assert torch.equal(out[backend, True], out[backend, False]), backend
+    assert torch.isfinite(out["triton", False]).all()
+    torch.testing.assert_close(out["triton", False], out["reference", False], rtol=1e-4, atol=1e-4)
+
+
+def test_step_body_condition_is_one_kind_of_tensor():
+    # The eager loop (an int step) and a graph (a 0-d counter) give the model the same kind
+    # of conditioning tensor: a torch.compile'd model then runs one compiled graph in both.
+    sampler = _sampler("ddim", 5)
+    step = SamplingStep(MODEL, sampler)
+    for i in range(5):
+        by_int = step.condition(i, 3, torch.device("cpu"))
+        by_counter = step.condition(torch.tensor(i), 3, torch.device("cpu"))
+        assert torch.equal(by_int, sampler.model_condition(i, 3, "cpu"))
+        assert torch.equal(by_int, by_counter) and by_int.dtype == torch.float32
+        for cond in (by_int, by_counter):
+            assert cond.stride() == (1,) and cond.storage_offset() == 0

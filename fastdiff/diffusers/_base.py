@@ -322,6 +322,47 @@ class FusedSchedulerMixin:
         """Plan state besides the timesteps and sigmas that the tables depend on."""
         return (self.num_inference_steps, getattr(self, "custom_timesteps", None))
 
+    # -- CUDA-graph hooks (fastdiff.diffusers.graph.capture_denoising_loop) -----------------
+
+    def check_capturable(self) -> None:
+        """Raise ValueError saying why a denoising loop stepping this scheduler cannot be
+        replayed as a CUDA graph (``capture_denoising_loop`` calls it before capturing).
+
+        Refused: a multistep history kept in Python (``model_outputs``), and a step that
+        always adds noise drawn from torch's random generators instead of in-kernel Philox
+        noise (``uses_philox_noise`` False): a replay would not draw it as the eager loop.
+        (Noise asked for per call, DDIM's ``eta > 0``, is caught by the graph's check of its
+        first replay, which refuses any draw from torch's generators.)
+
+        Raises:
+            ValueError: the reason, and what to use instead.
+        """
+        from diffusers import DDPMScheduler, EulerAncestralDiscreteScheduler
+
+        name = type(self).__name__
+        if hasattr(self, "model_outputs"):
+            raise ValueError(
+                f"{name} keeps its multistep history in Python (model_outputs, "
+                "lower_order_nums), which a replayed graph cannot update; use "
+                "fastdiff.sample(model, DPMSolverPP2MSampler(...), cuda_graph=True) or the "
+                "eager loop"
+            )
+        noisy = isinstance(self, (DDPMScheduler, EulerAncestralDiscreteScheduler))
+        if noisy and not getattr(self, "uses_philox_noise", True):
+            raise ValueError(
+                f"{name} draws its step noise from torch's random generator (randn_tensor), "
+                "which a replayed CUDA graph does not draw as the eager loop does; use the "
+                "scheduler's in-kernel Philox noise for a graphed loop, or the eager loop"
+            )
+
+    def prepare_graph_step(self) -> None:
+        """Called at the start of every iteration of a captured denoising loop, before the
+        loop's ``scale_model_input`` / ``step`` (state kept on the host would otherwise be
+        frozen at its captured value). Default: nothing (DDPM / DDIM: the row is the
+        timestep itself)."""
+
+    # -- end of the CUDA-graph hooks ----------------------------------------------------------
+
     # -- tables ------------------------------------------------------------------------------
 
     def _device_tables(
@@ -568,6 +609,25 @@ class StepIndexMixin(FusedSchedulerMixin):
     device it is found by a device-side lookup and stays a 0-d device tensor, advanced on
     the device.
     """
+
+    # -- CUDA-graph hooks (see FusedSchedulerMixin) ------------------------------------------
+
+    def check_capturable(self) -> None:
+        """As ``FusedSchedulerMixin.check_capturable``; also refused: a ``begin_index``
+        (``set_begin_index``), which a graph would freeze into every run."""
+        super().check_capturable()
+        if self.begin_index is not None:
+            raise ValueError(
+                "the scheduler has a begin_index (set_begin_index): its step index would be "
+                "frozen into the graph; capture a loop over the plan's timesteps instead"
+            )
+
+    def prepare_graph_step(self) -> None:
+        """Forgets the step index, so that ``scale_model_input`` / ``step`` look it up again
+        on the device from the iteration's timestep (a host index would be frozen)."""
+        self._step_index = None
+
+    # -- end of the CUDA-graph hooks ----------------------------------------------------------
 
     def _miss_index(self) -> int | None:
         """Index of a timestep not in the plan (None: an error, as in diffusers)."""
