@@ -202,7 +202,7 @@ def _batch_sampler(
                 guidance_rescale=guidance_rescale,
             )
         x = initial_noise(seeds, (batch, *shape), dtype=dtype)
-        return graphs[batch].run(x, seeds)  # copy=False once SamplingGraph.run has it
+        return graphs[batch].run(x, seeds, copy=False)  # _sample_range copies it to the host
 
     return graphed
 
