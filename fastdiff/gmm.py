@@ -277,11 +277,15 @@ class GaussianMixture:
         if not 0 <= component < self.num_components:
             raise ValueError(f"component must be in [0, {self.num_components}), got {component}")
 
-    def _check_x(self, x: torch.Tensor, alpha_bar: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def _check_x(
+        self, x: torch.Tensor, alpha_bar: Any = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise TypeError("x must be a floating-point torch.Tensor")
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"x must have shape [B, d={self.dim}], got {tuple(x.shape)}")
+        if alpha_bar is None:  # no tensor made from a number: a copy a CUDA graph refuses
+            return x.to(_F64), None
         ab = torch.as_tensor(alpha_bar, dtype=_F64, device=x.device)
         if ab.ndim > 1 or (ab.ndim == 1 and ab.shape[0] != x.shape[0]):
             raise ValueError(
@@ -434,7 +438,7 @@ class _ExactDenoiser:
         return ab.expand(batch)
 
     def __call__(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        x64, _ = self.gmm._check_x(x, 1.0)
+        x64, _ = self.gmm._check_x(x)
         cond = torch.as_tensor(cond, device=x.device)
         if cond.ndim > 1 or (cond.ndim == 1 and cond.shape[0] != x.shape[0]):
             raise ValueError(f"cond must be a scalar or [B={x.shape[0]}], got {tuple(cond.shape)}")

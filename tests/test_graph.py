@@ -276,11 +276,13 @@ class WritesBeforeReads(DPMSolverPP2MSampler):
 
 def test_verification_compares_against_an_unaliased_step(eager_runtime):
     sampler = WritesBeforeReads(SCHEDULE, 7, backend="reference")
-    eager = sample(MODEL, sampler, shape=(3, D), seed=1, progress=False)
-    assert torch.equal(eager, sample(MODEL, _sampler("dpmpp_2m"), shape=(3, D), seed=1))
+    eager = sample(MODEL, sampler, shape=(3, D), seed=1, progress=False, device="cpu")
+    assert torch.equal(
+        eager, sample(MODEL, _sampler("dpmpp_2m"), shape=(3, D), seed=1, device="cpu")
+    )
     # The captured step runs in place (x0_out is x0_prev): the check must see the difference.
     with pytest.raises(GraphCaptureError, match="aliases"):
-        sample(MODEL, sampler, shape=(3, D), seed=1, progress=False, cuda_graph=True)
+        sample(MODEL, sampler, shape=(3, D), seed=1, progress=False, cuda_graph=True, device="cpu")
     g = SamplingGraph(MODEL, sampler, (3, D), device="cpu", verify=False)
     seeds = philox.seeds_from(1, 3)
     assert not torch.equal(g.run(philox.randn(seeds, 0, (3, D), stream=1), seeds), eager)
@@ -302,7 +304,9 @@ def test_runtime_argument_and_static_result():
     x = philox.randn(seeds, 0, (2, D), stream=1)
     static = g.run(x, seeds, copy=False)
     assert static is g.x and runtime.captures == 1
-    assert torch.equal(static, sample(MODEL, sampler, shape=(2, D), seed=3, progress=False))
+    assert torch.equal(
+        static, sample(MODEL, sampler, shape=(2, D), seed=3, progress=False, device="cpu")
+    )
     fresh = g.run(x, seeds)
     assert fresh is not g.x and torch.equal(fresh, static)
     # replay() alone: one more step of the chain on the buffers, nothing reset
