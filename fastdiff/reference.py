@@ -992,7 +992,12 @@ def flow_euler_step(
         >>> x, x0 = flow_euler_step(x, v_hat, sigmas[i], sigmas[i + 1])
     """
     xc, s, x0 = _flow_prepared(x, model_output, sigma, prediction_type, clip_range, thresholding)
-    x_next = xc + (_level(sigma_next, xc) - s) * (xc - x0) / s
+    processed = clip_range is not None or thresholding is not None
+    if prediction_type == "flow_prediction" and not processed:
+        v = model_output.to(xc.dtype)  # also at s = 0 (diffusers' inverted sigmas start there)
+    else:
+        v = (xc - x0) / s
+    x_next = xc + (_level(sigma_next, xc) - s) * v
     return x_next.to(x.dtype), x0.to(x.dtype)
 
 
