@@ -12,7 +12,7 @@ from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
 )
 
 from fastdiff import reference, tables
-from fastdiff.diffusers._base import StepIndexMixin, dense, fused_init, nan_row
+from fastdiff.diffusers._base import StepIndexMixin, dense, fused_init, nan_row, upload
 from fastdiff.flow import check_flow_sigmas
 from fastdiff.kernels.fused_step import fused_step
 
@@ -130,8 +130,8 @@ class FusedFlowMatchEulerDiscreteScheduler(StepIndexMixin, FlowMatchEulerDiscret
         key = ("noise_sigmas", sample.device, sample.dtype)
         sigmas = self._plan_device.get(key)
         if sigmas is None:  # with a NaN for a timestep not in the plan
-            host = torch.cat([self._plan_sigmas, torch.full((1,), math.nan)])
-            sigmas = self._plan_device[key] = host.to(device=sample.device, dtype=sample.dtype)
+            host = torch.cat([self._plan_sigmas, torch.full((1,), math.nan)]).to(sample.dtype)
+            sigmas = self._plan_device[key] = upload(host, sample.device)
         sigma = sigmas[indices].flatten()
         while sigma.dim() < sample.dim():
             sigma = sigma.unsqueeze(-1)
