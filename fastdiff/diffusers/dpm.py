@@ -9,6 +9,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 from fastdiff import reference, tables
 from fastdiff.diffusers._base import (
+    PREDICTION_TYPES,
     StepIndexMixin,
     dense,
     fused_init,
@@ -29,9 +30,15 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
     ``euler_at_final``, thresholding, and ``variance_type`` learned / learned_range with
     epsilon prediction (the first 3 channels, as diffusers).
 
+    Flow matching (Sana): ``use_flow_sigmas`` with ``flow_shift`` or dynamic shifting (``mu``),
+    ``prediction_type="flow_prediction"`` (also epsilon / sample), on the flow path
+    ``alpha = 1 - s``, ``sigma = s`` (``tables.dpmpp_2m_table_as``).
+
     Unsupported (ValueError at construction): SDE and the deprecated non-++ algorithms,
     ``solver_order=3`` and the "heun" solver (the kernel keeps one previous x0 and the
-    reference has the midpoint form), flow sigmas / flow prediction / dynamic shifting.
+    reference has the midpoint form); a flow_prediction model without flow sigmas and a
+    v_prediction model with them; flow sigmas with Karras / exponential / beta sigmas or Lu
+    lambdas (diffusers reads those VP sigmas as flow levels).
 
     Example:
         >>> pipe.scheduler = FusedDPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
@@ -55,14 +62,42 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
             ),
             ("solver_type", config.solver_type != "midpoint", "only the midpoint form is fused"),
             (
-                "use_flow_sigmas",
-                bool(config.get("use_flow_sigmas", False)),
-                "flow-matching sigmas are not a VP schedule",
+                "prediction_type",
+                config.prediction_type == "flow_prediction"
+                and not config.get("use_flow_sigmas", False),
+                "a flow_prediction model needs a flow schedule (use_flow_sigmas=True)",
+            ),
+            (
+                "prediction_type",
+                config.prediction_type == "v_prediction" and config.get("use_flow_sigmas", False),
+                "v_prediction is the VP velocity; on flow sigmas a model predicts "
+                "flow_prediction (eps - x0), epsilon or sample",
+            ),
+            *(
+                (
+                    option,
+                    bool(config.get(option, False)) and config.get("use_flow_sigmas", False),
+                    "diffusers computes these VP sigmas first and then reads them as flow "
+                    "levels (alpha = 1 - sigma); use_flow_sigmas takes flow_shift",
+                )
+                for option in (
+                    "use_karras_sigmas",
+                    "use_exponential_sigmas",
+                    "use_beta_sigmas",
+                    "use_lu_lambdas",
+                )
             ),
             (
                 "use_dynamic_shifting",
-                bool(config.get("use_dynamic_shifting", False)),
-                "dynamic shifting is for flow-matching schedules",
+                bool(config.get("use_dynamic_shifting", False))
+                and not config.get("use_flow_sigmas", False),
+                "dynamic shifting shifts flow sigmas (use_flow_sigmas=True)",
+            ),
+            (
+                "time_shift_type",
+                bool(config.get("use_dynamic_shifting", False))
+                and config.get("time_shift_type", "exponential") != "exponential",
+                "diffusers turns mu into flow_shift = exp(mu)",
             ),
             (
                 "variance_type",
@@ -70,7 +105,12 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
                 and config.prediction_type != "epsilon",
                 "diffusers only strips the variance channels for epsilon prediction",
             ),
-            *self._thresholding_checks(config),
+            *(c for c in self._thresholding_checks(config) if c[0] != "prediction_type"),
+            (
+                "prediction_type",
+                config.prediction_type not in (*PREDICTION_TYPES, "flow_prediction"),
+                f"the fused step supports {(*PREDICTION_TYPES, 'flow_prediction')}",
+            ),
         ]
 
     def _miss_index(self) -> int:
@@ -89,13 +129,27 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
         Args:
             num_inference_steps: number of steps.
             device: where ``self.timesteps`` goes.
-            mu: dynamic shifting (flow schedules only: not supported).
-            timesteps: custom timesteps.
+            mu: dynamic shifting of flow sigmas (needed with ``use_dynamic_shifting``;
+                diffusers sets ``flow_shift = exp(mu)``).
+            timesteps: custom timesteps (not with ``use_flow_sigmas``).
+
+        Raises:
+            ValueError: ``mu`` missing with ``use_dynamic_shifting`` (diffusers would ignore
+                it), ``mu`` given without it, custom timesteps on flow sigmas; the scheduler
+                is left as it was.
         """
         self.check_config()
-        if mu is not None:
-            raise ValueError("mu (dynamic shifting of flow schedules) is not supported")
-        super().set_timesteps(num_inference_steps, device, None, timesteps)
+        config = self.config
+        if config.use_dynamic_shifting and mu is None:
+            raise ValueError("mu must be passed to set_timesteps when use_dynamic_shifting is True")
+        if mu is not None and not config.use_dynamic_shifting:
+            raise ValueError("mu (dynamic shifting) needs use_dynamic_shifting=True")
+        if timesteps is not None and config.use_flow_sigmas:
+            raise ValueError(
+                "custom timesteps are not supported with use_flow_sigmas (diffusers builds "
+                "flow sigmas from num_inference_steps)"
+            )
+        super().set_timesteps(num_inference_steps, device, mu, timesteps)
         self._plan_changed(device)
 
     def _build(self, prediction_type: str, final_first_order: bool, order: int):
@@ -104,27 +158,48 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
         at first order (the first step after set_timesteps / set_begin_index); row 2n+1: poison.
         """
         sigmas = self.sigmas.to(torch.float64)
-        ab = 1.0 / (1.0 + sigmas**2)  # alpha_t = 1 / sqrt(1 + sigma^2), sigma_t = sigma alpha_t
         n = len(sigmas) - 1
-        ab_t, ab_next = ab[:-1], ab[1:]
-        ab_prev = torch.cat([ab.new_full((1,), 0.5), ab[:-2]])  # row 0 has no previous step
         first = torch.zeros(n, dtype=torch.bool)
         first[0] = True
         first[-1] |= final_first_order
         if order == 1:
             first[:] = True
         all_first = torch.ones(n, dtype=torch.bool)
-        main = tables.dpmpp_2m_table(ab_t, ab_next, ab_prev, prediction_type, first)
-        lower = tables.dpmpp_2m_table(ab_t, ab_next, ab_prev, prediction_type, all_first)
+        if self.config.use_flow_sigmas:
+            values, main, lower = self._flow_rows(sigmas, prediction_type, first, all_first)
+        else:
+            ab = 1.0 / (1.0 + sigmas**2)  # alpha_t = 1 / sqrt(1 + sigma^2), sigma_t = sigma alpha_t
+            ab_t, ab_next = ab[:-1], ab[1:]
+            ab_prev = torch.cat([ab.new_full((1,), 0.5), ab[:-2]])  # row 0 has no previous step
+            values = {"ab": (ab_t, ab_t), "ab_next": (ab_next, ab_next)}
+            values["ab_prev"] = (ab_prev, ab_prev)
+            main = tables.dpmpp_2m_table(ab_t, ab_next, ab_prev, prediction_type, first)
+            lower = tables.dpmpp_2m_table(ab_t, ab_next, ab_prev, prediction_type, all_first)
         nan = torch.full((1,), float("nan"), dtype=torch.float64)
         no = torch.zeros(1, dtype=torch.bool)
-        return {
-            "table": torch.cat([main, nan_row(), lower, nan_row()]),
-            "ab": torch.cat([ab_t, nan, ab_t, nan]),
-            "ab_next": torch.cat([ab_next, nan, ab_next, nan]),
-            "ab_prev": torch.cat([ab_prev, nan, ab_prev, nan]),
-            "first": torch.cat([first, no, all_first, no]),
+        out = {name: torch.cat([v, nan, v_lower, nan]) for name, (v, v_lower) in values.items()}
+        out["table"] = torch.cat([main, nan_row(), lower, nan_row()])
+        out["first"] = torch.cat([first, no, all_first, no])
+        return out
+
+    @staticmethod
+    def _flow_rows(sigmas, prediction_type, first, all_first):
+        """The flow-sigma tables (alpha = 1 - s, sigma = s) of ``_build`` and the reference's
+        levels: s, s' and the previous level, 1 on first-order rows (lambda_prev = -inf)."""
+        s, s_next = sigmas[:-1], sigmas[1:]
+        s_prev = torch.cat([sigmas.new_ones(1), sigmas[:-2]])
+        main, lower = (
+            tables.dpmpp_2m_table_as(
+                1.0 - s, s, 1.0 - s_next, s_next, 1.0 - s_prev, s_prev, prediction_type, f
+            )
+            for f in (first, all_first)
+        )
+        values = {
+            "sigma": (s, s),
+            "sigma_next": (s_next, s_next),
+            "sigma_prev": (torch.where(first, 1.0, s_prev), torch.ones_like(s)),
         }
+        return values, main, lower
 
     def add_noise(
         self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
@@ -201,6 +276,18 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
         _, thresholding = self._processing(config)
 
         def reference_step(xr, m, _noise):  # no noise: DPM-Solver++ is deterministic
+            if config.use_flow_sigmas:  # first-order rows have sigma_prev = 1 (r = inf)
+                s, s_next, s_prev = self._values(tabs, rows, "sigma", "sigma_next", "sigma_prev")
+                return reference.flow_dpmpp_2m_step(
+                    xr,
+                    m,
+                    s,
+                    s_next,
+                    x0_prev=None if x0_prev is None else x0_prev.to(xr.dtype),
+                    sigma_prev=s_prev,
+                    prediction_type=prediction_type,
+                    thresholding=thresholding,
+                )
             ab, ab_next, ab_prev, first_order = self._values(
                 tabs, rows, "ab", "ab_next", "ab_prev", "first"
             )

@@ -1,0 +1,240 @@
+"""FusedFlowMatchEulerDiscreteScheduler: diffusers' flow-matching Euler scheduler (SD3, Flux,
+HunyuanVideo, LTX, QwenImage, ...) with the step as one fused kernel."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
+    FlowMatchEulerDiscreteScheduler,
+    FlowMatchEulerDiscreteSchedulerOutput,
+)
+
+from fastdiff import reference, tables
+from fastdiff.diffusers._base import StepIndexMixin, dense, fused_init, nan_row, upload
+from fastdiff.flow import check_flow_sigmas
+from fastdiff.kernels.fused_step import fused_step
+
+__all__ = ["FusedFlowMatchEulerDiscreteScheduler"]
+
+NOISE_MODES = ("diffusers", "philox")
+
+
+class FusedFlowMatchEulerDiscreteScheduler(StepIndexMixin, FlowMatchEulerDiscreteScheduler):
+    """Drop-in ``FlowMatchEulerDiscreteScheduler`` whose ``step`` is one fused kernel launch:
+    ``x' = x + (s' - s) v`` (or, with ``stochastic_sampling``, ``x' = (1 - s') x0 + s' z``).
+
+    Every config option of diffusers is supported (shift, dynamic shifting with ``mu``,
+    ``time_shift_type``, ``shift_terminal``, Karras / exponential / beta sigmas,
+    ``invert_sigmas``, ``stochastic_sampling``): the plan is diffusers' own ``set_timesteps``.
+    Refused at ``step``: ``per_token_timesteps`` (one level per token, not per sample).
+    Custom ``sigmas`` must be strictly decreasing in [0, 1] (custom ``timesteps`` in [0, T]).
+
+    Noise of the stochastic form: drawn as diffusers draws it (``randn_tensor`` from the
+    ``generator``, or from torch's global stream without one); set ``scheduler.noise =
+    "philox"`` for in-kernel Philox noise without a generator (faster, but not diffusers'
+    random stream).
+
+    Also: ``init_noise_sigma`` (1) and an identity ``scale_model_input``, which the diffusers
+    class lacks, so that generic loops run unchanged.
+
+    Example:
+        >>> pipe.scheduler = FusedFlowMatchEulerDiscreteScheduler.from_config(
+        ...     pipe.scheduler.config)
+    """
+
+    _diffusers_cls = FlowMatchEulerDiscreteScheduler
+    __init__ = fused_init(FlowMatchEulerDiscreteScheduler)
+    init_noise_sigma = 1.0
+    noise = "diffusers"
+
+    def _unsupported(self, config) -> list[tuple[str, bool, str]]:
+        return [
+            (
+                "time_shift_type",
+                config.get("time_shift_type", "exponential") not in ("exponential", "linear"),
+                "the time shift is exponential or linear",
+            )
+        ]
+
+    def _plan_signature(self) -> tuple:
+        return (getattr(self, "num_inference_steps", None), self.shift)
+
+    def _plan_changed(self, device) -> None:
+        # diffusers keeps these sigmas where the timesteps are; the base compares and keeps
+        # plans on the host, and the tables are built from a float64 host copy.
+        sigmas = self.sigmas
+        self.sigmas = sigmas.cpu()
+        try:
+            super()._plan_changed(device)
+        finally:
+            self.sigmas = sigmas
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        sigmas: list[float] | None = None,
+        mu: float | None = None,
+        timesteps: list[float] | None = None,
+    ) -> None:
+        """diffusers' ``FlowMatchEulerDiscreteScheduler.set_timesteps`` (as ``retrieve_timesteps``
+        calls it); tables are built at the next step. Checked first, with the scheduler left
+        as it was on an error: ``mu`` with dynamic shifting, custom ``sigmas`` strictly
+        decreasing in [0, 1] and ``timesteps`` in [0, num_train_timesteps].
+
+        Args:
+            num_inference_steps: number of steps.
+            device: where ``self.timesteps`` and ``self.sigmas`` go.
+            sigmas: custom levels (shifted as diffusers does).
+            mu: dynamic shifting exponent (needed with ``use_dynamic_shifting``).
+            timesteps: custom timesteps.
+        """
+        self.check_config()
+        if self.config.use_dynamic_shifting and mu is None:
+            raise ValueError(
+                "mu must be passed to set_timesteps when use_dynamic_shifting is True (Flux "
+                "pipelines compute it from the image's sequence length: calculate_shift)"
+            )
+        if sigmas is not None:
+            check_flow_sigmas(sigmas, "sigmas")
+        if timesteps is not None:
+            check_flow_sigmas(timesteps, "timesteps", high=self.config.num_train_timesteps)
+        super().set_timesteps(num_inference_steps, device, sigmas, mu, timesteps)
+        self._plan_changed(device)
+
+    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
+        """The flow model takes the state as it is: returns ``sample``."""
+        return sample
+
+    def scale_noise(
+        self,
+        sample: torch.Tensor,
+        timestep: float | torch.Tensor,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The flow path ``s noise + (1 - s) sample`` at each sample's timestep, as diffusers
+        computes it (img2img / inpainting), without a host sync for device timesteps.
+
+        Args:
+            sample: clean samples ``[B, ...]``.
+            timestep: one timestep per sample (from ``self.timesteps``).
+            noise: standard-normal noise like ``sample``.
+
+        Returns:
+            The noisy samples, in ``sample``'s dtype.
+        """
+        timestep = torch.as_tensor(timestep).reshape(-1)
+        indices = self._add_noise_indices(timestep, sample.device)
+        key = ("noise_sigmas", sample.device, sample.dtype)
+        sigmas = self._plan_device.get(key)
+        if sigmas is None:  # with a NaN for a timestep not in the plan
+            host = torch.cat([self._plan_sigmas, torch.full((1,), math.nan)]).to(sample.dtype)
+            sigmas = self._plan_device[key] = upload(host, sample.device)
+        sigma = sigmas[indices].flatten()
+        while sigma.dim() < sample.dim():
+            sigma = sigma.unsqueeze(-1)
+        return sigma * noise + (1.0 - sigma) * sample
+
+    def _build(self, stochastic: bool) -> dict[str, torch.Tensor]:
+        sigmas = self._plan_sigmas.to(torch.float64)
+        steps = len(self._plan_host)
+        sigma, sigma_next = sigmas[:-1], sigmas[1:]
+        table = tables.flow_euler_table(sigma, sigma_next, "flow_prediction", stochastic)
+        pad = steps + 1 - len(table)  # poison rows past the plan (and past the sigmas)
+        nan = torch.full((pad,), math.nan, dtype=torch.float64)
+        return {
+            "table": torch.cat([table, nan_row().expand(pad, -1)]),
+            "sigma": torch.cat([sigma, nan]),
+            "sigma_next": torch.cat([sigma_next, nan]),
+        }
+
+    @staticmethod
+    def _launch(x, model_output, tables, rows, *, out_dtype, x0_dtype, **kwargs):
+        """The step without writing x0 (diffusers returns none): 3 passes over the tensor."""
+        out = torch.empty_like(x, dtype=out_dtype)
+        return fused_step(x, model_output, tables["table"], rows, out=out, write_x0=False, **kwargs)
+
+    def _noise_of_step(self, sample: torch.Tensor, generator) -> tuple:
+        """(noise, seeds): diffusers' ``randn_tensor`` draw (float32, like the upcast sample),
+        or in-kernel Philox noise when ``noise == "philox"`` and no generator is given."""
+        if self.noise not in NOISE_MODES:
+            raise ValueError(f"noise must be one of {NOISE_MODES}, got {self.noise!r}")
+        if generator is None and self.noise == "philox":
+            return None, self._philox_seeds(sample.shape[0], sample.device)
+        return self._draw(sample.shape, generator, sample.device, torch.float32), None
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: float | torch.Tensor,
+        sample: torch.Tensor,
+        s_churn: float = 0.0,
+        s_tmin: float = 0.0,
+        s_tmax: float = float("inf"),
+        s_noise: float = 1.0,
+        generator: torch.Generator | None = None,
+        per_token_timesteps: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> FlowMatchEulerDiscreteSchedulerOutput | tuple:
+        """One flow Euler step, as diffusers' ``FlowMatchEulerDiscreteScheduler.step``.
+
+        Args:
+            model_output: the velocity ``v``, like ``sample``.
+            timestep: the current timestep (one of ``self.timesteps``).
+            sample: the current state.
+            s_churn, s_tmin, s_tmax, s_noise: accepted and unused, as in diffusers.
+            generator: draws the noise of ``stochastic_sampling`` as diffusers does.
+            per_token_timesteps: not supported (ValueError).
+            return_dict: return a ``FlowMatchEulerDiscreteSchedulerOutput`` (else a tuple).
+
+        Returns:
+            ``FlowMatchEulerDiscreteSchedulerOutput(prev_sample)`` or ``(prev_sample,)``, in
+            the model output's dtype.
+        """
+        if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
+            raise ValueError(
+                "Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to "
+                f"`{type(self).__name__}.step()` is not supported. Make sure to pass one of "
+                "the `scheduler.timesteps` as a timestep."
+            )
+        if per_token_timesteps is not None:
+            raise ValueError(
+                f"{type(self).__name__} does not support per_token_timesteps (one noise level "
+                "per token); use diffusers' FlowMatchEulerDiscreteScheduler for it"
+            )
+        self.check_config()
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        stochastic = bool(self.config.get("stochastic_sampling", False))
+        x = dense(sample)
+        tabs = self._device_tables(
+            ("flow_euler", stochastic), x.device, lambda: self._build(stochastic)
+        )
+        rows = self._index_rows(tabs)
+        noise = seeds = None
+        if stochastic:
+            noise, seeds = self._noise_of_step(sample, generator)
+
+        def reference_step(xr, m, z):
+            sigma, sigma_next = self._values(tabs, rows, "sigma", "sigma_next")
+            if stochastic:
+                return reference.flow_stochastic_step(xr, m, sigma, sigma_next, z)
+            return reference.flow_euler_step(xr, m, sigma, sigma_next)
+
+        prev, _ = self._run_step(
+            x,
+            model_output,
+            tabs,
+            rows,
+            reference_step,
+            out_dtype=model_output.dtype,
+            x0_dtype=torch.float32,
+            noise=noise,
+            seeds=seeds,
+        )
+        self._advance()
+        if not return_dict:
+            return (prev,)
+        return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=prev)
