@@ -12,6 +12,13 @@ not imported here so that ``-m`` runs it cleanly). The diffusers schedulers:
 """
 
 from fastdiff.backend import BACKENDS, resolve_backend
+from fastdiff.flow import FlowSchedule, calculate_shift, flow_sigmas, mixture_velocity
+from fastdiff.flow_samplers import (
+    FLOW_SAMPLERS,
+    FlowDPMSolverPP2MSampler,
+    FlowMatchEulerSampler,
+    FlowSampler,
+)
 from fastdiff.gmm import GaussianMixture
 from fastdiff.graph import GraphCaptureError, SamplingGraph
 from fastdiff.philox import seeds_from
@@ -31,6 +38,14 @@ from fastdiff.schedules import NoiseSchedule, make_betas, make_plan, rescale_zer
 __version__ = "0.1.0"
 
 __all__ = [
+    "FLOW_SAMPLERS",
+    "FlowDPMSolverPP2MSampler",
+    "FlowMatchEulerSampler",
+    "FlowSampler",
+    "FlowSchedule",
+    "calculate_shift",
+    "flow_sigmas",
+    "mixture_velocity",
     "BACKENDS",
     "SAMPLERS",
     "DDIMSampler",

@@ -245,7 +245,9 @@ def sample(
         noise = initial_noise(seeds, out_shape, dtype=dtype)
     if init_image is not None:
         image = _dense(init_image.to(device=device, dtype=dtype))
-        x = sampler.schedule.add_noise(image, noise, int(sampler.timesteps[start]))
+        x = sampler.schedule.add_noise(
+            image, noise, sampler.timesteps[start]
+        )  # a flow t is a float
         x = x.to(dtype)
     else:
         x = noise

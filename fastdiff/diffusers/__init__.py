@@ -34,8 +34,13 @@ from fastdiff.diffusers.euler import (
     FusedEulerAncestralDiscreteScheduler,
     FusedEulerDiscreteScheduler,
 )
+from fastdiff.diffusers.flow_match import FusedFlowMatchEulerDiscreteScheduler
+from fastdiff.diffusers.graph import DenoisingLoopGraph, capture_denoising_loop
 
 __all__ = [
+    "DenoisingLoopGraph",
+    "FusedFlowMatchEulerDiscreteScheduler",
+    "capture_denoising_loop",
     "FusedDDIMScheduler",
     "FusedDDPMScheduler",
     "FusedDPMSolverMultistepScheduler",
