@@ -15,12 +15,16 @@ as a CUDA tensor: integer arithmetic or a gather on the device, never ``nonzero(
 ``.item()``). Tables end in NaN "poison" rows that a timestep missing from the plan maps to,
 so a device lookup that finds nothing gives NaN instead of a silently wrong step.
 
-Noise. With a ``generator`` (or an explicit noise tensor) the noise is drawn exactly as the
-diffusers class draws it (same ``randn_tensor`` call, same shape, dtype and device, on the
-same steps) and passed to the kernel. Without one, the kernel makes Philox noise keyed by
-(per-sample seed, table row, element); the seeds come from one integer drawn from torch's
-global RNG at the first step that needs noise after ``set_timesteps`` (so deterministic
-schedulers never touch the global RNG).
+Noise (``noise=``, a keyword-only constructor option like ``backend``, not saved to the
+config). "torch", the default: the noise is drawn exactly as the diffusers class draws it
+(the same ``randn_tensor`` call, same shape, dtype and device, on the same steps), from the
+``generator`` passed to ``step`` or, without one, from torch's global RNG, and passed to the
+kernel: the same images as the stock scheduler for the same seed, and the global stream in
+the same state afterwards. "philox": without a generator the kernel makes the noise itself,
+Philox keyed by (per-sample seed, table row, element); the seeds come from one integer drawn
+from torch's global CPU RNG at the first step that needs noise after ``set_timesteps`` (so
+deterministic schedulers never touch the global RNG). A ``generator`` or ``variance_noise``
+passed to ``step`` is used as diffusers uses it in both modes.
 
 Backends. ``backend`` is "triton" (the kernels: CUDA tensors, or CPU tensors under
 ``TRITON_INTERPRET=1``), "reference" (``fastdiff.reference``, plain PyTorch on any device and
@@ -42,18 +46,21 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from fastdiff import philox
 from fastdiff.backend import check_backend, resolve_backend
+from fastdiff.checks import check_choice
 from fastdiff.kernels.fused_step import COLUMNS, fused_step
 
 __all__ = ["FusedSchedulerMixin", "StepIndexMixin", "TimestepRowsMixin", "fused_init"]
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+NOISE_SOURCES = ("torch", "philox")  # the step noise: drawn as diffusers draws it, or in-kernel
 
 
 def fused_init(diffusers_cls: type) -> Callable[..., None]:
     """An ``__init__`` for a fused subclass of ``diffusers_cls``: diffusers' own parameters
-    (registered to the config by diffusers' decorator) plus a keyword-only ``backend`` that is
-    not part of the config (a runtime choice, so saved configs stay loadable by diffusers).
+    (registered to the config by diffusers' decorator) plus two keyword-only runtime choices
+    that are not part of the config (so saved configs stay loadable by diffusers):
+    ``backend`` and ``noise`` (see ``FusedSchedulerMixin``).
 
     Args:
         diffusers_cls: the diffusers scheduler class being subclassed.
@@ -62,20 +69,27 @@ def fused_init(diffusers_cls: type) -> Callable[..., None]:
         The ``__init__`` function, with a signature that ``from_config`` understands.
     """
 
-    def __init__(self, *args: Any, backend: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, backend: str | None = None, noise: str = "torch", **kwargs: Any
+    ) -> None:
         diffusers_cls.__init__(self, *args, **kwargs)
-        self._setup_fused(backend)
+        self._setup_fused(backend, noise)
 
     signature = inspect.signature(diffusers_cls.__init__)
-    backend_param = inspect.Parameter(
-        "backend", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="str | None"
-    )
-    __init__.__signature__ = signature.replace(
-        parameters=[*signature.parameters.values(), backend_param]
-    )
+    extra = [
+        inspect.Parameter(
+            "backend", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="str | None"
+        ),
+        inspect.Parameter(
+            "noise", inspect.Parameter.KEYWORD_ONLY, default="torch", annotation="str"
+        ),
+    ]
+    __init__.__signature__ = signature.replace(parameters=[*signature.parameters.values(), *extra])
     __init__.__doc__ = (
         f"Same parameters as ``diffusers.{diffusers_cls.__name__}``, plus ``backend``: "
-        '"triton", "reference", "auto" or None (``FASTDIFF_BACKEND``, else auto).'
+        '"triton", "reference", "auto" or None (``FASTDIFF_BACKEND``, else auto), and '
+        '``noise``: "torch" (the step noise diffusers draws, the default) or "philox" '
+        "(in-kernel noise; see ``fastdiff.diffusers``)."
     )
     return __init__
 
@@ -154,15 +168,21 @@ def dense(x: torch.Tensor, contiguous: bool = False) -> torch.Tensor:
 class FusedSchedulerMixin:
     """Mixed in before a diffusers scheduler class; see the module docstring.
 
-    Subclasses provide ``_unsupported()`` (config checks) and their ``step``.
+    Subclasses provide ``_unsupported()`` (config checks) and their ``step``, and name in
+    ``_x0_processing`` the x0 processing options their diffusers class honours ("clip":
+    ``clip_sample`` / ``clip_sample_range``, "threshold": ``thresholding`` and its options);
+    any other such key in the config (left over from another scheduler's JSON) is ignored, as
+    the diffusers class ignores it.
     """
 
     _diffusers_cls: type
+    _x0_processing: tuple[str, ...] = ()
 
     # -- setup and configuration ------------------------------------------------------------
 
-    def _setup_fused(self, backend: str | None) -> None:
+    def _setup_fused(self, backend: str | None, noise: str) -> None:
         self.backend = backend
+        self._noise = check_choice("noise", noise, NOISE_SOURCES)
         self._tables: dict = {}
         self._seeds_cache: dict = {}
         self._seed: int | None = None
@@ -183,12 +203,31 @@ class FusedSchedulerMixin:
     def backend(self, value: str | None) -> None:
         self._backend = check_backend(value)
 
+    @property
+    def uses_philox_noise(self) -> bool:
+        """Whether a step without a generator makes its noise in the kernel (``noise="philox"``)
+        rather than drawing it from torch's global RNG as diffusers does (``noise="torch"``)."""
+        return self._noise == "philox"
+
     def _unsupported(self, config) -> list[tuple[str, bool, str]]:
         """(option, is_unsupported, why) triples for the current config."""
         raise NotImplementedError
 
+    def _x0_options(self, config) -> tuple[bool, bool]:
+        """(clip, threshold): whether the config turns on clipping / dynamic thresholding of x0,
+        counting only the options the diffusers class honours (``_x0_processing``);
+        thresholding wins over clipping, as in diffusers."""
+        threshold = "threshold" in self._x0_processing and bool(config.get("thresholding", False))
+        clip = (
+            not threshold
+            and "clip" in self._x0_processing
+            and bool(config.get("clip_sample", False))
+        )
+        return clip, threshold
+
     def _thresholding_checks(self, config) -> list[tuple[str, bool, str]]:
-        threshold = bool(config.get("thresholding", False))
+        """The prediction type and the x0 processing options (those the class honours)."""
+        clip, threshold = self._x0_options(config)
         ratio = config.get("dynamic_thresholding_ratio", 0.995)
         return [
             (
@@ -208,9 +247,7 @@ class FusedSchedulerMixin:
             ),
             (
                 "clip_sample_range",
-                not threshold
-                and bool(config.get("clip_sample", False))
-                and not config.get("clip_sample_range", 1.0) > 0,
+                clip and not config.get("clip_sample_range", 1.0) > 0,
                 "the clip range must be positive",
             ),
         ]
@@ -255,14 +292,14 @@ class FusedSchedulerMixin:
             self.check_config()
         return self._processing_options
 
-    @staticmethod
-    def _read_processing(config) -> tuple[float | None, tuple[float, float] | None]:
-        if config.get("thresholding", False):
+    def _read_processing(self, config) -> tuple[float | None, tuple[float, float] | None]:
+        clip, threshold = self._x0_options(config)
+        if threshold:
             return None, (
                 float(config.dynamic_thresholding_ratio),
                 float(config.sample_max_value),
             )
-        if config.get("clip_sample", False):
+        if clip:
             return float(config.clip_sample_range), None
         return None, None
 
@@ -383,14 +420,16 @@ class FusedSchedulerMixin:
             variance_noise: explicit standard-normal noise (taken as it is), or None.
 
         Returns:
-            ``(variance_noise, None)`` when it is given, else ``(drawn noise, None)`` with a
-            generator, else ``(None, seeds)``: per-sample Philox keys for in-kernel noise.
+            ``(variance_noise, None)`` when it is given; ``(None, seeds)``, per-sample Philox
+            keys for in-kernel noise, with ``noise="philox"`` and no generator; else
+            ``(noise, None)`` drawn as diffusers draws it (from ``generator``, or from torch's
+            global RNG without one).
         """
         if variance_noise is not None:
             return variance_noise, None
-        if generator is not None:
-            return self._draw(like.shape, generator, like.device, like.dtype), None
-        return None, self._philox_seeds(x.shape[0], x.device)
+        if generator is None and self._noise == "philox":
+            return None, self._philox_seeds(x.shape[0], x.device)
+        return self._draw(like.shape, generator, like.device, like.dtype), None
 
     # -- running a step ----------------------------------------------------------------------
 
@@ -527,10 +566,12 @@ class TimestepRowsMixin(FusedSchedulerMixin):
     device tensors, per-sample tensors and plans that start mid-schedule all work. The tables
     are built from ``_alphas_cumprod64``, a CPU float64 copy of diffusers' ``alphas_cumprod``."""
 
-    def _setup_fused(self, backend: str | None) -> None:
+    _x0_processing = ("clip", "threshold")
+
+    def _setup_fused(self, backend: str | None, noise: str) -> None:
         # diffusers fixes alphas_cumprod at construction; keep a CPU float64 copy of its values
         self._alphas_cumprod64 = self.alphas_cumprod.detach().to("cpu", torch.float64)
-        super()._setup_fused(backend)
+        super()._setup_fused(backend, noise)
 
     def _timestep_rows(
         self, timestep: Any, tables: dict[str, torch.Tensor], x: torch.Tensor

@@ -28,6 +28,10 @@ class FusedDDIMScheduler(TimestepRowsMixin, DDIMScheduler):
     be in [0, 1]: above 1 diffusers' direction coefficient is the square root of a negative
     number on some steps.
 
+    Noise: ``noise="torch"`` (default) draws it as diffusers does, the stock images for the
+    same seed; ``noise="philox"`` makes it in the kernel: faster and CUDA-graph capturable,
+    other images (the trade-off: ``fastdiff.diffusers``).
+
     Example:
         >>> pipe.scheduler = FusedDDIMScheduler.from_config(pipe.scheduler.config)
     """
@@ -35,10 +39,10 @@ class FusedDDIMScheduler(TimestepRowsMixin, DDIMScheduler):
     _diffusers_cls = DDIMScheduler
     __init__ = fused_init(DDIMScheduler)
 
-    def _setup_fused(self, backend: str | None) -> None:
+    def _setup_fused(self, backend: str | None, noise: str) -> None:
         # fixed at construction in diffusers (alphas_cumprod: see TimestepRowsMixin)
         self._final_alpha_cumprod64 = float(self.final_alpha_cumprod)
-        super()._setup_fused(backend)
+        super()._setup_fused(backend, noise)
 
     def _unsupported(self, config) -> list[tuple[str, bool, str]]:
         return self._thresholding_checks(config)
@@ -89,7 +93,8 @@ class FusedDDIMScheduler(TimestepRowsMixin, DDIMScheduler):
             sample: x_t ``[B, ...]``.
             eta: noise scale in [0, 1] (0: deterministic DDIM).
             use_clipped_model_output: re-derive eps from the clipped / thresholded x0.
-            generator: draws the noise as diffusers does; None: in-kernel Philox noise.
+            generator: draws the noise as diffusers does (None: the global RNG, or in-kernel
+                noise with ``noise="philox"``).
             variance_noise: explicit standard-normal noise like ``sample``.
             return_dict: return a ``DDIMSchedulerOutput`` (else a tuple).
 

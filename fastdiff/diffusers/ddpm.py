@@ -25,6 +25,10 @@ class FusedDDPMScheduler(TimestepRowsMixin, DDPMScheduler):
     next one of ``timesteps`` (``t - 1`` before ``set_timesteps``), the posterior uses the
     respaced ``beta' = 1 - ab_t / ab_prev``, and noise is added where ``t > 0``.
 
+    Noise: ``noise="torch"`` (default) draws it as diffusers does, the stock images for the
+    same seed; ``noise="philox"`` makes it in the kernel: faster and CUDA-graph capturable,
+    other images (the trade-off: ``fastdiff.diffusers``).
+
     Unsupported (ValueError at construction): ``variance_type="learned"`` (diffusers reads the
     model's extra channels as a variance, the kernel as a log variance) and
     ``"fixed_large_log"`` (diffusers takes the square root of a log variance: NaN).
@@ -129,7 +133,8 @@ class FusedDDPMScheduler(TimestepRowsMixin, DDPMScheduler):
                 ``learned_range``: prediction, then variance values).
             timestep: the current timestep: int, 0-d tensor, or one per sample ``[B]``.
             sample: x_t ``[B, C, ...]``.
-            generator: draws the noise as diffusers does; None: in-kernel Philox noise.
+            generator: draws the noise as diffusers does (None: the global RNG, or in-kernel
+                noise with ``noise="philox"``).
             return_dict: return a ``DDPMSchedulerOutput`` (else a tuple).
             variance_noise: explicit standard-normal noise like ``sample`` (instead of
                 ``generator``).

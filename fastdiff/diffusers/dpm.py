@@ -38,6 +38,7 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
     """
 
     _diffusers_cls = DPMSolverMultistepScheduler
+    _x0_processing = ("threshold",)  # diffusers' DPM-Solver has no clip_sample
     __init__ = fused_init(DPMSolverMultistepScheduler)
 
     def _unsupported(self, config) -> list[tuple[str, bool, str]]:

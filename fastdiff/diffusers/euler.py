@@ -57,19 +57,34 @@ class _EulerBase(StepIndexMixin):
             self._plan_device["divisor"] = divisor
         return divisor
 
-    def _input_scale(self, device: torch.device) -> torch.Tensor:
-        """The divisor on ``device``, or on CUDA its float32 reciprocal: diffusers divides a
-        CUDA sample by a CPU scalar, which CUDA runs as a multiplication by the reciprocal."""
-        key = ("scale", device)
+    def _input_scale(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """What the device path of ``scale_model_input`` applies to a ``dtype`` sample: on the
+        CPU the divisor itself; on CUDA the reciprocal ``1 / divisor`` in ``dtype``'s compute
+        precision (float64 for float64, else float32), the number CUDA multiplies by when a
+        sample is divided by a CPU scalar, as diffusers' scale_model_input does."""
+        cuda = device.type == "cuda"
+        dtype = torch.float64 if cuda and dtype == torch.float64 else torch.float32
+        key = ("scale", device, dtype)
         scale = self._plan_device.get(key)
         if scale is None:
             divisor = self._input_divisor()
-            scale = upload(1.0 / divisor if device.type == "cuda" else divisor, device)
+            if cuda:
+                divisor = 1.0 / divisor.to(dtype)  # correctly rounded, as the C++ host division
+            scale = upload(divisor, device)
             self._plan_device[key] = scale
         return scale
 
     def scale_model_input(self, sample: torch.Tensor, timestep: float | torch.Tensor):
-        """``sample / sqrt(sigma^2 + 1)``, as diffusers (no host sync for a CUDA timestep).
+        """``sample / sqrt(sigma^2 + 1)``, bitwise as diffusers computes it, whether the step
+        index lives on the host or on the device (no host sync for a CUDA timestep).
+
+        diffusers divides the sample by a CPU float32 scalar. On a CUDA sample PyTorch runs
+        that as ``sample * r`` with ``r = 1 / divisor`` computed on the host in the compute
+        precision (float32 for 16-bit samples) and the product rounded once to the sample's
+        dtype. With the step index on the host we do the same division. With the index on
+        the device (a captured CUDA graph) ``r`` is gathered from a device table and the
+        product is computed in that precision and rounded once (``torch.mul`` with a 1-D
+        ``r``, so ``r`` is not first rounded to the sample's dtype, as a 0-d tensor would be).
 
         Args:
             sample: the current sample (sigma-space state).
@@ -81,11 +96,17 @@ class _EulerBase(StepIndexMixin):
         if self.step_index is None:
             self._init_step_index(timestep)
         index = self._step_index
-        if isinstance(index, torch.Tensor):
-            scale = self._input_scale(index.device).index_select(0, index.reshape(1)).reshape(())
-            sample = sample * scale if index.device.type == "cuda" else sample / scale
-        else:
+        if not isinstance(index, torch.Tensor):
             sample = sample / self._input_divisor()[index]  # a CPU scalar, as in diffusers
+        elif index.device.type != "cuda":
+            scale = self._input_scale(index.device, sample.dtype)
+            sample = sample / scale.index_select(0, index.reshape(1)).reshape(())  # as above
+        else:
+            scale = self._input_scale(index.device, sample.dtype).index_select(0, index.reshape(1))
+            if sample.requires_grad and torch.is_grad_enabled():
+                sample = (sample * scale).to(sample.dtype)  # same bits, differentiable
+            else:
+                sample = torch.mul(sample, scale, out=torch.empty_like(sample))
         self.is_scale_input_called = True
         return sample
 
@@ -256,8 +277,11 @@ class FusedEulerDiscreteScheduler(_EulerBase, EulerDiscreteScheduler):
 
 class FusedEulerAncestralDiscreteScheduler(_EulerBase, EulerAncestralDiscreteScheduler):
     """Drop-in ``EulerAncestralDiscreteScheduler`` (k-diffusion's ``sample_euler_ancestral``)
-    whose ``step`` is one fused kernel launch; noise as diffusers draws it with a
-    ``generator``, in-kernel Philox noise without one.
+    whose ``step`` is one fused kernel launch.
+
+    Noise: ``noise="torch"`` (default) draws it as diffusers does, the stock images for the
+    same seed; ``noise="philox"`` makes it in the kernel: faster and CUDA-graph capturable,
+    other images (the trade-off: ``fastdiff.diffusers``).
 
     Unsupported: ``prediction_type="sample"`` (diffusers raises NotImplementedError too).
 
@@ -308,7 +332,8 @@ class FusedEulerAncestralDiscreteScheduler(_EulerBase, EulerAncestralDiscreteSch
             model_output: the model output, like ``sample``.
             timestep: the current timestep (one of ``self.timesteps``).
             sample: the current sample (sigma-space state).
-            generator: draws the noise as diffusers does; None: in-kernel Philox noise.
+            generator: draws the noise as diffusers does (None: the global RNG, or in-kernel
+                noise with ``noise="philox"``).
             return_dict: return an ``EulerAncestralDiscreteSchedulerOutput`` (else a tuple).
 
         Returns:
