@@ -27,6 +27,7 @@ is finite and stops.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import math
@@ -724,6 +725,28 @@ def test_scale_model_input_same_bits_with_host_or_device_index(name, dtype, monk
         assert got_host.dtype == got_dev.dtype == want.dtype == dtype
         assert torch.equal(got_host, want), f"host index, step {k}"
         assert torch.equal(got_dev, want), f"device index, step {k}"
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_step_output_is_what_the_dataclass_constructor_builds(name):
+    """make_output (the steps' fast constructor) builds the object the output class's own
+    constructor builds: same type, items, attributes, tuple, pickle round trip."""
+    import pickle
+
+    f = PAIRS[name][1](backend="reference")
+    f.set_timesteps(3)
+    x = randn(SHAPE)
+    got = f.step(x, f.timesteps[0], x)
+    cls = type(got)
+    values = [getattr(got, field.name) for field in dataclasses.fields(cls)]
+    want = cls(*values)
+    assert list(got.items()) == list(want.items()) and vars(got) == vars(want)
+    assert got.to_tuple() == want.to_tuple() and got[0] is want[0] is values[0]
+    back = pickle.loads(pickle.dumps(got))
+    assert type(back) is cls and all(torch.equal(a, b) for a, b in zip(back.to_tuple(), values))
+    assert base.make_output(cls, *values[:1], *[None] * (len(values) - 1)).to_tuple() == (
+        values[0],
+    )
 
 
 # -- dtypes and layouts ---------------------------------------------------------------------

@@ -36,8 +36,10 @@ backends check each other.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -49,7 +51,14 @@ from fastdiff.backend import check_backend, resolve_backend
 from fastdiff.checks import check_choice
 from fastdiff.kernels.fused_step import COLUMNS, fused_step
 
-__all__ = ["FusedSchedulerMixin", "StepIndexMixin", "TimestepRowsMixin", "fused_init"]
+__all__ = [
+    "FusedSchedulerMixin",
+    "StepIndexMixin",
+    "TimestepRowsMixin",
+    "fused_init",
+    "make_output",
+    "promote",
+]
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
@@ -165,6 +174,46 @@ def dense(x: torch.Tensor, contiguous: bool = False) -> torch.Tensor:
     return x
 
 
+_PROMOTED: dict[tuple[torch.dtype, torch.dtype], torch.dtype] = {}
+
+
+def promote(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    """``torch.promote_types(a, b)``, memoized (the call costs over a microsecond)."""
+    dtype = _PROMOTED.get((a, b))
+    if dtype is None:
+        dtype = _PROMOTED[(a, b)] = torch.promote_types(a, b)
+    return dtype
+
+
+_OUTPUT_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def make_output(cls: type, *values: Any) -> Any:
+    """``cls(*values)`` for a diffusers output dataclass, built directly: the object the
+    dataclass constructor builds (every field an attribute, the non-None ones also items of
+    the ``BaseOutput`` OrderedDict, in field order), without the constructor's
+    ``__post_init__`` walk over ``dataclasses.fields`` (~10 microseconds a step).
+
+    Args:
+        cls: a ``diffusers.utils.BaseOutput`` dataclass.
+        *values: its fields' values, in field order (all of them).
+
+    Returns:
+        The output object.
+    """
+    names = _OUTPUT_FIELDS.get(cls)
+    if names is None:
+        names = _OUTPUT_FIELDS[cls] = tuple(field.name for field in dataclasses.fields(cls))
+    if len(values) != len(names):
+        raise AssertionError(f"internal: {cls.__name__} has fields {names}")
+    out = cls.__new__(cls)
+    for name, value in zip(names, values):
+        object.__setattr__(out, name, value)
+        if value is not None:
+            OrderedDict.__setitem__(out, name, value)
+    return out
+
+
 class FusedSchedulerMixin:
     """Mixed in before a diffusers scheduler class; see the module docstring.
 
@@ -186,11 +235,9 @@ class FusedSchedulerMixin:
         self._tables: dict = {}
         self._seeds_cache: dict = {}
         self._seed: int | None = None
-        self._plan_host: torch.Tensor = self.timesteps  # diffusers' default plan (CPU)
-        self._plan_tensor: torch.Tensor = self.timesteps
-        self._plan_sigmas = getattr(self, "sigmas", None)
-        self._plan_sig = self._plan_signature()
         self._plan_device: dict = {}
+        self._plan_state = None
+        self._plan_changed(None)  # diffusers' default plan (CPU)
         self._checked_config = None
         self.check_config()
 
@@ -303,61 +350,73 @@ class FusedSchedulerMixin:
             return float(config.clip_sample_range), None
         return None, None
 
+    def _planning_device(self, device: torch.device | str | None) -> torch.device | str | None:
+        """The device to hand diffusers' set_timesteps: None (plan on the host; ``_plan_changed``
+        then uploads the timesteps, asynchronously, and nothing is read back from the device)
+        unless diffusers computes plan values on the device."""
+        return None
+
     def _plan_changed(self, device: torch.device | str | None) -> None:
-        """After diffusers' set_timesteps: keep a host copy of the plan (reading it back from
-        the device here, outside the loop, as diffusers' own set_timesteps does with its
-        sigmas), put ``self.timesteps`` where the caller wants it, draw a new noise seed at
-        the next stochastic step. Tables are kept when the plan is the same as before (a loop
-        that calls set_timesteps again, e.g. before a CUDA graph capture, uploads nothing)."""
-        host = self.timesteps.cpu()
-        if device is not None:
-            self.timesteps = self.timesteps.to(device)
-        sigmas = getattr(self, "sigmas", None)
-        same = (
-            torch.equal(host, self._plan_host)
-            and (sigmas is None) == (self._plan_sigmas is None)
-            and (sigmas is None or torch.equal(sigmas, self._plan_sigmas))
-            and self._plan_signature() == self._plan_sig
+        """After diffusers' set_timesteps: keep the plan's values on the host (python floats
+        or ints, and the host tensor), put ``self.timesteps`` where the caller wants it, draw
+        a new noise seed at the next stochastic step. Tables are kept when the plan is the
+        same as before (a loop that calls set_timesteps again, e.g. before a CUDA graph
+        capture, uploads nothing)."""
+        host = self.timesteps
+        if not host.is_cpu:  # planned on the device (``_planning_device``)
+            host = host.cpu()
+        elif device is not None:
+            self.timesteps = upload(host, torch.device(device))
+        attributes = vars(self)  # (getattr of a missing attribute costs microseconds here)
+        sigmas = attributes.get("sigmas")
+        values = host.tolist()
+        state = (
+            values,
+            None if sigmas is None else sigmas.tolist(),
+            self.num_inference_steps,
+            attributes.get("custom_timesteps"),
         )
-        if not same:
+        if state != self._plan_state:
             self._tables.clear()
             self._plan_device.clear()
+        self._plan_state = state
         self._plan_host = host
-        self._plan_tensor = self.timesteps  # the tensor the pipeline iterates
-        self._plan_sigmas = None if sigmas is None else sigmas.clone()
-        self._plan_sig = self._plan_signature()
+        self._plan_values = values
+        self._plan_len = len(values)
+        plan = self._plan_tensor = self.timesteps  # the tensor the pipeline iterates
+        self._plan_address = (
+            plan.data_ptr(),
+            plan.stride(0) * plan.element_size() if plan.dim() == 1 else 0,
+            plan.dtype,
+            plan.device,
+        )
         self._seeds_cache.clear()
         self._seed = None
 
     def _plan_position(self, timestep: torch.Tensor) -> int | None:
         """The position of ``timestep`` in the plan when it is an element of the plan tensor
         handed out by set_timesteps (``for t in scheduler.timesteps``, also after slicing):
-        found from its storage offset, so its value is known on the host without reading the
-        device. None for any other tensor."""
-        plan = self._plan_tensor
-        if timestep.dim() != 0 or timestep.dtype != plan.dtype or timestep.device != plan.device:
+        found from its address (a live tensor whose data lies inside the plan's memory is a
+        view of it), so its value is known on the host without reading the device. None for
+        any other tensor."""
+        start, stride, dtype, device = self._plan_address
+        if timestep.dim() or timestep.dtype != dtype or stride <= 0:
             return None
-        if timestep.untyped_storage().data_ptr() != plan.untyped_storage().data_ptr():
+        offset = timestep.data_ptr() - start
+        position = offset // stride
+        if offset % stride or not 0 <= position < self._plan_len or timestep.device != device:
             return None
-        offset, stride = timestep.storage_offset() - plan.storage_offset(), plan.stride(0)
-        if stride <= 0 or offset % stride or not 0 <= offset // stride < len(self._plan_host):
-            return None
-        return offset // stride
+        return position
 
     def _host_value(self, timestep: Any) -> float | int | None:
         """A timestep's value when it is known on the host: a python number, a CPU tensor, or
         an element of the plan tensor (its value is in the host copy of the plan); None for
         other device tensors (reading them would sync)."""
-        value = host_scalar(timestep)
-        if value is None and timestep.numel() == 1:
+        if isinstance(timestep, torch.Tensor):
             position = self._plan_position(timestep)
             if position is not None:
-                value = self._plan_host[position].item()
-        return value
-
-    def _plan_signature(self) -> tuple:
-        """Plan state besides the timesteps and sigmas that the tables depend on."""
-        return (self.num_inference_steps, getattr(self, "custom_timesteps", None))
+                return self._plan_values[position]
+        return host_scalar(timestep)
 
     # -- tables ------------------------------------------------------------------------------
 
@@ -384,8 +443,19 @@ class FusedSchedulerMixin:
                 for name, value in host.items()
             }
             cached["arange"] = torch.arange(len(host["table"]), dtype=torch.int64, device=device)
+            cached["row_views"] = {}
             per_key[device] = cached
         return cached
+
+    @staticmethod
+    def _row(tables: dict[str, torch.Tensor], row: int) -> torch.Tensor:
+        """Row ``row`` as the kernel takes it: ``tables["arange"][row : row + 1]``, a view
+        made once per row (slicing a tensor costs microseconds)."""
+        views = tables["row_views"]
+        view = views.get(row)
+        if view is None:
+            view = views[row] = tables["arange"][row : row + 1]
+        return view
 
     # -- noise -------------------------------------------------------------------------------
 
@@ -571,19 +641,20 @@ class TimestepRowsMixin(FusedSchedulerMixin):
     def _setup_fused(self, backend: str | None, noise: str) -> None:
         # diffusers fixes alphas_cumprod at construction; keep a CPU float64 copy of its values
         self._alphas_cumprod64 = self.alphas_cumprod.detach().to("cpu", torch.float64)
+        self._train_steps = len(self._alphas_cumprod64)
         super()._setup_fused(backend, noise)
 
     def _timestep_rows(
         self, timestep: Any, tables: dict[str, torch.Tensor], x: torch.Tensor
     ) -> tuple[torch.Tensor, int | torch.Tensor | None]:
         """(rows on x's device, the timestep on the host or None when it lives on a device)."""
-        train_steps = len(tables["arange"]) - 2
+        train_steps = self._train_steps
         value = self._host_value(timestep)
         if value is not None:
             t = int(value)
             if t != value or not 0 <= t < train_steps:
                 raise ValueError(f"timestep must be an integer in [0, {train_steps}), got {value}")
-            return tables["arange"][t + 1 : t + 2], t
+            return self._row(tables, t + 1), t
         batch = x.shape[0]
         if timestep.is_floating_point() and on_host(timestep):
             raise ValueError("per-sample timesteps must be an integer tensor")
@@ -630,7 +701,7 @@ class StepIndexMixin(FusedSchedulerMixin):
                 f"{type(self).__name__} takes one timestep for the whole batch, got shape "
                 f"{tuple(timestep.shape)}"
             )
-        n = len(self._plan_host)
+        n = self._plan_len
         plan = self._plan_on(timestep.device)
         return device_index(plan, timestep.reshape(()), n if miss is None else miss)
 
@@ -645,19 +716,19 @@ class StepIndexMixin(FusedSchedulerMixin):
         index = self._step_index
         if isinstance(index, torch.Tensor):
             return (index + offset).reshape(1) if offset else index.reshape(1)
-        n = len(self._plan_host)
+        n = self._plan_len
         if not 0 <= index < n:
             raise ValueError(
                 f"step index {index} is outside the {n} steps of the plan: step was called "
                 "more often than set_timesteps planned (call set_timesteps again)"
             )
-        return tables["arange"][index + offset : index + offset + 1]
+        return self._row(tables, index + offset)
 
     def _advance(self) -> None:
         index = self._step_index
         if isinstance(index, torch.Tensor):
             # stays on the poison row once past the end
-            self._step_index = torch.clamp(index + 1, max=len(self._plan_host))
+            self._step_index = torch.clamp(index + 1, max=self._plan_len)
         else:
             self._step_index = index + 1
 
@@ -669,7 +740,7 @@ class StepIndexMixin(FusedSchedulerMixin):
             if on_host(timesteps):
                 found = [host_index(self._plan_host, t, miss) for t in timesteps.reshape(-1)]
                 return upload(torch.tensor(found, dtype=torch.int64), device)
-            n = len(self._plan_host)
+            n = self._plan_len
             plan = self._plan_on(timesteps.device)
             # a timestep not in the plan reads the NaN appended to the sigmas
             return device_index(plan, timesteps.reshape(-1), n + 1 if miss is None else miss).to(

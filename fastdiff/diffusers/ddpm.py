@@ -10,7 +10,9 @@ from fastdiff.diffusers._base import (
     TimestepRowsMixin,
     dense,
     fused_init,
+    make_output,
     nan_row,
+    promote,
 )
 
 __all__ = ["FusedDDPMScheduler"]
@@ -88,7 +90,7 @@ class FusedDDPMScheduler(TimestepRowsMixin, DDPMScheduler):
             timesteps: custom descending timesteps.
         """
         self.check_config()
-        super().set_timesteps(num_inference_steps, device, timesteps)
+        super().set_timesteps(num_inference_steps, self._planning_device(device), timesteps)
         self._plan_changed(device)
 
     def _build(self, prediction_type: str, variance_type: str) -> dict[str, torch.Tensor]:
@@ -182,7 +184,7 @@ class FusedDDPMScheduler(TimestepRowsMixin, DDPMScheduler):
         noise = seeds = None
         if needs_noise:
             noise, seeds = self._step_noise(prediction, x, generator, variance_noise)
-        out_dtype = torch.promote_types(sample.dtype, model_output.dtype)
+        out_dtype = promote(sample.dtype, model_output.dtype)
         x0_dtype = model_output.dtype if prediction_type == "sample" else out_dtype
         clip_range, thresholding = self._processing(config)
 
@@ -219,4 +221,4 @@ class FusedDDPMScheduler(TimestepRowsMixin, DDPMScheduler):
         )
         if not return_dict:
             return (prev, x0)
-        return DDPMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+        return make_output(DDPMSchedulerOutput, prev, x0)

@@ -12,7 +12,9 @@ from fastdiff.diffusers._base import (
     StepIndexMixin,
     dense,
     fused_init,
+    make_output,
     nan_row,
+    promote,
 )
 
 __all__ = ["FusedDPMSolverMultistepScheduler"]
@@ -96,7 +98,7 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
         self.check_config()
         if mu is not None:
             raise ValueError("mu (dynamic shifting of flow schedules) is not supported")
-        super().set_timesteps(num_inference_steps, device, None, timesteps)
+        super().set_timesteps(num_inference_steps, self._planning_device(device), None, timesteps)
         self._plan_changed(device)
 
     def _build(self, prediction_type: str, final_first_order: bool, order: int):
@@ -172,7 +174,7 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
         config = self.config
         if self.step_index is None:
             self._init_step_index(timestep)
-        n = len(self._plan_host)
+        n = self._plan_len
         prediction_type = config.prediction_type
         if config.get("variance_type") in ("learned", "learned_range"):
             model_output = model_output[:, :3]
@@ -196,7 +198,7 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
         x0_dtype = (
             model_output.dtype
             if prediction_type == "sample"
-            else torch.promote_types(sample.dtype, model_output.dtype)
+            else promote(sample.dtype, model_output.dtype)
         )
         out_dtype = x0_dtype
         _, thresholding = self._processing(config)
@@ -235,4 +237,4 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
         self._advance()
         if not return_dict:
             return (prev,)
-        return SchedulerOutput(prev_sample=prev)
+        return make_output(SchedulerOutput, prev)

@@ -20,7 +20,9 @@ from fastdiff.diffusers._base import (
     StepIndexMixin,
     dense,
     fused_init,
+    make_output,
     nan_row,
+    promote,
     upload,
 )
 
@@ -48,13 +50,14 @@ class _EulerBase(StepIndexMixin):
         }
 
     def _input_divisor(self) -> torch.Tensor:
-        """``sqrt(sigma^2 + 1)`` per sigma (CPU float32), computed one 0-d tensor at a time
-        exactly as diffusers' scale_model_input computes it; then a NaN."""
+        """``sqrt(sigma^2 + 1)`` per sigma (CPU float32, the bits diffusers' scale_model_input
+        computes on each 0-d sigma: every operation is correctly rounded), then a NaN."""
         divisor = self._plan_device.get("divisor")
         if divisor is None:
-            values = [(sigma**2 + 1) ** 0.5 for sigma in self.sigmas]
-            divisor = torch.stack([*values, torch.tensor(float("nan"))])
+            nan = self.sigmas.new_full((1,), float("nan"))
+            divisor = torch.cat([(self.sigmas**2 + 1) ** 0.5, nan])
             self._plan_device["divisor"] = divisor
+            self._plan_device["divisors"] = divisor.unbind()  # 0-d CPU scalars
         return divisor
 
     def _input_scale(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -93,11 +96,15 @@ class _EulerBase(StepIndexMixin):
         Returns:
             The scaled model input, in ``sample``'s dtype.
         """
-        if self.step_index is None:
+        if self._step_index is None:
             self._init_step_index(timestep)
         index = self._step_index
         if not isinstance(index, torch.Tensor):
-            sample = sample / self._input_divisor()[index]  # a CPU scalar, as in diffusers
+            divisors = self._plan_device.get("divisors")
+            if divisors is None:
+                self._input_divisor()
+                divisors = self._plan_device["divisors"]
+            sample = sample / divisors[index]  # a 0-d CPU tensor, as in diffusers
         elif index.device.type != "cuda":
             scale = self._input_scale(index.device, sample.dtype)
             sample = sample / scale.index_select(0, index.reshape(1)).reshape(())  # as above
@@ -127,7 +134,11 @@ class _EulerBase(StepIndexMixin):
         return original_samples + noise * sigma
 
     def _euler_step(self, model_output, timestep, sample, generator, return_dict, prediction_type):
-        if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
+        if isinstance(timestep, int) or (
+            isinstance(timestep, torch.Tensor)
+            and timestep.dtype in (torch.int32, torch.int64)
+            and timestep.device.type == "cpu"
+        ):  # diffusers' isinstance(timestep, (int, torch.IntTensor, torch.LongTensor))
             raise ValueError(
                 "Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to "
                 f"`{type(self).__name__}.step()` is not supported. Make sure to pass one of "
@@ -138,7 +149,7 @@ class _EulerBase(StepIndexMixin):
                 "The `scale_model_input` function should be called before `step` to ensure "
                 "correct denoising. See `StableDiffusionPipeline` for a usage example."
             )
-        if self.step_index is None:
+        if self._step_index is None:
             self._init_step_index(timestep)
         x = dense(sample)
         tabs = self._device_tables(
@@ -155,7 +166,7 @@ class _EulerBase(StepIndexMixin):
         x0_dtype = (
             model_output.dtype
             if prediction_type == "sample"
-            else torch.promote_types(torch.float32, model_output.dtype)
+            else promote(torch.float32, model_output.dtype)
         )
 
         def reference_step(xr, m, noise):
@@ -186,7 +197,7 @@ class _EulerBase(StepIndexMixin):
         self._advance()
         if not return_dict:
             return (prev, x0)
-        return self._output_cls(prev_sample=prev, pred_original_sample=x0)
+        return make_output(self._output_cls, prev, x0)
 
 
 class FusedEulerDiscreteScheduler(_EulerBase, EulerDiscreteScheduler):
@@ -215,6 +226,15 @@ class FusedEulerDiscreteScheduler(_EulerBase, EulerDiscreteScheduler):
             )
         ]
 
+    def _planning_device(self, device):
+        # continuous timesteps of a v-prediction model: diffusers takes the log of the sigmas
+        # on the device (the device's log may differ from the CPU's in the last bit)
+        config = self.config
+        continuous = (
+            config.timestep_type == "continuous" and config.prediction_type == "v_prediction"
+        )
+        return device if continuous else None
+
     def set_timesteps(
         self,
         num_inference_steps: int | None = None,
@@ -232,7 +252,7 @@ class FusedEulerDiscreteScheduler(_EulerBase, EulerDiscreteScheduler):
             sigmas: custom sigmas (the last one is where the loop ends).
         """
         self.check_config()
-        super().set_timesteps(num_inference_steps, device, timesteps, sigmas)
+        super().set_timesteps(num_inference_steps, self._planning_device(device), timesteps, sigmas)
         self._plan_changed(device)
 
     def step(
@@ -315,7 +335,7 @@ class FusedEulerAncestralDiscreteScheduler(_EulerBase, EulerAncestralDiscreteSch
             device: where ``self.timesteps`` goes.
         """
         self.check_config()
-        super().set_timesteps(num_inference_steps, device)
+        super().set_timesteps(num_inference_steps, self._planning_device(device))
         self._plan_changed(device)
 
     def step(
