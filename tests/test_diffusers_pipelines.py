@@ -17,7 +17,9 @@ to ~60).
 from __future__ import annotations
 
 import inspect
+import json
 import random
+import tempfile
 
 import pytest
 import torch
@@ -25,12 +27,10 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 
 from diffusers import (  # noqa: E402
-    AutoencoderKL,
     DDIMPipeline,
     DDIMScheduler,
     DDPMPipeline,
     DDPMScheduler,
-    StableDiffusionPipeline,
     UNet2DConditionModel,
     UNet2DModel,
 )
@@ -261,8 +261,7 @@ def tiny_stable_diffusion(scheduler):
     """A StableDiffusionPipeline of tiny random models (CLIP text encoder with a 4-token
     vocabulary, one-level VAE, the tiny conditional UNet) on the CPU, no safety checker."""
     transformers = pytest.importorskip("transformers")
-    import json
-    import tempfile
+    from diffusers import AutoencoderKL, StableDiffusionPipeline  # imports transformers
 
     with tempfile.TemporaryDirectory() as folder:
         vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "a</w>": 2, "cat</w>": 3}
@@ -305,13 +304,23 @@ def tiny_stable_diffusion(scheduler):
 
 
 @pytest.mark.parametrize("name", list(PAIRS))
-def test_saved_pipeline_with_fused_scheduler_loads_back(name, tmp_path, seed):
-    """save_pretrained records the fused scheduler under its public module; from_pretrained
-    loads it back, and also accepts one passed as ``scheduler=``: the same images."""
-    import json
-
+def test_saved_pipeline_records_fused_scheduler_under_public_module(name, tmp_path):
     f_cls = PAIRS[name][1]
+    DDPMPipeline(unet=tiny_unet(), scheduler=f_cls()).save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["scheduler"] == ["fastdiff.diffusers", f_cls.__name__]
+    loaded = DDPMPipeline.from_pretrained(tmp_path)
+    assert type(loaded.scheduler) is f_cls
+    passed = f_cls.from_pretrained(tmp_path, subfolder="scheduler", noise="philox")
+    assert DDPMPipeline.from_pretrained(tmp_path, scheduler=passed).scheduler is passed
+
+
+def test_saved_stable_diffusion_pipeline_with_fused_scheduler_loads_back(tmp_path, seed):
+    """A StableDiffusionPipeline saved with a fused scheduler loads back with it, or with one
+    passed as ``scheduler=``: the same images."""
+    f_cls = FusedDDIMScheduler
     pipe = tiny_stable_diffusion(f_cls(beta_schedule="scaled_linear"))
+    pipeline_cls = type(pipe)
     pipe.save_pretrained(tmp_path)
     index = json.loads((tmp_path / "model_index.json").read_text())
     assert index["scheduler"] == ["fastdiff.diffusers", f_cls.__name__]
@@ -324,7 +333,7 @@ def test_saved_pipeline_with_fused_scheduler_loads_back(name, tmp_path, seed):
     want = images(pipe)
     passed = f_cls.from_pretrained(tmp_path, subfolder="scheduler")
     for kwargs in ({}, {"scheduler": passed}):
-        loaded = StableDiffusionPipeline.from_pretrained(tmp_path, **kwargs)
+        loaded = pipeline_cls.from_pretrained(tmp_path, **kwargs)
         loaded.set_progress_bar_config(disable=True)
         assert type(loaded.scheduler) is f_cls
         assert torch.equal(images(loaded), want), kwargs
