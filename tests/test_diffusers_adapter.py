@@ -320,6 +320,11 @@ def test_noise_option(tmp_path):
         g.uses_philox_noise = False
     with pytest.raises(ValueError, match="noise"):
         FusedDDPMScheduler(noise="cuda")
+    g.noise = "torch"  # switchable, like backend
+    assert g.noise == "torch" and not g.uses_philox_noise
+    with pytest.raises(ValueError, match="noise"):
+        g.noise = "cuda"
+    g.noise = "philox"
     g.save_pretrained(tmp_path)
     assert "noise" not in json.loads((tmp_path / "scheduler_config.json").read_text())
     assert FusedDDPMScheduler.from_pretrained(tmp_path, noise="philox").uses_philox_noise

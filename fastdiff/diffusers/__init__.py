@@ -15,15 +15,16 @@ Example:
 Noise. By default (``noise="torch"``) the step noise is drawn exactly as diffusers draws it,
 from the ``generator`` or, without one, from torch's global RNG: the same images as the stock
 scheduler for the same seed (``torch.manual_seed(0); pipe(...)`` included), and the global
-stream in the same state afterwards. ``FusedX.from_config(config, noise="philox")`` opts in
-to in-kernel noise when no generator is passed: counter-based Philox keyed by (per-sample
-seed, step, element), seeded from the global RNG once per ``set_timesteps``. That saves the
-``randn`` launch and the noise tensor's pass over memory on every stochastic step, and it is
-the only mode in which a stochastic scheduler's loop can be captured in a CUDA graph
-(``uses_philox_noise``; a graph replay cannot repeat torch's RNG draws). The price: other
-images than the stock scheduler's for the same seed (same distribution, another stream).
-``backend=`` ("triton", "reference", "auto"; default: ``FASTDIFF_BACKEND`` or auto) picks the
-kernels or the plain PyTorch reference. Neither option is saved to the config.
+stream in the same state afterwards. ``FusedX.from_config(config, noise="philox")`` (or
+``scheduler.noise = "philox"``) opts in to in-kernel noise when no generator is passed:
+counter-based Philox keyed by (per-sample seed, step, element), seeded from the global RNG
+once per ``set_timesteps``. That saves the ``randn`` launch and the noise tensor's pass over
+memory on every stochastic step, and it is the only mode in which a stochastic scheduler's
+loop can be captured in a CUDA graph (``uses_philox_noise``; a graph replay cannot repeat
+torch's RNG draws). The price: other images than the stock scheduler's for the same seed
+(same distribution, another stream). ``backend=`` ("triton", "reference", "auto"; default:
+``FASTDIFF_BACKEND`` or auto) picks the kernels or the plain PyTorch reference. Neither
+option is saved to the config.
 
 Pipelines. ``save_pretrained`` records a fused scheduler in model_index.json as
 ``["fastdiff.diffusers", "FusedDDIMScheduler"]`` (the classes' ``__module__`` is this public

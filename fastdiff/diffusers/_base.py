@@ -233,11 +233,11 @@ class FusedSchedulerMixin:
 
     def _setup_fused(self, backend: str | None, noise: str) -> None:
         self.backend = backend
-        self._noise = check_choice("noise", noise, NOISE_SOURCES)
         self._tables: dict = {}
         self._last_tables = None
         self._seeds_cache: dict = {}
         self._seed: int | None = None
+        self.noise = noise
         self._plan_device: dict = {}
         self._plan_state = None
         self._plan_changed(None)  # diffusers' default plan (CPU)
@@ -252,6 +252,18 @@ class FusedSchedulerMixin:
     @backend.setter
     def backend(self, value: str | None) -> None:
         self._backend = check_backend(value)
+
+    @property
+    def noise(self) -> str:
+        """ "torch" (the default: the step noise diffusers draws, from the generator or the
+        global RNG) or "philox" (in-kernel noise when no generator is passed); settable, like
+        ``backend``: a new Philox seed is drawn at the next step that adds noise."""
+        return self._noise
+
+    @noise.setter
+    def noise(self, value: str) -> None:
+        self._noise = check_choice("noise", value, NOISE_SOURCES)
+        self._seed = None
 
     @property
     def uses_philox_noise(self) -> bool:
@@ -370,21 +382,16 @@ class FusedSchedulerMixin:
             host = host.cpu()
         elif device is not None:
             self.timesteps = upload(host, torch.device(device))
-        attributes = vars(self)  # (getattr of a missing attribute costs microseconds here)
-        sigmas = attributes.get("sigmas")
+        sigmas = vars(self).get("sigmas")  # (getattr of a missing attribute costs microseconds)
         values = host.tolist()
-        state = (
-            values,
-            None if sigmas is None else sigmas.tolist(),
-            self.num_inference_steps,
-            attributes.get("custom_timesteps"),
-        )
+        state = (values, None if sigmas is None else sigmas.tolist(), *self._plan_signature())
         if state != self._plan_state:
             self._tables.clear()
             self._last_tables = None
             self._plan_device.clear()
         self._plan_state = state
         self._plan_host = host
+        self._plan_sigmas = None if sigmas is None else sigmas.clone()
         self._plan_values = values
         self._plan_len = len(values)
         plan = self._plan_tensor = self.timesteps  # the tensor the pipeline iterates
@@ -396,6 +403,10 @@ class FusedSchedulerMixin:
         )
         self._seeds_cache.clear()
         self._seed = None
+
+    def _plan_signature(self) -> tuple:
+        """Plan state besides the timesteps and sigmas that the tables depend on."""
+        return (self.num_inference_steps, vars(self).get("custom_timesteps"))
 
     def _plan_position(self, timestep: torch.Tensor) -> int | None:
         """The position of ``timestep`` in the plan when it is an element of the plan tensor
