@@ -63,5 +63,7 @@ __all__ = [
 from diffusers import SchedulerMixin  # noqa: E402, F401
 
 for _name in __all__:  # the public path, recorded by save_pretrained (see the docstring)
-    globals()[_name].__module__ = __name__
-del _name
+    _obj = globals()[_name]
+    if isinstance(_obj, type) and issubclass(_obj, SchedulerMixin):
+        _obj.__module__ = __name__
+del _name, _obj
