@@ -10,13 +10,16 @@ pipeline time: on the GPU the time between CUDA events recorded right before and
 each ``scheduler.step`` call (GPU time of the step's kernels plus any time the GPU waits for
 the host to issue them), over the time of the whole call; on the CPU the wall time inside
 ``step``. Variants: "diffusers" (the original scheduler), "fused" (same generator, noise
-drawn as diffusers draws it), "fused-philox" (DDPM only: the pipeline is called without a
-generator, so the step noise comes from the in-kernel Philox stream).
+drawn as diffusers draws it), "fused-philox" (DDPM only: ``noise="philox"`` and no generator,
+so the step noise comes from the in-kernel Philox stream).
 
 ``test_scheduler_loop``: the scheduler alone, as a Stable Diffusion loop drives it (timesteps
 on the device, ``scale_model_input`` + ``step`` with a fixed model output, a CUDA generator),
 50 steps on (1, 4, 64, 64) float16 latents, synchronized once at the end: wall time per step
-from Python (PERFORMANCE.md's host-overhead figure), for all five schedulers.
+from Python (PERFORMANCE.md's host-overhead figure; target <= 30 us through a drop-in). One
+group per scheduler: diffusers, fused, and for the stochastic ones fused-philox side by side.
+``test_set_timesteps``: ``set_timesteps(50, device)`` alone, fused vs diffusers, one group
+per scheduler (target: the fused one no slower).
 
 Run: ``pytest benchmarks/bench_pipeline.py --benchmark-columns=mean,stddev
 --benchmark-group-by=group``.
@@ -141,7 +144,8 @@ def build_pipeline(name: str, variant: str, unet: UNet2DModel):
     pipe = pipeline_cls(unet=unet, scheduler=DDPMScheduler())
     pipe.set_progress_bar_config(disable=True)
     if variant != "diffusers":
-        pipe.scheduler = fused_cls.from_config(pipe.scheduler.config)
+        noise = "philox" if variant == "fused-philox" else "torch"
+        pipe.scheduler = fused_cls.from_config(pipe.scheduler.config, noise=noise)
     return pipe
 
 
@@ -198,7 +202,7 @@ SCHEDULERS = {
 }
 LOOP_SHAPE = (1, 4, 64, 64) if CUDA else (1, 4, 8, 8)
 LOOP_DTYPE = torch.float16 if CUDA else torch.float32
-# "fused-philox": no generator, in-kernel noise (the stochastic schedulers only)
+# "fused-philox": noise="philox" and no generator, in-kernel noise (stochastic schedulers only)
 LOOP_CASES = [(name, impl) for name in SCHEDULERS for impl in ("diffusers", "fused")]
 LOOP_CASES += [("ddpm", "fused-philox"), ("euler_a", "fused-philox")]
 
@@ -208,7 +212,8 @@ def test_scheduler_loop(benchmark, name, impl):
     d_cls, f_cls = SCHEDULERS[name]
     scheduler = d_cls(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     if impl != "diffusers":
-        scheduler = f_cls.from_config(scheduler.config)
+        noise = "philox" if impl == "fused-philox" else "torch"
+        scheduler = f_cls.from_config(scheduler.config, noise=noise)
     x = torch.randn(LOOP_SHAPE, device=DEVICE, dtype=LOOP_DTYPE)
     model_output = torch.randn(LOOP_SHAPE, device=DEVICE, dtype=LOOP_DTYPE)
     generator = None if impl == "fused-philox" else torch.Generator(DEVICE).manual_seed(0)
@@ -228,7 +233,7 @@ def test_scheduler_loop(benchmark, name, impl):
 
     setup()
     loop()  # warm-up: kernels compiled, tables uploaded
-    benchmark.group = f"scheduler loop, {STEPS} steps, {LOOP_SHAPE}, {LOOP_DTYPE}"
+    benchmark.group = f"scheduler loop {name}, {STEPS} steps, {LOOP_SHAPE}, {LOOP_DTYPE}"
     benchmark.pedantic(loop, setup=setup, rounds=4 * ROUNDS)
     stats = getattr(benchmark, "stats", None)
     mean_s = stats.stats.mean if stats is not None else None
@@ -237,5 +242,30 @@ def test_scheduler_loop(benchmark, name, impl):
             "device": torch.cuda.get_device_name() if CUDA else "cpu",
             "steps": STEPS,
             "us_per_step": mean_s * 1e6 / STEPS if mean_s is not None else None,
+        }
+    )
+
+
+@pytest.mark.parametrize("impl", ["diffusers", "fused"])
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_set_timesteps(benchmark, name, impl):
+    d_cls, f_cls = SCHEDULERS[name]
+    scheduler = d_cls(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    if impl == "fused":
+        scheduler = f_cls.from_config(scheduler.config)
+
+    def plan():
+        scheduler.set_timesteps(STEPS, device=DEVICE)
+        if CUDA:
+            torch.cuda.synchronize()
+
+    plan()  # warm-up
+    benchmark.group = f"set_timesteps {name}, {STEPS} steps"
+    benchmark.pedantic(plan, rounds=20 * ROUNDS, iterations=5)
+    stats = getattr(benchmark, "stats", None)
+    benchmark.extra_info.update(
+        {
+            "device": torch.cuda.get_device_name() if CUDA else "cpu",
+            "us": stats.stats.mean * 1e6 if stats is not None else None,
         }
     )

@@ -27,7 +27,9 @@ is finite and stops.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import json
 import math
 import random
 import subprocess
@@ -192,11 +194,23 @@ def random_case(name: str, rng: random.Random) -> dict:
 # -- the loop -------------------------------------------------------------------------------
 
 
-def run_pair(name, case, backend, seed, *, noise_mode="generator", fused_kwargs=None, x=None):
-    """Run the diffusers scheduler and the fused one side by side; compare every step."""
+def run_pair(
+    name, case, backend, seed, *, noise_mode="generator", fused_kwargs=None, x=None, config_dir=None
+):
+    """Run the diffusers scheduler and the fused one side by side; compare every step.
+
+    ``noise_mode``: "generator" (the same seed in two generators), "variance_noise" (the same
+    explicit noise) or "global" (no generator: the global RNG seeded alike before each step,
+    and in the same state after it). ``config_dir``: load both schedulers from the
+    scheduler_config.json there (``case["config"]`` is then unused)."""
     d_cls, f_cls = PAIRS[name]
-    d = d_cls(**case["config"])
-    f = f_cls.from_config(d.config, backend=backend, **(fused_kwargs or {}))
+    fused_kwargs = {"backend": backend, **(fused_kwargs or {})}
+    if config_dir is None:
+        d = d_cls(**case["config"])
+        f = f_cls.from_config(d.config, **fused_kwargs)
+    else:
+        d = d_cls.from_pretrained(config_dir)
+        f = f_cls.from_pretrained(config_dir, **fused_kwargs)
     d.set_timesteps(**case["set"], device=DEVICE)
     f.set_timesteps(**case["set"], device=DEVICE)
     assert torch.equal(d.timesteps, f.timesteps)
@@ -222,6 +236,9 @@ def run_pair(name, case, backend, seed, *, noise_mode="generator", fused_kwargs=
         elif noise_mode == "variance_noise":
             noise = randn(SHAPE, generator=gen)
             kw_d["variance_noise"] = kw_f["variance_noise"] = noise
+        step_seed = seed + 2 + k
+        if noise_mode == "global":
+            torch.manual_seed(step_seed)
         try:
             out_d = d.step(model_output, t, xd, **kw_d)
         except IndexError:
@@ -237,8 +254,13 @@ def run_pair(name, case, backend, seed, *, noise_mode="generator", fused_kwargs=
                 assert isinstance(f.step_index, torch.Tensor), "ran past the plan silently"
                 assert out_f.prev_sample.isnan().all()
             return d, f
+        if noise_mode == "global":
+            after_d = torch.randn(3, device=DEVICE)
+            torch.manual_seed(step_seed)
         out_f = f.step(model_output, t, xf, **kw_f)
         what = f"{name}[{backend}] step {k} (t={t.item()}), seed={seed}, case={case}"
+        if noise_mode == "global":
+            assert torch.equal(torch.randn(3, device=DEVICE), after_d), "global RNG: " + what
         assert type(out_f) is type(out_d)
         outputs = [out_d.prev_sample]
         if hasattr(out_d, "pred_original_sample"):
@@ -276,6 +298,82 @@ def test_ddim_variance_noise_matches_diffusers(backend, seed):
     case = random_case("ddim", random.Random(seed))
     case["step"]["eta"] = 0.6
     run_pair("ddim", case, backend, seed, noise_mode="variance_noise")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "euler_a"])
+def test_global_rng_noise_matches_diffusers(name, backend, seed):
+    """Without a generator the fused step draws what diffusers draws, from the global RNG: the
+    same results, and the global stream in the same state after every step."""
+    case = random_case(name, random.Random(seed))
+    if name == "ddim":
+        case["step"]["eta"] = 0.6
+    run_pair(name, case, backend, seed, noise_mode="global")
+
+
+def test_noise_option(tmp_path):
+    f = FusedDDPMScheduler()
+    assert f.uses_philox_noise is False
+    g = FusedDDPMScheduler.from_config(f.config, noise="philox")
+    assert g.uses_philox_noise is True and "noise" not in g.config
+    with pytest.raises(AttributeError):
+        g.uses_philox_noise = False
+    with pytest.raises(ValueError, match="noise"):
+        FusedDDPMScheduler(noise="cuda")
+    g.noise = "torch"  # switchable, like backend
+    assert g.noise == "torch" and not g.uses_philox_noise
+    with pytest.raises(ValueError, match="noise"):
+        g.noise = "cuda"
+    g.noise = "philox"
+    g.save_pretrained(tmp_path)
+    assert "noise" not in json.loads((tmp_path / "scheduler_config.json").read_text())
+    assert FusedDDPMScheduler.from_pretrained(tmp_path, noise="philox").uses_philox_noise
+    assert not FusedDDPMScheduler.from_pretrained(tmp_path).uses_philox_noise
+
+
+# SD1.5's scheduler_config.json (a PNDMScheduler's, as released) and variants with the x0
+# processing keys other checkpoints' JSONs carry; a class that does not use a key ignores it
+SD15_SCHEDULER = {
+    "_class_name": "PNDMScheduler",
+    "_diffusers_version": "0.6.0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+    "clip_sample": False,
+}
+CHECKPOINT_CONFIGS = {
+    "sd15": SD15_SCHEDULER,
+    "sd15-clip": {**SD15_SCHEDULER, "clip_sample": True},
+    "sd15-threshold": {**SD15_SCHEDULER, "clip_sample": True, "thresholding": True},
+    "sdxl-euler": {  # an EulerDiscreteScheduler JSON that still carries DDIM/PNDM keys
+        **SD15_SCHEDULER,
+        "_class_name": "EulerDiscreteScheduler",
+        "_diffusers_version": "0.19.0.dev0",
+        "interpolation_type": "linear",
+        "prediction_type": "epsilon",
+        "sample_max_value": 1.0,
+        "timestep_spacing": "leading",
+        "use_karras_sigmas": False,
+    },
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("config", list(CHECKPOINT_CONFIGS))
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_checkpoint_configs_with_leftover_keys(name, config, backend, seed, tmp_path):
+    """Loaded from a checkpoint's JSON, each scheduler honours the x0 processing options its
+    diffusers class honours (DDPM / DDIM: clip and threshold; DPM: threshold; Euler: none) and
+    ignores the rest, as the diffusers class does."""
+    (tmp_path / "scheduler_config.json").write_text(json.dumps(CHECKPOINT_CONFIGS[config]))
+    step = {"eta": 0.5} if name == "ddim" else {}
+    case = {"config": config, "set": {"num_inference_steps": 4}, "step": step, "learned": False}
+    run_pair(name, case, backend, seed, config_dir=tmp_path)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -482,7 +580,7 @@ def test_signatures_match_diffusers(name):
         extra = {"variance_noise"} if (name, method) == ("ddpm", "step") else set()
         assert [p for p in got if p not in extra] == want, method
     init = set(inspect.signature(f_cls.__init__).parameters)
-    assert init == set(inspect.signature(d_cls.__init__).parameters) | {"backend"}
+    assert init == set(inspect.signature(d_cls.__init__).parameters) | {"backend", "noise"}
 
 
 @pytest.mark.parametrize("name", list(PAIRS))
@@ -606,6 +704,57 @@ def test_return_dict_false(name):
     assert isinstance(out, tuple) and len(out) == (1 if name == "dpm" else 2)
 
 
+# -- scale_model_input: the same bits with the step index on the host or on the device ------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("name", ["euler", "euler_a"])
+def test_scale_model_input_same_bits_with_host_or_device_index(name, dtype, monkeypatch):
+    """scale_model_input gives diffusers' bits whether the step index is found on the host (a
+    timestep of the plan, as an eager loop passes it) or on the device (any other timestep
+    tensor, as in a captured CUDA graph: the index stays a device tensor). On CUDA diffusers'
+    division by a CPU scalar runs as a multiplication by its float32 reciprocal; the device
+    path must not round that reciprocal to the sample's dtype first (1 fp16 ulp)."""
+    monkeypatch.setattr(base, "on_host", lambda t: False)  # on CPU too: the device lookup
+    d_cls, f_cls = PAIRS[name]
+    d, host, dev = d_cls(), f_cls(), f_cls()
+    for s in (d, host, dev):
+        s.set_timesteps(10, device=DEVICE)
+    x = (randn(2, 4, 6, 6) * 30).to(dtype)
+    for k, t in enumerate(d.timesteps):
+        for s in (d, host, dev):
+            s._step_index = None  # looked up from the timestep on every call
+        want = d.scale_model_input(x, t)
+        got_host = host.scale_model_input(x, host.timesteps[k])
+        got_dev = dev.scale_model_input(x, t.clone())
+        assert isinstance(host.step_index, int) and isinstance(dev.step_index, torch.Tensor)
+        assert got_host.dtype == got_dev.dtype == want.dtype == dtype
+        assert torch.equal(got_host, want), f"host index, step {k}"
+        assert torch.equal(got_dev, want), f"device index, step {k}"
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_step_output_is_what_the_dataclass_constructor_builds(name):
+    """make_output (the steps' fast constructor) builds the object the output class's own
+    constructor builds: same type, items, attributes, tuple, pickle round trip."""
+    import pickle
+
+    f = PAIRS[name][1](backend="reference")
+    f.set_timesteps(3)
+    x = randn(SHAPE)
+    got = f.step(x, f.timesteps[0], x)
+    cls = type(got)
+    values = [getattr(got, field.name) for field in dataclasses.fields(cls)]
+    want = cls(*values)
+    assert list(got.items()) == list(want.items()) and vars(got) == vars(want)
+    assert got.to_tuple() == want.to_tuple() and got[0] is want[0] is values[0]
+    back = pickle.loads(pickle.dumps(got))
+    assert type(back) is cls and all(torch.equal(a, b) for a, b in zip(back.to_tuple(), values))
+    assert base.make_output(cls, *values[:1], *[None] * (len(values) - 1)).to_tuple() == (
+        values[0],
+    )
+
+
 # -- dtypes and layouts ---------------------------------------------------------------------
 
 
@@ -688,7 +837,7 @@ def test_channels_last(name, backend, seed):
 
 def _philox_run(name, backend, steps=3, **step_kwargs):
     d_cls, f_cls = PAIRS[name]
-    f = f_cls(backend=backend)
+    f = f_cls(backend=backend, noise="philox")
     f.set_timesteps(steps)
     x = torch.linspace(-2, 2, math.prod(SHAPE), device=DEVICE).reshape(SHAPE)
     outs = []
@@ -718,7 +867,7 @@ def test_philox_noise_is_standard_normal(seed):
     mean within 5.5 standard errors of 0 (1/sqrt(n) = 0.0128) and variance within 5.5 of 1
     (sqrt(2/n) = 0.018): a false failure rate below 1e-7 per check."""
     torch.manual_seed(seed)
-    f = FusedDDIMScheduler(clip_sample=False, backend="triton")
+    f = FusedDDIMScheduler(clip_sample=False, backend="triton", noise="philox")
     f.set_timesteps(10)
     shape = (2, 3, 32, 32)
     x, m, t = randn(shape), randn(shape), f.timesteps[3]
@@ -786,7 +935,7 @@ def test_gpu_loop_has_no_host_sync(name):
 @pytest.mark.parametrize("name", list(PAIRS))
 def test_gpu_loop_captured_in_cuda_graph(name):
     device = torch.device("cuda")
-    f = PAIRS[name][1](backend="triton")
+    f = PAIRS[name][1](backend="triton", noise="philox")  # graphs replay in-kernel noise only
     shape = (2, 4, 16, 16)
     x_in = torch.randn(shape, device=device)
     weight = torch.randn(shape, device=device)

@@ -17,7 +17,9 @@ to ~60).
 from __future__ import annotations
 
 import inspect
+import json
 import random
+import tempfile
 
 import pytest
 import torch
@@ -93,8 +95,14 @@ def no_tf32():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def _images(pipe, seed, **kwargs):
-    generator = torch.Generator().manual_seed(seed)
+def _images(pipe, seed, *, global_rng=False, **kwargs):
+    """The pipeline's images from ``seed``: in a generator, or (``global_rng``) in torch's
+    global RNG, the pipeline called without a generator."""
+    if global_rng:
+        torch.manual_seed(seed)
+        generator = None
+    else:
+        generator = torch.Generator().manual_seed(seed)
     out = pipe(batch_size=2, generator=generator, output_type="pt", **kwargs)
     return out.images
 
@@ -129,7 +137,15 @@ def test_ddim_pipeline_swap(eta, use_clipped_model_output, backend, seed):
 
 
 def stable_diffusion_loop(
-    unet, scheduler, embeddings, seed, *, steps=4, guidance_scale=7.5, strength=None
+    unet,
+    scheduler,
+    embeddings,
+    seed,
+    *,
+    steps=4,
+    guidance_scale=7.5,
+    strength=None,
+    global_rng=False,
 ):
     """The denoising loop of diffusers' StableDiffusion(Img2Img)Pipeline, model and scheduler
     calls in the same order with the same arguments.
@@ -142,11 +158,16 @@ def stable_diffusion_loop(
         steps: num_inference_steps.
         guidance_scale: classifier-free guidance scale.
         strength: img2img strength (None: text-to-image).
+        global_rng: no generator: ``seed`` seeds torch's global RNG, which draws all noise.
 
     Returns:
         The final latents ``[B, 4, 8, 8]``.
     """
-    generator = torch.Generator().manual_seed(seed)
+    if global_rng:
+        torch.manual_seed(seed)
+        generator = None
+    else:
+        generator = torch.Generator().manual_seed(seed)
     batch = embeddings.shape[0] // 2
     shape = (batch, unet.config.in_channels, 8, 8)
     scheduler.set_timesteps(steps, device=DEVICE)
@@ -194,3 +215,125 @@ def test_stable_diffusion_style_loop(name, backend, strength, seed):
     assert torch.isfinite(want).all()
     scale = max(1.0, want.abs().max().item())
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3 * scale)
+
+
+# -- no generator: the global RNG, as the stock scheduler draws from it -----------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name, eta", [("ddpm", None), ("ddim", 1.0)])
+def test_pipeline_without_generator_gives_stock_images(name, eta, backend, seed):
+    """``torch.manual_seed(s); pipe(...)`` without a generator: the stock scheduler's images,
+    and the global RNG in the same state afterwards."""
+    d_cls, f_cls = PAIRS[name]
+    pipeline_cls = DDPMPipeline if name == "ddpm" else DDIMPipeline
+    pipe = pipeline_cls(unet=tiny_unet(), scheduler=d_cls())
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = {"num_inference_steps": 4} | ({"eta": eta} if eta is not None else {})
+    want = _images(pipe, seed, global_rng=True, **kwargs)
+    want_after = torch.randn(3, device=DEVICE)
+    pipe.scheduler = f_cls.from_config(pipe.scheduler.config, backend=backend)
+    got = _images(pipe, seed, global_rng=True, **kwargs)
+    assert torch.equal(torch.randn(3, device=DEVICE), want_after), "global RNG out of step"
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["ddpm", "euler_a"])
+def test_stable_diffusion_style_loop_without_generator(name, backend, seed):
+    d_cls, f_cls = PAIRS[name]
+    unet = tiny_conditional_unet()
+    embeddings = torch.randn(4, 5, 8).to(DEVICE)
+    original = d_cls(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    want = stable_diffusion_loop(unet, original, embeddings, seed, global_rng=True)
+    want_after = torch.randn(3, device=DEVICE)
+    fused = f_cls.from_config(original.config, backend=backend)
+    got = stable_diffusion_loop(unet, fused, embeddings, seed, global_rng=True)
+    assert torch.equal(torch.randn(3, device=DEVICE), want_after), "global RNG out of step"
+    scale = max(1.0, want.abs().max().item())
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3 * scale)
+
+
+# -- save_pretrained / from_pretrained with a fused scheduler ---------------------------------
+
+
+def tiny_stable_diffusion(scheduler):
+    """A StableDiffusionPipeline of tiny random models (CLIP text encoder with a 4-token
+    vocabulary, one-level VAE, the tiny conditional UNet) on the CPU, no safety checker."""
+    transformers = pytest.importorskip("transformers")
+    from diffusers import AutoencoderKL, StableDiffusionPipeline  # imports transformers
+
+    with tempfile.TemporaryDirectory() as folder:
+        vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "a</w>": 2, "cat</w>": 3}
+        with open(f"{folder}/vocab.json", "w") as f:
+            json.dump(vocab, f)
+        with open(f"{folder}/merges.txt", "w") as f:
+            f.write("#version: 0.2\n")
+        tokenizer = transformers.CLIPTokenizer(
+            f"{folder}/vocab.json", f"{folder}/merges.txt", model_max_length=8
+        )
+    config = transformers.CLIPTextConfig(
+        vocab_size=4,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=8,
+        projection_dim=8,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8,),
+        norm_num_groups=4,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        sample_size=8,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae.eval(),
+        text_encoder=transformers.CLIPTextModel(config).eval(),
+        tokenizer=tokenizer,
+        unet=tiny_conditional_unet().cpu(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_saved_pipeline_records_fused_scheduler_under_public_module(name, tmp_path):
+    f_cls = PAIRS[name][1]
+    DDPMPipeline(unet=tiny_unet(), scheduler=f_cls()).save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["scheduler"] == ["fastdiff.diffusers", f_cls.__name__]
+    loaded = DDPMPipeline.from_pretrained(tmp_path)
+    assert type(loaded.scheduler) is f_cls
+    passed = f_cls.from_pretrained(tmp_path, subfolder="scheduler", noise="philox")
+    assert DDPMPipeline.from_pretrained(tmp_path, scheduler=passed).scheduler is passed
+
+
+def test_saved_stable_diffusion_pipeline_with_fused_scheduler_loads_back(tmp_path, seed):
+    """A StableDiffusionPipeline saved with a fused scheduler loads back with it, or with one
+    passed as ``scheduler=``: the same images."""
+    f_cls = FusedDDIMScheduler
+    pipe = tiny_stable_diffusion(f_cls(beta_schedule="scaled_linear"))
+    pipeline_cls = type(pipe)
+    pipe.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["scheduler"] == ["fastdiff.diffusers", f_cls.__name__]
+
+    def images(p):
+        generator = torch.Generator().manual_seed(seed)
+        kwargs = {"num_inference_steps": 3, "height": 8, "width": 8, "output_type": "pt"}
+        return p("a cat", generator=generator, **kwargs).images
+
+    want = images(pipe)
+    passed = f_cls.from_pretrained(tmp_path, subfolder="scheduler")
+    for kwargs in ({}, {"scheduler": passed}):
+        loaded = pipeline_cls.from_pretrained(tmp_path, **kwargs)
+        loaded.set_progress_bar_config(disable=True)
+        assert type(loaded.scheduler) is f_cls
+        assert torch.equal(images(loaded), want), kwargs

@@ -12,10 +12,25 @@ Example:
     >>> pipe.scheduler = FusedDPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     >>> image = pipe(prompt, generator=torch.Generator("cuda").manual_seed(0)).images[0]
 
-With a ``generator`` the step noise is drawn exactly as diffusers draws it (same images for
-the same seed); without one it is made inside the kernel (Philox, seeded from torch's
-global RNG once per ``set_timesteps``). ``backend=`` ("triton", "reference", "auto"; default:
-``FASTDIFF_BACKEND`` or auto) picks the kernels or the plain PyTorch reference.
+Noise. By default (``noise="torch"``) the step noise is drawn exactly as diffusers draws it,
+from the ``generator`` or, without one, from torch's global RNG: the same images as the stock
+scheduler for the same seed (``torch.manual_seed(0); pipe(...)`` included), and the global
+stream in the same state afterwards. ``FusedX.from_config(config, noise="philox")`` (or
+``scheduler.noise = "philox"``) opts in to in-kernel noise when no generator is passed:
+counter-based Philox keyed by (per-sample seed, step, element), seeded from the global RNG
+once per ``set_timesteps``. That saves the ``randn`` launch and the noise tensor's pass over
+memory on every stochastic step, and it is the only mode in which a stochastic scheduler's
+loop can be captured in a CUDA graph (``uses_philox_noise``; a graph replay cannot repeat
+torch's RNG draws). The price: other images than the stock scheduler's for the same seed
+(same distribution, another stream). ``backend=`` ("triton", "reference", "auto"; default:
+``FASTDIFF_BACKEND`` or auto) picks the kernels or the plain PyTorch reference. Neither
+option is saved to the config.
+
+Pipelines. ``save_pretrained`` records a fused scheduler in model_index.json as
+``["fastdiff.diffusers", "FusedDDIMScheduler"]`` (the classes' ``__module__`` is this public
+module); ``DiffusionPipeline.from_pretrained`` loads it back once ``fastdiff.diffusers`` is
+imported (diffusers resolves a non-diffusers library from ``sys.modules`` only), and accepts
+a fused scheduler passed as ``scheduler=``.
 
 diffusers is an optional dependency: ``pip install "fastdiff[diffusers]"``.
 """
@@ -47,3 +62,13 @@ __all__ = [
     "FusedEulerAncestralDiscreteScheduler",
     "FusedEulerDiscreteScheduler",
 ]
+
+# diffusers' pipeline loader looks the component's base class up by name in the library that
+# model_index.json names (this module): SchedulerMixin must be found here
+from diffusers import SchedulerMixin  # noqa: E402, F401
+
+for _name in __all__:  # the public path, recorded by save_pretrained (see the docstring)
+    _obj = globals()[_name]
+    if isinstance(_obj, type) and issubclass(_obj, SchedulerMixin):
+        _obj.__module__ = __name__
+del _name, _obj

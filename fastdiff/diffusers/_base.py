@@ -15,12 +15,16 @@ as a CUDA tensor: integer arithmetic or a gather on the device, never ``nonzero(
 ``.item()``). Tables end in NaN "poison" rows that a timestep missing from the plan maps to,
 so a device lookup that finds nothing gives NaN instead of a silently wrong step.
 
-Noise. With a ``generator`` (or an explicit noise tensor) the noise is drawn exactly as the
-diffusers class draws it (same ``randn_tensor`` call, same shape, dtype and device, on the
-same steps) and passed to the kernel. Without one, the kernel makes Philox noise keyed by
-(per-sample seed, table row, element); the seeds come from one integer drawn from torch's
-global RNG at the first step that needs noise after ``set_timesteps`` (so deterministic
-schedulers never touch the global RNG).
+Noise (``noise=``, a keyword-only constructor option like ``backend``, not saved to the
+config). "torch", the default: the noise is drawn exactly as the diffusers class draws it
+(the same ``randn_tensor`` call, same shape, dtype and device, on the same steps), from the
+``generator`` passed to ``step`` or, without one, from torch's global RNG, and passed to the
+kernel: the same images as the stock scheduler for the same seed, and the global stream in
+the same state afterwards. "philox": without a generator the kernel makes the noise itself,
+Philox keyed by (per-sample seed, table row, element); the seeds come from one integer drawn
+from torch's global CPU RNG at the first step that needs noise after ``set_timesteps`` (so
+deterministic schedulers never touch the global RNG). A ``generator`` or ``variance_noise``
+passed to ``step`` is used as diffusers uses it in both modes.
 
 Backends. ``backend`` is "triton" (the kernels: CUDA tensors, or CPU tensors under
 ``TRITON_INTERPRET=1``), "reference" (``fastdiff.reference``, plain PyTorch on any device and
@@ -32,8 +36,10 @@ backends check each other.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -42,18 +48,28 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from fastdiff import philox
 from fastdiff.backend import check_backend, resolve_backend
+from fastdiff.checks import check_choice
 from fastdiff.kernels.fused_step import COLUMNS, fused_step
 
-__all__ = ["FusedSchedulerMixin", "StepIndexMixin", "TimestepRowsMixin", "fused_init"]
+__all__ = [
+    "FusedSchedulerMixin",
+    "StepIndexMixin",
+    "TimestepRowsMixin",
+    "fused_init",
+    "make_output",
+    "promote",
+]
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+NOISE_SOURCES = ("torch", "philox")  # the step noise: drawn as diffusers draws it, or in-kernel
 
 
 def fused_init(diffusers_cls: type) -> Callable[..., None]:
     """An ``__init__`` for a fused subclass of ``diffusers_cls``: diffusers' own parameters
-    (registered to the config by diffusers' decorator) plus a keyword-only ``backend`` that is
-    not part of the config (a runtime choice, so saved configs stay loadable by diffusers).
+    (registered to the config by diffusers' decorator) plus two keyword-only runtime choices
+    that are not part of the config (so saved configs stay loadable by diffusers):
+    ``backend`` and ``noise`` (see ``FusedSchedulerMixin``).
 
     Args:
         diffusers_cls: the diffusers scheduler class being subclassed.
@@ -62,20 +78,27 @@ def fused_init(diffusers_cls: type) -> Callable[..., None]:
         The ``__init__`` function, with a signature that ``from_config`` understands.
     """
 
-    def __init__(self, *args: Any, backend: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, backend: str | None = None, noise: str = "torch", **kwargs: Any
+    ) -> None:
         diffusers_cls.__init__(self, *args, **kwargs)
-        self._setup_fused(backend)
+        self._setup_fused(backend, noise)
 
     signature = inspect.signature(diffusers_cls.__init__)
-    backend_param = inspect.Parameter(
-        "backend", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="str | None"
-    )
-    __init__.__signature__ = signature.replace(
-        parameters=[*signature.parameters.values(), backend_param]
-    )
+    extra = [
+        inspect.Parameter(
+            "backend", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="str | None"
+        ),
+        inspect.Parameter(
+            "noise", inspect.Parameter.KEYWORD_ONLY, default="torch", annotation="str"
+        ),
+    ]
+    __init__.__signature__ = signature.replace(parameters=[*signature.parameters.values(), *extra])
     __init__.__doc__ = (
         f"Same parameters as ``diffusers.{diffusers_cls.__name__}``, plus ``backend``: "
-        '"triton", "reference", "auto" or None (``FASTDIFF_BACKEND``, else auto).'
+        '"triton", "reference", "auto" or None (``FASTDIFF_BACKEND``, else auto), and '
+        '``noise``: "torch" (the step noise diffusers draws, the default) or "philox" '
+        "(in-kernel noise; see ``fastdiff.diffusers``)."
     )
     return __init__
 
@@ -151,26 +174,73 @@ def dense(x: torch.Tensor, contiguous: bool = False) -> torch.Tensor:
     return x
 
 
+_PROMOTED: dict[tuple[torch.dtype, torch.dtype], torch.dtype] = {}
+
+
+def promote(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    """``torch.promote_types(a, b)``, memoized (the call costs over a microsecond)."""
+    dtype = _PROMOTED.get((a, b))
+    if dtype is None:
+        dtype = _PROMOTED[(a, b)] = torch.promote_types(a, b)
+    return dtype
+
+
+_OUTPUT_FIELDS: dict[type, tuple[str, ...]] = {}
+_set_item = OrderedDict.__setitem__  # BaseOutput.__setitem__ would also set the attribute
+
+
+def make_output(cls: type, *values: Any) -> Any:
+    """``cls(*values)`` for a diffusers output dataclass, built directly: the object the
+    dataclass constructor builds (every field an attribute, the non-None ones also items of
+    the ``BaseOutput`` OrderedDict, in field order), without the constructor's
+    ``__post_init__`` walk over ``dataclasses.fields`` (~10 microseconds a step).
+
+    Args:
+        cls: a ``diffusers.utils.BaseOutput`` dataclass.
+        *values: its fields' values, in field order (all of them).
+
+    Returns:
+        The output object.
+    """
+    names = _OUTPUT_FIELDS.get(cls)
+    if names is None:
+        names = _OUTPUT_FIELDS[cls] = tuple(field.name for field in dataclasses.fields(cls))
+    if len(values) != len(names):
+        raise AssertionError(f"internal: {cls.__name__} has fields {names}")
+    out = cls.__new__(cls)
+    attributes = out.__dict__
+    for name, value in zip(names, values):
+        attributes[name] = value
+        if value is not None:
+            _set_item(out, name, value)
+    return out
+
+
 class FusedSchedulerMixin:
     """Mixed in before a diffusers scheduler class; see the module docstring.
 
-    Subclasses provide ``_unsupported()`` (config checks) and their ``step``.
+    Subclasses provide ``_unsupported()`` (config checks) and their ``step``, and name in
+    ``_x0_processing`` the x0 processing options their diffusers class honours ("clip":
+    ``clip_sample`` / ``clip_sample_range``, "threshold": ``thresholding`` and its options);
+    any other such key in the config (left over from another scheduler's JSON) is ignored, as
+    the diffusers class ignores it.
     """
 
     _diffusers_cls: type
+    _x0_processing: tuple[str, ...] = ()
 
     # -- setup and configuration ------------------------------------------------------------
 
-    def _setup_fused(self, backend: str | None) -> None:
+    def _setup_fused(self, backend: str | None, noise: str) -> None:
         self.backend = backend
         self._tables: dict = {}
+        self._last_tables = None
         self._seeds_cache: dict = {}
         self._seed: int | None = None
-        self._plan_host: torch.Tensor = self.timesteps  # diffusers' default plan (CPU)
-        self._plan_tensor: torch.Tensor = self.timesteps
-        self._plan_sigmas = getattr(self, "sigmas", None)
-        self._plan_sig = self._plan_signature()
+        self.noise = noise
         self._plan_device: dict = {}
+        self._plan_state = None
+        self._plan_changed(None)  # diffusers' default plan (CPU)
         self._checked_config = None
         self.check_config()
 
@@ -183,12 +253,43 @@ class FusedSchedulerMixin:
     def backend(self, value: str | None) -> None:
         self._backend = check_backend(value)
 
+    @property
+    def noise(self) -> str:
+        """ "torch" (the default: the step noise diffusers draws, from the generator or the
+        global RNG) or "philox" (in-kernel noise when no generator is passed); settable, like
+        ``backend``: a new Philox seed is drawn at the next step that adds noise."""
+        return self._noise
+
+    @noise.setter
+    def noise(self, value: str) -> None:
+        self._noise = check_choice("noise", value, NOISE_SOURCES)
+        self._seed = None
+
+    @property
+    def uses_philox_noise(self) -> bool:
+        """Whether a step without a generator makes its noise in the kernel (``noise="philox"``)
+        rather than drawing it from torch's global RNG as diffusers does (``noise="torch"``)."""
+        return self._noise == "philox"
+
     def _unsupported(self, config) -> list[tuple[str, bool, str]]:
         """(option, is_unsupported, why) triples for the current config."""
         raise NotImplementedError
 
+    def _x0_options(self, config) -> tuple[bool, bool]:
+        """(clip, threshold): whether the config turns on clipping / dynamic thresholding of x0,
+        counting only the options the diffusers class honours (``_x0_processing``);
+        thresholding wins over clipping, as in diffusers."""
+        threshold = "threshold" in self._x0_processing and bool(config.get("thresholding", False))
+        clip = (
+            not threshold
+            and "clip" in self._x0_processing
+            and bool(config.get("clip_sample", False))
+        )
+        return clip, threshold
+
     def _thresholding_checks(self, config) -> list[tuple[str, bool, str]]:
-        threshold = bool(config.get("thresholding", False))
+        """The prediction type and the x0 processing options (those the class honours)."""
+        clip, threshold = self._x0_options(config)
         ratio = config.get("dynamic_thresholding_ratio", 0.995)
         return [
             (
@@ -208,9 +309,7 @@ class FusedSchedulerMixin:
             ),
             (
                 "clip_sample_range",
-                not threshold
-                and bool(config.get("clip_sample", False))
-                and not config.get("clip_sample_range", 1.0) > 0,
+                clip and not config.get("clip_sample_range", 1.0) > 0,
                 "the clip range must be positive",
             ),
         ]
@@ -255,72 +354,84 @@ class FusedSchedulerMixin:
             self.check_config()
         return self._processing_options
 
-    @staticmethod
-    def _read_processing(config) -> tuple[float | None, tuple[float, float] | None]:
-        if config.get("thresholding", False):
+    def _read_processing(self, config) -> tuple[float | None, tuple[float, float] | None]:
+        clip, threshold = self._x0_options(config)
+        if threshold:
             return None, (
                 float(config.dynamic_thresholding_ratio),
                 float(config.sample_max_value),
             )
-        if config.get("clip_sample", False):
+        if clip:
             return float(config.clip_sample_range), None
         return None, None
 
+    def _planning_device(self, device: torch.device | str | None) -> torch.device | str | None:
+        """The device to hand diffusers' set_timesteps: None (plan on the host; ``_plan_changed``
+        then uploads the timesteps, asynchronously, and nothing is read back from the device)
+        unless diffusers computes plan values on the device."""
+        return None
+
     def _plan_changed(self, device: torch.device | str | None) -> None:
-        """After diffusers' set_timesteps: keep a host copy of the plan (reading it back from
-        the device here, outside the loop, as diffusers' own set_timesteps does with its
-        sigmas), put ``self.timesteps`` where the caller wants it, draw a new noise seed at
-        the next stochastic step. Tables are kept when the plan is the same as before (a loop
-        that calls set_timesteps again, e.g. before a CUDA graph capture, uploads nothing)."""
-        host = self.timesteps.cpu()
-        if device is not None:
-            self.timesteps = self.timesteps.to(device)
-        sigmas = getattr(self, "sigmas", None)
-        same = (
-            torch.equal(host, self._plan_host)
-            and (sigmas is None) == (self._plan_sigmas is None)
-            and (sigmas is None or torch.equal(sigmas, self._plan_sigmas))
-            and self._plan_signature() == self._plan_sig
-        )
-        if not same:
+        """After diffusers' set_timesteps: keep the plan's values on the host (python floats
+        or ints, and the host tensor), put ``self.timesteps`` where the caller wants it, draw
+        a new noise seed at the next stochastic step. Tables are kept when the plan is the
+        same as before (a loop that calls set_timesteps again, e.g. before a CUDA graph
+        capture, uploads nothing)."""
+        host = self.timesteps
+        if not host.is_cpu:  # planned on the device (``_planning_device``)
+            host = host.cpu()
+        elif device is not None:
+            self.timesteps = upload(host, torch.device(device))
+        sigmas = vars(self).get("sigmas")  # (getattr of a missing attribute costs microseconds)
+        values = host.tolist()
+        state = (values, None if sigmas is None else sigmas.tolist(), *self._plan_signature())
+        if state != self._plan_state:
             self._tables.clear()
+            self._last_tables = None
             self._plan_device.clear()
+        self._plan_state = state
         self._plan_host = host
-        self._plan_tensor = self.timesteps  # the tensor the pipeline iterates
         self._plan_sigmas = None if sigmas is None else sigmas.clone()
-        self._plan_sig = self._plan_signature()
+        self._plan_values = values
+        self._plan_len = len(values)
+        plan = self._plan_tensor = self.timesteps  # the tensor the pipeline iterates
+        self._plan_address = (
+            plan.data_ptr(),
+            plan.stride(0) * plan.element_size() if plan.dim() == 1 else 0,
+            plan.dtype,
+            plan.device,
+        )
         self._seeds_cache.clear()
         self._seed = None
+
+    def _plan_signature(self) -> tuple:
+        """Plan state besides the timesteps and sigmas that the tables depend on."""
+        return (self.num_inference_steps, vars(self).get("custom_timesteps"))
 
     def _plan_position(self, timestep: torch.Tensor) -> int | None:
         """The position of ``timestep`` in the plan when it is an element of the plan tensor
         handed out by set_timesteps (``for t in scheduler.timesteps``, also after slicing):
-        found from its storage offset, so its value is known on the host without reading the
-        device. None for any other tensor."""
-        plan = self._plan_tensor
-        if timestep.dim() != 0 or timestep.dtype != plan.dtype or timestep.device != plan.device:
+        found from its address (a live tensor whose data lies inside the plan's memory is a
+        view of it), so its value is known on the host without reading the device. None for
+        any other tensor."""
+        start, stride, dtype, device = self._plan_address
+        if timestep.dim() or timestep.dtype != dtype or stride <= 0:
             return None
-        if timestep.untyped_storage().data_ptr() != plan.untyped_storage().data_ptr():
+        offset = timestep.data_ptr() - start
+        position = offset // stride
+        if offset % stride or not 0 <= position < self._plan_len or timestep.device != device:
             return None
-        offset, stride = timestep.storage_offset() - plan.storage_offset(), plan.stride(0)
-        if stride <= 0 or offset % stride or not 0 <= offset // stride < len(self._plan_host):
-            return None
-        return offset // stride
+        return position
 
     def _host_value(self, timestep: Any) -> float | int | None:
         """A timestep's value when it is known on the host: a python number, a CPU tensor, or
         an element of the plan tensor (its value is in the host copy of the plan); None for
         other device tensors (reading them would sync)."""
-        value = host_scalar(timestep)
-        if value is None and timestep.numel() == 1:
+        if isinstance(timestep, torch.Tensor):
             position = self._plan_position(timestep)
             if position is not None:
-                value = self._plan_host[position].item()
-        return value
-
-    def _plan_signature(self) -> tuple:
-        """Plan state besides the timesteps and sigmas that the tables depend on."""
-        return (self.num_inference_steps, getattr(self, "custom_timesteps", None))
+                return self._plan_values[position]
+        return host_scalar(timestep)
 
     # -- CUDA-graph hooks (fastdiff.diffusers.graph.capture_denoising_loop) -----------------
 
@@ -371,6 +482,9 @@ class FusedSchedulerMixin:
         """The tables for ``key`` on ``device`` (built on the host once per key, uploaded once
         per device). ``build`` returns CPU tensors: "table" float64 ``[R, len(COLUMNS)]`` and
         per-row schedule values ``[R]`` for the reference path."""
+        last = self._last_tables  # the common case: the same tables as the previous step
+        if last is not None and last[0] == key and last[1] == device:
+            return last[2]
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         per_key = self._tables.get(key)
@@ -388,8 +502,20 @@ class FusedSchedulerMixin:
                 for name, value in host.items()
             }
             cached["arange"] = torch.arange(len(host["table"]), dtype=torch.int64, device=device)
+            cached["row_views"] = {}
             per_key[device] = cached
+        self._last_tables = (key, device, cached)
         return cached
+
+    @staticmethod
+    def _row(tables: dict[str, torch.Tensor], row: int) -> torch.Tensor:
+        """Row ``row`` as the kernel takes it: ``tables["arange"][row : row + 1]``, a view
+        made once per row (slicing a tensor costs microseconds)."""
+        views = tables["row_views"]
+        view = views.get(row)
+        if view is None:
+            view = views[row] = tables["arange"][row : row + 1]
+        return view
 
     # -- noise -------------------------------------------------------------------------------
 
@@ -424,14 +550,16 @@ class FusedSchedulerMixin:
             variance_noise: explicit standard-normal noise (taken as it is), or None.
 
         Returns:
-            ``(variance_noise, None)`` when it is given, else ``(drawn noise, None)`` with a
-            generator, else ``(None, seeds)``: per-sample Philox keys for in-kernel noise.
+            ``(variance_noise, None)`` when it is given; ``(None, seeds)``, per-sample Philox
+            keys for in-kernel noise, with ``noise="philox"`` and no generator; else
+            ``(noise, None)`` drawn as diffusers draws it (from ``generator``, or from torch's
+            global RNG without one).
         """
         if variance_noise is not None:
             return variance_noise, None
-        if generator is not None:
-            return self._draw(like.shape, generator, like.device, like.dtype), None
-        return None, self._philox_seeds(x.shape[0], x.device)
+        if generator is None and self._noise == "philox":
+            return None, self._philox_seeds(x.shape[0], x.device)
+        return self._draw(like.shape, generator, like.device, like.dtype), None
 
     # -- running a step ----------------------------------------------------------------------
 
@@ -568,22 +696,25 @@ class TimestepRowsMixin(FusedSchedulerMixin):
     device tensors, per-sample tensors and plans that start mid-schedule all work. The tables
     are built from ``_alphas_cumprod64``, a CPU float64 copy of diffusers' ``alphas_cumprod``."""
 
-    def _setup_fused(self, backend: str | None) -> None:
+    _x0_processing = ("clip", "threshold")
+
+    def _setup_fused(self, backend: str | None, noise: str) -> None:
         # diffusers fixes alphas_cumprod at construction; keep a CPU float64 copy of its values
         self._alphas_cumprod64 = self.alphas_cumprod.detach().to("cpu", torch.float64)
-        super()._setup_fused(backend)
+        self._train_steps = len(self._alphas_cumprod64)
+        super()._setup_fused(backend, noise)
 
     def _timestep_rows(
         self, timestep: Any, tables: dict[str, torch.Tensor], x: torch.Tensor
     ) -> tuple[torch.Tensor, int | torch.Tensor | None]:
         """(rows on x's device, the timestep on the host or None when it lives on a device)."""
-        train_steps = len(tables["arange"]) - 2
+        train_steps = self._train_steps
         value = self._host_value(timestep)
         if value is not None:
             t = int(value)
             if t != value or not 0 <= t < train_steps:
                 raise ValueError(f"timestep must be an integer in [0, {train_steps}), got {value}")
-            return tables["arange"][t + 1 : t + 2], t
+            return self._row(tables, t + 1), t
         batch = x.shape[0]
         if timestep.is_floating_point() and on_host(timestep):
             raise ValueError("per-sample timesteps must be an integer tensor")
@@ -649,7 +780,7 @@ class StepIndexMixin(FusedSchedulerMixin):
                 f"{type(self).__name__} takes one timestep for the whole batch, got shape "
                 f"{tuple(timestep.shape)}"
             )
-        n = len(self._plan_host)
+        n = self._plan_len
         plan = self._plan_on(timestep.device)
         return device_index(plan, timestep.reshape(()), n if miss is None else miss)
 
@@ -664,19 +795,19 @@ class StepIndexMixin(FusedSchedulerMixin):
         index = self._step_index
         if isinstance(index, torch.Tensor):
             return (index + offset).reshape(1) if offset else index.reshape(1)
-        n = len(self._plan_host)
+        n = self._plan_len
         if not 0 <= index < n:
             raise ValueError(
                 f"step index {index} is outside the {n} steps of the plan: step was called "
                 "more often than set_timesteps planned (call set_timesteps again)"
             )
-        return tables["arange"][index + offset : index + offset + 1]
+        return self._row(tables, index + offset)
 
     def _advance(self) -> None:
         index = self._step_index
         if isinstance(index, torch.Tensor):
             # stays on the poison row once past the end
-            self._step_index = torch.clamp(index + 1, max=len(self._plan_host))
+            self._step_index = torch.clamp(index + 1, max=self._plan_len)
         else:
             self._step_index = index + 1
 
@@ -688,7 +819,7 @@ class StepIndexMixin(FusedSchedulerMixin):
             if on_host(timesteps):
                 found = [host_index(self._plan_host, t, miss) for t in timesteps.reshape(-1)]
                 return upload(torch.tensor(found, dtype=torch.int64), device)
-            n = len(self._plan_host)
+            n = self._plan_len
             plan = self._plan_on(timesteps.device)
             # a timestep not in the plan reads the NaN appended to the sigmas
             return device_index(plan, timesteps.reshape(-1), n + 1 if miss is None else miss).to(

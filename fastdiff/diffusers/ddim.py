@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 from diffusers.schedulers.scheduling_ddim import DDIMScheduler, DDIMSchedulerOutput
 
 from fastdiff import reference, tables
+from fastdiff.checks import is_number
 from fastdiff.diffusers._base import (
     TimestepRowsMixin,
     dense,
     fused_init,
+    make_output,
     nan_row,
+    promote,
 )
 
 __all__ = ["FusedDDIMScheduler"]
@@ -28,6 +29,10 @@ class FusedDDIMScheduler(TimestepRowsMixin, DDIMScheduler):
     be in [0, 1]: above 1 diffusers' direction coefficient is the square root of a negative
     number on some steps.
 
+    Noise: ``noise="torch"`` (default) draws it as diffusers does, the stock images for the
+    same seed; ``noise="philox"`` makes it in the kernel: faster and CUDA-graph capturable,
+    other images (the trade-off: ``fastdiff.diffusers``).
+
     Example:
         >>> pipe.scheduler = FusedDDIMScheduler.from_config(pipe.scheduler.config)
     """
@@ -35,10 +40,10 @@ class FusedDDIMScheduler(TimestepRowsMixin, DDIMScheduler):
     _diffusers_cls = DDIMScheduler
     __init__ = fused_init(DDIMScheduler)
 
-    def _setup_fused(self, backend: str | None) -> None:
+    def _setup_fused(self, backend: str | None, noise: str) -> None:
         # fixed at construction in diffusers (alphas_cumprod: see TimestepRowsMixin)
         self._final_alpha_cumprod64 = float(self.final_alpha_cumprod)
-        super()._setup_fused(backend)
+        super()._setup_fused(backend, noise)
 
     def _unsupported(self, config) -> list[tuple[str, bool, str]]:
         return self._thresholding_checks(config)
@@ -53,7 +58,7 @@ class FusedDDIMScheduler(TimestepRowsMixin, DDIMScheduler):
             device: where ``self.timesteps`` goes.
         """
         self.check_config()
-        super().set_timesteps(num_inference_steps, device)
+        super().set_timesteps(num_inference_steps, self._planning_device(device))
         self._plan_changed(device)
 
     def _build(
@@ -89,7 +94,8 @@ class FusedDDIMScheduler(TimestepRowsMixin, DDIMScheduler):
             sample: x_t ``[B, ...]``.
             eta: noise scale in [0, 1] (0: deterministic DDIM).
             use_clipped_model_output: re-derive eps from the clipped / thresholded x0.
-            generator: draws the noise as diffusers does; None: in-kernel Philox noise.
+            generator: draws the noise as diffusers does (None: the global RNG, or in-kernel
+                noise with ``noise="philox"``).
             variance_noise: explicit standard-normal noise like ``sample``.
             return_dict: return a ``DDIMSchedulerOutput`` (else a tuple).
 
@@ -99,11 +105,12 @@ class FusedDDIMScheduler(TimestepRowsMixin, DDIMScheduler):
         self._check_planned()
         self.check_config()
         config = self.config
-        if isinstance(eta, torch.Tensor) and eta.device.type == "cpu" and eta.numel() == 1:
-            eta = eta.item()
-        if not isinstance(eta, numbers.Real) or isinstance(eta, bool):
-            raise TypeError(f"eta must be a python number, got {type(eta).__name__}")
-        eta = float(eta)
+        if type(eta) is not float:  # a python float is the common case: checked below
+            if isinstance(eta, torch.Tensor) and eta.device.type == "cpu" and eta.numel() == 1:
+                eta = eta.item()
+            if not is_number(eta):
+                raise TypeError(f"eta must be a python number, got {type(eta).__name__}")
+            eta = float(eta)
         if not 0.0 <= eta <= 1.0:
             raise ValueError(
                 f"eta must be in [0, 1], got {eta}: above 1 diffusers' DDIM direction "
@@ -127,7 +134,7 @@ class FusedDDIMScheduler(TimestepRowsMixin, DDIMScheduler):
                     "either `generator` or `variance_noise` stays `None`."
                 )
             noise, seeds = self._step_noise(model_output, x, generator, variance_noise)
-        out_dtype = torch.promote_types(sample.dtype, model_output.dtype)
+        out_dtype = promote(sample.dtype, model_output.dtype)
         x0_dtype = model_output.dtype if prediction_type == "sample" else out_dtype
         clip_range, thresholding = self._processing(config)
 
@@ -161,4 +168,4 @@ class FusedDDIMScheduler(TimestepRowsMixin, DDIMScheduler):
         )
         if not return_dict:
             return (prev, x0)
-        return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+        return make_output(DDIMSchedulerOutput, prev, x0)

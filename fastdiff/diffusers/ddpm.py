@@ -10,7 +10,9 @@ from fastdiff.diffusers._base import (
     TimestepRowsMixin,
     dense,
     fused_init,
+    make_output,
     nan_row,
+    promote,
 )
 
 __all__ = ["FusedDDPMScheduler"]
@@ -24,6 +26,10 @@ class FusedDDPMScheduler(TimestepRowsMixin, DDPMScheduler):
     Same config, plan and results as diffusers' ``DDPMScheduler``: the next timestep is the
     next one of ``timesteps`` (``t - 1`` before ``set_timesteps``), the posterior uses the
     respaced ``beta' = 1 - ab_t / ab_prev``, and noise is added where ``t > 0``.
+
+    Noise: ``noise="torch"`` (default) draws it as diffusers does, the stock images for the
+    same seed; ``noise="philox"`` makes it in the kernel: faster and CUDA-graph capturable,
+    other images (the trade-off: ``fastdiff.diffusers``).
 
     Unsupported (ValueError at construction): ``variance_type="learned"`` (diffusers reads the
     model's extra channels as a variance, the kernel as a log variance) and
@@ -84,7 +90,7 @@ class FusedDDPMScheduler(TimestepRowsMixin, DDPMScheduler):
             timesteps: custom descending timesteps.
         """
         self.check_config()
-        super().set_timesteps(num_inference_steps, device, timesteps)
+        super().set_timesteps(num_inference_steps, self._planning_device(device), timesteps)
         self._plan_changed(device)
 
     def _build(self, prediction_type: str, variance_type: str) -> dict[str, torch.Tensor]:
@@ -129,7 +135,8 @@ class FusedDDPMScheduler(TimestepRowsMixin, DDPMScheduler):
                 ``learned_range``: prediction, then variance values).
             timestep: the current timestep: int, 0-d tensor, or one per sample ``[B]``.
             sample: x_t ``[B, C, ...]``.
-            generator: draws the noise as diffusers does; None: in-kernel Philox noise.
+            generator: draws the noise as diffusers does (None: the global RNG, or in-kernel
+                noise with ``noise="philox"``).
             return_dict: return a ``DDPMSchedulerOutput`` (else a tuple).
             variance_noise: explicit standard-normal noise like ``sample`` (instead of
                 ``generator``).
@@ -177,7 +184,7 @@ class FusedDDPMScheduler(TimestepRowsMixin, DDPMScheduler):
         noise = seeds = None
         if needs_noise:
             noise, seeds = self._step_noise(prediction, x, generator, variance_noise)
-        out_dtype = torch.promote_types(sample.dtype, model_output.dtype)
+        out_dtype = promote(sample.dtype, model_output.dtype)
         x0_dtype = model_output.dtype if prediction_type == "sample" else out_dtype
         clip_range, thresholding = self._processing(config)
 
@@ -214,4 +221,4 @@ class FusedDDPMScheduler(TimestepRowsMixin, DDPMScheduler):
         )
         if not return_dict:
             return (prev, x0)
-        return DDPMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+        return make_output(DDPMSchedulerOutput, prev, x0)

@@ -13,7 +13,9 @@ from fastdiff.diffusers._base import (
     StepIndexMixin,
     dense,
     fused_init,
+    make_output,
     nan_row,
+    promote,
 )
 
 __all__ = ["FusedDPMSolverMultistepScheduler"]
@@ -45,6 +47,7 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
     """
 
     _diffusers_cls = DPMSolverMultistepScheduler
+    _x0_processing = ("threshold",)  # diffusers' DPM-Solver has no clip_sample
     __init__ = fused_init(DPMSolverMultistepScheduler)
 
     def _unsupported(self, config) -> list[tuple[str, bool, str]]:
@@ -149,7 +152,7 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
                 "custom timesteps are not supported with use_flow_sigmas (diffusers builds "
                 "flow sigmas from num_inference_steps)"
             )
-        super().set_timesteps(num_inference_steps, device, mu, timesteps)
+        super().set_timesteps(num_inference_steps, self._planning_device(device), mu, timesteps)
         self._plan_changed(device)
 
     def _build(self, prediction_type: str, final_first_order: bool, order: int):
@@ -246,7 +249,7 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
         config = self.config
         if self.step_index is None:
             self._init_step_index(timestep)
-        n = len(self._plan_host)
+        n = self._plan_len
         prediction_type = config.prediction_type
         if config.get("variance_type") in ("learned", "learned_range"):
             model_output = model_output[:, :3]
@@ -270,7 +273,7 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
         x0_dtype = (
             model_output.dtype
             if prediction_type == "sample"
-            else torch.promote_types(sample.dtype, model_output.dtype)
+            else promote(sample.dtype, model_output.dtype)
         )
         out_dtype = x0_dtype
         _, thresholding = self._processing(config)
@@ -321,4 +324,4 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
         self._advance()
         if not return_dict:
             return (prev,)
-        return SchedulerOutput(prev_sample=prev)
+        return make_output(SchedulerOutput, prev)

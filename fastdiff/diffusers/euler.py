@@ -20,7 +20,9 @@ from fastdiff.diffusers._base import (
     StepIndexMixin,
     dense,
     fused_init,
+    make_output,
     nan_row,
+    promote,
     upload,
 )
 
@@ -48,28 +50,44 @@ class _EulerBase(StepIndexMixin):
         }
 
     def _input_divisor(self) -> torch.Tensor:
-        """``sqrt(sigma^2 + 1)`` per sigma (CPU float32), computed one 0-d tensor at a time
-        exactly as diffusers' scale_model_input computes it; then a NaN."""
+        """``sqrt(sigma^2 + 1)`` per sigma (CPU float32, the bits diffusers' scale_model_input
+        computes on each 0-d sigma: every operation is correctly rounded), then a NaN."""
         divisor = self._plan_device.get("divisor")
         if divisor is None:
-            values = [(sigma**2 + 1) ** 0.5 for sigma in self.sigmas]
-            divisor = torch.stack([*values, torch.tensor(float("nan"))])
+            nan = self.sigmas.new_full((1,), float("nan"))
+            divisor = torch.cat([(self.sigmas**2 + 1) ** 0.5, nan])
             self._plan_device["divisor"] = divisor
+            self._plan_device["divisors"] = divisor.unbind()  # 0-d CPU scalars
         return divisor
 
-    def _input_scale(self, device: torch.device) -> torch.Tensor:
-        """The divisor on ``device``, or on CUDA its float32 reciprocal: diffusers divides a
-        CUDA sample by a CPU scalar, which CUDA runs as a multiplication by the reciprocal."""
-        key = ("scale", device)
+    def _input_scale(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """What the device path of ``scale_model_input`` applies to a ``dtype`` sample: on the
+        CPU the divisor itself; on CUDA the reciprocal ``1 / divisor`` in ``dtype``'s compute
+        precision (float64 for float64, else float32), the number CUDA multiplies by when a
+        sample is divided by a CPU scalar, as diffusers' scale_model_input does."""
+        cuda = device.type == "cuda"
+        dtype = torch.float64 if cuda and dtype == torch.float64 else torch.float32
+        key = ("scale", device, dtype)
         scale = self._plan_device.get(key)
         if scale is None:
             divisor = self._input_divisor()
-            scale = upload(1.0 / divisor if device.type == "cuda" else divisor, device)
+            if cuda:
+                divisor = 1.0 / divisor.to(dtype)  # correctly rounded, as the C++ host division
+            scale = upload(divisor, device)
             self._plan_device[key] = scale
         return scale
 
     def scale_model_input(self, sample: torch.Tensor, timestep: float | torch.Tensor):
-        """``sample / sqrt(sigma^2 + 1)``, as diffusers (no host sync for a CUDA timestep).
+        """``sample / sqrt(sigma^2 + 1)``, bitwise as diffusers computes it, whether the step
+        index lives on the host or on the device (no host sync for a CUDA timestep).
+
+        diffusers divides the sample by a CPU float32 scalar. On a CUDA sample PyTorch runs
+        that as ``sample * r`` with ``r = 1 / divisor`` computed on the host in the compute
+        precision (float32 for 16-bit samples) and the product rounded once to the sample's
+        dtype. With the step index on the host we do the same division. With the index on
+        the device (a captured CUDA graph) ``r`` is gathered from a device table and the
+        product is computed in that precision and rounded once (``torch.mul`` with a 1-D
+        ``r``, so ``r`` is not first rounded to the sample's dtype, as a 0-d tensor would be).
 
         Args:
             sample: the current sample (sigma-space state).
@@ -78,14 +96,24 @@ class _EulerBase(StepIndexMixin):
         Returns:
             The scaled model input, in ``sample``'s dtype.
         """
-        if self.step_index is None:
+        if self._step_index is None:
             self._init_step_index(timestep)
         index = self._step_index
-        if isinstance(index, torch.Tensor):
-            scale = self._input_scale(index.device).index_select(0, index.reshape(1)).reshape(())
-            sample = sample * scale if index.device.type == "cuda" else sample / scale
+        if not isinstance(index, torch.Tensor):
+            divisors = self._plan_device.get("divisors")
+            if divisors is None:
+                self._input_divisor()
+                divisors = self._plan_device["divisors"]
+            sample = sample / divisors[index]  # a 0-d CPU tensor, as in diffusers
+        elif index.device.type != "cuda":
+            scale = self._input_scale(index.device, sample.dtype)
+            sample = sample / scale.index_select(0, index.reshape(1)).reshape(())  # as above
         else:
-            sample = sample / self._input_divisor()[index]  # a CPU scalar, as in diffusers
+            scale = self._input_scale(index.device, sample.dtype).index_select(0, index.reshape(1))
+            if sample.requires_grad and torch.is_grad_enabled():
+                sample = (sample * scale).to(sample.dtype)  # same bits, differentiable
+            else:
+                sample = torch.mul(sample, scale, out=torch.empty_like(sample))
         self.is_scale_input_called = True
         return sample
 
@@ -106,7 +134,11 @@ class _EulerBase(StepIndexMixin):
         return original_samples + noise * sigma
 
     def _euler_step(self, model_output, timestep, sample, generator, return_dict, prediction_type):
-        if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
+        if isinstance(timestep, int) or (
+            isinstance(timestep, torch.Tensor)
+            and timestep.dtype in (torch.int32, torch.int64)
+            and timestep.device.type == "cpu"
+        ):  # diffusers' isinstance(timestep, (int, torch.IntTensor, torch.LongTensor))
             raise ValueError(
                 "Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to "
                 f"`{type(self).__name__}.step()` is not supported. Make sure to pass one of "
@@ -117,7 +149,7 @@ class _EulerBase(StepIndexMixin):
                 "The `scale_model_input` function should be called before `step` to ensure "
                 "correct denoising. See `StableDiffusionPipeline` for a usage example."
             )
-        if self.step_index is None:
+        if self._step_index is None:
             self._init_step_index(timestep)
         x = dense(sample)
         tabs = self._device_tables(
@@ -134,7 +166,7 @@ class _EulerBase(StepIndexMixin):
         x0_dtype = (
             model_output.dtype
             if prediction_type == "sample"
-            else torch.promote_types(torch.float32, model_output.dtype)
+            else promote(torch.float32, model_output.dtype)
         )
 
         def reference_step(xr, m, noise):
@@ -165,7 +197,7 @@ class _EulerBase(StepIndexMixin):
         self._advance()
         if not return_dict:
             return (prev, x0)
-        return self._output_cls(prev_sample=prev, pred_original_sample=x0)
+        return make_output(self._output_cls, prev, x0)
 
 
 class FusedEulerDiscreteScheduler(_EulerBase, EulerDiscreteScheduler):
@@ -194,6 +226,15 @@ class FusedEulerDiscreteScheduler(_EulerBase, EulerDiscreteScheduler):
             )
         ]
 
+    def _planning_device(self, device):
+        # continuous timesteps of a v-prediction model: diffusers takes the log of the sigmas
+        # on the device (the device's log may differ from the CPU's in the last bit)
+        config = self.config
+        continuous = (
+            config.timestep_type == "continuous" and config.prediction_type == "v_prediction"
+        )
+        return device if continuous else None
+
     def set_timesteps(
         self,
         num_inference_steps: int | None = None,
@@ -211,7 +252,7 @@ class FusedEulerDiscreteScheduler(_EulerBase, EulerDiscreteScheduler):
             sigmas: custom sigmas (the last one is where the loop ends).
         """
         self.check_config()
-        super().set_timesteps(num_inference_steps, device, timesteps, sigmas)
+        super().set_timesteps(num_inference_steps, self._planning_device(device), timesteps, sigmas)
         self._plan_changed(device)
 
     def step(
@@ -256,8 +297,11 @@ class FusedEulerDiscreteScheduler(_EulerBase, EulerDiscreteScheduler):
 
 class FusedEulerAncestralDiscreteScheduler(_EulerBase, EulerAncestralDiscreteScheduler):
     """Drop-in ``EulerAncestralDiscreteScheduler`` (k-diffusion's ``sample_euler_ancestral``)
-    whose ``step`` is one fused kernel launch; noise as diffusers draws it with a
-    ``generator``, in-kernel Philox noise without one.
+    whose ``step`` is one fused kernel launch.
+
+    Noise: ``noise="torch"`` (default) draws it as diffusers does, the stock images for the
+    same seed; ``noise="philox"`` makes it in the kernel: faster and CUDA-graph capturable,
+    other images (the trade-off: ``fastdiff.diffusers``).
 
     Unsupported: ``prediction_type="sample"`` (diffusers raises NotImplementedError too).
 
@@ -291,7 +335,7 @@ class FusedEulerAncestralDiscreteScheduler(_EulerBase, EulerAncestralDiscreteSch
             device: where ``self.timesteps`` goes.
         """
         self.check_config()
-        super().set_timesteps(num_inference_steps, device)
+        super().set_timesteps(num_inference_steps, self._planning_device(device))
         self._plan_changed(device)
 
     def step(
@@ -308,7 +352,8 @@ class FusedEulerAncestralDiscreteScheduler(_EulerBase, EulerAncestralDiscreteSch
             model_output: the model output, like ``sample``.
             timestep: the current timestep (one of ``self.timesteps``).
             sample: the current sample (sigma-space state).
-            generator: draws the noise as diffusers does; None: in-kernel Philox noise.
+            generator: draws the noise as diffusers does (None: the global RNG, or in-kernel
+                noise with ``noise="philox"``).
             return_dict: return an ``EulerAncestralDiscreteSchedulerOutput`` (else a tuple).
 
         Returns:
