@@ -18,8 +18,6 @@ from fastdiff.kernels.fused_step import fused_step
 
 __all__ = ["FusedFlowMatchEulerDiscreteScheduler"]
 
-NOISE_MODES = ("diffusers", "philox")
-
 
 class FusedFlowMatchEulerDiscreteScheduler(StepIndexMixin, FlowMatchEulerDiscreteScheduler):
     """Drop-in ``FlowMatchEulerDiscreteScheduler`` whose ``step`` is one fused kernel launch:
@@ -32,8 +30,8 @@ class FusedFlowMatchEulerDiscreteScheduler(StepIndexMixin, FlowMatchEulerDiscret
     Custom ``sigmas`` must be strictly decreasing in [0, 1] (custom ``timesteps`` in [0, T]).
 
     Noise of the stochastic form: drawn as diffusers draws it (``randn_tensor`` from the
-    ``generator``, or from torch's global stream without one); set ``scheduler.noise =
-    "philox"`` for in-kernel Philox noise without a generator (faster, but not diffusers'
+    ``generator``, or from torch's global stream without one); ``noise="philox"`` (constructor
+    or attribute) for in-kernel Philox noise without a generator (faster, but not diffusers'
     random stream).
 
     Also: ``init_noise_sigma`` (1) and an identity ``scale_model_input``, which the diffusers
@@ -47,7 +45,6 @@ class FusedFlowMatchEulerDiscreteScheduler(StepIndexMixin, FlowMatchEulerDiscret
     _diffusers_cls = FlowMatchEulerDiscreteScheduler
     __init__ = fused_init(FlowMatchEulerDiscreteScheduler)
     init_noise_sigma = 1.0
-    noise = "diffusers"
 
     def _unsupported(self, config) -> list[tuple[str, bool, str]]:
         return [
@@ -157,11 +154,9 @@ class FusedFlowMatchEulerDiscreteScheduler(StepIndexMixin, FlowMatchEulerDiscret
         return fused_step(x, model_output, tables["table"], rows, out=out, write_x0=False, **kwargs)
 
     def _noise_of_step(self, sample: torch.Tensor, generator) -> tuple:
-        """(noise, seeds): diffusers' ``randn_tensor`` draw (float32, like the upcast sample),
-        or in-kernel Philox noise when ``noise == "philox"`` and no generator is given."""
-        if self.noise not in NOISE_MODES:
-            raise ValueError(f"noise must be one of {NOISE_MODES}, got {self.noise!r}")
-        if generator is None and self.noise == "philox":
+        """(noise, seeds) of ``stochastic_sampling``: diffusers' ``randn_tensor`` draw in
+        float32 (like the upcast sample), or in-kernel Philox with ``noise="philox"``."""
+        if generator is None and self.uses_philox_noise:
             return None, self._philox_seeds(sample.shape[0], sample.device)
         return self._draw(sample.shape, generator, sample.device, torch.float32), None
 
