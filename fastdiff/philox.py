@@ -29,6 +29,9 @@ from collections.abc import Sequence
 
 import torch
 
+from fastdiff.checks import check_seeds
+from fastdiff.kernels.utils import memory_format_of
+
 __all__ = ["PHILOX_ROUNDS", "memory_format_of", "philox4x32", "randn", "seeds_from"]
 
 PHILOX_ROUNDS = 10
@@ -120,26 +123,6 @@ def seeds_from(
     return torch.arange(batch_size, dtype=torch.int64, device=device) + seed * 2**32
 
 
-def _check_seeds(seeds: torch.Tensor, batch_size: int) -> None:
-    if not isinstance(seeds, torch.Tensor) or seeds.dtype != torch.int64 or seeds.dim() != 1:
-        raise TypeError("seeds must be a 1-D int64 tensor with one seed per sample")
-    if seeds.shape[0] != batch_size:
-        raise ValueError(f"got {seeds.shape[0]} seeds for a batch of {batch_size} samples")
-
-
-def memory_format_of(x: torch.Tensor) -> torch.memory_format:
-    """The memory format whose order the noise stream of a tensor like ``x`` follows:
-    ``torch.channels_last`` for a 4-D channels_last tensor that is not also contiguous,
-    ``torch.contiguous_format`` otherwise (what ``randn(..., memory_format=)`` takes)."""
-    if (
-        x.dim() == 4
-        and not x.is_contiguous()
-        and x.is_contiguous(memory_format=torch.channels_last)
-    ):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
 def randn(
     seeds: torch.Tensor,
     step: int | torch.Tensor,
@@ -170,7 +153,7 @@ def randn(
     shape = tuple(int(s) for s in shape)
     if len(shape) < 1:
         raise ValueError("shape must have a batch dimension")
-    _check_seeds(seeds, shape[0])
+    check_seeds(seeds, shape[0])
     if not 0 <= stream < 2**32:
         raise ValueError(f"stream must be in [0, 2**32), got {stream}")
     device = seeds.device

@@ -204,8 +204,6 @@ def test_kernel_errors(device):
         fused_step(x, x, table, rows, guidance_scale=3.0)
     with pytest.raises(ValueError, match="laid out differently"):
         fused_step(x, x.to(memory_format=torch.channels_last), table, rows)
-    with pytest.raises(ValueError, match="either noise or seeds"):
-        fused_step(x, x, table, rows, noise=x, seeds=seeds_from(0, 2, device))
     with pytest.raises(ValueError, match="2x channels"):
         fused_step(x, x, table, rows, variance_mode="learned_range")
     with pytest.raises(ValueError, match="table must be float32"):
