@@ -488,7 +488,11 @@ class EulerSampler(Sampler):
         ab, an = s["alpha_bar"], s["alpha_bar_next"]
         x_sigma = x / _bcast(ab.sqrt(), x)
         x_next, x0 = self._sigma_space_step(x_sigma, m, _sigma(ab), _sigma(an), noise)
-        return x_next * _bcast(an.sqrt(), x_next).to(x_next.dtype), x0
+        x_next = x_next * _bcast(an.sqrt(), x_next).to(x_next.dtype)
+        if grad is not None:  # condition_mean: + (variance of the step's VP noise) x grad
+            _, sigma_up = reference.ancestral_sigmas(_sigma(ab), _sigma(an), self.eta)
+            x_next = x_next + _bcast(an * sigma_up**2, x_next).to(x_next.dtype) * grad
+        return x_next, x0
 
     def _sigma_space_step(self, x_sigma, m, sigma, sigma_next, noise):
         return reference.euler_step(
