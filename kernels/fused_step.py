@@ -124,16 +124,39 @@ def _tile(n_samples, n_per_sample, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr)
 
 
 @triton.jit
-def _row(table_ptr, rows_ptr, b, b_ok, rows_stride, N_COLS: tl.constexpr):
-    """Schedule gather: each sample's row index and a pointer to its table row."""
+def _coefficients(table_ptr, rows_ptr, b, b_ok, rows_stride, N_COLS: tl.constexpr):
+    """Schedule gather: each sample's row index, a pointer to its table row, and the
+    coefficients X0_X, X0_M, X, X0, M as [BLOCK_S, 1] columns."""
     row = tl.load(rows_ptr + b * rows_stride, mask=b_ok, other=0).to(tl.int64)
-    return row, table_ptr + row * N_COLS
+    coef = table_ptr + row * N_COLS
+    c_x0_x = tl.load(coef + 0, mask=b_ok, other=0.0)[:, None]
+    c_x0_m = tl.load(coef + 1, mask=b_ok, other=0.0)[:, None]
+    c_x = tl.load(coef + 2, mask=b_ok, other=0.0)[:, None]
+    c_x0 = tl.load(coef + 3, mask=b_ok, other=0.0)[:, None]
+    c_m = tl.load(coef + 4, mask=b_ok, other=0.0)[:, None]
+    return row, coef, c_x0_x, c_x0_m, c_x, c_x0, c_m
 
 
 @triton.jit
-def _learned_log_var(v, coef, b_ok, VAR_MODE: tl.constexpr):
-    """The log variance of a learned variance and its derivative in ``v``: ``v`` itself
-    (learned), or ``f LMAX + (1 - f) LMIN`` with ``f = (v + 1) / 2`` (learned_range)."""
+def _guided_output(m_ptr, m_off, m_cond_off, mask, guidance_scale, CFG: tl.constexpr):
+    """The model output, with guidance ``m_u + w (m_c - m_u)`` of the two halves (CFG)."""
+    m = tl.load(m_ptr + m_off, mask=mask, other=0.0).to(tl.float32)
+    if CFG:
+        m_cond = tl.load(m_ptr + m_cond_off + m_off, mask=mask, other=0.0).to(tl.float32)
+        m = m + guidance_scale * (m_cond - m)
+    return m
+
+
+@triton.jit
+def _learned_std(
+    std, m_ptr, v_off, m_cond_off, mask, coef, b_ok, CFG: tl.constexpr, VAR_MODE: tl.constexpr
+):
+    """The noise std of a learned variance, ``std exp(l / 2)``, and ``dl/dv``: ``l = v`` (the
+    model's variance channels, of the conditional half with CFG; learned), or
+    ``l = f LMAX + (1 - f) LMIN`` with ``f = (v + 1) / 2`` (learned_range)."""
+    if CFG:
+        v_off += m_cond_off
+    v = tl.load(m_ptr + v_off, mask=mask, other=0.0).to(tl.float32)
     lmin = tl.load(coef + 7, mask=b_ok, other=0.0)[:, None]
     lmax = tl.load(coef + 8, mask=b_ok, other=0.0)[:, None]
     if VAR_MODE == 2:
@@ -142,7 +165,7 @@ def _learned_log_var(v, coef, b_ok, VAR_MODE: tl.constexpr):
         slope = 0.5 * (lmax - lmin)
     else:
         slope = lmax * 0.0 + 1.0
-    return v, slope
+    return std * tl.exp(0.5 * v), slope
 
 
 @triton.jit
@@ -210,19 +233,13 @@ def _fused_step_kernel(
     BLOCK_N: tl.constexpr,
 ):
     pid_n, b, b_ok, mask, b2, j2 = _tile(n_samples, n_per_sample, BLOCK_S, BLOCK_N)
-    row, coef = _row(table_ptr, rows_ptr, b, b_ok, rows_stride, N_COLS)
-    c_x0_x = tl.load(coef + 0, mask=b_ok, other=0.0)[:, None]
-    c_x0_m = tl.load(coef + 1, mask=b_ok, other=0.0)[:, None]
-    c_x = tl.load(coef + 2, mask=b_ok, other=0.0)[:, None]
-    c_x0 = tl.load(coef + 3, mask=b_ok, other=0.0)[:, None]
-    c_m = tl.load(coef + 4, mask=b_ok, other=0.0)[:, None]
+    row, coef, c_x0_x, c_x0_m, c_x, c_x0, c_m = _coefficients(
+        table_ptr, rows_ptr, b, b_ok, rows_stride, N_COLS
+    )
 
     x = tl.load(x_ptr + b2 * x_bstride + j2, mask=mask, other=0.0).to(tl.float32)
     m_off = b2 * m_bstride + j2
-    m = tl.load(m_ptr + m_off, mask=mask, other=0.0).to(tl.float32)
-    if CFG:
-        m_cond = tl.load(m_ptr + m_cond_off + m_off, mask=mask, other=0.0).to(tl.float32)
-        m = m + guidance_scale * (m_cond - m)
+    m = _guided_output(m_ptr, m_off, m_cond_off, mask, guidance_scale, CFG)
     if MSCALE:
         m = m * tl.load(mscale_ptr + b, mask=b_ok, other=1.0).to(tl.float32)[:, None]
 
@@ -245,12 +262,9 @@ def _fused_step_kernel(
         if NOISE != 0 or HAS_GRAD:
             std = tl.load(coef + 6, mask=b_ok, other=0.0)[:, None]
             if VAR_MODE != 0:
-                v_off = m_off + m_var_off
-                if CFG:
-                    v_off += m_cond_off
-                v = tl.load(m_ptr + v_off, mask=mask, other=0.0).to(tl.float32)
-                v, _ = _learned_log_var(v, coef, b_ok, VAR_MODE)
-                std = std * tl.exp(0.5 * v)
+                std, _ = _learned_std(
+                    std, m_ptr, m_off + m_var_off, m_cond_off, mask, coef, b_ok, CFG, VAR_MODE
+                )
             if HAS_GRAD:
                 g = tl.load(grad_ptr + b2 * grad_bstride + j2, mask=mask, other=0.0)
                 x_next += (std * std) * g.to(tl.float32)
@@ -324,12 +338,9 @@ def _fused_step_backward_kernel(
     BLOCK_N: tl.constexpr,
 ):
     pid_n, b, b_ok, mask, b2, j2 = _tile(n_samples, n_per_sample, BLOCK_S, BLOCK_N)
-    row, coef = _row(table_ptr, rows_ptr, b, b_ok, rows_stride, N_COLS)
-    c_x0_x = tl.load(coef + 0, mask=b_ok, other=0.0)[:, None]
-    c_x0_m = tl.load(coef + 1, mask=b_ok, other=0.0)[:, None]
-    c_x = tl.load(coef + 2, mask=b_ok, other=0.0)[:, None]
-    c_x0 = tl.load(coef + 3, mask=b_ok, other=0.0)[:, None]
-    c_m = tl.load(coef + 4, mask=b_ok, other=0.0)[:, None]
+    row, coef, c_x0_x, c_x0_m, c_x, c_x0, c_m = _coefficients(
+        table_ptr, rows_ptr, b, b_ok, rows_stride, N_COLS
+    )
     c_prev = tl.load(coef + 5, mask=b_ok, other=0.0)[:, None]
     x_off = b2 * x_bstride + j2
     gy = tl.load(gout_ptr + b2 * gout_bstride + j2, mask=mask, other=0.0).to(tl.float32)
@@ -341,10 +352,7 @@ def _fused_step_backward_kernel(
     if HAS_GX0:
         dx0 += tl.load(gx0_ptr + b2 * gx0_bstride + j2, mask=mask, other=0.0).to(tl.float32)
     m_off = b2 * m_bstride + j2
-    mg = tl.load(m_ptr + m_off, mask=mask, other=0.0).to(tl.float32)
-    if CFG:
-        m_cond = tl.load(m_ptr + m_cond_off + m_off, mask=mask, other=0.0).to(tl.float32)
-        mg = mg + guidance_scale * (m_cond - mg)
+    mg = _guided_output(m_ptr, m_off, m_cond_off, mask, guidance_scale, CFG)
     r = tl.full((BLOCK_S, 1), 1.0, tl.float32)
     if MSCALE:
         r = tl.load(mscale_ptr + b, mask=b_ok, other=1.0).to(tl.float32)[:, None]
@@ -386,12 +394,9 @@ def _fused_step_backward_kernel(
         std = tl.load(coef + 6, mask=b_ok, other=0.0)[:, None]
         dv = tl.zeros((BLOCK_S, BLOCK_N), tl.float32)
         if VAR_MODE != 0:
-            v_off = m_off + m_var_off
-            if CFG:
-                v_off += m_cond_off
-            v = tl.load(m_ptr + v_off, mask=mask, other=0.0).to(tl.float32)
-            v, slope = _learned_log_var(v, coef, b_ok, VAR_MODE)
-            std = std * tl.exp(0.5 * v)
+            std, slope = _learned_std(
+                std, m_ptr, m_off + m_var_off, m_cond_off, mask, coef, b_ok, CFG, VAR_MODE
+            )
             if HAS_GRAD:  # d(std^2)/dv = std^2 slope
                 g = tl.load(grad_ptr + b2 * grad_bstride + j2, mask=mask, other=0.0)
                 dv += std * std * g.to(tl.float32)
