@@ -155,7 +155,7 @@ def check_out(name: str, t: Any, x: torch.Tensor) -> torch.Tensor:
     """A preallocated output (``out=``, ``x0_out=``): like x (:func:`check_like`) and laid out
     like x (the same strides), so that it is written as it is, on both backends."""
     check_like(name, t, x)
-    if not same_layout(t, x):
+    if t.stride() != x.stride() and not same_layout(t, x):
         raise ValueError(
             f"{name} must be laid out like x (strides {t.stride()} vs {x.stride()}); "
             "allocate it with torch.empty_like(x)"
@@ -184,9 +184,11 @@ def check_model_output(
     learned = variance_type in ("learned", "learned_range")
     if learned and x.dim() < 2:
         raise ValueError(f"variance_type {variance_type!r} needs x with channels [B, C, ...]")
-    shape = (x.shape[0] * (2 if guided else 1), *x.shape[1:])
-    if learned:
-        shape = (shape[0], 2 * x.shape[1], *x.shape[2:])
+    shape = x.shape
+    if guided or learned:
+        shape = (x.shape[0] * (2 if guided else 1), *x.shape[1:])
+        if learned:
+            shape = (shape[0], 2 * x.shape[1], *x.shape[2:])
     if model_output.shape != shape:
         got = f"got {tuple(model_output.shape)}"
         if learned:
@@ -199,7 +201,7 @@ def check_model_output(
                 f"model_output must have shape {shape} (guidance doubles the batch: "
                 f"unconditional half first), {got}"
             )
-        raise ValueError(f"model_output must have the shape of x {tuple(x.shape)}, {got}")
+        raise ValueError(f"model_output must have the shape of x {tuple(shape)}, {got}")
     if model_output.device != x.device:
         raise ValueError(f"model_output is on {model_output.device} but x is on {x.device}")
     return model_output

@@ -117,7 +117,7 @@ class Sampler:
         self.timesteps = make_plan(
             schedule.num_train_timesteps, steps, timestep_spacing, steps_offset
         )
-        n = len(self.timesteps)
+        n = self._num_steps = len(self.timesteps)
         nxt = torch.cat([self.timesteps[1:], torch.tensor([-1])])
         prv = torch.cat([torch.tensor([-1]), self.timesteps[:-1]])
         # Schedule values of each step, float64, CPU: ab at t_i, at t_{i+1} (1 after the
@@ -159,7 +159,7 @@ class Sampler:
     @property
     def num_steps(self) -> int:
         """Number of sampling steps (model calls)."""
-        return len(self.timesteps)
+        return self._num_steps
 
     def _check_prediction_at_zero_snr(self) -> None:
         if self.prediction_type == "epsilon" and bool((self.alpha_bar <= 0).any()):
@@ -291,7 +291,8 @@ class Sampler:
         )  # fmt: skip
         on_device = self.device_tables(x.device)
         rows = on_device["row_views"][i] if isinstance(i, int) else i.reshape(-1)
-        learned = self._variance_mode() != "fixed"
+        variance_mode = self._variance_mode()
+        learned = variance_mode != "fixed"
 
         def reference_step(x, m, x0_prev, noise, grad):
             m, v = reference.split_learned_variance(m, self.variance_type) if learned else (m, None)
@@ -308,7 +309,7 @@ class Sampler:
             guidance_rescale=guidance_rescale,
             clip_range=self.clip_sample_range,
             thresholding=self.thresholding,
-            variance_mode=self._variance_mode(),
+            variance_mode=variance_mode,
             x0_prev=x0_prev if self.multistep else None,
             noise=noise if self.stochastic else None,
             seeds=seeds if self.stochastic else None,
@@ -328,23 +329,29 @@ class Sampler:
         check_tensor("x", x)
         if x.dim() < 1:
             raise ValueError("x must have a leading batch dimension (got a 0-d tensor)")
-        guidance_scale, guidance_rescale = check_guidance(guidance_scale, guidance_rescale)
-        variance = self.variance_type if self._variance_mode() != "fixed" else None
-        guided = guidance_scale is not None
-        check_model_output(model_output, x, guided=guided, variance_type=variance)
-        if guidance_rescale and x[0].numel() < 2:
-            raise ValueError(
-                "guidance rescale needs a per-sample std: x must have at least 2 elements "
-                f"per sample, got shape {tuple(x.shape)}"
-            )
-        i = self._step_index(i, x.shape[0], x.device)
-        if noise is not None and seeds is not None:
-            raise ValueError("pass either noise or seeds, not both")
+        if guidance_scale is not None or guidance_rescale:
+            guidance_scale, guidance_rescale = check_guidance(guidance_scale, guidance_rescale)
+            if guidance_rescale and x[0].numel() < 2:
+                raise ValueError(
+                    "guidance rescale needs a per-sample std: x must have at least 2 elements "
+                    f"per sample, got shape {tuple(x.shape)}"
+                )
+        learned = self._variance_mode() != "fixed"
+        check_model_output(
+            model_output,
+            x,
+            guided=guidance_scale is not None,
+            variance_type=self.variance_type if learned else None,
+        )
+        batch, device = x.shape[0], x.device
+        i = self._step_index(i, batch, device)
         if noise is not None:
+            if seeds is not None:
+                raise ValueError("pass either noise or seeds, not both")
             check_like("noise", noise, x)
-        if seeds is not None:
-            check_seeds(seeds, x.shape[0], x.device)
-        if self.stochastic and noise is None and seeds is None:
+        elif seeds is not None:
+            check_seeds(seeds, batch, device)
+        elif self.stochastic:
             raise ValueError(f"{type(self).__name__} adds noise: pass noise= or seeds=")
         if grad is not None:
             check_like("grad", grad, x)

@@ -79,22 +79,31 @@ def run_step(
     out_dtype = out.dtype if out is not None else (out_dtype or x.dtype)
     x0_dtype = x0_out.dtype if x0_out is not None else (x0_dtype or out_dtype)
     write_x0 = write_x0 or x0_out is not None
-    others = (x0_prev, noise, grad)
-    dtypes = (model_output.dtype, out_dtype, x0_dtype, *(t.dtype for t in others if t is not None))
+    dtypes = [out_dtype, x0_dtype, model_output.dtype]
+    dtypes += [t.dtype for t in (x0_prev, noise, grad) if t is not None]
     if resolve_backend(backend, x, dtypes) == "triton":
-        learned = variance_mode != "fixed"
-        x = as_dense(x, contiguous=learned)
-        fmt = memory_format_of(x)
-        x0_prev, noise, grad = (
-            None if t is None else t.to(x.device).contiguous(memory_format=fmt) for t in others
-        )
+        if variance_mode != "fixed":  # the channel halves of the model output: NCHW
+            x, fmt = x.contiguous(), torch.contiguous_format
+        else:
+            x = as_dense(x)
+            fmt = memory_format_of(x)
+        strides = x.stride()
+        if model_output.stride() != strides:
+            model_output = model_output.contiguous(memory_format=fmt)
+        if noise is not None and noise.device != x.device:
+            noise = noise.to(x.device)
+        if x0_prev is not None or noise is not None or grad is not None:
+            x0_prev, noise, grad = (
+                t if t is None or t.stride() == strides else t.contiguous(memory_format=fmt)
+                for t in (x0_prev, noise, grad)
+            )
         if out is None and out_dtype != x.dtype:
             out = torch.empty_like(x, dtype=out_dtype)
         if x0_out is None and write_x0 and x0_dtype != x.dtype:
             x0_out = torch.empty_like(x, dtype=x0_dtype)
         return fused_step(
             x,
-            model_output.contiguous(memory_format=fmt),
+            model_output,
             table,
             rows,
             guidance_scale=guidance_scale,

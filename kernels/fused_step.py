@@ -549,7 +549,11 @@ def fused_step(
         mscale = _rescale_factor(model_output, config, guidance_scale, guidance_rescale)
     options = (table, rows, seeds, guidance_scale, clip_range, thresholding, write_x0)
     inputs = (x, model_output, x0_prev, noise, grad, mscale)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+    if torch.is_grad_enabled() and (
+        x.requires_grad
+        or model_output.requires_grad
+        or any(t is not None and t.requires_grad for t in inputs[2:])
+    ):
         x_next, x0 = _FusedStep.apply(config, options, *inputs)
         if out is not None:
             x_next = out.copy_(x_next)
