@@ -1,25 +1,18 @@
-"""Counter-based Gaussian noise, the same stream in PyTorch and inside the fused kernels.
+"""Counter-based Gaussian noise: the same stream in PyTorch and inside the fused kernels.
 
-Every normal fastdiff draws is a pure function of ``(seed, step, stream, element)``:
+Every normal is a pure function of ``(seed, step, stream, element)``: Philox4x32-10 (Salmon
+et al. 2011) maps the counter ``(element // 4, step, stream, 0)`` under the per-sample 64-bit
+key ``seed`` to four 32-bit words, and two Box-Muller transforms of the 24-bit uniforms
+``(u >> 8) 2**-24 + 2**-25`` (strictly inside (0, 1); |z| <= 5.89) give the normals of
+elements ``4q .. 4q+3``: ``r cos a, r sin a`` with ``r = sqrt(-2 ln u0)``, ``a = 2 pi u1 - pi``.
+``stream`` is 0 for a step's noise and 1 for the initial noise; ``element`` is the position
+in memory within the sample (a channels_last tensor draws the same values at the same memory
+positions). A sample's noise so depends on its seed alone, not on the batch, the block size,
+the launch order or the number of GPUs. ``randn`` is the spec; ``fastdiff.kernels.fused_step``
+computes the identical words.
 
-* ``seed``: one 64-bit integer per sample (the Philox key, split into two 32-bit words);
-* ``step``: the sampling-step index (the kernel reads it from the same device tensor as its
-  schedule row);
-* ``stream``: 0 for the noise of a reverse step, 1 for the initial noise ``x_T``;
-* ``element``: the element's position in memory within its sample (for a contiguous tensor,
-  its flat index; a channels_last tensor draws the same values at the same memory positions).
-
-Philox4x32-10 (Salmon et al. 2011, "Parallel random numbers: as easy as 1, 2, 3") maps the
-counter ``(q, step, stream, 0)`` with ``q = element // 4`` under the key to four 32-bit words;
-each pair of words becomes two normals by the Box-Muller transform, so one Philox call serves
-four consecutive elements (``r cos a, r sin a`` with ``r = sqrt(-2 ln u0)`` and
-``a = 2 pi u1 - pi``). The uniforms are ``(u >> 8) * 2**-24 + 2**-25``: 24-bit, strictly
-inside (0, 1), so the largest normal magnitude is ``sqrt(-2 ln 2**-25) = 5.89`` (a tail
-mass of 4e-9 is cut).
-
-Because the key is per sample, a sample's noise does not depend on the batch it is in, the
-block size, the launch order or the number of GPUs. ``randn`` here is the PyTorch spec of the
-stream; ``fastdiff.kernels.fused_step`` computes the identical words inside the kernel.
+Example:
+    >>> z = randn(seeds_from(0, 2), 0, (2, 4, 8, 8))
 """
 
 from __future__ import annotations

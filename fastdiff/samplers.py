@@ -261,22 +261,27 @@ class Sampler:
     ) -> StepOutput:
         """One reverse step from step index ``i`` to ``i + 1`` (or to clean after the last).
 
+        Arguments are checked here, the same on both backends; the step then runs through
+        ``fastdiff.stepping.run_step``. Differentiable on both backends (the kernel's
+        backward treats the thresholding quantile as a constant, as the reference does).
+
         Args:
             x: the current sample ``[B, ...]``.
-            model_output: the model's output ``[B, ...]``; ``[2B, ...]`` with guidance
-                (unconditional half first); learned variances carry 2x channels.
+            model_output: ``[B, ...]``; ``[2B, ...]`` with guidance (unconditional half
+                first); learned variances carry 2x channels.
             i: step index: int, 0-d int tensor on x's device, or per-sample ``[B]`` tensor.
-            x0_prev: the previous step's x0 (multistep samplers; zeros at the first step).
-            noise: explicit standard-normal noise like x (stochastic samplers).
-            seeds: int64 ``[B]`` per-sample seeds: Philox noise keyed by (seed, i, element).
-                Deterministic samplers ignore ``noise`` and ``seeds``.
-            guidance_scale: classifier-free guidance scale (None: no guidance).
-            guidance_rescale: Lin et al. 2023 rescale factor in [0, 1].
+            x0_prev: the previous step's x0 (multistep samplers; without it the step is
+                first order).
+            noise: explicit standard-normal noise like x; or ``seeds``, int64 ``[B]``:
+                Philox noise keyed by (seed, i, element). Not both; deterministic samplers
+                ignore them.
+            guidance_scale: classifier-free guidance scale (None: no guidance);
+                guidance_rescale: Lin et al. 2023 factor in [0, 1].
             grad: classifier guidance: the scaled gradient of log p(y | x_t), like x.
             return_x0: also return the predicted x0; False saves the kernel one pass over
                 the tensor (``pred_original_sample`` is then None).
-            out, x0_out: preallocated outputs like x (static buffers for CUDA graphs). They
-                may alias ``x`` and ``x0_prev``: every element is read before it is written.
+            out, x0_out: preallocated outputs with x's shape, device and strides (static
+                buffers for CUDA graphs); they may alias ``x`` and ``x0_prev``.
 
         Returns:
             StepOutput(prev_sample, pred_original_sample).
