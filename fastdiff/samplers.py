@@ -290,50 +290,69 @@ class Sampler:
             >>> out = sampler.step(x, model(x, sampler.model_condition(0, 4, x.device)), 0,
             ...                    seeds=torch.arange(4))
         """
-        i, guidance_scale, guidance_rescale = self._check_step(
+        i, guidance_scale, guidance_rescale = self._check_arguments(
             x, model_output, i, x0_prev, noise, seeds, grad, guidance_scale, guidance_rescale,
             out, x0_out,
         )  # fmt: skip
-        on_device = self.device_tables(x.device)
-        rows = on_device["row_views"][i] if isinstance(i, int) else i.reshape(-1)
         variance_mode = self._variance_mode()
         learned = variance_mode != "fixed"
+        x0_prev = x0_prev if self.multistep else None
+        if not self.stochastic:
+            noise = seeds = None
+
+        def check_tensors():
+            """Shapes, devices and layouts: run_step calls this on the reference path, and on
+            the kernel path where the kernel refuses a signature (so that both backends
+            raise the same error)."""
+            variance = self.variance_type if learned else None
+            guided = guidance_scale is not None
+            check_model_output(model_output, x, guided=guided, variance_type=variance)
+            for name, t in (("x0_prev", x0_prev), ("noise", noise), ("grad", grad)):
+                if t is not None:
+                    check_like(name, t, x)
+            for name, t in (("out", out), ("x0_out", x0_out)):
+                if t is not None:
+                    check_out(name, t, x)
 
         def reference_step(x, m, x0_prev, noise, grad):
             m, v = reference.split_learned_variance(m, self.variance_type) if learned else (m, None)
             return self._reference_step(x, m, v, i, x0_prev, noise, grad)
 
+        on_device = self.device_tables(x.device)
         x_next, x0 = run_step(
             self.backend,
             x,
             model_output,
             on_device["table"],
-            rows,
+            on_device["row_views"][i] if isinstance(i, int) else i.reshape(-1),
             reference_step,
             guidance_scale=guidance_scale,
             guidance_rescale=guidance_rescale,
             clip_range=self.clip_sample_range,
             thresholding=self.thresholding,
             variance_mode=variance_mode,
-            x0_prev=x0_prev if self.multistep else None,
-            noise=noise if self.stochastic else None,
-            seeds=seeds if self.stochastic else None,
+            x0_prev=x0_prev,
+            noise=noise,
+            seeds=seeds,
             grad=grad,
             out=out,
             x0_out=x0_out,
             write_x0=return_x0,
+            check=check_tensors,
         )
         return StepOutput(x_next, x0)
 
-    def _check_step(
+    def _check_arguments(
         self, x, model_output, i, x0_prev, noise, seeds, grad, guidance_scale, guidance_rescale,
         out, x0_out,
     ) -> tuple[int | torch.Tensor, float | None, float]:  # fmt: skip
-        """Check the arguments of ``step`` (the same on both backends); return the step index
-        and the guidance scale and rescale as floats."""
+        """The checks of ``step`` that do not depend on the tensors' shapes (those are
+        ``check_tensors`` in ``step``); returns the step index and the guidance scale and
+        rescale as floats."""
         check_tensor("x", x)
         if x.dim() < 1:
             raise ValueError("x must have a leading batch dimension (got a 0-d tensor)")
+        check_tensor("model_output", model_output)
         if guidance_scale is not None or guidance_rescale:
             guidance_scale, guidance_rescale = check_guidance(guidance_scale, guidance_rescale)
             if guidance_rescale and x[0].numel() < 2:
@@ -341,25 +360,20 @@ class Sampler:
                     "guidance rescale needs a per-sample std: x must have at least 2 elements "
                     f"per sample, got shape {tuple(x.shape)}"
                 )
-        learned = self._variance_mode() != "fixed"
-        check_model_output(
-            model_output,
-            x,
-            guided=guidance_scale is not None,
-            variance_type=self.variance_type if learned else None,
-        )
         batch, device = x.shape[0], x.device
         i = self._step_index(i, batch, device)
-        if noise is not None:
-            if seeds is not None:
-                raise ValueError("pass either noise or seeds, not both")
-            check_like("noise", noise, x)
-        elif seeds is not None:
+        if noise is not None and seeds is not None:
+            raise ValueError("pass either noise or seeds, not both")
+        if seeds is not None:
             check_seeds(seeds, batch, device)
-        elif self.stochastic:
+        if noise is not None:
+            check_tensor("noise", noise)
+            if not self.stochastic:  # ignored by the step: checked here, not with the tensors
+                check_like("noise", noise, x)
+        elif self.stochastic and seeds is None:
             raise ValueError(f"{type(self).__name__} adds noise: pass noise= or seeds=")
         if grad is not None:
-            check_like("grad", grad, x)
+            check_tensor("grad", grad)
             if not self.stochastic:
                 raise ValueError(
                     "classifier guidance shifts the mean by variance x gradient; this "
@@ -367,11 +381,11 @@ class Sampler:
                     "ancestral)"
                 )
         if x0_prev is not None and self.multistep:
-            check_like("x0_prev", x0_prev, x)
+            check_tensor("x0_prev", x0_prev)
         if out is not None:
-            check_out("out", out, x)
+            check_tensor("out", out)
         if x0_out is not None:
-            check_out("x0_out", x0_out, x)
+            check_tensor("x0_out", x0_out)
         return i, guidance_scale, guidance_rescale
 
     def _variance_mode(self) -> str:

@@ -56,6 +56,7 @@ def run_step(
     out_dtype: torch.dtype | None = None,
     x0_dtype: torch.dtype | None = None,
     compute_dtype: torch.dtype | None = None,
+    check: Callable[[], None] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """One step: ``fused_step`` on the table rows, or ``reference_step`` on the same inputs.
 
@@ -72,6 +73,12 @@ def run_step(
         out, x0_out: preallocated outputs (checked like x before); may alias x / x0_prev.
         write_x0: also return x0 (False: None, and one pass fewer on the kernel path).
         out_dtype, x0_dtype: dtypes of the returned sample and x0 (default: x's).
+        compute_dtype: the dtype the reference path computes in (None: x's, as the
+            reference functions take it).
+        check: the caller's checks of the tensors' shapes, devices and layouts. The
+            reference path runs it first; the kernel path only when the kernel refuses its
+            inputs (every signature the kernel takes passes them), so that both backends
+            raise the caller's error and a valid step pays nothing for it.
 
     Returns:
         ``(x_next, x0)``; x0 is None when neither ``write_x0`` nor ``x0_out`` asks for it.
@@ -79,47 +86,51 @@ def run_step(
     out_dtype = out.dtype if out is not None else (out_dtype or x.dtype)
     x0_dtype = x0_out.dtype if x0_out is not None else (x0_dtype or out_dtype)
     write_x0 = write_x0 or x0_out is not None
-    dtypes = [out_dtype, x0_dtype, model_output.dtype]
-    dtypes += [t.dtype for t in (x0_prev, noise, grad) if t is not None]
-    if resolve_backend(backend, x, dtypes) == "triton":
-        if variance_mode != "fixed":  # the channel halves of the model output: NCHW
-            x, fmt = x.contiguous(), torch.contiguous_format
-        else:
-            x = as_dense(x)
-            fmt = memory_format_of(x)
+    others = (model_output, x0_prev, noise, grad)
+    if resolve_backend(backend, x, _dtypes(out_dtype, x0_dtype, others)) == "triton":
+        dense = x.contiguous() if variance_mode != "fixed" else as_dense(x)  # learned: NCHW
+        if dense is not x and check is not None:  # out= is checked against x itself
+            check()
+        x = dense
         strides = x.stride()
-        if model_output.stride() != strides:
-            model_output = model_output.contiguous(memory_format=fmt)
-        if noise is not None and noise.device != x.device:
-            noise = noise.to(x.device)
-        if x0_prev is not None or noise is not None or grad is not None:
-            x0_prev, noise, grad = (
+        if model_output.stride() != strides or any(
+            t is not None and t.stride() != strides for t in others[1:]
+        ):
+            fmt = memory_format_of(x)
+            model_output, x0_prev, noise, grad = (
                 t if t is None or t.stride() == strides else t.contiguous(memory_format=fmt)
-                for t in (x0_prev, noise, grad)
+                for t in others
             )
         if out is None and out_dtype != x.dtype:
             out = torch.empty_like(x, dtype=out_dtype)
         if x0_out is None and write_x0 and x0_dtype != x.dtype:
             x0_out = torch.empty_like(x, dtype=x0_dtype)
-        return fused_step(
-            x,
-            model_output,
-            table,
-            rows,
-            guidance_scale=guidance_scale,
-            guidance_rescale=guidance_rescale,
-            clip_range=clip_range,
-            thresholding=thresholding,
-            variance_mode=variance_mode,
-            x0_prev=x0_prev,
-            noise=noise,
-            seeds=seeds,
-            grad=grad,
-            out=out,
-            x0_out=x0_out,
-            write_x0=write_x0,
-        )
+        try:
+            return fused_step(
+                x,
+                model_output,
+                table,
+                rows,
+                guidance_scale=guidance_scale,
+                guidance_rescale=guidance_rescale,
+                clip_range=clip_range,
+                thresholding=thresholding,
+                variance_mode=variance_mode,
+                x0_prev=x0_prev,
+                noise=noise,
+                seeds=seeds,
+                grad=grad,
+                out=out,
+                x0_out=x0_out,
+                write_x0=write_x0,
+            )
+        except (TypeError, ValueError):
+            if check is not None:
+                check()  # the caller's error, as on the reference path
+            raise
 
+    if check is not None:
+        check()
     if noise is None and seeds is not None:  # the kernel's Philox stream, in PyTorch
         step = rows.reshape(()) if rows.numel() == 1 else rows
         noise = philox.randn(seeds, step, x.shape, memory_format=memory_format_of(x))
@@ -135,6 +146,15 @@ def run_step(
     if not write_x0:
         return x_next, None
     return x_next, (x0.to(x0_dtype) if x0_out is None else x0_out.copy_(x0))
+
+
+def _dtypes(out_dtype: torch.dtype, x0_dtype: torch.dtype, tensors):
+    """The dtypes "auto" checks (lazily: only auto on CUDA reads them)."""
+    yield out_dtype
+    yield x0_dtype
+    for t in tensors:
+        if t is not None:
+            yield t.dtype
 
 
 def _guided(model_output: Tensor, x: Tensor, variance_mode: str, scale: float, rescale: float):

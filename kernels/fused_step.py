@@ -532,7 +532,7 @@ def fused_step(
     write_x0 = write_x0 or x0_out is not None
     tensors = (x, model_output, table, rows, x0_prev, noise, seeds, grad, out, x0_out)
     key = (
-        tuple(_signature(t) for t in tensors),
+        tuple(map(_signature, tensors)),
         guided,
         clip_range is None,
         thresholding is None,

@@ -435,6 +435,8 @@ class FusedSchedulerMixin:
         Returns:
             ``(prev_sample, pred_original_sample)``.
         """
+        if noise is not None and noise.device != x.device:  # a generator on another device
+            noise = noise.to(x.device)
         return run_step(
             self.backend,
             x,
