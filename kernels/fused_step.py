@@ -390,7 +390,7 @@ def _fused_step_backward_kernel(
             tl.store(dm_ptr + dm_off, dmg.to(dm_ptr.dtype.element_ty), mask=mask)
 
     # The variance term std^2 g + std z.
-    if VAR_MODE != 0 or NEED_DNOISE or NEED_DGRAD:
+    if (VAR_MODE != 0 or NEED_DNOISE) or NEED_DGRAD:  # pairs: Triton 3.6 refuses a chain
         std = tl.load(coef + 6, mask=b_ok, other=0.0)[:, None]
         dv = tl.zeros((BLOCK_S, BLOCK_N), tl.float32)
         if VAR_MODE != 0:
