@@ -15,10 +15,11 @@ import os
 
 import torch
 
-__all__ = ["BACKENDS", "resolve_backend"]
+from fastdiff.kernels.utils import KERNEL_DTYPES
+
+__all__ = ["BACKENDS", "check_backend", "resolve_backend"]
 
 BACKENDS = ("auto", "triton", "reference")
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def check_backend(backend: str | None) -> str | None:
@@ -28,15 +29,21 @@ def check_backend(backend: str | None) -> str | None:
     return backend
 
 
-def resolve_backend(backend: str | None, x: torch.Tensor) -> str:
+def resolve_backend(backend: str | None, x: torch.Tensor, dtypes=()) -> str:
     """The backend that runs a step on ``x``: ``"triton"`` or ``"reference"``.
 
     Args:
         backend: "auto", "triton", "reference" or None (use ``FASTDIFF_BACKEND``, else auto).
         x: the sample the step runs on.
+        dtypes: the dtypes of the step's other inputs and outputs: "auto" takes the kernels
+            only when they are kernel dtypes too.
 
     Returns:
         "triton" or "reference".
+
+    Example:
+        >>> resolve_backend("auto", torch.zeros(1))
+        'reference'
     """
     if backend is None:
         backend = os.environ.get("FASTDIFF_BACKEND", "auto") or "auto"
@@ -44,5 +51,6 @@ def resolve_backend(backend: str | None, x: torch.Tensor) -> str:
             raise ValueError(f"FASTDIFF_BACKEND={backend!r} is not one of {BACKENDS}")
     check_backend(backend)
     if backend == "auto":
-        return "triton" if x.is_cuda and x.dtype in _KERNEL_DTYPES else "reference"
+        kernel = x.is_cuda and x.dtype in KERNEL_DTYPES
+        return "triton" if kernel and all(d in KERNEL_DTYPES for d in dtypes) else "reference"
     return backend

@@ -14,15 +14,24 @@ import math
 import numbers
 from typing import Any
 
+import torch
+
+from fastdiff.kernels.utils import same_layout
+
 __all__ = [
     "PREDICTION_TYPES",
     "check_choice",
     "check_clip_range",
     "check_guidance",
     "check_int",
+    "check_like",
+    "check_model_output",
     "check_number",
+    "check_out",
     "check_processing",
     "check_sampler",
+    "check_seeds",
+    "check_tensor",
     "check_thresholding",
     "is_number",
 ]
@@ -87,11 +96,13 @@ def check_guidance(guidance_scale: Any, guidance_rescale: Any = 0.0) -> tuple[fl
     return check_number("guidance_scale", guidance_scale), rescale
 
 
-def check_clip_range(clip_range: Any) -> float | None:
+def check_clip_range(clip_range: Any, name: str = "clip_range") -> float | None:
     """Clipping of x0 to ``[-r, r]``: a positive number, or None."""
     if clip_range is None:
         return None
-    return check_number("clip_range", clip_range, low=0.0, low_open=True)
+    if not is_number(clip_range) or not clip_range > 0 or not math.isfinite(clip_range):
+        raise ValueError(f"{name} must be a positive number, got {clip_range!r}")
+    return float(clip_range)
 
 
 def check_thresholding(thresholding: Any) -> tuple[float, float] | None:
@@ -103,18 +114,20 @@ def check_thresholding(thresholding: Any) -> tuple[float, float] | None:
         raise ValueError(
             f"thresholding must be a (ratio, max_value) pair of numbers, got {thresholding!r}"
         )
-    ratio = check_number("thresholding ratio", thresholding[0], low=0.0, high=1.0, low_open=True)
+    ratio = check_number("thresholding ratio", thresholding[0])
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"thresholding ratio must be in (0, 1], got {ratio}")
     max_value = check_number("thresholding max_value", thresholding[1], low=1.0)
     return ratio, max_value
 
 
 def check_processing(
-    clip_range: Any, thresholding: Any
+    clip_range: Any, thresholding: Any, clip_name: str = "clip_range"
 ) -> tuple[float | None, tuple[float, float] | None]:
     """x0 processing: clipping or thresholding (exclusive), each checked."""
     if clip_range is not None and thresholding is not None:
-        raise ValueError("clip_range and thresholding are exclusive: choose one")
-    return check_clip_range(clip_range), check_thresholding(thresholding)
+        raise ValueError(f"{clip_name} and thresholding are exclusive: choose one")
+    return check_clip_range(clip_range, clip_name), check_thresholding(thresholding)
 
 
 def check_sampler(sampler: Any) -> None:
@@ -123,3 +136,82 @@ def check_sampler(sampler: Any) -> None:
 
     if not isinstance(sampler, Sampler):
         raise TypeError(f"sampler must be a fastdiff.Sampler, got {type(sampler).__name__}")
+
+
+# -- tensors at a step ------------------------------------------------------------------------
+
+
+def check_tensor(name: str, t: Any) -> torch.Tensor:
+    """``t`` must be a floating-point tensor."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    return t
+
+
+def check_like(name: str, t: Any, x: torch.Tensor) -> torch.Tensor:
+    """``t`` must be a floating-point tensor with x's shape (exactly: no broadcasting), on
+    x's device."""
+    check_tensor(name, t)
+    if t.shape != x.shape:
+        raise ValueError(f"{name} must have the shape of x {tuple(x.shape)}, got {tuple(t.shape)}")
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    return t
+
+
+def check_out(name: str, t: Any, x: torch.Tensor) -> torch.Tensor:
+    """A preallocated output (``out=``, ``x0_out=``): like x (:func:`check_like`) and laid out
+    like x (the same strides), so that it is written as it is, on both backends."""
+    check_like(name, t, x)
+    if t.stride() != x.stride() and not same_layout(t, x):
+        raise ValueError(
+            f"{name} must be laid out like x (strides {t.stride()} vs {x.stride()}); "
+            "allocate it with torch.empty_like(x)"
+        )
+    return t
+
+
+def check_seeds(seeds: Any, batch: int, device: torch.device | None = None) -> torch.Tensor:
+    """Per-sample Philox keys: a 1-D int64 tensor with ``batch`` entries (on ``device``)."""
+    if not isinstance(seeds, torch.Tensor) or seeds.dtype != torch.int64 or seeds.dim() != 1:
+        raise TypeError("seeds must be a 1-D int64 tensor with one seed per sample")
+    if seeds.shape[0] != batch:
+        raise ValueError(f"got {seeds.shape[0]} seeds for a batch of {batch} samples")
+    if device is not None and seeds.device != device:
+        raise ValueError(f"seeds are on {seeds.device} but x is on {device}")
+    return seeds
+
+
+def check_model_output(
+    model_output: Any, x: torch.Tensor, *, guided: bool = False, variance_type: str | None = None
+) -> torch.Tensor:
+    """The model output of a step on ``x``: x's shape, with the batch doubled by guidance
+    (unconditional half first) and the channels doubled by a learned ``variance_type``
+    (prediction, then variance values)."""
+    check_tensor("model_output", model_output)
+    learned = variance_type in ("learned", "learned_range")
+    if learned and x.dim() < 2:
+        raise ValueError(f"variance_type {variance_type!r} needs x with channels [B, C, ...]")
+    shape = x.shape
+    if guided or learned:
+        shape = (x.shape[0] * (2 if guided else 1), *x.shape[1:])
+        if learned:
+            shape = (shape[0], 2 * x.shape[1], *x.shape[2:])
+    if model_output.shape != shape:
+        got = f"got {tuple(model_output.shape)}"
+        if learned:
+            raise ValueError(
+                f"variance_type {variance_type!r} needs model_output of shape {shape} (x "
+                f"{tuple(x.shape)} with 2x channels: prediction then variance values), {got}"
+            )
+        if guided:
+            raise ValueError(
+                f"model_output must have shape {shape} (guidance doubles the batch: "
+                f"unconditional half first), {got}"
+            )
+        raise ValueError(f"model_output must have the shape of x {tuple(shape)}, {got}")
+    if model_output.device != x.device:
+        raise ValueError(f"model_output is on {model_output.device} but x is on {x.device}")
+    return model_output

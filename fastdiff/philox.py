@@ -1,25 +1,18 @@
-"""Counter-based Gaussian noise, the same stream in PyTorch and inside the fused kernels.
+"""Counter-based Gaussian noise: the same stream in PyTorch and inside the fused kernels.
 
-Every normal fastdiff draws is a pure function of ``(seed, step, stream, element)``:
+Every normal is a pure function of ``(seed, step, stream, element)``: Philox4x32-10 (Salmon
+et al. 2011) maps the counter ``(element // 4, step, stream, 0)`` under the per-sample 64-bit
+key ``seed`` to four 32-bit words, and two Box-Muller transforms of the 24-bit uniforms
+``(u >> 8) 2**-24 + 2**-25`` (strictly inside (0, 1); |z| <= 5.89) give the normals of
+elements ``4q .. 4q+3``: ``r cos a, r sin a`` with ``r = sqrt(-2 ln u0)``, ``a = 2 pi u1 - pi``.
+``stream`` is 0 for a step's noise and 1 for the initial noise; ``element`` is the position
+in memory within the sample (a channels_last tensor draws the same values at the same memory
+positions). A sample's noise so depends on its seed alone, not on the batch, the block size,
+the launch order or the number of GPUs. ``randn`` is the spec; ``fastdiff.kernels.fused_step``
+computes the identical words.
 
-* ``seed``: one 64-bit integer per sample (the Philox key, split into two 32-bit words);
-* ``step``: the sampling-step index (the kernel reads it from the same device tensor as its
-  schedule row);
-* ``stream``: 0 for the noise of a reverse step, 1 for the initial noise ``x_T``;
-* ``element``: the element's position in memory within its sample (for a contiguous tensor,
-  its flat index; a channels_last tensor draws the same values at the same memory positions).
-
-Philox4x32-10 (Salmon et al. 2011, "Parallel random numbers: as easy as 1, 2, 3") maps the
-counter ``(q, step, stream, 0)`` with ``q = element // 4`` under the key to four 32-bit words;
-each pair of words becomes two normals by the Box-Muller transform, so one Philox call serves
-four consecutive elements (``r cos a, r sin a`` with ``r = sqrt(-2 ln u0)`` and
-``a = 2 pi u1 - pi``). The uniforms are ``(u >> 8) * 2**-24 + 2**-25``: 24-bit, strictly
-inside (0, 1), so the largest normal magnitude is ``sqrt(-2 ln 2**-25) = 5.89`` (a tail
-mass of 4e-9 is cut).
-
-Because the key is per sample, a sample's noise does not depend on the batch it is in, the
-block size, the launch order or the number of GPUs. ``randn`` here is the PyTorch spec of the
-stream; ``fastdiff.kernels.fused_step`` computes the identical words inside the kernel.
+Example:
+    >>> z = randn(seeds_from(0, 2), 0, (2, 4, 8, 8))
 """
 
 from __future__ import annotations
@@ -28,6 +21,9 @@ import math
 from collections.abc import Sequence
 
 import torch
+
+from fastdiff.checks import check_seeds
+from fastdiff.kernels.utils import memory_format_of
 
 __all__ = ["PHILOX_ROUNDS", "memory_format_of", "philox4x32", "randn", "seeds_from"]
 
@@ -120,26 +116,6 @@ def seeds_from(
     return torch.arange(batch_size, dtype=torch.int64, device=device) + seed * 2**32
 
 
-def _check_seeds(seeds: torch.Tensor, batch_size: int) -> None:
-    if not isinstance(seeds, torch.Tensor) or seeds.dtype != torch.int64 or seeds.dim() != 1:
-        raise TypeError("seeds must be a 1-D int64 tensor with one seed per sample")
-    if seeds.shape[0] != batch_size:
-        raise ValueError(f"got {seeds.shape[0]} seeds for a batch of {batch_size} samples")
-
-
-def memory_format_of(x: torch.Tensor) -> torch.memory_format:
-    """The memory format whose order the noise stream of a tensor like ``x`` follows:
-    ``torch.channels_last`` for a 4-D channels_last tensor that is not also contiguous,
-    ``torch.contiguous_format`` otherwise (what ``randn(..., memory_format=)`` takes)."""
-    if (
-        x.dim() == 4
-        and not x.is_contiguous()
-        and x.is_contiguous(memory_format=torch.channels_last)
-    ):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
 def randn(
     seeds: torch.Tensor,
     step: int | torch.Tensor,
@@ -170,7 +146,7 @@ def randn(
     shape = tuple(int(s) for s in shape)
     if len(shape) < 1:
         raise ValueError("shape must have a batch dimension")
-    _check_seeds(seeds, shape[0])
+    check_seeds(seeds, shape[0])
     if not 0 <= stream < 2**32:
         raise ValueError(f"stream must be in [0, 2**32), got {stream}")
     device = seeds.device

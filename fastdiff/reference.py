@@ -1,61 +1,48 @@
 """Reference sampler steps in plain PyTorch: the spec the fused kernels are tested against.
 
-Every function here is a direct transcription of a paper formula, one small function per
-idea, with the equation it comes from in a comment. Nothing is fused and nothing is clever.
+One small function per paper formula, with its equation number. VP notation (Ho et al. 2020
+eq. 4): ``x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps``; a step goes from ``ab_t`` to ``ab_next``
+(the next, less noisy, visited step; 1.0 is clean). Euler works in sigma space (Karras et
+al. 2022): ``sigma = sqrt((1 - ab) / ab)``, ``x_sigma = x_t / sqrt(ab) = x0 + sigma eps``.
 
-Notation (VP space, Ho et al. 2020 eq. 4): ``x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps`` with
-``ab_t`` the cumulative product of ``1 - beta`` ("alpha bar"). A step goes from ``ab_t`` to
-``ab_prev`` (the next, less noisy, visited step; ``ab_prev == 1.0`` exactly means "clean",
-i.e. after the last step). Euler samplers work in sigma space (Karras et al. 2022):
-``sigma = sqrt((1 - ab) / ab)`` and ``x_sigma = x_t / sqrt(ab) = x0 + sigma eps``.
+Contract of every step: float64 ``x`` computes in float64, any other float dtype in float32,
+and results come back in ``x.dtype``; schedule values are python floats or tensors ``[]`` /
+``[B]`` (any float dtype and device), broadcast over x's trailing dims; no host sync (no
+``.item()``, no branch on a tensor value). Steps return ``(x_next, x0)``. Arguments are not
+validated here: ``fastdiff.checks`` does that at the public boundary (``Sampler``, the
+drop-ins).
 
-Conventions shared by all public functions:
-
-- Compute dtype: float64 when ``x`` is float64, otherwise float32 (half types are upcast);
-  results are returned in ``x.dtype``.
-- Schedule values (``ab_t``, ``ab_prev``, ``sigma``, ...) are python floats or floating
-  tensors of shape ``[]`` or ``[B]`` (one value per sample), any float dtype, any device;
-  they are converted to the compute dtype on ``x``'s device and broadcast over ``x``'s
-  trailing dims. Keep them on ``x``'s device to avoid a host-to-device copy.
-- No host synchronisation: no ``.item()`` and no python branch on a tensor value, so the
-  steps can run on the GPU inside a sampling loop (dynamic thresholding's quantile is a
-  device op). Only python-number arguments are range-checked.
-- Step functions return ``(x_next, x0)``: the next sample and the (processed) prediction of
-  the clean sample.
-
-References: Ho et al. 2020 (DDPM); Song et al. 2021 (DDIM); Nichol & Dhariwal 2021
-(improved DDPM, learned variances, respacing); Dhariwal & Nichol 2021 (classifier
-guidance); Ho & Salimans 2022 (classifier-free guidance); Salimans & Ho 2022 (v-prediction);
-Saharia et al. 2022 (Imagen, dynamic thresholding); Karras et al. 2022 (EDM, Alg. 2);
-Lu et al. 2022 (DPM-Solver++); Lin et al. 2023 (guidance rescale).
+Example:
+    >>> x_next, x0 = ddim_step(x, eps_hat, ab[t], ab[t_next], eta=0.0)
 """
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
+from fastdiff.checks import PREDICTION_TYPES, is_number
+
 __all__ = [
     "PREDICTION_TYPES",
     "VARIANCE_TYPES",
-    "predict_x0",
-    "predict_eps",
-    "process_x0",
+    "ancestral_sigmas",
     "cfg_combine",
-    "split_learned_variance",
-    "ddpm_variance",
-    "ddpm_step",
+    "compute_dtype_of",
     "ddim_step",
-    "euler_step",
-    "euler_ancestral_step",
+    "ddpm_step",
+    "ddpm_variance",
     "dpmpp_2m_step",
+    "euler_ancestral_step",
+    "euler_step",
+    "predict_eps",
+    "predict_x0",
+    "process_x0",
+    "split_learned_variance",
 ]
 
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 VARIANCE_TYPES = (
     "fixed_small",
     "fixed_small_log",
@@ -66,190 +53,84 @@ VARIANCE_TYPES = (
 )
 _LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
 
-# Floor of the posterior variance before its log (the variance is exactly 0 on the step to
-# clean); the same floor as diffusers' DDPMScheduler.
+# Floor of the posterior variance before its log (it is exactly 0 on the step to clean); the
+# same floor as diffusers' DDPMScheduler.
 _MIN_VARIANCE = 1e-20
 
 ScheduleValue = float | Tensor
 
 
-# ---------------------------------------------------------------------------------------
-# Validation and dtype helpers
-# ---------------------------------------------------------------------------------------
+# -- dtypes and schedule values -------------------------------------------------------------
 
 
-def _check_choice(value: object, name: str, choices: tuple[str, ...]) -> None:
-    if not isinstance(value, str) or value not in choices:
-        valid = ", ".join(repr(c) for c in choices)
-        raise ValueError(f"unknown {name} {value!r}; expected one of {valid}")
-
-
-def _check_float_tensor(t: object, name: str) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
-
-
-def _check_like(t: object, name: str, x: Tensor, what: str = "x") -> None:
-    """``t`` must be a floating tensor with x's shape and device."""
-    _check_float_tensor(t, name)
-    if t.shape != x.shape:
-        raise ValueError(
-            f"{name} must have the shape of {what} {tuple(x.shape)}, got {tuple(t.shape)}"
-        )
-    if t.device != x.device:
-        raise ValueError(f"{name} is on {t.device} but {what} is on {x.device}")
-
-
-def _check_sample(x: object, name: str = "x") -> None:
-    _check_float_tensor(x, name)
-    if x.ndim < 1:
-        raise ValueError(f"{name} must have a leading batch dimension (got a 0-d tensor)")
-
-
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    """float64 stays float64; every other float dtype computes in float32."""
+def compute_dtype_of(x: Tensor) -> torch.dtype:
+    """The reference's compute dtype for ``x``: float64 stays float64, every other float
+    dtype computes in float32."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _schedule(
-    value: ScheduleValue,
-    name: str,
-    like: Tensor,
-    low: float | None = None,
-    high: float | None = None,
-) -> Tensor:
-    """A schedule value as a tensor of ``like``'s dtype and device, broadcastable to ``like``.
-
-    Python numbers become 0-d tensors through ``torch.full`` (a fill kernel: no
-    host-to-device copy, hence no sync). ``[B]`` tensors are viewed as ``[B, 1, ..., 1]``.
-    Only python numbers are range-checked (checking a tensor would sync).
-    """
-    if _is_number(value):
-        v = float(value)
-        if math.isnan(v) or (low is not None and v < low) or (high is not None and v > high):
-            bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
-            raise ValueError(f"{name} must be {bounds}, got {v}")
-        return torch.full((), v, dtype=like.dtype, device=like.device)
-    if not isinstance(value, Tensor):
-        raise TypeError(f"{name} must be a python float or a tensor, got {type(value).__name__}")
-    if not value.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
-    batch = like.shape[0] if like.ndim > 0 else None
+def _schedule(value: ScheduleValue, name: str, like: Tensor, low=None, high=None) -> Tensor:
+    """A schedule value in ``like``'s dtype and device, broadcastable to ``like``: a python
+    number becomes a 0-d ``torch.full`` (no host-to-device copy), a ``[B]`` tensor is viewed
+    as ``[B, 1, ..., 1]``. (``low`` / ``high`` are documentation only.)"""
+    if is_number(value):
+        return torch.full((), float(value), dtype=like.dtype, device=like.device)
+    value = value.to(device=like.device, dtype=like.dtype)
     if value.ndim == 0:
-        return value.to(device=like.device, dtype=like.dtype)
-    if value.ndim == 1 and value.shape[0] == batch:
-        return value.to(device=like.device, dtype=like.dtype).view(-1, *([1] * (like.ndim - 1)))
+        return value
+    if value.ndim == 1 and like.ndim > 0 and value.shape[0] == like.shape[0]:
+        return value.view(-1, *([1] * (like.ndim - 1)))
     raise ValueError(
-        f"{name} must be a python float or a tensor of shape [] or [B] with B={batch}, "
-        f"got shape {tuple(value.shape)}"
+        f"{name} must be a python float or a tensor of shape [] or [B] with "
+        f"B={like.shape[0] if like.ndim else None}, got shape {tuple(value.shape)}"
     )
 
 
 def _sigma(value: ScheduleValue, name: str, like: Tensor) -> Tensor:
-    """A current noise level: like :func:`_schedule`, and a python number must be > 0."""
-    if _is_number(value) and not value > 0:
-        raise ValueError(f"{name} must be > 0 (the current noise level), got {value}")
-    return _schedule(value, name, like, 0.0)
-
-
-def _check_process_args(clip_range: float | None, thresholding: tuple | None) -> None:
-    if clip_range is not None and thresholding is not None:
-        raise ValueError(
-            "clip_range and thresholding are exclusive: pass one of them (or neither), not both"
-        )
-    if clip_range is not None:
-        if not _is_number(clip_range) or not clip_range > 0:
-            raise ValueError(f"clip_range must be a positive number, got {clip_range!r}")
-    if thresholding is not None:
-        if (
-            not isinstance(thresholding, (tuple, list))
-            or len(thresholding) != 2
-            or not all(_is_number(v) for v in thresholding)
-        ):
-            raise ValueError(
-                f"thresholding must be a pair (ratio, max_value) of numbers, got {thresholding!r}"
-            )
-        ratio, max_value = thresholding
-        if not 0.0 < ratio <= 1.0:
-            raise ValueError(f"thresholding ratio must be in (0, 1], got {ratio}")
-        if not max_value >= 1.0:
-            raise ValueError(f"thresholding max_value must be >= 1, got {max_value}")
-
-
-def _check_eta(eta: float) -> None:
-    if not _is_number(eta):
-        raise TypeError(f"eta must be a python number, got {type(eta).__name__}")
-    if math.isnan(eta) or eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
-
-
-def _prepare_step(
-    x: Tensor,
-    model_output: Tensor,
-    prediction_type: str,
-    clip_range: float | None,
-    thresholding: tuple | None,
-) -> tuple[Tensor, Tensor]:
-    """Validate the common step arguments; return (x, model_output) in the compute dtype."""
-    _check_sample(x)
-    _check_like(model_output, "model_output", x)
-    _check_choice(prediction_type, "prediction_type", PREDICTION_TYPES)
-    _check_process_args(clip_range, thresholding)
-    dtype = _compute_dtype(x)
-    return x.to(dtype), model_output.to(dtype)
+    """A current noise level (> 0), as :func:`_schedule`."""
+    return _schedule(value, name, like)
 
 
 def _optional_like(t: Tensor | None, name: str, x: Tensor, dtype: torch.dtype) -> Tensor | None:
-    if t is None:
-        return None
-    _check_like(t, name, x)
-    return t.to(dtype)
+    """An optional tensor like ``x`` (noise, grad, x0_prev) in the compute dtype."""
+    return None if t is None else t.to(dtype)
 
 
-# ---------------------------------------------------------------------------------------
-# Predictions (compute-dtype tensors in, compute-dtype tensors out)
-# ---------------------------------------------------------------------------------------
+def _prepare_step(x, model_output, prediction_type, clip_range, thresholding):
+    """``(x, model_output)`` in the compute dtype."""
+    dtype = compute_dtype_of(x)
+    return x.to(dtype), model_output.to(dtype)
+
+
+# -- predictions (compute-dtype tensors in and out) -----------------------------------------
 
 
 def _x0_from_output(x: Tensor, m: Tensor, ab: Tensor, prediction_type: str) -> Tensor:
-    """x0 from the model output in VP space."""
     if prediction_type == "epsilon":
-        # Ho et al. 2020 eq. 4 solved for x0 (eq. 15): x0 = (x_t - sqrt(1-ab) eps) / sqrt(ab)
+        # Ho et al. 2020 eq. 4 solved for x0 (eq. 15)
         return (x - torch.sqrt(1 - ab) * m) / torch.sqrt(ab)
     if prediction_type == "sample":
         return m
-    # v = sqrt(ab) eps - sqrt(1-ab) x0 (Salimans & Ho 2022) => x0 = sqrt(ab) x_t - sqrt(1-ab) v
+    # v = sqrt(ab) eps - sqrt(1 - ab) x0 (Salimans & Ho 2022) => x0 = sqrt(ab) x - sqrt(1 - ab) v
     return torch.sqrt(ab) * x - torch.sqrt(1 - ab) * m
 
 
+def _eps_from_x0(x: Tensor, x0: Tensor, ab: Tensor) -> Tensor:
+    # Ho et al. 2020 eq. 4 solved for eps
+    return (x - torch.sqrt(ab) * x0) / torch.sqrt(1 - ab)
+
+
 def _eps_from_output(x: Tensor, m: Tensor, ab: Tensor, prediction_type: str) -> Tensor:
-    """eps from the model output in VP space."""
     if prediction_type == "epsilon":
         return m
     if prediction_type == "sample":
         return _eps_from_x0(x, m, ab)
-    # v-prediction (Salimans & Ho 2022): eps = sqrt(ab) v + sqrt(1-ab) x_t
+    # v-prediction (Salimans & Ho 2022): eps = sqrt(ab) v + sqrt(1 - ab) x
     return torch.sqrt(ab) * m + torch.sqrt(1 - ab) * x
 
 
-def _eps_from_x0(x: Tensor, x0: Tensor, ab: Tensor) -> Tensor:
-    # Ho et al. 2020 eq. 4 solved for eps: eps = (x_t - sqrt(ab) x0) / sqrt(1-ab)
-    return (x - torch.sqrt(ab) * x0) / torch.sqrt(1 - ab)
-
-
-def _x0_from_output_sigma_space(
-    x: Tensor, m: Tensor, sigma: Tensor, prediction_type: str
-) -> Tensor:
-    """x0 from the model output in sigma space (x = x_t / sqrt(ab) = x0 + sigma eps).
-
-    These are the VP formulas applied to x_t = x / sqrt(sigma^2 + 1), ab = 1 / (sigma^2 + 1).
-    """
+def _x0_from_output_sigma_space(x: Tensor, m: Tensor, sigma: Tensor, prediction_type: str):
+    """The VP formulas on x_t = x / sqrt(sigma^2 + 1), ab = 1 / (sigma^2 + 1)."""
     if prediction_type == "epsilon":
         return x - sigma * m
     if prediction_type == "sample":
@@ -258,14 +139,11 @@ def _x0_from_output_sigma_space(
 
 
 def _threshold(x0: Tensor, ratio: float, max_value: float) -> Tensor:
-    """Dynamic thresholding (Saharia et al. 2022, Sec. 2.3 / Fig. A.32).
-
-    s = the ``ratio`` quantile of |x0| over each sample, clamped to [1, max_value];
-    x0 <- clamp(x0, -s, s) / s. With s clamped at 1 it is plain clipping to [-1, 1].
-    """
-    flat = x0.reshape(x0.shape[0], -1)
-    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1.0, max=max_value)
-    s = s.view(-1, *([1] * (x0.ndim - 1)))
+    """Dynamic thresholding (Saharia et al. 2022, Sec. 2.3): s = clamp(quantile(|x0|, ratio),
+    1, max_value) per sample; x0 <- clamp(x0, -s, s) / s. s is a constant for autograd (a
+    per-sample normalization; the fused kernel's backward treats it the same way)."""
+    s = torch.quantile(x0.detach().reshape(x0.shape[0], -1).abs(), ratio, dim=1)
+    s = s.clamp(min=1.0, max=max_value).view(-1, *([1] * (x0.ndim - 1)))
     return torch.maximum(torch.minimum(x0, s), -s) / s
 
 
@@ -277,42 +155,15 @@ def _process_x0(x0: Tensor, clip_range: float | None, thresholding: tuple | None
     return x0
 
 
-def _predict(
-    from_output: Callable[[Tensor, Tensor, Tensor, str], Tensor],
-    x: Tensor,
-    model_output: Tensor,
-    ab_t: ScheduleValue,
-    prediction_type: str,
-) -> Tensor:
-    """Validate the public prediction arguments and apply ``from_output`` (one of the VP
-    prediction helpers above) in the compute dtype; the result is in ``x.dtype``."""
-    _check_sample(x)
-    _check_like(model_output, "model_output", x)
-    _check_choice(prediction_type, "prediction_type", PREDICTION_TYPES)
-    dtype = _compute_dtype(x)
+def _predict(from_output: Callable, x: Tensor, model_output: Tensor, ab_t, prediction_type):
+    dtype = compute_dtype_of(x)
     xc = x.to(dtype)
-    ab = _schedule(ab_t, "ab_t", xc, 0.0, 1.0)
+    ab = _schedule(ab_t, "ab_t", xc)
     return from_output(xc, model_output.to(dtype), ab, prediction_type).to(x.dtype)
 
 
-# ---------------------------------------------------------------------------------------
-# Public prediction helpers
-# ---------------------------------------------------------------------------------------
-
-
-def predict_x0(
-    x: Tensor, model_output: Tensor, ab_t: ScheduleValue, prediction_type: str
-) -> Tensor:
-    """The model's prediction of the clean sample x0 (VP space).
-
-    Args:
-        x: noisy sample x_t, ``[B, ...]``.
-        model_output: the model output, shape of ``x``.
-        ab_t: alpha bar of x's noise level (float, or tensor ``[]`` / ``[B]``).
-        prediction_type: one of :data:`PREDICTION_TYPES`.
-
-    Returns:
-        x0 in ``x.dtype``.
+def predict_x0(x: Tensor, model_output: Tensor, ab_t: ScheduleValue, prediction_type: str):
+    """The model's x0 (Ho et al. 2020 eq. 15; Salimans & Ho 2022 for v), in ``x.dtype``.
 
     Example:
         >>> x0 = predict_x0(x, eps_hat, 0.5, "epsilon")
@@ -320,19 +171,8 @@ def predict_x0(
     return _predict(_x0_from_output, x, model_output, ab_t, prediction_type)
 
 
-def predict_eps(
-    x: Tensor, model_output: Tensor, ab_t: ScheduleValue, prediction_type: str
-) -> Tensor:
-    """The model's prediction of the noise eps (VP space).
-
-    Args:
-        x: noisy sample x_t, ``[B, ...]``.
-        model_output: the model output, shape of ``x``.
-        ab_t: alpha bar of x's noise level (float, or tensor ``[]`` / ``[B]``).
-        prediction_type: one of :data:`PREDICTION_TYPES`.
-
-    Returns:
-        eps in ``x.dtype``.
+def predict_eps(x: Tensor, model_output: Tensor, ab_t: ScheduleValue, prediction_type: str):
+    """The model's eps (Ho et al. 2020 eq. 4 solved for eps), in ``x.dtype``.
 
     Example:
         >>> eps = predict_eps(x, v_hat, ab, "v_prediction")
@@ -340,91 +180,46 @@ def predict_eps(
     return _predict(_eps_from_output, x, model_output, ab_t, prediction_type)
 
 
-def process_x0(
-    x0: Tensor, clip_range: float | None = None, thresholding: tuple | None = None
-) -> Tensor:
-    """Clip or dynamically threshold a prediction of x0.
-
-    Args:
-        x0: predicted clean sample ``[B, ...]``.
-        clip_range: r > 0 clamps to [-r, r].
-        thresholding: ``(ratio, max_value)``: dynamic thresholding (Saharia et al. 2022):
-            s = clamp(quantile(|x0| per sample, ratio), 1, max_value); clamp(x0, -s, s) / s.
-            Exclusive with ``clip_range``.
-
-    Returns:
-        The processed x0 in ``x0.dtype`` (unchanged values when both are None).
+def process_x0(x0: Tensor, clip_range: float | None = None, thresholding: tuple | None = None):
+    """Clamp x0 to ``[-clip_range, clip_range]``, or dynamic thresholding with
+    ``thresholding=(ratio, max_value)`` (Saharia et al. 2022); in ``x0.dtype``.
 
     Example:
         >>> process_x0(x0, thresholding=(0.995, 1.5))
     """
-    _check_sample(x0, "x0")
-    _check_process_args(clip_range, thresholding)
-    return _process_x0(x0.to(_compute_dtype(x0)), clip_range, thresholding).to(x0.dtype)
+    return _process_x0(x0.to(compute_dtype_of(x0)), clip_range, thresholding).to(x0.dtype)
 
 
 def cfg_combine(
     m_uncond: Tensor, m_cond: Tensor, scale: ScheduleValue, rescale: ScheduleValue = 0.0
 ) -> Tensor:
-    """Classifier-free guidance (Ho & Salimans 2022, eq. 6) with optional guidance rescale.
+    """Classifier-free guidance (Ho & Salimans 2022 eq. 6): ``m = m_u + w (m_c - m_u)``; with
+    ``rescale`` phi (Lin et al. 2023 eq. 15-16): ``m <- phi m std(m_c) / std(m) + (1 - phi) m``
+    (unbiased std over all dims but the batch, as diffusers' ``rescale_noise_cfg``).
 
-    ``m = m_uncond + scale (m_cond - m_uncond)``; with ``rescale`` (Lin et al. 2023, Sec. 3.4,
-    eq. 15-16): ``m_rescaled = m * std(m_cond) / std(m)`` with the unbiased std over all
-    dims but the batch, and ``m <- rescale * m_rescaled + (1 - rescale) * m`` (as diffusers'
-    ``rescale_noise_cfg``).
-
-    Args:
-        m_uncond: unconditional model output ``[B, ...]``.
-        m_cond: conditional model output, same shape.
-        scale: guidance weight w (float or tensor ``[]`` / ``[B]``); 1 gives ``m_cond``.
-        rescale: guidance rescale factor phi in [0, 1] (float or tensor ``[]`` / ``[B]``).
-
-    Returns:
-        The guided output in ``m_cond.dtype``.
+    Returns the guided output in ``m_cond.dtype``.
 
     Example:
         >>> m = cfg_combine(*model(torch.cat([x, x]), t).chunk(2), 7.5, rescale=0.7)
     """
-    _check_sample(m_cond, "m_cond")
-    _check_like(m_uncond, "m_uncond", m_cond, "m_cond")
-    dtype = _compute_dtype(m_cond)
+    dtype = compute_dtype_of(m_cond)
     cond, uncond = m_cond.to(dtype), m_uncond.to(dtype)
-    w = _schedule(scale, "scale", cond)
-    guided = uncond + w * (cond - uncond)  # Ho & Salimans 2022 eq. 6 (with w = 1 + their w)
-    if _is_number(rescale) and rescale == 0:
+    guided = uncond + _schedule(scale, "scale", cond) * (cond - uncond)
+    if is_number(rescale) and rescale == 0:
         return guided.to(m_cond.dtype)
-    if cond.ndim < 2 or cond[0].numel() < 2:
-        raise ValueError(
-            "guidance rescale needs a per-sample std: m_cond must be [B, ...] with at least "
-            f"2 elements per sample, got shape {tuple(cond.shape)}"
-        )
     phi = _schedule(rescale, "rescale", cond)
     dims = list(range(1, cond.ndim))
-    # Lin et al. 2023 eq. 15: match the std of the guided output to the conditional one
     rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
-    # eq. 16: blend to avoid over-smoothed images
     return (phi * rescaled + (1 - phi) * guided).to(m_cond.dtype)
 
 
-def split_learned_variance(
-    model_output: Tensor, variance_type: str
-) -> tuple[Tensor, Tensor | None]:
-    """Split a learned-variance model output (improved-diffusion layout).
-
-    Args:
-        model_output: ``[B, 2C, ...]`` for ``learned`` / ``learned_range`` (first C channels
-            the prediction, last C the variance values), else the prediction itself.
-        variance_type: one of :data:`VARIANCE_TYPES`.
-
-    Returns:
-        ``(prediction, variance_values)``; ``variance_values`` is None for fixed variances.
-        Both are views of ``model_output``.
+def split_learned_variance(model_output: Tensor, variance_type: str):
+    """``(prediction, variance values)`` of an improved-diffusion output ``[B, 2C, ...]``
+    for learned variances (views), ``(model_output, None)`` otherwise.
 
     Example:
         >>> m, v = split_learned_variance(out, "learned_range")
     """
-    _check_float_tensor(model_output, "model_output")
-    _check_choice(variance_type, "variance_type", VARIANCE_TYPES)
     if variance_type not in _LEARNED_VARIANCE_TYPES:
         return model_output, None
     if model_output.ndim < 2 or model_output.shape[1] % 2 != 0:
@@ -436,122 +231,82 @@ def split_learned_variance(
     return prediction, values
 
 
-# ---------------------------------------------------------------------------------------
-# DDPM (Ho et al. 2020; Nichol & Dhariwal 2021)
-# ---------------------------------------------------------------------------------------
+# -- DDPM (Ho et al. 2020; Nichol & Dhariwal 2021) ------------------------------------------
 
 
-def _respaced_beta(ab_t: Tensor, ab_prev: Tensor) -> Tensor:
-    # The beta of the (possibly respaced) step t -> prev: alpha' = ab_t / ab_prev,
-    # beta' = 1 - alpha' (Nichol & Dhariwal 2021, Sec. 4 respacing).
-    return 1 - ab_t / ab_prev
+def _respaced_beta(ab_t: Tensor, ab_next: Tensor) -> Tensor:
+    # beta' = 1 - ab_t / ab_next of the (possibly respaced) step (Nichol & Dhariwal 2021 Sec. 4)
+    return 1 - ab_t / ab_next
 
 
-def _posterior_mean_coefficients(ab_t: Tensor, ab_prev: Tensor) -> tuple[Tensor, Tensor]:
-    """Coefficients (of x0, of x_t) of the posterior mean q(x_prev | x_t, x0), Ho et al. eq. 7.
-
-    mu~ = sqrt(ab_prev) beta' / (1 - ab_t) x0 + sqrt(alpha') (1 - ab_prev) / (1 - ab_t) x_t.
-    """
-    beta = _respaced_beta(ab_t, ab_prev)
-    coef_x0 = torch.sqrt(ab_prev) * beta / (1 - ab_t)
-    # sqrt(alpha') with alpha' = ab_t / ab_prev directly: sqrt(1 - beta') loses the small
-    # alpha' of the last steps of a cosine schedule to cancellation
-    coef_xt = torch.sqrt(ab_t / ab_prev) * (1 - ab_prev) / (1 - ab_t)
+def _posterior_mean_coefficients(ab_t: Tensor, ab_next: Tensor) -> tuple[Tensor, Tensor]:
+    """(x0, x_t) coefficients of the posterior mean (Ho et al. eq. 7):
+    ``sqrt(ab') beta' / (1 - ab_t)`` and ``sqrt(alpha') (1 - ab') / (1 - ab_t)``, with
+    ``alpha' = ab_t / ab'`` directly (``sqrt(1 - beta')`` cancels for tiny alpha')."""
+    beta = _respaced_beta(ab_t, ab_next)
+    coef_x0 = torch.sqrt(ab_next) * beta / (1 - ab_t)
+    coef_xt = torch.sqrt(ab_t / ab_next) * (1 - ab_next) / (1 - ab_t)
     return coef_x0, coef_xt
 
 
-def _ddpm_log_variance(
-    ab_t: Tensor, ab_prev: Tensor, variance_type: str, v: Tensor | None
-) -> Tensor:
-    """Log of the reverse-step variance for each variance type."""
-    beta = _respaced_beta(ab_t, ab_prev)
-    # Posterior variance beta~ = (1 - ab_prev) / (1 - ab_t) beta' (Ho et al. eq. 7); it is 0
-    # on the step to clean, so it is floored before the log.
-    log_small = torch.log(((1 - ab_prev) / (1 - ab_t) * beta).clamp(min=_MIN_VARIANCE))
+def _ddpm_log_variance(ab_t, ab_next, variance_type: str, v: Tensor | None) -> Tensor:
+    beta = _respaced_beta(ab_t, ab_next)
+    # beta~ = (1 - ab') / (1 - ab_t) beta' (Ho et al. eq. 7), floored before the log
+    log_small = torch.log(((1 - ab_next) / (1 - ab_t) * beta).clamp(min=_MIN_VARIANCE))
     if variance_type in ("fixed_small", "fixed_small_log"):
-        # sigma^2 = beta~ (Ho et al. Sec. 3.2); the "_log" form is the same number.
         return log_small
     if variance_type in ("fixed_large", "fixed_large_log"):
-        # sigma^2 = beta' (Ho et al. Sec. 3.2)
-        return torch.log(beta)
+        return torch.log(beta)  # sigma^2 = beta' (Ho et al. Sec. 3.2)
     if variance_type == "learned":
-        # The model outputs log sigma^2 directly (improved-diffusion LEARNED).
-        return v
-    # learned_range: Nichol & Dhariwal 2021 eq. 15, with v in [-1, 1] mapped to frac in [0, 1]:
-    # log sigma^2 = frac log beta' + (1 - frac) log beta~
+        return v  # a log variance (improved-diffusion LEARNED)
+    # learned_range: Nichol & Dhariwal 2021 eq. 15, frac = (v + 1) / 2
     frac = (v + 1) / 2
     return frac * torch.log(beta) + (1 - frac) * log_small
 
 
 def ddpm_variance(
-    ab_t: ScheduleValue,
-    ab_prev: ScheduleValue,
-    variance_type: str,
-    v: Tensor | None = None,
+    ab_t: ScheduleValue, ab_next: ScheduleValue, variance_type: str, v: Tensor | None = None
 ) -> Tensor:
-    """Variance sigma^2 of a DDPM reverse step (the noise std is its square root).
+    """Variance sigma^2 of a DDPM reverse step: fixed_small ``beta~`` (floored at 1e-20),
+    fixed_large ``beta'``, learned ``exp(v)``, learned_range ``exp(frac log beta' + (1 - frac)
+    log beta~)`` (Nichol & Dhariwal 2021 eq. 15); the ``_log`` forms are the same numbers.
 
-    ``fixed_small``: ``(1-ab_prev)/(1-ab_t) beta'`` floored at 1e-20 (``fixed_small_log``
-    is the same value through its log); ``fixed_large`` / ``fixed_large_log``: ``beta'``;
-    ``learned``: ``exp(v)`` (v is a log variance, improved-diffusion); ``learned_range``:
-    ``exp(frac log beta' + (1-frac) log max(beta~, 1e-20))``, ``frac = (v+1)/2``.
-
-    Args:
-        ab_t: alpha bar at the current step (float or tensor ``[]`` / ``[B]``).
-        ab_prev: alpha bar at the next visited step (1.0 for clean).
-        variance_type: one of :data:`VARIANCE_TYPES`.
-        v: the model's variance values ``[B, C, ...]`` (learned types only).
-
-    Returns:
-        The variance: v's shape, in v's compute dtype, when v is given; else a float64
-        tensor of the broadcast schedule shape.
+    Returns v's shape in v's compute dtype with v, else float64 of the schedule's shape.
 
     Example:
         >>> ddpm_variance(0.5, 0.6, "fixed_large")
         tensor(0.1667, dtype=torch.float64)
     """
-    _check_choice(variance_type, "variance_type", VARIANCE_TYPES)
     if variance_type in _LEARNED_VARIANCE_TYPES:
         if v is None:
             raise ValueError(f"variance_type {variance_type!r} needs the model's variance values v")
-        _check_sample(v, "v")
-        like = v.to(_compute_dtype(v))
+        like = v.to(compute_dtype_of(v))
     else:
-        if v is not None:
-            raise ValueError(f"variance_type {variance_type!r} takes no variance values v")
-        device = next((a.device for a in (ab_t, ab_prev) if isinstance(a, Tensor)), None)
-        batch = max((a.numel() for a in (ab_t, ab_prev) if isinstance(a, Tensor)), default=1)
+        device = next((a.device for a in (ab_t, ab_next) if isinstance(a, Tensor)), None)
+        batch = max((a.numel() for a in (ab_t, ab_next) if isinstance(a, Tensor)), default=1)
         like = torch.empty(batch, dtype=torch.float64, device=device)
-    at = _schedule(ab_t, "ab_t", like, 0.0, 1.0)
-    ap = _schedule(ab_prev, "ab_prev", like, 0.0, 1.0)
-    log_var = _ddpm_log_variance(at, ap, variance_type, like if v is not None else None)
+    at, an = _schedule(ab_t, "ab_t", like), _schedule(ab_next, "ab_next", like)
+    log_var = _ddpm_log_variance(at, an, variance_type, like if v is not None else None)
     if v is None:
-        log_var = log_var.expand(torch.broadcast_shapes(at.shape, ap.shape))
+        log_var = log_var.expand(torch.broadcast_shapes(at.shape, an.shape))
     return torch.exp(log_var)
 
 
-def _noise_mask(add_noise: bool | Tensor | None, ab_prev: Tensor, like: Tensor) -> Tensor:
-    """Bool tensor (broadcastable to x): where this step adds noise."""
+def _noise_mask(add_noise: bool | Tensor | None, ab_next: Tensor, like: Tensor) -> Tensor:
+    """Where the step adds noise (broadcastable to x): by default not on the step to clean."""
     if add_noise is None:
-        return ab_prev < 1  # no noise on the step to clean (ab_prev == 1)
+        return ab_next < 1
     if isinstance(add_noise, bool):
         return torch.full((), add_noise, dtype=torch.bool, device=like.device)
-    if not isinstance(add_noise, Tensor) or add_noise.dtype != torch.bool:
-        raise TypeError("add_noise must be None, a bool or a bool tensor of shape [] or [B]")
-    if add_noise.ndim == 0:
-        return add_noise.to(like.device)
-    if add_noise.ndim == 1 and add_noise.shape[0] == like.shape[0]:
-        return add_noise.to(like.device).view(-1, *([1] * (like.ndim - 1)))
-    raise ValueError(
-        f"add_noise must have shape [] or [B] with B={like.shape[0]}, got {tuple(add_noise.shape)}"
-    )
+    add_noise = add_noise.to(like.device)
+    return add_noise.view(-1, *([1] * (like.ndim - 1))) if add_noise.ndim == 1 else add_noise
 
 
 def ddpm_step(
     x: Tensor,
     model_output: Tensor,
     ab_t: ScheduleValue,
-    ab_prev: ScheduleValue,
+    ab_next: ScheduleValue,
     *,
     prediction_type: str = "epsilon",
     variance_type: str = "fixed_small",
@@ -561,83 +316,51 @@ def ddpm_step(
     add_noise: bool | Tensor | None = None,
     grad: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """One ancestral DDPM step x_t -> x_prev (Ho et al. 2020 eq. 6-7, Alg. 2).
-
-    x_prev = mu~(x_t, x0) + sigma z, mu~ from the processed x0 (eq. 7) with the respaced
-    beta' = 1 - ab_t / ab_prev, sigma^2 from ``variance_type`` (see :func:`ddpm_variance`).
+    """One ancestral DDPM step (Ho et al. 2020 eq. 6-7, Alg. 2):
+    ``x_next = mu~(x_t, x0) + sigma z`` with the processed x0, ``beta' = 1 - ab_t / ab_next``
+    and sigma^2 of :func:`ddpm_variance`; classifier guidance (Dhariwal & Nichol 2021 Alg. 1)
+    adds ``sigma^2 grad``.
 
     Args:
-        x: noisy sample x_t ``[B, C, ...]``.
-        model_output: ``[B, C, ...]``, or ``[B, 2C, ...]`` for learned variances.
-        ab_t: alpha bar at the current step (float or tensor ``[]`` / ``[B]``).
-        ab_prev: alpha bar at the next visited step; 1.0 means clean.
-        prediction_type: one of :data:`PREDICTION_TYPES`.
-        variance_type: one of :data:`VARIANCE_TYPES`.
-        clip_range: clamp x0 to [-r, r] (exclusive with ``thresholding``).
-        thresholding: ``(ratio, max_value)`` dynamic thresholding of x0.
-        noise: z ~ N(0, I), shape of x; None adds no noise (returns the mean).
-        add_noise: None adds noise where ``ab_prev < 1`` (none on the step to clean); a bool
-            or a bool tensor ``[]`` / ``[B]`` overrides.
-        grad: classifier guidance (Dhariwal & Nichol 2021, Alg. 1): the already-scaled
-            gradient of log p(y | x_t), shape of x; the mean is shifted by sigma^2 grad
-            where noise is added (per element for learned variances).
-
-    Returns:
-        ``(x_prev, x0)`` in ``x.dtype``.
+        x, model_output: x_t ``[B, C, ...]`` and the model output (``[B, 2C, ...]`` with a
+            learned variance: prediction, then variance values).
+        ab_t, ab_next: alpha bar at this step and at the next visited one (1.0: clean).
+        noise: z like x (None: the mean). add_noise: None adds noise where ``ab_next < 1``;
+            a bool or bool tensor ``[]`` / ``[B]`` overrides.
+        grad: the already-scaled gradient of log p(y | x_t), like x.
 
     Example:
-        >>> x, x0 = ddpm_step(x, eps_hat, ab[t], ab[t_prev], noise=torch.randn_like(x))
+        >>> x, x0 = ddpm_step(x, eps_hat, ab[t], ab[t_next], noise=torch.randn_like(x))
     """
-    _check_sample(x)
-    _check_float_tensor(model_output, "model_output")
-    _check_choice(variance_type, "variance_type", VARIANCE_TYPES)
-    if variance_type in _LEARNED_VARIANCE_TYPES:
-        expected = (*x.shape[:1], 2 * x.shape[1], *x.shape[2:]) if x.ndim >= 2 else None
-        if expected is None or model_output.shape != expected:
-            raise ValueError(
-                f"variance_type {variance_type!r} needs model_output of shape {expected} "
-                f"(x {tuple(x.shape)} with 2x channels: prediction then variance values), "
-                f"got {tuple(model_output.shape)}"
-            )
     pred, v = split_learned_variance(model_output, variance_type)
     xc, m = _prepare_step(x, pred, prediction_type, clip_range, thresholding)
-    v = None if v is None else v.to(xc.dtype)
-    z = _optional_like(noise, "noise", x, xc.dtype)
-    g = _optional_like(grad, "grad", x, xc.dtype)
-    at = _schedule(ab_t, "ab_t", xc, 0.0, 1.0)
-    ap = _schedule(ab_prev, "ab_prev", xc, 0.0, 1.0)
-
+    at, an = _schedule(ab_t, "ab_t", xc), _schedule(ab_next, "ab_next", xc)
     x0 = _process_x0(_x0_from_output(xc, m, at, prediction_type), clip_range, thresholding)
-    coef_x0, coef_xt = _posterior_mean_coefficients(at, ap)
-    mean = coef_x0 * x0 + coef_xt * xc  # Ho et al. eq. 7
-
-    log_var = _ddpm_log_variance(at, ap, variance_type, v)
-    noisy = _noise_mask(add_noise, ap, xc)
+    coef_x0, coef_xt = _posterior_mean_coefficients(at, an)
+    x_next = coef_x0 * x0 + coef_xt * xc  # eq. 7
+    log_var = _ddpm_log_variance(at, an, variance_type, None if v is None else v.to(xc.dtype))
+    noisy = _noise_mask(add_noise, an, xc)
+    z, g = _optional_like(noise, "noise", x, xc.dtype), _optional_like(grad, "grad", x, xc.dtype)
     if g is not None:
-        # Dhariwal & Nichol 2021 Alg. 1 (condition_mean): mu + Sigma grad log p(y | x_t)
-        mean = mean + torch.where(noisy, torch.exp(log_var), 0.0) * g
-    x_prev = mean
-    if z is not None:
-        # Ho et al. Alg. 2 line 4: x_prev = mu + sigma z
-        x_prev = mean + torch.where(noisy, torch.exp(0.5 * log_var), 0.0) * z
-    return x_prev.to(x.dtype), x0.to(x.dtype)
+        x_next = x_next + torch.where(noisy, torch.exp(log_var), 0.0) * g
+    if z is not None:  # Alg. 2 line 4
+        x_next = x_next + torch.where(noisy, torch.exp(0.5 * log_var), 0.0) * z
+    return x_next.to(x.dtype), x0.to(x.dtype)
 
 
-# ---------------------------------------------------------------------------------------
-# DDIM (Song et al. 2021)
-# ---------------------------------------------------------------------------------------
+# -- DDIM (Song et al. 2021) ----------------------------------------------------------------
 
 
-def _ddim_sigma(ab_t: Tensor, ab_prev: Tensor, eta: float) -> Tensor:
-    # Song et al. 2021 eq. 16: sigma = eta sqrt((1-ab_prev)/(1-ab_t)) sqrt(1 - ab_t/ab_prev)
-    return eta * torch.sqrt((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev))
+def _ddim_sigma(ab_t: Tensor, ab_next: Tensor, eta: float) -> Tensor:
+    # Song et al. 2021 eq. 16
+    return eta * torch.sqrt((1 - ab_next) / (1 - ab_t) * (1 - ab_t / ab_next))
 
 
 def ddim_step(
     x: Tensor,
     model_output: Tensor,
     ab_t: ScheduleValue,
-    ab_prev: ScheduleValue,
+    ab_next: ScheduleValue,
     *,
     eta: float = 0.0,
     prediction_type: str = "epsilon",
@@ -647,58 +370,32 @@ def ddim_step(
     noise: Tensor | None = None,
     grad: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """One DDIM step (Song et al. 2021 eq. 12 with sigma from eq. 16).
-
-    x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps + sigma z.
-
-    Args:
-        x: noisy sample x_t ``[B, ...]``.
-        model_output: the model output, shape of x.
-        ab_t: alpha bar at the current step (float or tensor ``[]`` / ``[B]``).
-        ab_prev: alpha bar at the next visited step; 1.0 means clean.
-        eta: 0 is deterministic DDIM, 1 has the DDPM posterior variance (python number >= 0;
-            for eta > 1 the direction coefficient is clamped at 0).
-        prediction_type: one of :data:`PREDICTION_TYPES`.
-        clip_range: clamp x0 to [-r, r] (exclusive with ``thresholding``).
-        thresholding: ``(ratio, max_value)`` dynamic thresholding of x0.
-        use_clipped_model_output: re-derive eps from the processed x0 (as diffusers);
-            otherwise eps comes from the raw model output.
-        noise: z ~ N(0, I), shape of x; None adds no noise.
-        grad: classifier guidance, the already-scaled gradient of log p(y | x_t); the mean is
-            shifted by sigma^2 grad (condition_mean rule, so it vanishes for eta = 0).
-
-    Returns:
-        ``(x_prev, x0)`` in ``x.dtype``.
+    """One DDIM step (Song et al. 2021 eq. 12, sigma of eq. 16 times ``eta``):
+    ``x_next = sqrt(ab') x0 + sqrt(1 - ab' - sigma^2) eps + sigma z`` (+ ``sigma^2 grad``).
+    eps comes from the raw model output, or from the processed x0 with
+    ``use_clipped_model_output``; for eta > 1 the direction coefficient is clamped at 0.
 
     Example:
-        >>> x, x0 = ddim_step(x, eps_hat, ab[t], ab[t_prev])
+        >>> x, x0 = ddim_step(x, eps_hat, ab[t], ab[t_next])
     """
     xc, m = _prepare_step(x, model_output, prediction_type, clip_range, thresholding)
-    _check_eta(eta)
-    z = _optional_like(noise, "noise", x, xc.dtype)
-    g = _optional_like(grad, "grad", x, xc.dtype)
-    at = _schedule(ab_t, "ab_t", xc, 0.0, 1.0)
-    ap = _schedule(ab_prev, "ab_prev", xc, 0.0, 1.0)
-
+    at, an = _schedule(ab_t, "ab_t", xc), _schedule(ab_next, "ab_next", xc)
     x0 = _process_x0(_x0_from_output(xc, m, at, prediction_type), clip_range, thresholding)
     if use_clipped_model_output:
         eps = _eps_from_x0(xc, x0, at)
     else:
         eps = _eps_from_output(xc, m, at, prediction_type)
-    sigma = _ddim_sigma(at, ap, float(eta))
-    # Song et al. eq. 12: "predicted x0" + "direction pointing to x_t" + random noise. The
-    # clamp only absorbs rounding (1 - ab_prev - sigma^2 >= 0 for eta <= 1).
-    x_prev = torch.sqrt(ap) * x0 + torch.sqrt((1 - ap - sigma**2).clamp(min=0)) * eps
+    sigma = _ddim_sigma(at, an, eta)
+    x_next = torch.sqrt(an) * x0 + torch.sqrt((1 - an - sigma**2).clamp(min=0)) * eps
+    z, g = _optional_like(noise, "noise", x, xc.dtype), _optional_like(grad, "grad", x, xc.dtype)
     if g is not None:
-        x_prev = x_prev + sigma**2 * g
+        x_next = x_next + sigma**2 * g
     if z is not None:
-        x_prev = x_prev + sigma * z
-    return x_prev.to(x.dtype), x0.to(x.dtype)
+        x_next = x_next + sigma * z
+    return x_next.to(x.dtype), x0.to(x.dtype)
 
 
-# ---------------------------------------------------------------------------------------
-# Euler and Euler ancestral in sigma space (Karras et al. 2022; k-diffusion)
-# ---------------------------------------------------------------------------------------
+# -- Euler and Euler ancestral in sigma space (Karras et al. 2022; k-diffusion) -------------
 
 
 def euler_step(
@@ -711,45 +408,31 @@ def euler_step(
     clip_range: float | None = None,
     thresholding: tuple | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """One Euler step of the probability-flow ODE in sigma space (Karras et al. 2022, Alg. 2
-    with S_churn = 0; the first-order part of its Heun step).
-
-    x is the sigma-space sample x0 + sigma eps (= x_t / sqrt(ab)); d = (x - x0) / sigma
-    (Karras et al. eq. 1/Alg. 2 line 7); x_next = x + (sigma_next - sigma) d.
-
-    Args:
-        x: sigma-space sample ``[B, ...]``.
-        model_output: the model output (of the VP model, on x_t = x / sqrt(sigma^2 + 1)).
-        sigma: current noise level (> 0; float or tensor ``[]`` / ``[B]``).
-        sigma_next: next noise level (0 for clean).
-        prediction_type: one of :data:`PREDICTION_TYPES`.
-        clip_range: clamp x0 to [-r, r] (exclusive with ``thresholding``).
-        thresholding: ``(ratio, max_value)`` dynamic thresholding of x0.
-
-    Returns:
-        ``(x_next, x0)`` in ``x.dtype``.
+    """One Euler step of the probability-flow ODE in sigma space (Karras et al. 2022 Alg. 2,
+    no churn): ``d = (x - x0) / sigma``, ``x_next = x + (sigma_next - sigma) d``.
 
     Example:
         >>> x, x0 = euler_step(x, eps_hat, sigmas[i], sigmas[i + 1])
     """
     xc, m = _prepare_step(x, model_output, prediction_type, clip_range, thresholding)
-    s = _sigma(sigma, "sigma", xc)
-    s_next = _schedule(sigma_next, "sigma_next", xc, 0.0)
-    x0 = _process_x0(
-        _x0_from_output_sigma_space(xc, m, s, prediction_type), clip_range, thresholding
-    )
-    d = (xc - x0) / s  # dx/dsigma of the probability-flow ODE
-    x_next = xc + (s_next - s) * d
+    s, s_next = _sigma(sigma, "sigma", xc), _schedule(sigma_next, "sigma_next", xc)
+    x0 = _x0_from_output_sigma_space(xc, m, s, prediction_type)
+    x0 = _process_x0(x0, clip_range, thresholding)
+    x_next = xc + (s_next - s) * (xc - x0) / s
     return x_next.to(x.dtype), x0.to(x.dtype)
 
 
-def _ancestral_sigmas(sigma: Tensor, sigma_next: Tensor, eta: float) -> tuple[Tensor, Tensor]:
-    """k-diffusion's get_ancestral_step: split sigma_next^2 into a deterministic part
-    sigma_down^2 and a fresh-noise part sigma_up^2."""
-    up = eta * torch.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
-    up = torch.minimum(sigma_next, up)
-    down = torch.sqrt((sigma_next**2 - up**2).clamp(min=0))
-    return up, down
+def ancestral_sigmas(sigma: Tensor, sigma_next: Tensor, eta: float) -> tuple[Tensor, Tensor]:
+    """k-diffusion's ``get_ancestral_step``: ``(sigma_down, sigma_up)`` with
+    ``sigma_up = min(sigma', eta sqrt(sigma'^2 (1 - sigma'^2 / sigma^2)))`` and
+    ``sigma_down = sqrt(sigma'^2 - sigma_up^2)``; ``sigma = inf`` (zero SNR) is allowed.
+
+    Example:
+        >>> down, up = ancestral_sigmas(torch.tensor(2.0), torch.tensor(1.0), 1.0)
+    """
+    sn2 = sigma_next**2
+    sigma_up = torch.minimum(sigma_next, eta * (sn2 * (1.0 - sn2 / sigma**2)).clamp_min(0).sqrt())
+    return (sn2 - sigma_up**2).clamp_min(0.0).sqrt(), sigma_up
 
 
 def euler_ancestral_step(
@@ -764,53 +447,28 @@ def euler_ancestral_step(
     thresholding: tuple | None = None,
     noise: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """One Euler ancestral step in sigma space (k-diffusion sample_euler_ancestral).
-
-    sigma_up = min(sigma_next, eta sqrt(sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2)),
-    sigma_down = sqrt(sigma_next^2 - sigma_up^2); x_next = x + (sigma_down - sigma) d +
-    sigma_up z with d = (x - x0) / sigma.
-
-    Args:
-        x: sigma-space sample ``[B, ...]``.
-        model_output: the model output, shape of x.
-        sigma: current noise level (> 0; float or tensor ``[]`` / ``[B]``).
-        sigma_next: next noise level (0 for clean: then x_next = x0).
-        eta: ancestral noise scale (python number >= 0; 0 gives :func:`euler_step`).
-        prediction_type: one of :data:`PREDICTION_TYPES`.
-        clip_range: clamp x0 to [-r, r] (exclusive with ``thresholding``).
-        thresholding: ``(ratio, max_value)`` dynamic thresholding of x0.
-        noise: z ~ N(0, I), shape of x; None adds no noise.
-
-    Returns:
-        ``(x_next, x0)`` in ``x.dtype``.
+    """One Euler ancestral step (k-diffusion ``sample_euler_ancestral``):
+    ``x_next = x + (sigma_down - sigma) d + sigma_up z``, the split of :func:`ancestral_sigmas`.
 
     Example:
         >>> x, x0 = euler_ancestral_step(x, eps_hat, s, s_next, noise=torch.randn_like(x))
     """
     xc, m = _prepare_step(x, model_output, prediction_type, clip_range, thresholding)
-    _check_eta(eta)
-    z = _optional_like(noise, "noise", x, xc.dtype)
-    s = _sigma(sigma, "sigma", xc)
-    s_next = _schedule(sigma_next, "sigma_next", xc, 0.0)
-    x0 = _process_x0(
-        _x0_from_output_sigma_space(xc, m, s, prediction_type), clip_range, thresholding
-    )
-    up, down = _ancestral_sigmas(s, s_next, float(eta))
-    d = (xc - x0) / s
-    x_next = xc + (down - s) * d
-    if z is not None:
-        x_next = x_next + up * z
+    s, s_next = _sigma(sigma, "sigma", xc), _schedule(sigma_next, "sigma_next", xc)
+    x0 = _x0_from_output_sigma_space(xc, m, s, prediction_type)
+    x0 = _process_x0(x0, clip_range, thresholding)
+    down, up = ancestral_sigmas(s, s_next, eta)
+    x_next = xc + (down - s) * (xc - x0) / s
+    if noise is not None:
+        x_next = x_next + up * noise.to(xc.dtype)
     return x_next.to(x.dtype), x0.to(x.dtype)
 
 
-# ---------------------------------------------------------------------------------------
-# DPM-Solver++(2M) (Lu et al. 2022)
-# ---------------------------------------------------------------------------------------
+# -- DPM-Solver++(2M) (Lu et al. 2022) ------------------------------------------------------
 
 
 def _half_log_snr(ab: Tensor) -> Tensor:
-    # lambda = log(alpha / sigma) with alpha = sqrt(ab), sigma = sqrt(1 - ab) (Lu et al. Sec. 2);
-    # +inf for clean (ab = 1), -inf for pure noise (ab = 0).
+    # lambda = log(alpha / sigma) (Lu et al. Sec. 2); +inf for clean, -inf for pure noise
     return 0.5 * (torch.log(ab) - torch.log1p(-ab))
 
 
@@ -826,57 +484,30 @@ def dpmpp_2m_step(
     clip_range: float | None = None,
     thresholding: tuple | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """One DPM-Solver++(2M) step (Lu et al. 2022, Alg. 2; midpoint form as diffusers'
-    ``solver_type="midpoint"``), VP space.
-
-    h = lambda_next - lambda_t. First order (DDIM, Lu et al. eq. 9):
-    x_next = (sigma_next / sigma_t) x - alpha_next (exp(-h) - 1) x0. Second order, with the
-    previous visited step's x0_prev and r = h_prev / h, h_prev = lambda_t - lambda_prev:
-    D = x0 + (x0 - x0_prev) / (2 r) replaces x0.
-
-    The step to clean (``ab_next == 1``: h = inf) is always first order (the second-order
-    term diverges there; diffusers forces first order on that step too). ``ab_prev = 0``
-    (lambda_prev = -inf) also gives first order, per sample.
-
-    Args:
-        x: noisy sample x_t ``[B, ...]``.
-        model_output: the model output, shape of x.
-        ab_t: alpha bar at the current step (float or tensor ``[]`` / ``[B]``).
-        ab_next: alpha bar at the next visited step (1.0 for clean).
-        x0_prev: the (processed) x0 returned by the previous step; None for first order.
-        ab_prev: alpha bar of the previous visited step (required with ``x0_prev``).
-        prediction_type: one of :data:`PREDICTION_TYPES`.
-        clip_range: clamp x0 to [-r, r] (exclusive with ``thresholding``).
-        thresholding: ``(ratio, max_value)`` dynamic thresholding of x0.
-
-    Returns:
-        ``(x_next, x0)`` in ``x.dtype``; pass x0 as the next step's ``x0_prev``.
+    """One DPM-Solver++(2M) step (Lu et al. 2022 Alg. 2, midpoint form as diffusers):
+    first order (eq. 9, = DDIM) ``x_next = (sigma'/sigma) x - alpha' (exp(-h) - 1) x0`` with
+    ``h = lambda' - lambda``; with ``x0_prev`` from the previous visited step (alpha bar
+    ``ab_prev``), ``D = x0 + (x0 - x0_prev) / (2 r)``, ``r = h_prev / h``, replaces x0.
+    The step to clean (``ab_next == 1``) and ``ab_prev == 0`` are first order.
 
     Example:
         >>> x, x0 = dpmpp_2m_step(x, eps_hat, ab[t], ab[t_next], x0_prev=x0, ab_prev=ab[t_old])
     """
-    xc, m = _prepare_step(x, model_output, prediction_type, clip_range, thresholding)
     if x0_prev is not None and ab_prev is None:
         raise ValueError("x0_prev needs ab_prev (alpha bar of the step that produced x0_prev)")
-    prev = _optional_like(x0_prev, "x0_prev", x, xc.dtype)
-    at = _schedule(ab_t, "ab_t", xc, 0.0, 1.0)
-    an = _schedule(ab_next, "ab_next", xc, 0.0, 1.0)
-
+    xc, m = _prepare_step(x, model_output, prediction_type, clip_range, thresholding)
+    at, an = _schedule(ab_t, "ab_t", xc), _schedule(ab_next, "ab_next", xc)
     x0 = _process_x0(_x0_from_output(xc, m, at, prediction_type), clip_range, thresholding)
     alpha_t, sigma_t = torch.sqrt(at), torch.sqrt(1 - at)
     alpha_n, sigma_n = torch.sqrt(an), torch.sqrt(1 - an)
-    # exp(-h) = (alpha_t sigma_next) / (sigma_t alpha_next): finite for ab_next = 1 and ab_t = 0
-    exp_neg_h = alpha_t * sigma_n / (sigma_t * alpha_n)
-
+    exp_neg_h = alpha_t * sigma_n / (sigma_t * alpha_n)  # finite for ab_next = 1 and ab_t = 0
     d = x0
-    if prev is not None:
-        ap = _schedule(ab_prev, "ab_prev", xc, 0.0, 1.0)
+    if x0_prev is not None:
         lam_t = _half_log_snr(at)
         h = _half_log_snr(an) - lam_t
-        h_prev = lam_t - _half_log_snr(ap)
-        half_inv_r = h / (2 * h_prev)  # 1 / (2 r)
-        half_inv_r = torch.where(an == 1, 0.0, half_inv_r)  # first order on the step to clean
-        d = x0 + half_inv_r * (x0 - prev)  # Lu et al. Alg. 2 (multistep, midpoint)
+        h_prev = lam_t - _half_log_snr(_schedule(ab_prev, "ab_prev", xc))
+        half_inv_r = torch.where(an == 1, 0.0, h / (2 * h_prev))  # 1 / (2 r)
+        d = x0 + half_inv_r * (x0 - x0_prev.to(xc.dtype))
     x_next = (sigma_n / sigma_t) * xc - alpha_n * (exp_neg_h - 1) * d
     return x_next.to(x.dtype), x0.to(x.dtype)
 
@@ -902,7 +533,7 @@ def flow_forward(x0: Tensor, eps: Tensor, sigma: ScheduleValue) -> Tensor:
     Example:
         >>> x = flow_forward(x0, torch.randn_like(x0), 0.7)
     """
-    dtype = _compute_dtype(x0)
+    dtype = compute_dtype_of(x0)
     s = _level(sigma, x0.to(dtype))
     return ((1 - s) * x0.to(dtype) + s * eps.to(dtype)).to(x0.dtype)
 
@@ -926,7 +557,7 @@ def flow_x0(
     Example:
         >>> x0 = flow_x0(x, v_hat, 0.7)
     """
-    dtype = _compute_dtype(x)
+    dtype = compute_dtype_of(x)
     xc = x.to(dtype)
     return _flow_x0(xc, model_output.to(dtype), _level(sigma, xc), prediction_type).to(x.dtype)
 
@@ -940,7 +571,7 @@ def flow_eps(
     Example:
         >>> eps = flow_eps(x, v_hat, 0.7)
     """
-    dtype = _compute_dtype(x)
+    dtype = compute_dtype_of(x)
     xc, m = x.to(dtype), model_output.to(dtype)
     s = _level(sigma, xc)
     if prediction_type == "flow_prediction":
@@ -951,7 +582,7 @@ def flow_eps(
 
 
 def _flow_prepared(x, model_output, sigma, prediction_type, clip_range, thresholding):
-    dtype = _compute_dtype(x)
+    dtype = compute_dtype_of(x)
     xc = x.to(dtype)
     s = _level(sigma, xc)
     x0 = _flow_x0(xc, model_output.to(dtype), s, prediction_type)

@@ -1,16 +1,16 @@
 """Samplers: a sampling plan plus the per-step coefficient table the fused kernel applies.
 
-Each sampler visits a descending plan of train timesteps ``t_0 > t_1 > ... > t_{n-1}`` and
-then the clean data ("t = -1", ``ab = 1``). Its state ``x`` is in VP space
-(``x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps``), so the model is called on ``x`` as it is and the
-initial noise is N(0, I).
+A sampler visits a descending plan of train timesteps ``t_0 > ... > t_{n-1}``, then clean
+data (``ab = 1``); its state is in VP space (``x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps``).
+Each sampler is a rule that fills the table of ``fastdiff.kernels.fused_step`` once, on the
+host, in float64 (``fastdiff.tables``). The reference backend does not read the table: it
+calls ``fastdiff.reference`` with the step's schedule values, so the two check each other.
+``Sampler.__init__`` and ``Sampler.step`` check their arguments (``fastdiff.checks``);
+``fastdiff.stepping.run_step`` runs the step on the backend.
 
-A step is ``x_next = X x + X0 x0 + M m + X0_PREV x0_prev + std z`` with
-``x0 = process(X0_X x + X0_M m)`` (see ``fastdiff.kernels.fused_step``); every sampler is a
-rule that fills that table once, on the host, in float64, from the schedule. The ``triton``
-backend gathers rows of that table inside the kernel. The ``reference`` backend does not use
-the table at all: it calls ``fastdiff.reference`` with the schedule values of the step, so a
-wrong table is caught by the tests that compare the two.
+Example:
+    >>> sampler = DDIMSampler(NoiseSchedule.create("linear", 1000), 50)
+    >>> x = sampler.step(x, model(x, sampler.model_condition(0, 4, x.device)), 0).prev_sample
 """
 
 from __future__ import annotations
@@ -20,10 +20,23 @@ from dataclasses import dataclass
 
 import torch
 
-from fastdiff import philox, reference, tables
-from fastdiff.backend import check_backend, resolve_backend
-from fastdiff.kernels.fused_step import COLUMNS, fused_step
+from fastdiff import reference, tables
+from fastdiff.backend import check_backend
+from fastdiff.checks import (
+    PREDICTION_TYPES,
+    check_choice,
+    check_guidance,
+    check_like,
+    check_model_output,
+    check_number,
+    check_out,
+    check_processing,
+    check_seeds,
+    check_tensor,
+)
+from fastdiff.kernels.fused_step import COLUMNS
 from fastdiff.schedules import CONDITIONINGS, NoiseSchedule, make_plan
+from fastdiff.stepping import run_step
 
 __all__ = [
     "SAMPLERS",
@@ -90,42 +103,21 @@ class Sampler:
     ) -> None:
         if not isinstance(schedule, NoiseSchedule):
             raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
-        if prediction_type not in reference.PREDICTION_TYPES:
-            raise ValueError(
-                f"unknown prediction_type {prediction_type!r}; choose one of "
-                f"{reference.PREDICTION_TYPES}"
-            )
-        if conditioning not in CONDITIONINGS:
-            raise ValueError(
-                f"unknown conditioning {conditioning!r}; choose one of {CONDITIONINGS}"
-            )
-        if clip_sample_range is not None and thresholding is not None:
-            raise ValueError("clip_sample_range and thresholding are exclusive: choose one")
-        if clip_sample_range is not None and not (
-            isinstance(clip_sample_range, (int, float)) and clip_sample_range > 0
-        ):
-            raise ValueError(
-                f"clip_sample_range must be a positive number, got {clip_sample_range!r}"
-            )
-        if thresholding is not None:
-            if len(thresholding) != 2:
-                raise ValueError("thresholding must be a (ratio, max_value) pair")
-            ratio, max_value = thresholding
-            if not (0.0 < ratio <= 1.0 and max_value >= 1.0):
-                raise ValueError(
-                    f"thresholding needs 0 < ratio <= 1 and max_value >= 1, got {thresholding}"
-                )
-            thresholding = (float(ratio), float(max_value))
+        check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+        check_choice("conditioning", conditioning, CONDITIONINGS)
+        clip_sample_range, thresholding = check_processing(
+            clip_sample_range, thresholding, clip_name="clip_sample_range"
+        )
         self.schedule = schedule
         self.prediction_type = prediction_type
-        self.clip_sample_range = None if clip_sample_range is None else float(clip_sample_range)
+        self.clip_sample_range = clip_sample_range
         self.thresholding = thresholding
         self.conditioning = conditioning
         self.backend = check_backend(backend)
         self.timesteps = make_plan(
             schedule.num_train_timesteps, steps, timestep_spacing, steps_offset
         )
-        n = len(self.timesteps)
+        n = self._num_steps = len(self.timesteps)
         nxt = torch.cat([self.timesteps[1:], torch.tensor([-1])])
         prv = torch.cat([torch.tensor([-1]), self.timesteps[:-1]])
         # Schedule values of each step, float64, CPU: ab at t_i, at t_{i+1} (1 after the
@@ -167,7 +159,7 @@ class Sampler:
     @property
     def num_steps(self) -> int:
         """Number of sampling steps (model calls)."""
-        return len(self.timesteps)
+        return self._num_steps
 
     def _check_prediction_at_zero_snr(self) -> None:
         if self.prediction_type == "epsilon" and bool((self.alpha_bar <= 0).any()):
@@ -205,7 +197,9 @@ class Sampler:
         self._device_cache[device] = cached
         return cached
 
-    def _step_index(self, i, x: torch.Tensor) -> torch.Tensor | int:
+    def _step_index(self, i, batch: int, device: torch.device) -> torch.Tensor | int:
+        """A checked step index: an int in ``[0, num_steps)``, or an int64 tensor (0-d or
+        ``[batch]``) on ``device`` (its range is checked on the CPU only: no sync)."""
         if isinstance(i, bool):
             raise TypeError("step index must be an int or an integer tensor, got a bool")
         if isinstance(i, int):
@@ -214,12 +208,12 @@ class Sampler:
             return i
         if not isinstance(i, torch.Tensor) or i.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"step index must be an int or an integer tensor, got {i!r}")
-        if i.dim() > 1 or (i.dim() == 1 and i.shape[0] != x.shape[0]):
+        if i.dim() > 1 or (i.dim() == 1 and i.shape[0] != batch):
             raise ValueError(
-                f"a per-sample step index must have shape [{x.shape[0]}], got {tuple(i.shape)}"
+                f"a per-sample step index must have shape [{batch}], got {tuple(i.shape)}"
             )
-        if i.device != x.device:
-            raise ValueError(f"step index is on {i.device} but x is on {x.device}")
+        if i.device != device:
+            raise ValueError(f"step index is on {i.device} but x is on {device}")
         if i.device.type == "cpu" and bool(((i < 0) | (i >= self.num_steps)).any()):
             raise IndexError(f"step index outside [0, {self.num_steps})")
         return i.long()
@@ -241,20 +235,13 @@ class Sampler:
         Returns:
             float32 tensor [B].
         """
-        timesteps = self.device_tables(device)["timesteps"]
+        on_device = self.device_tables(device)
+        i = self._step_index(i, batch_size, on_device["timesteps"].device)
         # an int indexes on the host side (a view); a tensor index goes through torch.take,
         # since indexing with a 0-d device tensor would read it back to the host (a sync)
-        t = timesteps[i] if isinstance(i, int) else timesteps.take(i)
+        t = on_device["timesteps"][i] if isinstance(i, int) else on_device["timesteps"].take(i)
         value = self.schedule.conditioning(t, self.conditioning)
         return value.to(torch.float32).expand(batch_size) if value.dim() == 0 else value.float()
-
-    def _noise_for(self, x, i, noise, seeds):
-        """The standard-normal noise of the reference path: given, or the Philox stream."""
-        if noise is not None:
-            return noise.to(x.dtype if x.dtype == torch.float64 else torch.float32)
-        if seeds is None:
-            return None
-        return philox.randn(seeds, i, x.shape, memory_format=philox.memory_format_of(x))
 
     def step(
         self,
@@ -274,22 +261,27 @@ class Sampler:
     ) -> StepOutput:
         """One reverse step from step index ``i`` to ``i + 1`` (or to clean after the last).
 
+        Arguments are checked here, the same on both backends; the step then runs through
+        ``fastdiff.stepping.run_step``. Differentiable on both backends (the kernel's
+        backward treats the thresholding quantile as a constant, as the reference does).
+
         Args:
             x: the current sample ``[B, ...]``.
-            model_output: the model's output ``[B, ...]``; ``[2B, ...]`` with guidance
-                (unconditional half first); learned variances carry 2x channels.
+            model_output: ``[B, ...]``; ``[2B, ...]`` with guidance (unconditional half
+                first); learned variances carry 2x channels.
             i: step index: int, 0-d int tensor on x's device, or per-sample ``[B]`` tensor.
-            x0_prev: the previous step's x0 (multistep samplers; zeros at the first step).
-            noise: explicit standard-normal noise like x (stochastic samplers).
-            seeds: int64 ``[B]`` per-sample seeds: Philox noise keyed by (seed, i, element).
-                Deterministic samplers ignore ``noise`` and ``seeds``.
-            guidance_scale: classifier-free guidance scale (None: no guidance).
-            guidance_rescale: Lin et al. 2023 rescale factor in [0, 1].
+            x0_prev: the previous step's x0 (multistep samplers; without it the step is
+                first order).
+            noise: explicit standard-normal noise like x; or ``seeds``, int64 ``[B]``:
+                Philox noise keyed by (seed, i, element). Not both; deterministic samplers
+                ignore them.
+            guidance_scale: classifier-free guidance scale (None: no guidance);
+                guidance_rescale: Lin et al. 2023 factor in [0, 1].
             grad: classifier guidance: the scaled gradient of log p(y | x_t), like x.
             return_x0: also return the predicted x0; False saves the kernel one pass over
                 the tensor (``pred_original_sample`` is then None).
-            out, x0_out: preallocated outputs like x (static buffers for CUDA graphs). They
-                may alias ``x`` and ``x0_prev``: every element is read before it is written.
+            out, x0_out: preallocated outputs with x's shape, device and strides (static
+                buffers for CUDA graphs); they may alias ``x`` and ``x0_prev``.
 
         Returns:
             StepOutput(prev_sample, pred_original_sample).
@@ -298,96 +290,114 @@ class Sampler:
             >>> out = sampler.step(x, model(x, sampler.model_condition(0, 4, x.device)), 0,
             ...                    seeds=torch.arange(4))
         """
-        if not isinstance(x, torch.Tensor) or not isinstance(model_output, torch.Tensor):
-            raise TypeError("x and model_output must be tensors")
-        if not x.is_floating_point() or not model_output.is_floating_point():
-            raise TypeError(
-                f"x and model_output must be floating point, got {x.dtype}, {model_output.dtype}"
-            )
-        i = self._step_index(i, x)
-        if self.stochastic and noise is None and seeds is None:
-            raise ValueError(f"{type(self).__name__} adds noise: pass noise= or seeds=")
-        if grad is not None and not self.stochastic:
-            raise ValueError(
-                "classifier guidance shifts the mean by variance x gradient; this sampler's step "
-                "has no variance (use DDPM, DDIM with eta > 0 or Euler ancestral)"
-            )
+        i, guidance_scale, guidance_rescale = self._check_arguments(
+            x, model_output, i, x0_prev, noise, seeds, grad, guidance_scale, guidance_rescale,
+            out, x0_out,
+        )  # fmt: skip
+        variance_mode = self._variance_mode()
+        learned = variance_mode != "fixed"
+        x0_prev = x0_prev if self.multistep else None
         if not self.stochastic:
             noise = seeds = None
-        if guidance_scale is None and guidance_rescale:
-            raise ValueError("guidance_rescale needs guidance_scale")
-        if self.multistep and x0_prev is not None and x0_prev.shape != x.shape:
-            raise ValueError(f"x0_prev has shape {tuple(x0_prev.shape)}, x has {tuple(x.shape)}")
-        if not self.multistep:
-            x0_prev = None
-        if resolve_backend(self.backend, x) == "triton":
-            tables = self.device_tables(x.device)
-            rows = tables["row_views"][i] if isinstance(i, int) else i.reshape(-1)
-            x_next, x0 = fused_step(
-                x,
-                model_output,
-                tables["table"],
-                rows,
-                guidance_scale=guidance_scale,
-                guidance_rescale=guidance_rescale,
-                clip_range=self.clip_sample_range,
-                thresholding=self.thresholding,
-                variance_mode=self._variance_mode(),
-                x0_prev=x0_prev,
-                noise=noise,
-                seeds=seeds,
-                grad=grad,
-                out=out,
-                x0_out=x0_out,
-                write_x0=return_x0,
-            )
-            return StepOutput(x_next, x0)
-        result = self._reference(
-            x, model_output, i, x0_prev, noise, seeds, guidance_scale, guidance_rescale, grad
+
+        def check_tensors():
+            """Shapes, devices and layouts: run_step calls this on the reference path, and on
+            the kernel path where the kernel refuses a signature (so that both backends
+            raise the same error)."""
+            variance = self.variance_type if learned else None
+            guided = guidance_scale is not None
+            check_model_output(model_output, x, guided=guided, variance_type=variance)
+            for name, t in (("x0_prev", x0_prev), ("noise", noise), ("grad", grad)):
+                if t is not None:
+                    check_like(name, t, x)
+            for name, t in (("out", out), ("x0_out", x0_out)):
+                if t is not None:
+                    check_out(name, t, x)
+
+        def reference_step(x, m, x0_prev, noise, grad):
+            m, v = reference.split_learned_variance(m, self.variance_type) if learned else (m, None)
+            return self._reference_step(x, m, v, i, x0_prev, noise, grad)
+
+        on_device = self.device_tables(x.device)
+        x_next, x0 = run_step(
+            self.backend,
+            x,
+            model_output,
+            on_device["table"],
+            on_device["row_views"][i] if isinstance(i, int) else i.reshape(-1),
+            reference_step,
+            guidance_scale=guidance_scale,
+            guidance_rescale=guidance_rescale,
+            clip_range=self.clip_sample_range,
+            thresholding=self.thresholding,
+            variance_mode=variance_mode,
+            x0_prev=x0_prev,
+            noise=noise,
+            seeds=seeds,
+            grad=grad,
+            out=out,
+            x0_out=x0_out,
+            write_x0=return_x0,
+            check=check_tensors,
         )
-        x_next, x0 = result.prev_sample, result.pred_original_sample
+        return StepOutput(x_next, x0)
+
+    def _check_arguments(
+        self, x, model_output, i, x0_prev, noise, seeds, grad, guidance_scale, guidance_rescale,
+        out, x0_out,
+    ) -> tuple[int | torch.Tensor, float | None, float]:  # fmt: skip
+        """The checks of ``step`` that do not depend on the tensors' shapes (those are
+        ``check_tensors`` in ``step``); returns the step index and the guidance scale and
+        rescale as floats."""
+        check_tensor("x", x)
+        if x.dim() < 1:
+            raise ValueError("x must have a leading batch dimension (got a 0-d tensor)")
+        check_tensor("model_output", model_output)
+        if guidance_scale is not None or guidance_rescale:
+            guidance_scale, guidance_rescale = check_guidance(guidance_scale, guidance_rescale)
+            if guidance_rescale and x[0].numel() < 2:
+                raise ValueError(
+                    "guidance rescale needs a per-sample std: x must have at least 2 elements "
+                    f"per sample, got shape {tuple(x.shape)}"
+                )
+        batch, device = x.shape[0], x.device
+        i = self._step_index(i, batch, device)
+        if noise is not None and seeds is not None:
+            raise ValueError("pass either noise or seeds, not both")
+        if seeds is not None:
+            check_seeds(seeds, batch, device)
+        if noise is not None:
+            check_tensor("noise", noise)
+            if not self.stochastic:  # ignored by the step: checked here, not with the tensors
+                check_like("noise", noise, x)
+        elif self.stochastic and seeds is None:
+            raise ValueError(f"{type(self).__name__} adds noise: pass noise= or seeds=")
+        if grad is not None:
+            check_tensor("grad", grad)
+            if not self.stochastic:
+                raise ValueError(
+                    "classifier guidance shifts the mean by variance x gradient; this "
+                    "sampler's step has no variance (use DDPM, DDIM with eta > 0 or Euler "
+                    "ancestral)"
+                )
+        if x0_prev is not None and self.multistep:
+            check_tensor("x0_prev", x0_prev)
         if out is not None:
-            x_next = out.copy_(x_next)
+            check_tensor("out", out)
         if x0_out is not None:
-            x0 = x0_out.copy_(x0)
-        return StepOutput(x_next, x0 if (return_x0 or x0_out is not None) else None)
+            check_tensor("x0_out", x0_out)
+        return i, guidance_scale, guidance_rescale
 
     def _variance_mode(self) -> str:
         return "fixed"
 
-    def _reference(
-        self, x, model_output, i, x0_prev, noise, seeds, guidance_scale, guidance_rescale, grad
-    ) -> StepOutput:
-        batch = x.shape[0]
-        learned = self._variance_mode() != "fixed"
-        expected = 2 * batch if guidance_scale is not None else batch
-        if model_output.shape[0] != expected or model_output.shape[2:] != x.shape[2:]:
-            raise ValueError(
-                f"model_output has shape {tuple(model_output.shape)}, expected batch {expected} "
-                f"and trailing shape {tuple(x.shape[2:])}"
-            )
-        m, v = (
-            reference.split_learned_variance(model_output, self.variance_type)
-            if learned
-            else (model_output, None)
-        )
-        if m.shape[1:] != x.shape[1:]:
-            raise ValueError(
-                f"model_output prediction has shape {tuple(m.shape)}, x has {tuple(x.shape)}"
-            )
-        if guidance_scale is not None:
-            m = reference.cfg_combine(m[:batch], m[batch:], guidance_scale, guidance_rescale)
-            v = v[batch:] if v is not None else None
-        z = self._noise_for(x, i, noise, seeds)
-        x_next, x0 = self._reference_step(x, m, v, i, x0_prev, z, grad)
-        return StepOutput(x_next.to(x.dtype), x0.to(x.dtype))
-
     def _values(self, x: torch.Tensor, i) -> dict[str, torch.Tensor]:
         """ab_t, ab_next, ab_prev of step i on x's device (per sample when i is a tensor)."""
-        tables = self.device_tables(x.device)
+        on_device = self.device_tables(x.device)
+        names = ("alpha_bar", "alpha_bar_next", "alpha_bar_prev")
         if isinstance(i, torch.Tensor):  # take, not [i]: a 0-d index tensor would sync
-            return {k: tables[k].take(i) for k in ("alpha_bar", "alpha_bar_next", "alpha_bar_prev")}
-        return {k: tables[k][i] for k in ("alpha_bar", "alpha_bar_next", "alpha_bar_prev")}
+            return {k: on_device[k].take(i) for k in names}
+        return {k: on_device[k][i] for k in names}
 
     def _process_kwargs(self) -> dict:
         return {"clip_range": self.clip_sample_range, "thresholding": self.thresholding}
@@ -407,11 +417,7 @@ class DDPMSampler(Sampler):
     stochastic = True
 
     def __init__(self, schedule, steps=1000, *, variance_type="fixed_small", **kwargs) -> None:
-        if variance_type not in reference.VARIANCE_TYPES:
-            raise ValueError(
-                f"unknown variance_type {variance_type!r}; choose one of {reference.VARIANCE_TYPES}"
-            )
-        self.variance_type = variance_type
+        self.variance_type = check_choice("variance_type", variance_type, reference.VARIANCE_TYPES)
         super().__init__(schedule, steps, **kwargs)
 
     def _variance_mode(self) -> str:
@@ -453,9 +459,7 @@ class DDIMSampler(Sampler):
     """
 
     def __init__(self, schedule, steps=50, *, eta=0.0, use_clipped_model_output=False, **kwargs):
-        if not (isinstance(eta, (int, float)) and eta >= 0):
-            raise ValueError(f"eta must be a number >= 0, got {eta!r}")
-        self.eta = float(eta)
+        self.eta = check_number("eta", eta, low=0.0)
         self.use_clipped_model_output = bool(use_clipped_model_output)
         self.stochastic = self.eta > 0
         super().__init__(schedule, steps, **kwargs)
@@ -510,7 +514,11 @@ class EulerSampler(Sampler):
         ab, an = s["alpha_bar"], s["alpha_bar_next"]
         x_sigma = x / _bcast(ab.sqrt(), x)
         x_next, x0 = self._sigma_space_step(x_sigma, m, _sigma(ab), _sigma(an), noise)
-        return x_next * _bcast(an.sqrt(), x_next).to(x_next.dtype), x0
+        x_next = x_next * _bcast(an.sqrt(), x_next).to(x_next.dtype)
+        if grad is not None:  # condition_mean: + (variance of the step's VP noise) x grad
+            _, sigma_up = reference.ancestral_sigmas(_sigma(ab), _sigma(an), self.eta)
+            x_next = x_next + _bcast(an * sigma_up**2, x_next).to(x_next.dtype) * grad
+        return x_next, x0
 
     def _sigma_space_step(self, x_sigma, m, sigma, sigma_next, noise):
         return reference.euler_step(
@@ -532,9 +540,7 @@ class EulerAncestralSampler(EulerSampler):
     """
 
     def __init__(self, schedule, steps=50, *, eta=1.0, **kwargs):
-        if not (isinstance(eta, (int, float)) and eta >= 0):
-            raise ValueError(f"eta must be a number >= 0, got {eta!r}")
-        self.eta = float(eta)
+        self.eta = check_number("eta", eta, low=0.0)
         self.stochastic = self.eta > 0
         super().__init__(schedule, steps, **kwargs)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from fastdiff.kernels.fused_step import COLUMNS
+from fastdiff.reference import ancestral_sigmas
 
 __all__ = [
     "COL",
@@ -134,19 +135,6 @@ def ddim_table(
         table[:, COL["m"]] = direction * e_m
     table[:, COL["std"]] = sigma
     return table
-
-
-def ancestral_sigmas(
-    sigma: torch.Tensor, sigma_next: torch.Tensor, eta: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """k-diffusion's ancestral split of a step sigma -> sigma_next into (sigma_down, sigma_up):
-    ``sigma_up = min(sigma', eta sqrt(sigma'^2 (sigma^2 - sigma'^2) / sigma^2))``,
-    ``sigma_down = sqrt(sigma'^2 - sigma_up^2)``. ``sigma = inf`` (zero SNR) is allowed."""
-    sn2 = sigma_next**2
-    up2 = sn2 * (1.0 - sn2 / sigma**2)
-    sigma_up = torch.minimum(sigma_next, eta * up2.clamp_min(0.0).sqrt())
-    sigma_down = (sn2 - sigma_up**2).clamp_min(0.0).sqrt()
-    return sigma_down, sigma_up
 
 
 def euler_table(

@@ -1,61 +1,58 @@
 """One reverse diffusion step of any fastdiff sampler, fused into one Triton kernel.
 
-Every sampler of fastdiff (DDPM, DDIM, Euler, Euler ancestral, DPM-Solver++(2M)) is, per
-element, the same computation (DESIGN.md section 1) with per-step coefficients read from a
-row of a device table built once on the host in float64 (``fastdiff.samplers``):
+Every sampler (DDPM, DDIM, Euler, Euler ancestral, DPM-Solver++(2M)) is, per element, the
+same computation with per-step coefficients from a row of a float32 device table (the
+columns of ``COLUMNS``, built on the host in float64 by ``fastdiff.tables``)::
 
-1. classifier-free guidance (Ho & Salimans 2022, eq. 6), optional::
+    m      = m_u + w (m_c - m_u)                 # CFG, Ho & Salimans 2022 eq. 6 (optional)
+    m      = r_b m                               # guidance rescale, Lin et al. 2023 eq. 15-16
+    x0     = process(X0_X x + X0_M m)            # Ho et al. 2020 eq. 15; v: Salimans & Ho 2022
+    std    = STD | STD exp(v / 2) | STD exp((f LMAX + (1 - f) LMIN) / 2),  f = (v + 1) / 2
+    x_next = X x + X0 x0 + M m + X0_PREV x0_prev + std^2 g + std z
 
-       m = m_uncond + w * (m_cond - m_uncond)          # both halves of a doubled batch
-       m = m * r_b                                     # per-sample guidance rescale factor
-                                                       # (Lin et al. 2023, eq. 15-16)
+``process`` is the identity, ``clamp(., -r, r)``, or dynamic thresholding
+``clamp(., -s, s) / s`` with ``s`` the per-sample quantile of ``|x0|`` clamped to
+``[1, max_value]`` (Saharia et al. 2022). Without an ``x0_prev`` tensor, ``x0_prev = x0``
+(the first-order step of a multistep row). ``v`` is the model's learned-variance channels
+(Nichol & Dhariwal 2021 eq. 15), ``g`` the scaled classifier-guidance gradient (Dhariwal &
+Nichol 2021), ``z`` standard normal noise: read from a tensor, or Philox4x32-10 made in the
+kernel keyed by (per-sample seed, table row, element), bit-identical to ``fastdiff.philox``.
+Sample ``b`` reads row ``rows[b * rows_stride]`` (stride 0: one row for the batch), so the
+step lives on the device: no host sync, no recompilation, capturable in a CUDA graph.
 
-2. the prediction converted to x0 (Ho et al. 2020 eq. 15 for epsilon; v of Salimans & Ho
-   2022), then clipped to ``[-r, r]`` or thresholded by a per-sample ``s`` (Saharia et al.
-   2022: ``clamp(x0, -s, s) / s``)::
+Traffic of the one launch: reads x and m, writes x_next (3 passes over the tensor); +1 with
+guidance (the second half), +1 for x0_prev, +1 for a noise tensor, +1 for the
+learned-variance channels, +1 for a classifier gradient, +1 when x0 is written. Everything
+else stays in registers, in float32, whatever the I/O dtypes. Dynamic thresholding adds one
+launch that writes x0 to a temporary (2 passes) and a per-sample ``kthvalue``; guidance
+rescale a per-sample std (torch, 2 passes).
 
-       x0 = process(X0_X * x + X0_M * m)
+Backward (only when an input requires grad): ``x_next`` and ``x0`` are linear in x, m (both
+halves: ``(1 - w) r`` and ``w r``), x0_prev, z and g, except for the clip / threshold masks,
+which one backward launch recomputes from x and m; the threshold ``s`` is a constant (its
+gradient is not propagated, in the reference as here).
 
-3. the linear update (posterior mean, DDIM, Euler, DPM-Solver++ all take this form, with
-   the epsilon of the step folded into the X / X0 / M coefficients; without an x0_prev
-   tensor, x0_prev = x0, the first-order step of a multistep row)::
-
-       std    = STD                                    # fixed variances
-              | STD * exp(v / 2)                       # learned: v is the log variance
-              | STD * exp((f LMAX + (1 - f) LMIN) / 2) # learned_range, f = (v + 1) / 2
-       x_next = X * x + X0 * x0 + M * m + X0_PREV * x0_prev + std**2 * g + std * z
-
-   with ``g`` the (already scaled) classifier-guidance gradient (Dhariwal & Nichol 2021,
-   condition_mean) and ``z`` standard normal noise: read from a tensor, or Philox4x32-10
-   inside the kernel keyed by (per-sample seed, step, element), see ``fastdiff.philox``.
-
-The table row of sample ``b`` is ``rows[b * rows_stride]`` (stride 0: one row for the whole
-batch), so the step index and per-sample timesteps live on the device: no host sync, no
-recompilation from step to step, and the launch can be captured in a CUDA graph.
-
-Traffic: reads x and the model output, writes x_next: 3 passes over the tensor; +1 with
-guidance (the second half), +1 for x0_prev (multistep), +1 with an explicit noise tensor, +1
-for the learned-variance channels, +1 when x0 is written. Everything else stays in registers,
-in float32, whatever the I/O dtypes. Dynamic thresholding needs the per-sample quantile of
-|x0| first: one extra launch of this kernel that only writes x0, and a per-sample
-``kthvalue``.
+Example:
+    >>> x_next, x0 = fused_step(x, eps, table, rows, seeds=seeds)
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from .utils import KERNEL_DTYPES, is_dense, memory_format_of, same_layout
+
 __all__ = ["COLUMNS", "VARIANCE_MODES", "fused_step"]
 
 # Columns of a coefficient table row, in order.
 COLUMNS = ("x0_x", "x0_m", "x", "x0", "m", "x0_prev", "std", "log_var_min", "log_var_max")
 VARIANCE_MODES = {"fixed": 0, "learned": 1, "learned_range": 2}
-_IO_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Philox4x32 constants (Salmon et al. 2011), the same as fastdiff.philox.
 _PHILOX_M0 = tl.constexpr(0xD2511F53)
@@ -113,6 +110,83 @@ def _philox_normal4(seed, step, quad, FAST_MATH: tl.constexpr):
     return r01 * cos01, r01 * sin01, r23 * cos23, r23 * sin23
 
 
+@triton.jit
+def _tile(n_samples, n_per_sample, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's tile: BLOCK_S samples ``b`` x BLOCK_N elements ``j`` of each (int64
+    offsets; BLOCK_S > 1 only for small samples), its mask, and ``b``, ``j`` as 2-D."""
+    pid_n = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1).to(tl.int64)
+    b = pid_s * BLOCK_S + tl.arange(0, BLOCK_S).to(tl.int64)
+    j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    b_ok = b < n_samples
+    mask = b_ok[:, None] & (j < n_per_sample)[None, :]
+    return pid_n, b, b_ok, mask, b[:, None], j[None, :]
+
+
+@triton.jit
+def _coefficients(table_ptr, rows_ptr, b, b_ok, rows_stride, N_COLS: tl.constexpr):
+    """Schedule gather: each sample's row index, a pointer to its table row, and the
+    coefficients X0_X, X0_M, X, X0, M as [BLOCK_S, 1] columns."""
+    row = tl.load(rows_ptr + b * rows_stride, mask=b_ok, other=0).to(tl.int64)
+    coef = table_ptr + row * N_COLS
+    c_x0_x = tl.load(coef + 0, mask=b_ok, other=0.0)[:, None]
+    c_x0_m = tl.load(coef + 1, mask=b_ok, other=0.0)[:, None]
+    c_x = tl.load(coef + 2, mask=b_ok, other=0.0)[:, None]
+    c_x0 = tl.load(coef + 3, mask=b_ok, other=0.0)[:, None]
+    c_m = tl.load(coef + 4, mask=b_ok, other=0.0)[:, None]
+    return row, coef, c_x0_x, c_x0_m, c_x, c_x0, c_m
+
+
+@triton.jit
+def _guided_output(m_ptr, m_off, m_cond_off, mask, guidance_scale, CFG: tl.constexpr):
+    """The model output, with guidance ``m_u + w (m_c - m_u)`` of the two halves (CFG)."""
+    m = tl.load(m_ptr + m_off, mask=mask, other=0.0).to(tl.float32)
+    if CFG:
+        m_cond = tl.load(m_ptr + m_cond_off + m_off, mask=mask, other=0.0).to(tl.float32)
+        m = m + guidance_scale * (m_cond - m)
+    return m
+
+
+@triton.jit
+def _learned_std(
+    std, m_ptr, v_off, m_cond_off, mask, coef, b_ok, CFG: tl.constexpr, VAR_MODE: tl.constexpr
+):
+    """The noise std of a learned variance, ``std exp(l / 2)``, and ``dl/dv``: ``l = v`` (the
+    model's variance channels, of the conditional half with CFG; learned), or
+    ``l = f LMAX + (1 - f) LMIN`` with ``f = (v + 1) / 2`` (learned_range)."""
+    if CFG:
+        v_off += m_cond_off
+    v = tl.load(m_ptr + v_off, mask=mask, other=0.0).to(tl.float32)
+    lmin = tl.load(coef + 7, mask=b_ok, other=0.0)[:, None]
+    lmax = tl.load(coef + 8, mask=b_ok, other=0.0)[:, None]
+    if VAR_MODE == 2:
+        frac = 0.5 * (v + 1.0)
+        v = frac * lmax + (1.0 - frac) * lmin
+        slope = 0.5 * (lmax - lmin)
+    else:
+        slope = lmax * 0.0 + 1.0
+    return std * tl.exp(0.5 * v), slope
+
+
+@triton.jit
+def _philox_block(
+    seed_ptr,
+    b,
+    b_ok,
+    row,
+    pid_n,
+    FAST_MATH: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """The tile's in-kernel noise: four normals per Philox call, quad q of a sample serving
+    its elements 4q .. 4q+3."""
+    seed = tl.load(seed_ptr + b, mask=b_ok, other=0)[:, None]
+    quad = pid_n * (BLOCK_N // 4) + tl.arange(0, BLOCK_N // 4).to(tl.int64)
+    z0, z1, z2, z3 = _philox_normal4(seed, row[:, None], quad[None, :], FAST_MATH)
+    return tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), (BLOCK_S, BLOCK_N))
+
+
 # Per-sample scalars (rows, seeds, thresholds, rescale factors) are not specialized on their
 # pointers' alignment: a step index is a view rows[i:i+1], aligned for every other i only.
 @triton.jit(do_not_specialize=["thresh_ptr", "mscale_ptr", "seed_ptr", "rows_ptr"])
@@ -158,31 +232,14 @@ def _fused_step_kernel(
     BLOCK_S: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    # Tile: BLOCK_S samples x BLOCK_N elements of each (BLOCK_S > 1 only for small samples).
-    pid_n = tl.program_id(0).to(tl.int64)
-    pid_s = tl.program_id(1).to(tl.int64)
-    b = pid_s * BLOCK_S + tl.arange(0, BLOCK_S).to(tl.int64)
-    j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    b_ok = b < n_samples
-    mask = b_ok[:, None] & (j < n_per_sample)[None, :]
-    b2 = b[:, None]
-    j2 = j[None, :]
-
-    # Schedule gather: this sample's row of the coefficient table.
-    row = tl.load(rows_ptr + b * rows_stride, mask=b_ok, other=0).to(tl.int64)
-    coef = table_ptr + row * N_COLS
-    c_x0_x = tl.load(coef + 0, mask=b_ok, other=0.0)[:, None]
-    c_x0_m = tl.load(coef + 1, mask=b_ok, other=0.0)[:, None]
-    c_x = tl.load(coef + 2, mask=b_ok, other=0.0)[:, None]
-    c_x0 = tl.load(coef + 3, mask=b_ok, other=0.0)[:, None]
-    c_m = tl.load(coef + 4, mask=b_ok, other=0.0)[:, None]
+    pid_n, b, b_ok, mask, b2, j2 = _tile(n_samples, n_per_sample, BLOCK_S, BLOCK_N)
+    row, coef, c_x0_x, c_x0_m, c_x, c_x0, c_m = _coefficients(
+        table_ptr, rows_ptr, b, b_ok, rows_stride, N_COLS
+    )
 
     x = tl.load(x_ptr + b2 * x_bstride + j2, mask=mask, other=0.0).to(tl.float32)
     m_off = b2 * m_bstride + j2
-    m = tl.load(m_ptr + m_off, mask=mask, other=0.0).to(tl.float32)
-    if CFG:
-        m_cond = tl.load(m_ptr + m_cond_off + m_off, mask=mask, other=0.0).to(tl.float32)
-        m = m + guidance_scale * (m_cond - m)
+    m = _guided_output(m_ptr, m_off, m_cond_off, mask, guidance_scale, CFG)
     if MSCALE:
         m = m * tl.load(mscale_ptr + b, mask=b_ok, other=1.0).to(tl.float32)[:, None]
 
@@ -205,16 +262,9 @@ def _fused_step_kernel(
         if NOISE != 0 or HAS_GRAD:
             std = tl.load(coef + 6, mask=b_ok, other=0.0)[:, None]
             if VAR_MODE != 0:
-                v_off = m_off + m_var_off
-                if CFG:
-                    v_off += m_cond_off
-                v = tl.load(m_ptr + v_off, mask=mask, other=0.0).to(tl.float32)
-                if VAR_MODE == 2:
-                    lmin = tl.load(coef + 7, mask=b_ok, other=0.0)[:, None]
-                    lmax = tl.load(coef + 8, mask=b_ok, other=0.0)[:, None]
-                    frac = 0.5 * (v + 1.0)
-                    v = frac * lmax + (1.0 - frac) * lmin
-                std = std * tl.exp(0.5 * v)
+                std, _ = _learned_std(
+                    std, m_ptr, m_off + m_var_off, m_cond_off, mask, coef, b_ok, CFG, VAR_MODE
+                )
             if HAS_GRAD:
                 g = tl.load(grad_ptr + b2 * grad_bstride + j2, mask=mask, other=0.0)
                 x_next += (std * std) * g.to(tl.float32)
@@ -222,16 +272,151 @@ def _fused_step_kernel(
                 z = tl.load(noise_ptr + b2 * noise_bstride + j2, mask=mask, other=0.0)
                 x_next += std * z.to(tl.float32)
             if NOISE == 2:
-                # Four normals per Philox call: quad q serves elements 4q .. 4q+3 of a sample.
-                seed = tl.load(seed_ptr + b, mask=b_ok, other=0)[:, None]
-                quad = pid_n * (BLOCK_N // 4) + tl.arange(0, BLOCK_N // 4).to(tl.int64)
-                z0, z1, z2, z3 = _philox_normal4(seed, row[:, None], quad[None, :], FAST_MATH)
-                z = tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), (BLOCK_S, BLOCK_N))
+                z = _philox_block(seed_ptr, b, b_ok, row, pid_n, FAST_MATH, BLOCK_S, BLOCK_N)
                 x_next += std * z
         tl.store(out_ptr + b2 * out_bstride + j2, x_next.to(out_ptr.dtype.element_ty), mask=mask)
     # Stored last, after every load: x0_out may alias x0_prev (and out may alias x).
     if WRITE_X0:
         tl.store(x0_ptr + b2 * x0_bstride + j2, x0.to(x0_ptr.dtype.element_ty), mask=mask)
+
+
+# The backward of the step: x_next and x0 are linear in every input given the masks of the
+# x0 processing, which are recomputed here from x and m (nothing but the inputs is saved).
+@triton.jit(do_not_specialize=["thresh_ptr", "mscale_ptr", "seed_ptr", "rows_ptr"])
+def _fused_step_backward_kernel(
+    x_ptr,
+    m_ptr,
+    noise_ptr,
+    grad_ptr,
+    thresh_ptr,
+    mscale_ptr,
+    seed_ptr,
+    table_ptr,
+    rows_ptr,
+    gout_ptr,
+    gx0_ptr,
+    dx_ptr,
+    dm_ptr,
+    dprev_ptr,
+    dnoise_ptr,
+    dgrad_ptr,
+    dscale_ptr,
+    n_samples,
+    n_per_sample,
+    x_bstride,
+    m_bstride,
+    m_var_off,
+    m_cond_off,
+    noise_bstride,
+    grad_bstride,
+    gout_bstride,
+    gx0_bstride,
+    dm_bstride,
+    dm_var_off,
+    dm_cond_off,
+    rows_stride,
+    guidance_scale,
+    clip_range,
+    N_COLS: tl.constexpr,
+    CFG: tl.constexpr,
+    MSCALE: tl.constexpr,
+    CLIP: tl.constexpr,
+    THRESH: tl.constexpr,
+    VAR_MODE: tl.constexpr,
+    HAS_PREV: tl.constexpr,
+    NOISE: tl.constexpr,
+    HAS_GRAD: tl.constexpr,
+    HAS_GX0: tl.constexpr,
+    NEED_DX: tl.constexpr,
+    NEED_DM: tl.constexpr,
+    NEED_DPREV: tl.constexpr,
+    NEED_DNOISE: tl.constexpr,
+    NEED_DGRAD: tl.constexpr,
+    NEED_DSCALE: tl.constexpr,
+    FAST_MATH: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_n, b, b_ok, mask, b2, j2 = _tile(n_samples, n_per_sample, BLOCK_S, BLOCK_N)
+    row, coef, c_x0_x, c_x0_m, c_x, c_x0, c_m = _coefficients(
+        table_ptr, rows_ptr, b, b_ok, rows_stride, N_COLS
+    )
+    c_prev = tl.load(coef + 5, mask=b_ok, other=0.0)[:, None]
+    x_off = b2 * x_bstride + j2
+    gy = tl.load(gout_ptr + b2 * gout_bstride + j2, mask=mask, other=0.0).to(tl.float32)
+
+    # dL/dx0, through the processing mask (recomputed from x and m) to the raw x0.
+    dx0 = c_x0 * gy
+    if not HAS_PREV:
+        dx0 += c_prev * gy  # x0_prev = x0
+    if HAS_GX0:
+        dx0 += tl.load(gx0_ptr + b2 * gx0_bstride + j2, mask=mask, other=0.0).to(tl.float32)
+    m_off = b2 * m_bstride + j2
+    mg = _guided_output(m_ptr, m_off, m_cond_off, mask, guidance_scale, CFG)
+    r = tl.full((BLOCK_S, 1), 1.0, tl.float32)
+    if MSCALE:
+        r = tl.load(mscale_ptr + b, mask=b_ok, other=1.0).to(tl.float32)[:, None]
+    if CLIP or THRESH:
+        x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(tl.float32)
+        x0 = c_x0_x * x + c_x0_m * (mg * r)
+        if CLIP:
+            dx0 = tl.where((x0 >= -clip_range) & (x0 <= clip_range), dx0, 0.0)
+        if THRESH:  # s is a constant
+            s = tl.load(thresh_ptr + b, mask=b_ok, other=1.0).to(tl.float32)[:, None]
+            dx0 = tl.where((x0 >= -s) & (x0 <= s), dx0 / s, 0.0)
+    dms = c_m * gy + c_x0_m * dx0  # dL/d(r m)
+    if NEED_DX:
+        dx = c_x * gy + c_x0_x * dx0
+        tl.store(dx_ptr + x_off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    if NEED_DPREV:
+        tl.store(dprev_ptr + x_off, (c_prev * gy).to(dprev_ptr.dtype.element_ty), mask=mask)
+    if NEED_DSCALE:  # summed per sample on the host side: dL/dr
+        tl.store(dscale_ptr + b2 * n_per_sample + j2, dms * mg, mask=mask)
+    dm_off = b2 * dm_bstride + j2
+    if NEED_DM:
+        dmg = dms * r
+        if CFG:  # m = (1 - w) m_u + w m_c
+            tl.store(
+                dm_ptr + dm_off,
+                ((1.0 - guidance_scale) * dmg).to(dm_ptr.dtype.element_ty),
+                mask=mask,
+            )
+            tl.store(
+                dm_ptr + dm_cond_off + dm_off,
+                (guidance_scale * dmg).to(dm_ptr.dtype.element_ty),
+                mask=mask,
+            )
+        else:
+            tl.store(dm_ptr + dm_off, dmg.to(dm_ptr.dtype.element_ty), mask=mask)
+
+    # The variance term std^2 g + std z.
+    if (VAR_MODE != 0 or NEED_DNOISE) or NEED_DGRAD:  # pairs: Triton 3.6 refuses a chain
+        std = tl.load(coef + 6, mask=b_ok, other=0.0)[:, None]
+        dv = tl.zeros((BLOCK_S, BLOCK_N), tl.float32)
+        if VAR_MODE != 0:
+            std, slope = _learned_std(
+                std, m_ptr, m_off + m_var_off, m_cond_off, mask, coef, b_ok, CFG, VAR_MODE
+            )
+            if HAS_GRAD:  # d(std^2)/dv = std^2 slope
+                g = tl.load(grad_ptr + b2 * grad_bstride + j2, mask=mask, other=0.0)
+                dv += std * std * g.to(tl.float32)
+            if NOISE == 1:  # d(std)/dv = std slope / 2
+                z = tl.load(noise_ptr + b2 * noise_bstride + j2, mask=mask, other=0.0)
+                dv += 0.5 * std * z.to(tl.float32)
+            if NOISE == 2:
+                z = _philox_block(seed_ptr, b, b_ok, row, pid_n, FAST_MATH, BLOCK_S, BLOCK_N)
+                dv += 0.5 * std * z
+            if NEED_DM:
+                dv = gy * dv * slope
+                dm_v = dm_ptr + dm_var_off + dm_off
+                if CFG:  # the variance channels of the conditional half
+                    tl.store(dm_v, tl.zeros_like(dv).to(dm_ptr.dtype.element_ty), mask=mask)
+                    dm_v += dm_cond_off
+                tl.store(dm_v, dv.to(dm_ptr.dtype.element_ty), mask=mask)
+        if NEED_DNOISE:
+            tl.store(dnoise_ptr + x_off, (gy * std).to(dnoise_ptr.dtype.element_ty), mask=mask)
+        if NEED_DGRAD:
+            tl.store(dgrad_ptr + x_off, (gy * std * std).to(dgrad_ptr.dtype.element_ty), mask=mask)
 
 
 def _interpreting() -> bool:
@@ -246,9 +431,9 @@ def _check_same_layout(name: str, t: torch.Tensor, x: torch.Tensor, batch: int) 
         raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {(batch, *x.shape[1:])}")
     if t.device != x.device:
         raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-    if t.dtype not in _IO_DTYPES:
+    if t.dtype not in KERNEL_DTYPES:
         raise TypeError(f"{name} has dtype {t.dtype}; the kernel takes float32, float16, bfloat16")
-    if x.dim() > 1 and any(t.stride(d) != x.stride(d) for d in range(1, x.dim()) if x.shape[d] > 1):
+    if not same_layout(t, x):
         raise ValueError(
             f"{name} is laid out differently from x (strides {t.stride()} vs {x.stride()}); "
             "pass tensors with the same memory format (contiguous or channels_last)"
@@ -309,71 +494,95 @@ def fused_step(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Apply one reverse step (rows of ``table``) to a batch, in one kernel launch.
 
+    Checks only what protects memory (shapes, dtypes, layouts, devices); the values of the
+    options are checked at the public boundary (``fastdiff.checks``). Differentiable: with
+    grad enabled and an input that requires grad, the step runs as an autograd Function
+    whose backward is one launch of ``_fused_step_backward_kernel``.
+
     Args:
         x: the current sample ``[B, ...]`` (float32 / float16 / bfloat16; contiguous or
             channels_last).
-        model_output: ``[B, ...]``; ``[2B, ...]`` with guidance (unconditional half first);
-            with a learned variance, ``[B, 2C, ...]`` (prediction channels, then variance).
+        model_output: ``[B, ...]`` laid out like x; ``[2B, ...]`` with guidance
+            (unconditional half first); with a learned variance, contiguous ``[B, 2C, ...]``
+            (prediction channels, then variance).
         table: float32 ``[R, len(COLUMNS)]`` coefficient table on x's device.
-        rows: int tensor on x's device: ``[1]`` (one row for the whole batch; a 0-d tensor
-            also works) or ``[B]`` (per-sample rows). The row index is also the step counter
-            of the in-kernel noise.
-        guidance_scale: classifier-free guidance scale ``w``; None means no guidance.
-        guidance_rescale: ``phi`` of Lin et al. 2023 (needs a per-sample std: extra pass).
+        rows: int tensor on x's device, ``[1]`` (or 0-d) for the batch or ``[B]`` per
+            sample; the row index is also the step counter of the in-kernel noise.
+        guidance_scale: classifier-free guidance scale ``w``; None: no guidance.
+        guidance_rescale: ``phi`` of Lin et al. 2023 (a per-sample std: 2 extra passes).
         clip_range: clamp x0 to ``[-r, r]``.
-        thresholding: ``(ratio, max_value)`` dynamic thresholding (an extra pass).
+        thresholding: ``(ratio, max_value)`` dynamic thresholding (2 extra passes).
         variance_mode: "fixed", "learned" or "learned_range".
         x0_prev: the previous step's x0 (multistep samplers).
-        noise: explicit standard-normal noise like x.
-        seeds: int64 ``[B]`` per-sample Philox keys: in-kernel noise (instead of ``noise``).
+        noise: explicit standard-normal noise like x (wins over ``seeds``).
+        seeds: int64 ``[B]`` per-sample Philox keys: in-kernel noise.
         grad: classifier-guidance gradient like x.
-        out, x0_out: optional preallocated outputs (like x); ``out`` may alias ``x``.
-        write_x0: also write the predicted x0 (one more pass over the tensor).
+        out, x0_out: preallocated outputs like x; ``out`` may alias x, ``x0_out`` x0_prev.
+        write_x0: also write the predicted x0 (one more pass).
 
     Returns:
-        ``(x_next, x0)``, both laid out like x, in x's dtype; x0 is None without
-        ``write_x0`` (dynamic thresholding still uses a temporary x0 for its quantile).
+        ``(x_next, x0)`` laid out like x, in x's dtype (or out's / x0_out's); x0 is None
+        without ``write_x0``.
 
     Example:
         >>> x_next, x0 = fused_step(x, eps, table, rows, seeds=seeds)
     """
-    if clip_range is not None and not clip_range > 0:
-        raise ValueError(f"clip_range must be positive, got {clip_range}")
     guided = guidance_scale is not None
-    if guided and guidance_rescale and not 0.0 <= guidance_rescale <= 1.0:
-        raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
+    rescaled = guided and bool(guidance_rescale)
     write_x0 = write_x0 or x0_out is not None
     tensors = (x, model_output, table, rows, x0_prev, noise, seeds, grad, out, x0_out)
     key = (
-        tuple(_signature(t) for t in tensors),
+        tuple(map(_signature, tensors)),
         guided,
-        bool(guidance_rescale) and guided,
         clip_range is None,
-        thresholding,
+        thresholding is None,
         variance_mode,
-        write_x0,
     )
-    plan = _PLANS.get(key)
-    if plan is None:
-        plan = _plan(*tensors, guided, clip_range, thresholding, variance_mode)
-        if len(_PLANS) > 256:
-            _PLANS.clear()
-        _PLANS[key] = plan
-
-    batch = plan.batch
+    config = _LAUNCH_CONFIGS.get(key)
+    if config is None:
+        config = _launch_config(*tensors, guided, clip_range, variance_mode)
+        if len(_LAUNCH_CONFIGS) > 256:
+            _LAUNCH_CONFIGS.clear()
+        _LAUNCH_CONFIGS[key] = config
     mscale = None
-    if guided and guidance_rescale:
-        # Lin et al. 2023 eq. 15-16 needs per-sample stds: a reduction before the step.
-        m_view = model_output[:, : plan.channels] if plan.channels else model_output
-        m_uncond = m_view[:batch].float()
-        m_cond = m_view[batch:].float()
-        dims = tuple(range(1, x.dim()))
-        guided_out = m_uncond + guidance_scale * (m_cond - m_uncond)
-        ratio = m_cond.std(dim=dims) / guided_out.std(dim=dims)
-        mscale = guidance_rescale * ratio + (1.0 - guidance_rescale)
+    if rescaled:
+        mscale = _rescale_factor(model_output, config, guidance_scale, guidance_rescale)
+    options = (table, rows, seeds, guidance_scale, clip_range, thresholding, write_x0)
+    inputs = (x, model_output, x0_prev, noise, grad, mscale)
+    if torch.is_grad_enabled() and (
+        x.requires_grad
+        or model_output.requires_grad
+        or any(t is not None and t.requires_grad for t in inputs[2:])
+    ):
+        x_next, x0 = _FusedStep.apply(config, options, *inputs)
+        if out is not None:
+            x_next = out.copy_(x_next)
+        if x0_out is not None:
+            x0 = x0_out.copy_(x0)
+        return x_next, x0
+    x_next, x0, _ = _forward(config, options, *inputs, out, x0_out)
+    return x_next, x0
+
+
+def _rescale_factor(model_output, config, guidance_scale, guidance_rescale) -> torch.Tensor:
+    """Guidance rescale (Lin et al. 2023 eq. 15-16) as a per-sample factor of the guided
+    output: ``phi std(m_c) / std(m) + 1 - phi`` (torch: a reduction before the step)."""
+    batch = config.batch
+    m_view = model_output[:, : config.channels] if config.channels else model_output
+    m_uncond = m_view[:batch].float()
+    m_cond = m_view[batch:].float()
+    dims = tuple(range(1, m_view.dim()))
+    guided = m_uncond + guidance_scale * (m_cond - m_uncond)
+    ratio = m_cond.std(dim=dims) / guided.std(dim=dims)
+    return guidance_rescale * ratio + (1.0 - guidance_rescale)
+
+
+def _forward(config, options, x, model_output, x0_prev, noise, grad, mscale, out, x0_out):
+    """The step's launches; returns ``(x_next, x0 or None, thresholds or None)``."""
+    table, rows, seeds, guidance_scale, clip_range, thresholding, write_x0 = options
     if out is None:
         out = torch.empty_like(x)
-    if x0_out is None and (write_x0 or thresholding is not None):
+    if x0_out is None and write_x0:
         x0_out = torch.empty_like(x)
     dynamic = {
         "x_ptr": x,
@@ -388,27 +597,119 @@ def fused_step(
         "rows_ptr": rows,
         "out_ptr": out,
         "x0_ptr": x0_out if x0_out is not None else out,
-        "guidance_scale": float(guidance_scale) if guided else 0.0,
+        "guidance_scale": float(guidance_scale) if guidance_scale is not None else 0.0,
         "clip_range": float(clip_range) if clip_range is not None else 0.0,
     }
+    thresh = None
     if thresholding is not None:
         ratio, max_value = thresholding
-        # Pass 1: x0 only; then the per-sample quantile of |x0| (Saharia et al. 2022).
-        _launch(plan, dynamic, x.device, THRESH=False, WRITE_OUT=False, WRITE_X0=True)
-        abs_x0 = x0_out.float().abs().reshape(batch, -1)
-        dynamic["thresh_ptr"] = (
-            _per_sample_quantile(abs_x0, ratio).clamp(1.0, max_value).contiguous()
+        # Pass 1: x0 only, into a temporary (x0_out may alias x0_prev, which pass 2 reads);
+        # then the per-sample quantile of |x0| (Saharia et al. 2022).
+        raw = torch.empty_like(x, dtype=x0_out.dtype if x0_out is not None else x.dtype)
+        pre = {**dynamic, "x0_ptr": raw, "x0_bstride": raw.stride(0)}
+        _launch(config, pre, x.device, THRESH=False, WRITE_OUT=False, WRITE_X0=True)
+        abs_x0 = raw.float().abs().reshape(config.batch, -1)
+        thresh = _per_sample_quantile(abs_x0, ratio).clamp(1.0, max_value).contiguous()
+        dynamic["thresh_ptr"] = thresh
+    flags = {"THRESH": thresholding is not None, "WRITE_OUT": True, "WRITE_X0": write_x0}
+    _launch(config, dynamic, x.device, **flags)
+    return out, (x0_out if write_x0 else None), thresh
+
+
+class _FusedStep(torch.autograd.Function):
+    """The step as an autograd Function (inputs x, model_output, x0_prev, noise, grad and
+    the rescale factor); see the module docstring for the backward."""
+
+    @staticmethod
+    def forward(ctx, config, options, x, model_output, x0_prev, noise, grad, mscale):
+        x_next, x0, thresh = _forward(
+            config, options, x, model_output, x0_prev, noise, grad, mscale, None, None
         )
-    _launch(
-        plan, dynamic, x.device, THRESH=thresholding is not None, WRITE_OUT=True, WRITE_X0=write_x0
+        ctx.config, ctx.options = config, options
+        ctx.dtypes = tuple(None if t is None else t.dtype for t in (x0_prev, noise, grad))
+        ctx.save_for_backward(x, model_output, noise, grad, mscale, thresh)
+        return x_next, x0
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_out, g_x0):
+        x, model_output, noise, grad, mscale, thresh = ctx.saved_tensors
+        need_x, need_m, need_prev, need_noise, need_grad, need_scale = ctx.needs_input_grad[2:]
+        grads = _backward(
+            ctx.config, ctx.options, x, model_output, noise, grad, mscale, thresh,
+            g_out, g_x0, (need_x, need_m, need_prev, need_noise, need_grad, need_scale),
+            ctx.dtypes,
+        )  # fmt: skip
+        return None, None, *grads
+
+
+def _like_x(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``t`` laid out like ``x`` within each sample (a copy only when it is not)."""
+    return t if same_layout(t, x) else t.contiguous(memory_format=memory_format_of(x))
+
+
+def _backward(config, options, x, model_output, noise, grad, mscale, thresh, g_out, g_x0,
+              needs, dtypes):  # fmt: skip
+    """One launch of the backward kernel: the gradients of the Function's inputs."""
+    table, rows, seeds, guidance_scale, clip_range, _, _ = options
+    need_x, need_m, need_prev, need_noise, need_grad, need_scale = needs
+    gy = _like_x(g_out, x) if g_out is not None else torch.zeros_like(x)
+    gx0 = _like_x(g_x0, x) if g_x0 is not None else None
+    prev_dtype, noise_dtype, grad_dtype = dtypes
+    dx = torch.empty_like(x) if need_x else None
+    fmt = torch.contiguous_format if config.channels else memory_format_of(x)
+    dm = torch.empty_like(model_output, memory_format=fmt) if need_m else None
+    dprev = torch.empty_like(x, dtype=prev_dtype) if need_prev else None
+    dnoise = torch.empty_like(x, dtype=noise_dtype) if need_noise else None
+    dgrad = torch.empty_like(x, dtype=grad_dtype) if need_grad else None
+    dscale = None
+    if need_scale:
+        dscale = torch.empty(config.batch, x[0].numel(), dtype=torch.float32, device=x.device)
+    m_ref = dm if dm is not None else model_output
+    statics = {k: v for k, v in config.statics.items() if k in _BACKWARD_STATICS}
+    _fused_step_backward_kernel[config.grid](
+        x_ptr=x,
+        m_ptr=model_output,
+        noise_ptr=noise if noise is not None else x,
+        grad_ptr=grad if grad is not None else x,
+        thresh_ptr=thresh if thresh is not None else table,
+        mscale_ptr=mscale if mscale is not None else table,
+        seed_ptr=seeds if seeds is not None else rows,
+        table_ptr=table,
+        rows_ptr=rows,
+        gout_ptr=gy,
+        gx0_ptr=gx0 if gx0 is not None else gy,
+        dx_ptr=dx if dx is not None else gy,
+        dm_ptr=dm if dm is not None else gy,
+        dprev_ptr=dprev if dprev is not None else gy,
+        dnoise_ptr=dnoise if dnoise is not None else gy,
+        dgrad_ptr=dgrad if dgrad is not None else gy,
+        dscale_ptr=dscale if dscale is not None else table,
+        gout_bstride=gy.stride(0),
+        gx0_bstride=gx0.stride(0) if gx0 is not None else 0,
+        dm_bstride=m_ref.stride(0),
+        dm_var_off=m_ref.stride(1) * config.channels if config.channels else 0,
+        dm_cond_off=config.batch * m_ref.stride(0) if config.statics["CFG"] else 0,
+        guidance_scale=float(guidance_scale) if guidance_scale is not None else 0.0,
+        clip_range=float(clip_range) if clip_range is not None else 0.0,
+        MSCALE=mscale is not None,
+        THRESH=thresh is not None,
+        HAS_GX0=gx0 is not None,
+        NEED_DX=dx is not None,
+        NEED_DM=dm is not None,
+        NEED_DPREV=dprev is not None,
+        NEED_DNOISE=dnoise is not None,
+        NEED_DGRAD=dgrad is not None,
+        NEED_DSCALE=dscale is not None,
+        **statics,
     )
-    return out, (x0_out if write_x0 else None)
+    return dx, dm, dprev, dnoise, dgrad, (dscale.sum(dim=1) if dscale is not None else None)
 
 
-# -- launch plans: validation and block sizes once per signature, then a lean launch ----------
+# -- launch configurations: validation and block sizes once per signature, then a lean launch
 
 
-class _Plan:
+class _LaunchConfig:
     """What one input signature needs: its grid, its integer arguments and, once compiled,
     the kernels to launch without Triton's per-call argument binding (which costs tens of
     microseconds for this many arguments and would dominate small latents)."""
@@ -423,7 +724,7 @@ class _Plan:
         self.kernels = {}
 
 
-_PLANS: dict = {}
+_LAUNCH_CONFIGS: dict = {}
 _FAST_LAUNCH = {"enabled": True}
 
 
@@ -434,26 +735,14 @@ def _signature(t: torch.Tensor | None):
     return (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16 == 0)
 
 
-def _plan(
-    x,
-    model_output,
-    table,
-    rows,
-    x0_prev,
-    noise,
-    seeds,
-    grad,
-    out,
-    x0_out,
-    guided,
-    clip_range,
-    thresholding,
+def _launch_config(
+    x, model_output, table, rows, x0_prev, noise, seeds, grad, out, x0_out, guided, clip_range,
     variance_mode,
-) -> _Plan:
-    """Validate a signature (clear errors) and compute its launch constants."""
+) -> _LaunchConfig:  # fmt: skip
+    """Check what protects memory (clear errors) and compute the launch constants."""
     if not isinstance(x, torch.Tensor) or not isinstance(model_output, torch.Tensor):
         raise TypeError("x and model_output must be tensors")
-    if x.dtype not in _IO_DTYPES:
+    if x.dtype not in KERNEL_DTYPES:
         raise TypeError(
             f"x has dtype {x.dtype}; the kernel takes float32, float16 or bfloat16 "
             "(use backend='reference' for float64)"
@@ -466,9 +755,7 @@ def _plan(
             "use backend='reference' for CPU tensors"
         )
     batch = x.shape[0]
-    if x.dim() > 1 and not (
-        x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
-    ):
+    if x.dim() > 1 and not is_dense(x):
         raise ValueError("x must be contiguous or channels_last (a dense tensor)")
     n_per_sample = x[0].numel()
     if variance_mode not in VARIANCE_MODES:
@@ -486,16 +773,6 @@ def _plan(
     if rows.numel() not in (1, batch) or rows.dim() > 1:
         raise ValueError(f"rows must have 1 or {batch} entries, got shape {tuple(rows.shape)}")
     rows_stride = 0 if rows.numel() == 1 and batch != 1 else (rows.stride(0) if rows.dim() else 0)
-    if noise is not None and seeds is not None:
-        raise ValueError("pass either noise or seeds, not both")
-    if clip_range is not None and thresholding is not None:
-        raise ValueError("clip_range and thresholding are exclusive")
-    if thresholding is not None:
-        ratio, max_value = thresholding
-        if not 0.0 < ratio <= 1.0 or not max_value >= 1.0:
-            raise ValueError(
-                f"thresholding needs 0 < ratio <= 1 and max_value >= 1, got {thresholding}"
-            )
 
     # Model output: halves for guidance, channel halves for a learned variance.
     m_batch = 2 * batch if guided else batch
@@ -564,41 +841,62 @@ def _plan(
         BLOCK_N=block_n,
     )
     statics["num_warps"] = num_warps
-    return _Plan(batch, channels, grid, statics)
+    return _LaunchConfig(batch, channels, grid, statics)
 
 
-def _launch(plan: _Plan, dynamic: dict, device: torch.device, **flags) -> None:
-    """Launch through Triton the first time (it compiles and specializes), then straight
-    through the compiled kernel's launcher with the same arguments in signature order, as
-    Triton's own ``JITFunction.run`` does after its argument binding."""
+_BACKWARD_STATICS = frozenset(_fused_step_backward_kernel.arg_names) | {"num_warps"}
+
+
+def _launch(config: _LaunchConfig, dynamic: dict, device: torch.device, **flags) -> None:
+    """Launch the forward kernel: bound by Triton the first time (it compiles and
+    specializes), then through :func:`_fast_launch` with the compiled kernel."""
     flags["MSCALE"] = dynamic["mscale_ptr"] is not dynamic["table_ptr"]
     flag_key = tuple(flags.values())
-    kernel = plan.kernels.get(flag_key)
-    if kernel is not None and _FAST_LAUNCH["enabled"]:
-        values = {**plan.statics, **dynamic, **flags}
+    values = {**config.statics, **dynamic, **flags}
+    kernel = config.kernels.get(flag_key)
+    if kernel is not None:
         args = [values[name] for name in _fused_step_kernel.arg_names]
-        stream = triton.runtime.driver.active.get_current_stream(device.index)
-        grid = plan.grid
-        hooks = triton.knobs.runtime
-        try:
-            metadata = kernel.launch_metadata(grid, stream, *args)
-            kernel.run(
-                grid[0],
-                grid[1],
-                1,
-                stream,
-                kernel.function,
-                kernel.packed_metadata,
-                metadata,
-                hooks.launch_enter_hook,
-                hooks.launch_exit_hook,
-                *args,
-            )
+        if _fast_launch(kernel, config.grid, device, args):
             return
-        except (TypeError, AttributeError):  # a Triton whose launcher differs: bind instead
-            _FAST_LAUNCH["enabled"] = False
-    compiled = _fused_step_kernel[plan.grid](**dynamic, **plan.statics, **flags)
+    compiled = _fused_step_kernel[config.grid](**values)
     if hasattr(compiled, "result"):
         compiled = compiled.result()
     if not _interpreting() and hasattr(triton, "knobs") and hasattr(compiled, "packed_metadata"):
-        plan.kernels[flag_key] = compiled
+        config.kernels[flag_key] = compiled
+
+
+def _fast_launch(kernel, grid, device: torch.device, args: list) -> bool:
+    """Launch a compiled kernel through Triton's private launcher, with the arguments in
+    signature order, as Triton's ``JITFunction.run`` does after binding them (the binding
+    costs tens of microseconds a call). On a Triton whose launcher differs it warns once,
+    switches itself off and returns False: the caller then binds as usual.
+    """
+    if not _FAST_LAUNCH["enabled"]:
+        return False
+    try:
+        stream = triton.runtime.driver.active.get_current_stream(device.index)
+        hooks = triton.knobs.runtime
+        metadata = kernel.launch_metadata(grid, stream, *args)
+        kernel.run(
+            grid[0],
+            grid[1],
+            1,
+            stream,
+            kernel.function,
+            kernel.packed_metadata,
+            metadata,
+            hooks.launch_enter_hook,
+            hooks.launch_exit_hook,
+            *args,
+        )
+        return True
+    except (TypeError, AttributeError) as error:
+        _FAST_LAUNCH["enabled"] = False
+        warnings.warn(
+            f"fastdiff: Triton's compiled-kernel launcher did not take the fused step's "
+            f"arguments ({type(error).__name__}: {error}); launching through Triton's "
+            "argument binding from now on (correct, slower per call)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False

@@ -19,6 +19,18 @@ def test_auto_takes_the_reference_on_cpu_and_for_float64(monkeypatch):
         )
 
 
+def test_auto_takes_the_kernels_only_for_kernel_dtypes(monkeypatch):
+    """dtypes: the other tensors of the step (a float64 model output or output buffer sends
+    auto to the reference); an explicit backend is taken as it is."""
+    x = torch.zeros(1, device="cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_backend("auto", x, (torch.float64,)) == "reference"
+    assert resolve_backend("triton", x, (torch.float64,)) == "triton"
+    if torch.cuda.is_available():
+        assert resolve_backend("auto", x, (torch.float16, torch.bfloat16)) == "triton"
+    monkeypatch.setenv("FASTDIFF_BACKEND", "auto")
+    assert resolve_backend(None, x, [torch.float64]) == "reference"
+
+
 def test_argument_wins_over_environment(monkeypatch):
     monkeypatch.setenv("FASTDIFF_BACKEND", "triton")
     x = torch.zeros(1)

@@ -6,10 +6,14 @@ in float64 from the same inputs (tolerances by dtype in conftest.py). On this CP
 the kernels run under the Triton interpreter; with a GPU the same tests run on the card.
 """
 
+import types
+import warnings
+
 import pytest
 import torch
 from conftest import TOLERANCES
 
+import fastdiff.kernels.fused_step as fs
 from fastdiff.kernels.fused_step import COLUMNS, fused_step
 from fastdiff.philox import seeds_from
 from fastdiff.samplers import (
@@ -174,7 +178,7 @@ def test_in_kernel_noise_matches_reference_stream(device):
 
 def test_outputs_poisoned_before_launch_are_all_written(device):
     sampler = DDPMSampler(SCHEDULE, 10, backend="triton")
-    tables = sampler.device_tables(device)
+    on_device = sampler.device_tables(device)
     for shape in [(3, 5, 7, 9), (257, 2), (1, 4099)]:
         x = torch.randn(shape, device=device)
         out = torch.full_like(x, float("nan"))
@@ -182,8 +186,8 @@ def test_outputs_poisoned_before_launch_are_all_written(device):
         fused_step(
             x,
             torch.randn_like(x),
-            tables["table"],
-            tables["rows"][2:3],
+            on_device["table"],
+            on_device["rows"][2:3],
             noise=torch.randn_like(x),
             out=out,
             x0_out=x0,
@@ -193,8 +197,8 @@ def test_outputs_poisoned_before_launch_are_all_written(device):
 
 def test_kernel_errors(device):
     sampler = DDPMSampler(SCHEDULE, 10, backend="triton")
-    tables = sampler.device_tables(device)
-    table, rows = tables["table"], tables["rows"][:1]
+    on_device = sampler.device_tables(device)
+    table, rows = on_device["table"], on_device["rows"][:1]
     x = torch.randn(2, 3, 4, 4, device=device)
     with pytest.raises(TypeError, match="float64"):
         fused_step(x.double(), x.double(), table, rows)
@@ -204,14 +208,12 @@ def test_kernel_errors(device):
         fused_step(x, x, table, rows, guidance_scale=3.0)
     with pytest.raises(ValueError, match="laid out differently"):
         fused_step(x, x.to(memory_format=torch.channels_last), table, rows)
-    with pytest.raises(ValueError, match="either noise or seeds"):
-        fused_step(x, x, table, rows, noise=x, seeds=seeds_from(0, 2, device))
     with pytest.raises(ValueError, match="2x channels"):
         fused_step(x, x, table, rows, variance_mode="learned_range")
     with pytest.raises(ValueError, match="table must be float32"):
         fused_step(x, x, table.double(), rows)
     with pytest.raises(ValueError, match="rows must have"):
-        fused_step(x, x, table, tables["rows"][:3])
+        fused_step(x, x, table, on_device["rows"][:3])
     with pytest.raises(TypeError, match="dtype"):
         fused_step(x, x.to(torch.int32), table, rows)
     with pytest.raises(ValueError, match="contiguous or channels_last"):
@@ -221,22 +223,81 @@ def test_kernel_errors(device):
 
 @pytest.mark.gpu
 def test_cached_launch_matches_first_launch(device):
-    """After the first call of a signature, fused_step launches the compiled kernel directly;
-    (the GPU-only path: the interpreter always binds).
-    it must compute exactly what the first (bound, compiling) launch computed, also for
-    views whose data pointers are not 16-byte aligned (a different specialization)."""
+    """After the first call of a signature, fused_step launches the compiled kernel directly
+    (the GPU-only path: the interpreter always binds). It must compute exactly what the
+    first (bound, compiling) launch computed, also for views whose data pointers are not
+    16-byte aligned (a different specialization)."""
     sampler = DDPMSampler(SCHEDULE, 10, backend="triton")
     ref = DDPMSampler(SCHEDULE, 10, backend="reference")
-    tables = sampler.device_tables(device)
+    on_device = sampler.device_tables(device)
     base = torch.randn(3 * 4 * 33 + 1, device=device)
     for offset in (0, 1):  # aligned, then a 4-byte-offset view
         x = base[offset : offset + 3 * 4 * 33].view(3, 4, 33)
         m, noise = torch.randn_like(x), torch.randn_like(x)
-        first, _ = fused_step(x, m, tables["table"], tables["rows"][3:4], noise=noise)
-        again, _ = fused_step(x, m, tables["table"], tables["rows"][3:4], noise=noise)
+        first, _ = fused_step(x, m, on_device["table"], on_device["rows"][3:4], noise=noise)
+        again, _ = fused_step(x, m, on_device["table"], on_device["rows"][3:4], noise=noise)
         assert torch.equal(first, again)
         want = ref.step(x.double(), m.double(), 3, noise=noise.double())
         torch.testing.assert_close(again.double(), want.prev_sample.double(), rtol=2e-5, atol=5e-5)
+
+
+class _OtherLauncher:
+    """A compiled kernel whose private launcher takes other arguments than fastdiff's."""
+
+    def launch_metadata(self, grid, stream, *args):
+        raise TypeError("launch_metadata() takes 3 positional arguments")
+
+
+class _Always(dict):
+    def __init__(self, kernel):
+        super().__init__()
+        self.kernel = kernel
+
+    def get(self, key, default=None):
+        return self.kernel
+
+
+def _one_step(device):
+    on_device = DDPMSampler(SCHEDULE, 10, backend="triton").device_tables(device)
+    g = torch.Generator().manual_seed(0)
+    x, m, z = (torch.randn(2, 3, 5, 7, generator=g).to(device) for _ in range(3))
+    return lambda: fused_step(x, m, on_device["table"], on_device["rows"][3:4], noise=z)[0]
+
+
+def test_fast_launch_falls_back_once_with_a_warning(monkeypatch, device):
+    """When Triton's private launcher rejects the call, the step warns once, binds as usual
+    (the same result) and does not try the fast launch again."""
+    monkeypatch.setitem(fs._FAST_LAUNCH, "enabled", True)
+    monkeypatch.setattr(fs, "_LAUNCH_CONFIGS", {})
+    if device.type != "cuda":  # no driver under the interpreter: a stand-in gives a stream
+        stream = types.SimpleNamespace(get_current_stream=lambda index: 0)
+        monkeypatch.setattr(fs.triton.runtime, "driver", types.SimpleNamespace(active=stream))
+    step = _one_step(device)
+    want = step()
+    (config,) = fs._LAUNCH_CONFIGS.values()
+    config.kernels = _Always(_OtherLauncher())
+    with pytest.warns(RuntimeWarning, match="launcher did not take"):
+        got = step()
+    assert not fs._FAST_LAUNCH["enabled"]
+    assert torch.equal(got, want)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(step(), want)
+
+
+@pytest.mark.gpu
+def test_fast_launch_is_taken_after_the_first_call(monkeypatch, device):
+    """On a GPU the second call of a signature goes through the compiled kernel's launcher."""
+    monkeypatch.setattr(fs, "_LAUNCH_CONFIGS", {})
+    taken = []
+    fast = fs._fast_launch
+    monkeypatch.setattr(fs, "_fast_launch", lambda *args: taken.append(fast(*args)) or taken[-1])
+    step = _one_step(device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        first, second = step(), step()
+    assert taken == [True]
+    assert torch.equal(first, second)
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import os
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -47,9 +46,10 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from fastdiff import philox
-from fastdiff.backend import check_backend, resolve_backend
-from fastdiff.checks import check_choice
-from fastdiff.kernels.fused_step import COLUMNS, fused_step
+from fastdiff.backend import check_backend
+from fastdiff.checks import PREDICTION_TYPES, check_choice
+from fastdiff.kernels.fused_step import COLUMNS
+from fastdiff.stepping import run_step
 
 __all__ = [
     "FusedSchedulerMixin",
@@ -60,8 +60,6 @@ __all__ = [
     "promote",
 ]
 
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 NOISE_SOURCES = ("torch", "philox")  # the step noise: drawn as diffusers draws it, or in-kernel
 
 
@@ -563,38 +561,11 @@ class FusedSchedulerMixin:
 
     # -- running a step ----------------------------------------------------------------------
 
-    def _use_kernel(self, *tensors: torch.Tensor, out_dtypes=()) -> bool:
-        """Whether this step runs the fused kernel (else the reference)."""
-        backend = self.backend
-        if backend is None:
-            backend = os.environ.get("FASTDIFF_BACKEND", "auto") or "auto"
-        if resolve_backend(backend, tensors[0]) != "triton":
-            return False
-        if backend == "auto":
-            dtypes = [t.dtype for t in tensors] + list(out_dtypes)
-            return all(d in _KERNEL_DTYPES for d in dtypes)
-        return True
-
-    @staticmethod
-    def _launch(
-        x: torch.Tensor,
-        model_output: torch.Tensor,
-        tables: dict[str, torch.Tensor],
-        rows: torch.Tensor,
-        *,
-        out_dtype: torch.dtype,
-        x0_dtype: torch.dtype,
-        **kwargs: Any,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        out = torch.empty_like(x, dtype=out_dtype)
-        x0 = torch.empty_like(x, dtype=x0_dtype)
-        return fused_step(x, model_output, tables["table"], rows, out=out, x0_out=x0, **kwargs)
-
     def _run_step(
         self,
         x: torch.Tensor,
         model_output: torch.Tensor,
-        tables: dict[str, torch.Tensor],
+        step_tables: dict[str, torch.Tensor],
         rows: torch.Tensor,
         reference_step: Callable[
             [torch.Tensor, torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]
@@ -607,67 +578,49 @@ class FusedSchedulerMixin:
         x0_prev: torch.Tensor | None = None,
         **kernel_kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One step on the fused kernel or on the reference (``_use_kernel`` decides), returned
-        in the dtypes the diffusers class returns.
+        """One step through ``fastdiff.stepping.run_step`` (the dispatch ``Sampler.step``
+        uses), returned in the dtypes the diffusers class returns.
 
-        Kernel: the model output, the noise and ``x0_prev`` laid out in ``x``'s memory format
-        (the noise moved to ``x``'s device), then one ``fused_step`` launch. Reference: the
-        in-kernel Philox noise computed in PyTorch when ``seeds`` are given, then
-        ``reference_step(xr, m, noise)`` with ``x`` and the model output in the reference's
-        compute dtype (``_compute_input``) and the noise in that dtype on ``xr``'s device
-        (None without noise); it reads its schedule values of ``rows`` from ``tables``.
+        The reference path runs ``reference_step(xr, m, noise)`` in float64 (it is the
+        fallback and the check, not the fast path; float32 would lose digits where
+        diffusers' own float32 formulas do not, e.g. ``sqrt(1 - beta')`` for ``beta'`` near
+        1 at the end of a cosine schedule), with the in-kernel Philox noise of ``seeds``
+        computed in PyTorch; it reads its schedule values of ``rows`` from ``step_tables``
+        and takes its own x0_prev.
 
         Args:
             x: the current sample, as ``dense`` returns it.
             model_output: the model output the step reads.
-            tables: the step's device tables (``_device_tables``).
+            step_tables: the step's device tables (``_device_tables``).
             rows: the step's table rows.
             reference_step: the reference path's step; returns ``(prev, x0)``.
-            out_dtype: dtype of the returned sample.
-            x0_dtype: dtype of the returned x0 prediction.
+            out_dtype, x0_dtype: dtypes of the returned sample and x0 prediction.
             noise: explicit standard-normal noise like ``x``, or None.
             seeds: per-sample Philox keys for in-kernel noise, or None.
-            x0_prev: the previous step's x0 for the kernel (multistep), or None; the reference
-                step takes its own.
+            x0_prev: the previous step's x0 for the kernel (multistep), or None.
             **kernel_kwargs: further ``fused_step`` options (clip_range, thresholding,
                 variance_mode).
 
         Returns:
             ``(prev_sample, pred_original_sample)``.
         """
-        if self._use_kernel(x, model_output, out_dtypes=(out_dtype, x0_dtype)):
-            fmt = philox.memory_format_of(x)
-            if noise is not None:
-                noise = noise.to(x.device).contiguous(memory_format=fmt)
-            if x0_prev is not None:
-                x0_prev = x0_prev.contiguous(memory_format=fmt)
-            return self._launch(
-                x,
-                model_output.contiguous(memory_format=fmt),
-                tables,
-                rows,
-                out_dtype=out_dtype,
-                x0_dtype=x0_dtype,
-                noise=noise,
-                seeds=seeds,
-                x0_prev=x0_prev,
-                **kernel_kwargs,
-            )
-        if seeds is not None:
-            noise = self._philox_reference_noise(seeds, rows, x)
-        xr = self._compute_input(x)
-        prev, x0 = reference_step(
-            xr,
-            model_output.to(xr.dtype),
-            None if noise is None else noise.to(device=xr.device, dtype=xr.dtype),
+        if noise is not None and noise.device != x.device:  # a generator on another device
+            noise = noise.to(x.device)
+        return run_step(
+            self.backend,
+            x,
+            model_output,
+            step_tables["table"],
+            rows,
+            lambda xr, m, _x0_prev, z, _grad: reference_step(xr, m, z),
+            out_dtype=out_dtype,
+            x0_dtype=x0_dtype,
+            noise=noise,
+            seeds=seeds,
+            x0_prev=x0_prev,
+            compute_dtype=torch.float64,
+            **kernel_kwargs,
         )
-        return prev.to(out_dtype), x0.to(x0_dtype)
-
-    @staticmethod
-    def _philox_reference_noise(seeds, rows, x) -> torch.Tensor:
-        """The in-kernel noise of ``rows``, computed in PyTorch (the reference path)."""
-        step = rows.reshape(()) if rows.numel() == 1 else rows
-        return philox.randn(seeds, step, x.shape, memory_format=philox.memory_format_of(x))
 
     @staticmethod
     def _values(tables: dict[str, torch.Tensor], rows: torch.Tensor, *names: str):
@@ -676,13 +629,6 @@ class FusedSchedulerMixin:
         shape = () if rows.numel() == 1 else (-1,)
         flat = rows.reshape(-1)
         return tuple(tables[name].index_select(0, flat).reshape(shape) for name in names)
-
-    @staticmethod
-    def _compute_input(x: torch.Tensor) -> torch.Tensor:
-        """The reference path computes in float64 (it is the fallback and the check, not the
-        fast path; float32 would lose digits where diffusers' own float32 formulas do not,
-        e.g. ``sqrt(1 - beta')`` for ``beta'`` near 1 at the end of a cosine schedule)."""
-        return x.double()
 
 
 def nan_row() -> torch.Tensor:

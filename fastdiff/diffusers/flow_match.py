@@ -14,7 +14,6 @@ from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
 from fastdiff import reference, tables
 from fastdiff.diffusers._base import StepIndexMixin, dense, fused_init, nan_row, upload
 from fastdiff.flow import check_flow_sigmas
-from fastdiff.kernels.fused_step import fused_step
 
 __all__ = ["FusedFlowMatchEulerDiscreteScheduler"]
 
@@ -147,12 +146,6 @@ class FusedFlowMatchEulerDiscreteScheduler(StepIndexMixin, FlowMatchEulerDiscret
             "sigma_next": torch.cat([sigma_next, nan]),
         }
 
-    @staticmethod
-    def _launch(x, model_output, tables, rows, *, out_dtype, x0_dtype, **kwargs):
-        """The step without writing x0 (diffusers returns none): 3 passes over the tensor."""
-        out = torch.empty_like(x, dtype=out_dtype)
-        return fused_step(x, model_output, tables["table"], rows, out=out, write_x0=False, **kwargs)
-
     def _noise_of_step(self, sample: torch.Tensor, generator) -> tuple:
         """(noise, seeds) of ``stochastic_sampling``: diffusers' ``randn_tensor`` draw in
         float32 (like the upcast sample), or in-kernel Philox with ``noise="philox"``."""
@@ -228,6 +221,7 @@ class FusedFlowMatchEulerDiscreteScheduler(StepIndexMixin, FlowMatchEulerDiscret
             x0_dtype=torch.float32,
             noise=noise,
             seeds=seeds,
+            write_x0=False,  # diffusers returns no x0: 3 passes over the tensor
         )
         self._advance()
         if not return_dict:
