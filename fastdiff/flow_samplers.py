@@ -32,7 +32,6 @@ from fastdiff.flow import (
     FlowSchedule,
     flow_sigmas,
 )
-from fastdiff.kernels.fused_step import COLUMNS
 from fastdiff.samplers import Sampler
 
 __all__ = ["FLOW_SAMPLERS", "FlowDPMSolverPP2MSampler", "FlowMatchEulerSampler", "FlowSampler"]
@@ -119,15 +118,7 @@ class FlowSampler(Sampler):
         self.alpha_bar = _vp_alpha_bar(self.sigma)
         self.alpha_bar_next = _vp_alpha_bar(self.sigma_next)
         self.alpha_bar_prev = _vp_alpha_bar(self.sigma_prev)
-        self._check_prediction_at_zero_snr()  # epsilon cannot give x0 at s = 1
-        table = self._build_table()
-        if table.shape != (self.num_steps, len(COLUMNS)) or not torch.isfinite(table).all():
-            raise ValueError(
-                f"{type(self).__name__}: the plan {sigmas.tolist()} gives a non-finite "
-                "coefficient table"
-            )
-        self.table = table
-        self._device_cache: dict = {}
+        self._set_table()  # (epsilon cannot give x0 at s = 1: refused there)
 
     def device_tables(self, device: torch.device | str) -> dict[str, torch.Tensor]:
         """``Sampler.device_tables`` plus the float64 levels ``sigma``, ``sigma_next`` and

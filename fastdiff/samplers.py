@@ -117,7 +117,6 @@ class Sampler:
         self.timesteps = make_plan(
             schedule.num_train_timesteps, steps, timestep_spacing, steps_offset
         )
-        n = self._num_steps = len(self.timesteps)
         nxt = torch.cat([self.timesteps[1:], torch.tensor([-1])])
         prv = torch.cat([torch.tensor([-1]), self.timesteps[:-1]])
         # Schedule values of each step, float64, CPU: ab at t_i, at t_{i+1} (1 after the
@@ -125,6 +124,12 @@ class Sampler:
         self.alpha_bar = schedule.alpha_bar(self.timesteps)
         self.alpha_bar_next = schedule.alpha_bar(nxt)
         self.alpha_bar_prev = schedule.alpha_bar(prv)
+        self._set_table()
+
+    def _set_table(self) -> None:
+        """Builds and checks the coefficient table of the plan (``timesteps``, ``alpha_bar``,
+        ``alpha_bar_next``, ``alpha_bar_prev`` set); every sampler's ``__init__`` ends here."""
+        n = self._num_steps = len(self.timesteps)
         self._check_prediction_at_zero_snr()
         table = self._build_table()
         if table.shape != (n, len(COLUMNS)) or table.dtype != torch.float64:
@@ -134,7 +139,7 @@ class Sampler:
             step, col = (int(v) for v in bad.nonzero()[0])
             raise ValueError(
                 f"{type(self).__name__}: coefficient {COLUMNS[col]!r} of step {step} "
-                f"(t={int(self.timesteps[step])}) is not finite; the schedule and prediction "
+                f"(t={float(self.timesteps[step]):g}) is not finite; the schedule and prediction "
                 "type do not fit (e.g. epsilon prediction at zero terminal SNR)"
             )
         self.table = table
