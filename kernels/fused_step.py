@@ -33,6 +33,17 @@ The table row of sample ``b`` is ``rows[b * rows_stride]`` (stride 0: one row fo
 batch), so the step index and per-sample timesteps live on the device: no host sync, no
 recompilation from step to step, and the launch can be captured in a CUDA graph.
 
+4. UniPC (Zhao et al. 2023; ``fastdiff.unipc``), with a ``history`` ring of the converted
+   outputs M (x0 or eps) of the last steps and the last corrected sample: the corrector of
+   step k and the predictor of step k + 1 in one launch, with M = ``x0`` above::
+
+       x_c    = UC_X * x + UC_LAST * last + UC_NEW * M + sum_j UC_H[j] * hist[j]   # UniC
+       x_next = X * x_c + X0 * M + sum_j UP_H[j] * hist[j]                      # UniP
+       hist[HIST_SLOT] = M;  last' = x_c
+
+   (``UNIPC_COLUMNS``: coefficients by ring slot j; the slot written is not read). Reads x,
+   m, last and the ring, writes x_c, x_next and M: 5 + 3 passes at order 2.
+
 Traffic: reads x and the model output, writes x_next: 3 passes over the tensor; +1 with
 guidance (the second half), +1 for x0_prev (multistep), +1 with an explicit noise tensor, +1
 for the learned-variance channels, +1 when x0 is written. Everything else stays in registers,
@@ -50,10 +61,24 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-__all__ = ["COLUMNS", "VARIANCE_MODES", "fused_step"]
+__all__ = ["COLUMNS", "UNIPC_COLUMNS", "UNIPC_MAX_SLOTS", "VARIANCE_MODES", "fused_step"]
 
 # Columns of a coefficient table row, in order.
 COLUMNS = ("x0_x", "x0_m", "x", "x0", "m", "x0_prev", "std", "log_var_min", "log_var_max")
+# A UniPC table (``history=``) has these columns after COLUMNS: the corrector's coefficients of
+# x, of the last corrected sample, of the new M and of each ring slot; the predictor's of each
+# slot; the ring slot M is written to and the slot (0/1) of the corrected sample written.
+UNIPC_MAX_SLOTS = 4
+UNIPC_COLUMNS = (
+    *COLUMNS,
+    "uc_x",
+    "uc_last",
+    "uc_new",
+    *(f"uc_h{j}" for j in range(UNIPC_MAX_SLOTS)),
+    *(f"up_h{j}" for j in range(UNIPC_MAX_SLOTS)),
+    "hist_slot",
+    "last_slot",
+)
 VARIANCE_MODES = {"fixed": 0, "learned": 1, "learned_range": 2}
 _IO_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -113,6 +138,50 @@ def _philox_normal4(seed, step, quad, FAST_MATH: tl.constexpr):
     return r01 * cos01, r01 * sin01, r23 * cos23, r23 * sin23
 
 
+_UNIPC0 = tl.constexpr(len(COLUMNS))  # first UniPC column
+_UNIPC_MAX = tl.constexpr(UNIPC_MAX_SLOTS)
+
+
+@triton.jit
+def _unipc_terms(
+    coef,
+    b_ok,
+    mask,
+    b2,
+    j2,
+    x,
+    m_conv,
+    hist_ptr,
+    last_ptr,
+    hist_bstride,
+    hist_sstride,
+    last_bstride,
+    last_sstride,
+    SLOTS: tl.constexpr,
+):
+    """UniPC (Zhao et al. 2023): the corrected sample x_c of this step (UniC) and the history
+    term sum_j UP_H[j] hist[j] of the next step's predictor (UniP), from the row's
+    UNIPC_COLUMNS; also the ring slot and the last-sample slot this step writes."""
+    hist_slot = tl.load(coef + (_UNIPC0 + 3 + 2 * _UNIPC_MAX), mask=b_ok, other=0.0)
+    last_slot = tl.load(coef + (_UNIPC0 + 4 + 2 * _UNIPC_MAX), mask=b_ok, other=0.0)
+    hist_slot = hist_slot.to(tl.int64)[:, None]
+    last_slot = last_slot.to(tl.int64)[:, None]
+    last_off = (1 - last_slot) * last_sstride + b2 * last_bstride + j2
+    last = tl.load(last_ptr + last_off, mask=mask, other=0.0).to(tl.float32)
+    uc_x = tl.load(coef + _UNIPC0, mask=b_ok, other=0.0)[:, None]
+    uc_last = tl.load(coef + (_UNIPC0 + 1), mask=b_ok, other=0.0)[:, None]
+    uc_new = tl.load(coef + (_UNIPC0 + 2), mask=b_ok, other=0.0)[:, None]
+    x_c = uc_x * x + uc_last * last + uc_new * m_conv
+    pred = tl.zeros_like(x)
+    for j in tl.static_range(SLOTS):
+        # the slot this step writes holds no input of it: not read (one pass fewer)
+        h_off = j * hist_sstride + b2 * hist_bstride + j2
+        h = tl.load(hist_ptr + h_off, mask=mask & (hist_slot != j), other=0.0).to(tl.float32)
+        x_c += tl.load(coef + (_UNIPC0 + 3 + j), mask=b_ok, other=0.0)[:, None] * h
+        pred += tl.load(coef + (_UNIPC0 + 3 + _UNIPC_MAX + j), mask=b_ok, other=0.0)[:, None] * h
+    return x_c, pred, hist_slot, last_slot
+
+
 # Per-sample scalars (rows, seeds, thresholds, rescale factors) are not specialized on their
 # pointers' alignment: a step index is a view rows[i:i+1], aligned for every other i only.
 @triton.jit(do_not_specialize=["thresh_ptr", "mscale_ptr", "seed_ptr", "rows_ptr"])
@@ -155,6 +224,13 @@ def _fused_step_kernel(
     WRITE_OUT: tl.constexpr,
     WRITE_X0: tl.constexpr,
     FAST_MATH: tl.constexpr,
+    hist_ptr,
+    last_ptr,
+    hist_bstride,
+    hist_sstride,
+    last_bstride,
+    last_sstride,
+    HIST_SLOTS: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -193,7 +269,27 @@ def _fused_step_kernel(
         s = tl.load(thresh_ptr + b, mask=b_ok, other=1.0).to(tl.float32)[:, None]
         x0 = tl.minimum(tl.maximum(x0, -s), s) / s
     if WRITE_OUT:
-        x_next = c_x * x + c_x0 * x0 + c_m * m
+        x_s = x  # the sample the update starts from: x, or UniPC's corrected sample
+        if HIST_SLOTS > 0:
+            x_s, h_pred, hist_slot, last_slot = _unipc_terms(
+                coef,
+                b_ok,
+                mask,
+                b2,
+                j2,
+                x,
+                x0,
+                hist_ptr,
+                last_ptr,
+                hist_bstride,
+                hist_sstride,
+                last_bstride,
+                last_sstride,
+                HIST_SLOTS,
+            )
+        x_next = c_x * x_s + c_x0 * x0 + c_m * m
+        if HIST_SLOTS > 0:
+            x_next += h_pred
         c_prev = tl.load(coef + 5, mask=b_ok, other=0.0)[:, None]
         if HAS_PREV:
             prev = tl.load(prev_ptr + b2 * prev_bstride + j2, mask=mask, other=0.0)
@@ -229,6 +325,11 @@ def _fused_step_kernel(
                 z = tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), (BLOCK_S, BLOCK_N))
                 x_next += std * z
         tl.store(out_ptr + b2 * out_bstride + j2, x_next.to(out_ptr.dtype.element_ty), mask=mask)
+        if HIST_SLOTS > 0:  # UniPC state: slots no load of this step reads
+            h_off = hist_slot * hist_sstride + b2 * hist_bstride + j2
+            tl.store(hist_ptr + h_off, x0.to(hist_ptr.dtype.element_ty), mask=mask)
+            l_off = last_slot * last_sstride + b2 * last_bstride + j2
+            tl.store(last_ptr + l_off, x_s.to(last_ptr.dtype.element_ty), mask=mask)
     # Stored last, after every load: x0_out may alias x0_prev (and out may alias x).
     if WRITE_X0:
         tl.store(x0_ptr + b2 * x0_bstride + j2, x0.to(x0_ptr.dtype.element_ty), mask=mask)
@@ -306,6 +407,8 @@ def fused_step(
     out: torch.Tensor | None = None,
     x0_out: torch.Tensor | None = None,
     write_x0: bool = True,
+    history: torch.Tensor | None = None,
+    last_sample: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Apply one reverse step (rows of ``table``) to a batch, in one kernel launch.
 
@@ -329,6 +432,12 @@ def fused_step(
         grad: classifier-guidance gradient like x.
         out, x0_out: optional preallocated outputs (like x); ``out`` may alias ``x``.
         write_x0: also write the predicted x0 (one more pass over the tensor).
+        history: UniPC (``fastdiff.unipc``): the ring ``[S, B, ...]`` (S <= UNIPC_MAX_SLOTS,
+            each slot laid out like x) of converted model outputs; with it ``table`` has
+            ``UNIPC_COLUMNS``, and the step writes this step's M (the processed "x0") into
+            the row's ``hist_slot``.
+        last_sample: with ``history``: ``[2, B, ...]``, the corrected samples of this and
+            the previous step (the row's ``last_slot`` is written, the other read).
 
     Returns:
         ``(x_next, x0)``, both laid out like x, in x's dtype; x0 is None without
@@ -344,6 +453,7 @@ def fused_step(
         raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
     write_x0 = write_x0 or x0_out is not None
     tensors = (x, model_output, table, rows, x0_prev, noise, seeds, grad, out, x0_out)
+    tensors += (history, last_sample)
     key = (
         tuple(_signature(t) for t in tensors),
         guided,
@@ -388,6 +498,8 @@ def fused_step(
         "rows_ptr": rows,
         "out_ptr": out,
         "x0_ptr": x0_out if x0_out is not None else out,
+        "hist_ptr": history if history is not None else x,
+        "last_ptr": last_sample if last_sample is not None else x,
         "guidance_scale": float(guidance_scale) if guided else 0.0,
         "clip_range": float(clip_range) if clip_range is not None else 0.0,
     }
@@ -445,6 +557,8 @@ def _plan(
     grad,
     out,
     x0_out,
+    history,
+    last_sample,
     guided,
     clip_range,
     thresholding,
@@ -475,9 +589,10 @@ def _plan(
         raise ValueError(
             f"variance_mode must be one of {sorted(VARIANCE_MODES)}, got {variance_mode!r}"
         )
-    if table.dim() != 2 or table.shape[1] != len(COLUMNS) or table.dtype != torch.float32:
+    n_cols = len(COLUMNS if history is None else UNIPC_COLUMNS)
+    if table.dim() != 2 or table.shape[1] != n_cols or table.dtype != torch.float32:
         raise ValueError(
-            f"table must be float32 [R, {len(COLUMNS)}], got {table.dtype} {tuple(table.shape)}"
+            f"table must be float32 [R, {n_cols}], got {table.dtype} {tuple(table.shape)}"
         )
     if table.device != x.device or not table.is_contiguous():
         raise ValueError("table must be a contiguous tensor on x's device")
@@ -535,6 +650,7 @@ def _plan(
     if seeds is not None:
         if seeds.dtype != torch.int64 or seeds.shape != (batch,) or seeds.device != x.device:
             raise ValueError(f"seeds must be an int64 tensor [{batch}] on x's device")
+    hist_slots = _check_unipc_state(history, last_sample, x0_prev, x, batch)
 
     block_s, block_n, num_warps = _block_sizes(batch, n_per_sample)
     grid = (triton.cdiv(n_per_sample, block_n), triton.cdiv(batch, block_s))
@@ -552,7 +668,7 @@ def _plan(
         out_bstride=out.stride(0) if out is not None else x_bstride,
         x0_bstride=x0_out.stride(0) if x0_out is not None else x_bstride,
         rows_stride=rows_stride,
-        N_COLS=len(COLUMNS),
+        N_COLS=n_cols,
         CFG=guided,
         CLIP=clip_range is not None,
         VAR_MODE=VARIANCE_MODES[variance_mode],
@@ -560,11 +676,36 @@ def _plan(
         NOISE=1 if noise is not None else (2 if seeds is not None else 0),
         HAS_GRAD=grad is not None,
         FAST_MATH=not _interpreting(),
+        hist_bstride=history.stride(1) if history is not None else 0,
+        hist_sstride=history.stride(0) if history is not None else 0,
+        last_bstride=last_sample.stride(1) if last_sample is not None else 0,
+        last_sstride=last_sample.stride(0) if last_sample is not None else 0,
+        HIST_SLOTS=hist_slots,
         BLOCK_S=block_s,
         BLOCK_N=block_n,
     )
     statics["num_warps"] = num_warps
     return _Plan(batch, channels, grid, statics)
+
+
+def _check_unipc_state(history, last_sample, x0_prev, x, batch) -> int:
+    """UniPC's ring ``[S, B, ...]`` and last samples ``[2, B, ...]``, every slot laid out like
+    x; returns S (0 without them)."""
+    if history is None and last_sample is None:
+        return 0
+    if history is None or last_sample is None:
+        raise ValueError("history and last_sample go together (UniPC)")
+    if x0_prev is not None:
+        raise ValueError("x0_prev has no place in a UniPC step (its history is the ring)")
+    for name, t, slots in (("history", history, None), ("last_sample", last_sample, 2)):
+        if not isinstance(t, torch.Tensor) or t.dim() != x.dim() + 1:
+            raise ValueError(f"{name} must be a [slots, B, ...] tensor like x")
+        if not 1 <= t.shape[0] <= (slots or UNIPC_MAX_SLOTS) or (slots and t.shape[0] != slots):
+            raise ValueError(f"{name} has {t.shape[0]} slots, expected {slots or '1 to 4'}")
+        _check_same_layout(name, t[0], x, batch)
+        if t.shape[0] > 1 and t.stride(0) < t[0].numel():
+            raise ValueError(f"the slots of {name} overlap (stride {t.stride(0)})")
+    return history.shape[0]
 
 
 def _launch(plan: _Plan, dynamic: dict, device: torch.device, **flags) -> None:
