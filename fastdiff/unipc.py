@@ -156,6 +156,7 @@ def unipc_table(
     predict_x0: bool,
     lower_order_final: bool,
     disable_corrector: Sequence[int] = (),
+    processed: bool = False,
     poison_rows: bool = False,
 ) -> torch.Tensor:
     """The UniPC coefficient table of a plan (``UNIPC_COLUMNS``; see the module docstring).
@@ -164,14 +165,18 @@ def unipc_table(
     ``n + 1`` with ``poison_rows``: a NaN row at the end of each block). Its columns: the
     conversion ``x0_x, x0_m`` of step k; the corrector (UniC) of step k: ``uc_x`` (1 without
     corrector), ``uc_last``, ``uc_new`` and ``uc_h{slot}``; the predictor (UniP) from the
-    corrected sample to k + 1: ``x``, ``x0`` (of M_k) and ``up_h{slot}``; ``hist_slot = k %
-    S`` and ``last_slot = k % 2``. Rows that no chain reaches (w > k) are NaN.
+    corrected sample to k + 1, with the corrected sample expanded into its terms: ``x``,
+    ``m`` (or ``x0``, of M_k, when M is processed), ``up_last`` and ``up_h{slot}``;
+    ``hist_slot = k % S`` and ``last_slot = k % 2``. Rows that no chain reaches (w > k) are
+    NaN.
 
     Args:
         alpha, sigma: float64 [n + 1]: the n steps' points and the final one (sigma 0: clean).
         conversion: ``(x0_x, x0_m)`` float64 [n] (``conversion_coefficients``).
         solver_order, solver_type, predict_x0, lower_order_final, disable_corrector: UniPC's
             options (diffusers' names).
+        processed: M is clipped or thresholded (not linear in x and m): the next sample takes
+            it as it is, else its terms ``x0_x x + x0_m m`` are folded in.
         poison_rows: end each block with a NaN row (the drop-in's index past the plan).
 
     Returns:
@@ -231,9 +236,20 @@ def unipc_table(
                 solver_type,
                 new=False,
             )
-            rows[:, UCOL["x"]], rows[:, UCOL["x0"]] = ratio, c_0
+            # x_next = ratio x_c + c_0 M_k + sum_i c_i M_{k-i}, with x_c expanded (and M_k too,
+            # unless clipped or thresholded): terms that cancel then cancel here, in float64
+            corrector = rows[:, UCOL["uc_h0"] : UCOL["uc_h0"] + slots]
+            rows[:, UCOL["up_h0"] : UCOL["up_h0"] + slots] = ratio[:, None] * corrector
             for i, c in enumerate(earlier, start=1):
                 put("up_h", i, c)
+            rows[:, UCOL["up_last"]] = ratio * rows[:, UCOL["uc_last"]]
+            on_m = ratio * rows[:, UCOL["uc_new"]] + c_0  # of M_k
+            rows[:, UCOL["x"]] = ratio * rows[:, UCOL["uc_x"]]
+            if processed:
+                rows[:, UCOL["x0"]] = on_m
+            else:
+                rows[:, UCOL["x"]] += on_m * x0_x[k]
+                rows[:, UCOL["m"]] = on_m * x0_m[k]
             rows[:, UCOL["hist_slot"]] = (k % slots).double()
             rows[:, UCOL["last_slot"]] = (k % 2).double()
             bad = ~torch.isfinite(rows)
@@ -367,13 +383,14 @@ class UniPCSampler(Sampler):
 
     # -- the table --------------------------------------------------------------------------
 
-    def _points(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """alpha_t, sigma_t of the plan's steps and of the clean end, float64 [n + 1]."""
+    def noise_levels(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(alpha_t, sigma_t)`` of the plan's steps and of the clean end (sigma 0): float64
+        CPU tensors ``[num_steps + 1]``, the points of ``unipc_table``."""
         ab = torch.cat([self.alpha_bar, self.alpha_bar_next[-1:]])
         return ab.sqrt(), (1.0 - ab).sqrt()
 
     def _build_table(self) -> torch.Tensor:
-        alpha, sigma = self._points()
+        alpha, sigma = self.noise_levels()
         conversion = conversion_coefficients(
             alpha[:-1], sigma[:-1], self.prediction_type, self.predict_x0
         )
@@ -387,6 +404,8 @@ class UniPCSampler(Sampler):
                 predict_x0=self.predict_x0,
                 lower_order_final=self.lower_order_final,
                 disable_corrector=self.disable_corrector,
+                processed=self.predict_x0
+                and (self.clip_sample_range is not None or self.thresholding is not None),
             )
         except ValueError as err:
             raise ValueError(
@@ -556,7 +575,7 @@ class UniPCSampler(Sampler):
             k, w, self.num_steps, self.solver_order, self.lower_order_final, self.disable_corrector
         )
         depth = max(q, p - 1)
-        alpha, sigma = self._points()
+        alpha, sigma = self.noise_levels()
         points = [k + 1, k, *(k - j for j in range(1, depth + 1))]
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         ring, last = self._history.buffers(x, dtype)

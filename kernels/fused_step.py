@@ -37,12 +37,14 @@ recompilation from step to step, and the launch can be captured in a CUDA graph.
    outputs M (x0 or eps) of the last steps and the last corrected sample: the corrector of
    step k and the predictor of step k + 1 in one launch, with M = ``x0`` above::
 
-       x_c    = UC_X * x + UC_LAST * last + UC_NEW * M + sum_j UC_H[j] * hist[j]   # UniC
-       x_next = X * x_c + X0 * M + sum_j UP_H[j] * hist[j]                      # UniP
+       x_c     = UC_X * x + UC_LAST * last + UC_NEW * M + sum_j UC_H[j] * hist[j]  # UniC
+       x_next += UP_LAST * last + sum_j UP_H[j] * hist[j]  # UniP from x_c, expanded
        hist[HIST_SLOT] = M;  last' = x_c
 
-   (``UNIPC_COLUMNS``: coefficients by ring slot j; the slot written is not read). Reads x,
-   m, last and the ring, writes x_c, x_next and M: 5 + 3 passes at order 2.
+   (``UNIPC_COLUMNS``: coefficients by ring slot j; the slot written is not read; the
+   predictor's coefficients of x_c are folded into the others on the host, so that terms
+   which cancel in exact arithmetic cancel in float64 there). Reads x, m, last and the
+   ring, writes x_c, x_next and M: 5 + 3 passes at order 2.
 
 Traffic: reads x and the model output, writes x_next: 3 passes over the tensor; +1 with
 guidance (the second half), +1 for x0_prev (multistep), +1 with an explicit noise tensor, +1
@@ -66,8 +68,9 @@ __all__ = ["COLUMNS", "UNIPC_COLUMNS", "UNIPC_MAX_SLOTS", "VARIANCE_MODES", "fus
 # Columns of a coefficient table row, in order.
 COLUMNS = ("x0_x", "x0_m", "x", "x0", "m", "x0_prev", "std", "log_var_min", "log_var_max")
 # A UniPC table (``history=``) has these columns after COLUMNS: the corrector's coefficients of
-# x, of the last corrected sample, of the new M and of each ring slot; the predictor's of each
-# slot; the ring slot M is written to and the slot (0/1) of the corrected sample written.
+# x, of the last corrected sample, of the new M and of each ring slot; the next sample's of the
+# last corrected sample and of each slot; the ring slot M is written to and the slot (0/1) of
+# the corrected sample written.
 UNIPC_MAX_SLOTS = 4
 UNIPC_COLUMNS = (
     *COLUMNS,
@@ -75,6 +78,7 @@ UNIPC_COLUMNS = (
     "uc_last",
     "uc_new",
     *(f"uc_h{j}" for j in range(UNIPC_MAX_SLOTS)),
+    "up_last",
     *(f"up_h{j}" for j in range(UNIPC_MAX_SLOTS)),
     "hist_slot",
     "last_slot",
@@ -159,11 +163,11 @@ def _unipc_terms(
     last_sstride,
     SLOTS: tl.constexpr,
 ):
-    """UniPC (Zhao et al. 2023): the corrected sample x_c of this step (UniC) and the history
-    term sum_j UP_H[j] hist[j] of the next step's predictor (UniP), from the row's
+    """UniPC (Zhao et al. 2023): the corrected sample x_c of this step (UniC) and the terms
+    UP_LAST last + sum_j UP_H[j] hist[j] of the next sample (UniP), from the row's
     UNIPC_COLUMNS; also the ring slot and the last-sample slot this step writes."""
-    hist_slot = tl.load(coef + (_UNIPC0 + 3 + 2 * _UNIPC_MAX), mask=b_ok, other=0.0)
-    last_slot = tl.load(coef + (_UNIPC0 + 4 + 2 * _UNIPC_MAX), mask=b_ok, other=0.0)
+    hist_slot = tl.load(coef + (_UNIPC0 + 4 + 2 * _UNIPC_MAX), mask=b_ok, other=0.0)
+    last_slot = tl.load(coef + (_UNIPC0 + 5 + 2 * _UNIPC_MAX), mask=b_ok, other=0.0)
     hist_slot = hist_slot.to(tl.int64)[:, None]
     last_slot = last_slot.to(tl.int64)[:, None]
     last_off = (1 - last_slot) * last_sstride + b2 * last_bstride + j2
@@ -172,13 +176,13 @@ def _unipc_terms(
     uc_last = tl.load(coef + (_UNIPC0 + 1), mask=b_ok, other=0.0)[:, None]
     uc_new = tl.load(coef + (_UNIPC0 + 2), mask=b_ok, other=0.0)[:, None]
     x_c = uc_x * x + uc_last * last + uc_new * m_conv
-    pred = tl.zeros_like(x)
+    pred = tl.load(coef + (_UNIPC0 + 3 + _UNIPC_MAX), mask=b_ok, other=0.0)[:, None] * last
     for j in tl.static_range(SLOTS):
         # the slot this step writes holds no input of it: not read (one pass fewer)
         h_off = j * hist_sstride + b2 * hist_bstride + j2
         h = tl.load(hist_ptr + h_off, mask=mask & (hist_slot != j), other=0.0).to(tl.float32)
         x_c += tl.load(coef + (_UNIPC0 + 3 + j), mask=b_ok, other=0.0)[:, None] * h
-        pred += tl.load(coef + (_UNIPC0 + 3 + _UNIPC_MAX + j), mask=b_ok, other=0.0)[:, None] * h
+        pred += tl.load(coef + (_UNIPC0 + 4 + _UNIPC_MAX + j), mask=b_ok, other=0.0)[:, None] * h
     return x_c, pred, hist_slot, last_slot
 
 
@@ -269,9 +273,9 @@ def _fused_step_kernel(
         s = tl.load(thresh_ptr + b, mask=b_ok, other=1.0).to(tl.float32)[:, None]
         x0 = tl.minimum(tl.maximum(x0, -s), s) / s
     if WRITE_OUT:
-        x_s = x  # the sample the update starts from: x, or UniPC's corrected sample
+        x_next = c_x * x + c_x0 * x0 + c_m * m
         if HIST_SLOTS > 0:
-            x_s, h_pred, hist_slot, last_slot = _unipc_terms(
+            x_c, h_pred, hist_slot, last_slot = _unipc_terms(
                 coef,
                 b_ok,
                 mask,
@@ -287,8 +291,6 @@ def _fused_step_kernel(
                 last_sstride,
                 HIST_SLOTS,
             )
-        x_next = c_x * x_s + c_x0 * x0 + c_m * m
-        if HIST_SLOTS > 0:
             x_next += h_pred
         c_prev = tl.load(coef + 5, mask=b_ok, other=0.0)[:, None]
         if HAS_PREV:
@@ -329,7 +331,7 @@ def _fused_step_kernel(
             h_off = hist_slot * hist_sstride + b2 * hist_bstride + j2
             tl.store(hist_ptr + h_off, x0.to(hist_ptr.dtype.element_ty), mask=mask)
             l_off = last_slot * last_sstride + b2 * last_bstride + j2
-            tl.store(last_ptr + l_off, x_s.to(last_ptr.dtype.element_ty), mask=mask)
+            tl.store(last_ptr + l_off, x_c.to(last_ptr.dtype.element_ty), mask=mask)
     # Stored last, after every load: x0_out may alias x0_prev (and out may alias x).
     if WRITE_X0:
         tl.store(x0_ptr + b2 * x0_bstride + j2, x0.to(x0_ptr.dtype.element_ty), mask=mask)

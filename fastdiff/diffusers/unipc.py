@@ -119,10 +119,23 @@ class FusedUniPCMultistepScheduler(StepIndexMixin, UniPCMultistepScheduler):
         Args:
             num_inference_steps: number of steps.
             device: where ``self.timesteps`` goes.
-            sigmas: custom flow sigmas (``use_flow_sigmas`` only, as diffusers).
+            sigmas: custom flow sigmas (``use_flow_sigmas`` only, as diffusers): strictly
+                decreasing, in (0, 1].
             mu: dynamic shifting of flow sigmas (``use_dynamic_shifting``).
         """
         self.check_config()
+        if sigmas is not None and self.config.use_flow_sigmas:
+            s = torch.as_tensor(sigmas, dtype=torch.float64)
+            if (
+                s.dim() != 1
+                or len(s) == 0
+                or not bool(torch.isfinite(s).all())
+                or bool(((s <= 0) | (s > 1)).any())
+                or bool((s[1:] >= s[:-1]).any())
+            ):
+                raise ValueError(
+                    f"sigmas must be a non-empty strictly decreasing list in (0, 1], got {sigmas}"
+                )
         super().set_timesteps(num_inference_steps, device, sigmas, mu)
         self._plan_changed(device)
         self._active = None
@@ -136,7 +149,7 @@ class FusedUniPCMultistepScheduler(StepIndexMixin, UniPCMultistepScheduler):
         alpha = 1.0 / (s**2 + 1.0).sqrt()
         return alpha, s * alpha
 
-    def _build(self, prediction_type: str, order: int, predict_x0: bool) -> dict:
+    def _build(self, prediction_type: str, order: int, predict_x0: bool, processed: bool) -> dict:
         alpha, sigma = self._points()
         conversion = conversion_coefficients(alpha[:-1], sigma[:-1], prediction_type, predict_x0)
         config = self.config
@@ -150,10 +163,15 @@ class FusedUniPCMultistepScheduler(StepIndexMixin, UniPCMultistepScheduler):
                 predict_x0=predict_x0,
                 lower_order_final=config.lower_order_final,
                 disable_corrector=tuple(self.disable_corrector),
+                processed=processed,
                 poison_rows=True,
             )
         except ValueError as err:
-            raise ValueError(f"{type(self).__name__}: {err}") from None
+            raise ValueError(
+                f"{type(self).__name__}: {err}; diffusers' step gives NaN or inf there. With "
+                "final_sigmas_type='sigma_min' the last step can have zero length: keep "
+                "lower_order_final=True"
+            ) from None
         # "table" (the sampler columns) is what _base checks and counts rows of; the kernel
         # reads "unipc", the whole table, uploaded in float32 as it is
         return {"table": table[:, : len(COLUMNS)], "unipc": table.float()}
@@ -221,13 +239,14 @@ class FusedUniPCMultistepScheduler(StepIndexMixin, UniPCMultistepScheduler):
         prediction_type = config.prediction_type
         predict_x0 = bool(self.predict_x0)
         x = dense(sample)
-        tabs = self._device_tables(
-            ("unipc", prediction_type, order, predict_x0),
-            x.device,
-            lambda: self._build(prediction_type, order, predict_x0),
-        )
         _, thresholding = self._processing(config)
         thresholding = thresholding if predict_x0 else None
+        processed = thresholding is not None
+        tabs = self._device_tables(
+            ("unipc", prediction_type, order, predict_x0, processed),
+            x.device,
+            lambda: self._build(prediction_type, order, predict_x0, processed),
+        )
         slots = ring_slots(order)
         if self._history is None or self._history.slots != slots:
             self._history = UniPCHistory(slots)
