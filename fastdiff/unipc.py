@@ -40,6 +40,7 @@ __all__ = [
     "UniPCHistory",
     "UniPCSampler",
     "conversion_coefficients",
+    "reference_on_ring",
     "ring_slots",
     "step_orders",
     "unipc_table",
@@ -301,6 +302,52 @@ class UniPCHistory:
         for ring, last in self._buffers.values():
             ring.zero_()
             last.zero_()
+
+
+def reference_on_ring(
+    x: torch.Tensor,
+    model_output: torch.Tensor,
+    k: int,
+    orders: tuple[int, int],
+    alpha: torch.Tensor,
+    sigma: torch.Tensor,
+    ring: torch.Tensor,
+    last: torch.Tensor,
+    **options,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step k on the reference backend (``fastdiff.reference.unipc_step``) with the history
+    in the ring and slots the kernel uses, which it updates as the kernel does.
+
+    Args:
+        x, model_output: the step's inputs (the reference's compute dtype).
+        k: the step index.
+        orders: ``(q, p)`` of ``step_orders``.
+        alpha, sigma: the plan's points, float64 [n + 1].
+        ring, last: ``UniPCHistory.buffers`` in the compute dtype.
+        **options: ``unipc_step``'s predict_x0, solver_type, prediction_type, clip_range,
+            thresholding.
+
+    Returns:
+        ``(x_next, M_k)``.
+    """
+    q, p = orders
+    depth = max(q, p - 1)
+    slots = ring.shape[0]
+    points = [k + 1, k, *(k - j for j in range(1, depth + 1))]
+    x_next, corrected, converted = reference.unipc_step(
+        x,
+        model_output,
+        [float(alpha[j]) for j in points],
+        [float(sigma[j]) for j in points],
+        history=[ring[(k - j) % slots] for j in range(1, depth + 1)],
+        last_sample=last[(k - 1) % 2] if q else None,
+        corrector_order=q,
+        predictor_order=p,
+        **options,
+    )
+    ring[k % slots].copy_(converted)
+    last[k % 2].copy_(corrected)
+    return x_next, converted
 
 
 class UniPCSampler(Sampler):
@@ -571,30 +618,20 @@ class UniPCSampler(Sampler):
         """The reference path: ``fastdiff.reference.unipc_step`` on this step's schedule values,
         with the history in the same ring and slots as the kernel's (compute dtype)."""
         k, w = self._position
-        q, p = step_orders(
+        orders = step_orders(
             k, w, self.num_steps, self.solver_order, self.lower_order_final, self.disable_corrector
         )
-        depth = max(q, p - 1)
-        alpha, sigma = self.noise_levels()
-        points = [k + 1, k, *(k - j for j in range(1, depth + 1))]
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        ring, last = self._history.buffers(x, dtype)
-        slots = self._history.slots
-        x_next, corrected, converted = reference.unipc_step(
+        return reference_on_ring(
             x,
             m,
-            [float(alpha[j]) for j in points],
-            [float(sigma[j]) for j in points],
-            history=[ring[(k - j) % slots] for j in range(1, depth + 1)],
-            last_sample=last[(k - 1) % 2] if q else None,
-            corrector_order=q,
-            predictor_order=p,
+            k,
+            orders,
+            *self.noise_levels(),
+            *self._history.buffers(x, dtype),
             predict_x0=self.predict_x0,
             solver_type=self.solver_type,
             prediction_type=self.prediction_type,
             clip_range=self.clip_sample_range if self.predict_x0 else None,
             thresholding=self.thresholding if self.predict_x0 else None,
         )
-        ring[k % slots].copy_(converted)
-        last[k % 2].copy_(corrected)
-        return x_next, converted

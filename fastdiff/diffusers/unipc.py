@@ -9,11 +9,13 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 from fastdiff import reference
 from fastdiff.diffusers._base import StepIndexMixin, dense, fused_init
+from fastdiff.diffusers.dpm import FusedDPMSolverMultistepScheduler
 from fastdiff.kernels.fused_step import COLUMNS, fused_step
 from fastdiff.unipc import (
     MAX_ORDER,
     UniPCHistory,
     conversion_coefficients,
+    reference_on_ring,
     ring_slots,
     step_orders,
     unipc_table,
@@ -176,22 +178,9 @@ class FusedUniPCMultistepScheduler(StepIndexMixin, UniPCMultistepScheduler):
         # reads "unipc", the whole table, uploaded in float32 as it is
         return {"table": table[:, : len(COLUMNS)], "unipc": table.float()}
 
-    def add_noise(
-        self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
-    ) -> torch.Tensor:
-        """``alpha_t x0 + sigma_t noise`` at each sample's timestep, as diffusers (no sync).
-
-        Args:
-            original_samples: clean samples ``[B, ...]``.
-            noise: standard-normal noise like them.
-            timesteps: one timestep per sample.
-
-        Returns:
-            The noisy samples.
-        """
-        sigma = self._noise_sigma(original_samples, timesteps)
-        alpha_t, sigma_t = self._sigma_to_alpha_sigma_t(sigma)
-        return alpha_t * original_samples + sigma_t * noise
+    # ``alpha_t x0 + sigma_t noise`` at each sample's timestep (diffusers' rule, no sync): the
+    # same step-index lookup and sigma-to-alpha rule (flow sigmas included) as DPM's
+    add_noise = FusedDPMSolverMultistepScheduler.add_noise
 
     @staticmethod
     def _launch(x, model_output, tables, rows, *, out_dtype, x0_dtype, **kwargs):
@@ -266,29 +255,22 @@ class FusedUniPCMultistepScheduler(StepIndexMixin, UniPCMultistepScheduler):
             nonlocal orders
             # the reference backend reads a device step index on the host (the kernel never)
             k = index if isinstance(index, int) else int(index)
-            q, p = orders = step_orders(
+            orders = step_orders(
                 k, w, n, order, config.lower_order_final, tuple(self.disable_corrector)
             )
-            alpha, sigma = self._points()
-            depth = max(q, p - 1)
-            points = [k + 1, k, *(k - j for j in range(1, depth + 1))]
-            x_next, corrected, converted = reference.unipc_step(
+            return reference_on_ring(
                 xr,
                 m,
-                [float(alpha[j]) for j in points],
-                [float(sigma[j]) for j in points],
-                history=[ring[(k - j) % slots] for j in range(1, depth + 1)],
-                last_sample=last[(k - 1) % 2] if q else None,
-                corrector_order=q,
-                predictor_order=p,
+                k,
+                orders,
+                *self._points(),
+                ring,
+                last,
                 predict_x0=predict_x0,
                 solver_type=config.solver_type,
                 prediction_type=prediction_type,
                 thresholding=thresholding,
             )
-            ring[k % slots].copy_(converted)
-            last[k % 2].copy_(corrected)
-            return x_next, converted
 
         prev, _ = self._run_step(
             x,
