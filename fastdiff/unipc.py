@@ -38,6 +38,7 @@ from fastdiff.samplers import Sampler, StepOutput
 __all__ = [
     "UCOL",
     "UniPCHistory",
+    "UniPCMixin",
     "UniPCSampler",
     "conversion_coefficients",
     "reference_on_ring",
@@ -350,10 +351,12 @@ def reference_on_ring(
     return x_next, converted
 
 
-class UniPCSampler(Sampler):
-    """UniPC (Zhao et al. 2023), VP space: the corrector of each step and the predictor of
-    the next in one fused launch, with the multistep history in device buffers that the
-    sampler owns (see the module docstring).
+class UniPCMixin:
+    """UniPC (Zhao et al. 2023) on a ``fastdiff.Sampler``'s plan: the corrector of each step
+    and the predictor of the next in one fused launch, with the multistep history in device
+    buffers that the sampler owns (see the module docstring). Mixed in before a sampler base
+    that provides the plan; the class provides :meth:`noise_levels` (the plan's alpha_t and
+    sigma_t), e.g. ``UniPCSampler`` (VP).
 
     Drive it as any sampler (``fastdiff.sample``, ``SamplingGraph``): ``step(x, m, i)``. With a
     python int ``i``, a step that does not follow the previous one (``i != previous + 1``)
@@ -362,29 +365,23 @@ class UniPCSampler(Sampler):
     see where a chain starts: it is the step given to :meth:`begin_chain` (default 0).
 
     Args:
-        schedule: the model's noise schedule.
-        steps: see ``Sampler`` (trailing or linspace spacing suit it best).
+        *args: the sampler base's (schedule, steps).
         solver_order: 1 to 3 (the predictor's order; the corrector adds one).
         solver_type: "bh1" (B(h) = h) or "bh2" (B(h) = e^h - 1).
         predict_x0: keep data predictions (True: the data-prediction UniPC, with clipping and
             thresholding available) or noise predictions.
         lower_order_final: lower the order on the last steps (the last one is first order).
         disable_corrector: step indices whose correction, applied at the next step, is off.
-        **kwargs: ``Sampler``'s (prediction_type, timestep_spacing, clip_sample_range,
-            thresholding, conditioning, backend, ...).
-
-    Example:
-        >>> sampler = UniPCSampler(schedule, 10, timestep_spacing="trailing")
-        >>> x = fastdiff.sample(model, sampler, shape=(4, 3, 32, 32), seed=0)
+        **kwargs: the sampler base's (prediction_type, clip_sample_range, thresholding,
+            conditioning, backend, ...).
     """
 
     multistep = False  # the loop passes no x0_prev: the history is the sampler's own
+    _history_on_device = True  # no Python-side history is read by a step
 
     def __init__(
         self,
-        schedule,
-        steps=20,
-        *,
+        *args,
         solver_order: int = 2,
         solver_type: str = "bh2",
         predict_x0: bool = True,
@@ -419,22 +416,21 @@ class UniPCSampler(Sampler):
         self._done = 0  # steps of the current chain (capped at solver_order)
         self._chain_start = 0  # where chains of tensor-indexed steps start
         self._unipc_cache: dict = {}
-        super().__init__(schedule, steps, **kwargs)
+        super().__init__(*args, **kwargs)
 
     def __repr__(self) -> str:
         return (
-            f"UniPCSampler(steps={self.num_steps}, solver_order={self.solver_order}, "
+            f"{type(self).__name__}(steps={self.num_steps}, solver_order={self.solver_order}, "
             f"solver_type={self.solver_type!r}, predict_x0={self.predict_x0}, "
             f"prediction_type={self.prediction_type!r}, backend={self.backend!r})"
         )
 
-    # -- the table --------------------------------------------------------------------------
-
     def noise_levels(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(alpha_t, sigma_t)`` of the plan's steps and of the clean end (sigma 0): float64
         CPU tensors ``[num_steps + 1]``, the points of ``unipc_table``."""
-        ab = torch.cat([self.alpha_bar, self.alpha_bar_next[-1:]])
-        return ab.sqrt(), (1.0 - ab).sqrt()
+        raise NotImplementedError
+
+    # -- the table --------------------------------------------------------------------------
 
     def _build_table(self) -> torch.Tensor:
         alpha, sigma = self.noise_levels()
@@ -456,8 +452,8 @@ class UniPCSampler(Sampler):
             )
         except ValueError as err:
             raise ValueError(
-                f"UniPCSampler: {err} (a plan that starts at alpha_bar = 0, zero terminal SNR, "
-                "needs solver_type='bh2' and solver_order <= 2)"
+                f"{type(self).__name__}: {err} (a plan that starts at alpha_bar = 0, zero "
+                "terminal SNR, needs solver_type='bh2' and solver_order <= 2)"
             ) from None
         # The base table: the sampler's own columns of a chain started at step 0.
         n = len(alpha) - 1
@@ -518,7 +514,9 @@ class UniPCSampler(Sampler):
         kernel path never does): one index for the whole batch."""
         values = i.reshape(-1).tolist()
         if len(set(values)) != 1:
-            raise ValueError("the reference backend of UniPCSampler takes one step index a batch")
+            raise ValueError(
+                f"the reference backend of {type(self).__name__} takes one step index a batch"
+            )
         k = values[0]
         if k < self._chain_start:
             raise ValueError(f"step {k} is before the chain's start {self._chain_start}")
@@ -635,3 +633,28 @@ class UniPCSampler(Sampler):
             clip_range=self.clip_sample_range if self.predict_x0 else None,
             thresholding=self.thresholding if self.predict_x0 else None,
         )
+
+
+class UniPCSampler(UniPCMixin, Sampler):
+    """UniPC (Zhao et al. 2023) in VP space (``UniPCMixin`` on a ``Sampler`` plan):
+    ``alpha_t = sqrt(ab_t)``, ``sigma_t = sqrt(1 - ab_t)``, then clean data.
+
+    Args:
+        schedule: the model's noise schedule.
+        steps: see ``Sampler`` (trailing or linspace spacing suit it best).
+        solver_order, solver_type, predict_x0, lower_order_final, disable_corrector: see
+            ``UniPCMixin``.
+        **kwargs: ``Sampler``'s (prediction_type, timestep_spacing, clip_sample_range,
+            thresholding, conditioning, backend, ...).
+
+    Example:
+        >>> sampler = UniPCSampler(schedule, 10, timestep_spacing="trailing")
+        >>> x = fastdiff.sample(model, sampler, shape=(4, 3, 32, 32), seed=0)
+    """
+
+    def __init__(self, schedule, steps=20, **kwargs) -> None:
+        super().__init__(schedule, steps, **kwargs)
+
+    def noise_levels(self) -> tuple[torch.Tensor, torch.Tensor]:
+        ab = torch.cat([self.alpha_bar, self.alpha_bar_next[-1:]])
+        return ab.sqrt(), (1.0 - ab).sqrt()

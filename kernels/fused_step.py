@@ -29,10 +29,6 @@ row of a device table built once on the host in float64 (``fastdiff.samplers``):
    condition_mean) and ``z`` standard normal noise: read from a tensor, or Philox4x32-10
    inside the kernel keyed by (per-sample seed, step, element), see ``fastdiff.philox``.
 
-The table row of sample ``b`` is ``rows[b * rows_stride]`` (stride 0: one row for the whole
-batch), so the step index and per-sample timesteps live on the device: no host sync, no
-recompilation from step to step, and the launch can be captured in a CUDA graph.
-
 4. UniPC (Zhao et al. 2023; ``fastdiff.unipc``), with a ``history`` ring of the converted
    outputs M (x0 or eps) of the last steps and the last corrected sample: the corrector of
    step k and the predictor of step k + 1 in one launch, with M = ``x0`` above::
@@ -45,6 +41,10 @@ recompilation from step to step, and the launch can be captured in a CUDA graph.
    predictor's coefficients of x_c are folded into the others on the host, so that terms
    which cancel in exact arithmetic cancel in float64 there). Reads x, m, last and the
    ring, writes x_c, x_next and M: 5 + 3 passes at order 2.
+
+The table row of sample ``b`` is ``rows[b * rows_stride]`` (stride 0: one row for the whole
+batch), so the step index and per-sample timesteps live on the device: no host sync, no
+recompilation from step to step, and the launch can be captured in a CUDA graph.
 
 Traffic: reads x and the model output, writes x_next: 3 passes over the tensor; +1 with
 guidance (the second half), +1 for x0_prev (multistep), +1 with an explicit noise tensor, +1

@@ -105,6 +105,26 @@ class FusedUniPCMultistepScheduler(StepIndexMixin, UniPCMultistepScheduler):
             *(c for c in self._thresholding_checks(config) if c[0] != "prediction_type"),
         ]
 
+    def check_capturable(self) -> None:
+        """Raise ValueError if a denoising loop stepping this scheduler cannot be replayed as a
+        CUDA graph: only a ``begin_index`` (``set_begin_index``), which a graph would freeze
+        into every run. The history is in device buffers (``model_outputs`` stays unused).
+
+        Raises:
+            ValueError: the reason.
+        """
+        if self.begin_index is not None:
+            raise ValueError(
+                "the scheduler has a begin_index (set_begin_index): its step index would be "
+                "frozen into the graph; capture a loop over the plan's timesteps instead"
+            )
+
+    def prepare_graph_step(self) -> None:
+        """At the start of every iteration of a captured loop: forget the step index, so that
+        ``step`` looks it up on the device from the iteration's timestep (and takes its rows
+        from the table made on the device at the chain's first step)."""
+        self._step_index = None
+
     def _miss_index(self) -> int:
         return len(self._plan_host) - 1  # diffusers: a timestep not in the plan -> last step
 
