@@ -447,6 +447,24 @@ def test_sampler_options_are_checked():
         s.begin_chain(5)
 
 
+@pytest.mark.parametrize("rescale", [0.0, 0.7])
+def test_guidance_on_both_backends(rescale, device):
+    """Classifier-free guidance (and its rescale) inside the step, the doubled model output
+    unconditional half first: the kernel as the reference, over a chain."""
+    fused, ref = (
+        UniPCSampler(SCHEDULE, 4, solver_order=2, timestep_spacing="trailing", backend=b)
+        for b in ("triton", "reference")
+    )
+    x = torch.randn(3, 2, 5, device=device)
+    xf, xr = x, x.double()
+    for i in range(4):
+        m = torch.randn(6, 2, 5, device=device)
+        kw = dict(guidance_scale=3.0, guidance_rescale=rescale, return_x0=False)
+        xf = fused.step(xf, m, i, **kw).prev_sample
+        xr = ref.step(xr, m.double(), i, **kw).prev_sample
+        torch.testing.assert_close(xf.double(), xr, **TOLERANCES[torch.float32])
+
+
 def test_x0_output(device):
     s = UniPCSampler(SCHEDULE, 4, backend="triton")
     r = UniPCSampler(SCHEDULE, 4, backend="reference")
