@@ -500,6 +500,19 @@ class UniPCMixin:
         self._chain_start = start
         self._next, self._done = start, 0
 
+    def graph_state(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The device buffers a step on samples like ``x`` reads and writes besides x (the
+        ring and the last corrected samples, allocated here if new): what a CUDA graph of
+        several steps must save and restore with x to re-run them (its verification).
+
+        Args:
+            x: a sample like the loop's (shape, dtype, device, memory format).
+
+        Returns:
+            ``[ring, last]``.
+        """
+        return list(self._history.buffers(x, x.dtype))
+
     def _host_position(self, i) -> tuple[int, int]:
         """(k, w) of a step whose index is a python int: the chain bookkeeping on the host."""
         if i != self._next:

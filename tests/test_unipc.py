@@ -420,6 +420,16 @@ def test_sampling_graph_is_bitwise_the_eager_loop(monkeypatch):
     assert torch.equal(g.run(noise), eager)  # replays only
 
 
+def test_graph_state_is_the_stepped_buffers(device):
+    s = UniPCSampler(SCHEDULE, 4, backend="triton")
+    x = torch.randn(2, 3, 4, 4, device=device).contiguous(memory_format=torch.channels_last)
+    ring, last = s.graph_state(x)
+    assert ring.shape == (3, *x.shape) and last.shape == (2, *x.shape)
+    assert ring[0].is_contiguous(memory_format=torch.channels_last)
+    s.step(x, torch.randn_like(x), 0, return_x0=False)
+    assert torch.equal(last[0], x) and ring[0].abs().sum() > 0  # written in place
+
+
 def test_sampler_options_are_checked():
     with pytest.raises(ValueError, match="solver_order"):
         UniPCSampler(SCHEDULE, 5, solver_order=4)
