@@ -32,6 +32,19 @@ halves: ``(1 - w) r`` and ``w r``), x0_prev, z and g, except for the clip / thre
 which one backward launch recomputes from x and m; the threshold ``s`` is a constant (its
 gradient is not propagated, in the reference as here).
 
+UniPC (Zhao et al. 2023; ``fastdiff.unipc``), with a ``history`` ring of the converted
+outputs M (x0 or eps) of the last steps and the last corrected sample: the corrector of
+step k and the predictor of step k + 1 in one launch, with M = ``x0`` above::
+
+    x_c     = UC_X * x + UC_LAST * last + UC_NEW * M + sum_j UC_H[j] * hist[j]  # UniC
+    x_next += UP_LAST * last + sum_j UP_H[j] * hist[j]  # UniP from x_c, expanded
+    hist[HIST_SLOT] = M;  last' = x_c
+
+(``UNIPC_COLUMNS``: coefficients by ring slot j; the slot written is not read; the
+predictor's coefficients of x_c are folded into the others on the host, so that terms
+which cancel in exact arithmetic cancel in float64 there). Reads x, m, last and the
+ring, writes x_c, x_next and M: 5 + 3 passes at order 2.
+
 Example:
     >>> x_next, x0 = fused_step(x, eps, table, rows, seeds=seeds)
 """
@@ -48,10 +61,26 @@ from triton.language.extra import libdevice
 
 from .utils import KERNEL_DTYPES, is_dense, memory_format_of, same_layout
 
-__all__ = ["COLUMNS", "VARIANCE_MODES", "fused_step"]
+__all__ = ["COLUMNS", "UNIPC_COLUMNS", "UNIPC_MAX_SLOTS", "VARIANCE_MODES", "fused_step"]
 
 # Columns of a coefficient table row, in order.
 COLUMNS = ("x0_x", "x0_m", "x", "x0", "m", "x0_prev", "std", "log_var_min", "log_var_max")
+# A UniPC table (``history=``) has these columns after COLUMNS: the corrector's coefficients of
+# x, of the last corrected sample, of the new M and of each ring slot; the next sample's of the
+# last corrected sample and of each slot; the ring slot M is written to and the slot (0/1) of
+# the corrected sample written.
+UNIPC_MAX_SLOTS = 4
+UNIPC_COLUMNS = (
+    *COLUMNS,
+    "uc_x",
+    "uc_last",
+    "uc_new",
+    *(f"uc_h{j}" for j in range(UNIPC_MAX_SLOTS)),
+    "up_last",
+    *(f"up_h{j}" for j in range(UNIPC_MAX_SLOTS)),
+    "hist_slot",
+    "last_slot",
+)
 VARIANCE_MODES = {"fixed": 0, "learned": 1, "learned_range": 2}
 
 # Philox4x32 constants (Salmon et al. 2011), the same as fastdiff.philox.
@@ -187,6 +216,50 @@ def _philox_block(
     return tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), (BLOCK_S, BLOCK_N))
 
 
+_UNIPC0 = tl.constexpr(len(COLUMNS))  # first UniPC column
+_UNIPC_MAX = tl.constexpr(UNIPC_MAX_SLOTS)
+
+
+@triton.jit
+def _unipc_terms(
+    coef,
+    b_ok,
+    mask,
+    b2,
+    j2,
+    x,
+    m_conv,
+    hist_ptr,
+    last_ptr,
+    hist_bstride,
+    hist_sstride,
+    last_bstride,
+    last_sstride,
+    SLOTS: tl.constexpr,
+):
+    """UniPC (Zhao et al. 2023): the corrected sample x_c of this step (UniC) and the terms
+    UP_LAST last + sum_j UP_H[j] hist[j] of the next sample (UniP), from the row's
+    UNIPC_COLUMNS; also the ring slot and the last-sample slot this step writes."""
+    hist_slot = tl.load(coef + (_UNIPC0 + 4 + 2 * _UNIPC_MAX), mask=b_ok, other=0.0)
+    last_slot = tl.load(coef + (_UNIPC0 + 5 + 2 * _UNIPC_MAX), mask=b_ok, other=0.0)
+    hist_slot = hist_slot.to(tl.int64)[:, None]
+    last_slot = last_slot.to(tl.int64)[:, None]
+    last_off = (1 - last_slot) * last_sstride + b2 * last_bstride + j2
+    last = tl.load(last_ptr + last_off, mask=mask, other=0.0).to(tl.float32)
+    uc_x = tl.load(coef + _UNIPC0, mask=b_ok, other=0.0)[:, None]
+    uc_last = tl.load(coef + (_UNIPC0 + 1), mask=b_ok, other=0.0)[:, None]
+    uc_new = tl.load(coef + (_UNIPC0 + 2), mask=b_ok, other=0.0)[:, None]
+    x_c = uc_x * x + uc_last * last + uc_new * m_conv
+    pred = tl.load(coef + (_UNIPC0 + 3 + _UNIPC_MAX), mask=b_ok, other=0.0)[:, None] * last
+    for j in tl.static_range(SLOTS):
+        # the slot this step writes holds no input of it: not read (one pass fewer)
+        h_off = j * hist_sstride + b2 * hist_bstride + j2
+        h = tl.load(hist_ptr + h_off, mask=mask & (hist_slot != j), other=0.0).to(tl.float32)
+        x_c += tl.load(coef + (_UNIPC0 + 3 + j), mask=b_ok, other=0.0)[:, None] * h
+        pred += tl.load(coef + (_UNIPC0 + 4 + _UNIPC_MAX + j), mask=b_ok, other=0.0)[:, None] * h
+    return x_c, pred, hist_slot, last_slot
+
+
 # Per-sample scalars (rows, seeds, thresholds, rescale factors) are not specialized on their
 # pointers' alignment: a step index is a view rows[i:i+1], aligned for every other i only.
 @triton.jit(do_not_specialize=["thresh_ptr", "mscale_ptr", "seed_ptr", "rows_ptr"])
@@ -229,6 +302,13 @@ def _fused_step_kernel(
     WRITE_OUT: tl.constexpr,
     WRITE_X0: tl.constexpr,
     FAST_MATH: tl.constexpr,
+    hist_ptr,
+    last_ptr,
+    hist_bstride,
+    hist_sstride,
+    last_bstride,
+    last_sstride,
+    HIST_SLOTS: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -251,6 +331,24 @@ def _fused_step_kernel(
         x0 = tl.minimum(tl.maximum(x0, -s), s) / s
     if WRITE_OUT:
         x_next = c_x * x + c_x0 * x0 + c_m * m
+        if HIST_SLOTS > 0:
+            x_c, h_pred, hist_slot, last_slot = _unipc_terms(
+                coef,
+                b_ok,
+                mask,
+                b2,
+                j2,
+                x,
+                x0,
+                hist_ptr,
+                last_ptr,
+                hist_bstride,
+                hist_sstride,
+                last_bstride,
+                last_sstride,
+                HIST_SLOTS,
+            )
+            x_next += h_pred
         c_prev = tl.load(coef + 5, mask=b_ok, other=0.0)[:, None]
         if HAS_PREV:
             prev = tl.load(prev_ptr + b2 * prev_bstride + j2, mask=mask, other=0.0)
@@ -275,6 +373,11 @@ def _fused_step_kernel(
                 z = _philox_block(seed_ptr, b, b_ok, row, pid_n, FAST_MATH, BLOCK_S, BLOCK_N)
                 x_next += std * z
         tl.store(out_ptr + b2 * out_bstride + j2, x_next.to(out_ptr.dtype.element_ty), mask=mask)
+        if HIST_SLOTS > 0:  # UniPC state: slots no load of this step reads
+            h_off = hist_slot * hist_sstride + b2 * hist_bstride + j2
+            tl.store(hist_ptr + h_off, x0.to(hist_ptr.dtype.element_ty), mask=mask)
+            l_off = last_slot * last_sstride + b2 * last_bstride + j2
+            tl.store(last_ptr + l_off, x_c.to(last_ptr.dtype.element_ty), mask=mask)
     # Stored last, after every load: x0_out may alias x0_prev (and out may alias x).
     if WRITE_X0:
         tl.store(x0_ptr + b2 * x0_bstride + j2, x0.to(x0_ptr.dtype.element_ty), mask=mask)
@@ -491,6 +594,8 @@ def fused_step(
     out: torch.Tensor | None = None,
     x0_out: torch.Tensor | None = None,
     write_x0: bool = True,
+    history: torch.Tensor | None = None,
+    last_sample: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Apply one reverse step (rows of ``table``) to a batch, in one kernel launch.
 
@@ -519,6 +624,12 @@ def fused_step(
         grad: classifier-guidance gradient like x.
         out, x0_out: preallocated outputs like x; ``out`` may alias x, ``x0_out`` x0_prev.
         write_x0: also write the predicted x0 (one more pass).
+        history: UniPC (``fastdiff.unipc``): the ring ``[S, B, ...]`` (S <= UNIPC_MAX_SLOTS,
+            each slot laid out like x) of converted model outputs; with it ``table`` has
+            ``UNIPC_COLUMNS``, and the step writes this step's M (the processed "x0") into
+            the row's ``hist_slot``.
+        last_sample: with ``history``: ``[2, B, ...]``, the corrected samples of this and
+            the previous step (the row's ``last_slot`` is written, the other read).
 
     Returns:
         ``(x_next, x0)`` laid out like x, in x's dtype (or out's / x0_out's); x0 is None
@@ -531,6 +642,7 @@ def fused_step(
     rescaled = guided and bool(guidance_rescale)
     write_x0 = write_x0 or x0_out is not None
     tensors = (x, model_output, table, rows, x0_prev, noise, seeds, grad, out, x0_out)
+    tensors += (history, last_sample)
     key = (
         tuple(map(_signature, tensors)),
         guided,
@@ -548,12 +660,15 @@ def fused_step(
     if rescaled:
         mscale = _rescale_factor(model_output, config, guidance_scale, guidance_rescale)
     options = (table, rows, seeds, guidance_scale, clip_range, thresholding, write_x0)
+    options += (history, last_sample)
     inputs = (x, model_output, x0_prev, noise, grad, mscale)
     if torch.is_grad_enabled() and (
         x.requires_grad
         or model_output.requires_grad
         or any(t is not None and t.requires_grad for t in inputs[2:])
     ):
+        if history is not None:
+            raise ValueError("a UniPC step (history=) is not differentiable; run it under no_grad")
         x_next, x0 = _FusedStep.apply(config, options, *inputs)
         if out is not None:
             x_next = out.copy_(x_next)
@@ -579,7 +694,8 @@ def _rescale_factor(model_output, config, guidance_scale, guidance_rescale) -> t
 
 def _forward(config, options, x, model_output, x0_prev, noise, grad, mscale, out, x0_out):
     """The step's launches; returns ``(x_next, x0 or None, thresholds or None)``."""
-    table, rows, seeds, guidance_scale, clip_range, thresholding, write_x0 = options
+    table, rows, seeds, guidance_scale, clip_range, thresholding, write_x0 = options[:7]
+    history, last_sample = options[7:]
     if out is None:
         out = torch.empty_like(x)
     if x0_out is None and write_x0:
@@ -597,6 +713,8 @@ def _forward(config, options, x, model_output, x0_prev, noise, grad, mscale, out
         "rows_ptr": rows,
         "out_ptr": out,
         "x0_ptr": x0_out if x0_out is not None else out,
+        "hist_ptr": history if history is not None else x,
+        "last_ptr": last_sample if last_sample is not None else x,
         "guidance_scale": float(guidance_scale) if guidance_scale is not None else 0.0,
         "clip_range": float(clip_range) if clip_range is not None else 0.0,
     }
@@ -651,7 +769,7 @@ def _like_x(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def _backward(config, options, x, model_output, noise, grad, mscale, thresh, g_out, g_x0,
               needs, dtypes):  # fmt: skip
     """One launch of the backward kernel: the gradients of the Function's inputs."""
-    table, rows, seeds, guidance_scale, clip_range, _, _ = options
+    table, rows, seeds, guidance_scale, clip_range = options[:5]
     need_x, need_m, need_prev, need_noise, need_grad, need_scale = needs
     gy = _like_x(g_out, x) if g_out is not None else torch.zeros_like(x)
     gx0 = _like_x(g_x0, x) if g_x0 is not None else None
@@ -736,7 +854,8 @@ def _signature(t: torch.Tensor | None):
 
 
 def _launch_config(
-    x, model_output, table, rows, x0_prev, noise, seeds, grad, out, x0_out, guided, clip_range,
+    x, model_output, table, rows, x0_prev, noise, seeds, grad, out, x0_out, history,
+    last_sample, guided, clip_range,
     variance_mode,
 ) -> _LaunchConfig:  # fmt: skip
     """Check what protects memory (clear errors) and compute the launch constants."""
@@ -762,9 +881,10 @@ def _launch_config(
         raise ValueError(
             f"variance_mode must be one of {sorted(VARIANCE_MODES)}, got {variance_mode!r}"
         )
-    if table.dim() != 2 or table.shape[1] != len(COLUMNS) or table.dtype != torch.float32:
+    n_cols = len(COLUMNS if history is None else UNIPC_COLUMNS)
+    if table.dim() != 2 or table.shape[1] != n_cols or table.dtype != torch.float32:
         raise ValueError(
-            f"table must be float32 [R, {len(COLUMNS)}], got {table.dtype} {tuple(table.shape)}"
+            f"table must be float32 [R, {n_cols}], got {table.dtype} {tuple(table.shape)}"
         )
     if table.device != x.device or not table.is_contiguous():
         raise ValueError("table must be a contiguous tensor on x's device")
@@ -812,6 +932,7 @@ def _launch_config(
     if seeds is not None:
         if seeds.dtype != torch.int64 or seeds.shape != (batch,) or seeds.device != x.device:
             raise ValueError(f"seeds must be an int64 tensor [{batch}] on x's device")
+    hist_slots = _check_unipc_state(history, last_sample, x0_prev, x, batch)
 
     block_s, block_n, num_warps = _block_sizes(batch, n_per_sample)
     grid = (triton.cdiv(n_per_sample, block_n), triton.cdiv(batch, block_s))
@@ -829,7 +950,7 @@ def _launch_config(
         out_bstride=out.stride(0) if out is not None else x_bstride,
         x0_bstride=x0_out.stride(0) if x0_out is not None else x_bstride,
         rows_stride=rows_stride,
-        N_COLS=len(COLUMNS),
+        N_COLS=n_cols,
         CFG=guided,
         CLIP=clip_range is not None,
         VAR_MODE=VARIANCE_MODES[variance_mode],
@@ -837,11 +958,36 @@ def _launch_config(
         NOISE=1 if noise is not None else (2 if seeds is not None else 0),
         HAS_GRAD=grad is not None,
         FAST_MATH=not _interpreting(),
+        hist_bstride=history.stride(1) if history is not None else 0,
+        hist_sstride=history.stride(0) if history is not None else 0,
+        last_bstride=last_sample.stride(1) if last_sample is not None else 0,
+        last_sstride=last_sample.stride(0) if last_sample is not None else 0,
+        HIST_SLOTS=hist_slots,
         BLOCK_S=block_s,
         BLOCK_N=block_n,
     )
     statics["num_warps"] = num_warps
     return _LaunchConfig(batch, channels, grid, statics)
+
+
+def _check_unipc_state(history, last_sample, x0_prev, x, batch) -> int:
+    """UniPC's ring ``[S, B, ...]`` and last samples ``[2, B, ...]``, every slot laid out like
+    x; returns S (0 without them)."""
+    if history is None and last_sample is None:
+        return 0
+    if history is None or last_sample is None:
+        raise ValueError("history and last_sample go together (UniPC)")
+    if x0_prev is not None:
+        raise ValueError("x0_prev has no place in a UniPC step (its history is the ring)")
+    for name, t, slots in (("history", history, None), ("last_sample", last_sample, 2)):
+        if not isinstance(t, torch.Tensor) or t.dim() != x.dim() + 1:
+            raise ValueError(f"{name} must be a [slots, B, ...] tensor like x")
+        if not 1 <= t.shape[0] <= (slots or UNIPC_MAX_SLOTS) or (slots and t.shape[0] != slots):
+            raise ValueError(f"{name} has {t.shape[0]} slots, expected {slots or '1 to 4'}")
+        _check_same_layout(name, t[0], x, batch)
+        if t.shape[0] > 1 and t.stride(0) < t[0].numel():
+            raise ValueError(f"the slots of {name} overlap (stride {t.stride(0)})")
+    return history.shape[0]
 
 
 _BACKWARD_STATICS = frozenset(_fused_step_backward_kernel.arg_names) | {"num_warps"}

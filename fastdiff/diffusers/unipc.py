@@ -1,0 +1,314 @@
+"""FusedUniPCMultistepScheduler: diffusers' UniPC (VP and flow sigmas) with the corrector of
+each step and the predictor of the next as one fused kernel launch."""
+
+from __future__ import annotations
+
+import torch
+from diffusers.schedulers.scheduling_unipc_multistep import UniPCMultistepScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerOutput
+
+from fastdiff import reference
+from fastdiff.diffusers._base import StepIndexMixin, dense, fused_init
+from fastdiff.diffusers.dpm import FusedDPMSolverMultistepScheduler
+from fastdiff.kernels.fused_step import COLUMNS, fused_step
+from fastdiff.unipc import (
+    MAX_ORDER,
+    UniPCHistory,
+    conversion_coefficients,
+    reference_on_ring,
+    ring_slots,
+    step_orders,
+    unipc_table,
+)
+
+__all__ = ["FusedUniPCMultistepScheduler"]
+
+
+class FusedUniPCMultistepScheduler(StepIndexMixin, UniPCMultistepScheduler):
+    """Drop-in ``UniPCMultistepScheduler`` (Zhao et al. 2023) whose ``step`` is one fused
+    kernel launch: the corrector UniC of the sample the last step predicted and the
+    predictor UniP of the next sample (``fastdiff.unipc``). The model-output history lives in
+    device buffers written by the kernel, and no step reads a value on the host.
+
+    Supported: ``solver_type`` bh1 / bh2, ``solver_order`` 1 to 3, ``predict_x0`` on and off,
+    ``lower_order_final``, ``disable_corrector``, thresholding (data prediction), every plan
+    of diffusers (spacings, Karras / exponential / beta sigmas, ``final_sigmas_type``, zero
+    terminal SNR) with epsilon / sample / v prediction, and flow matching as Wan uses it:
+    ``use_flow_sigmas`` with ``flow_shift`` (or ``use_dynamic_shifting`` and ``mu``, or given
+    ``sigmas``) and ``prediction_type="flow_prediction"``.
+
+    Unsupported (ValueError at construction): ``solver_p`` (another predictor with UniC),
+    ``solver_order`` above 3, ``flow_prediction`` without flow sigmas and the reverse,
+    ``predict_x0=False`` with flow prediction (diffusers cannot convert it either), and
+    ``lower_order_final=False`` above first order with ``final_sigmas_type="zero"`` (the last
+    step then divides by a zero step ratio: diffusers returns inf).
+
+    Where diffusers' float32 arithmetic multiplies infinity by zero on the step to sigma = 0
+    (``solver_type="bh1"``, or ``predict_x0=False``: diffusers returns NaN there), the fused
+    step takes the limit, ``x0`` (resp. ``(x - sigma eps) / alpha``), and stays finite.
+
+    Example:
+        >>> pipe.scheduler = FusedUniPCMultistepScheduler.from_config(pipe.scheduler.config)
+    """
+
+    _diffusers_cls = UniPCMultistepScheduler
+    _history_on_device = True  # no Python model_outputs / last_sample are read by a step
+    __init__ = fused_init(UniPCMultistepScheduler)
+
+    def _setup_fused(self, backend: str | None) -> None:
+        self._history: UniPCHistory | None = None
+        self._active: tuple | None = None  # (tables, table of the device-indexed chain)
+        super()._setup_fused(backend)
+
+    def _unsupported(self, config) -> list[tuple[str, bool, str]]:
+        flow = bool(config.get("use_flow_sigmas", False))
+        prediction = config.prediction_type
+        return [
+            (
+                "solver_p",
+                config.get("solver_p") is not None,
+                "the fused step is UniPC's own predictor; another solver with UniC is not fused",
+            ),
+            (
+                "solver_order",
+                config.solver_order not in range(1, MAX_ORDER + 1),
+                f"the fused step keeps up to {MAX_ORDER} earlier model outputs (orders 1 to 3)",
+            ),
+            (
+                "prediction_type",
+                prediction not in reference.UNIPC_PREDICTION_TYPES,
+                f"the fused step supports {reference.UNIPC_PREDICTION_TYPES}",
+            ),
+            (
+                "prediction_type",
+                prediction == "flow_prediction" and not flow,
+                "a flow_prediction (velocity) model needs use_flow_sigmas=True",
+            ),
+            (
+                "use_flow_sigmas",
+                flow and prediction != "flow_prediction",
+                "flow sigmas (alpha = 1 - sigma) go with prediction_type='flow_prediction'",
+            ),
+            (
+                "predict_x0",
+                flow and not config.predict_x0,
+                "a flow_prediction output converts to x0 only (diffusers raises too)",
+            ),
+            (
+                "lower_order_final",
+                not config.lower_order_final
+                and config.solver_order > 1
+                and config.final_sigmas_type == "zero",
+                "above first order the last step to sigma = 0 divides by zero (diffusers "
+                "returns inf); keep lower_order_final=True",
+            ),
+            *(c for c in self._thresholding_checks(config) if c[0] != "prediction_type"),
+        ]
+
+    def check_capturable(self) -> None:
+        """Raise ValueError if a denoising loop stepping this scheduler cannot be replayed as a
+        CUDA graph: only a ``begin_index`` (``set_begin_index``), which a graph would freeze
+        into every run. The history is in device buffers (``model_outputs`` stays unused).
+
+        Raises:
+            ValueError: the reason.
+        """
+        if self.begin_index is not None:
+            raise ValueError(
+                "the scheduler has a begin_index (set_begin_index): its step index would be "
+                "frozen into the graph; capture a loop over the plan's timesteps instead"
+            )
+
+    def prepare_graph_step(self) -> None:
+        """At the start of every iteration of a captured loop: forget the step index, so that
+        ``step`` looks it up on the device from the iteration's timestep (and takes its rows
+        from the table made on the device at the chain's first step)."""
+        self._step_index = None
+
+    def _miss_index(self) -> int:
+        return len(self._plan_host) - 1  # diffusers: a timestep not in the plan -> last step
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        sigmas: list[float] | None = None,
+        mu: float | None = None,
+    ) -> None:
+        """diffusers' ``UniPCMultistepScheduler.set_timesteps``; tables are built at the next
+        step.
+
+        Args:
+            num_inference_steps: number of steps.
+            device: where ``self.timesteps`` goes.
+            sigmas: custom flow sigmas (``use_flow_sigmas`` only, as diffusers): strictly
+                decreasing, in (0, 1].
+            mu: dynamic shifting of flow sigmas (``use_dynamic_shifting``).
+        """
+        self.check_config()
+        if sigmas is not None and self.config.use_flow_sigmas:
+            s = torch.as_tensor(sigmas, dtype=torch.float64)
+            if (
+                s.dim() != 1
+                or len(s) == 0
+                or not bool(torch.isfinite(s).all())
+                or bool(((s <= 0) | (s > 1)).any())
+                or bool((s[1:] >= s[:-1]).any())
+            ):
+                raise ValueError(
+                    f"sigmas must be a non-empty strictly decreasing list in (0, 1], got {sigmas}"
+                )
+        super().set_timesteps(num_inference_steps, device, sigmas, mu)
+        self._plan_changed(device)
+        self._active = None
+
+    def _points(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """alpha_t, sigma_t of the plan's sigmas (diffusers' ``_sigma_to_alpha_sigma_t``),
+        float64 [n + 1]."""
+        s = self.sigmas.detach().to("cpu", torch.float64)
+        if self.config.use_flow_sigmas:
+            return 1.0 - s, s
+        alpha = 1.0 / (s**2 + 1.0).sqrt()
+        return alpha, s * alpha
+
+    def _build(self, prediction_type: str, order: int, predict_x0: bool, processed: bool) -> dict:
+        alpha, sigma = self._points()
+        conversion = conversion_coefficients(alpha[:-1], sigma[:-1], prediction_type, predict_x0)
+        config = self.config
+        try:
+            table = unipc_table(
+                alpha,
+                sigma,
+                conversion,
+                solver_order=order,
+                solver_type=config.solver_type,
+                predict_x0=predict_x0,
+                lower_order_final=config.lower_order_final,
+                disable_corrector=tuple(self.disable_corrector),
+                processed=processed,
+                poison_rows=True,
+            )
+        except ValueError as err:
+            raise ValueError(
+                f"{type(self).__name__}: {err}; diffusers' step gives NaN or inf there. With "
+                "final_sigmas_type='sigma_min' the last step can have zero length: keep "
+                "lower_order_final=True"
+            ) from None
+        # "table" (the sampler columns) is what _base checks and counts rows of; the kernel
+        # reads "unipc", the whole table, uploaded in float32 as it is
+        return {"table": table[:, : len(COLUMNS)], "unipc": table.float()}
+
+    # ``alpha_t x0 + sigma_t noise`` at each sample's timestep (diffusers' rule, no sync): the
+    # same step-index lookup and sigma-to-alpha rule (flow sigmas included) as DPM's
+    add_noise = FusedDPMSolverMultistepScheduler.add_noise
+
+    @staticmethod
+    def _launch(x, model_output, tables, rows, *, out_dtype, x0_dtype, **kwargs):
+        """The kernel on the UniPC table, without an x0 output (the step returns the sample)."""
+        out = torch.empty_like(x, dtype=out_dtype)
+        return fused_step(x, model_output, tables["unipc"], rows, out=out, write_x0=False, **kwargs)
+
+    def _device_rows(self, tabs: dict, index: torch.Tensor, chain_start: bool, n: int):
+        """Table and rows of a step index on the device: the rows of a table made on the device
+        at the chain's first step (row k: step k of a chain that started there)."""
+        if chain_start or self._active is None or self._active[0] is not tabs:
+            k = tabs["arange"][: n + 1]
+            order = self.config.solver_order
+            w = torch.clamp(k - index.reshape(()), min=0, max=order)
+            self._active = (tabs, {"unipc": tabs["unipc"].index_select(0, w * (n + 1) + k)})
+        return self._active[1], index.reshape(1)
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int | torch.Tensor,
+        sample: torch.Tensor,
+        return_dict: bool = True,
+    ) -> SchedulerOutput | tuple:
+        """One UniPC step, as diffusers' ``UniPCMultistepScheduler.step``: the corrector of
+        ``sample`` (from the previous step's sample and model outputs), then the predictor of
+        the next sample.
+
+        Args:
+            model_output: the model output, like ``sample``.
+            timestep: the current timestep (one of ``self.timesteps``).
+            sample: the current sample.
+            return_dict: return a ``SchedulerOutput`` (else a tuple).
+
+        Returns:
+            ``SchedulerOutput(prev_sample)`` or ``(prev_sample,)``.
+        """
+        self._check_planned()
+        self.check_config()
+        config = self.config
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        n = len(self._plan_host)
+        order = config.solver_order
+        prediction_type = config.prediction_type
+        predict_x0 = bool(self.predict_x0)
+        x = dense(sample)
+        _, thresholding = self._processing(config)
+        thresholding = thresholding if predict_x0 else None
+        processed = thresholding is not None
+        tabs = self._device_tables(
+            ("unipc", prediction_type, order, predict_x0, processed),
+            x.device,
+            lambda: self._build(prediction_type, order, predict_x0, processed),
+        )
+        slots = ring_slots(order)
+        if self._history is None or self._history.slots != slots:
+            self._history = UniPCHistory(slots)
+        w = min(self.lower_order_nums, order)  # earlier steps of this chain (diffusers' count)
+        if w == 0:
+            self._history.clear()
+        use_kernel = self._use_kernel(x, model_output, out_dtypes=(sample.dtype,))
+        ring, last = self._history.buffers(x, x.dtype if use_kernel else torch.float64)
+        index = self._step_index
+        if isinstance(index, torch.Tensor):
+            tables, rows = self._device_rows(tabs, index, w == 0, n)
+        else:
+            tables, rows = tabs, self._index_rows(tabs, offset=w * (n + 1))
+        orders = None
+
+        def reference_step(xr, m, _noise):  # UniPC is deterministic
+            nonlocal orders
+            # the reference backend reads a device step index on the host (the kernel never)
+            k = index if isinstance(index, int) else int(index)
+            orders = step_orders(
+                k, w, n, order, config.lower_order_final, tuple(self.disable_corrector)
+            )
+            return reference_on_ring(
+                xr,
+                m,
+                k,
+                orders,
+                *self._points(),
+                ring,
+                last,
+                predict_x0=predict_x0,
+                solver_type=config.solver_type,
+                prediction_type=prediction_type,
+                thresholding=thresholding,
+            )
+
+        prev, _ = self._run_step(
+            x,
+            model_output,
+            tables,
+            rows,
+            reference_step,
+            out_dtype=sample.dtype,
+            x0_dtype=sample.dtype,
+            thresholding=thresholding,
+            history=ring,
+            last_sample=last,
+        )
+        if orders is not None:
+            self.this_order = orders[1]
+        if self.lower_order_nums < order:
+            self.lower_order_nums += 1
+        self._advance()
+        if not return_dict:
+            return (prev,)
+        return SchedulerOutput(prev_sample=prev)
