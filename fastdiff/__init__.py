@@ -34,6 +34,7 @@ from fastdiff.samplers import (
 )
 from fastdiff.sampling import sample
 from fastdiff.schedules import NoiseSchedule, make_betas, make_plan, rescale_zero_terminal_snr
+from fastdiff.unipc import UniPCSampler
 
 __version__ = "0.1.0"
 
@@ -59,6 +60,7 @@ __all__ = [
     "Sampler",
     "SamplingGraph",
     "StepOutput",
+    "UniPCSampler",
     "make_betas",
     "make_plan",
     "rescale_zero_terminal_snr",

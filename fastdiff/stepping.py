@@ -57,6 +57,8 @@ def run_step(
     x0_dtype: torch.dtype | None = None,
     compute_dtype: torch.dtype | None = None,
     check: Callable[[], None] | None = None,
+    history: Tensor | None = None,
+    last_sample: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """One step: ``fused_step`` on the table rows, or ``reference_step`` on the same inputs.
 
@@ -123,6 +125,8 @@ def run_step(
                 out=out,
                 x0_out=x0_out,
                 write_x0=write_x0,
+                history=history,
+                last_sample=last_sample,
             )
         except (TypeError, ValueError):
             if check is not None:

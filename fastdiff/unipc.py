@@ -31,9 +31,9 @@ from collections.abc import Sequence
 import torch
 
 from fastdiff import checks, philox, reference
-from fastdiff.backend import resolve_backend
-from fastdiff.kernels.fused_step import COLUMNS, UNIPC_COLUMNS, UNIPC_MAX_SLOTS, fused_step
+from fastdiff.kernels.fused_step import COLUMNS, UNIPC_COLUMNS, UNIPC_MAX_SLOTS
 from fastdiff.samplers import Sampler, StepOutput
+from fastdiff.stepping import run_step
 
 __all__ = [
     "UCOL",
@@ -579,7 +579,7 @@ class UniPCMixin:
             raise TypeError(
                 f"x and model_output must be floating point, got {x.dtype}, {model_output.dtype}"
             )
-        i = self._step_index(i, x)
+        i = self._step_index(i, x.shape[0], x.device)
         if grad is not None:
             raise ValueError(
                 "classifier guidance shifts the mean by variance x gradient; UniPC's step has "
@@ -589,40 +589,38 @@ class UniPCMixin:
         if x0_out is not None and not self.predict_x0:
             raise ValueError("predict_x0=False keeps noise predictions: there is no x0 to write")
         want_x0 = self.predict_x0 and (return_x0 or x0_out is not None)
-        if resolve_backend(self.backend, x) == "triton":
-            tables = self._unipc_tables(x.device)
-            if isinstance(i, int):
-                k, w = self._host_position(i)
-                table = tables["full"]
-                rows = tables["row_views"][w * self.num_steps + k]
-            else:
-                table, rows = tables["active"][self._chain_start], i.reshape(-1)
-            ring, last = self._history.buffers(x, x.dtype)
-            x_next, x0 = fused_step(
-                x,
-                model_output,
-                table,
-                rows,
-                guidance_scale=guidance_scale,
-                guidance_rescale=guidance_rescale,
-                clip_range=self.clip_sample_range,
-                thresholding=self.thresholding,
-                out=out,
-                x0_out=x0_out,
-                write_x0=want_x0,
-                history=ring,
-                last_sample=last,
-            )
-            return StepOutput(x_next, x0)
-        position = self._host_position(i) if isinstance(i, int) else self._tensor_position(i)
-        self._position = position
-        result = self._reference(
-            x, model_output, i, None, None, None, guidance_scale, guidance_rescale, None
+        tables = self._unipc_tables(x.device)
+        if isinstance(i, int):
+            position = self._host_position(i)
+            k, w = position
+            table, rows = tables["full"], tables["row_views"][w * self.num_steps + k]
+        else:
+            position = None  # the kernel reads it from the device; the reference on the host
+            table, rows = tables["active"][self._chain_start], i.reshape(-1)
+        ring, last = self._history.buffers(x, x.dtype)
+
+        def reference_step(xr, m, _x0_prev, _noise, _grad):
+            self._position = position if position is not None else self._tensor_position(i)
+            x_next, x0 = self._reference_step(xr, m, None, i, None, None, None)
+            return x_next.to(x.dtype), x0.to(x.dtype)  # the ring is written in x's dtype
+
+        x_next, x0 = run_step(
+            self.backend,
+            x,
+            model_output,
+            table,
+            rows,
+            reference_step,
+            guidance_scale=guidance_scale,
+            guidance_rescale=guidance_rescale,
+            clip_range=self.clip_sample_range,
+            thresholding=self.thresholding,
+            out=out,
+            x0_out=x0_out,
+            write_x0=want_x0,
+            history=ring,
+            last_sample=last,
         )
-        x_next = result.prev_sample if out is None else out.copy_(result.prev_sample)
-        x0 = result.pred_original_sample if want_x0 else None
-        if x0_out is not None:
-            x0 = x0_out.copy_(x0)
         return StepOutput(x_next, x0)
 
     def _reference_step(self, x, m, v, i, x0_prev, noise, grad):

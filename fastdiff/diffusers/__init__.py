@@ -51,10 +51,12 @@ from fastdiff.diffusers.euler import (
 )
 from fastdiff.diffusers.flow_match import FusedFlowMatchEulerDiscreteScheduler
 from fastdiff.diffusers.graph import DenoisingLoopGraph, capture_denoising_loop
+from fastdiff.diffusers.unipc import FusedUniPCMultistepScheduler
 
 __all__ = [
     "DenoisingLoopGraph",
     "FusedFlowMatchEulerDiscreteScheduler",
+    "FusedUniPCMultistepScheduler",
     "capture_denoising_loop",
     "FusedDDIMScheduler",
     "FusedDDPMScheduler",
