@@ -95,8 +95,11 @@ def run_step(
             check()
         x = dense
         strides = x.stride()
-        if model_output.stride() != strides or any(
-            t is not None and t.stride() != strides for t in others[1:]
+        if (
+            model_output.stride() != strides
+            or (x0_prev is not None and x0_prev.stride() != strides)
+            or (noise is not None and noise.stride() != strides)
+            or (grad is not None and grad.stride() != strides)
         ):
             fmt = memory_format_of(x)
             model_output, x0_prev, noise, grad = (

@@ -661,21 +661,27 @@ def fused_step(
         mscale = _rescale_factor(model_output, config, guidance_scale, guidance_rescale)
     options = (table, rows, seeds, guidance_scale, clip_range, thresholding, write_x0)
     options += (history, last_sample)
-    inputs = (x, model_output, x0_prev, noise, grad, mscale)
     if torch.is_grad_enabled() and (
         x.requires_grad
         or model_output.requires_grad
-        or any(t is not None and t.requires_grad for t in inputs[2:])
+        or (x0_prev is not None and x0_prev.requires_grad)
+        or (noise is not None and noise.requires_grad)
+        or (grad is not None and grad.requires_grad)
+        or (mscale is not None and mscale.requires_grad)
     ):
         if history is not None:
             raise ValueError("a UniPC step (history=) is not differentiable; run it under no_grad")
-        x_next, x0 = _FusedStep.apply(config, options, *inputs)
+        x_next, x0 = _FusedStep.apply(
+            config, options, x, model_output, x0_prev, noise, grad, mscale
+        )
         if out is not None:
             x_next = out.copy_(x_next)
         if x0_out is not None:
             x0 = x0_out.copy_(x0)
         return x_next, x0
-    x_next, x0, _ = _forward(config, options, *inputs, out, x0_out)
+    x_next, x0, _ = _forward(
+        config, options, x, model_output, x0_prev, noise, grad, mscale, out, x0_out
+    )
     return x_next, x0
 
 

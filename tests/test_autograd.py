@@ -33,7 +33,7 @@ SAMPLERS = {
 PROCESSING = {
     "none": {},
     "clip": {"clip_sample_range": 1.2},
-    "threshold": {"thresholding": (0.8, 3.0)},  # s between 1 and 3: not clamped
+    "threshold": {"thresholding": (0.8, 30.0)},  # s ~ 10 here: inside [1, 30], not clamped
 }
 
 
