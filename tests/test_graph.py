@@ -341,15 +341,14 @@ def test_scheduler_hooks_decide_and_prepare(eager_runtime):
 
     latents = torch.zeros(1, 4, 5, 5)
     for cls in (FusedDDPMScheduler, FusedEulerAncestralDiscreteScheduler):
-        scheduler = cls()
+        scheduler = cls(noise="philox")
         scheduler.set_timesteps(5)
-        scheduler.check_capturable()  # in-kernel Philox noise (today's default)
-        scheduler.uses_philox_noise = False  # noise from torch's generator: refused
+        scheduler.check_capturable()  # in-kernel Philox noise (the opt-in)
+        scheduler.noise = "torch"  # noise from torch's generator (the default): refused
         with pytest.raises(ValueError, match="torch's random generator"):
             capture_denoising_loop(lambda x, t: x, latents, scheduler=scheduler)
     for cls in (FusedDDIMScheduler, FusedEulerDiscreteScheduler):
         scheduler = cls()  # deterministic: the noise source does not matter
-        scheduler.uses_philox_noise = False
         scheduler.set_timesteps(5)
         scheduler.check_capturable()
     euler = FusedEulerDiscreteScheduler()
@@ -542,9 +541,8 @@ def test_gpu_python_state_is_caught():
 
 def _philox_noise(scheduler):
     """The scheduler with in-kernel Philox step noise, what a graphed loop needs (the
-    adapter's opt-in; a no-op where Philox noise is the default)."""
-    if not getattr(scheduler, "uses_philox_noise", True):
-        scheduler.uses_philox_noise = True
+    drop-ins' opt-in: ``noise="philox"``)."""
+    scheduler.noise = "philox"
     return scheduler
 
 

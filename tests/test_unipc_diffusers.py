@@ -277,7 +277,10 @@ def test_signatures_match_diffusers():
         got = list(inspect.signature(getattr(FusedUniPCMultistepScheduler, method)).parameters)
         assert got == want, method
     init = set(inspect.signature(FusedUniPCMultistepScheduler.__init__).parameters)
-    assert init == set(inspect.signature(UniPCMultistepScheduler.__init__).parameters) | {"backend"}
+    assert init == set(inspect.signature(UniPCMultistepScheduler.__init__).parameters) | {
+        "backend",
+        "noise",
+    }
 
 
 def test_attributes_return_dict_and_config_roundtrip(tmp_path):

@@ -225,6 +225,7 @@ class FusedSchedulerMixin:
     """
 
     _diffusers_cls: type
+    _kernel_table = "table"  # the key of the device table the kernel reads
     _x0_processing: tuple[str, ...] = ()
 
     # -- setup and configuration ------------------------------------------------------------
@@ -610,7 +611,7 @@ class FusedSchedulerMixin:
             self.backend,
             x,
             model_output,
-            step_tables["table"],
+            step_tables[self._kernel_table],
             rows,
             lambda xr, m, _x0_prev, z, _grad: reference_step(xr, m, z),
             out_dtype=out_dtype,

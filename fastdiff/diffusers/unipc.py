@@ -8,9 +8,10 @@ from diffusers.schedulers.scheduling_unipc_multistep import UniPCMultistepSchedu
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 from fastdiff import reference
+from fastdiff.backend import resolve_backend
 from fastdiff.diffusers._base import StepIndexMixin, dense, fused_init
 from fastdiff.diffusers.dpm import FusedDPMSolverMultistepScheduler
-from fastdiff.kernels.fused_step import COLUMNS, fused_step
+from fastdiff.kernels.fused_step import COLUMNS
 from fastdiff.unipc import (
     MAX_ORDER,
     UniPCHistory,
@@ -52,13 +53,15 @@ class FusedUniPCMultistepScheduler(StepIndexMixin, UniPCMultistepScheduler):
     """
 
     _diffusers_cls = UniPCMultistepScheduler
+    _kernel_table = "unipc"  # the whole UniPC table ("table" holds its sampler columns)
+    _x0_processing = ("threshold",)  # diffusers' UniPC thresholds x0; it has no clip_sample
     _history_on_device = True  # no Python model_outputs / last_sample are read by a step
     __init__ = fused_init(UniPCMultistepScheduler)
 
-    def _setup_fused(self, backend: str | None) -> None:
+    def _setup_fused(self, backend: str | None, noise: str) -> None:
         self._history: UniPCHistory | None = None
         self._active: tuple | None = None  # (tables, table of the device-indexed chain)
-        super()._setup_fused(backend)
+        super()._setup_fused(backend, noise)
 
     def _unsupported(self, config) -> list[tuple[str, bool, str]]:
         flow = bool(config.get("use_flow_sigmas", False))
@@ -202,12 +205,6 @@ class FusedUniPCMultistepScheduler(StepIndexMixin, UniPCMultistepScheduler):
     # same step-index lookup and sigma-to-alpha rule (flow sigmas included) as DPM's
     add_noise = FusedDPMSolverMultistepScheduler.add_noise
 
-    @staticmethod
-    def _launch(x, model_output, tables, rows, *, out_dtype, x0_dtype, **kwargs):
-        """The kernel on the UniPC table, without an x0 output (the step returns the sample)."""
-        out = torch.empty_like(x, dtype=out_dtype)
-        return fused_step(x, model_output, tables["unipc"], rows, out=out, write_x0=False, **kwargs)
-
     def _device_rows(self, tabs: dict, index: torch.Tensor, chain_start: bool, n: int):
         """Table and rows of a step index on the device: the rows of a table made on the device
         at the chain's first step (row k: step k of a chain that started there)."""
@@ -262,7 +259,8 @@ class FusedUniPCMultistepScheduler(StepIndexMixin, UniPCMultistepScheduler):
         w = min(self.lower_order_nums, order)  # earlier steps of this chain (diffusers' count)
         if w == 0:
             self._history.clear()
-        use_kernel = self._use_kernel(x, model_output, out_dtypes=(sample.dtype,))
+        dtypes = (model_output.dtype, sample.dtype)
+        use_kernel = resolve_backend(self.backend, x, dtypes) == "triton"  # as run_step picks
         ring, last = self._history.buffers(x, x.dtype if use_kernel else torch.float64)
         index = self._step_index
         if isinstance(index, torch.Tensor):
@@ -303,6 +301,7 @@ class FusedUniPCMultistepScheduler(StepIndexMixin, UniPCMultistepScheduler):
             thresholding=thresholding,
             history=ring,
             last_sample=last,
+            write_x0=False,  # the step returns the sample only
         )
         if orders is not None:
             self.this_order = orders[1]
