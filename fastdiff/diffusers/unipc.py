@@ -56,10 +56,10 @@ class FusedUniPCMultistepScheduler(StepIndexMixin, UniPCMultistepScheduler):
     _history_on_device = True  # no Python model_outputs / last_sample are read by a step
     __init__ = fused_init(UniPCMultistepScheduler)
 
-    def _setup_fused(self, backend: str | None, noise: str) -> None:
+    def _setup_fused(self, backend: str | None) -> None:
         self._history: UniPCHistory | None = None
         self._active: tuple | None = None  # (tables, table of the device-indexed chain)
-        super()._setup_fused(backend, noise)
+        super()._setup_fused(backend)
 
     def _unsupported(self, config) -> list[tuple[str, bool, str]]:
         flow = bool(config.get("use_flow_sigmas", False))
