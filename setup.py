@@ -13,7 +13,13 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["fastdiff", "fastdiff.diffusers", "fastdiff.kernels", "fastdiff.sample_many"],
+    packages=[
+        "fastdiff",
+        "fastdiff.diffusers",
+        "fastdiff.kernels",
+        "fastdiff.reference",
+        "fastdiff.sample_many",
+    ],
     package_dir={"fastdiff": "fastdiff", "fastdiff.kernels": "kernels"},
     install_requires=["torch>=2.4", "triton>=3.6", "numpy", "tqdm", "matplotlib"],
     extras_require={

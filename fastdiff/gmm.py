@@ -6,9 +6,7 @@ Data ``x0 ~ sum_k w_k N(mu_k, S_k)`` noised as ``x_t = sqrt(ab) x0 + sqrt(1 - ab
 
     E[x0 | x_t] = sum_k r_k(x_t) (mu_k + sqrt(ab) S_k C_k^-1 (x_t - sqrt(ab) mu_k)),
 
-``r_k`` the component responsibilities; computed through ``S_k = U_k diag(l_k) U_k^T``.
-
-Example::
+``r_k`` the component responsibilities, through ``S_k = U_k diag(l_k) U_k^T``. Example::
 
     gmm = demo_mixture()
     model = gmm.denoiser(schedule, prediction_type="epsilon")   # model(x, cond) -> eps

@@ -1,42 +1,18 @@
-"""Samplers: a sampling plan plus the per-step coefficient table the fused kernel applies.
-
-A sampler visits a descending plan of train timesteps ``t_0 > ... > t_{n-1}``, then clean
-data (``ab = 1``); its state is in VP space (``x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps``).
-Each sampler is a rule that fills the table of ``fastdiff.kernels.fused_step`` once, on the
-host, in float64 (``fastdiff.tables``). The reference backend does not read the table: it
-calls ``fastdiff.reference`` with the step's schedule values, so the two check each other.
-``Sampler.__init__`` and ``Sampler.step`` check their arguments (``fastdiff.checks``);
-``fastdiff.stepping.run_step`` runs the step on the backend.
+"""The VP samplers on the fused step: DDPM, DDIM, Euler, Euler ancestral and
+DPM-Solver++(2M) (the base class ``Sampler`` and ``StepOutput`` are in
+``fastdiff.sampler_base``, re-exported here).
 
 Example:
     >>> sampler = DDIMSampler(NoiseSchedule.create("linear", 1000), 50)
-    >>> x = sampler.step(x, model(x, sampler.model_condition(0, 4, x.device)), 0).prev_sample
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-
 import torch
 
 from fastdiff import reference, tables
-from fastdiff.backend import check_backend
-from fastdiff.checks import (
-    PREDICTION_TYPES,
-    check_choice,
-    check_guidance,
-    check_like,
-    check_model_output,
-    check_number,
-    check_out,
-    check_processing,
-    check_seeds,
-    check_tensor,
-)
-from fastdiff.kernels.fused_step import COLUMNS
-from fastdiff.schedules import CONDITIONINGS, NoiseSchedule, make_plan
-from fastdiff.stepping import run_step
+from fastdiff.checks import check_choice, check_number
+from fastdiff.sampler_base import Sampler, StepOutput, broadcast_over
 
 __all__ = [
     "SAMPLERS",
@@ -48,364 +24,6 @@ __all__ = [
     "Sampler",
     "StepOutput",
 ]
-
-
-@dataclass
-class StepOutput:
-    """What a step returns (the names diffusers uses).
-
-    Attributes:
-        prev_sample: the next sample ``x_{t'}``.
-        pred_original_sample: the step's (processed) prediction of x0.
-    """
-
-    prev_sample: torch.Tensor
-    pred_original_sample: torch.Tensor | None
-
-
-def _bcast(value: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Per-sample values [B] (or a scalar) shaped to broadcast over x's trailing dims."""
-    return value.reshape(-1, *([1] * (x.dim() - 1))) if value.dim() == 1 else value
-
-
-class Sampler:
-    """Base class: the plan, the table, and one ``step`` for both backends.
-
-    Args:
-        schedule: the noise schedule the model was trained with.
-        steps: number of sampling steps (spaced by ``timestep_spacing``), a respacing string
-            (``"ddim50"``, ``"10,15,20"``) or an explicit descending list of train timesteps.
-        timestep_spacing: "leading", "trailing" or "linspace" (with an int ``steps``).
-        steps_offset: added to leading-spaced timesteps (diffusers' ``steps_offset``).
-        prediction_type: what the model predicts: "epsilon", "sample" or "v_prediction".
-        clip_sample_range: clamp the predicted x0 to ``[-r, r]`` (None: no clipping).
-        thresholding: ``(ratio, max_value)`` for dynamic thresholding (Saharia et al. 2022).
-        conditioning: what the model is conditioned on: "timestep", "alpha_bar", "sigma" or
-            "log_snr" (see ``model_condition``).
-        backend: "triton", "reference", "auto", or None (``FASTDIFF_BACKEND``, else auto).
-    """
-
-    stochastic = False
-    multistep = False
-
-    def __init__(
-        self,
-        schedule: NoiseSchedule,
-        steps: int | str | Sequence[int] | torch.Tensor = 50,
-        *,
-        timestep_spacing: str = "leading",
-        steps_offset: int = 0,
-        prediction_type: str = "epsilon",
-        clip_sample_range: float | None = None,
-        thresholding: tuple[float, float] | None = None,
-        conditioning: str = "timestep",
-        backend: str | None = None,
-    ) -> None:
-        if not isinstance(schedule, NoiseSchedule):
-            raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
-        check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-        check_choice("conditioning", conditioning, CONDITIONINGS)
-        clip_sample_range, thresholding = check_processing(
-            clip_sample_range, thresholding, clip_name="clip_sample_range"
-        )
-        self.schedule = schedule
-        self.prediction_type = prediction_type
-        self.clip_sample_range = clip_sample_range
-        self.thresholding = thresholding
-        self.conditioning = conditioning
-        self.backend = check_backend(backend)
-        self.timesteps = make_plan(
-            schedule.num_train_timesteps, steps, timestep_spacing, steps_offset
-        )
-        nxt = torch.cat([self.timesteps[1:], torch.tensor([-1])])
-        prv = torch.cat([torch.tensor([-1]), self.timesteps[:-1]])
-        # Schedule values of each step, float64, CPU: ab at t_i, at t_{i+1} (1 after the
-        # last step) and at t_{i-1} (the previous visited step; 1 before the first).
-        self.alpha_bar = schedule.alpha_bar(self.timesteps)
-        self.alpha_bar_next = schedule.alpha_bar(nxt)
-        self.alpha_bar_prev = schedule.alpha_bar(prv)
-        self._set_table()
-
-    def _set_table(self) -> None:
-        """Builds and checks the coefficient table of the plan (``timesteps``, ``alpha_bar``,
-        ``alpha_bar_next``, ``alpha_bar_prev`` set); every sampler's ``__init__`` ends here."""
-        n = self._num_steps = len(self.timesteps)
-        self._check_prediction_at_zero_snr()
-        table = self._build_table()
-        if table.shape != (n, len(COLUMNS)) or table.dtype != torch.float64:
-            raise AssertionError("internal: table has the wrong shape or dtype")
-        bad = ~torch.isfinite(table)
-        if bad.any():
-            step, col = (int(v) for v in bad.nonzero()[0])
-            raise ValueError(
-                f"{type(self).__name__}: coefficient {COLUMNS[col]!r} of step {step} "
-                f"(t={float(self.timesteps[step]):g}) is not finite; the schedule and prediction "
-                "type do not fit (e.g. epsilon prediction at zero terminal SNR)"
-            )
-        self.table = table
-        self._device_cache: dict = {}
-
-    # -- what subclasses provide -------------------------------------------------------------
-
-    def _build_table(self) -> torch.Tensor:
-        raise NotImplementedError
-
-    def _reference_step(self, x, m, v, i, x0_prev, noise, grad):
-        raise NotImplementedError
-
-    # -- shared machinery ----------------------------------------------------------------------
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(steps={self.num_steps}, prediction_type="
-            f"{self.prediction_type!r}, backend={self.backend!r})"
-        )
-
-    @property
-    def num_steps(self) -> int:
-        """Number of sampling steps (model calls)."""
-        return self._num_steps
-
-    def _check_prediction_at_zero_snr(self) -> None:
-        if self.prediction_type == "epsilon" and bool((self.alpha_bar <= 0).any()):
-            raise ValueError(
-                "epsilon prediction cannot recover x0 where alpha_bar is 0 (zero terminal SNR); "
-                "use v_prediction or a plan that avoids the last train timestep"
-            )
-
-    def device_tables(self, device: torch.device | str) -> dict[str, torch.Tensor]:
-        """Device copies of the table and the per-step schedule values (cached per device).
-
-        Keys: ``table`` (float32), ``rows`` (int64 step indices 0..n-1) and ``row_views``
-        (``rows[i:i+1]`` for each i, made once: a step then costs no tensor creation),
-        ``timesteps``, ``alpha_bar``, ``alpha_bar_next``, ``alpha_bar_prev`` (float64).
-        """
-        cached = self._device_cache.get(device)  # fast path: a tensor's own device
-        if cached is not None:
-            return cached
-        key = torch.device(device)
-        if key.type == "cuda" and key.index is None:
-            key = torch.device("cuda", torch.cuda.current_device())
-        cached = self._device_cache.get(key)
-        if cached is None:
-            rows = torch.arange(self.num_steps, dtype=torch.int64, device=key)
-            cached = {
-                "row_views": [rows[i : i + 1] for i in range(self.num_steps)],
-                "rows": rows,
-                "timesteps": self.timesteps.to(key),
-                "alpha_bar": self.alpha_bar.to(key),
-                "alpha_bar_next": self.alpha_bar_next.to(key),
-                "alpha_bar_prev": self.alpha_bar_prev.to(key),
-            }
-            cached["table"] = self.table.to(device=key, dtype=torch.float32).contiguous()
-            self._device_cache[key] = cached
-        self._device_cache[device] = cached
-        return cached
-
-    def _step_index(self, i, batch: int, device: torch.device) -> torch.Tensor | int:
-        """A checked step index: an int in ``[0, num_steps)``, or an int64 tensor (0-d or
-        ``[batch]``) on ``device`` (its range is checked on the CPU only: no sync)."""
-        if isinstance(i, bool):
-            raise TypeError("step index must be an int or an integer tensor, got a bool")
-        if isinstance(i, int):
-            if not 0 <= i < self.num_steps:
-                raise IndexError(f"step index {i} outside [0, {self.num_steps})")
-            return i
-        if not isinstance(i, torch.Tensor) or i.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"step index must be an int or an integer tensor, got {i!r}")
-        if i.dim() > 1 or (i.dim() == 1 and i.shape[0] != batch):
-            raise ValueError(
-                f"a per-sample step index must have shape [{batch}], got {tuple(i.shape)}"
-            )
-        if i.device != device:
-            raise ValueError(f"step index is on {i.device} but x is on {device}")
-        if i.device.type == "cpu" and bool(((i < 0) | (i >= self.num_steps)).any()):
-            raise IndexError(f"step index outside [0, {self.num_steps})")
-        return i.long()
-
-    def model_condition(
-        self, i: int | torch.Tensor, batch_size: int, device: torch.device | str
-    ) -> torch.Tensor:
-        """What the model is conditioned on at step ``i``, one float32 value per sample.
-
-        ``conditioning="timestep"`` gives the train timestep ``t_i``; ``"alpha_bar"``,
-        ``"sigma"`` and ``"log_snr"`` give the noise level, so a model conditioned on the noise
-        level can be sampled on any plan.
-
-        Args:
-            i: step index (int, 0-d or per-sample [B] tensor on ``device``).
-            batch_size: B.
-            device: where the model runs.
-
-        Returns:
-            float32 tensor [B].
-        """
-        on_device = self.device_tables(device)
-        i = self._step_index(i, batch_size, on_device["timesteps"].device)
-        # an int indexes on the host side (a view); a tensor index goes through torch.take,
-        # since indexing with a 0-d device tensor would read it back to the host (a sync)
-        t = on_device["timesteps"][i] if isinstance(i, int) else on_device["timesteps"].take(i)
-        value = self.schedule.conditioning(t, self.conditioning)
-        return value.to(torch.float32).expand(batch_size) if value.dim() == 0 else value.float()
-
-    def step(
-        self,
-        x: torch.Tensor,
-        model_output: torch.Tensor,
-        i: int | torch.Tensor,
-        *,
-        x0_prev: torch.Tensor | None = None,
-        noise: torch.Tensor | None = None,
-        seeds: torch.Tensor | None = None,
-        guidance_scale: float | None = None,
-        guidance_rescale: float = 0.0,
-        grad: torch.Tensor | None = None,
-        return_x0: bool = True,
-        out: torch.Tensor | None = None,
-        x0_out: torch.Tensor | None = None,
-    ) -> StepOutput:
-        """One reverse step from step index ``i`` to ``i + 1`` (or to clean after the last).
-
-        Arguments are checked here, the same on both backends; the step then runs through
-        ``fastdiff.stepping.run_step``. Differentiable on both backends (the kernel's
-        backward treats the thresholding quantile as a constant, as the reference does).
-
-        Args:
-            x: the current sample ``[B, ...]``.
-            model_output: ``[B, ...]``; ``[2B, ...]`` with guidance (unconditional half
-                first); learned variances carry 2x channels.
-            i: step index: int, 0-d int tensor on x's device, or per-sample ``[B]`` tensor.
-            x0_prev: the previous step's x0 (multistep samplers; without it the step is
-                first order).
-            noise: explicit standard-normal noise like x; or ``seeds``, int64 ``[B]``:
-                Philox noise keyed by (seed, i, element). Not both; deterministic samplers
-                ignore them.
-            guidance_scale: classifier-free guidance scale (None: no guidance);
-                guidance_rescale: Lin et al. 2023 factor in [0, 1].
-            grad: classifier guidance: the scaled gradient of log p(y | x_t), like x.
-            return_x0: also return the predicted x0; False saves the kernel one pass over
-                the tensor (``pred_original_sample`` is then None).
-            out, x0_out: preallocated outputs with x's shape, device and strides (static
-                buffers for CUDA graphs); they may alias ``x`` and ``x0_prev``.
-
-        Returns:
-            StepOutput(prev_sample, pred_original_sample).
-
-        Example:
-            >>> out = sampler.step(x, model(x, sampler.model_condition(0, 4, x.device)), 0,
-            ...                    seeds=torch.arange(4))
-        """
-        i, guidance_scale, guidance_rescale = self._check_arguments(
-            x, model_output, i, x0_prev, noise, seeds, grad, guidance_scale, guidance_rescale,
-            out, x0_out,
-        )  # fmt: skip
-        variance_mode = self._variance_mode()
-        learned = variance_mode != "fixed"
-        x0_prev = x0_prev if self.multistep else None
-        if not self.stochastic:
-            noise = seeds = None
-
-        def check_tensors():
-            """Shapes, devices and layouts: run_step calls this on the reference path, and on
-            the kernel path where the kernel refuses a signature (so that both backends
-            raise the same error)."""
-            variance = self.variance_type if learned else None
-            guided = guidance_scale is not None
-            check_model_output(model_output, x, guided=guided, variance_type=variance)
-            for name, t in (("x0_prev", x0_prev), ("noise", noise), ("grad", grad)):
-                if t is not None:
-                    check_like(name, t, x)
-            for name, t in (("out", out), ("x0_out", x0_out)):
-                if t is not None:
-                    check_out(name, t, x)
-
-        def reference_step(x, m, x0_prev, noise, grad):
-            m, v = reference.split_learned_variance(m, self.variance_type) if learned else (m, None)
-            return self._reference_step(x, m, v, i, x0_prev, noise, grad)
-
-        on_device = self.device_tables(x.device)
-        x_next, x0 = run_step(
-            self.backend,
-            x,
-            model_output,
-            on_device["table"],
-            on_device["row_views"][i] if isinstance(i, int) else i.reshape(-1),
-            reference_step,
-            guidance_scale=guidance_scale,
-            guidance_rescale=guidance_rescale,
-            clip_range=self.clip_sample_range,
-            thresholding=self.thresholding,
-            variance_mode=variance_mode,
-            x0_prev=x0_prev,
-            noise=noise,
-            seeds=seeds,
-            grad=grad,
-            out=out,
-            x0_out=x0_out,
-            write_x0=return_x0,
-            check=check_tensors,
-        )
-        return StepOutput(x_next, x0)
-
-    def _check_arguments(
-        self, x, model_output, i, x0_prev, noise, seeds, grad, guidance_scale, guidance_rescale,
-        out, x0_out,
-    ) -> tuple[int | torch.Tensor, float | None, float]:  # fmt: skip
-        """The checks of ``step`` that do not depend on the tensors' shapes (those are
-        ``check_tensors`` in ``step``); returns the step index and the guidance scale and
-        rescale as floats."""
-        check_tensor("x", x)
-        if x.dim() < 1:
-            raise ValueError("x must have a leading batch dimension (got a 0-d tensor)")
-        check_tensor("model_output", model_output)
-        if guidance_scale is not None or guidance_rescale:
-            guidance_scale, guidance_rescale = check_guidance(guidance_scale, guidance_rescale)
-            if guidance_rescale and x[0].numel() < 2:
-                raise ValueError(
-                    "guidance rescale needs a per-sample std: x must have at least 2 elements "
-                    f"per sample, got shape {tuple(x.shape)}"
-                )
-        batch, device = x.shape[0], x.device
-        i = self._step_index(i, batch, device)
-        if noise is not None and seeds is not None:
-            raise ValueError("pass either noise or seeds, not both")
-        if seeds is not None:
-            check_seeds(seeds, batch, device)
-        if noise is not None:
-            check_tensor("noise", noise)
-            if not self.stochastic:  # ignored by the step: checked here, not with the tensors
-                check_like("noise", noise, x)
-        elif self.stochastic and seeds is None:
-            raise ValueError(f"{type(self).__name__} adds noise: pass noise= or seeds=")
-        if grad is not None:
-            check_tensor("grad", grad)
-            if not self.stochastic:
-                raise ValueError(
-                    "classifier guidance shifts the mean by variance x gradient; this "
-                    "sampler's step has no variance (use DDPM, DDIM with eta > 0 or Euler "
-                    "ancestral)"
-                )
-        if x0_prev is not None and self.multistep:
-            check_tensor("x0_prev", x0_prev)
-        if out is not None:
-            check_tensor("out", out)
-        if x0_out is not None:
-            check_tensor("x0_out", x0_out)
-        return i, guidance_scale, guidance_rescale
-
-    def _variance_mode(self) -> str:
-        return "fixed"
-
-    def _values(self, x: torch.Tensor, i) -> dict[str, torch.Tensor]:
-        """ab_t, ab_next, ab_prev of step i on x's device (per sample when i is a tensor)."""
-        on_device = self.device_tables(x.device)
-        names = ("alpha_bar", "alpha_bar_next", "alpha_bar_prev")
-        if isinstance(i, torch.Tensor):  # take, not [i]: a 0-d index tensor would sync
-            return {k: on_device[k].take(i) for k in names}
-        return {k: on_device[k][i] for k in names}
-
-    def _process_kwargs(self) -> dict:
-        return {"clip_range": self.clip_sample_range, "thresholding": self.thresholding}
 
 
 class DDPMSampler(Sampler):
@@ -517,12 +135,12 @@ class EulerSampler(Sampler):
     def _reference_step(self, x, m, v, i, x0_prev, noise, grad):
         s = self._values(x, i)
         ab, an = s["alpha_bar"], s["alpha_bar_next"]
-        x_sigma = x / _bcast(ab.sqrt(), x)
+        x_sigma = x / broadcast_over(ab.sqrt(), x)
         x_next, x0 = self._sigma_space_step(x_sigma, m, _sigma(ab), _sigma(an), noise)
-        x_next = x_next * _bcast(an.sqrt(), x_next).to(x_next.dtype)
+        x_next = x_next * broadcast_over(an.sqrt(), x_next).to(x_next.dtype)
         if grad is not None:  # condition_mean: + (variance of the step's VP noise) x grad
             _, sigma_up = reference.ancestral_sigmas(_sigma(ab), _sigma(an), self.eta)
-            x_next = x_next + _bcast(an * sigma_up**2, x_next).to(x_next.dtype) * grad
+            x_next = x_next + broadcast_over(an * sigma_up**2, x_next).to(x_next.dtype) * grad
         return x_next, x0
 
     def _sigma_space_step(self, x_sigma, m, sigma, sigma_next, noise):
@@ -597,7 +215,7 @@ class DPMSolverPP2MSampler(Sampler):
         x2, _ = reference.dpmpp_2m_step(*args, x0_prev=x0_prev, ab_prev=ab_prev, **kwargs)
         if first_order is False:
             return x2, x0
-        return torch.where(_bcast(first_order, x), x1, x2), x0
+        return torch.where(broadcast_over(first_order, x), x1, x2), x0
 
     def _first_order(self, i, x):
         """True / False for an int step, a per-sample bool tensor otherwise."""

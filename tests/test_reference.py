@@ -842,6 +842,6 @@ def test_ddpm_posterior_is_accurate_in_float32_where_alpha_is_tiny():
     ab = NoiseSchedule.create("squaredcos_cap_v2", 1000).alphas_cumprod
     ab_t, ab_next = ab[999:], ab[998:999]
     assert float(ab_t / ab_next) < 1e-2
-    _, coef32 = R._posterior_mean_coefficients(ab_t.float(), ab_next.float())
-    _, coef64 = R._posterior_mean_coefficients(ab_t, ab_next)
+    _, coef32 = R.posterior_mean_coefficients(ab_t.float(), ab_next.float())
+    _, coef64 = R.posterior_mean_coefficients(ab_t, ab_next)
     assert float(((coef32.double() - coef64) / coef64).abs()) < 1e-6

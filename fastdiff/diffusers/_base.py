@@ -36,9 +36,6 @@ backends check each other.
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -48,57 +45,20 @@ from diffusers.utils.torch_utils import randn_tensor
 from fastdiff import philox
 from fastdiff.backend import check_backend
 from fastdiff.checks import PREDICTION_TYPES, check_choice
+from fastdiff.diffusers._common import device_index, make_output, upload
 from fastdiff.kernels.fused_step import COLUMNS
 from fastdiff.stepping import run_step
 
+# device_index and make_output: re-exported for the tests
 __all__ = [
     "FusedSchedulerMixin",
-    "StepIndexMixin",
-    "TimestepRowsMixin",
-    "fused_init",
+    "device_index",
+    "host_scalar",
     "make_output",
-    "promote",
+    "on_host",
 ]
 
 NOISE_SOURCES = ("torch", "philox")  # the step noise: drawn as diffusers draws it, or in-kernel
-
-
-def fused_init(diffusers_cls: type) -> Callable[..., None]:
-    """An ``__init__`` for a fused subclass of ``diffusers_cls``: diffusers' own parameters
-    (registered to the config by diffusers' decorator) plus two keyword-only runtime choices
-    that are not part of the config (so saved configs stay loadable by diffusers):
-    ``backend`` and ``noise`` (see ``FusedSchedulerMixin``).
-
-    Args:
-        diffusers_cls: the diffusers scheduler class being subclassed.
-
-    Returns:
-        The ``__init__`` function, with a signature that ``from_config`` understands.
-    """
-
-    def __init__(
-        self, *args: Any, backend: str | None = None, noise: str = "torch", **kwargs: Any
-    ) -> None:
-        diffusers_cls.__init__(self, *args, **kwargs)
-        self._setup_fused(backend, noise)
-
-    signature = inspect.signature(diffusers_cls.__init__)
-    extra = [
-        inspect.Parameter(
-            "backend", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="str | None"
-        ),
-        inspect.Parameter(
-            "noise", inspect.Parameter.KEYWORD_ONLY, default="torch", annotation="str"
-        ),
-    ]
-    __init__.__signature__ = signature.replace(parameters=[*signature.parameters.values(), *extra])
-    __init__.__doc__ = (
-        f"Same parameters as ``diffusers.{diffusers_cls.__name__}``, plus ``backend``: "
-        '"triton", "reference", "auto" or None (``FASTDIFF_BACKEND``, else auto), and '
-        '``noise``: "torch" (the step noise diffusers draws, the default) or "philox" '
-        "(in-kernel noise; see ``fastdiff.diffusers``)."
-    )
-    return __init__
 
 
 def on_host(t: torch.Tensor) -> bool:
@@ -116,102 +76,6 @@ def host_scalar(timestep: Any) -> float | int | None:
     if isinstance(timestep, (int, float)):
         return timestep
     raise TypeError(f"timestep must be a number or a tensor, got {type(timestep).__name__}")
-
-
-def device_index(schedule: torch.Tensor, timestep: torch.Tensor, miss: int) -> torch.Tensor:
-    """Position of ``timestep`` in ``schedule`` computed on the device, without a sync.
-
-    Same rule as diffusers' ``index_for_timestep``: the first match, or the second when the
-    timestep occurs more than once (so an img2img loop starting at a repeated timestep does
-    not skip a step); ``miss`` when it does not occur.
-
-    Args:
-        schedule: the plan's timesteps ``[n]`` on the device.
-        timestep: 0-d or ``[B]`` tensor on the same device.
-        miss: the index returned for a timestep not in the plan.
-
-    Returns:
-        int64 tensor of ``timestep``'s shape.
-    """
-    eq = schedule[None, :] == timestep.reshape(-1, 1)
-    count = eq.sum(dim=1)
-    wanted = torch.where(count > 1, 2, 1)
-    hit = eq & (eq.cumsum(dim=1) == wanted[:, None])
-    index = torch.where(count > 0, hit.to(torch.int32).argmax(dim=1).long(), miss)
-    return index.reshape(timestep.shape)
-
-
-def host_index(schedule: torch.Tensor, timestep: Any, miss: int | None) -> int:
-    """``device_index`` on the host (CPU schedule, host timestep); ``miss=None`` raises."""
-    found = (schedule == timestep).nonzero().flatten().tolist()
-    if not found:
-        if miss is None:
-            raise ValueError(
-                f"timestep {timestep} is not in the scheduler's timesteps; pass one of "
-                "scheduler.timesteps (after set_timesteps) or call set_begin_index"
-            )
-        return miss
-    return found[1] if len(found) > 1 else found[0]
-
-
-def upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor copied to ``device`` without a host sync: through pinned memory,
-    asynchronously, for CUDA (PyTorch keeps the pinned block until the copy is done)."""
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
-def dense(x: torch.Tensor, contiguous: bool = False) -> torch.Tensor:
-    """``x`` as the kernel takes it: contiguous or channels_last (a copy only if neither, or
-    if ``contiguous`` is asked)."""
-    if contiguous or not (
-        x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
-    ):
-        return x.contiguous()
-    return x
-
-
-_PROMOTED: dict[tuple[torch.dtype, torch.dtype], torch.dtype] = {}
-
-
-def promote(a: torch.dtype, b: torch.dtype) -> torch.dtype:
-    """``torch.promote_types(a, b)``, memoized (the call costs over a microsecond)."""
-    dtype = _PROMOTED.get((a, b))
-    if dtype is None:
-        dtype = _PROMOTED[(a, b)] = torch.promote_types(a, b)
-    return dtype
-
-
-_OUTPUT_FIELDS: dict[type, tuple[str, ...]] = {}
-_set_item = OrderedDict.__setitem__  # BaseOutput.__setitem__ would also set the attribute
-
-
-def make_output(cls: type, *values: Any) -> Any:
-    """``cls(*values)`` for a diffusers output dataclass, built directly: the object the
-    dataclass constructor builds (every field an attribute, the non-None ones also items of
-    the ``BaseOutput`` OrderedDict, in field order), without the constructor's
-    ``__post_init__`` walk over ``dataclasses.fields`` (~10 microseconds a step).
-
-    Args:
-        cls: a ``diffusers.utils.BaseOutput`` dataclass.
-        *values: its fields' values, in field order (all of them).
-
-    Returns:
-        The output object.
-    """
-    names = _OUTPUT_FIELDS.get(cls)
-    if names is None:
-        names = _OUTPUT_FIELDS[cls] = tuple(field.name for field in dataclasses.fields(cls))
-    if len(values) != len(names):
-        raise AssertionError(f"internal: {cls.__name__} has fields {names}")
-    out = cls.__new__(cls)
-    attributes = out.__dict__
-    for name, value in zip(names, values):
-        attributes[name] = value
-        if value is not None:
-            _set_item(out, name, value)
-    return out
 
 
 class FusedSchedulerMixin:
@@ -630,169 +494,3 @@ class FusedSchedulerMixin:
         shape = () if rows.numel() == 1 else (-1,)
         flat = rows.reshape(-1)
         return tuple(tables[name].index_select(0, flat).reshape(shape) for name in names)
-
-
-def nan_row() -> torch.Tensor:
-    """A poison row: a step that lands on it gives NaN instead of a wrong result."""
-    return torch.full((1, len(COLUMNS)), float("nan"), dtype=torch.float64)
-
-
-class TimestepRowsMixin(FusedSchedulerMixin):
-    """DDPM / DDIM: the table has one row per train timestep (row ``t + 1``; rows 0 and
-    ``T + 1`` are poison), so the row of a step is the timestep itself: python ints, 0-d
-    device tensors, per-sample tensors and plans that start mid-schedule all work. The tables
-    are built from ``_alphas_cumprod64``, a CPU float64 copy of diffusers' ``alphas_cumprod``."""
-
-    _x0_processing = ("clip", "threshold")
-
-    def _setup_fused(self, backend: str | None, noise: str) -> None:
-        # diffusers fixes alphas_cumprod at construction; keep a CPU float64 copy of its values
-        self._alphas_cumprod64 = self.alphas_cumprod.detach().to("cpu", torch.float64)
-        self._train_steps = len(self._alphas_cumprod64)
-        super()._setup_fused(backend, noise)
-
-    def _timestep_rows(
-        self, timestep: Any, tables: dict[str, torch.Tensor], x: torch.Tensor
-    ) -> tuple[torch.Tensor, int | torch.Tensor | None]:
-        """(rows on x's device, the timestep on the host or None when it lives on a device)."""
-        train_steps = self._train_steps
-        value = self._host_value(timestep)
-        if value is not None:
-            t = int(value)
-            if t != value or not 0 <= t < train_steps:
-                raise ValueError(f"timestep must be an integer in [0, {train_steps}), got {value}")
-            return self._row(tables, t + 1), t
-        batch = x.shape[0]
-        if timestep.is_floating_point() and on_host(timestep):
-            raise ValueError("per-sample timesteps must be an integer tensor")
-        if timestep.dim() > 1 or timestep.numel() not in (1, batch):
-            raise ValueError(
-                f"timestep must be a scalar or one per sample ([{batch}]), got shape "
-                f"{tuple(timestep.shape)}"
-            )
-        if on_host(timestep):  # per-sample, known on the host
-            if bool(((timestep < 0) | (timestep >= train_steps)).any()):
-                raise ValueError(f"timesteps must be in [0, {train_steps})")
-            return upload(timestep.long() + 1, x.device), timestep
-        # On the device: no check (it would sync); anything outside maps to a poison row.
-        rows = (timestep.to(x.device).long().reshape(-1) + 1).clamp_(0, train_steps + 1)
-        return rows, None
-
-
-class StepIndexMixin(FusedSchedulerMixin):
-    """Euler / DPM: diffusers' step_index / begin_index bookkeeping without host syncs.
-
-    The step index is a python int when the first timestep is known on the host (a python
-    number or a CPU tensor) or when ``set_begin_index`` was called; for a timestep on a CUDA
-    device it is found by a device-side lookup and stays a 0-d device tensor, advanced on
-    the device.
-    """
-
-    # -- CUDA-graph hooks (see FusedSchedulerMixin) ------------------------------------------
-
-    def check_capturable(self) -> None:
-        """As ``FusedSchedulerMixin.check_capturable``; also refused: a ``begin_index``
-        (``set_begin_index``), which a graph would freeze into every run."""
-        super().check_capturable()
-        if self.begin_index is not None:
-            raise ValueError(
-                "the scheduler has a begin_index (set_begin_index): its step index would be "
-                "frozen into the graph; capture a loop over the plan's timesteps instead"
-            )
-
-    def prepare_graph_step(self) -> None:
-        """Forgets the step index, so that ``scale_model_input`` / ``step`` look it up again
-        on the device from the iteration's timestep (a host index would be frozen)."""
-        self._step_index = None
-
-    # -- end of the CUDA-graph hooks ----------------------------------------------------------
-
-    def _miss_index(self) -> int | None:
-        """Index of a timestep not in the plan (None: an error, as in diffusers)."""
-        return None
-
-    def _plan_on(self, device: torch.device) -> torch.Tensor:
-        plan = self._plan_device.get(device)
-        if plan is None:
-            plan = self._plan_device[device] = upload(self._plan_host, device)
-        return plan
-
-    def _lookup(self, timestep: Any) -> int | torch.Tensor:
-        miss = self._miss_index()
-        value = self._host_value(timestep)
-        if value is not None:
-            return host_index(self._plan_host, value, miss)
-        if timestep.numel() != 1:
-            raise ValueError(
-                f"{type(self).__name__} takes one timestep for the whole batch, got shape "
-                f"{tuple(timestep.shape)}"
-            )
-        n = self._plan_len
-        plan = self._plan_on(timestep.device)
-        return device_index(plan, timestep.reshape(()), n if miss is None else miss)
-
-    def _init_step_index(self, timestep: Any) -> None:
-        if self.begin_index is None:
-            self._step_index = self._lookup(timestep)
-        else:
-            self._step_index = self._begin_index
-
-    def _index_rows(self, tables: dict[str, torch.Tensor], offset: int = 0) -> torch.Tensor:
-        """Table rows ``[1]`` of the current step index (shifted by ``offset``)."""
-        index = self._step_index
-        if isinstance(index, torch.Tensor):
-            return (index + offset).reshape(1) if offset else index.reshape(1)
-        n = self._plan_len
-        if not 0 <= index < n:
-            raise ValueError(
-                f"step index {index} is outside the {n} steps of the plan: step was called "
-                "more often than set_timesteps planned (call set_timesteps again)"
-            )
-        return self._row(tables, index + offset)
-
-    def _advance(self) -> None:
-        index = self._step_index
-        if isinstance(index, torch.Tensor):
-            # stays on the poison row once past the end
-            self._step_index = torch.clamp(index + 1, max=self._plan_len)
-        else:
-            self._step_index = index + 1
-
-    def _add_noise_indices(self, timesteps: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """Step indices for add_noise (diffusers' rule), without a sync."""
-        batch = timesteps.shape[0] if timesteps.dim() else 1
-        if self.begin_index is None:
-            miss = self._miss_index()
-            if on_host(timesteps):
-                found = [host_index(self._plan_host, t, miss) for t in timesteps.reshape(-1)]
-                return upload(torch.tensor(found, dtype=torch.int64), device)
-            n = self._plan_len
-            plan = self._plan_on(timesteps.device)
-            # a timestep not in the plan reads the NaN appended to the sigmas
-            return device_index(plan, timesteps.reshape(-1), n + 1 if miss is None else miss).to(
-                device
-            )
-        index = self.step_index if self.step_index is not None else self.begin_index
-        if isinstance(index, torch.Tensor):
-            return index.reshape(1).expand(batch).to(device)
-        return upload(torch.full((batch,), index, dtype=torch.int64), device)
-
-    def _noise_sigma(self, original_samples: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """diffusers' sigma at each sample's timestep for add_noise (diffusers' index rule,
-        ``_add_noise_indices``; no sync).
-
-        Args:
-            original_samples: the clean samples ``[B, ...]``.
-            timesteps: one timestep per sample.
-
-        Returns:
-            The sigmas in the samples' dtype and device, shaped ``[B, 1, ...]`` to broadcast
-            over them; NaN for a timestep not in the plan.
-        """
-        indices = self._add_noise_indices(timesteps, original_samples.device)
-        sigmas = torch.cat([self.sigmas, self.sigmas.new_full((1,), float("nan"))])
-        sigmas = upload(sigmas.to(original_samples.dtype), original_samples.device)
-        sigma = sigmas[indices].flatten()
-        while sigma.dim() < original_samples.dim():
-            sigma = sigma.unsqueeze(-1)
-        return sigma

@@ -6,14 +6,8 @@ import torch
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler, DDPMSchedulerOutput
 
 from fastdiff import reference, tables
-from fastdiff.diffusers._base import (
-    TimestepRowsMixin,
-    dense,
-    fused_init,
-    make_output,
-    nan_row,
-    promote,
-)
+from fastdiff.diffusers._common import dense, fused_init, make_output, nan_row, promote
+from fastdiff.diffusers._rows import TimestepRowsMixin
 
 __all__ = ["FusedDDPMScheduler"]
 

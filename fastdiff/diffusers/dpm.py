@@ -8,15 +8,9 @@ from diffusers.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultist
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 from fastdiff import reference, tables
-from fastdiff.diffusers._base import (
-    PREDICTION_TYPES,
-    StepIndexMixin,
-    dense,
-    fused_init,
-    make_output,
-    nan_row,
-    promote,
-)
+from fastdiff.checks import PREDICTION_TYPES
+from fastdiff.diffusers._common import dense, fused_init, make_output, nan_row, promote
+from fastdiff.diffusers._rows import StepIndexMixin
 
 __all__ = ["FusedDPMSolverMultistepScheduler"]
 

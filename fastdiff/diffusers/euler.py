@@ -16,15 +16,8 @@ from diffusers.schedulers.scheduling_euler_discrete import (
 from diffusers.utils import logging
 
 from fastdiff import reference, tables
-from fastdiff.diffusers._base import (
-    StepIndexMixin,
-    dense,
-    fused_init,
-    make_output,
-    nan_row,
-    promote,
-    upload,
-)
+from fastdiff.diffusers._common import dense, fused_init, make_output, nan_row, promote, upload
+from fastdiff.diffusers._rows import StepIndexMixin
 
 __all__ = ["FusedEulerAncestralDiscreteScheduler", "FusedEulerDiscreteScheduler"]
 

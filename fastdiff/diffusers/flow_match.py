@@ -12,7 +12,8 @@ from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
 )
 
 from fastdiff import reference, tables
-from fastdiff.diffusers._base import StepIndexMixin, dense, fused_init, nan_row, upload
+from fastdiff.diffusers._common import dense, fused_init, nan_row, upload
+from fastdiff.diffusers._rows import StepIndexMixin
 from fastdiff.flow import check_flow_sigmas
 
 __all__ = ["FusedFlowMatchEulerDiscreteScheduler"]

@@ -9,7 +9,8 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 from fastdiff import reference
 from fastdiff.backend import resolve_backend
-from fastdiff.diffusers._base import StepIndexMixin, dense, fused_init
+from fastdiff.diffusers._common import dense, fused_init
+from fastdiff.diffusers._rows import StepIndexMixin
 from fastdiff.diffusers.dpm import FusedDPMSolverMultistepScheduler
 from fastdiff.kernels.fused_step import COLUMNS
 from fastdiff.unipc import (

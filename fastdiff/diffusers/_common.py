@@ -1,0 +1,169 @@
+"""Helpers of the fused diffusers schedulers that hold no scheduler state: the fused
+``__init__``, the device-side index lookup, host-to-device uploads, the kernel's memory
+layout, dtype promotion, diffusers output objects and the poison row.
+
+Example:
+    >>> rows = device_index(plan, timestep, miss=len(plan))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from fastdiff.kernels.fused_step import COLUMNS
+
+__all__ = [
+    "dense",
+    "device_index",
+    "fused_init",
+    "host_index",
+    "make_output",
+    "nan_row",
+    "promote",
+    "upload",
+]
+
+
+def fused_init(diffusers_cls: type) -> Callable[..., None]:
+    """An ``__init__`` for a fused subclass of ``diffusers_cls``: diffusers' own parameters
+    (registered to the config by diffusers' decorator) plus two keyword-only runtime choices
+    that are not part of the config (so saved configs stay loadable by diffusers):
+    ``backend`` and ``noise`` (see ``FusedSchedulerMixin``).
+
+    Args:
+        diffusers_cls: the diffusers scheduler class being subclassed.
+
+    Returns:
+        The ``__init__`` function, with a signature that ``from_config`` understands.
+    """
+
+    def __init__(
+        self, *args: Any, backend: str | None = None, noise: str = "torch", **kwargs: Any
+    ) -> None:
+        diffusers_cls.__init__(self, *args, **kwargs)
+        self._setup_fused(backend, noise)
+
+    signature = inspect.signature(diffusers_cls.__init__)
+    extra = [
+        inspect.Parameter(
+            "backend", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="str | None"
+        ),
+        inspect.Parameter(
+            "noise", inspect.Parameter.KEYWORD_ONLY, default="torch", annotation="str"
+        ),
+    ]
+    __init__.__signature__ = signature.replace(parameters=[*signature.parameters.values(), *extra])
+    __init__.__doc__ = (
+        f"Same parameters as ``diffusers.{diffusers_cls.__name__}``, plus ``backend``: "
+        '"triton", "reference", "auto" or None (``FASTDIFF_BACKEND``, else auto), and '
+        '``noise``: "torch" (the step noise diffusers draws, the default) or "philox" '
+        "(in-kernel noise; see ``fastdiff.diffusers``)."
+    )
+    return __init__
+
+
+def device_index(schedule: torch.Tensor, timestep: torch.Tensor, miss: int) -> torch.Tensor:
+    """Position of ``timestep`` in ``schedule`` computed on the device, without a sync.
+
+    Same rule as diffusers' ``index_for_timestep``: the first match, or the second when the
+    timestep occurs more than once (so an img2img loop starting at a repeated timestep does
+    not skip a step); ``miss`` when it does not occur.
+
+    Args:
+        schedule: the plan's timesteps ``[n]`` on the device.
+        timestep: 0-d or ``[B]`` tensor on the same device.
+        miss: the index returned for a timestep not in the plan.
+
+    Returns:
+        int64 tensor of ``timestep``'s shape.
+    """
+    eq = schedule[None, :] == timestep.reshape(-1, 1)
+    count = eq.sum(dim=1)
+    wanted = torch.where(count > 1, 2, 1)
+    hit = eq & (eq.cumsum(dim=1) == wanted[:, None])
+    index = torch.where(count > 0, hit.to(torch.int32).argmax(dim=1).long(), miss)
+    return index.reshape(timestep.shape)
+
+
+def host_index(schedule: torch.Tensor, timestep: Any, miss: int | None) -> int:
+    """``device_index`` on the host (CPU schedule, host timestep); ``miss=None`` raises."""
+    found = (schedule == timestep).nonzero().flatten().tolist()
+    if not found:
+        if miss is None:
+            raise ValueError(
+                f"timestep {timestep} is not in the scheduler's timesteps; pass one of "
+                "scheduler.timesteps (after set_timesteps) or call set_begin_index"
+            )
+        return miss
+    return found[1] if len(found) > 1 else found[0]
+
+
+def upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor copied to ``device`` without a host sync: through pinned memory,
+    asynchronously, for CUDA (PyTorch keeps the pinned block until the copy is done)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def dense(x: torch.Tensor, contiguous: bool = False) -> torch.Tensor:
+    """``x`` as the kernel takes it: contiguous or channels_last (a copy only if neither, or
+    if ``contiguous`` is asked)."""
+    if contiguous or not (
+        x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+    ):
+        return x.contiguous()
+    return x
+
+
+_PROMOTED: dict[tuple[torch.dtype, torch.dtype], torch.dtype] = {}
+
+
+def promote(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    """``torch.promote_types(a, b)``, memoized (the call costs over a microsecond)."""
+    dtype = _PROMOTED.get((a, b))
+    if dtype is None:
+        dtype = _PROMOTED[(a, b)] = torch.promote_types(a, b)
+    return dtype
+
+
+_OUTPUT_FIELDS: dict[type, tuple[str, ...]] = {}
+_set_item = OrderedDict.__setitem__  # BaseOutput.__setitem__ would also set the attribute
+
+
+def make_output(cls: type, *values: Any) -> Any:
+    """``cls(*values)`` for a diffusers output dataclass, built directly: the object the
+    dataclass constructor builds (every field an attribute, the non-None ones also items of
+    the ``BaseOutput`` OrderedDict, in field order), without the constructor's
+    ``__post_init__`` walk over ``dataclasses.fields`` (~10 microseconds a step).
+
+    Args:
+        cls: a ``diffusers.utils.BaseOutput`` dataclass.
+        *values: its fields' values, in field order (all of them).
+
+    Returns:
+        The output object.
+    """
+    names = _OUTPUT_FIELDS.get(cls)
+    if names is None:
+        names = _OUTPUT_FIELDS[cls] = tuple(field.name for field in dataclasses.fields(cls))
+    if len(values) != len(names):
+        raise AssertionError(f"internal: {cls.__name__} has fields {names}")
+    out = cls.__new__(cls)
+    attributes = out.__dict__
+    for name, value in zip(names, values):
+        attributes[name] = value
+        if value is not None:
+            _set_item(out, name, value)
+    return out
+
+
+def nan_row() -> torch.Tensor:
+    """A poison row: a step that lands on it gives NaN instead of a wrong result."""
+    return torch.full((1, len(COLUMNS)), float("nan"), dtype=torch.float64)

@@ -1,0 +1,98 @@
+"""Reference sampler steps in plain PyTorch: the spec the fused kernels are tested against.
+
+One small function per paper formula, with its equation number. VP notation (Ho et al. 2020
+eq. 4): ``x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps``; a step goes from ``ab_t`` to ``ab_next``
+(the next, less noisy, visited step; 1.0 is clean). Euler works in sigma space (Karras et
+al. 2022): ``sigma = sqrt((1 - ab) / ab)``, ``x_sigma = x_t / sqrt(ab) = x0 + sigma eps``.
+
+Contract of every step: float64 ``x`` computes in float64, any other float dtype in float32,
+and results come back in ``x.dtype``; schedule values are python floats or tensors ``[]`` /
+``[B]`` (any float dtype and device), broadcast over x's trailing dims; no host sync (no
+``.item()``, no branch on a tensor value). Steps return ``(x_next, x0)``. Arguments are not
+validated here: ``fastdiff.checks`` does that at the public boundary (``Sampler``, the
+drop-ins).
+
+Modules: ``common`` (dtype, schedule values, x0 processing, guidance), ``vp`` (DDPM, DDIM,
+Euler, DPM-Solver++), ``flow`` (flow matching), ``unipc`` (UniPC).
+
+Example:
+    >>> x_next, x0 = ddim_step(x, eps_hat, ab[t], ab[t_next], eta=0.0)
+"""
+
+from fastdiff.checks import PREDICTION_TYPES
+from fastdiff.reference.common import (
+    ScheduleValue,
+    cfg_combine,
+    compute_dtype_of,
+    process_x0,
+    process_x0_compute,
+    schedule_like,
+)
+from fastdiff.reference.flow import (
+    flow_dpmpp_2m_step,
+    flow_eps,
+    flow_euler_step,
+    flow_forward,
+    flow_stochastic_step,
+    flow_x0,
+)
+from fastdiff.reference.unipc import (
+    UNIPC_PREDICTION_TYPES,
+    UNIPC_SOLVER_TYPES,
+    unipc_b,
+    unipc_convert,
+    unipc_phi_terms,
+    unipc_rhos,
+    unipc_step,
+    unipc_update,
+)
+from fastdiff.reference.vp import (
+    VARIANCE_TYPES,
+    ancestral_sigmas,
+    ddim_step,
+    ddpm_step,
+    ddpm_variance,
+    dpmpp_2m_step,
+    euler_ancestral_step,
+    euler_step,
+    posterior_mean_coefficients,
+    predict_eps,
+    predict_x0,
+    split_learned_variance,
+)
+
+__all__ = [
+    "PREDICTION_TYPES",
+    "ScheduleValue",
+    "UNIPC_PREDICTION_TYPES",
+    "UNIPC_SOLVER_TYPES",
+    "VARIANCE_TYPES",
+    "ancestral_sigmas",
+    "cfg_combine",
+    "compute_dtype_of",
+    "ddim_step",
+    "ddpm_step",
+    "ddpm_variance",
+    "dpmpp_2m_step",
+    "euler_ancestral_step",
+    "euler_step",
+    "flow_dpmpp_2m_step",
+    "flow_eps",
+    "flow_euler_step",
+    "flow_forward",
+    "flow_stochastic_step",
+    "flow_x0",
+    "posterior_mean_coefficients",
+    "predict_eps",
+    "predict_x0",
+    "process_x0",
+    "process_x0_compute",
+    "schedule_like",
+    "split_learned_variance",
+    "unipc_b",
+    "unipc_convert",
+    "unipc_phi_terms",
+    "unipc_rhos",
+    "unipc_step",
+    "unipc_update",
+]

@@ -1,0 +1,410 @@
+"""VP reference steps (Ho et al. 2020 eq. 4 notation): predictions, DDPM, DDIM, Euler /
+Euler ancestral in sigma space and DPM-Solver++(2M).
+
+Example:
+    >>> x_next, x0 = ddim_step(x, eps_hat, ab[t], ab[t_next], eta=0.0)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from fastdiff.reference.common import (
+    ScheduleValue,
+    compute_dtype_of,
+    process_x0_compute,
+    schedule_like,
+)
+
+VARIANCE_TYPES = (
+    "fixed_small",
+    "fixed_small_log",
+    "fixed_large",
+    "fixed_large_log",
+    "learned",
+    "learned_range",
+)
+_LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
+
+# Floor of the posterior variance before its log (it is exactly 0 on the step to clean); the
+# same floor as diffusers' DDPMScheduler.
+_MIN_VARIANCE = 1e-20
+
+
+def _sigma(value: ScheduleValue, name: str, like: Tensor) -> Tensor:
+    """A current noise level (> 0), as :func:`schedule_like`."""
+    return schedule_like(value, name, like)
+
+
+def _optional_like(t: Tensor | None, name: str, x: Tensor, dtype: torch.dtype) -> Tensor | None:
+    """An optional tensor like ``x`` (noise, grad, x0_prev) in the compute dtype."""
+    return None if t is None else t.to(dtype)
+
+
+def _prepare_step(x, model_output, prediction_type, clip_range, thresholding):
+    """``(x, model_output)`` in the compute dtype."""
+    dtype = compute_dtype_of(x)
+    return x.to(dtype), model_output.to(dtype)
+
+
+# -- predictions (compute-dtype tensors in and out) -----------------------------------------
+
+
+def _x0_from_output(x: Tensor, m: Tensor, ab: Tensor, prediction_type: str) -> Tensor:
+    if prediction_type == "epsilon":
+        # Ho et al. 2020 eq. 4 solved for x0 (eq. 15)
+        return (x - torch.sqrt(1 - ab) * m) / torch.sqrt(ab)
+    if prediction_type == "sample":
+        return m
+    # v = sqrt(ab) eps - sqrt(1 - ab) x0 (Salimans & Ho 2022) => x0 = sqrt(ab) x - sqrt(1 - ab) v
+    return torch.sqrt(ab) * x - torch.sqrt(1 - ab) * m
+
+
+def _eps_from_x0(x: Tensor, x0: Tensor, ab: Tensor) -> Tensor:
+    # Ho et al. 2020 eq. 4 solved for eps
+    return (x - torch.sqrt(ab) * x0) / torch.sqrt(1 - ab)
+
+
+def _eps_from_output(x: Tensor, m: Tensor, ab: Tensor, prediction_type: str) -> Tensor:
+    if prediction_type == "epsilon":
+        return m
+    if prediction_type == "sample":
+        return _eps_from_x0(x, m, ab)
+    # v-prediction (Salimans & Ho 2022): eps = sqrt(ab) v + sqrt(1 - ab) x
+    return torch.sqrt(ab) * m + torch.sqrt(1 - ab) * x
+
+
+def _x0_from_output_sigma_space(x: Tensor, m: Tensor, sigma: Tensor, prediction_type: str):
+    """The VP formulas on x_t = x / sqrt(sigma^2 + 1), ab = 1 / (sigma^2 + 1)."""
+    if prediction_type == "epsilon":
+        return x - sigma * m
+    if prediction_type == "sample":
+        return m
+    return -sigma / torch.sqrt(sigma**2 + 1) * m + x / (sigma**2 + 1)
+
+
+def _predict(from_output: Callable, x: Tensor, model_output: Tensor, ab_t, prediction_type):
+    dtype = compute_dtype_of(x)
+    xc = x.to(dtype)
+    ab = schedule_like(ab_t, "ab_t", xc)
+    return from_output(xc, model_output.to(dtype), ab, prediction_type).to(x.dtype)
+
+
+def predict_x0(x: Tensor, model_output: Tensor, ab_t: ScheduleValue, prediction_type: str):
+    """The model's x0 (Ho et al. 2020 eq. 15; Salimans & Ho 2022 for v), in ``x.dtype``.
+
+    Example:
+        >>> x0 = predict_x0(x, eps_hat, 0.5, "epsilon")
+    """
+    return _predict(_x0_from_output, x, model_output, ab_t, prediction_type)
+
+
+def predict_eps(x: Tensor, model_output: Tensor, ab_t: ScheduleValue, prediction_type: str):
+    """The model's eps (Ho et al. 2020 eq. 4 solved for eps), in ``x.dtype``.
+
+    Example:
+        >>> eps = predict_eps(x, v_hat, ab, "v_prediction")
+    """
+    return _predict(_eps_from_output, x, model_output, ab_t, prediction_type)
+
+
+def split_learned_variance(model_output: Tensor, variance_type: str):
+    """``(prediction, variance values)`` of an improved-diffusion output ``[B, 2C, ...]``
+    for learned variances (views), ``(model_output, None)`` otherwise.
+
+    Example:
+        >>> m, v = split_learned_variance(out, "learned_range")
+    """
+    if variance_type not in _LEARNED_VARIANCE_TYPES:
+        return model_output, None
+    if model_output.ndim < 2 or model_output.shape[1] % 2 != 0:
+        raise ValueError(
+            f"variance_type {variance_type!r} needs a model output with an even number of "
+            f"channels (dim 1: prediction then variance), got shape {tuple(model_output.shape)}"
+        )
+    prediction, values = model_output.chunk(2, dim=1)
+    return prediction, values
+
+
+# -- DDPM (Ho et al. 2020; Nichol & Dhariwal 2021) ------------------------------------------
+
+
+def _respaced_beta(ab_t: Tensor, ab_next: Tensor) -> Tensor:
+    # beta' = 1 - ab_t / ab_next of the (possibly respaced) step (Nichol & Dhariwal 2021 Sec. 4)
+    return 1 - ab_t / ab_next
+
+
+def posterior_mean_coefficients(ab_t: Tensor, ab_next: Tensor) -> tuple[Tensor, Tensor]:
+    """(x0, x_t) coefficients of the posterior mean (Ho et al. eq. 7):
+    ``sqrt(ab') beta' / (1 - ab_t)`` and ``sqrt(alpha') (1 - ab') / (1 - ab_t)``, with
+    ``alpha' = ab_t / ab'`` directly (``sqrt(1 - beta')`` cancels for tiny alpha')."""
+    beta = _respaced_beta(ab_t, ab_next)
+    coef_x0 = torch.sqrt(ab_next) * beta / (1 - ab_t)
+    coef_xt = torch.sqrt(ab_t / ab_next) * (1 - ab_next) / (1 - ab_t)
+    return coef_x0, coef_xt
+
+
+def _ddpm_log_variance(ab_t, ab_next, variance_type: str, v: Tensor | None) -> Tensor:
+    beta = _respaced_beta(ab_t, ab_next)
+    # beta~ = (1 - ab') / (1 - ab_t) beta' (Ho et al. eq. 7), floored before the log
+    log_small = torch.log(((1 - ab_next) / (1 - ab_t) * beta).clamp(min=_MIN_VARIANCE))
+    if variance_type in ("fixed_small", "fixed_small_log"):
+        return log_small
+    if variance_type in ("fixed_large", "fixed_large_log"):
+        return torch.log(beta)  # sigma^2 = beta' (Ho et al. Sec. 3.2)
+    if variance_type == "learned":
+        return v  # a log variance (improved-diffusion LEARNED)
+    # learned_range: Nichol & Dhariwal 2021 eq. 15, frac = (v + 1) / 2
+    frac = (v + 1) / 2
+    return frac * torch.log(beta) + (1 - frac) * log_small
+
+
+def ddpm_variance(
+    ab_t: ScheduleValue, ab_next: ScheduleValue, variance_type: str, v: Tensor | None = None
+) -> Tensor:
+    """Variance sigma^2 of a DDPM reverse step: fixed_small ``beta~`` (floored at 1e-20),
+    fixed_large ``beta'``, learned ``exp(v)``, learned_range ``exp(frac log beta' + (1 - frac)
+    log beta~)`` (Nichol & Dhariwal 2021 eq. 15); the ``_log`` forms are the same numbers.
+
+    Returns v's shape in v's compute dtype with v, else float64 of the schedule's shape.
+
+    Example:
+        >>> ddpm_variance(0.5, 0.6, "fixed_large")
+        tensor(0.1667, dtype=torch.float64)
+    """
+    if variance_type in _LEARNED_VARIANCE_TYPES:
+        if v is None:
+            raise ValueError(f"variance_type {variance_type!r} needs the model's variance values v")
+        like = v.to(compute_dtype_of(v))
+    else:
+        device = next((a.device for a in (ab_t, ab_next) if isinstance(a, Tensor)), None)
+        batch = max((a.numel() for a in (ab_t, ab_next) if isinstance(a, Tensor)), default=1)
+        like = torch.empty(batch, dtype=torch.float64, device=device)
+    at, an = schedule_like(ab_t, "ab_t", like), schedule_like(ab_next, "ab_next", like)
+    log_var = _ddpm_log_variance(at, an, variance_type, like if v is not None else None)
+    if v is None:
+        log_var = log_var.expand(torch.broadcast_shapes(at.shape, an.shape))
+    return torch.exp(log_var)
+
+
+def _noise_mask(add_noise: bool | Tensor | None, ab_next: Tensor, like: Tensor) -> Tensor:
+    """Where the step adds noise (broadcastable to x): by default not on the step to clean."""
+    if add_noise is None:
+        return ab_next < 1
+    if isinstance(add_noise, bool):
+        return torch.full((), add_noise, dtype=torch.bool, device=like.device)
+    add_noise = add_noise.to(like.device)
+    return add_noise.view(-1, *([1] * (like.ndim - 1))) if add_noise.ndim == 1 else add_noise
+
+
+def ddpm_step(
+    x: Tensor,
+    model_output: Tensor,
+    ab_t: ScheduleValue,
+    ab_next: ScheduleValue,
+    *,
+    prediction_type: str = "epsilon",
+    variance_type: str = "fixed_small",
+    clip_range: float | None = None,
+    thresholding: tuple | None = None,
+    noise: Tensor | None = None,
+    add_noise: bool | Tensor | None = None,
+    grad: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One ancestral DDPM step (Ho et al. 2020 eq. 6-7, Alg. 2):
+    ``x_next = mu~(x_t, x0) + sigma z`` with the processed x0, ``beta' = 1 - ab_t / ab_next``
+    and sigma^2 of :func:`ddpm_variance`; classifier guidance (Dhariwal & Nichol 2021 Alg. 1)
+    adds ``sigma^2 grad``.
+
+    Args:
+        x, model_output: x_t ``[B, C, ...]`` and the model output (``[B, 2C, ...]`` with a
+            learned variance: prediction, then variance values).
+        ab_t, ab_next: alpha bar at this step and at the next visited one (1.0: clean).
+        noise: z like x (None: the mean). add_noise: None adds noise where ``ab_next < 1``;
+            a bool or bool tensor ``[]`` / ``[B]`` overrides.
+        grad: the already-scaled gradient of log p(y | x_t), like x.
+
+    Example:
+        >>> x, x0 = ddpm_step(x, eps_hat, ab[t], ab[t_next], noise=torch.randn_like(x))
+    """
+    pred, v = split_learned_variance(model_output, variance_type)
+    xc, m = _prepare_step(x, pred, prediction_type, clip_range, thresholding)
+    at, an = schedule_like(ab_t, "ab_t", xc), schedule_like(ab_next, "ab_next", xc)
+    x0 = process_x0_compute(_x0_from_output(xc, m, at, prediction_type), clip_range, thresholding)
+    coef_x0, coef_xt = posterior_mean_coefficients(at, an)
+    x_next = coef_x0 * x0 + coef_xt * xc  # eq. 7
+    log_var = _ddpm_log_variance(at, an, variance_type, None if v is None else v.to(xc.dtype))
+    noisy = _noise_mask(add_noise, an, xc)
+    z, g = _optional_like(noise, "noise", x, xc.dtype), _optional_like(grad, "grad", x, xc.dtype)
+    if g is not None:
+        x_next = x_next + torch.where(noisy, torch.exp(log_var), 0.0) * g
+    if z is not None:  # Alg. 2 line 4
+        x_next = x_next + torch.where(noisy, torch.exp(0.5 * log_var), 0.0) * z
+    return x_next.to(x.dtype), x0.to(x.dtype)
+
+
+# -- DDIM (Song et al. 2021) ----------------------------------------------------------------
+
+
+def _ddim_sigma(ab_t: Tensor, ab_next: Tensor, eta: float) -> Tensor:
+    # Song et al. 2021 eq. 16
+    return eta * torch.sqrt((1 - ab_next) / (1 - ab_t) * (1 - ab_t / ab_next))
+
+
+def ddim_step(
+    x: Tensor,
+    model_output: Tensor,
+    ab_t: ScheduleValue,
+    ab_next: ScheduleValue,
+    *,
+    eta: float = 0.0,
+    prediction_type: str = "epsilon",
+    clip_range: float | None = None,
+    thresholding: tuple | None = None,
+    use_clipped_model_output: bool = False,
+    noise: Tensor | None = None,
+    grad: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One DDIM step (Song et al. 2021 eq. 12, sigma of eq. 16 times ``eta``):
+    ``x_next = sqrt(ab') x0 + sqrt(1 - ab' - sigma^2) eps + sigma z`` (+ ``sigma^2 grad``).
+    eps comes from the raw model output, or from the processed x0 with
+    ``use_clipped_model_output``; for eta > 1 the direction coefficient is clamped at 0.
+
+    Example:
+        >>> x, x0 = ddim_step(x, eps_hat, ab[t], ab[t_next])
+    """
+    xc, m = _prepare_step(x, model_output, prediction_type, clip_range, thresholding)
+    at, an = schedule_like(ab_t, "ab_t", xc), schedule_like(ab_next, "ab_next", xc)
+    x0 = process_x0_compute(_x0_from_output(xc, m, at, prediction_type), clip_range, thresholding)
+    if use_clipped_model_output:
+        eps = _eps_from_x0(xc, x0, at)
+    else:
+        eps = _eps_from_output(xc, m, at, prediction_type)
+    sigma = _ddim_sigma(at, an, eta)
+    x_next = torch.sqrt(an) * x0 + torch.sqrt((1 - an - sigma**2).clamp(min=0)) * eps
+    z, g = _optional_like(noise, "noise", x, xc.dtype), _optional_like(grad, "grad", x, xc.dtype)
+    if g is not None:
+        x_next = x_next + sigma**2 * g
+    if z is not None:
+        x_next = x_next + sigma * z
+    return x_next.to(x.dtype), x0.to(x.dtype)
+
+
+# -- Euler and Euler ancestral in sigma space (Karras et al. 2022; k-diffusion) -------------
+
+
+def euler_step(
+    x: Tensor,
+    model_output: Tensor,
+    sigma: ScheduleValue,
+    sigma_next: ScheduleValue,
+    *,
+    prediction_type: str = "epsilon",
+    clip_range: float | None = None,
+    thresholding: tuple | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One Euler step of the probability-flow ODE in sigma space (Karras et al. 2022 Alg. 2,
+    no churn): ``d = (x - x0) / sigma``, ``x_next = x + (sigma_next - sigma) d``.
+
+    Example:
+        >>> x, x0 = euler_step(x, eps_hat, sigmas[i], sigmas[i + 1])
+    """
+    xc, m = _prepare_step(x, model_output, prediction_type, clip_range, thresholding)
+    s, s_next = _sigma(sigma, "sigma", xc), schedule_like(sigma_next, "sigma_next", xc)
+    x0 = _x0_from_output_sigma_space(xc, m, s, prediction_type)
+    x0 = process_x0_compute(x0, clip_range, thresholding)
+    x_next = xc + (s_next - s) * (xc - x0) / s
+    return x_next.to(x.dtype), x0.to(x.dtype)
+
+
+def ancestral_sigmas(sigma: Tensor, sigma_next: Tensor, eta: float) -> tuple[Tensor, Tensor]:
+    """k-diffusion's ``get_ancestral_step``: ``(sigma_down, sigma_up)`` with
+    ``sigma_up = min(sigma', eta sqrt(sigma'^2 (1 - sigma'^2 / sigma^2)))`` and
+    ``sigma_down = sqrt(sigma'^2 - sigma_up^2)``; ``sigma = inf`` (zero SNR) is allowed.
+
+    Example:
+        >>> down, up = ancestral_sigmas(torch.tensor(2.0), torch.tensor(1.0), 1.0)
+    """
+    sn2 = sigma_next**2
+    sigma_up = torch.minimum(sigma_next, eta * (sn2 * (1.0 - sn2 / sigma**2)).clamp_min(0).sqrt())
+    return (sn2 - sigma_up**2).clamp_min(0.0).sqrt(), sigma_up
+
+
+def euler_ancestral_step(
+    x: Tensor,
+    model_output: Tensor,
+    sigma: ScheduleValue,
+    sigma_next: ScheduleValue,
+    *,
+    eta: float = 1.0,
+    prediction_type: str = "epsilon",
+    clip_range: float | None = None,
+    thresholding: tuple | None = None,
+    noise: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One Euler ancestral step (k-diffusion ``sample_euler_ancestral``):
+    ``x_next = x + (sigma_down - sigma) d + sigma_up z``, the split of :func:`ancestral_sigmas`.
+
+    Example:
+        >>> x, x0 = euler_ancestral_step(x, eps_hat, s, s_next, noise=torch.randn_like(x))
+    """
+    xc, m = _prepare_step(x, model_output, prediction_type, clip_range, thresholding)
+    s, s_next = _sigma(sigma, "sigma", xc), schedule_like(sigma_next, "sigma_next", xc)
+    x0 = _x0_from_output_sigma_space(xc, m, s, prediction_type)
+    x0 = process_x0_compute(x0, clip_range, thresholding)
+    down, up = ancestral_sigmas(s, s_next, eta)
+    x_next = xc + (down - s) * (xc - x0) / s
+    if noise is not None:
+        x_next = x_next + up * noise.to(xc.dtype)
+    return x_next.to(x.dtype), x0.to(x.dtype)
+
+
+# -- DPM-Solver++(2M) (Lu et al. 2022) ------------------------------------------------------
+
+
+def _half_log_snr(ab: Tensor) -> Tensor:
+    # lambda = log(alpha / sigma) (Lu et al. Sec. 2); +inf for clean, -inf for pure noise
+    return 0.5 * (torch.log(ab) - torch.log1p(-ab))
+
+
+def dpmpp_2m_step(
+    x: Tensor,
+    model_output: Tensor,
+    ab_t: ScheduleValue,
+    ab_next: ScheduleValue,
+    *,
+    x0_prev: Tensor | None = None,
+    ab_prev: ScheduleValue | None = None,
+    prediction_type: str = "epsilon",
+    clip_range: float | None = None,
+    thresholding: tuple | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One DPM-Solver++(2M) step (Lu et al. 2022 Alg. 2, midpoint form as diffusers):
+    first order (eq. 9, = DDIM) ``x_next = (sigma'/sigma) x - alpha' (exp(-h) - 1) x0`` with
+    ``h = lambda' - lambda``; with ``x0_prev`` from the previous visited step (alpha bar
+    ``ab_prev``), ``D = x0 + (x0 - x0_prev) / (2 r)``, ``r = h_prev / h``, replaces x0.
+    The step to clean (``ab_next == 1``) and ``ab_prev == 0`` are first order.
+
+    Example:
+        >>> x, x0 = dpmpp_2m_step(x, eps_hat, ab[t], ab[t_next], x0_prev=x0, ab_prev=ab[t_old])
+    """
+    if x0_prev is not None and ab_prev is None:
+        raise ValueError("x0_prev needs ab_prev (alpha bar of the step that produced x0_prev)")
+    xc, m = _prepare_step(x, model_output, prediction_type, clip_range, thresholding)
+    at, an = schedule_like(ab_t, "ab_t", xc), schedule_like(ab_next, "ab_next", xc)
+    x0 = process_x0_compute(_x0_from_output(xc, m, at, prediction_type), clip_range, thresholding)
+    alpha_t, sigma_t = torch.sqrt(at), torch.sqrt(1 - at)
+    alpha_n, sigma_n = torch.sqrt(an), torch.sqrt(1 - an)
+    exp_neg_h = alpha_t * sigma_n / (sigma_t * alpha_n)  # finite for ab_next = 1 and ab_t = 0
+    d = x0
+    if x0_prev is not None:
+        lam_t = _half_log_snr(at)
+        h = _half_log_snr(an) - lam_t
+        h_prev = lam_t - _half_log_snr(schedule_like(ab_prev, "ab_prev", xc))
+        half_inv_r = torch.where(an == 1, 0.0, h / (2 * h_prev))  # 1 / (2 r)
+        d = x0 + half_inv_r * (x0 - x0_prev.to(xc.dtype))
+    x_next = (sigma_n / sigma_t) * xc - alpha_n * (exp_neg_h - 1) * d
+    return x_next.to(x.dtype), x0.to(x.dtype)
