@@ -875,7 +875,7 @@ def _launch_config(
     if x.dim() < 1 or x.shape[0] == 0 or x.numel() == 0:
         raise ValueError(f"x must be a non-empty tensor with the batch first, got {tuple(x.shape)}")
     if x.device.type == "cpu" and not _interpreting():
-        raise RuntimeError(
+        raise ValueError(
             "the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 to run on the CPU); "
             "use backend='reference' for CPU tensors"
         )

@@ -257,7 +257,12 @@ def run_pair(
         if noise_mode == "global":
             after_d = torch.randn(3, device=DEVICE)
             torch.manual_seed(step_seed)
-        out_f = f.step(model_output, t, xf, **kw_f)
+            # the fused scheduler's own timestep, as a pipeline passes it: its value is known on
+            # the host, so the draws follow diffusers' on CUDA too (none at t = 0)
+            t_f = f.timesteps[k]
+        else:
+            t_f = t
+        out_f = f.step(model_output, t_f, xf, **kw_f)
         what = f"{name}[{backend}] step {k} (t={t.item()}), seed={seed}, case={case}"
         if noise_mode == "global":
             assert torch.equal(torch.randn(3, device=DEVICE), after_d), "global RNG: " + what

@@ -222,12 +222,12 @@ def test_alpha_sigma_tables_generalize_the_vp_tables():
 # -- the kernel against the reference ----------------------------------------------------------
 
 
-def _x_and_output(dtype, layout, seed=3, count=2):
+def _x_and_output(dtype, layout, seed=3, count=2, device="cpu"):
     """``count`` random tensors of SHAPE (x, the model output, ...) in dtype and layout."""
     g = torch.Generator().manual_seed(seed)
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     draws = [torch.randn(SHAPE, generator=g) for _ in range(count)]
-    return [t.to(dtype).contiguous(memory_format=fmt) for t in draws]
+    return [t.to(device, dtype).contiguous(memory_format=fmt) for t in draws]
 
 
 def _both(sampler_cls, **kwargs):
@@ -248,12 +248,12 @@ CASES = [
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", range(len(CASES)), ids=lambda k: CASES[k][0].__name__ + str(k))
-def test_kernel_matches_reference(case, dtype, layout):
+def test_kernel_matches_reference(case, dtype, layout, device):
     cls, kwargs = CASES[case]
     fused, ref = _both(cls, **kwargs)
-    x, m, noise, x0_prev = _x_and_output(dtype, layout, count=4)
+    x, m, noise, x0_prev = _x_and_output(dtype, layout, count=4, device=device)
     x0_prev = x0_prev if cls.multistep else None
-    for i in (0, 1, fused.num_steps - 1, torch.tensor([2, 0, 1])):
+    for i in (0, 1, fused.num_steps - 1, torch.tensor([2, 0, 1], device=device)):
         kw = {"noise": noise, "x0_prev": x0_prev}
         out = torch.full_like(x, float("nan"))  # poisoned: an unwritten element fails
         got = fused.step(x, m, i, out=out, **kw)
@@ -267,10 +267,10 @@ def test_kernel_matches_reference(case, dtype, layout):
             torch.testing.assert_close(g.double(), w, **TOLERANCES[dtype])
 
 
-def test_guided_step_matches_reference():
+def test_guided_step_matches_reference(device):
     fused, ref = _both(FlowMatchEulerSampler, steps=4, shift=2.0)
-    x, _ = _x_and_output(torch.float32, "contiguous")
-    m = torch.randn(2 * x.shape[0], *x.shape[1:])
+    x, _ = _x_and_output(torch.float32, "contiguous", device=device)
+    m = torch.randn(2 * x.shape[0], *x.shape[1:], device=device)
     got = fused.step(x, m, 1, guidance_scale=4.0, guidance_rescale=0.5)
     want = ref.step(x.double(), m.double(), 1, guidance_scale=4.0, guidance_rescale=0.5)
     torch.testing.assert_close(got.prev_sample.double(), want.prev_sample, **TOLERANCES[x.dtype])

@@ -305,7 +305,7 @@ class ChannelsLastConv(torch.nn.Module):
         return out
 
 
-def test_channels_last_model(monkeypatch):
+def test_channels_last_model(monkeypatch, device):
     # Same samples on both backends; the kernel path lays the model output out like x. The
     # graphed loop (through the eager stand-in runtime) gives bitwise the eager samples.
     from graph_fakes import EagerRuntime
@@ -313,14 +313,20 @@ def test_channels_last_model(monkeypatch):
     from fastdiff import capture
 
     monkeypatch.setattr(capture, "make_runtime", EagerRuntime)
-    model = ChannelsLastConv()
+    model = ChannelsLastConv().to(device)
     out = {}
     with torch.no_grad():
         for backend in ("reference", "triton"):
             sampler = SAMPLERS["dpmpp_2m"](SCHEDULE, 4, backend=backend)
             for graphed in (False, True):
                 out[backend, graphed] = sample(
-                    model, sampler, shape=(2, 2, 5, 3), seed=1, progress=False, cuda_graph=graphed
+                    model,
+                    sampler,
+                    shape=(2, 2, 5, 3),
+                    seed=1,
+                    device=device,
+                    progress=False,
+                    cuda_graph=graphed,
                 )
             assert torch.equal(out[backend, True], out[backend, False]), backend
     assert torch.isfinite(out["triton", False]).all()

@@ -17,7 +17,6 @@
 """
 
 import functools
-import inspect
 import math
 
 import pytest
@@ -394,28 +393,22 @@ def test_per_sample_step_indices(device):
     torch.testing.assert_close(xs, _run(ref, x, range(6)), rtol=1e-6, atol=1e-6)
 
 
-def eager_runtime(monkeypatch) -> dict:
-    """The eager stand-in for the CUDA runtime (CPU tests of graph control flow): the
-    ``runtime=`` argument where the graph takes one (``fastdiff.capture``), else patched into
-    ``fastdiff.graph``. Returns the keyword arguments for the graph."""
-    from fastdiff import graph as graph_module
+def eager_runtime(monkeypatch, device="cpu") -> dict:
+    """The eager stand-in for the CUDA runtime (tests of the graph's control flow): the
+    keyword arguments for ``SamplingGraph(..., runtime=)``."""
+    from graph_fakes import EagerRuntime
 
-    if "runtime" in inspect.signature(graph_module.SamplingGraph).parameters:
-        from graph_fakes import EagerRuntime
-
-        return {"runtime": EagerRuntime(torch.device("cpu"))}
-    monkeypatch.setattr(graph_module, "_make_runtime", graph_module._EagerRuntime)
-    return {}
+    return {"runtime": EagerRuntime(torch.device(device))}
 
 
-def test_sampling_graph_is_bitwise_the_eager_loop(monkeypatch):
+def test_sampling_graph_is_bitwise_the_eager_loop(monkeypatch, device):
     from fastdiff.graph import SamplingGraph
 
-    runtime = eager_runtime(monkeypatch)
+    runtime = eager_runtime(monkeypatch, device)
     s = UniPCSampler(SCHEDULE, 6, solver_order=3, backend="triton", timestep_spacing="trailing")
-    noise = torch.randn(2, 3, 4, 4)
+    noise = torch.randn(2, 3, 4, 4, device=device)
     eager = sample(_model, s, x=noise)
-    g = SamplingGraph(_model, s, (2, 3, 4, 4), device="cpu", **runtime)
+    g = SamplingGraph(_model, s, (2, 3, 4, 4), device=device, **runtime)
     assert torch.equal(g.run(noise), eager)
     assert torch.equal(g.run(noise), eager)  # replays only
 
