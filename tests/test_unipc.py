@@ -407,7 +407,7 @@ def test_sampling_graph_is_bitwise_the_eager_loop(monkeypatch, device):
     runtime = eager_runtime(monkeypatch, device)
     s = UniPCSampler(SCHEDULE, 6, solver_order=3, backend="triton", timestep_spacing="trailing")
     noise = torch.randn(2, 3, 4, 4, device=device)
-    eager = sample(_model, s, x=noise)
+    eager = _sample(_model, s, x=noise, device=device, progress=False)
     g = SamplingGraph(_model, s, (2, 3, 4, 4), device=device, **runtime)
     assert torch.equal(g.run(noise), eager)
     assert torch.equal(g.run(noise), eager)  # replays only

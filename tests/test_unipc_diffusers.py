@@ -123,7 +123,7 @@ def random_case(rng: random.Random) -> dict:
         # fused scheduler refuses it, see test_unsupported_options_raise_at_construction);
         # the random loops keep orders above 1 to the plans diffusers can step through.
         cfg["final_sigmas_type"] = "sigma_min"
-        cfg["lower_order_final"] = order == 2
+        cfg["lower_order_final"] = order > 2
     return {"config": cfg, "set": set_kwargs}
 
 
