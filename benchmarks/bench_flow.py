@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from benchmarks.bench_step import DTYPE_NAMES, _measure, _round
+from benchmarks.bench_step import DTYPE_NAMES, _measure, _round, measure_loop
 from fastdiff.flow import FlowSchedule
 from fastdiff.flow_samplers import FlowDPMSolverPP2MSampler, FlowMatchEulerSampler
 
@@ -222,15 +222,8 @@ def test_flow_python_loop(benchmark, name: str, shape, impl: str) -> None:
                 xi = scheduler.step(m, t, xi).prev_sample
             return xi
 
-    result, wall, _ = _measure(benchmark, run, precise=False, setup=setup)
-    benchmark.extra_info.update(
-        impl=impl,
-        sampler=name,
-        shape=list(shape),
-        dtype=DTYPE_NAMES[DTYPE],
-        steps=NUM_STEPS,
-        per_step_us=_round(wall / NUM_STEPS * 1e6 if wall else None),
-        target_per_step_us=30.0,
-        device=torch.cuda.get_device_name() if HAS_CUDA else "cpu (smoke run)",
-    )
+    result = measure_loop(
+        benchmark, run, setup, steps=NUM_STEPS, target_us=30.0,
+        impl=impl, sampler=name, shape=list(shape), dtype=DTYPE_NAMES[DTYPE],
+    )  # fmt: skip
     assert result.shape == shape

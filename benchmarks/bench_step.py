@@ -385,6 +385,23 @@ def _round(value: float | None, digits: int = 4) -> float | None:
     return None if value is None else float(f"{value:.{digits}g}")
 
 
+def measure_loop(
+    benchmark, run: Callable, setup: Callable, *, steps: int, target_us: float, **info
+) -> torch.Tensor:
+    """Time a Python loop of ``steps`` steps (``run()``, a fresh ``setup()`` before each) and
+    record ``per_step_us`` beside ``info`` (impl, sampler or config, shape, dtype) in
+    ``benchmark.extra_info``; returns the loop's result."""
+    result, wall, _ = _measure(benchmark, run, precise=False, setup=setup)
+    benchmark.extra_info.update(
+        **info,
+        steps=steps,
+        per_step_us=_round(wall / steps * 1e6 if wall else None),
+        target_per_step_us=target_us,
+        device=torch.cuda.get_device_name() if HAS_CUDA else "cpu (smoke run)",
+    )
+    return result
+
+
 # -- benchmarks -------------------------------------------------------------------------------
 
 
@@ -478,15 +495,8 @@ def test_python_loop(benchmark, name: str, shape, dtype, impl: str) -> None:
                 xi = scheduler.step(m, t, xi, **kwargs).prev_sample
             return xi
 
-    result, wall, _ = _measure(benchmark, run, precise=False, setup=setup)
-    benchmark.extra_info.update(
-        impl=impl,
-        sampler=name,
-        shape=list(shape),
-        dtype=DTYPE_NAMES[dtype],
-        steps=LOOP_STEPS,
-        per_step_us=_round(wall / LOOP_STEPS * 1e6 if wall else None),
-        target_per_step_us=25.0,
-        device=torch.cuda.get_device_name() if HAS_CUDA else "cpu (smoke run)",
-    )
+    result = measure_loop(
+        benchmark, run, setup, steps=LOOP_STEPS, target_us=25.0,
+        impl=impl, sampler=name, shape=list(shape), dtype=DTYPE_NAMES[dtype],
+    )  # fmt: skip
     assert result.shape == shape

@@ -30,7 +30,7 @@ import math
 import pytest
 import torch
 
-from benchmarks.bench_step import DTYPE_NAMES, _measure, _round
+from benchmarks.bench_step import DTYPE_NAMES, _measure, _round, measure_loop
 from fastdiff.schedules import NoiseSchedule
 from fastdiff.unipc import UniPCSampler
 
@@ -103,17 +103,11 @@ def test_loop(benchmark, shape, impl: str) -> None:
                 xi = scheduler.step(m, t, xi).prev_sample
             return xi
 
-    result, wall, _ = _measure(benchmark, run, precise=False, setup=setup)
-    benchmark.extra_info.update(
-        impl=impl,
-        config="Wan (flow, order 2, bh2)" if impl != "native" else "VP, order 2, bh2",
-        shape=list(shape),
-        dtype=DTYPE_NAMES[DTYPE],
-        steps=STEPS,
-        per_step_us=_round(wall / STEPS * 1e6 if wall else None),
-        target_per_step_us=30.0,
-        device=torch.cuda.get_device_name() if HAS_CUDA else "cpu (smoke run)",
-    )
+    config = "Wan (flow, order 2, bh2)" if impl != "native" else "VP, order 2, bh2"
+    result = measure_loop(
+        benchmark, run, setup, steps=STEPS, target_us=30.0,
+        impl=impl, config=config, shape=list(shape), dtype=DTYPE_NAMES[DTYPE],
+    )  # fmt: skip
     assert result.shape == shape
 
 
