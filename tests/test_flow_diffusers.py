@@ -536,17 +536,25 @@ def test_gpu_loop_has_no_host_sync(classes, config):
     ms = [torch.randn(shape, device=device, dtype=torch.bfloat16) for _ in f.timesteps]
     kw_f = {"generator": gen_f} if d_cls is FLOW[0] else {}
     kw_d = {"generator": gen_d} if d_cls is FLOW[0] else {}
-    xf, xd = x, x
+    inputs, xf = [], x
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for t, m in zip(f.timesteps, ms):
+            inputs.append(xf)
             xf = f.step(f.scale_model_input(m, t), t, xf, **kw_f).prev_sample
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    for t, m in zip(d.timesteps, ms):
-        xd = d.step(m, t, xd, **kw_d).prev_sample
-    torch.testing.assert_close(xf.float(), xd.float(), rtol=2e-2, atol=2e-2)
+    # Step by step from the same input (the generators advance in lockstep): both compute in
+    # float32 and round once to bfloat16, so a step may differ by one bfloat16 ulp of its
+    # output (at most 2**-7 relative) where the float32 results (coefficients from float64
+    # tables vs diffusers' float32 sigma differences) straddle a rounding boundary. Over a
+    # whole loop such a flip propagates additively and has no bound relative to the final
+    # value, so the loop is compared per step.
+    outputs = inputs[1:] + [xf]
+    for t, m, x_in, x_out in zip(d.timesteps, ms, inputs, outputs):
+        xd = d.step(m, t, x_in, **kw_d).prev_sample
+        torch.testing.assert_close(x_out.float(), xd.float(), rtol=2**-7, atol=1e-5)
 
 
 @pytest.mark.gpu
