@@ -6,7 +6,8 @@
 Implementations:
 
 * ``eager``: the Python loop (synchronized once at the end);
-* ``graph``: the same loop captured once by ``capture_denoising_loop`` (one replay a step).
+* ``graph``: the same loop captured once by ``capture_denoising_loop`` (one replay a step);
+  the stochastic schedulers with ``noise="philox"`` (torch's generator cannot be replayed).
 
 ``extra_info``: ``per_step_us`` (median wall of a whole loop, synchronized, / steps; for
 ``graph`` the captured loop's ``run``, whose replays are launched from Python). A scheduler
@@ -56,6 +57,7 @@ SCHEDULERS = {
     "flow_dpmpp_2m": ("FusedDPMSolverMultistepScheduler", SANA, 28, FLOW_SHAPE, torch.bfloat16),
     "flow_unipc": ("FusedUniPCMultistepScheduler", WAN, 28, FLOW_SHAPE, torch.bfloat16),
 }  # fmt: skip
+STOCHASTIC = ("ddpm", "euler_a", "flow_euler_stochastic")  # graphed with noise="philox"
 
 
 @pytest.mark.parametrize("impl", ["eager", "graph"])
@@ -66,7 +68,11 @@ def test_dropin_loop(benchmark, name: str, impl: str) -> None:
     if impl == "graph" and not HAS_CUDA:
         pytest.skip("CUDA graphs need a CUDA device")
     benchmark.group = f"dropin-loop {name} {'x'.join(map(str, shape))} {DTYPE_NAMES[dtype]}"
-    scheduler = getattr(fused, cls_name)(backend="triton", **config)
+    cls = getattr(fused, cls_name)
+    options = {"backend": "triton", **config}
+    if impl == "graph" and name in STOCHASTIC:  # torch's RNG cannot be replayed: the opt-in
+        options["noise"] = "philox"
+    scheduler = cls(**options)
     scheduler.set_timesteps(steps, device=DEVICE)
     x = torch.randn(shape, device=DEVICE, dtype=dtype)
     m = torch.randn(shape, device=DEVICE, dtype=dtype)
@@ -79,6 +85,7 @@ def test_dropin_loop(benchmark, name: str, impl: str) -> None:
         scheduler.set_timesteps(steps, device=DEVICE)
 
     info = dict(impl=impl, scheduler=cls_name, config=config, shape=list(shape))
+    info["noise"] = options.get("noise", "torch")
     if impl == "eager":
 
         def run():
