@@ -168,6 +168,9 @@ class SamplingGraph(GraphedLoop):
     def _setup(self, body, shape, device, dtype, memory_format, runtime, **options) -> None:
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        capture.check_graphable(body.model, "model")
+        if body.cond_fn is not None:
+            capture.check_graphable(body.cond_fn, "cond_fn")
         runtime = runtime if runtime is not None else capture.make_runtime(device)
         self.body = body
         self.model = body.model

@@ -111,6 +111,7 @@ class DenoisingLoopGraph(GraphedLoop):
         if plan.dim() != 1 or plan.numel() == 0:
             raise ValueError(f"timesteps must be a non-empty 1-D sequence, got {tuple(plan.shape)}")
         check_scheduler(scheduler)
+        capture.check_graphable(step_fn, "step_fn")
         prepare = getattr(scheduler, "prepare_graph_step", None)
         self._prepare = prepare if callable(prepare) else None
         self.scheduler = scheduler
