@@ -69,7 +69,9 @@ class SamplingGraph(GraphedLoop):
 
     Each :meth:`run` gives bitwise the samples of :func:`fastdiff.sample` for the same initial
     noise and seeds. The model may be ``torch.compile``d (default or
-    ``"max-autotune-no-cudagraphs"`` mode): it compiles in the warm-up, before the capture.
+    ``"max-autotune-no-cudagraphs"`` mode; the fastest path): it compiles and autotunes in the
+    warm-up, at the captured shapes, before the capture. A model compiled with CUDA graphs of
+    its own (``"reduce-overhead"``) is refused (``fastdiff.capture.check_graphable``).
 
     Args:
         model: ``model(x, cond) -> output``; must be capturable (see ``GraphCaptureError``).
@@ -89,7 +91,8 @@ class SamplingGraph(GraphedLoop):
             looked up at call time).
 
     Raises:
-        ValueError: a device that is not CUDA, bad counts or shape, guidance_rescale alone.
+        ValueError: a device that is not CUDA, bad counts or shape, guidance_rescale alone, a
+            model or cond_fn compiled with CUDA graphs of its own.
         TypeError: a non-callable model or cond_fn, not a sampler, a non-float dtype.
 
     Example::

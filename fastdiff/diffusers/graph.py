@@ -72,6 +72,11 @@ class DenoisingLoopGraph(GraphedLoop):
         steps_per_graph, warmup_steps, verify: as for ``fastdiff.SamplingGraph``.
         runtime: the device runtime (default: ``fastdiff.capture.make_runtime``).
 
+    Raises:
+        ValueError: a scheduler that cannot be replayed, a step_fn calling a model
+            ``torch.compile``d with CUDA graphs of its own (``"reduce-overhead"``: compile
+            in the default or ``"max-autotune-no-cudagraphs"`` mode, the fastest path).
+
     Example::
 
         scheduler = FusedDDIMScheduler.from_config(pipe.scheduler.config)
