@@ -9,7 +9,7 @@ import functools
 
 import pytest
 import torch
-from graph_fakes import EagerRuntime
+from graph_fakes import EagerRuntime, TinyMLP
 
 from fastdiff import capture, philox
 from fastdiff.capture import COMPILED_GRAPHS_HELP, GraphCaptureError, check_graphable
@@ -27,23 +27,9 @@ SCHEDULE = NoiseSchedule.create("linear", 1000)
 D = 8
 
 
-class TinyNet(torch.nn.Module):
-    """A small denoiser on [B, D] samples conditioned on the timestep."""
-
-    def __init__(self, dim: int = D, width: int = 32) -> None:
-        super().__init__()
-        self.inp = torch.nn.Linear(dim, width)
-        self.emb = torch.nn.Linear(1, width)
-        self.out = torch.nn.Linear(width, dim)
-
-    def forward(self, x, cond):
-        h = self.inp(x) + self.emb(cond.to(x.dtype)[:, None] / 1000)
-        return self.out(torch.nn.functional.silu(h))
-
-
-def _net() -> TinyNet:
+def _net() -> TinyMLP:
     torch.manual_seed(0)
-    return TinyNet().eval()
+    return TinyMLP(D, 32).eval()
 
 
 @pytest.fixture
