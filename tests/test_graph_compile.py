@@ -176,10 +176,11 @@ def test_compiled_model_compiles_once_and_is_graphed_bitwise(name, eager_runtime
     compiled = torch.compile(net, backend=counting, dynamic=False)
     sampler = SAMPLERS[name](SCHEDULE, 6, backend="reference")
     with torch.no_grad():
-        graphed = sample(compiled, sampler, shape=(3, D), seed=2, progress=False, cuda_graph=True)
+        run = dict(shape=(3, D), seed=2, device="cpu", progress=False)
+        graphed = sample(compiled, sampler, cuda_graph=True, **run)
         assert len(compiles) == 1 and eager_runtime[-1].captures == 1
-        eager = sample(compiled, sampler, shape=(3, D), seed=2, progress=False)
-        plain = sample(net, sampler, shape=(3, D), seed=2, progress=False)
+        eager = sample(compiled, sampler, **run)
+        plain = sample(net, sampler, **run)
         g = SamplingGraph(compiled, sampler, (3, D), device="cpu", steps_per_graph=2)
         seeds = philox.seeds_from(2, 3)
         again = g.run(philox.randn(seeds, 0, (3, D), stream=1), seeds)
@@ -229,11 +230,19 @@ def test_gpu_compiled_conv_model_in_a_graph_is_bitwise_the_eager_compiled_model(
         with torch.no_grad():
             g = SamplingGraph(compiled, sampler, shape, dtype=dtype, guidance_scale=guidance)
             graphed = g.run(x, seeds)
-            eager = sample(compiled, sampler, x=x, seeds=seeds, guidance_scale=guidance)
+            eager = sample(
+                compiled, sampler, x=x, seeds=seeds, guidance_scale=guidance, progress=False
+            )
             assert g.captured and torch.equal(graphed, eager), name
             assert torch.equal(g.run(x, seeds), eager), name  # a second run only replays
             via_sample = sample(
-                compiled, sampler, x=x, seeds=seeds, guidance_scale=guidance, cuda_graph=True
+                compiled,
+                sampler,
+                x=x,
+                seeds=seeds,
+                guidance_scale=guidance,
+                cuda_graph=True,
+                progress=False,
             )
             assert torch.equal(via_sample, eager), name
         assert torch.isfinite(eager).all()
@@ -249,6 +258,6 @@ def test_gpu_reduce_overhead_is_refused_and_runs_eagerly():
     with torch.no_grad():
         with pytest.raises(ValueError, match="^model is torch.compile'd"):
             sample(compiled, sampler, shape=(2, 4, 16, 16), seed=0, cuda_graph=True)
-        x = sample(compiled, sampler, shape=(2, 4, 16, 16), seed=0)
+        x = sample(compiled, sampler, shape=(2, 4, 16, 16), seed=0, progress=False)
     assert torch.isfinite(x).all()
     torch.compiler.reset()
