@@ -175,7 +175,10 @@ def _plot_samples(path: Path, true_x: torch.Tensor, results: dict, floor: float)
         ax.set_ylim(-4.6, 4.6)
         ax.set_aspect("equal")
         ax.tick_params(labelsize=8)
-    fig.suptitle("Samples of a 2-D Gaussian mixture drawn with its exact denoiser", fontsize=12)
+    fig.suptitle(
+        "Samples of a 2-D Gaussian mixture drawn with its exact denoiser (flow_*: velocity)",
+        fontsize=12,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
