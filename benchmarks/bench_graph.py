@@ -22,10 +22,27 @@ the benchmark's models and loops work, on tiny sizes):
   captured once, timed per run), ``fastdiff-graph-oneshot`` (``sample(cuda_graph=True)``,
   capture included), ``fused-scheduler-graph`` (``capture_denoising_loop`` around the
   FusedDDIMScheduler loop). ``extra_info``: ``us_per_step``, ``params_m``.
+* ``test_expert_baseline`` — against what an expert does today, fp16, batch 1: the UNet and
+  the DiT at 50 DDIM steps, and ``flux`` (``FluxLatents``: a 70.8M-parameter diffusers
+  ``FluxTransformer2DModel``, 16x64x64 latents packed 2x2 into 1024 tokens of 64) at 4 flow
+  Euler steps, shift 3 (diffusers' ``FlowMatchEulerDiscreteScheduler`` / fastdiff's
+  ``FusedFlowMatchEulerDiscreteScheduler`` / ``FlowMatchEulerSampler``). Rows
+  (``EXPERT_IMPLS``): ``diffusers-compiled-ro`` (the expert baseline: diffusers' scheduler,
+  the net under ``torch.compile(net, mode="reduce-overhead")``), ``diffusers-eager``,
+  ``fused-scheduler-compiled-ro`` (the drop-in, the same compiled net), ``fastdiff-graph``
+  (``SamplingGraph``, eager net), ``fastdiff-graph-compiled`` (``SamplingGraph``, net under
+  ``torch.compile`` default mode: the fastest documented path), ``fused-scheduler-graph-
+  compiled`` (``capture_denoising_loop`` of the drop-in loop, default-mode net), and
+  ``model-graph-limit`` (the default-mode net alone in a CUDA graph, replayed x steps: the
+  limit). Every loop runs twice before any timing (compilation, autotuning, cudagraph-tree
+  recording, captures); the baseline and the limit are then timed in the same run (median
+  of 10, synchronized) and every row records ``speedup_vs_expert`` (expert ms / row ms),
+  ``x_model_limit`` (row ms / limit ms), ``expert_ms``, ``limit_ms``, ``us_per_step``.
 
 Run (on the GPU machine)::
 
     python -m pytest benchmarks/bench_graph.py --benchmark-json=out/graph.json
+    python -m pytest benchmarks/bench_graph.py -k "expert" --benchmark-json=out/expert.json
     python benchmarks/bench_graph.py out/graph.json          # markdown table of the figures
 """
 
@@ -33,7 +50,9 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import sys
+import time
 
 import pytest
 import torch
@@ -131,6 +150,83 @@ class SmallDiT(nn.Module):
         return h.reshape(b, ch, g * p, g * p)
 
 
+class UNetEps(nn.Module):
+    """``UNet2DModel`` as ``net(x, t) -> eps`` (its ``.sample``), a module to compile whole."""
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.unet(x, t).sample
+
+
+class FluxLatents(nn.Module):
+    """A Flux-like velocity model on [B, C, H, W] latents: diffusers' ``FluxTransformer2DModel``
+    with 2x2 packing (as ``FluxPipeline._pack_latents``), fixed text states (64 tokens) and
+    pooled projection; ``forward(x, s)`` with s the flow level in [0, 1] (Flux takes
+    ``timestep / 1000``), as [B], [1] or []."""
+
+    def __init__(self, transformer: nn.Module, size: int, text_tokens: int = 64) -> None:
+        super().__init__()
+        self.transformer = transformer
+        cfg = transformer.config
+        g = size // 2
+        img_ids = torch.zeros(g, g, 3)
+        img_ids[..., 1] = torch.arange(g)[:, None]
+        img_ids[..., 2] = torch.arange(g)[None, :]
+        self.register_buffer("img_ids", img_ids.reshape(g * g, 3), persistent=False)
+        self.register_buffer("txt_ids", torch.zeros(text_tokens, 3), persistent=False)
+        text = torch.randn(1, text_tokens, cfg.joint_attention_dim)
+        self.register_buffer("text", text, persistent=False)
+        pooled = torch.randn(1, cfg.pooled_projection_dim)
+        self.register_buffer("pooled", pooled, persistent=False)
+
+    def forward(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        s = s.reshape(-1).expand(b) if s.numel() == 1 else s
+        tokens = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+        tokens = tokens.reshape(b, (h // 2) * (w // 2), 4 * c)
+        v = self.transformer(
+            hidden_states=tokens,
+            encoder_hidden_states=self.text.expand(b, -1, -1).to(x.dtype),
+            pooled_projections=self.pooled.expand(b, -1).to(x.dtype),
+            timestep=s.to(x.dtype),
+            img_ids=self.img_ids,
+            txt_ids=self.txt_ids,
+            return_dict=False,
+        )[0]
+        v = v.reshape(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
+        return v.reshape(b, c, h, w)
+
+
+def small_flux(tiny: bool = False):
+    """A small Flux-like ``FluxTransformer2DModel`` (Flux.1's layout: double-stream then
+    single-stream blocks, 3-axis RoPE, no guidance embedding as schnell): 16 latent channels
+    packed 2x2 (64 in), width 512 (8 heads of 64), 4 + 8 blocks; 70.8M parameters."""
+    import diffusers
+
+    if tiny:
+        width = dict(
+            num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2
+        )
+        rope = (4, 6, 6)
+    else:
+        width = dict(
+            num_layers=4, num_single_layers=8, attention_head_dim=64, num_attention_heads=8
+        )
+        rope = (16, 24, 24)
+    return diffusers.FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,
+        joint_attention_dim=256 if not tiny else 32,
+        pooled_projection_dim=128 if not tiny else 16,
+        guidance_embeds=False,
+        axes_dims_rope=rope,
+        **width,
+    )
+
+
 def small_unet(sample_size: int = 64):
     """diffusers UNet2DModel, 35.7M parameters at these settings."""
     import diffusers
@@ -148,24 +244,20 @@ def small_unet(sample_size: int = 64):
 
 
 def _build(name: str, device, dtype, tiny: bool = False):
-    """(net(x, t) -> eps, latent shape, params in M)."""
+    """(net: an nn.Module ``net(x, cond)``, latent shape, params in M). ``cond``: the
+    timestep (unet, dit: eps models) or the flow level s (flux: a velocity model)."""
     torch.manual_seed(0)
     if name == "unet":
-        unet = (_tiny_unet() if tiny else small_unet()).to(device, dtype).eval()
+        net = UNetEps(_tiny_unet() if tiny else small_unet())
         shape = (1, 4, 16, 16) if tiny else (1, 4, 64, 64)
-
-        def net(x, t):
-            return unet(x, t).sample
-
-        module = unet
-    else:
-        module = (SmallDiT(size=8, dim=64, depth=2, heads=2) if tiny else SmallDiT()).to(
-            device, dtype
-        )
-        module.eval()
+    elif name == "dit":
+        net = SmallDiT(size=8, dim=64, depth=2, heads=2) if tiny else SmallDiT()
         shape = (1, 4, 8, 8) if tiny else (1, 4, 32, 32)
-        net = module
-    return net, shape, sum(p.numel() for p in module.parameters()) / 1e6
+    else:
+        shape = (1, 16, 8, 8) if tiny else (1, 16, 64, 64)
+        net = FluxLatents(small_flux(tiny), shape[-1], text_tokens=8 if tiny else 64)
+    net = net.to(device, dtype).eval()
+    return net, shape, sum(p.numel() for p in net.parameters()) / 1e6
 
 
 def _tiny_unet():
@@ -186,53 +278,64 @@ def _tiny_unet():
 # -- the loops ------------------------------------------------------------------------------------
 
 
+def _cond(t: torch.Tensor, flow: bool) -> torch.Tensor:
+    """What the model is conditioned on at a diffusers timestep ``t``: t itself (VP), or the
+    flow level ``t / 1000`` (as FluxPipeline passes ``timestep / 1000``)."""
+    return t / 1000 if flow else t
+
+
+def _scheduler_loop(net, scheduler, noise, steps, flow=False):
+    """fn() running diffusers' usual loop ``x = scheduler.step(net(x, t), t, x)``."""
+
+    def run():
+        scheduler.set_timesteps(steps, device=noise.device)
+        x = noise
+        for t in scheduler.timesteps:
+            x = scheduler.step(net(x, _cond(t, flow)), t, x).prev_sample
+        return x
+
+    return run
+
+
+def _captured_scheduler_loop(net, scheduler, noise, steps, flow=False):
+    """fn() running that loop through ``capture_denoising_loop`` (captured at its first run)."""
+    from fastdiff.diffusers.graph import capture_denoising_loop
+
+    scheduler.set_timesteps(steps, device=noise.device)
+
+    def step_fn(latents, t):
+        return scheduler.step(net(latents, _cond(t, flow)), t, latents).prev_sample
+
+    loop = capture_denoising_loop(step_fn, noise, scheduler=scheduler)
+    return lambda: loop.run(noise)
+
+
 def _loops(net, shape, device, dtype, steps=NUM_STEPS, graphs=True):
     """impl name -> fn() running one whole chain (the samples' initial noise fixed)."""
     import diffusers
 
     from fastdiff.diffusers import FusedDDIMScheduler
-    from fastdiff.diffusers.graph import capture_denoising_loop
 
     sampler = DDIMSampler(SCHEDULE, steps)
     seeds = philox.seeds_from(0, shape[0], device)
     noise = philox.randn(seeds, 0, shape, stream=INITIAL_NOISE_STREAM, dtype=dtype)
-    plain = diffusers.DDIMScheduler()
-    fused = FusedDDIMScheduler()
-
-    def scheduler_loop(scheduler):
-        def run():
-            scheduler.set_timesteps(steps, device=device)
-            x = noise
-            for t in scheduler.timesteps:
-                x = scheduler.step(net(x, t), t, x).prev_sample
-            return x
-
-        return run
-
-    def model(x, cond):
-        return net(x, cond)
 
     loops = {
-        "diffusers-eager": scheduler_loop(plain),
-        "fused-scheduler-eager": scheduler_loop(fused),
+        "diffusers-eager": _scheduler_loop(net, diffusers.DDIMScheduler(), noise, steps),
+        "fused-scheduler-eager": _scheduler_loop(net, FusedDDIMScheduler(), noise, steps),
         "fastdiff-eager": lambda: sample(
-            model, sampler, x=noise, device=device, dtype=dtype, progress=False
+            net, sampler, x=noise, device=device, dtype=dtype, progress=False
         ),
     }
     if graphs:
-        graph = SamplingGraph(model, sampler, shape, device=device, dtype=dtype)
+        graph = SamplingGraph(net, sampler, shape, device=device, dtype=dtype)
         loops["fastdiff-graph"] = lambda: graph.run(noise, seeds, copy=False)
         loops["fastdiff-graph-oneshot"] = lambda: sample(
-            model, sampler, x=noise, device=device, dtype=dtype, progress=False, cuda_graph=True
+            net, sampler, x=noise, device=device, dtype=dtype, progress=False, cuda_graph=True
         )
-        graph_scheduler = FusedDDIMScheduler()
-        graph_scheduler.set_timesteps(steps, device=device)
-
-        def step_fn(latents, t):
-            return graph_scheduler.step(net(latents, t), t, latents).prev_sample
-
-        loop = capture_denoising_loop(step_fn, noise, scheduler=graph_scheduler)
-        loops["fused-scheduler-graph"] = lambda: loop.run(noise)
+        loops["fused-scheduler-graph"] = _captured_scheduler_loop(
+            net, FusedDDIMScheduler(), noise, steps
+        )
     return loops
 
 
@@ -253,6 +356,40 @@ def test_models_smoke():
         if HAS_CUDA:
             assert torch.equal(results["fastdiff-graph"], reference)
             assert torch.equal(results["fused-scheduler-graph"], results["fused-scheduler-eager"])
+
+
+def _expert_smoke(compile_: bool) -> None:
+    device = torch.device("cuda" if HAS_CUDA else "cpu")
+    for name, (_, flow) in EXPERT_CASES.items():
+        torch.compiler.reset()
+        net, shape, _ = _build(name, device, torch.float32, tiny=True)
+        with torch.no_grad():
+            loops = _expert_loops(net, shape, device, torch.float32, 4, flow, compile_=compile_)
+            results = {impl: fn() for impl, fn in loops.items() if impl != LIMIT}
+        assert set(loops) >= (set(EXPERT_IMPLS) if compile_ else {"diffusers-eager"})
+        for impl, x in results.items():
+            assert x.shape == shape and torch.isfinite(x).all(), (name, impl)
+        # One plan and one Euler step in each (diffusers', the drop-in's, fastdiff's), fp32;
+        # compiled nets reassociate their fp32 sums (and pick other attention kernels).
+        tol = 1e-3 if compile_ else 1e-4
+        for impl, x in results.items() if flow else ():
+            error = (x - results["diffusers-eager"]).abs().max().item()
+            assert error < tol, (impl, error)
+    torch.compiler.reset()
+
+
+def test_expert_models_smoke():
+    """The expert-baseline loops run and agree (tiny models, eager nets; CPU or GPU)."""
+    pytest.importorskip("diffusers")
+    _expert_smoke(compile_=False)
+
+
+@gpu
+def test_expert_models_smoke_compiled():
+    """Every row of ``test_expert_baseline`` runs (tiny models, compiled, graphed): a minute
+    or two of compilation, before the real run."""
+    pytest.importorskip("diffusers")
+    _expert_smoke(compile_=True)
 
 
 # -- per-step cost inside a graph ---------------------------------------------------------------
@@ -376,6 +513,170 @@ def test_end_to_end(benchmark, model_name, impl):
     )
 
 
+# -- against the expert baseline ------------------------------------------------------------------
+
+# model -> (steps, flow). unet / dit: 50 DDIM steps (eps models); flux: 4 flow Euler steps
+# (a velocity model, Flux-schnell's few-step regime), static shift 3 (SD3's).
+EXPERT_CASES = {"unet": (NUM_STEPS, False), "dit": (NUM_STEPS, False), "flux": (4, True)}
+FLOW_SHIFT = 3.0
+EXPERT = "diffusers-compiled-ro"
+LIMIT = "model-graph-limit"
+EXPERT_IMPLS = [
+    EXPERT,  # diffusers' scheduler + torch.compile(net, mode="reduce-overhead")
+    "diffusers-eager",  # diffusers' scheduler + the eager net
+    "fused-scheduler-compiled-ro",  # the fused drop-in + the same reduce-overhead net
+    "fastdiff-graph",  # SamplingGraph + the eager net
+    "fastdiff-graph-compiled",  # SamplingGraph + torch.compile(net) (default mode)
+    "fused-scheduler-graph-compiled",  # capture_denoising_loop(fused drop-in + default net)
+    LIMIT,  # the default-mode net alone, replayed in a CUDA graph, x steps
+]
+_EXPERT_CACHE: dict = {}
+
+
+def _schedulers(flow: bool):
+    """(diffusers' scheduler, fastdiff's drop-in for it) of a case, default configs."""
+    import diffusers
+
+    from fastdiff.diffusers import FusedDDIMScheduler, FusedFlowMatchEulerDiscreteScheduler
+
+    if flow:
+        return (
+            diffusers.FlowMatchEulerDiscreteScheduler(shift=FLOW_SHIFT),
+            FusedFlowMatchEulerDiscreteScheduler(shift=FLOW_SHIFT),
+        )
+    return diffusers.DDIMScheduler(), FusedDDIMScheduler()
+
+
+def _native_sampler(flow: bool, steps: int):
+    """fastdiff's sampler of a case (the same plan as the diffusers scheduler's)."""
+    if flow:
+        from fastdiff.flow import FlowSchedule
+        from fastdiff.flow_samplers import FlowMatchEulerSampler
+
+        return FlowMatchEulerSampler(FlowSchedule(), steps, shift=FLOW_SHIFT, conditioning="sigma")
+    return DDIMSampler(SCHEDULE, steps)
+
+
+def _model_graph(net, x: torch.Tensor, cond: torch.Tensor, steps: int):
+    """fn() replaying ``net(x, cond)`` alone, captured in a CUDA graph, ``steps`` times (three
+    warm-up calls on a side stream first, as PyTorch asks): the model's own GPU time."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            net(x, cond)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        net(x, cond)
+
+    def run():
+        for _ in range(steps):
+            graph.replay()
+
+    run.graph = graph  # kept alive with the function
+    return run
+
+
+def _expert_loops(net, shape, device, dtype, steps, flow, compile_=True):
+    """impl name -> fn() running one whole chain from the same noise (EXPERT_IMPLS; without
+    ``compile_``, for the CPU smoke run: eager nets, no graphs)."""
+    sampler = _native_sampler(flow, steps)
+    seeds = philox.seeds_from(0, shape[0], device)
+    noise = philox.randn(seeds, 0, shape, stream=INITIAL_NOISE_STREAM, dtype=dtype)
+    plain, fused = _schedulers(flow)
+    loops = {
+        "diffusers-eager": _scheduler_loop(net, plain, noise, steps, flow),
+        "fused-scheduler-eager": _scheduler_loop(net, fused, noise, steps, flow),
+        "fastdiff-eager": lambda: sample(net, sampler, x=noise, dtype=dtype, progress=False),
+    }
+    if not compile_:
+        return loops
+    expert_net = torch.compile(net, mode="reduce-overhead")
+    fast_net = torch.compile(net)  # default mode: inductor's kernels, no CUDA graphs
+    graph = SamplingGraph(net, sampler, shape, device=device, dtype=dtype)
+    fast_graph = SamplingGraph(fast_net, sampler, shape, device=device, dtype=dtype)
+    plain, fused = _schedulers(flow)
+    loops.update(
+        {
+            EXPERT: _scheduler_loop(expert_net, plain, noise, steps, flow),
+            "fused-scheduler-compiled-ro": _scheduler_loop(expert_net, fused, noise, steps, flow),
+            "fastdiff-graph": lambda: graph.run(noise, seeds, copy=False),
+            "fastdiff-graph-compiled": lambda: fast_graph.run(noise, seeds, copy=False),
+            "fused-scheduler-graph-compiled": _captured_scheduler_loop(
+                fast_net, _schedulers(flow)[1], noise, steps, flow
+            ),
+            LIMIT: _model_graph(
+                fast_net, noise.clone(), sampler.model_condition(0, shape[0], device), steps
+            ),
+        }
+    )
+    return loops
+
+
+def _median_ms(fn, rounds: int = 10) -> float:
+    """Median wall ms of fn() (synchronized before and after each run)."""
+    times = []
+    for _ in range(rounds):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _expert(name):
+    """(loops, shape, params, steps, expert_ms, limit_ms) of a case, built once: every loop
+    run twice first (compilation, autotuning, cudagraph-tree recording, fastdiff's captures:
+    none of it timed), then the expert baseline and the model limit timed side by side."""
+    if name not in _EXPERT_CACHE:
+        _EXPERT_CACHE.clear()  # one model on the card at a time
+        torch.compiler.reset()
+        device = torch.device("cuda")
+        steps, flow = EXPERT_CASES[name]
+        net, shape, params = _build(name, device, torch.float16)
+        with torch.no_grad():
+            loops = _expert_loops(net, shape, device, torch.float16, steps, flow)
+            for fn in loops.values():
+                fn()
+                fn()
+            expert_ms = _median_ms(loops[EXPERT])
+            limit_ms = _median_ms(loops[LIMIT])
+        _EXPERT_CACHE[name] = (loops, shape, params, steps, expert_ms, limit_ms)
+    return _EXPERT_CACHE[name]
+
+
+@gpu
+@pytest.mark.parametrize("impl", EXPERT_IMPLS)
+@pytest.mark.parametrize("model_name", list(EXPERT_CASES))
+def test_expert_baseline(benchmark, model_name, impl):
+    """One row of the comparison with the expert baseline: ``extra_info`` carries the row's
+    ``speedup_vs_expert`` (expert ms / row ms) and ``x_model_limit`` (row ms / limit ms), the
+    two references timed in the same run (``_expert``)."""
+    pytest.importorskip("diffusers")
+    loops, shape, params, steps, expert_ms, limit_ms = _expert(model_name)
+    fn = loops[impl]
+
+    def timed():
+        with torch.no_grad():
+            fn()
+        torch.cuda.synchronize()
+
+    kind = "flow euler" if EXPERT_CASES[model_name][1] else "ddim"
+    benchmark.group = f"expert {model_name} {'x'.join(map(str, shape))} fp16 {steps} {kind} steps"
+    benchmark.pedantic(timed, rounds=10, iterations=1, warmup_rounds=2)
+    ms = benchmark.stats.stats.median * 1e3
+    benchmark.extra_info.update(
+        us_per_step=round(ms * 1e3 / steps, 1),
+        speedup_vs_expert=round(expert_ms / ms, 3),
+        x_model_limit=round(ms / limit_ms, 3),
+        expert_ms=round(expert_ms, 3),
+        limit_ms=round(limit_ms, 3),
+        params_m=round(params, 1),
+    )
+
+
 # -- summary --------------------------------------------------------------------------------------
 
 
@@ -386,7 +687,7 @@ def summarize(path: str) -> str:
     lines = [f"Card: {card}", "", "| group | implementation | median ms | us / step | extra |"]
     lines.append("|---|---|---:|---:|---|")
     for bench in data["benchmarks"]:
-        if not bench["name"].startswith(("test_graph_step", "test_end_to_end")):
+        if not bench["name"].startswith(("test_graph_step", "test_end_to_end", "test_expert")):
             continue
         extra = dict(bench.get("extra_info", {}))
         per_step = extra.pop("us_per_step", float("nan"))

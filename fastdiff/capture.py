@@ -11,6 +11,8 @@ stand-in for tests on the CPU). Design notes: ``docs/graphs.md``.
 from __future__ import annotations
 
 import contextlib
+import functools
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
@@ -24,6 +26,7 @@ __all__ = [
     "GraphRuntime",
     "GraphedLoop",
     "bits_equal",
+    "check_graphable",
     "make_runtime",
 ]
 
@@ -33,7 +36,8 @@ CAPTURE_HELP = (
     "boolean-mask indexing, Python control flow on tensor values, torch.cuda.synchronize()), "
     "no CPU tensors created and copied to the GPU on every call, and the same work on every "
     "call with only tensor contents changing. A torch.compile'd model works in the default "
-    "and 'max-autotune-no-cudagraphs' modes ('reduce-overhead' makes CUDA graphs of its own). "
+    "and 'max-autotune-no-cudagraphs' modes ('reduce-overhead' makes CUDA graphs of its own), "
+    "best with dynamic=False (fixed shapes: no recompilation in the capture). "
     "The fused (triton) step is capturable; the reference backend (float64 samples, "
     "backend='reference') reads the step index on the host and is not. Run with "
     "cuda_graph=False, or make the model capturable "
@@ -123,6 +127,95 @@ def _no_autocast_cache() -> contextlib.AbstractContextManager:
     if not torch.is_autocast_enabled("cuda"):
         return contextlib.nullcontext()
     return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
+
+
+COMPILED_GRAPHS_HELP = (
+    "mode='reduce-overhead' and 'max-autotune' (inductor's triton.cudagraphs=True) and the "
+    "'cudagraphs' backend record CUDA graphs of their own, which cannot be recorded again "
+    "inside fastdiff's graph of the whole step. Compile with the default mode or "
+    "mode='max-autotune-no-cudagraphs' (fastdiff's graph then replays the model, guidance and "
+    "the fused step as one graph: the faster path), or keep reduce-overhead and run with "
+    "cuda_graph=False."
+)
+
+
+def _makes_own_graphs(fn: Any) -> bool:
+    """Whether ``fn`` is a ``torch.compile``d callable whose inductor config records CUDA
+    graphs (``triton.cudagraphs``)."""
+    try:
+        get = getattr(fn, "get_compiler_config", None)
+        if get is not None:
+            config = get()
+        else:  # an OptimizedModule of a torch without get_compiler_config on modules
+            config = getattr(getattr(fn, "dynamo_ctx", None), "compiler_config", None)
+        return isinstance(config, dict) and bool(config.get("triton.cudagraphs"))
+    except Exception:  # a look-up never breaks a run: the capture still checks
+        return False
+
+
+def _reachable(fn: Any, depth: int = 3) -> Iterator[Any]:
+    """``fn`` and the callables it is made of: an ``nn.Module``'s submodules, a partial's or
+    bound method's target, a function's closure cells and the globals it names (a model
+    written ``lambda x, c: unet(x, c).sample``)."""
+    seen: set[int] = set()
+    todo = [(fn, depth)]
+    while todo:
+        obj, left = todo.pop()
+        if id(obj) in seen or obj is None:
+            continue
+        seen.add(id(obj))
+        yield obj
+        if left == 0:
+            continue
+        inner: list[Any] = []
+        if isinstance(obj, torch.nn.Module):
+            inner += list(obj.modules())[1:]
+        elif isinstance(obj, functools.partial):
+            inner += [obj.func, *obj.args, *obj.keywords.values()]
+        elif hasattr(obj, "__self__") and hasattr(obj, "__func__"):  # a bound method
+            inner += [obj.__self__, obj.__func__]
+        code = getattr(obj, "__code__", None)
+        if code is not None and not isinstance(obj, torch.nn.Module):
+            for cell in getattr(obj, "__closure__", None) or ():
+                with contextlib.suppress(ValueError):  # an empty cell
+                    inner.append(cell.cell_contents)
+            names = getattr(obj, "__globals__", {})
+            inner += [names[n] for n in code.co_names if n in names]
+        inner.append(getattr(obj, "__wrapped__", None))
+        todo += [(o, left - 1) for o in inner if callable(o)]
+
+
+def check_graphable(fn: Any, name: str = "model") -> None:
+    """Refuses a callable that is, or calls, a ``torch.compile``d model which records CUDA
+    graphs of its own (``mode="reduce-overhead"`` or ``"max-autotune"``): it cannot be
+    captured inside fastdiff's graph of the whole step.
+
+    What it finds: ``fn`` itself, its submodules, and what a wrapper function, partial or bound
+    method refers to (closure and globals). A model hidden deeper still fails at the capture,
+    with the same advice (:class:`GraphCaptureError`).
+
+    Args:
+        fn: the model, ``cond_fn`` or ``step_fn`` to be captured.
+        name: the argument's name, for the message.
+
+    Raises:
+        ValueError: a compiled model with CUDA graphs of its own was found.
+
+    Example:
+        >>> check_graphable(torch.compile(unet, mode="max-autotune-no-cudagraphs"))  # fine
+    """
+    for obj in _reachable(fn):
+        if _makes_own_graphs(obj):
+            what = "is" if obj is fn else f"calls {type(obj).__name__}, which is"
+            raise ValueError(
+                f"{name} {what} torch.compile'd with CUDA graphs of its own: {COMPILED_GRAPHS_HELP}"
+            )
+
+
+def _from_compiled_graphs(err: BaseException) -> bool:
+    """Whether ``err`` was raised inside inductor's or dynamo's CUDA-graph code."""
+    frames = traceback.extract_tb(err.__traceback__)
+    return any("cudagraph" in frame.filename for frame in frames)
 
 
 def make_runtime(device: torch.device) -> GraphRuntime:
@@ -249,9 +342,10 @@ class GraphEngine:
         try:
             self.graph = self.runtime.capture(lambda: self._repeat(self.body), self.state)
         except Exception as err:
+            help_ = COMPILED_GRAPHS_HELP if _from_compiled_graphs(err) else CAPTURE_HELP
             raise GraphCaptureError(
                 f"capturing the sampling step in a CUDA graph failed: {type(err).__name__}: "
-                f"{err}\n{CAPTURE_HELP}"
+                f"{err}\n{help_}"
             ) from err
 
     def _verify(self) -> None:

@@ -1,7 +1,9 @@
 """``python -m fastdiff demo``: every sampler against a Gaussian mixture whose answer is known.
 
 Each sampler of :data:`fastdiff.samplers.SAMPLERS` draws from :func:`fastdiff.gmm.demo_mixture`
-with its exact denoiser (the model a perfectly trained network would be). The demo plots the
+with its exact denoiser (the model a perfectly trained network would be), and each flow sampler
+of :data:`fastdiff.flow_samplers.FLOW_SAMPLERS` with its exact velocity
+(:func:`fastdiff.flow.mixture_velocity`, static shift 3 as SD3). The demo plots the
 samples (``samples.png``), prints sampler, steps, time per step (loop and step alone) and the
 fit figure (sliced 2-Wasserstein distance; ``true mixture`` is the floor of n exact samples),
 and plots the fit against 1 to 1000 steps (``steps.png``). Plans use "trailing" spacing (Lin et
@@ -18,21 +20,34 @@ from pathlib import Path
 
 import torch
 
+from fastdiff.flow import FlowSchedule, mixture_velocity
+from fastdiff.flow_samplers import FLOW_SAMPLERS
 from fastdiff.gmm import demo_mixture
 from fastdiff.philox import seeds_from
 from fastdiff.samplers import SAMPLERS
 from fastdiff.sampling import sample
 from fastdiff.schedules import NoiseSchedule
 
-__all__ = ["DEFAULT_STEPS", "STEP_COUNTS", "DemoRow", "run"]
+__all__ = ["DEFAULT_STEPS", "DEMO_SAMPLERS", "FLOW_SHIFT", "STEP_COUNTS", "DemoRow", "run"]
 
-DEFAULT_STEPS = {"ddpm": 1000, "ddim": 50, "euler": 50, "euler_ancestral": 50, "dpmpp_2m": 20}
+# The demo's rows: the VP samplers (epsilon denoiser), then the flow samplers (velocity).
+DEMO_SAMPLERS = (*SAMPLERS, *FLOW_SAMPLERS)
+FLOW_SHIFT = 3.0  # SD3's static shift of the flow plans
+DEFAULT_STEPS = {
+    "ddpm": 1000,
+    "ddim": 50,
+    "euler": 50,
+    "euler_ancestral": 50,
+    "dpmpp_2m": 20,
+    "flow_euler": 50,
+    "flow_dpmpp_2m": 20,
+}
 STEP_COUNTS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 # --quick (tests): fewer samples, a shorter sweep, DDPM on 100 steps.
 QUICK_N = 400
 QUICK_STEP_COUNTS = (1, 5, 20)
-# Samples per point of the step sweep (10 step counts x 5 samplers, 9440 steps in all): small
-# enough for a CPU-only run well under a minute.
+# Samples per point of the step sweep (10 step counts x 7 samplers, 13216 steps in all): small
+# enough for a CPU-only run of about a minute.
 SWEEP_N = 1000
 QUICK_DEFAULT_STEPS = {**DEFAULT_STEPS, "ddpm": 100}
 
@@ -42,7 +57,7 @@ class DemoRow:
     """One line of the demo's table.
 
     Attributes:
-        sampler: the sampler's name in SAMPLERS ("true mixture" for the reference row).
+        sampler: the sampler's name in DEMO_SAMPLERS ("true mixture" for the reference row).
         steps: number of steps (0 for the reference row).
         us_per_step: wall time of the whole chain (model + step) divided by its steps,
             microseconds. The exact float64 mixture denoiser is most of it.
@@ -73,9 +88,29 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _run_sampler(model, schedule, name: str, steps: int, n: int, device: torch.device):
-    """Samples n points with SAMPLERS[name] on `steps` steps; returns (samples, seconds)."""
-    sampler = SAMPLERS[name](schedule, steps, timestep_spacing="trailing", backend="auto")
+@dataclass(frozen=True)
+class _Models:
+    """The exact models of the demo's mixture: the VP schedule and epsilon denoiser, the flow
+    schedule and velocity."""
+
+    schedule: NoiseSchedule
+    denoiser: Callable
+    flow_schedule: FlowSchedule
+    velocity: Callable
+
+
+def _sampler_and_model(models: _Models, name: str, steps: int):
+    """DEMO_SAMPLERS[name] on `steps` steps and the exact model it samples with."""
+    if name in FLOW_SAMPLERS:
+        sampler = FLOW_SAMPLERS[name](models.flow_schedule, steps, shift=FLOW_SHIFT, backend="auto")
+        return sampler, models.velocity
+    sampler = SAMPLERS[name](models.schedule, steps, timestep_spacing="trailing", backend="auto")
+    return sampler, models.denoiser
+
+
+def _run_sampler(models: _Models, name: str, steps: int, n: int, device: torch.device):
+    """Samples n points with DEMO_SAMPLERS[name] on `steps` steps; returns (samples, seconds)."""
+    sampler, model = _sampler_and_model(models, name, steps)
     if device.type == "cuda":  # compile the kernels first: compilation is not speed
         sample(model, sampler, shape=(n, 2), seed=0, device=device, progress=False)
     _sync(device)
@@ -85,10 +120,10 @@ def _run_sampler(model, schedule, name: str, steps: int, n: int, device: torch.d
     return x, time.perf_counter() - start
 
 
-def _time_step_alone(model, schedule, name: str, steps: int, n: int, device: torch.device) -> float:
+def _time_step_alone(models: _Models, name: str, steps: int, n: int, device: torch.device) -> float:
     """Seconds per ``sampler.step`` on [n, 2] float32 (one model output reused; the cost of
     a step does not depend on the values)."""
-    sampler = SAMPLERS[name](schedule, steps, timestep_spacing="trailing", backend="auto")
+    sampler, model = _sampler_and_model(models, name, steps)
     seeds = seeds_from(0, n, device)
     x = torch.randn(n, 2, device=device)
     out = model(x, sampler.model_condition(0, n, device))
@@ -140,7 +175,10 @@ def _plot_samples(path: Path, true_x: torch.Tensor, results: dict, floor: float)
         ax.set_ylim(-4.6, 4.6)
         ax.set_aspect("equal")
         ax.tick_params(labelsize=8)
-    fig.suptitle("Samples of a 2-D Gaussian mixture drawn with its exact denoiser", fontsize=12)
+    fig.suptitle(
+        "Samples of a 2-D Gaussian mixture drawn with its exact denoiser (flow_*: velocity)",
+        fontsize=12,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -149,10 +187,18 @@ def _plot_steps(path: Path, sweep: dict, floors: Sequence[float], n: int) -> Non
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7.5, 5.4))
+    fig = Figure(figsize=(7.5, 5.6))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    styles = [("-", "o", 3.5), ("--", "s", 2.5), ("-", "^", 2.0), (":", "D", 2.0), ("-.", "v", 1.5)]
+    styles = [
+        ("-", "o", 3.5),
+        ("--", "s", 2.5),
+        ("-", "^", 2.0),
+        (":", "D", 2.0),
+        ("-.", "v", 1.5),
+        ("-", "P", 2.0),
+        ("--", "X", 1.5),
+    ]
     for k, (name, points) in enumerate(sweep.items()):
         steps = [s for s, _ in points]
         w2 = [w for _, w in points]
@@ -173,11 +219,12 @@ def _plot_steps(path: Path, sweep: dict, floors: Sequence[float], n: int) -> Non
         0.01,
         "Floor: mean and range of the figure for 8 draws of exact samples. Curves that coincide: "
         "ddim = euler (DDIM is Euler in sigma space),\nddpm = euler_ancestral (the same "
-        "posterior step, the same noise); each point is one run of n samples (seed 0).",
+        "posterior step, the same noise); flow_*: the flow path with its exact velocity,\n"
+        f"shift {FLOW_SHIFT:g}. Each point is one run of n samples (seed 0).",
         fontsize=7,
         color="dimgray",
     )
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
 
 
@@ -199,7 +246,8 @@ def run(
         echo: where the table and messages go.
 
     Returns:
-        The table's rows: the true-mixture floor first, then one per sampler.
+        The table's rows: the true-mixture floor first, then one per sampler of
+        DEMO_SAMPLERS.
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 10:
         raise ValueError(f"n must be an int >= 10, got {n!r}")
@@ -212,24 +260,30 @@ def run(
     step_counts = QUICK_STEP_COUNTS if quick else STEP_COUNTS
 
     schedule = NoiseSchedule.create("linear", 1000)
+    flow_schedule = FlowSchedule(schedule.num_train_timesteps)
     gmm = demo_mixture()
-    model = gmm.denoiser(schedule, prediction_type="epsilon", conditioning="timestep")
+    models = _Models(
+        schedule,
+        gmm.denoiser(schedule, prediction_type="epsilon", conditioning="timestep"),
+        flow_schedule,
+        mixture_velocity(gmm, flow_schedule, conditioning="timestep"),
+    )
     true_x = gmm.sample(n, torch.Generator().manual_seed(0))
     floor = gmm.fit(true_x).sliced_w2
     echo(f"fastdiff demo: {gmm.num_components}-component 2-D Gaussian mixture, n={n}, device={dev}")
 
     if dev.type == "cuda":  # compile the kernels before timing
-        for name in SAMPLERS:
-            _run_sampler(model, schedule, name, 2, n, dev)
+        for name in DEMO_SAMPLERS:
+            _run_sampler(models, name, 2, n, dev)
 
     rows = [DemoRow("true mixture", 0, 0.0, 0.0, floor)]
     results = {}
-    for name in SAMPLERS:
+    for name in DEMO_SAMPLERS:
         steps = defaults.get(name, 50)
-        x, seconds = _run_sampler(model, schedule, name, steps, n, dev)
+        x, seconds = _run_sampler(models, name, steps, n, dev)
         w2 = gmm.fit(x).sliced_w2
         results[name] = (x, steps, w2)
-        step_s = _time_step_alone(model, schedule, name, steps, n, dev)
+        step_s = _time_step_alone(models, name, steps, n, dev)
         rows.append(DemoRow(name, steps, 1e6 * seconds / steps, 1e6 * step_s, w2))
     echo(_format_table(rows))
 
@@ -237,10 +291,10 @@ def run(
     gen = torch.Generator().manual_seed(1)
     sweep_floors = [gmm.fit(gmm.sample(sweep_n, gen)).sliced_w2 for _ in range(8)]
     sweep: dict[str, list[tuple[int, float]]] = {}
-    for name in SAMPLERS:
+    for name in DEMO_SAMPLERS:
         sweep[name] = []
         for steps in step_counts:
-            x, _ = _run_sampler(model, schedule, name, steps, sweep_n, dev)
+            x, _ = _run_sampler(models, name, steps, sweep_n, dev)
             sweep[name].append((steps, gmm.fit(x).sliced_w2))
 
     samples_png = out_dir / "samples.png"

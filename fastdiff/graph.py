@@ -69,7 +69,9 @@ class SamplingGraph(GraphedLoop):
 
     Each :meth:`run` gives bitwise the samples of :func:`fastdiff.sample` for the same initial
     noise and seeds. The model may be ``torch.compile``d (default or
-    ``"max-autotune-no-cudagraphs"`` mode): it compiles in the warm-up, before the capture.
+    ``"max-autotune-no-cudagraphs"`` mode; the fastest path): it compiles and autotunes in the
+    warm-up, at the captured shapes, before the capture. A model compiled with CUDA graphs of
+    its own (``"reduce-overhead"``) is refused (``fastdiff.capture.check_graphable``).
 
     Args:
         model: ``model(x, cond) -> output``; must be capturable (see ``GraphCaptureError``).
@@ -89,7 +91,8 @@ class SamplingGraph(GraphedLoop):
             looked up at call time).
 
     Raises:
-        ValueError: a device that is not CUDA, bad counts or shape, guidance_rescale alone.
+        ValueError: a device that is not CUDA, bad counts or shape, guidance_rescale alone, a
+            model or cond_fn compiled with CUDA graphs of its own.
         TypeError: a non-callable model or cond_fn, not a sampler, a non-float dtype.
 
     Example::
@@ -168,6 +171,9 @@ class SamplingGraph(GraphedLoop):
     def _setup(self, body, shape, device, dtype, memory_format, runtime, **options) -> None:
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        capture.check_graphable(body.model, "model")
+        if body.cond_fn is not None:
+            capture.check_graphable(body.cond_fn, "cond_fn")
         runtime = runtime if runtime is not None else capture.make_runtime(device)
         self.body = body
         self.model = body.model

@@ -200,8 +200,10 @@ def sample(
         callback: ``callback(i, x, x0)`` after each step (device tensors).
         cuda_graph: replay one captured step as a CUDA graph (:class:`fastdiff.SamplingGraph`):
             bitwise the same samples, without the model's launch overhead. Needs CUDA and a
-            capturable model, which may be a ``torch.compile``d one (else
-            ``fastdiff.GraphCaptureError`` says why); the callback then gets static buffers.
+            capturable model, which may be a ``torch.compile``d one in the default or
+            ``"max-autotune-no-cudagraphs"`` mode (the fastest path; ``"reduce-overhead"``
+            is refused, ValueError); else ``fastdiff.GraphCaptureError`` says why. The
+            callback then gets static buffers.
 
     Returns:
         The samples, ``[B, ...]`` in ``dtype`` on ``device``.

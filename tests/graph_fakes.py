@@ -1,5 +1,5 @@
 """An eager stand-in for ``fastdiff.capture.CudaRuntime``, for CPU tests of the graph
-control flow (warm-up, capture, verification, replay)."""
+control flow (warm-up, capture, verification, replay), and a tiny model to compile."""
 
 from __future__ import annotations
 
@@ -56,3 +56,17 @@ class EagerRuntime:
             fn()
 
         return EagerGraph(replay)
+
+
+class TinyMLP(torch.nn.Module):
+    """A small MLP denoiser on [B, dim] samples conditioned on the timestep."""
+
+    def __init__(self, dim: int = 64, width: int = 128) -> None:
+        super().__init__()
+        self.inp = torch.nn.Linear(dim, width)
+        self.emb = torch.nn.Linear(1, width)
+        self.out = torch.nn.Linear(width, dim)
+
+    def forward(self, x, cond):
+        h = self.inp(x) + self.emb(cond.to(x.dtype)[:, None] / 1000)
+        return self.out(torch.nn.functional.silu(h))

@@ -6,6 +6,8 @@ import sys
 import pytest
 
 from fastdiff.__main__ import build_parser, main
+from fastdiff.demo import DEMO_SAMPLERS
+from fastdiff.flow_samplers import FLOW_SAMPLERS
 from fastdiff.samplers import SAMPLERS
 
 
@@ -36,12 +38,23 @@ def test_quick_demo_writes_both_plots_and_the_table(tmp_path):
     lines = result.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["sampler", "steps"])
     rows = {
-        line.split()[0]: line.split() for line in lines[header + 2 : header + 3 + len(SAMPLERS)]
+        line.split()[0]: line.split()
+        for line in lines[header + 2 : header + 3 + len(DEMO_SAMPLERS)]
     }
-    assert set(SAMPLERS) <= set(rows)
-    for name in SAMPLERS:
+    assert set(SAMPLERS) | set(FLOW_SAMPLERS) == set(DEMO_SAMPLERS) <= set(rows)
+    for name in DEMO_SAMPLERS:
         steps, loop_us, step_us, w2 = rows[name][1:5]
         assert int(steps) > 0 and float(loop_us) > 0 and float(step_us) > 0 and float(w2) >= 0
+    # The flow rows fit the mixture as well as the VP rows do: each within 1.5x of its VP peer
+    # on the same steps (same ODE solver, another path; 1 step would be ~9x off) and, as every
+    # VP row, within 2x of the floor of n exact samples (deterministic: seed 0).
+    w2 = {name: float(row[-1]) for name, row in rows.items()}
+    floor = w2["true"]  # the "true mixture" row
+    for flow, vp in (("flow_euler", "euler"), ("flow_dpmpp_2m", "dpmpp_2m")):
+        assert rows[flow][1] == rows[vp][1]
+        assert w2[vp] / 1.5 < w2[flow] < 1.5 * w2[vp], (flow, w2[flow], vp, w2[vp])
+    for name in DEMO_SAMPLERS:
+        assert w2[name] < 2 * floor, (name, w2[name], floor)
 
 
 def test_bad_arguments_fail_cleanly(tmp_path, capsys):

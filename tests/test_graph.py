@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 from conftest import random_mixture
-from graph_fakes import EagerRuntime
+from graph_fakes import EagerRuntime, TinyMLP
 
 from fastdiff import capture, philox
 from fastdiff.graph import GraphCaptureError, SamplingGraph
@@ -641,20 +641,6 @@ def test_gpu_channels_last_graph():
         g = SamplingGraph(net, sampler, (3, 4, 16, 16), memory_format=torch.channels_last)
         assert g.x.is_contiguous(memory_format=torch.channels_last)
         assert torch.equal(g.run(noise, seeds), eager)
-
-
-class TinyMLP(torch.nn.Module):
-    """A small MLP denoiser on [B, 64] samples conditioned on the timestep."""
-
-    def __init__(self, dim: int = 64, width: int = 128) -> None:
-        super().__init__()
-        self.inp = torch.nn.Linear(dim, width)
-        self.emb = torch.nn.Linear(1, width)
-        self.out = torch.nn.Linear(width, dim)
-
-    def forward(self, x, cond):
-        h = self.inp(x) + self.emb(cond.to(x.dtype)[:, None] / 1000)
-        return self.out(torch.nn.functional.silu(h))
 
 
 @pytest.mark.gpu

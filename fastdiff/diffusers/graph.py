@@ -72,6 +72,11 @@ class DenoisingLoopGraph(GraphedLoop):
         steps_per_graph, warmup_steps, verify: as for ``fastdiff.SamplingGraph``.
         runtime: the device runtime (default: ``fastdiff.capture.make_runtime``).
 
+    Raises:
+        ValueError: a scheduler that cannot be replayed, a step_fn calling a model
+            ``torch.compile``d with CUDA graphs of its own (``"reduce-overhead"``: compile
+            in the default or ``"max-autotune-no-cudagraphs"`` mode, the fastest path).
+
     Example::
 
         scheduler = FusedDDIMScheduler.from_config(pipe.scheduler.config)
@@ -111,6 +116,7 @@ class DenoisingLoopGraph(GraphedLoop):
         if plan.dim() != 1 or plan.numel() == 0:
             raise ValueError(f"timesteps must be a non-empty 1-D sequence, got {tuple(plan.shape)}")
         check_scheduler(scheduler)
+        capture.check_graphable(step_fn, "step_fn")
         prepare = getattr(scheduler, "prepare_graph_step", None)
         self._prepare = prepare if callable(prepare) else None
         self.scheduler = scheduler
