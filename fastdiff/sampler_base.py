@@ -134,6 +134,8 @@ class Sampler:
             )
         self.table = table
         self._device_cache: dict = {}
+        mode = self._variance_mode()
+        self._learned = None if mode == "fixed" else mode  # the learned variance mode, if any
 
     # -- what subclasses provide -------------------------------------------------------------
 
@@ -289,53 +291,66 @@ class Sampler:
             x, model_output, i, x0_prev, noise, seeds, grad, guidance_scale, guidance_rescale,
             out, x0_out,
         )  # fmt: skip
-        variance_mode = self._variance_mode()
-        learned = variance_mode != "fixed"
-        x0_prev = x0_prev if self.multistep else None
-        if not self.stochastic:
-            noise = seeds = None
+        table, rows, reference_step, options = self._step_inputs(
+            x, i, x0_prev, noise, seeds, return_x0, x0_out
+        )
 
         def check_tensors():
             """Shapes, devices and layouts: run_step calls this on the reference path, and on
             the kernel path where the kernel refuses a signature (so that both backends
             raise the same error)."""
-            variance = self.variance_type if learned else None
             guided = guidance_scale is not None
-            check_model_output(model_output, x, guided=guided, variance_type=variance)
-            for name, t in (("x0_prev", x0_prev), ("noise", noise), ("grad", grad)):
-                if t is not None:
-                    check_like(name, t, x)
+            check_model_output(model_output, x, guided=guided, variance_type=self._learned)
+            for name in ("x0_prev", "noise"):
+                if options.get(name) is not None:
+                    check_like(name, options[name], x)
+            if grad is not None:
+                check_like("grad", grad, x)
             for name, t in (("out", out), ("x0_out", x0_out)):
                 if t is not None:
                     check_out(name, t, x)
+
+        x_next, x0 = run_step(
+            self.backend,
+            x,
+            model_output,
+            table,
+            rows,
+            reference_step,
+            guidance_scale=guidance_scale,
+            guidance_rescale=guidance_rescale,
+            clip_range=self.clip_sample_range,
+            thresholding=self.thresholding,
+            grad=grad,
+            out=out,
+            x0_out=x0_out,
+            check=check_tensors,
+            **options,
+        )
+        return StepOutput(x_next, x0)
+
+    def _step_inputs(self, x, i, x0_prev, noise, seeds, return_x0, x0_out):
+        """What ``step`` hands ``run_step`` besides the arguments every sampler passes on:
+        ``(table, rows, reference_step, options)``, options being run_step's keywords of
+        this sampler kind (variance mode, x0_prev, noise, seeds, write_x0). UniPC overrides
+        it (its history ring, its chain position)."""
+        learned = self._learned is not None
 
         def reference_step(x, m, x0_prev, noise, grad):
             m, v = reference.split_learned_variance(m, self.variance_type) if learned else (m, None)
             return self._reference_step(x, m, v, i, x0_prev, noise, grad)
 
         on_device = self.device_tables(x.device)
-        x_next, x0 = run_step(
-            self.backend,
-            x,
-            model_output,
-            on_device["table"],
-            on_device["row_views"][i] if isinstance(i, int) else i.reshape(-1),
-            reference_step,
-            guidance_scale=guidance_scale,
-            guidance_rescale=guidance_rescale,
-            clip_range=self.clip_sample_range,
-            thresholding=self.thresholding,
-            variance_mode=variance_mode,
-            x0_prev=x0_prev,
-            noise=noise,
-            seeds=seeds,
-            grad=grad,
-            out=out,
-            x0_out=x0_out,
-            write_x0=return_x0,
-            check=check_tensors,
-        )
-        return StepOutput(x_next, x0)
+        rows = on_device["row_views"][i] if isinstance(i, int) else i.reshape(-1)
+        stochastic = self.stochastic
+        options = {
+            "variance_mode": self._learned or "fixed",
+            "x0_prev": x0_prev if self.multistep else None,
+            "noise": noise if stochastic else None,
+            "seeds": seeds if stochastic else None,
+            "write_x0": return_x0,
+        }
+        return on_device["table"], rows, reference_step, options
 
     def _check_arguments(
         self, x, model_output, i, x0_prev, noise, seeds, grad, guidance_scale, guidance_rescale,
@@ -371,9 +386,9 @@ class Sampler:
             check_tensor("grad", grad)
             if not self.stochastic:
                 raise ValueError(
-                    "classifier guidance shifts the mean by variance x gradient; this "
-                    "sampler's step has no variance (use DDPM, DDIM with eta > 0 or Euler "
-                    "ancestral)"
+                    "classifier guidance shifts the mean by variance x gradient; "
+                    f"{type(self).__name__}'s step has no variance (use DDPM, DDIM with "
+                    "eta > 0 or Euler ancestral)"
                 )
         if x0_prev is not None and self.multistep:
             check_tensor("x0_prev", x0_prev)
