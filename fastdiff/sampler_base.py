@@ -25,6 +25,7 @@ from fastdiff.backend import check_backend
 from fastdiff.checks import (
     PREDICTION_TYPES,
     check_choice,
+    check_finite_table,
     check_guidance,
     check_like,
     check_model_output,
@@ -124,14 +125,13 @@ class Sampler:
         table = self._build_table()
         if table.shape != (n, len(COLUMNS)) or table.dtype != torch.float64:
             raise AssertionError("internal: table has the wrong shape or dtype")
-        bad = ~torch.isfinite(table)
-        if bad.any():
-            step, col = (int(v) for v in bad.nonzero()[0])
-            raise ValueError(
-                f"{type(self).__name__}: coefficient {COLUMNS[col]!r} of step {step} "
-                f"(t={float(self.timesteps[step]):g}) is not finite; the schedule and prediction "
-                "type do not fit (e.g. epsilon prediction at zero terminal SNR)"
-            )
+        check_finite_table(
+            table,
+            COLUMNS,
+            lambda step: f"{type(self).__name__} step {step} (t={float(self.timesteps[step]):g})",
+            "the schedule and prediction type do not fit (e.g. epsilon prediction at zero "
+            "terminal SNR)",
+        )
         self.table = table
         self._device_cache: dict = {}
         mode = self._variance_mode()
