@@ -94,17 +94,8 @@ class Sampler:
     ) -> None:
         if not isinstance(schedule, NoiseSchedule):
             raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
-        check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-        check_choice("conditioning", conditioning, CONDITIONINGS)
-        clip_sample_range, thresholding = check_processing(
-            clip_sample_range, thresholding, clip_name="clip_sample_range"
-        )
-        self.schedule = schedule
-        self.prediction_type = prediction_type
-        self.clip_sample_range = clip_sample_range
-        self.thresholding = thresholding
-        self.conditioning = conditioning
-        self.backend = check_backend(backend)
+        self._set_options(schedule, prediction_type, conditioning, clip_sample_range,
+                          thresholding, backend)  # fmt: skip
         self.timesteps = make_plan(
             schedule.num_train_timesteps, steps, timestep_spacing, steps_offset
         )
@@ -116,6 +107,20 @@ class Sampler:
         self.alpha_bar_next = schedule.alpha_bar(nxt)
         self.alpha_bar_prev = schedule.alpha_bar(prv)
         self._set_table()
+
+    def _set_options(
+        self, schedule, prediction_type, conditioning, clip_sample_range=None, thresholding=None,
+        backend=None, *, prediction_types=PREDICTION_TYPES, conditionings=CONDITIONINGS,
+    ) -> None:  # fmt: skip
+        """Checks and sets the options every sampler family shares (its own choices of
+        prediction type and conditioning)."""
+        self.schedule = schedule
+        self.prediction_type = check_choice("prediction_type", prediction_type, prediction_types)
+        self.conditioning = check_choice("conditioning", conditioning, conditionings)
+        self.clip_sample_range, self.thresholding = check_processing(
+            clip_sample_range, thresholding, clip_name="clip_sample_range"
+        )
+        self.backend = check_backend(backend)
 
     def _set_table(self) -> None:
         """Builds and checks the coefficient table of the plan (``timesteps``, ``alpha_bar``,
