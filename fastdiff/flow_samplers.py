@@ -158,10 +158,11 @@ class FlowMatchEulerSampler(FlowSampler):
 
     def _reference_step(self, x, m, v, i, x0_prev, noise, grad):
         s, s_next, _ = self._levels(x, i)
-        kwargs = dict(prediction_type=self.prediction_type, **self._process_kwargs())
         if self.stochastic:
-            return reference.flow_stochastic_step(x, m, s, s_next, noise, grad=grad, **kwargs)
-        return reference.flow_euler_step(x, m, s, s_next, **kwargs)
+            return self._reference_call(
+                reference.flow_stochastic_step, x, m, s, s_next, noise=noise, grad=grad
+            )
+        return self._reference_call(reference.flow_euler_step, x, m, s, s_next)
 
 
 class FlowDPMSolverPP2MSampler(FlowSampler):
@@ -199,15 +200,8 @@ class FlowDPMSolverPP2MSampler(FlowSampler):
 
     def _reference_step(self, x, m, v, i, x0_prev, noise, grad):
         s, s_next, s_prev = self._levels(x, i)
-        return reference.flow_dpmpp_2m_step(
-            x,
-            m,
-            s,
-            s_next,
-            x0_prev=x0_prev,
-            sigma_prev=s_prev,
-            prediction_type=self.prediction_type,
-            **self._process_kwargs(),
+        return self._reference_call(
+            reference.flow_dpmpp_2m_step, x, m, s, s_next, x0_prev=x0_prev, sigma_prev=s_prev
         )
 
 

@@ -414,5 +414,19 @@ class Sampler:
             return {k: on_device[k].take(i) for k in names}
         return {k: on_device[k][i] for k in names}
 
+    def _reference_call(self, step_fn, x, model_output, start, end, **kwargs):
+        """``step_fn(x, model_output, start, end, ...)``: a ``fastdiff.reference`` step between
+        two noise levels (``ab_t, ab_next`` or ``sigma, sigma_next``), with the sampler's
+        prediction type and x0 processing."""
+        return step_fn(
+            x, model_output, start, end,
+            prediction_type=self.prediction_type, **self._process_kwargs(), **kwargs,
+        )  # fmt: skip
+
+    def _ab(self, x: torch.Tensor, i) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(ab_t, ab_next)`` of step i on x's device."""
+        s = self._values(x, i)
+        return s["alpha_bar"], s["alpha_bar_next"]
+
     def _process_kwargs(self) -> dict:
         return {"clip_range": self.clip_sample_range, "thresholding": self.thresholding}
