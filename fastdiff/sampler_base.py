@@ -121,6 +121,9 @@ class Sampler:
             clip_sample_range, thresholding, clip_name="clip_sample_range"
         )
         self.backend = check_backend(backend)
+        # the x0 processing keywords of run_step, only those set
+        processing = self._process_kwargs()
+        self._processing = {k: v for k, v in processing.items() if v is not None}
 
     def _set_table(self) -> None:
         """Builds and checks the coefficient table of the plan (``timesteps``, ``alpha_bar``,
@@ -300,38 +303,36 @@ class Sampler:
             x, i, x0_prev, noise, seeds, return_x0, x0_out
         )
 
+        # run_step gets only what differs from its defaults (keywords cost time per call)
+        if guidance_scale is not None:
+            options["guidance_scale"] = guidance_scale
+            options["guidance_rescale"] = guidance_rescale
+        if self._processing:
+            options.update(self._processing)
+        if grad is not None:
+            options["grad"] = grad
+        if out is not None:
+            options["out"] = out
+        if x0_out is not None:
+            options["x0_out"] = x0_out
+
         def check_tensors():
             """Shapes, devices and layouts: run_step calls this on the reference path, and on
             the kernel path where the kernel refuses a signature (so that both backends
             raise the same error)."""
             guided = guidance_scale is not None
             check_model_output(model_output, x, guided=guided, variance_type=self._learned)
-            for name in ("x0_prev", "noise"):
-                if options.get(name) is not None:
+            for name in ("x0_prev", "noise", "grad"):
+                if name in options:
                     check_like(name, options[name], x)
-            if grad is not None:
-                check_like("grad", grad, x)
-            for name, t in (("out", out), ("x0_out", x0_out)):
-                if t is not None:
-                    check_out(name, t, x)
+            for name in ("out", "x0_out"):
+                if name in options:
+                    check_out(name, options[name], x)
 
         x_next, x0 = run_step(
-            self.backend,
-            x,
-            model_output,
-            table,
-            rows,
-            reference_step,
-            guidance_scale=guidance_scale,
-            guidance_rescale=guidance_rescale,
-            clip_range=self.clip_sample_range,
-            thresholding=self.thresholding,
-            grad=grad,
-            out=out,
-            x0_out=x0_out,
-            check=check_tensors,
+            self.backend, x, model_output, table, rows, reference_step, check=check_tensors,
             **options,
-        )
+        )  # fmt: skip
         return StepOutput(x_next, x0)
 
     def _step_inputs(self, x, i, x0_prev, noise, seeds, return_x0, x0_out):
@@ -347,14 +348,16 @@ class Sampler:
 
         on_device = self.device_tables(x.device)
         rows = on_device["row_views"][i] if isinstance(i, int) else i.reshape(-1)
-        stochastic = self.stochastic
-        options = {
-            "variance_mode": self._learned or "fixed",
-            "x0_prev": x0_prev if self.multistep else None,
-            "noise": noise if stochastic else None,
-            "seeds": seeds if stochastic else None,
-            "write_x0": return_x0,
-        }
+        options = {"write_x0": return_x0}  # only what differs from run_step's defaults
+        if learned:
+            options["variance_mode"] = self._learned
+        if x0_prev is not None and self.multistep:
+            options["x0_prev"] = x0_prev
+        if self.stochastic:
+            if noise is not None:
+                options["noise"] = noise
+            if seeds is not None:
+                options["seeds"] = seeds
         return on_device["table"], rows, reference_step, options
 
     def _check_arguments(
@@ -375,12 +378,12 @@ class Sampler:
                     "guidance rescale needs a per-sample std: x must have at least 2 elements "
                     f"per sample, got shape {tuple(x.shape)}"
                 )
-        batch, device = x.shape[0], x.device
-        i = self._step_index(i, batch, device)
+        if type(i) is not int or not 0 <= i < self._num_steps:  # (the common case is cheap)
+            i = self._step_index(i, x.shape[0], x.device)
         if noise is not None and seeds is not None:
             raise ValueError("pass either noise or seeds, not both")
         if seeds is not None:
-            check_seeds(seeds, batch, device)
+            check_seeds(seeds, x.shape[0], x.device)
         if noise is not None:
             check_tensor("noise", noise)
             if not self.stochastic:  # ignored by the step: checked here, not with the tensors
