@@ -347,7 +347,7 @@ class Sampler:
             return self._reference_step(x, m, v, i, x0_prev, noise, grad)
 
         on_device = self.device_tables(x.device)
-        rows = on_device["row_views"][i] if isinstance(i, int) else i.reshape(-1)
+        rows = on_device["row_views"][i] if isinstance(i, int) else i  # 0-d or [B]: as is
         options = {"write_x0": return_x0}  # only what differs from run_step's defaults
         if learned:
             options["variance_mode"] = self._learned

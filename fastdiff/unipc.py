@@ -225,7 +225,7 @@ class UniPCMixin:
             table, rows = on_device["full"], on_device["row_views"][w * self.num_steps + k]
         else:
             position = None  # the kernel reads it from the device; the reference on the host
-            table, rows = on_device["active"][self._chain_start], i.reshape(-1)
+            table, rows = on_device["active"][self._chain_start], i
         ring, last = self._history.buffers(x, x.dtype)
 
         def reference_step(xr, m, _x0_prev, _noise, _grad):
