@@ -11,27 +11,14 @@ not imported here so that ``-m`` runs it cleanly). The diffusers schedulers:
 ``fastdiff.diffusers`` (needs diffusers).
 """
 
+from fastdiff import flow_samplers, samplers
 from fastdiff.backend import BACKENDS, resolve_backend
 from fastdiff.flow import FlowSchedule, calculate_shift, flow_sigmas, mixture_velocity
-from fastdiff.flow_samplers import (
-    FLOW_SAMPLERS,
-    FlowDPMSolverPP2MSampler,
-    FlowMatchEulerSampler,
-    FlowSampler,
-)
+from fastdiff.flow_samplers import *  # noqa: F403 (its __all__, listed below)
 from fastdiff.gmm import GaussianMixture
 from fastdiff.graph import GraphCaptureError, SamplingGraph
 from fastdiff.philox import seeds_from
-from fastdiff.samplers import (
-    SAMPLERS,
-    DDIMSampler,
-    DDPMSampler,
-    DPMSolverPP2MSampler,
-    EulerAncestralSampler,
-    EulerSampler,
-    Sampler,
-    StepOutput,
-)
+from fastdiff.samplers import *  # noqa: F403 (its __all__, listed below)
 from fastdiff.sampling import sample
 from fastdiff.schedules import NoiseSchedule, make_betas, make_plan, rescale_zero_terminal_snr
 from fastdiff.unipc import UniPCSampler
@@ -39,30 +26,20 @@ from fastdiff.unipc import UniPCSampler
 __version__ = "0.1.0"
 
 __all__ = [
-    "FLOW_SAMPLERS",
-    "FlowDPMSolverPP2MSampler",
-    "FlowMatchEulerSampler",
-    "FlowSampler",
-    "FlowSchedule",
-    "calculate_shift",
-    "flow_sigmas",
-    "mixture_velocity",
+    *flow_samplers.__all__,
+    *samplers.__all__,
     "BACKENDS",
-    "SAMPLERS",
-    "DDIMSampler",
-    "DDPMSampler",
-    "DPMSolverPP2MSampler",
-    "EulerAncestralSampler",
-    "EulerSampler",
+    "FlowSchedule",
     "GaussianMixture",
     "GraphCaptureError",
     "NoiseSchedule",
-    "Sampler",
     "SamplingGraph",
-    "StepOutput",
     "UniPCSampler",
+    "calculate_shift",
+    "flow_sigmas",
     "make_betas",
     "make_plan",
+    "mixture_velocity",
     "rescale_zero_terminal_snr",
     "resolve_backend",
     "sample",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ __all__ = [
     "PREDICTION_TYPES",
     "check_choice",
     "check_clip_range",
+    "check_finite_table",
     "check_guidance",
     "check_int",
     "check_like",
@@ -136,6 +138,18 @@ def check_sampler(sampler: Any) -> None:
 
     if not isinstance(sampler, Sampler):
         raise TypeError(f"sampler must be a fastdiff.Sampler, got {type(sampler).__name__}")
+
+
+def check_finite_table(
+    table: torch.Tensor, columns: tuple[str, ...], where: Callable[[int], str], why: str
+) -> None:
+    """A 2-D coefficient table (built on the host, read there) must be finite; else a
+    ``ValueError`` naming the first bad entry: its column, ``where(row)`` (e.g. "step 3"),
+    then ``why`` (what does not fit)."""
+    bad = ~torch.isfinite(table)
+    if bool(bad.any()):
+        row, col = (int(v) for v in bad.nonzero()[0])
+        raise ValueError(f"coefficient {columns[col]!r} of {where(row)} is not finite; {why}")
 
 
 # -- tensors at a step ------------------------------------------------------------------------

@@ -24,8 +24,6 @@ from collections.abc import Sequence
 import torch
 
 from fastdiff import reference, tables
-from fastdiff.backend import check_backend
-from fastdiff.checks import check_choice, check_processing
 from fastdiff.flow import (
     FLOW_CONDITIONINGS,
     FLOW_PREDICTION_TYPES,
@@ -55,9 +53,9 @@ class FlowSampler(Sampler):
         sigma_spacing: None, "karras", "exponential" or "beta" (flow_match grid).
         grid: the unshifted grid: "flow_match", "dpm" or "unipc" (see ``flow_sigmas``).
         prediction_type: "flow_prediction" (velocity), "epsilon" or "sample".
-        clip_sample_range, thresholding: processing of the predicted x0.
         conditioning: "timestep" (``t = s T``) or "sigma" (``s``).
-        backend: "triton", "reference", "auto", or None (``FASTDIFF_BACKEND``, else auto).
+        **options: ``Sampler``'s clip_sample_range, thresholding (processing of the predicted
+            x0) and backend.
     """
 
     _default_grid = "flow_match"
@@ -74,10 +72,8 @@ class FlowSampler(Sampler):
         sigma_spacing: str | None = None,
         grid: str | None = None,
         prediction_type: str = "flow_prediction",
-        clip_sample_range: float | None = None,
-        thresholding: tuple[float, float] | None = None,
         conditioning: str = "timestep",
-        backend: str | None = None,
+        **options,
     ) -> None:
         schedule = FlowSchedule() if schedule is None else schedule
         if not isinstance(schedule, FlowSchedule):
@@ -90,15 +86,10 @@ class FlowSampler(Sampler):
                 "prediction_type 'v_prediction' is the VP velocity of Salimans & Ho 2022, not "
                 "a flow model's output; a flow model predicts 'flow_prediction' (eps - x0)"
             )
-        self.prediction_type = check_choice(
-            "prediction_type", prediction_type, FLOW_PREDICTION_TYPES
-        )
-        self.conditioning = check_choice("conditioning", conditioning, FLOW_CONDITIONINGS)
-        self.clip_sample_range, self.thresholding = check_processing(
-            clip_sample_range, thresholding
-        )
-        self.schedule = schedule
-        self.backend = check_backend(backend)
+        self._set_options(
+            schedule, prediction_type, conditioning, **options,
+            prediction_types=FLOW_PREDICTION_TYPES, conditionings=FLOW_CONDITIONINGS,
+        )  # fmt: skip
         custom = not isinstance(steps, int) or isinstance(steps, bool)
         sigmas = flow_sigmas(
             None if custom else steps,
@@ -167,10 +158,11 @@ class FlowMatchEulerSampler(FlowSampler):
 
     def _reference_step(self, x, m, v, i, x0_prev, noise, grad):
         s, s_next, _ = self._levels(x, i)
-        kwargs = dict(prediction_type=self.prediction_type, **self._process_kwargs())
         if self.stochastic:
-            return reference.flow_stochastic_step(x, m, s, s_next, noise, grad=grad, **kwargs)
-        return reference.flow_euler_step(x, m, s, s_next, **kwargs)
+            return self._reference_call(
+                reference.flow_stochastic_step, x, m, s, s_next, noise=noise, grad=grad
+            )
+        return self._reference_call(reference.flow_euler_step, x, m, s, s_next)
 
 
 class FlowDPMSolverPP2MSampler(FlowSampler):
@@ -208,15 +200,8 @@ class FlowDPMSolverPP2MSampler(FlowSampler):
 
     def _reference_step(self, x, m, v, i, x0_prev, noise, grad):
         s, s_next, s_prev = self._levels(x, i)
-        return reference.flow_dpmpp_2m_step(
-            x,
-            m,
-            s,
-            s_next,
-            x0_prev=x0_prev,
-            sigma_prev=s_prev,
-            prediction_type=self.prediction_type,
-            **self._process_kwargs(),
+        return self._reference_call(
+            reference.flow_dpmpp_2m_step, x, m, s, s_next, x0_prev=x0_prev, sigma_prev=s_prev
         )
 
 

@@ -25,6 +25,7 @@ from fastdiff.backend import check_backend
 from fastdiff.checks import (
     PREDICTION_TYPES,
     check_choice,
+    check_finite_table,
     check_guidance,
     check_like,
     check_model_output,
@@ -93,17 +94,8 @@ class Sampler:
     ) -> None:
         if not isinstance(schedule, NoiseSchedule):
             raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
-        check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-        check_choice("conditioning", conditioning, CONDITIONINGS)
-        clip_sample_range, thresholding = check_processing(
-            clip_sample_range, thresholding, clip_name="clip_sample_range"
-        )
-        self.schedule = schedule
-        self.prediction_type = prediction_type
-        self.clip_sample_range = clip_sample_range
-        self.thresholding = thresholding
-        self.conditioning = conditioning
-        self.backend = check_backend(backend)
+        self._set_options(schedule, prediction_type, conditioning, clip_sample_range,
+                          thresholding, backend)  # fmt: skip
         self.timesteps = make_plan(
             schedule.num_train_timesteps, steps, timestep_spacing, steps_offset
         )
@@ -116,6 +108,23 @@ class Sampler:
         self.alpha_bar_prev = schedule.alpha_bar(prv)
         self._set_table()
 
+    def _set_options(
+        self, schedule, prediction_type, conditioning, clip_sample_range=None, thresholding=None,
+        backend=None, *, prediction_types=PREDICTION_TYPES, conditionings=CONDITIONINGS,
+    ) -> None:  # fmt: skip
+        """Checks and sets the options every sampler family shares (its own choices of
+        prediction type and conditioning)."""
+        self.schedule = schedule
+        self.prediction_type = check_choice("prediction_type", prediction_type, prediction_types)
+        self.conditioning = check_choice("conditioning", conditioning, conditionings)
+        self.clip_sample_range, self.thresholding = check_processing(
+            clip_sample_range, thresholding, clip_name="clip_sample_range"
+        )
+        self.backend = check_backend(backend)
+        # the x0 processing keywords of run_step, only those set
+        processing = self._process_kwargs()
+        self._processing = {k: v for k, v in processing.items() if v is not None}
+
     def _set_table(self) -> None:
         """Builds and checks the coefficient table of the plan (``timesteps``, ``alpha_bar``,
         ``alpha_bar_next``, ``alpha_bar_prev`` set); every sampler's ``__init__`` ends here."""
@@ -124,16 +133,17 @@ class Sampler:
         table = self._build_table()
         if table.shape != (n, len(COLUMNS)) or table.dtype != torch.float64:
             raise AssertionError("internal: table has the wrong shape or dtype")
-        bad = ~torch.isfinite(table)
-        if bad.any():
-            step, col = (int(v) for v in bad.nonzero()[0])
-            raise ValueError(
-                f"{type(self).__name__}: coefficient {COLUMNS[col]!r} of step {step} "
-                f"(t={float(self.timesteps[step]):g}) is not finite; the schedule and prediction "
-                "type do not fit (e.g. epsilon prediction at zero terminal SNR)"
-            )
+        check_finite_table(
+            table,
+            COLUMNS,
+            lambda step: f"{type(self).__name__} step {step} (t={float(self.timesteps[step]):g})",
+            "the schedule and prediction type do not fit (e.g. epsilon prediction at zero "
+            "terminal SNR)",
+        )
         self.table = table
         self._device_cache: dict = {}
+        mode = self._variance_mode()
+        self._learned = None if mode == "fixed" else mode  # the learned variance mode, if any
 
     # -- what subclasses provide -------------------------------------------------------------
 
@@ -289,53 +299,66 @@ class Sampler:
             x, model_output, i, x0_prev, noise, seeds, grad, guidance_scale, guidance_rescale,
             out, x0_out,
         )  # fmt: skip
-        variance_mode = self._variance_mode()
-        learned = variance_mode != "fixed"
-        x0_prev = x0_prev if self.multistep else None
-        if not self.stochastic:
-            noise = seeds = None
+        table, rows, reference_step, options = self._step_inputs(
+            x, i, x0_prev, noise, seeds, return_x0, x0_out
+        )
+
+        # run_step gets only what differs from its defaults (keywords cost time per call)
+        if guidance_scale is not None:
+            options["guidance_scale"] = guidance_scale
+            options["guidance_rescale"] = guidance_rescale
+        if self._processing:
+            options.update(self._processing)
+        if grad is not None:
+            options["grad"] = grad
+        if out is not None:
+            options["out"] = out
+        if x0_out is not None:
+            options["x0_out"] = x0_out
 
         def check_tensors():
             """Shapes, devices and layouts: run_step calls this on the reference path, and on
             the kernel path where the kernel refuses a signature (so that both backends
             raise the same error)."""
-            variance = self.variance_type if learned else None
             guided = guidance_scale is not None
-            check_model_output(model_output, x, guided=guided, variance_type=variance)
-            for name, t in (("x0_prev", x0_prev), ("noise", noise), ("grad", grad)):
-                if t is not None:
-                    check_like(name, t, x)
-            for name, t in (("out", out), ("x0_out", x0_out)):
-                if t is not None:
-                    check_out(name, t, x)
+            check_model_output(model_output, x, guided=guided, variance_type=self._learned)
+            for name in ("x0_prev", "noise", "grad"):
+                if name in options:
+                    check_like(name, options[name], x)
+            for name in ("out", "x0_out"):
+                if name in options:
+                    check_out(name, options[name], x)
+
+        x_next, x0 = run_step(
+            self.backend, x, model_output, table, rows, reference_step, check=check_tensors,
+            **options,
+        )  # fmt: skip
+        return StepOutput(x_next, x0)
+
+    def _step_inputs(self, x, i, x0_prev, noise, seeds, return_x0, x0_out):
+        """What ``step`` hands ``run_step`` besides the arguments every sampler passes on:
+        ``(table, rows, reference_step, options)``, options being run_step's keywords of
+        this sampler kind (variance mode, x0_prev, noise, seeds, write_x0). UniPC overrides
+        it (its history ring, its chain position)."""
+        learned = self._learned is not None
 
         def reference_step(x, m, x0_prev, noise, grad):
             m, v = reference.split_learned_variance(m, self.variance_type) if learned else (m, None)
             return self._reference_step(x, m, v, i, x0_prev, noise, grad)
 
         on_device = self.device_tables(x.device)
-        x_next, x0 = run_step(
-            self.backend,
-            x,
-            model_output,
-            on_device["table"],
-            on_device["row_views"][i] if isinstance(i, int) else i.reshape(-1),
-            reference_step,
-            guidance_scale=guidance_scale,
-            guidance_rescale=guidance_rescale,
-            clip_range=self.clip_sample_range,
-            thresholding=self.thresholding,
-            variance_mode=variance_mode,
-            x0_prev=x0_prev,
-            noise=noise,
-            seeds=seeds,
-            grad=grad,
-            out=out,
-            x0_out=x0_out,
-            write_x0=return_x0,
-            check=check_tensors,
-        )
-        return StepOutput(x_next, x0)
+        rows = on_device["row_views"][i] if isinstance(i, int) else i  # 0-d or [B]: as is
+        options = {"write_x0": return_x0}  # only what differs from run_step's defaults
+        if learned:
+            options["variance_mode"] = self._learned
+        if x0_prev is not None and self.multistep:
+            options["x0_prev"] = x0_prev
+        if self.stochastic:
+            if noise is not None:
+                options["noise"] = noise
+            if seeds is not None:
+                options["seeds"] = seeds
+        return on_device["table"], rows, reference_step, options
 
     def _check_arguments(
         self, x, model_output, i, x0_prev, noise, seeds, grad, guidance_scale, guidance_rescale,
@@ -355,12 +378,12 @@ class Sampler:
                     "guidance rescale needs a per-sample std: x must have at least 2 elements "
                     f"per sample, got shape {tuple(x.shape)}"
                 )
-        batch, device = x.shape[0], x.device
-        i = self._step_index(i, batch, device)
+        if type(i) is not int or not 0 <= i < self._num_steps:  # (the common case is cheap)
+            i = self._step_index(i, x.shape[0], x.device)
         if noise is not None and seeds is not None:
             raise ValueError("pass either noise or seeds, not both")
         if seeds is not None:
-            check_seeds(seeds, batch, device)
+            check_seeds(seeds, x.shape[0], x.device)
         if noise is not None:
             check_tensor("noise", noise)
             if not self.stochastic:  # ignored by the step: checked here, not with the tensors
@@ -371,9 +394,9 @@ class Sampler:
             check_tensor("grad", grad)
             if not self.stochastic:
                 raise ValueError(
-                    "classifier guidance shifts the mean by variance x gradient; this "
-                    "sampler's step has no variance (use DDPM, DDIM with eta > 0 or Euler "
-                    "ancestral)"
+                    "classifier guidance shifts the mean by variance x gradient; "
+                    f"{type(self).__name__}'s step has no variance (use DDPM, DDIM with "
+                    "eta > 0 or Euler ancestral)"
                 )
         if x0_prev is not None and self.multistep:
             check_tensor("x0_prev", x0_prev)
@@ -393,6 +416,20 @@ class Sampler:
         if isinstance(i, torch.Tensor):  # take, not [i]: a 0-d index tensor would sync
             return {k: on_device[k].take(i) for k in names}
         return {k: on_device[k][i] for k in names}
+
+    def _reference_call(self, step_fn, x, model_output, start, end, **kwargs):
+        """``step_fn(x, model_output, start, end, ...)``: a ``fastdiff.reference`` step between
+        two noise levels (``ab_t, ab_next`` or ``sigma, sigma_next``), with the sampler's
+        prediction type and x0 processing."""
+        return step_fn(
+            x, model_output, start, end,
+            prediction_type=self.prediction_type, **self._process_kwargs(), **kwargs,
+        )  # fmt: skip
+
+    def _ab(self, x: torch.Tensor, i) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(ab_t, ab_next)`` of step i on x's device."""
+        s = self._values(x, i)
+        return s["alpha_bar"], s["alpha_bar_next"]
 
     def _process_kwargs(self) -> dict:
         return {"clip_range": self.clip_sample_range, "thresholding": self.thresholding}

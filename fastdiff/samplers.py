@@ -48,28 +48,17 @@ class DDPMSampler(Sampler):
 
     def _build_table(self) -> torch.Tensor:
         # no noise on the step to clean data
+        ab, ab_next = self.alpha_bar, self.alpha_bar_next
         return tables.ddpm_table(
-            self.alpha_bar,
-            self.alpha_bar_next,
-            self.prediction_type,
-            self.variance_type,
-            add_noise=self.alpha_bar_next < 1.0,
+            ab, ab_next, self.prediction_type, self.variance_type, add_noise=ab_next < 1.0
         )
 
     def _reference_step(self, x, m, v, i, x0_prev, noise, grad):
-        s = self._values(x, i)
         model_output = m if v is None else torch.cat([m, v], dim=1)
-        return reference.ddpm_step(
-            x,
-            model_output,
-            s["alpha_bar"],
-            s["alpha_bar_next"],
-            prediction_type=self.prediction_type,
-            variance_type=self.variance_type,
-            noise=noise,
-            grad=grad,
-            **self._process_kwargs(),
-        )
+        return self._reference_call(
+            reference.ddpm_step, x, model_output, *self._ab(x, i),
+            variance_type=self.variance_type, noise=noise, grad=grad,
+        )  # fmt: skip
 
 
 class DDIMSampler(Sampler):
@@ -88,28 +77,16 @@ class DDIMSampler(Sampler):
         super().__init__(schedule, steps, **kwargs)
 
     def _build_table(self) -> torch.Tensor:
+        ab, ab_next = self.alpha_bar, self.alpha_bar_next
         return tables.ddim_table(
-            self.alpha_bar,
-            self.alpha_bar_next,
-            self.prediction_type,
-            self.eta,
-            self.use_clipped_model_output,
+            ab, ab_next, self.prediction_type, self.eta, self.use_clipped_model_output
         )
 
     def _reference_step(self, x, m, v, i, x0_prev, noise, grad):
-        s = self._values(x, i)
-        return reference.ddim_step(
-            x,
-            m,
-            s["alpha_bar"],
-            s["alpha_bar_next"],
-            eta=self.eta,
-            prediction_type=self.prediction_type,
-            use_clipped_model_output=self.use_clipped_model_output,
-            noise=noise,
-            grad=grad,
-            **self._process_kwargs(),
-        )
+        return self._reference_call(
+            reference.ddim_step, x, m, *self._ab(x, i), eta=self.eta,
+            use_clipped_model_output=self.use_clipped_model_output, noise=noise, grad=grad,
+        )  # fmt: skip
 
 
 def _sigma(ab: torch.Tensor) -> torch.Tensor:
@@ -133,8 +110,7 @@ class EulerSampler(Sampler):
         )
 
     def _reference_step(self, x, m, v, i, x0_prev, noise, grad):
-        s = self._values(x, i)
-        ab, an = s["alpha_bar"], s["alpha_bar_next"]
+        ab, an = self._ab(x, i)
         x_sigma = x / broadcast_over(ab.sqrt(), x)
         x_next, x0 = self._sigma_space_step(x_sigma, m, _sigma(ab), _sigma(an), noise)
         x_next = x_next * broadcast_over(an.sqrt(), x_next).to(x_next.dtype)
@@ -144,14 +120,7 @@ class EulerSampler(Sampler):
         return x_next, x0
 
     def _sigma_space_step(self, x_sigma, m, sigma, sigma_next, noise):
-        return reference.euler_step(
-            x_sigma,
-            m,
-            sigma,
-            sigma_next,
-            prediction_type=self.prediction_type,
-            **self._process_kwargs(),
-        )
+        return self._reference_call(reference.euler_step, x_sigma, m, sigma, sigma_next)
 
 
 class EulerAncestralSampler(EulerSampler):
@@ -168,15 +137,8 @@ class EulerAncestralSampler(EulerSampler):
         super().__init__(schedule, steps, **kwargs)
 
     def _sigma_space_step(self, x_sigma, m, sigma, sigma_next, noise):
-        return reference.euler_ancestral_step(
-            x_sigma,
-            m,
-            sigma,
-            sigma_next,
-            eta=self.eta,
-            prediction_type=self.prediction_type,
-            noise=noise,
-            **self._process_kwargs(),
+        return self._reference_call(
+            reference.euler_ancestral_step, x_sigma, m, sigma, sigma_next, eta=self.eta, noise=noise
         )
 
 
@@ -204,15 +166,16 @@ class DPMSolverPP2MSampler(Sampler):
         )
 
     def _reference_step(self, x, m, v, i, x0_prev, noise, grad):
-        s = self._values(x, i)
         first_order = self._first_order(i, x)
-        kwargs = dict(prediction_type=self.prediction_type, **self._process_kwargs())
-        args = (x, m, s["alpha_bar"], s["alpha_bar_next"])
-        x1, x0 = reference.dpmpp_2m_step(*args, **kwargs)
+        ab, ab_next = self._ab(x, i)
+        x1, x0 = self._reference_call(reference.dpmpp_2m_step, x, m, ab, ab_next)
         if x0_prev is None or first_order is True:
             return x1, x0
-        ab_prev = torch.where(s["alpha_bar_prev"] < 1.0, s["alpha_bar_prev"], 0.5)
-        x2, _ = reference.dpmpp_2m_step(*args, x0_prev=x0_prev, ab_prev=ab_prev, **kwargs)
+        ab_prev = self._values(x, i)["alpha_bar_prev"]
+        ab_prev = torch.where(ab_prev < 1.0, ab_prev, 0.5)
+        x2, _ = self._reference_call(
+            reference.dpmpp_2m_step, x, m, ab, ab_next, x0_prev=x0_prev, ab_prev=ab_prev
+        )
         if first_order is False:
             return x2, x0
         return torch.where(broadcast_over(first_order, x), x1, x2), x0

@@ -89,8 +89,13 @@ def run_step(
     x0_dtype = x0_out.dtype if x0_out is not None else (x0_dtype or out_dtype)
     write_x0 = write_x0 or x0_out is not None
     others = (model_output, x0_prev, noise, grad)
-    if resolve_backend(backend, x, _dtypes(out_dtype, x0_dtype, others)) == "triton":
-        dense = x.contiguous() if variance_mode != "fixed" else as_dense(x)  # learned: NCHW
+    if backend not in ("triton", "reference"):  # (an explicit backend needs no resolving)
+        backend = resolve_backend(backend, x, _dtypes(out_dtype, x0_dtype, others))
+    if backend == "triton":
+        if x.is_contiguous():
+            dense = x
+        else:  # a learned variance reads NCHW
+            dense = x.contiguous() if variance_mode != "fixed" else as_dense(x)
         if dense is not x and check is not None:  # out= is checked against x itself
             check()
         x = dense

@@ -1,5 +1,5 @@
 """The native ``UniPCSampler`` (Zhao et al. 2023) on the fused step; its coefficient tables
-and device history ring are in ``fastdiff.unipc_tables`` (re-exported here).
+and device history ring are in ``fastdiff.unipc_tables``.
 
 Example:
     >>> sampler = UniPCSampler(schedule, 10, timestep_spacing="trailing")
@@ -11,33 +11,11 @@ from collections.abc import Sequence
 
 import torch
 
-from fastdiff import checks, reference
+from fastdiff import checks, reference, unipc_tables
 from fastdiff.kernels.fused_step import COLUMNS
-from fastdiff.samplers import Sampler, StepOutput
-from fastdiff.stepping import run_step
-from fastdiff.unipc_tables import (
-    MAX_ORDER,
-    UCOL,
-    UniPCHistory,
-    conversion_coefficients,
-    reference_on_ring,
-    ring_slots,
-    step_orders,
-    unipc_table,
-)
+from fastdiff.samplers import Sampler
 
-__all__ = [
-    "MAX_ORDER",
-    "UCOL",
-    "UniPCHistory",
-    "UniPCMixin",
-    "UniPCSampler",
-    "conversion_coefficients",
-    "reference_on_ring",
-    "ring_slots",
-    "step_orders",
-    "unipc_table",
-]
+__all__ = ["UniPCMixin", "UniPCSampler"]
 
 
 class UniPCMixin:
@@ -47,7 +25,9 @@ class UniPCMixin:
     that provides the plan; the class provides :meth:`noise_levels` (the plan's alpha_t and
     sigma_t), e.g. ``UniPCSampler`` (VP).
 
-    Drive it as any sampler (``fastdiff.sample``, ``SamplingGraph``): ``step(x, m, i)``. With a
+    Drive it as any sampler (``fastdiff.sample``, ``SamplingGraph``): ``step(x, m, i)`` (the
+    contract of ``Sampler.step``: x0_prev, noise and seeds are ignored, grad is refused,
+    ``pred_original_sample`` is x0 with ``predict_x0`` and ``return_x0``, else None). With a
     python int ``i``, a step that does not follow the previous one (``i != previous + 1``)
     starts a new chain there (first order, no corrector), so full and truncated chains need
     nothing more. With a tensor ``i`` (captured loops, per-sample steps) the sampler cannot
@@ -78,7 +58,8 @@ class UniPCMixin:
         disable_corrector: Sequence[int] = (),
         **kwargs,
     ) -> None:
-        if isinstance(solver_order, bool) or solver_order not in range(1, MAX_ORDER + 1):
+        max_order = unipc_tables.MAX_ORDER
+        if isinstance(solver_order, bool) or solver_order not in range(1, max_order + 1):
             raise ValueError(f"solver_order must be 1, 2 or 3, got {solver_order!r}")
         self.solver_order = int(solver_order)
         self.solver_type = checks.check_choice(
@@ -100,7 +81,7 @@ class UniPCMixin:
             raise ValueError(
                 "clip_sample_range / thresholding process x0: they need predict_x0=True"
             )
-        self._history = UniPCHistory(ring_slots(self.solver_order))
+        self._history = unipc_tables.UniPCHistory(unipc_tables.ring_slots(self.solver_order))
         self._next: int | None = None  # the step index that continues the chain
         self._done = 0  # steps of the current chain (capped at solver_order)
         self._chain_start = 0  # where chains of tensor-indexed steps start
@@ -123,11 +104,11 @@ class UniPCMixin:
 
     def _build_table(self) -> torch.Tensor:
         alpha, sigma = self.noise_levels()
-        conversion = conversion_coefficients(
+        conversion = unipc_tables.conversion_coefficients(
             alpha[:-1], sigma[:-1], self.prediction_type, self.predict_x0
         )
         try:
-            self.unipc_table = unipc_table(
+            self.unipc_table = unipc_tables.unipc_table(
                 alpha,
                 sigma,
                 conversion,
@@ -226,66 +207,25 @@ class UniPCMixin:
 
     # -- the step ----------------------------------------------------------------------------
 
-    def step(
-        self,
-        x: torch.Tensor,
-        model_output: torch.Tensor,
-        i: int | torch.Tensor,
-        *,
-        x0_prev: torch.Tensor | None = None,
-        noise: torch.Tensor | None = None,
-        seeds: torch.Tensor | None = None,
-        guidance_scale: float | None = None,
-        guidance_rescale: float = 0.0,
-        grad: torch.Tensor | None = None,
-        return_x0: bool = True,
-        out: torch.Tensor | None = None,
-        x0_out: torch.Tensor | None = None,
-    ) -> StepOutput:
-        """One UniPC step at index ``i``: the corrector of the sample the last step made, and
-        the predictor to step ``i + 1`` (or to clean data after the last step); the contract
-        of ``Sampler.step``.
-
-        Args:
-            x, model_output, i, guidance_scale, guidance_rescale, out: as ``Sampler.step``.
-            x0_prev, noise, seeds: ignored (UniPC is deterministic and keeps its own history).
-            grad: refused (no variance to scale a classifier gradient by).
-            return_x0: also return the step's x0 (data prediction only; one more pass).
-            x0_out: preallocated x0 output (data prediction only).
-
-        Returns:
-            StepOutput(prev_sample, pred_original_sample): x0 with ``predict_x0`` and
-            ``return_x0``, else None.
-
-        Example:
-            >>> for i in range(sampler.num_steps):
-            ...     x = sampler.step(x, model(x, sampler.model_condition(i, 4, x.device)), i,
-            ...                      return_x0=False).prev_sample
-        """
-        if not isinstance(x, torch.Tensor) or not isinstance(model_output, torch.Tensor):
-            raise TypeError("x and model_output must be tensors")
-        if not x.is_floating_point() or not model_output.is_floating_point():
-            raise TypeError(
-                f"x and model_output must be floating point, got {x.dtype}, {model_output.dtype}"
-            )
-        i = self._step_index(i, x.shape[0], x.device)
-        if grad is not None:
-            raise ValueError(
-                "classifier guidance shifts the mean by variance x gradient; UniPC's step has "
-                "no variance (use DDPM, DDIM with eta > 0 or Euler ancestral)"
-            )
-        guidance_scale, guidance_rescale = checks.check_guidance(guidance_scale, guidance_rescale)
+    def _check_arguments(self, *arguments):
+        checked = super()._check_arguments(*arguments)
+        x0_out = arguments[-1]
         if x0_out is not None and not self.predict_x0:
             raise ValueError("predict_x0=False keeps noise predictions: there is no x0 to write")
-        want_x0 = self.predict_x0 and (return_x0 or x0_out is not None)
-        tables = self._unipc_tables(x.device)
+        return checked
+
+    def _step_inputs(self, x, i, x0_prev, noise, seeds, return_x0, x0_out):
+        """Step ``i`` (``Sampler.step``'s contract): the corrector of the sample the last
+        step made and the predictor to step ``i + 1``, on the table row of the chain's
+        position, with the history ring; x0 (data prediction only) when asked."""
+        on_device = self._unipc_tables(x.device)
         if isinstance(i, int):
             position = self._host_position(i)
             k, w = position
-            table, rows = tables["full"], tables["row_views"][w * self.num_steps + k]
+            table, rows = on_device["full"], on_device["row_views"][w * self.num_steps + k]
         else:
             position = None  # the kernel reads it from the device; the reference on the host
-            table, rows = tables["active"][self._chain_start], i.reshape(-1)
+            table, rows = on_device["active"][self._chain_start], i
         ring, last = self._history.buffers(x, x.dtype)
 
         def reference_step(xr, m, _x0_prev, _noise, _grad):
@@ -293,34 +233,22 @@ class UniPCMixin:
             x_next, x0 = self._reference_step(xr, m, None, i, None, None, None)
             return x_next.to(x.dtype), x0.to(x.dtype)  # the ring is written in x's dtype
 
-        x_next, x0 = run_step(
-            self.backend,
-            x,
-            model_output,
-            table,
-            rows,
-            reference_step,
-            guidance_scale=guidance_scale,
-            guidance_rescale=guidance_rescale,
-            clip_range=self.clip_sample_range,
-            thresholding=self.thresholding,
-            out=out,
-            x0_out=x0_out,
-            write_x0=want_x0,
-            history=ring,
-            last_sample=last,
-        )
-        return StepOutput(x_next, x0)
+        options = {
+            "write_x0": self.predict_x0 and (return_x0 or x0_out is not None),
+            "history": ring,
+            "last_sample": last,
+        }
+        return table, rows, reference_step, options
 
     def _reference_step(self, x, m, v, i, x0_prev, noise, grad):
         """The reference path: ``fastdiff.reference.unipc_step`` on this step's schedule values,
         with the history in the same ring and slots as the kernel's (compute dtype)."""
         k, w = self._position
-        orders = step_orders(
+        orders = unipc_tables.step_orders(
             k, w, self.num_steps, self.solver_order, self.lower_order_final, self.disable_corrector
         )
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        return reference_on_ring(
+        return unipc_tables.reference_on_ring(
             x,
             m,
             k,

@@ -33,6 +33,7 @@ from collections.abc import Sequence
 import torch
 
 from fastdiff import philox, reference
+from fastdiff.checks import check_finite_table
 from fastdiff.kernels.fused_step import UNIPC_COLUMNS, UNIPC_MAX_SLOTS
 
 __all__ = [
@@ -253,15 +254,16 @@ def unipc_table(
                 rows[:, UCOL["m"]] = on_m * x0_m[k]
             rows[:, UCOL["hist_slot"]] = (k % slots).double()
             rows[:, UCOL["last_slot"]] = (k % 2).double()
-            bad = ~torch.isfinite(rows)
-            if bad.any():
-                row, col = (int(v) for v in bad.nonzero()[0])
-                raise ValueError(
-                    f"UniPC coefficient {UNIPC_COLUMNS[col]!r} of step {ks[row]} (after {w} "
-                    f"steps, corrector order {q}, predictor order {p}) is not finite: the plan's "
-                    "noise levels and the options do not fit (a step of zero or infinite "
-                    "log-SNR length at this order)"
-                )
+            check_finite_table(
+                rows,
+                UNIPC_COLUMNS,
+                lambda row, ks=ks, w=w, q=q, p=p: (
+                    f"UniPC step {ks[row]} (after {w} steps, corrector order {q}, predictor "
+                    f"order {p})"
+                ),
+                "the plan's noise levels and the options do not fit (a step of zero or "
+                "infinite log-SNR length at this order)",
+            )
             table[w * block + k] = rows
     return table
 

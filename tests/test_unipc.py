@@ -28,7 +28,8 @@ from fastdiff.gmm import GaussianMixture
 from fastdiff.kernels.fused_step import fused_step
 from fastdiff.sampling import sample as _sample
 from fastdiff.schedules import NoiseSchedule
-from fastdiff.unipc import UniPCSampler, ring_slots, step_orders, unipc_table
+from fastdiff.unipc import UniPCSampler
+from fastdiff.unipc_tables import ring_slots, step_orders, unipc_table
 
 F64 = torch.float64
 SCHEDULE = NoiseSchedule.create("linear", 1000)

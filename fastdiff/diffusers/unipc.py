@@ -13,7 +13,7 @@ from fastdiff.diffusers._common import dense, fused_init
 from fastdiff.diffusers._rows import StepIndexMixin
 from fastdiff.diffusers.dpm import FusedDPMSolverMultistepScheduler
 from fastdiff.kernels.fused_step import COLUMNS
-from fastdiff.unipc import (
+from fastdiff.unipc_tables import (
     MAX_ORDER,
     UniPCHistory,
     conversion_coefficients,
