@@ -159,7 +159,11 @@ class _Plan:
 
     def upload(self, *parts: Tensor) -> None:
         """The call's table (the row blocks ``parts``, each [n, COLUMNS]) on x's device."""
-        table = torch.cat(parts).to(device=self.x.device, dtype=torch.float32).contiguous()
+        table = torch.cat(parts).to(torch.float32)
+        if self.x.device.type == "cuda":  # pinned and asynchronous: no host sync
+            table = table.pin_memory().to(self.x.device, non_blocking=True)
+        else:
+            table = table.to(self.x.device)
         rows = torch.arange(len(table), dtype=torch.int64, device=self.x.device)
         self.table, self.rows = table, [rows[k : k + 1] for k in range(len(table))]
 
