@@ -135,7 +135,7 @@ class _Plan:
     """One sampling call: the host sigmas (one copy: in their own dtype and in float64),
     the call's coefficient table on x's device and the step that applies a row of it."""
 
-    def __init__(self, x: Tensor, sigmas: Tensor, backend: str | None):
+    def __init__(self, model, x, sigmas, extra_args, callback, backend: str | None):
         check_tensor("x", x)
         check_tensor("sigmas", sigmas)
         if sigmas.ndim != 1 or len(sigmas) < 1:
@@ -149,10 +149,27 @@ class _Plan:
             )
         self.sigma, self.sigma_next = s[:-1], s[1:]
         self.n = len(s) - 1
-        self.x = x
+        # the multistep solvers' previous sigma (a placeholder on the first, first-order step)
+        self.sigma_prev = torch.cat([s[:1], s[:-2]])[: self.n]
+        self.first = torch.arange(self.n) == 0
+        self.x, self.sigmas = x, sigmas
+        self.model, self.extra_args = model, {} if extra_args is None else extra_args
+        self.callback = callback
+        self.s_in = x.new_ones([x.shape[0]])
         self.backend = check_backend(backend)
         self.table: Tensor | None = None
         self.rows: list[Tensor] = []
+
+    def denoise(self, i: int, x: Tensor, sigma: Tensor | None = None) -> Tensor:
+        """``model(x, sigma * s_in, **extra_args)`` at step i (sigma: ``sigmas[i]``), and the
+        callback with k-diffusion's dict."""
+        sigma = self.sigmas[i] if sigma is None else sigma
+        denoised = self.model(x, sigma * self.s_in, **self.extra_args)
+        if self.callback is not None:
+            self.callback(
+                {"x": x, "i": i, "sigma": self.sigmas[i], "sigma_hat": sigma, "denoised": denoised}
+            )
+        return denoised
 
     def is_last(self, i: int) -> bool:
         return float(self.sigma_next[i]) == 0.0
@@ -206,18 +223,13 @@ def _churn_plan(plan: _Plan, s_churn, s_tmin, s_tmax, s_noise) -> tuple[list[flo
     return gammas, plan.sigma * (1.0 + torch.tensor(gammas, dtype=torch.float64))
 
 
-def _callback(callback, x, i, sigmas, sigma_hat, denoised):
-    if callback is not None:
-        callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigma_hat, "denoised": denoised})
-
-
 # -- the samplers -----------------------------------------------------------------------------
 
 
 def _euler_loop(model, x, sigmas, extra_args, callback, disable, churn, backend, heun):
     """Euler (Karras et al. 2022 Alg. 2 with Euler steps) or Heun (Alg. 2), with churn."""
     s_churn, s_tmin, s_tmax, s_noise = churn
-    plan = _Plan(x, sigmas, backend)
+    plan = _Plan(model, x, sigmas, extra_args, callback, backend)
     gammas, sigma_hat = _churn_plan(plan, s_churn, s_tmin, s_tmax, s_noise)
     n = plan.n
     euler = tables.euler_table(sigma_hat, plan.sigma_next, "sample", 0.0, "sigma")
@@ -225,8 +237,6 @@ def _euler_loop(model, x, sigmas, extra_args, callback, disable, churn, backend,
     if heun:
         blocks.append(tables.heun_table(sigma_hat, plan.sigma_next))
     plan.upload(*blocks)
-    extra_args = {} if extra_args is None else extra_args
-    s_in = x.new_ones([x.shape[0]])
     for i in trange(n, disable=disable):
         s, s_h, s_next = float(plan.sigma[i]), float(sigma_hat[i]), float(plan.sigma_next[i])
         sigma_in = sigmas[i]
@@ -239,8 +249,7 @@ def _euler_loop(model, x, sigmas, extra_args, callback, disable, churn, backend,
                     return (reference.churn_step(xc, z, s, s_h, s_noise),) * 2
 
                 x = plan.step(n + i, x, x, churn, noise=eps)
-        denoised = model(x, sigma_in * s_in, **extra_args)
-        _callback(callback, x, i, sigmas, sigma_in, denoised)
+        denoised = plan.denoise(i, x, sigma_in)
 
         def ref_euler(xc, m, xp, z, g, s_h=s_h, s_next=s_next):
             return reference.euler_step(xc, m, s_h, s_next, prediction_type="sample")
@@ -249,7 +258,7 @@ def _euler_loop(model, x, sigmas, extra_args, callback, disable, churn, backend,
         if not heun or plan.is_last(i):
             x = x_2
             continue
-        denoised_2 = model(x_2, sigmas[i + 1] * s_in, **extra_args)
+        denoised_2 = plan.model(x_2, sigmas[i + 1] * plan.s_in, **plan.extra_args)
 
         def ref_heun(xc, m, xp, z, g, x_hat=x, d1=denoised, s_h=s_h, s_next=s_next):
             return reference.heun_step(x_hat, d1, m, s_h, s_next)
@@ -329,16 +338,13 @@ def sample_euler_ancestral(
         >>> x = sample_euler_ancestral(model, torch.randn(1, 4, 64, 64) * sigmas[0], sigmas)
     """
     eta, s_noise = _check_noise_args(eta, s_noise)
-    plan = _Plan(x, sigmas, backend)
+    plan = _Plan(model, x, sigmas, extra_args, callback, backend)
     table = tables.euler_table(plan.sigma, plan.sigma_next, "sample", eta, "sigma")
     table[:, tables.COL["std"]] *= s_noise
     plan.upload(table)
     noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
-    extra_args = {} if extra_args is None else extra_args
-    s_in = x.new_ones([x.shape[0]])
     for i in trange(plan.n, disable=disable):
-        denoised = model(x, sigmas[i] * s_in, **extra_args)
-        _callback(callback, x, i, sigmas, sigmas[i], denoised)
+        denoised = plan.denoise(i, x)
         noise = None if plan.is_last(i) else noise_sampler(sigmas[i], sigmas[i + 1])
         s, s_next = float(plan.sigma[i]), float(plan.sigma_next[i])
 
@@ -369,20 +375,15 @@ def sample_dpmpp_2m(
     Example:
         >>> x = sample_dpmpp_2m(model, torch.randn(1, 4, 64, 64) * sigmas[0], sigmas)
     """
-    plan = _Plan(x, sigmas, backend)
-    ones = torch.ones_like(plan.sigma)
-    sigma_prev = torch.cat([ones[:1], plan.sigma[:-1]])
-    first = torch.arange(plan.n) == 0
+    plan = _Plan(model, x, sigmas, extra_args, callback, backend)
+    ones, sigma_prev = torch.ones_like(plan.sigma), plan.sigma_prev
     table = tables.dpmpp_2m_table_as(
-        ones, plan.sigma, ones, plan.sigma_next, ones, sigma_prev, "sample", first
+        ones, plan.sigma, ones, plan.sigma_next, ones, sigma_prev, "sample", plan.first
     )
     plan.upload(table)
-    extra_args = {} if extra_args is None else extra_args
-    s_in = x.new_ones([x.shape[0]])
     old_denoised = None
     for i in trange(plan.n, disable=disable):
-        denoised = model(x, sigmas[i] * s_in, **extra_args)
-        _callback(callback, x, i, sigmas, sigmas[i], denoised)
+        denoised = plan.denoise(i, x)
         s, s_next, s_prev = (float(v[i]) for v in (plan.sigma, plan.sigma_next, sigma_prev))
 
         def ref(xc, m, xp, z, g, s=s, s_next=s_next, s_prev=s_prev):
@@ -423,13 +424,11 @@ def sample_dpmpp_2m_sde(
             f"solver_type must be one of {reference.SDE_SOLVER_TYPES}, got {solver_type!r}"
         )
     eta, s_noise = _check_noise_args(eta, s_noise)
-    plan = _Plan(x, sigmas, backend)
-    ones = torch.ones_like(plan.sigma)
-    sigma_prev = torch.cat([ones[:1], plan.sigma[:-1]])
-    first = torch.arange(plan.n) == 0
+    plan = _Plan(model, x, sigmas, extra_args, callback, backend)
+    sigma_prev = plan.sigma_prev
     plan.upload(
         tables.dpmpp_2m_sde_table(
-            plan.sigma, plan.sigma_next, sigma_prev, first, eta, s_noise, solver_type
+            plan.sigma, plan.sigma_next, sigma_prev, plan.first, eta, s_noise, solver_type
         )
     )
     if noise_sampler is None:  # k-diffusion's default, called with the host sigmas: no sync
@@ -443,12 +442,9 @@ def sample_dpmpp_2m_sde(
         def draw(i):
             return noise_sampler(sigmas[i], sigmas[i + 1])
 
-    extra_args = {} if extra_args is None else extra_args
-    s_in = x.new_ones([x.shape[0]])
     old_denoised = None
     for i in trange(plan.n, disable=disable):
-        denoised = model(x, sigmas[i] * s_in, **extra_args)
-        _callback(callback, x, i, sigmas, sigmas[i], denoised)
+        denoised = plan.denoise(i, x)
         last = plan.is_last(i)
         noise = None if last or not eta else draw(i)
         s, s_next, s_prev = (float(v[i]) for v in (plan.sigma, plan.sigma_next, sigma_prev))
@@ -490,14 +486,11 @@ def sample_lcm(
     Example:
         >>> x = sample_lcm(model, torch.randn(1, 4, 64, 64) * sigmas[0], sigmas)
     """
-    plan = _Plan(x, sigmas, backend)
+    plan = _Plan(model, x, sigmas, extra_args, callback, backend)
     plan.upload(tables.lcm_table(plan.sigma_next))
     noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
-    extra_args = {} if extra_args is None else extra_args
-    s_in = x.new_ones([x.shape[0]])
     for i in trange(plan.n, disable=disable):
-        denoised = model(x, sigmas[i] * s_in, **extra_args)
-        _callback(callback, x, i, sigmas, sigmas[i], denoised)
+        denoised = plan.denoise(i, x)
         noise = None if plan.is_last(i) else noise_sampler(sigmas[i], sigmas[i + 1])
         s_next = float(plan.sigma_next[i])
 
