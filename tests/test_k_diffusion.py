@@ -204,7 +204,8 @@ def _sigmas_and_x(dtype, device, batch=5, dim=3):
 
 
 def _recorded(fn, model, x, sigmas, **kwargs):
-    """fn's result after ``torch.manual_seed(3)`` and its callback dicts."""
+    """fn's result after ``torch.manual_seed(3)``, its callback dicts and the next draw of
+    the global generator (where the call left it)."""
     seen = []
     torch.manual_seed(3)
     with warnings.catch_warnings():
@@ -212,7 +213,7 @@ def _recorded(fn, model, x, sigmas, **kwargs):
         # (k-diffusion itself does the same).
         warnings.simplefilter("ignore", UserWarning)
         out = fn(model, x, sigmas, callback=seen.append, disable=True, **kwargs)
-    return out, seen
+    return out, seen, torch.randn(4)
 
 
 @pytest.mark.parametrize("backend, dtype, tol", LOOP_BACKENDS, ids=[b[0] for b in LOOP_BACKENDS])
@@ -223,10 +224,16 @@ def test_samplers_match_k_diffusion(name, kwargs, backend, dtype, tol, device):
         device = torch.device("cpu")
     model = ve_denoiser(random_mixture(0, 3))
     sigmas, x = _sigmas_and_x(dtype, device)
-    want, want_seen = _recorded(getattr(ks, name), model, x, sigmas, **kwargs)
-    got, got_seen = _recorded(getattr(K, name), model, x, sigmas, backend=backend, **kwargs)
+    want, want_seen, want_next = _recorded(getattr(ks, name), model, x, sigmas, **kwargs)
+    got, got_seen, got_next = _recorded(
+        getattr(K, name), model, x, sigmas, backend=backend, **kwargs
+    )
     assert got.dtype == x.dtype and got.shape == x.shape
     torch.testing.assert_close(got, want, **tol)
+    if name not in ("sample_euler", "sample_heun") or kwargs.get("s_churn", 0) > 0:
+        # the same draws from the global generator (k-diffusion's Euler / Heun without churn
+        # draw and discard one normal per step; we draw none: documented)
+        assert torch.equal(got_next, want_next)
     assert len(got_seen) == len(want_seen) == len(sigmas) - 1
     for a, b in zip(got_seen, want_seen, strict=True):
         assert a.keys() == b.keys() == {"x", "i", "sigma", "sigma_hat", "denoised"}
@@ -261,9 +268,10 @@ def test_lcm_matches_its_definition(backend, dtype, tol, device):
         device = torch.device("cpu")
     model = ve_denoiser(random_mixture(0, 3))
     sigmas, x = _sigmas_and_x(dtype, device)
-    want, want_seen = _recorded(ks_lcm, model, x, sigmas)
-    got, got_seen = _recorded(K.sample_lcm, model, x, sigmas, backend=backend)
+    want, want_seen, want_next = _recorded(ks_lcm, model, x, sigmas)
+    got, got_seen, got_next = _recorded(K.sample_lcm, model, x, sigmas, backend=backend)
     torch.testing.assert_close(got, want, **tol)
+    assert torch.equal(got_next, want_next)
     assert [d["i"] for d in got_seen] == [d["i"] for d in want_seen]
 
 
