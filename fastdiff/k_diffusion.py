@@ -149,6 +149,7 @@ class _Plan:
             )
         self.sigma, self.sigma_next = s[:-1], s[1:]
         self.n = len(s) - 1
+        self.s = s.tolist()  # python floats for the reference steps (host, no sync)
         # the multistep solvers' previous sigma (a placeholder on the first, first-order step)
         self.sigma_prev = torch.cat([s[:1], s[:-2]])[: self.n]
         self.first = torch.arange(self.n) == 0
@@ -172,7 +173,7 @@ class _Plan:
         return denoised
 
     def is_last(self, i: int) -> bool:
-        return float(self.sigma_next[i]) == 0.0
+        return self.s[i + 1] == 0.0
 
     def upload(self, *parts: Tensor) -> None:
         """The call's table (the row blocks ``parts``, each [n, COLUMNS]) on x's device."""
@@ -219,7 +220,7 @@ def _churn_plan(plan: _Plan, s_churn, s_tmin, s_tmax, s_noise) -> tuple[list[flo
     for name, value in (("s_tmin", s_tmin), ("s_tmax", s_tmax)):
         if not isinstance(value, (int, float)) or math.isnan(value):
             raise ValueError(f"{name} must be a number (inf allowed), got {value!r}")
-    gammas = [reference.churn_gamma(float(s), plan.n, s_churn, s_tmin, s_tmax) for s in plan.sigma]
+    gammas = [reference.churn_gamma(s, plan.n, s_churn, s_tmin, s_tmax) for s in plan.s[:-1]]
     return gammas, plan.sigma * (1.0 + torch.tensor(gammas, dtype=torch.float64))
 
 
@@ -230,15 +231,16 @@ def _euler_loop(model, x, sigmas, extra_args, callback, disable, churn, backend,
     """Euler (Karras et al. 2022 Alg. 2 with Euler steps) or Heun (Alg. 2), with churn."""
     s_churn, s_tmin, s_tmax, s_noise = churn
     plan = _Plan(model, x, sigmas, extra_args, callback, backend)
-    gammas, sigma_hat = _churn_plan(plan, s_churn, s_tmin, s_tmax, s_noise)
+    gammas, hat = _churn_plan(plan, s_churn, s_tmin, s_tmax, s_noise)
     n = plan.n
-    euler = tables.euler_table(sigma_hat, plan.sigma_next, "sample", 0.0, "sigma")
-    blocks = [euler, tables.churn_table(plan.sigma, sigma_hat, s_noise)]
+    euler = tables.euler_table(hat, plan.sigma_next, "sample", 0.0, "sigma")
+    blocks = [euler, tables.churn_table(plan.sigma, hat, s_noise)]
     if heun:
-        blocks.append(tables.heun_table(sigma_hat, plan.sigma_next))
+        blocks.append(tables.heun_table(hat, plan.sigma_next))
     plan.upload(*blocks)
+    sigma_hat = hat.tolist()
     for i in trange(n, disable=disable):
-        s, s_h, s_next = float(plan.sigma[i]), float(sigma_hat[i]), float(plan.sigma_next[i])
+        s, s_h, s_next = plan.s[i], sigma_hat[i], plan.s[i + 1]
         sigma_in = sigmas[i]
         if s_churn > 0:  # k-diffusion draws one normal per step whenever churn is on
             eps = torch.randn_like(x)
@@ -346,7 +348,7 @@ def sample_euler_ancestral(
     for i in trange(plan.n, disable=disable):
         denoised = plan.denoise(i, x)
         noise = None if plan.is_last(i) else noise_sampler(sigmas[i], sigmas[i + 1])
-        s, s_next = float(plan.sigma[i]), float(plan.sigma_next[i])
+        s, s_next = plan.s[i], plan.s[i + 1]
 
         def ref(xc, m, xp, z, g, s=s, s_next=s_next):
             z = None if z is None else s_noise * z
@@ -376,15 +378,15 @@ def sample_dpmpp_2m(
         >>> x = sample_dpmpp_2m(model, torch.randn(1, 4, 64, 64) * sigmas[0], sigmas)
     """
     plan = _Plan(model, x, sigmas, extra_args, callback, backend)
-    ones, sigma_prev = torch.ones_like(plan.sigma), plan.sigma_prev
+    ones = torch.ones_like(plan.sigma)
     table = tables.dpmpp_2m_table_as(
-        ones, plan.sigma, ones, plan.sigma_next, ones, sigma_prev, "sample", plan.first
+        ones, plan.sigma, ones, plan.sigma_next, ones, plan.sigma_prev, "sample", plan.first
     )
     plan.upload(table)
     old_denoised = None
     for i in trange(plan.n, disable=disable):
         denoised = plan.denoise(i, x)
-        s, s_next, s_prev = (float(v[i]) for v in (plan.sigma, plan.sigma_next, sigma_prev))
+        s, s_next, s_prev = plan.s[i], plan.s[i + 1], plan.s[max(i - 1, 0)]
 
         def ref(xc, m, xp, z, g, s=s, s_next=s_next, s_prev=s_prev):
             return reference.dpmpp_2m_sigma_step(
@@ -425,10 +427,9 @@ def sample_dpmpp_2m_sde(
         )
     eta, s_noise = _check_noise_args(eta, s_noise)
     plan = _Plan(model, x, sigmas, extra_args, callback, backend)
-    sigma_prev = plan.sigma_prev
     plan.upload(
         tables.dpmpp_2m_sde_table(
-            plan.sigma, plan.sigma_next, sigma_prev, plan.first, eta, s_noise, solver_type
+            plan.sigma, plan.sigma_next, plan.sigma_prev, plan.first, eta, s_noise, solver_type
         )
     )
     if noise_sampler is None:  # k-diffusion's default, called with the host sigmas: no sync
@@ -447,7 +448,7 @@ def sample_dpmpp_2m_sde(
         denoised = plan.denoise(i, x)
         last = plan.is_last(i)
         noise = None if last or not eta else draw(i)
-        s, s_next, s_prev = (float(v[i]) for v in (plan.sigma, plan.sigma_next, sigma_prev))
+        s, s_next, s_prev = plan.s[i], plan.s[i + 1], plan.s[max(i - 1, 0)]
 
         def ref(xc, m, xp, z, g, s=s, s_next=s_next, s_prev=s_prev):
             return reference.dpmpp_2m_sde_step(
@@ -492,7 +493,7 @@ def sample_lcm(
     for i in trange(plan.n, disable=disable):
         denoised = plan.denoise(i, x)
         noise = None if plan.is_last(i) else noise_sampler(sigmas[i], sigmas[i + 1])
-        s_next = float(plan.sigma_next[i])
+        s_next = plan.s[i + 1]
 
         def ref(xc, m, xp, z, g, s_next=s_next):
             return reference.lcm_step(xc, m, s_next, z)
