@@ -214,7 +214,7 @@ def _check_noise_args(eta: float, s_noise: float) -> tuple[float, float]:
 
 
 def _churn_plan(plan: _Plan, s_churn, s_tmin, s_tmax, s_noise) -> tuple[list[float], Tensor]:
-    """Karras et al. 2022 Alg. 2 line 4 on the host: gamma of every step, sigma_hat."""
+    """Karras et al. 2022 Alg. 2's gamma_i on the host: gamma of every step, sigma_hat."""
     s_churn = check_number("s_churn", s_churn, low=0.0)
     check_number("s_noise", s_noise)
     for name, value in (("s_tmin", s_tmin), ("s_tmax", s_tmax)):
@@ -413,10 +413,11 @@ def sample_dpmpp_2m_sde(
     *,
     backend: str | None = None,
 ) -> Tensor:
-    """DPM-Solver++(2M) SDE (Lu et al. 2022 eq. 18; ``reference.dpmpp_2m_sde_step``), the
-    "DPM++ 2M SDE" of the UIs. The default ``noise_sampler`` is k-diffusion's
-    :class:`BrownianTreeNoiseSampler` over ``[min positive sigma, max sigma]`` (needs
-    torchsde), seeded from the global generator as k-diffusion seeds it.
+    """DPM-Solver++(2M) SDE (Lu et al. 2022, SDE-DPM-Solver++(2M);
+    ``reference.dpmpp_2m_sde_step``), the "DPM++ 2M SDE" of the UIs. The default
+    ``noise_sampler`` is k-diffusion's :class:`BrownianTreeNoiseSampler` over ``[min positive
+    sigma, max sigma]`` (needs torchsde), seeded from the global generator as k-diffusion
+    seeds it.
 
     Example:
         >>> x = sample_dpmpp_2m_sde(model, torch.randn(1, 4, 64, 64) * sigmas[0], sigmas)

@@ -368,7 +368,7 @@ def churn_table(sigma: torch.Tensor, sigma_hat: torch.Tensor, s_noise: float) ->
 
 
 def heun_table(sigma_hat: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
-    """The second stage of Heun's step (Karras et al. 2022 Alg. 1 line 8) in the kernel's
+    """The second stage of Heun's step (Karras et al. 2022 Alg. 2 line 11) in the kernel's
     inputs ``x = x_2`` (the Euler-predicted sample), ``m = D_2`` and ``x0_prev = D_1``.
 
     ``x_2 = x_hat + dt (x_hat - D_1) / sigma_hat`` with ``dt = sigma' - sigma_hat`` gives
@@ -393,7 +393,7 @@ def dpmpp_2m_sde_table(
     s_noise: float,
     solver_type: str,
 ) -> torch.Tensor:
-    """DPM-Solver++(2M) SDE (Lu et al. 2022 eq. 18, App. B; k-diffusion's
+    """DPM-Solver++(2M) SDE (Lu et al. 2022, SDE-DPM-Solver++(2M); k-diffusion's
     ``sample_dpmpp_2m_sde``), ``h = log(sigma / sigma')``, ``eta_h = eta h``::
 
         x' = (sigma'/sigma) e^-eta_h x + g D + (c / r) (D - D_prev)
@@ -430,7 +430,7 @@ def dpmpp_2m_sde_table(
 
 
 def lcm_table(sigma_next: torch.Tensor) -> torch.Tensor:
-    """The LCM step (Luo et al. 2023 Alg. 1 line 8) in sigma space, ``x' = D + sigma' z``."""
+    """The LCM step (Luo et al. 2023 Alg. 1) in sigma space, ``x' = D + sigma' z``."""
     table = _denoiser_rows(len(sigma_next))
     table[:, COL["x0"]] = 1.0
     table[:, COL["std"]] = sigma_next

@@ -4,9 +4,9 @@ denoised estimate of x0 (Karras et al. 2022 Sec. 2; k-diffusion's ``sample_*`` f
 
 Euler and Euler ancestral are ``reference.euler_step`` / ``euler_ancestral_step`` with
 ``prediction_type="sample"``; here are the others: Karras's churn (Alg. 2 lines 4-6), the
-second-order Heun correction (Alg. 1 lines 6-8), DPM-Solver++(2M) (Lu et al. 2022 Alg. 2)
-and its SDE form (Lu et al. 2022 eq. 18 / App. B, k-diffusion's ``sample_dpmpp_2m_sde``),
-and the LCM step (Luo et al. 2023 Alg. 1 line 8: a consistency estimate re-noised).
+second-order Heun correction (Alg. 2 lines 7-11), DPM-Solver++(2M) (Lu et al. 2022 Alg. 2)
+and its SDE form (Lu et al. 2022, SDE-DPM-Solver++(2M), with k-diffusion's ``eta``), and
+the LCM step (Luo et al. 2023 Alg. 1: a consistency estimate re-noised).
 
 Contract as the other reference steps (``fastdiff.reference``): float64 computes in float64,
 other dtypes in float32, results in ``x.dtype``; sigmas are python floats or ``[]`` / ``[B]``
@@ -42,8 +42,9 @@ def _prepared(x: Tensor, *tensors: Tensor | None) -> tuple[Tensor, ...]:
 
 
 def churn_gamma(sigma: float, n_steps: int, s_churn: float, s_tmin: float, s_tmax: float) -> float:
-    """Karras et al. 2022 Alg. 2 line 4: ``gamma = min(S_churn / N, sqrt(2) - 1)`` where
-    ``S_tmin <= sigma <= S_tmax``, else 0 (a host number: the plan is known up front).
+    """Karras et al. 2022 Alg. 2 (its input gamma_i): ``gamma = min(S_churn / N,
+    sqrt(2) - 1)`` where ``S_tmin <= sigma <= S_tmax``, else 0 (a host number: the plan is
+    known up front).
 
     Example:
         >>> churn_gamma(10.0, 20, 10.0, 0.0, float("inf"))
@@ -75,11 +76,11 @@ def heun_step(
     sigma: ScheduleValue,
     sigma_next: ScheduleValue,
 ) -> tuple[Tensor, Tensor]:
-    """One Heun step (Karras et al. 2022 Alg. 1 lines 4-8, Alg. 2 lines 7-10) from ``x`` at
+    """One Heun step (Karras et al. 2022 Alg. 2 lines 7-11; Alg. 1 without churn) from ``x`` at
     ``sigma`` (sigma_hat after churn) to ``sigma_next > 0``, given both denoiser outputs:
-    ``d = (x - D) / sigma``, ``x_2 = x + (sigma' - sigma) d`` (line 5, where ``denoised_2 =
+    ``d = (x - D) / sigma``, ``x_2 = x + (sigma' - sigma) d`` (line 8, where ``denoised_2 =
     D(x_2, sigma')``), ``d' = (x_2 - D_2) / sigma'`` and
-    ``x' = x + (sigma' - sigma) (d + d') / 2`` (line 8).
+    ``x' = x + (sigma' - sigma) (d + d') / 2`` (line 11).
 
     Example:
         >>> x2, _ = euler_step(x, d1, s, s_next, prediction_type="sample")
@@ -141,8 +142,8 @@ def dpmpp_2m_sde_step(
     solver_type: str = "midpoint",
     noise: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """One DPM-Solver++(2M) SDE step (Lu et al. 2022 eq. 18 and App. B; Gonzalez et al.'s
-    eta-scaled form in k-diffusion's ``sample_dpmpp_2m_sde``). With ``h = log(sigma /
+    """One DPM-Solver++(2M) SDE step (Lu et al. 2022, SDE-DPM-Solver++(2M); the
+    eta-scaled form of k-diffusion's ``sample_dpmpp_2m_sde``). With ``h = log(sigma /
     sigma')``, ``eta_h = eta h``::
 
         x' = (sigma' / sigma) e^(-eta_h) x + (1 - e^(-h - eta_h)) D
@@ -175,7 +176,7 @@ def dpmpp_2m_sde_step(
 def lcm_step(
     x: Tensor, denoised: Tensor, sigma_next: ScheduleValue, noise: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """One LCM step (Luo et al. 2023 Alg. 1 line 8, the multistep consistency sampler of Song
+    """One LCM step (Luo et al. 2023 Alg. 1, the multistep consistency sampler of Song
     et al. 2023 Alg. 1) in sigma space: ``x' = D + sigma' z`` (``x' = D`` without noise, the
     last step). ``x`` is unused: the consistency estimate replaces the state.
 
