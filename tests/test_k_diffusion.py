@@ -438,3 +438,21 @@ def test_samplers_reproduce_the_mixture(name, steps, n, backend, device):
         warnings.simplefilter("ignore", UserWarning)  # torchsde on float32 sigmas
         out = getattr(K, name)(model, x, sigmas, disable=True, backend=backend)
     assert _mismatches(GMM, out.cpu().to(F64)) == []
+
+
+@pytest.mark.parametrize(
+    "name", ["sample_heun", "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_lcm"]
+)
+def test_a_plan_that_stops_before_zero_matches_k_diffusion(name):
+    """sigmas without the final 0 (a partial denoise, as img2img UIs pass): the last step is
+    a regular (Heun / second-order / noised) step."""
+    ks = load_sampling()
+    fn = getattr(ks, name, None) or _lcm_spec
+    model = ve_denoiser(random_mixture(0, 3))
+    sigmas, x = _sigmas_and_x(F64, torch.device("cpu"))
+    sigmas = sigmas[2:-1]
+    want, _, want_next = _recorded(fn, model, x, sigmas)
+    got, _, got_next = _recorded(getattr(K, name), model, x, sigmas, backend="reference")
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    if name != "sample_heun":  # (k-diffusion's Heun without churn draws and discards noise)
+        assert torch.equal(got_next, want_next)
