@@ -23,7 +23,10 @@ setup(
     package_dir={"fastdiff": "fastdiff", "fastdiff.kernels": "kernels"},
     install_requires=["torch>=2.4", "triton>=3.6", "numpy", "tqdm", "matplotlib"],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "scipy", "ruff"],
+        # torchsde and torchdiffeq: what k_diffusion.sampling imports (the parity tests load
+        # k-diffusion itself, installed with --no-deps by README's test command).
+        "test": ["pytest>=8", "pytest-benchmark>=4", "scipy", "ruff", "torchsde", "torchdiffeq"],
+        "k-diffusion": ["torchsde"],  # sample_dpmpp_2m_sde's default Brownian-tree noise
         "diffusers": ["diffusers>=0.30", "transformers"],
     },
     entry_points={"console_scripts": ["fastdiff=fastdiff.__main__:main"]},

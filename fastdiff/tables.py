@@ -20,11 +20,15 @@ from fastdiff.reference import ancestral_sigmas
 
 __all__ = [
     "COL",
+    "churn_table",
     "ddim_table",
     "ddpm_table",
+    "dpmpp_2m_sde_table",
     "dpmpp_2m_table",
     "eps_coefficients",
     "euler_table",
+    "heun_table",
+    "lcm_table",
     "x0_coefficients",
 ]
 
@@ -340,4 +344,94 @@ def dpmpp_2m_table_as(
         half_inv_r = torch.where(second, 0.5 * h / torch.where(second, h_prev, 1.0), 0.0)
         table[:, COL["x0"]] = gain * (1.0 + half_inv_r)
         table[:, COL["x0_prev"]] = -gain * half_inv_r
+    return table
+
+
+# -- k-diffusion's samplers on a denoiser D in sigma space (``fastdiff.k_diffusion``) ---------
+# The state is x = x0 + sigma eps and the model output m is D (x0_m = 1): every row below is
+# the update of ``fastdiff.reference.sigma`` solved for the tensors the kernel reads.
+
+
+def _denoiser_rows(n: int) -> torch.Tensor:
+    table = _empty(n)
+    table[:, COL["x0_m"]] = 1.0
+    return table
+
+
+def churn_table(sigma: torch.Tensor, sigma_hat: torch.Tensor, s_noise: float) -> torch.Tensor:
+    """Karras et al. 2022 Alg. 2 lines 5-6, ``x_hat = x + S_noise sqrt(sigma_hat^2 - sigma^2) z``
+    (the kernel's model output is unread: ``x0_x = x0_m = 0``)."""
+    table = _empty(len(sigma))
+    table[:, COL["x"]] = 1.0
+    table[:, COL["std"]] = s_noise * (sigma_hat**2 - sigma**2).clamp_min(0.0).sqrt()
+    return table
+
+
+def heun_table(sigma_hat: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+    """The second stage of Heun's step (Karras et al. 2022 Alg. 2 line 11) in the kernel's
+    inputs ``x = x_2`` (the Euler-predicted sample), ``m = D_2`` and ``x0_prev = D_1``.
+
+    ``x_2 = x_hat + dt (x_hat - D_1) / sigma_hat`` with ``dt = sigma' - sigma_hat`` gives
+    ``x_hat = (sigma_hat x_2 + dt D_1) / sigma'`` and ``d = (x_2 - D_1) / sigma'``, so
+    ``x' = x_hat + dt (d + d') / 2 = x_2 + dt (D_1 - D_2) / (2 sigma')``. Rows with
+    ``sigma' = 0`` (a plain Euler step) are NaN: never read.
+    """
+    table = _denoiser_rows(len(sigma_hat))
+    half = (sigma_next - sigma_hat) / (2.0 * sigma_next)
+    table[:, COL["x"]] = 1.0
+    table[:, COL["x0"]] = -half
+    table[:, COL["x0_prev"]] = half
+    return torch.where((sigma_next > 0)[:, None], table, float("nan"))
+
+
+def dpmpp_2m_sde_table(
+    sigma: torch.Tensor,
+    sigma_next: torch.Tensor,
+    sigma_prev: torch.Tensor,
+    first_order: torch.Tensor,
+    eta: float,
+    s_noise: float,
+    solver_type: str,
+) -> torch.Tensor:
+    """DPM-Solver++(2M) SDE (Lu et al. 2022, SDE-DPM-Solver++(2M); k-diffusion's
+    ``sample_dpmpp_2m_sde``), ``h = log(sigma / sigma')``, ``eta_h = eta h``::
+
+        x' = (sigma'/sigma) e^-eta_h x + g D + (c / r) (D - D_prev)
+             + sigma' sqrt(1 - e^(-2 eta_h)) S_noise z
+
+    with ``g = 1 - e^(-h - eta_h)``, ``r = h_prev / h`` and ``c = g / 2`` (midpoint) or
+    ``g / (-h - eta_h) + 1`` (heun); first order where ``first_order`` is set; ``x' = D`` on
+    the step to ``sigma' = 0``.
+
+    Args:
+        sigma, sigma_next, sigma_prev: float64 [n] (sigma_prev unread on first-order rows).
+        first_order: bool [n].
+        eta, s_noise: the SDE's noise scale and k-diffusion's extra noise factor.
+        solver_type: "midpoint" or "heun".
+    """
+    table = _denoiser_rows(len(sigma))
+    last = sigma_next == 0
+    s_next = torch.where(last, 1.0, sigma_next)  # placeholders on the last row
+    h = sigma.log() - s_next.log()
+    eta_h = eta * h
+    gain = -torch.expm1(-h - eta_h)
+    table[:, COL["x"]] = torch.where(last, 0.0, s_next / sigma * torch.exp(-eta_h))
+    table[:, COL["x0"]] = torch.where(last, 1.0, gain)
+    table[:, COL["std"]] = torch.where(
+        last, 0.0, s_next * (-torch.expm1(-2.0 * eta_h)).sqrt() * s_noise
+    )
+    second = ~first_order & ~last
+    h_prev = torch.where(second, sigma_prev, 1.0).log() - sigma.log()
+    c = 0.5 * gain if solver_type == "midpoint" else gain / (-h - eta_h) + 1.0
+    c_over_r = torch.where(second, c * h / torch.where(second, h_prev, 1.0), 0.0)
+    table[:, COL["x0"]] += c_over_r
+    table[:, COL["x0_prev"]] = -c_over_r
+    return table
+
+
+def lcm_table(sigma_next: torch.Tensor) -> torch.Tensor:
+    """The LCM step (Luo et al. 2023 Alg. 1) in sigma space, ``x' = D + sigma' z``."""
+    table = _denoiser_rows(len(sigma_next))
+    table[:, COL["x0"]] = 1.0
+    table[:, COL["std"]] = sigma_next
     return table

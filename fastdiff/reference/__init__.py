@@ -13,7 +13,8 @@ validated here: ``fastdiff.checks`` does that at the public boundary (``Sampler`
 drop-ins).
 
 Modules: ``common`` (dtype, schedule values, x0 processing, guidance), ``vp`` (DDPM, DDIM,
-Euler, DPM-Solver++), ``flow`` (flow matching), ``unipc`` (UniPC).
+Euler, DPM-Solver++), ``flow`` (flow matching), ``unipc`` (UniPC), ``sigma`` (k-diffusion's
+samplers on a denoiser: churn, Heun, DPM-Solver++(2M) and its SDE, LCM).
 
 Example:
     >>> x_next, x0 = ddim_step(x, eps_hat, ab[t], ab[t_next], eta=0.0)
@@ -35,6 +36,15 @@ from fastdiff.reference.flow import (
     flow_forward,
     flow_stochastic_step,
     flow_x0,
+)
+from fastdiff.reference.sigma import (
+    SDE_SOLVER_TYPES,
+    churn_gamma,
+    churn_step,
+    dpmpp_2m_sde_step,
+    dpmpp_2m_sigma_step,
+    heun_step,
+    lcm_step,
 )
 from fastdiff.reference.unipc import (
     UNIPC_PREDICTION_TYPES,
@@ -63,16 +73,21 @@ from fastdiff.reference.vp import (
 
 __all__ = [
     "PREDICTION_TYPES",
+    "SDE_SOLVER_TYPES",
     "ScheduleValue",
     "UNIPC_PREDICTION_TYPES",
     "UNIPC_SOLVER_TYPES",
     "VARIANCE_TYPES",
     "ancestral_sigmas",
     "cfg_combine",
+    "churn_gamma",
+    "churn_step",
     "compute_dtype_of",
     "ddim_step",
     "ddpm_step",
     "ddpm_variance",
+    "dpmpp_2m_sde_step",
+    "dpmpp_2m_sigma_step",
     "dpmpp_2m_step",
     "euler_ancestral_step",
     "euler_step",
@@ -82,6 +97,8 @@ __all__ = [
     "flow_forward",
     "flow_stochastic_step",
     "flow_x0",
+    "heun_step",
+    "lcm_step",
     "posterior_mean_coefficients",
     "predict_eps",
     "predict_x0",

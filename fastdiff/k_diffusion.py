@@ -1,0 +1,503 @@
+"""k-diffusion's samplers with the update of every step as one fused kernel launch.
+
+The same names and signatures as ``k_diffusion.sampling`` (Crowson's k-diffusion; the
+functional interface ComfyUI and A1111/Forge call): ``sample_*(model, x, sigmas,
+extra_args=None, callback=None, disable=None, ...)`` where ``model(x, sigma * s_in,
+**extra_args)`` returns the denoised x0 of a state ``x = x0 + sigma eps``. The math of each
+step is ``fastdiff.reference.sigma`` (and ``reference.euler_step``); its rows are built once
+per call from ``sigmas`` in float64 (``fastdiff.tables``: one host copy of sigmas at the
+start, none per step) and applied by ``fastdiff.kernels.fused_step``.
+
+Noise is what k-diffusion draws for the same torch seed: ``torch.randn_like(x)`` in the same
+order (Euler / Heun churn: one draw per step whenever ``s_churn > 0``, as k-diffusion; no
+draw without churn, where k-diffusion draws and discards one), and for
+``sample_dpmpp_2m_sde`` k-diffusion's default Brownian tree (needs ``torchsde``). Each
+function also takes ``backend=`` ("triton", "reference", "auto"; see ``fastdiff.backend``).
+
+Example:
+    >>> from fastdiff import k_diffusion as K
+    >>> sigmas = K.get_sigmas_karras(20, 0.03, 14.6, device="cuda")
+    >>> x = K.sample_dpmpp_2m(model, torch.randn(1, 4, 64, 64, device="cuda") * sigmas[0], sigmas)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from tqdm.auto import trange
+
+from fastdiff import reference, tables
+from fastdiff.backend import check_backend
+from fastdiff.checks import check_like, check_number, check_tensor
+from fastdiff.stepping import run_step
+
+__all__ = [
+    "BrownianTreeNoiseSampler",
+    "default_noise_sampler",
+    "get_sigmas_exponential",
+    "get_sigmas_karras",
+    "sample_dpmpp_2m",
+    "sample_dpmpp_2m_sde",
+    "sample_euler",
+    "sample_euler_ancestral",
+    "sample_heun",
+    "sample_lcm",
+]
+
+NoiseSampler = Callable[[Tensor, Tensor], Tensor]
+
+
+# -- schedules and noise ----------------------------------------------------------------------
+
+
+def _append_zero(sigmas: Tensor) -> Tensor:
+    return torch.cat([sigmas, sigmas.new_zeros([1])])
+
+
+def get_sigmas_karras(
+    n: int, sigma_min: float, sigma_max: float, rho: float = 7.0, device="cpu"
+) -> Tensor:
+    """The noise levels of Karras et al. 2022 eq. 5, ``(s_max^(1/rho) + i/(n-1) (s_min^(1/rho)
+    - s_max^(1/rho)))^rho``, then a 0 (float32, as k-diffusion).
+
+    Example:
+        >>> get_sigmas_karras(3, 0.1, 10.0)
+        tensor([10.0000,  1.6030,  0.1000,  0.0000])
+    """
+    ramp = torch.linspace(0, 1, n)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return _append_zero((hi + ramp * (lo - hi)) ** rho).to(device)
+
+
+def get_sigmas_exponential(n: int, sigma_min: float, sigma_max: float, device="cpu") -> Tensor:
+    """Noise levels evenly spaced in log sigma from sigma_max to sigma_min, then a 0.
+
+    Example:
+        >>> get_sigmas_exponential(3, 0.1, 10.0)
+        tensor([10.0000,  1.0000,  0.1000,  0.0000])
+    """
+    log_sigmas = torch.linspace(math.log(sigma_max), math.log(sigma_min), n, device=device)
+    return _append_zero(log_sigmas.exp())
+
+
+def default_noise_sampler(x: Tensor) -> NoiseSampler:
+    """k-diffusion's default: a fresh ``torch.randn_like(x)`` per call."""
+    return lambda sigma, sigma_next: torch.randn_like(x)
+
+
+class BrownianTreeNoiseSampler:
+    """k-diffusion's ``BrownianTreeNoiseSampler``: standardized increments
+    ``(W(t1) - W(t0)) / sqrt(|t1 - t0|)`` of one ``torchsde.BrownianTree`` per seed over
+    ``[sigma_min, sigma_max]`` (one seed: drawn with ``torch.randint`` from the global
+    generator, as k-diffusion; a list: one tree per batch entry).
+
+    Example:
+        >>> ns = BrownianTreeNoiseSampler(x, 0.03, 14.6, seed=0)
+        >>> z = ns(torch.tensor(14.6), torch.tensor(9.7))
+    """
+
+    def __init__(self, x: Tensor, sigma_min, sigma_max, seed=None, transform=lambda s: s):
+        try:
+            import torchsde
+        except ImportError as e:  # pragma: no cover - torchsde is in the test extra
+            raise ImportError(
+                "BrownianTreeNoiseSampler (the default noise_sampler of sample_dpmpp_2m_sde) "
+                "needs torchsde: pip install torchsde, or pass noise_sampler="
+            ) from e
+        self.transform = transform
+        t0 = transform(torch.as_tensor(sigma_min))
+        t1 = transform(torch.as_tensor(sigma_max))
+        t0, t1, self._sign = (t0, t1, 1) if t0 < t1 else (t1, t0, -1)
+        if seed is None:
+            seed = torch.randint(0, 2**63 - 1, []).item()
+        self._batched = isinstance(seed, (list, tuple))
+        seeds = list(seed) if self._batched else [seed]
+        if self._batched and len(seeds) != x.shape[0]:
+            raise ValueError(f"seed: {len(seeds)} seeds for a batch of {x.shape[0]}")
+        w0 = torch.zeros_like(x[0] if self._batched else x)
+        self._trees = [torchsde.BrownianTree(t0, w0, t1, entropy=s) for s in seeds]
+
+    def __call__(self, sigma, sigma_next) -> Tensor:
+        t0 = self.transform(torch.as_tensor(sigma))
+        t1 = self.transform(torch.as_tensor(sigma_next))
+        lo, hi, sign = (t0, t1, 1) if t0 < t1 else (t1, t0, -1)
+        w = torch.stack([tree(lo, hi) for tree in self._trees]) * (self._sign * sign)
+        return (w if self._batched else w[0]) / (t1 - t0).abs().sqrt()
+
+
+# -- one call: the checked plan, its device rows and the step ---------------------------------
+
+
+class _Plan:
+    """One sampling call: the host sigmas (one copy: in their own dtype and in float64),
+    the call's coefficient table on x's device and the step that applies a row of it."""
+
+    def __init__(self, model, x, sigmas, extra_args, callback, backend: str | None):
+        check_tensor("x", x)
+        check_tensor("sigmas", sigmas)
+        if sigmas.ndim != 1 or len(sigmas) < 1:
+            raise ValueError(f"sigmas must be a 1-D tensor, got shape {tuple(sigmas.shape)}")
+        self.host = sigmas.detach().cpu()  # the one host copy of the call
+        s = self.host.to(torch.float64)
+        if not bool(torch.isfinite(s).all()) or bool((s < 0).any()) or bool((s[:-1] <= 0).any()):
+            raise ValueError(
+                "sigmas must be finite and >= 0, and > 0 but for the last, got "
+                f"{self.host.tolist()}"
+            )
+        self.sigma, self.sigma_next = s[:-1], s[1:]
+        self.n = len(s) - 1
+        self.s = s.tolist()  # python floats for the reference steps (host, no sync)
+        # the multistep solvers' previous sigma (a placeholder on the first, first-order step)
+        self.sigma_prev = torch.cat([s[:1], s[:-2]])[: self.n]
+        self.first = torch.arange(self.n) == 0
+        self.x, self.sigmas = x, sigmas
+        self.model, self.extra_args = model, {} if extra_args is None else extra_args
+        self.callback = callback
+        self.s_in = x.new_ones([x.shape[0]])
+        self.backend = check_backend(backend)
+        self.table: Tensor | None = None
+        self.rows: list[Tensor] = []
+
+    def denoise(self, i: int, x: Tensor, sigma: Tensor | None = None) -> Tensor:
+        """``model(x, sigma * s_in, **extra_args)`` at step i (sigma: ``sigmas[i]``), and the
+        callback with k-diffusion's dict."""
+        sigma = self.sigmas[i] if sigma is None else sigma
+        denoised = self.model(x, sigma * self.s_in, **self.extra_args)
+        if self.callback is not None:
+            self.callback(
+                {"x": x, "i": i, "sigma": self.sigmas[i], "sigma_hat": sigma, "denoised": denoised}
+            )
+        return denoised
+
+    def is_last(self, i: int) -> bool:
+        return self.s[i + 1] == 0.0
+
+    def upload(self, *parts: Tensor) -> None:
+        """The call's table (the row blocks ``parts``, each [n, COLUMNS]) on x's device."""
+        table = torch.cat(parts).to(torch.float32)
+        if self.x.device.type == "cuda":  # pinned and asynchronous: no host sync
+            table = table.pin_memory().to(self.x.device, non_blocking=True)
+        else:
+            table = table.to(self.x.device)
+        rows = torch.arange(len(table), dtype=torch.int64, device=self.x.device)
+        self.table, self.rows = table, [rows[k : k + 1] for k in range(len(table))]
+
+    def step(self, row, x, denoised, ref, *, x0_prev=None, noise=None) -> Tensor:
+        """``x_next`` of table row ``row`` (one launch), or ``ref(x, m, x0_prev, noise,
+        grad)`` on the reference backend."""
+
+        def check():
+            check_like("denoised", denoised, x)
+            if noise is not None:
+                check_like("noise", noise, x)
+
+        x_next, _ = run_step(
+            self.backend,
+            x,
+            denoised,
+            self.table,
+            self.rows[row],
+            ref,
+            x0_prev=x0_prev,
+            noise=noise,
+            write_x0=False,
+            check=check,
+        )
+        return x_next
+
+
+def _check_noise_args(eta: float, s_noise: float) -> tuple[float, float]:
+    return check_number("eta", eta, low=0.0), check_number("s_noise", s_noise)
+
+
+def _churn_plan(plan: _Plan, s_churn, s_tmin, s_tmax, s_noise) -> tuple[list[float], Tensor]:
+    """Karras et al. 2022 Alg. 2's gamma_i on the host: gamma of every step, sigma_hat."""
+    s_churn = check_number("s_churn", s_churn, low=0.0)
+    check_number("s_noise", s_noise)
+    for name, value in (("s_tmin", s_tmin), ("s_tmax", s_tmax)):
+        if not isinstance(value, (int, float)) or math.isnan(value):
+            raise ValueError(f"{name} must be a number (inf allowed), got {value!r}")
+    gammas = [reference.churn_gamma(s, plan.n, s_churn, s_tmin, s_tmax) for s in plan.s[:-1]]
+    return gammas, plan.sigma * (1.0 + torch.tensor(gammas, dtype=torch.float64))
+
+
+# -- the samplers -----------------------------------------------------------------------------
+
+
+def _euler_loop(model, x, sigmas, extra_args, callback, disable, churn, backend, heun):
+    """Euler (Karras et al. 2022 Alg. 2 with Euler steps) or Heun (Alg. 2), with churn."""
+    s_churn, s_tmin, s_tmax, s_noise = churn
+    plan = _Plan(model, x, sigmas, extra_args, callback, backend)
+    gammas, hat = _churn_plan(plan, s_churn, s_tmin, s_tmax, s_noise)
+    n = plan.n
+    euler = tables.euler_table(hat, plan.sigma_next, "sample", 0.0, "sigma")
+    blocks = [euler, tables.churn_table(plan.sigma, hat, s_noise)]
+    if heun:
+        blocks.append(tables.heun_table(hat, plan.sigma_next))
+    plan.upload(*blocks)
+    sigma_hat = hat.tolist()
+    for i in trange(n, disable=disable):
+        s, s_h, s_next = plan.s[i], sigma_hat[i], plan.s[i + 1]
+        sigma_in = sigmas[i]
+        if s_churn > 0:  # k-diffusion draws one normal per step whenever churn is on
+            eps = torch.randn_like(x)
+            if gammas[i] > 0:
+                sigma_in = sigmas[i] * (gammas[i] + 1)
+
+                def churn(xc, m, xp, z, g, s=s, s_h=s_h):
+                    return (reference.churn_step(xc, z, s, s_h, s_noise),) * 2
+
+                x = plan.step(n + i, x, x, churn, noise=eps)
+        denoised = plan.denoise(i, x, sigma_in)
+
+        def ref_euler(xc, m, xp, z, g, s_h=s_h, s_next=s_next):
+            return reference.euler_step(xc, m, s_h, s_next, prediction_type="sample")
+
+        x_2 = plan.step(i, x, denoised, ref_euler)
+        if not heun or plan.is_last(i):
+            x = x_2
+            continue
+        denoised_2 = plan.model(x_2, sigmas[i + 1] * plan.s_in, **plan.extra_args)
+
+        def ref_heun(xc, m, xp, z, g, x_hat=x, d1=denoised, s_h=s_h, s_next=s_next):
+            return reference.heun_step(x_hat, d1, m, s_h, s_next)
+
+        x = plan.step(2 * n + i, x_2, denoised_2, ref_heun, x0_prev=denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_euler(
+    model,
+    x: Tensor,
+    sigmas: Tensor,
+    extra_args: dict | None = None,
+    callback: Callable | None = None,
+    disable: bool | None = None,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = float("inf"),
+    s_noise: float = 1.0,
+    *,
+    backend: str | None = None,
+) -> Tensor:
+    """Euler steps of the probability-flow ODE with churn (Karras et al. 2022 Alg. 2, Euler
+    in place of Heun): ``x' = x_hat + (sigma' - sigma_hat) (x_hat - D) / sigma_hat``.
+
+    Example:
+        >>> x = sample_euler(model, torch.randn(1, 4, 64, 64) * sigmas[0], sigmas)
+    """
+    churn = (s_churn, s_tmin, s_tmax, s_noise)
+    return _euler_loop(model, x, sigmas, extra_args, callback, disable, churn, backend, False)
+
+
+@torch.no_grad()
+def sample_heun(
+    model,
+    x: Tensor,
+    sigmas: Tensor,
+    extra_args: dict | None = None,
+    callback: Callable | None = None,
+    disable: bool | None = None,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = float("inf"),
+    s_noise: float = 1.0,
+    *,
+    backend: str | None = None,
+) -> Tensor:
+    """Heun's 2nd-order method with churn (Karras et al. 2022 Alg. 2): two model calls per
+    step (one on the step to 0), each update one launch (the second: ``tables.heun_table``).
+
+    Example:
+        >>> x = sample_heun(model, torch.randn(1, 4, 64, 64) * sigmas[0], sigmas)
+    """
+    churn = (s_churn, s_tmin, s_tmax, s_noise)
+    return _euler_loop(model, x, sigmas, extra_args, callback, disable, churn, backend, True)
+
+
+@torch.no_grad()
+def sample_euler_ancestral(
+    model,
+    x: Tensor,
+    sigmas: Tensor,
+    extra_args: dict | None = None,
+    callback: Callable | None = None,
+    disable: bool | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    noise_sampler: NoiseSampler | None = None,
+    *,
+    backend: str | None = None,
+) -> Tensor:
+    """Ancestral Euler steps: ``x' = x + (sigma_down - sigma) (x - D) / sigma + S_noise
+    sigma_up z`` (``reference.ancestral_sigmas``; no noise on the step to 0).
+
+    Example:
+        >>> x = sample_euler_ancestral(model, torch.randn(1, 4, 64, 64) * sigmas[0], sigmas)
+    """
+    eta, s_noise = _check_noise_args(eta, s_noise)
+    plan = _Plan(model, x, sigmas, extra_args, callback, backend)
+    table = tables.euler_table(plan.sigma, plan.sigma_next, "sample", eta, "sigma")
+    table[:, tables.COL["std"]] *= s_noise
+    plan.upload(table)
+    noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
+    for i in trange(plan.n, disable=disable):
+        denoised = plan.denoise(i, x)
+        noise = None if plan.is_last(i) else noise_sampler(sigmas[i], sigmas[i + 1])
+        s, s_next = plan.s[i], plan.s[i + 1]
+
+        def ref(xc, m, xp, z, g, s=s, s_next=s_next):
+            z = None if z is None else s_noise * z
+            return reference.euler_ancestral_step(
+                xc, m, s, s_next, eta=eta, prediction_type="sample", noise=z
+            )
+
+        x = plan.step(i, x, denoised, ref, noise=noise)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(
+    model,
+    x: Tensor,
+    sigmas: Tensor,
+    extra_args: dict | None = None,
+    callback: Callable | None = None,
+    disable: bool | None = None,
+    *,
+    backend: str | None = None,
+) -> Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022 Alg. 2) in sigma space, k-diffusion's form: first
+    order on the first step and on the step to 0 (``reference.dpmpp_2m_sigma_step``).
+
+    Example:
+        >>> x = sample_dpmpp_2m(model, torch.randn(1, 4, 64, 64) * sigmas[0], sigmas)
+    """
+    plan = _Plan(model, x, sigmas, extra_args, callback, backend)
+    ones = torch.ones_like(plan.sigma)
+    table = tables.dpmpp_2m_table_as(
+        ones, plan.sigma, ones, plan.sigma_next, ones, plan.sigma_prev, "sample", plan.first
+    )
+    plan.upload(table)
+    old_denoised = None
+    for i in trange(plan.n, disable=disable):
+        denoised = plan.denoise(i, x)
+        s, s_next, s_prev = plan.s[i], plan.s[i + 1], plan.s[max(i - 1, 0)]
+
+        def ref(xc, m, xp, z, g, s=s, s_next=s_next, s_prev=s_prev):
+            return reference.dpmpp_2m_sigma_step(
+                xc, m, s, s_next, denoised_prev=xp, sigma_prev=s_prev
+            )
+
+        x = plan.step(i, x, denoised, ref, x0_prev=old_denoised)
+        old_denoised = denoised
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde(
+    model,
+    x: Tensor,
+    sigmas: Tensor,
+    extra_args: dict | None = None,
+    callback: Callable | None = None,
+    disable: bool | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    noise_sampler: NoiseSampler | None = None,
+    solver_type: str = "midpoint",
+    *,
+    backend: str | None = None,
+) -> Tensor:
+    """DPM-Solver++(2M) SDE (Lu et al. 2022, SDE-DPM-Solver++(2M);
+    ``reference.dpmpp_2m_sde_step``), the "DPM++ 2M SDE" of the UIs. The default
+    ``noise_sampler`` is k-diffusion's :class:`BrownianTreeNoiseSampler` over ``[min positive
+    sigma, max sigma]`` (needs torchsde), seeded from the global generator as k-diffusion
+    seeds it.
+
+    Example:
+        >>> x = sample_dpmpp_2m_sde(model, torch.randn(1, 4, 64, 64) * sigmas[0], sigmas)
+    """
+    if solver_type not in reference.SDE_SOLVER_TYPES:
+        raise ValueError(
+            f"solver_type must be one of {reference.SDE_SOLVER_TYPES}, got {solver_type!r}"
+        )
+    eta, s_noise = _check_noise_args(eta, s_noise)
+    plan = _Plan(model, x, sigmas, extra_args, callback, backend)
+    plan.upload(
+        tables.dpmpp_2m_sde_table(
+            plan.sigma, plan.sigma_next, plan.sigma_prev, plan.first, eta, s_noise, solver_type
+        )
+    )
+    if noise_sampler is None:  # k-diffusion's default, called with the host sigmas: no sync
+        host = plan.host
+        tree = BrownianTreeNoiseSampler(x, host[host > 0].min(), host.max())
+
+        def draw(i):
+            return tree(host[i], host[i + 1])
+    else:
+
+        def draw(i):
+            return noise_sampler(sigmas[i], sigmas[i + 1])
+
+    old_denoised = None
+    for i in trange(plan.n, disable=disable):
+        denoised = plan.denoise(i, x)
+        last = plan.is_last(i)
+        noise = None if last or not eta else draw(i)
+        s, s_next, s_prev = plan.s[i], plan.s[i + 1], plan.s[max(i - 1, 0)]
+
+        def ref(xc, m, xp, z, g, s=s, s_next=s_next, s_prev=s_prev):
+            return reference.dpmpp_2m_sde_step(
+                xc,
+                m,
+                s,
+                s_next,
+                denoised_prev=xp,
+                sigma_prev=s_prev,
+                eta=eta,
+                s_noise=s_noise,
+                solver_type=solver_type,
+                noise=z,
+            )
+
+        x = plan.step(i, x, denoised, ref, x0_prev=old_denoised, noise=noise)
+        old_denoised = denoised
+    return x
+
+
+@torch.no_grad()
+def sample_lcm(
+    model,
+    x: Tensor,
+    sigmas: Tensor,
+    extra_args: dict | None = None,
+    callback: Callable | None = None,
+    disable: bool | None = None,
+    noise_sampler: NoiseSampler | None = None,
+    *,
+    backend: str | None = None,
+) -> Tensor:
+    """The LCM sampler (Luo et al. 2023 Alg. 1; ComfyUI's k-diffusion ``sample_lcm``):
+    ``x' = D + sigma' z``, no noise on the step to 0 (``reference.lcm_step``).
+
+    Example:
+        >>> x = sample_lcm(model, torch.randn(1, 4, 64, 64) * sigmas[0], sigmas)
+    """
+    plan = _Plan(model, x, sigmas, extra_args, callback, backend)
+    plan.upload(tables.lcm_table(plan.sigma_next))
+    noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
+    for i in trange(plan.n, disable=disable):
+        denoised = plan.denoise(i, x)
+        noise = None if plan.is_last(i) else noise_sampler(sigmas[i], sigmas[i + 1])
+        s_next = plan.s[i + 1]
+
+        def ref(xc, m, xp, z, g, s_next=s_next):
+            return reference.lcm_step(xc, m, s_next, z)
+
+        x = plan.step(i, x, denoised, ref, noise=noise)
+    return x
