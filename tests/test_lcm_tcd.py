@@ -131,7 +131,9 @@ def test_kernel_matches_reference(prediction_type, shape, dtype, device):
     g = torch.Generator().manual_seed(hash((prediction_type, shape, str(dtype))) % 2**31)
     n = 5
     values = _schedule_rows(n, g)
-    table = tables.consistency_table(*values, prediction_type).float().to(device)
+    table, none = tables.consistency_tables(*values, prediction_type)
+    assert none is None
+    table = table.float().to(device)
     batch = shape[0]
     rows = torch.randint(0, n, (batch,), generator=g).to(device)  # per-sample rows
     x, m, z = (torch.randn(shape, generator=g).to(device, dtype) for _ in range(3))
@@ -158,8 +160,8 @@ def test_processed_tables_two_launches_match_reference(prediction_type, processi
     ab_next = torch.cat([ab[1:] * 0 + 0.9, ones[:1]])
     c_skip = torch.rand(n, generator=g, dtype=torch.float64) * 0.2
     c_out = 1 - c_skip
-    denoise, renoised = tables.consistency_processed_tables(
-        ab, ones, ab_next, c_skip, c_out, prediction_type
+    denoise, renoised = tables.consistency_tables(
+        ab, ones, ab_next, c_skip, c_out, prediction_type, processed=True
     )
     shape = (3, 2, 9, 11)
     x, m, z = (torch.randn(shape, generator=g).to(device) * 2 for _ in range(3))

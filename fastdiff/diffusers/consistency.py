@@ -2,7 +2,7 @@
 LCM-LoRA, TCD: few-step distilled models) with each step as one fused kernel launch.
 
 Both steps predict ``y = c_skip x + c_out x_s`` and re-noise it to the next level (the rule
-and its equations: ``fastdiff.tables.consistency_table``, ``reference.consistency_step``):
+and its equations: ``fastdiff.tables.consistency_tables``, ``reference.consistency_step``):
 LCM's ``denoised`` (``x_s = x0``) and TCD's ``pred_noised_sample`` (``x_s`` at TCD's
 intermediate timestep ``s = floor((1 - gamma) t_next)``, ``c_skip = 0``, ``c_out = 1``). ``y``
 is linear in x and the model output, so the kernel writes it as its x0 output and the next
@@ -125,14 +125,12 @@ class _ConsistencyBase(StepIndexMixin):
         values = {"ab": ab, "ab_s": ab_s, "ab_next": ab_next, "c_skip": c_skip, "c_out": c_out}
         nan = torch.full((1,), math.nan, dtype=torch.float64)
         out = {name: torch.cat([v, nan]) for name, v in values.items()}
-        rule = tables.consistency_processed_tables if processed else tables.consistency_table
-        built = rule(ab, ab_s, ab_next, c_skip, c_out, prediction_type)
-        if processed:
-            denoise, renoised = (torch.cat([b, nan_row()]) for b in built)
-            # uploaded as it is (only "table" is cast to the kernel's float32 on upload)
-            out["table"], out["renoise"] = denoise, renoised.float()
-        else:
-            out["table"] = torch.cat([built, nan_row()])
+        table, renoised = tables.consistency_tables(
+            ab, ab_s, ab_next, c_skip, c_out, prediction_type, processed
+        )
+        out["table"] = torch.cat([table, nan_row()])
+        if renoised is not None:  # uploaded as it is: only "table" is cast to float32 then
+            out["renoise"] = torch.cat([renoised, nan_row()]).float()
         return out
 
     # -- step --------------------------------------------------------------------------------
