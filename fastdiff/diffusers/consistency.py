@@ -98,17 +98,18 @@ class _ConsistencyBase(StepIndexMixin):
             raise
         self._plan_changed(device)
 
-    def _levels(self, t: torch.Tensor, t_next: torch.Tensor, eta: float, level):
+    def _levels(self, t: torch.Tensor, t_next: torch.Tensor, eta: float | None, level):
         """Per step: ``(c_skip, c_out, ab_s)`` (float64 [n]) from the plan's timesteps ``t``,
         the next ones ``t_next`` and ``level`` (alpha_bar of int64 train timesteps)."""
         raise NotImplementedError
 
-    def _adds_noise(self, index: int | torch.Tensor, eta: float):
+    def _adds_noise(self, index: int | torch.Tensor, eta: float | None):
         """diffusers' rule: every step whose index is not ``num_inference_steps - 1`` adds
-        noise (for TCD only with eta > 0); ``index``: an int or an int64 tensor."""
-        return (index != self.num_inference_steps - 1) & (eta > 0)
+        noise (TCD: only with eta > 0; LCM passes eta None); ``index``: an int or an int64
+        tensor."""
+        return (index != self.num_inference_steps - 1) & (eta is None or eta > 0)
 
-    def _build(self, prediction_type: str, eta: float, processed: bool) -> dict[str, torch.Tensor]:
+    def _build(self, prediction_type: str, eta: float | None, processed: bool):
         ab_all, final = self._alphas_cumprod64, self._final_alpha_cumprod64
         t = self._plan_host.long()
         n = len(t)
@@ -135,18 +136,20 @@ class _ConsistencyBase(StepIndexMixin):
 
     # -- step --------------------------------------------------------------------------------
 
-    def _is_noisy(self, eta: float) -> bool:
+    def _is_noisy(self, eta: float | None) -> bool:
         """Whether this step draws noise: ``_adds_noise`` of a host step index; with a device
         index whenever eta > 0 (the row's std is 0 where it adds none: an unused draw)."""
         index = self._step_index
-        return eta > 0 if isinstance(index, torch.Tensor) else self._adds_noise(index, eta)
+        if isinstance(index, torch.Tensor):
+            return eta is None or eta > 0
+        return self._adds_noise(index, eta)
 
     def _consistency_step(
         self,
         model_output: torch.Tensor,
         timestep: Any,
         sample: torch.Tensor,
-        eta: float,
+        eta: float | None,
         generator: torch.Generator | None,
         return_dict: bool,
     ):
@@ -288,7 +291,7 @@ class FusedLCMScheduler(_ConsistencyBase, LCMScheduler):
         Returns:
             ``LCMSchedulerOutput(prev_sample, denoised)`` or the tuple.
         """
-        return self._consistency_step(model_output, timestep, sample, 1.0, generator, return_dict)
+        return self._consistency_step(model_output, timestep, sample, None, generator, return_dict)
 
 
 class FusedTCDScheduler(_ConsistencyBase, TCDScheduler):

@@ -427,9 +427,9 @@ def consistency_step(
     thresholding: tuple | None = None,
     noise: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """One multistep consistency sampling step, LCM (Luo et al. 2023, Alg. 1 with the
-    consistency function of eq. 9) and TCD's strategic stochastic sampling (Zheng et al.
-    2024, Sec. 4.2)::
+    """One multistep consistency sampling step: LCM (Luo et al. 2023: the eps-parameterized
+    consistency function of Sec. 4.1, eq. 9, in their multistep sampling algorithm) and TCD's
+    strategic stochastic sampling (Zheng et al. 2024, Sec. 4.2)::
 
         x0  = process(x0(x, m))                          # Ho et al. 2020 eq. 15
         x_s = sqrt(ab_s) x0 + sqrt(1 - ab_s) eps         # DDIM jump to level ab_s (eps raw)
