@@ -435,3 +435,57 @@ def lcm_table(sigma_next: torch.Tensor) -> torch.Tensor:
     table[:, COL["x0"]] = 1.0
     table[:, COL["std"]] = sigma_next
     return table
+
+
+# -- Consistency models: LCM (Luo et al. 2023) and TCD (Zheng et al. 2024) -------------------
+#
+# One step predicts y = c_skip x + c_out x_s, with x_s = sqrt(ab_s) x0 + sqrt(1 - ab_s) eps the
+# DDIM jump to level ab_s (LCM: ab_s = 1, so x_s = x0 and y is the consistency function;
+# TCD: c_skip = 0, c_out = 1 and s its intermediate timestep), then re-noises it to ab_next:
+# x' = sqrt(ab_next / ab_s) y + sqrt(1 - ab_next / ab_s) z (ab_next = ab_s: no noise).
+
+
+def _consistency_renoise(table: torch.Tensor, ab_s: torch.Tensor, ab_next: torch.Tensor):
+    ratio = ab_next / ab_s
+    table[:, COL["x0"]] = ratio.sqrt()
+    table[:, COL["std"]] = (1.0 - ratio).clamp_min(0.0).sqrt()
+    return table
+
+
+def consistency_tables(
+    ab: torch.Tensor,
+    ab_s: torch.Tensor,
+    ab_next: torch.Tensor,
+    c_skip: torch.Tensor,
+    c_out: torch.Tensor,
+    prediction_type: str,
+    processed: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """LCM / TCD (see the section comment). One launch: the x0 column is ``y``, linear in x
+    and m, and ``x' = sqrt(ab_next / ab_s) y + sqrt(1 - ab_next / ab_s) z``; returns
+    ``(table, None)``. With x0 clipped / thresholded in the kernel (``processed``), two: the
+    first writes ``y = c_skip x + c_out (sqrt(ab_s) process(x0) + sqrt(1 - ab_s) eps)`` (eps
+    from the raw output) as its next sample, the second re-noises ``y`` (its x0 column is the
+    input itself); returns ``(denoise, renoise)``.
+
+    Args:
+        ab, ab_s, ab_next: float64 [n] alpha_bar at the step, of the prediction and at the
+            step it goes to (``ab_next = ab_s`` on rows that add no noise).
+        c_skip, c_out: float64 [n] boundary scalings (TCD: 0 and 1).
+        prediction_type: "epsilon", "sample" or "v_prediction".
+        processed: x0 is clipped or thresholded.
+    """
+    table = _with_x0(ab, prediction_type)
+    e_x, e_m = eps_coefficients(ab, prediction_type)
+    a_s, s_s = ab_s.sqrt(), (1.0 - ab_s).sqrt()
+    if not processed:
+        x0_x, x0_m = table[:, COL["x0_x"]].clone(), table[:, COL["x0_m"]].clone()
+        table[:, COL["x0_x"]] = c_skip + c_out * (a_s * x0_x + s_s * e_x)
+        table[:, COL["x0_m"]] = c_out * (a_s * x0_m + s_s * e_m)
+        return _consistency_renoise(table, ab_s, ab_next), None
+    table[:, COL["x"]] = c_skip + c_out * s_s * e_x
+    table[:, COL["x0"]] = c_out * a_s
+    table[:, COL["m"]] = c_out * s_s * e_m
+    renoise = _empty(len(ab))
+    renoise[:, COL["x0_x"]] = 1.0
+    return table, _consistency_renoise(renoise, ab_s, ab_next)

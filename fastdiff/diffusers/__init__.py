@@ -42,6 +42,7 @@ except ImportError as err:  # pragma: no cover - exercised in a subprocess test
         'fastdiff.diffusers needs the diffusers package: pip install "fastdiff[diffusers]"'
     ) from err
 
+from fastdiff.diffusers.consistency import FusedLCMScheduler, FusedTCDScheduler
 from fastdiff.diffusers.ddim import FusedDDIMScheduler
 from fastdiff.diffusers.ddpm import FusedDDPMScheduler
 from fastdiff.diffusers.dpm import FusedDPMSolverMultistepScheduler
@@ -63,6 +64,8 @@ __all__ = [
     "FusedDPMSolverMultistepScheduler",
     "FusedEulerAncestralDiscreteScheduler",
     "FusedEulerDiscreteScheduler",
+    "FusedLCMScheduler",
+    "FusedTCDScheduler",
 ]
 
 # diffusers' pipeline loader looks the component's base class up by name in the library that
