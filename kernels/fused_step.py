@@ -59,7 +59,18 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from .utils import KERNEL_DTYPES, is_dense, memory_format_of, same_layout
+from .utils import (
+    KERNEL_DTYPE_NAMES,
+    KERNEL_DTYPES,
+    PHILOX_M0,
+    PHILOX_M1,
+    PHILOX_ROUNDS,
+    PHILOX_W0,
+    PHILOX_W1,
+    is_dense,
+    memory_format_of,
+    same_layout,
+)
 
 __all__ = ["COLUMNS", "UNIPC_COLUMNS", "UNIPC_MAX_SLOTS", "VARIANCE_MODES", "fused_step"]
 
@@ -83,11 +94,11 @@ UNIPC_COLUMNS = (
 )
 VARIANCE_MODES = {"fixed": 0, "learned": 1, "learned_range": 2}
 
-# Philox4x32 constants (Salmon et al. 2011), the same as fastdiff.philox.
-_PHILOX_M0 = tl.constexpr(0xD2511F53)
-_PHILOX_M1 = tl.constexpr(0xCD9E8D57)
-_PHILOX_W0 = tl.constexpr(0x9E3779B9)
-_PHILOX_W1 = tl.constexpr(0xBB67AE85)
+_PHILOX_ROUNDS = tl.constexpr(PHILOX_ROUNDS)
+_PHILOX_M0 = tl.constexpr(PHILOX_M0)
+_PHILOX_M1 = tl.constexpr(PHILOX_M1)
+_PHILOX_W0 = tl.constexpr(PHILOX_W0)
+_PHILOX_W1 = tl.constexpr(PHILOX_W1)
 
 
 @triton.jit
@@ -109,7 +120,7 @@ def _philox_normal4(seed, step, quad, FAST_MATH: tl.constexpr):
     m1 = tl.full(c0.shape, _PHILOX_M1, tl.uint32)
     w0 = tl.full(c0.shape, _PHILOX_W0, tl.uint32)
     w1 = tl.full(c0.shape, _PHILOX_W1, tl.uint32)
-    for _ in tl.static_range(10):
+    for _ in tl.static_range(_PHILOX_ROUNDS):
         hi0 = tl.umulhi(m0, c0)
         lo0 = m0 * c0
         hi1 = tl.umulhi(m1, c2)
@@ -467,6 +478,14 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _check_dtype(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in KERNEL_DTYPES:
+        raise TypeError(
+            f"{name} has dtype {t.dtype}; the kernel takes {KERNEL_DTYPE_NAMES} "
+            "(backend='reference' takes float64 too)"
+        )
+
+
 def _check_same_layout(name: str, t: torch.Tensor, x: torch.Tensor, batch: int) -> None:
     """``t`` must be a [batch, *x.shape[1:]] tensor laid out within each sample like ``x``."""
     if not isinstance(t, torch.Tensor):
@@ -475,8 +494,7 @@ def _check_same_layout(name: str, t: torch.Tensor, x: torch.Tensor, batch: int) 
         raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {(batch, *x.shape[1:])}")
     if t.device != x.device:
         raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-    if t.dtype not in KERNEL_DTYPES:
-        raise TypeError(f"{name} has dtype {t.dtype}; the kernel takes float32, float16, bfloat16")
+    _check_dtype(name, t)
     if not same_layout(t, x):
         raise ValueError(
             f"{name} is laid out differently from x (strides {t.stride()} vs {x.stride()}); "
@@ -546,7 +564,7 @@ def fused_step(
     whose backward is one launch of the kernel with ``BACKWARD``.
 
     Args:
-        x: the current sample ``[B, ...]`` (float32 / float16 / bfloat16; contiguous or
+        x: the current sample ``[B, ...]`` (a dtype of ``KERNEL_DTYPES``; contiguous or
             channels_last).
         model_output: ``[B, ...]`` laid out like x; ``[2B, ...]`` with guidance
             (unconditional half first); with a learned variance, contiguous ``[B, 2C, ...]``
@@ -791,19 +809,17 @@ class _LaunchConfig:
         self.arg_lists = {}  # by flags: the arguments in signature order, tensors left None
 
 
-# What the kernel's other direction reads and writes: None (constexpr, not launched).
+# What the kernel's other direction reads and writes: None (a constexpr, not launched).
 _FORWARD_ONLY = dict.fromkeys(
-    ("prev_ptr", "out_ptr", "x0_ptr", "hist_ptr", "last_ptr", "prev_bstride", "out_bstride")
-    + ("x0_bstride", "hist_bstride", "hist_sstride", "last_bstride", "last_sstride")
-)
-_FORWARD_ONLY.update(WRITE_OUT=False, WRITE_X0=False, HIST_SLOTS=0)
+    "prev_ptr out_ptr x0_ptr hist_ptr last_ptr prev_bstride out_bstride x0_bstride "
+    "hist_bstride hist_sstride last_bstride last_sstride".split()
+) | {"WRITE_OUT": False, "WRITE_X0": False, "HIST_SLOTS": 0}
 _BACKWARD_ONLY = dict.fromkeys(
-    ("gout_ptr", "gx0_ptr", "dx_ptr", "dm_ptr", "dprev_ptr", "dnoise_ptr", "dgrad_ptr")
-    + ("dscale_ptr", "gout_bstride", "gx0_bstride", "dm_bstride", "dm_var_off", "dm_cond_off")
+    "gout_ptr gx0_ptr dx_ptr dm_ptr dprev_ptr dnoise_ptr dgrad_ptr dscale_ptr gout_bstride "
+    "gx0_bstride dm_bstride dm_var_off dm_cond_off".split()
+) | dict.fromkeys(
+    "BACKWARD HAS_GX0 NEED_DX NEED_DM NEED_DPREV NEED_DNOISE NEED_DGRAD NEED_DSCALE".split(), False
 )
-_BACKWARD_ONLY.update(dict.fromkeys(("BACKWARD", "HAS_GX0", "NEED_DX", "NEED_DM"), False))
-_BACKWARD_ONLY.update(dict.fromkeys(("NEED_DPREV", "NEED_DNOISE", "NEED_DGRAD"), False))
-_BACKWARD_ONLY["NEED_DSCALE"] = False
 
 
 _LAUNCH_CONFIGS: dict = {}
@@ -825,11 +841,7 @@ def _launch_config(
     """Check what protects memory (clear errors) and compute the launch constants."""
     if not isinstance(x, torch.Tensor) or not isinstance(model_output, torch.Tensor):
         raise TypeError("x and model_output must be tensors")
-    if x.dtype not in KERNEL_DTYPES:
-        raise TypeError(
-            f"x has dtype {x.dtype}; the kernel takes float32, float16 or bfloat16 "
-            "(use backend='reference' for float64)"
-        )
+    _check_dtype("x", x)
     if x.dim() < 1 or x.shape[0] == 0 or x.numel() == 0:
         raise ValueError(f"x must be a non-empty tensor with the batch first, got {tuple(x.shape)}")
     if x.device.type == "cpu" and not _interpreting():
