@@ -682,7 +682,6 @@ def _forward(config, options, x, model_output, x0_prev, noise, grad, mscale, out
         thresh = _per_sample_quantile(abs_x0, ratio).clamp(1.0, max_value).contiguous()
         dynamic["thresh_ptr"] = thresh
     flags = {"THRESH": thresholding is not None, "WRITE_OUT": True, "WRITE_X0": write_x0}
-    flags["STD"] = config.statics["NOISE"] != 0 or config.statics["HAS_GRAD"]
     _launch(config, dynamic, x.device, **flags)
     return out, (x0_out if write_x0 else None), thresh
 
@@ -943,6 +942,7 @@ def _launch_config(
         BLOCK_N=block_n,
         **_BACKWARD_ONLY,
     )
+    statics["STD"] = statics["NOISE"] != 0 or statics["HAS_GRAD"]  # the forward's
     statics["num_warps"] = num_warps
     return _LaunchConfig(batch, channels, grid, statics)
 
