@@ -29,8 +29,8 @@ rescale a per-sample std (torch, 2 passes).
 
 Backward (only when an input requires grad): ``x_next`` and ``x0`` are linear in x, m (both
 halves: ``(1 - w) r`` and ``w r``), x0_prev, z and g, except for the clip / threshold masks,
-which one backward launch recomputes from x and m; the threshold ``s`` is a constant (its
-gradient is not propagated, in the reference as here).
+which one launch of the same kernel (``BACKWARD``) recomputes from x and m; the threshold
+``s`` is a constant (its gradient is not propagated, in the reference as here).
 
 UniPC (Zhao et al. 2023; ``fastdiff.unipc``), with a ``history`` ring of the converted
 outputs M (x0 or eps) of the last steps and the last corrected sample: the corrector of
