@@ -29,8 +29,8 @@ rescale a per-sample std (torch, 2 passes).
 
 Backward (only when an input requires grad): ``x_next`` and ``x0`` are linear in x, m (both
 halves: ``(1 - w) r`` and ``w r``), x0_prev, z and g, except for the clip / threshold masks,
-which one backward launch recomputes from x and m; the threshold ``s`` is a constant (its
-gradient is not propagated, in the reference as here).
+which one launch of the same kernel (``BACKWARD``) recomputes from x and m; the threshold
+``s`` is a constant (its gradient is not propagated, in the reference as here).
 
 UniPC (Zhao et al. 2023; ``fastdiff.unipc``), with a ``history`` ring of the converted
 outputs M (x0 or eps) of the last steps and the last corrected sample: the corrector of
@@ -59,7 +59,18 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from .utils import KERNEL_DTYPES, is_dense, memory_format_of, same_layout
+from .utils import (
+    KERNEL_DTYPE_NAMES,
+    KERNEL_DTYPES,
+    PHILOX_M0,
+    PHILOX_M1,
+    PHILOX_ROUNDS,
+    PHILOX_W0,
+    PHILOX_W1,
+    is_dense,
+    memory_format_of,
+    same_layout,
+)
 
 __all__ = ["COLUMNS", "UNIPC_COLUMNS", "UNIPC_MAX_SLOTS", "VARIANCE_MODES", "fused_step"]
 
@@ -83,11 +94,11 @@ UNIPC_COLUMNS = (
 )
 VARIANCE_MODES = {"fixed": 0, "learned": 1, "learned_range": 2}
 
-# Philox4x32 constants (Salmon et al. 2011), the same as fastdiff.philox.
-_PHILOX_M0 = tl.constexpr(0xD2511F53)
-_PHILOX_M1 = tl.constexpr(0xCD9E8D57)
-_PHILOX_W0 = tl.constexpr(0x9E3779B9)
-_PHILOX_W1 = tl.constexpr(0xBB67AE85)
+_PHILOX_ROUNDS = tl.constexpr(PHILOX_ROUNDS)
+_PHILOX_M0 = tl.constexpr(PHILOX_M0)
+_PHILOX_M1 = tl.constexpr(PHILOX_M1)
+_PHILOX_W0 = tl.constexpr(PHILOX_W0)
+_PHILOX_W1 = tl.constexpr(PHILOX_W1)
 
 
 @triton.jit
@@ -109,7 +120,7 @@ def _philox_normal4(seed, step, quad, FAST_MATH: tl.constexpr):
     m1 = tl.full(c0.shape, _PHILOX_M1, tl.uint32)
     w0 = tl.full(c0.shape, _PHILOX_W0, tl.uint32)
     w1 = tl.full(c0.shape, _PHILOX_W1, tl.uint32)
-    for _ in tl.static_range(10):
+    for _ in tl.static_range(_PHILOX_ROUNDS):
         hi0 = tl.umulhi(m0, c0)
         lo0 = m0 * c0
         hi1 = tl.umulhi(m1, c2)
@@ -177,24 +188,25 @@ def _guided_output(m_ptr, m_off, m_cond_off, mask, guidance_scale, CFG: tl.const
 
 
 @triton.jit
-def _learned_std(
-    std, m_ptr, v_off, m_cond_off, mask, coef, b_ok, CFG: tl.constexpr, VAR_MODE: tl.constexpr
-):
-    """The noise std of a learned variance, ``std exp(l / 2)``, and ``dl/dv``: ``l = v`` (the
-    model's variance channels, of the conditional half with CFG; learned), or
-    ``l = f LMAX + (1 - f) LMIN`` with ``f = (v + 1) / 2`` (learned_range)."""
-    if CFG:
-        v_off += m_cond_off
-    v = tl.load(m_ptr + v_off, mask=mask, other=0.0).to(tl.float32)
-    lmin = tl.load(coef + 7, mask=b_ok, other=0.0)[:, None]
-    lmax = tl.load(coef + 8, mask=b_ok, other=0.0)[:, None]
-    if VAR_MODE == 2:
-        frac = 0.5 * (v + 1.0)
-        v = frac * lmax + (1.0 - frac) * lmin
-        slope = 0.5 * (lmax - lmin)
-    else:
-        slope = lmax * 0.0 + 1.0
-    return std * tl.exp(0.5 * v), slope
+def _std(coef, b_ok, m_ptr, v_off, m_cond_off, mask, CFG: tl.constexpr, VAR_MODE: tl.constexpr):
+    """The row's noise std STD, and ``dl/dv`` (1 unless learned_range). With a learned variance
+    the std is ``STD exp(l / 2)``: ``l = v`` (the model's variance channels, of the
+    conditional half with CFG; learned), or ``l = f LMAX + (1 - f) LMIN`` with
+    ``f = (v + 1) / 2`` (learned_range)."""
+    std = tl.load(coef + 6, mask=b_ok, other=0.0)[:, None]
+    slope = tl.full(std.shape, 1.0, tl.float32)
+    if VAR_MODE != 0:
+        if CFG:
+            v_off += m_cond_off
+        v = tl.load(m_ptr + v_off, mask=mask, other=0.0).to(tl.float32)
+        lmin = tl.load(coef + 7, mask=b_ok, other=0.0)[:, None]
+        lmax = tl.load(coef + 8, mask=b_ok, other=0.0)[:, None]
+        if VAR_MODE == 2:
+            frac = 0.5 * (v + 1.0)
+            v = frac * lmax + (1.0 - frac) * lmin
+            slope = 0.5 * (lmax - lmin)
+        std = std * tl.exp(0.5 * v)
+    return std, slope
 
 
 @triton.jit
@@ -222,30 +234,17 @@ _UNIPC_MAX = tl.constexpr(UNIPC_MAX_SLOTS)
 
 @triton.jit
 def _unipc_terms(
-    coef,
-    b_ok,
-    mask,
-    b2,
-    j2,
-    x,
-    m_conv,
-    hist_ptr,
-    last_ptr,
-    hist_bstride,
-    hist_sstride,
-    last_bstride,
-    last_sstride,
-    SLOTS: tl.constexpr,
+    coef, b_ok, mask, x, m_conv, hist_at, last_at, hist_sstride, last_sstride, SLOTS: tl.constexpr
 ):
     """UniPC (Zhao et al. 2023): the corrected sample x_c of this step (UniC) and the terms
     UP_LAST last + sum_j UP_H[j] hist[j] of the next sample (UniP), from the row's
-    UNIPC_COLUMNS; also the ring slot and the last-sample slot this step writes."""
+    UNIPC_COLUMNS; also the ring slot and the last-sample slot this step writes. ``hist_at``
+    and ``last_at`` point at the tile in slot 0 of the ring and of the last samples."""
     hist_slot = tl.load(coef + (_UNIPC0 + 4 + 2 * _UNIPC_MAX), mask=b_ok, other=0.0)
     last_slot = tl.load(coef + (_UNIPC0 + 5 + 2 * _UNIPC_MAX), mask=b_ok, other=0.0)
     hist_slot = hist_slot.to(tl.int64)[:, None]
     last_slot = last_slot.to(tl.int64)[:, None]
-    last_off = (1 - last_slot) * last_sstride + b2 * last_bstride + j2
-    last = tl.load(last_ptr + last_off, mask=mask, other=0.0).to(tl.float32)
+    last = tl.load(last_at + (1 - last_slot) * last_sstride, mask=mask, other=0.0).to(tl.float32)
     uc_x = tl.load(coef + _UNIPC0, mask=b_ok, other=0.0)[:, None]
     uc_last = tl.load(coef + (_UNIPC0 + 1), mask=b_ok, other=0.0)[:, None]
     uc_new = tl.load(coef + (_UNIPC0 + 2), mask=b_ok, other=0.0)[:, None]
@@ -253,8 +252,8 @@ def _unipc_terms(
     pred = tl.load(coef + (_UNIPC0 + 3 + _UNIPC_MAX), mask=b_ok, other=0.0)[:, None] * last
     for j in tl.static_range(SLOTS):
         # the slot this step writes holds no input of it: not read (one pass fewer)
-        h_off = j * hist_sstride + b2 * hist_bstride + j2
-        h = tl.load(hist_ptr + h_off, mask=mask & (hist_slot != j), other=0.0).to(tl.float32)
+        h = tl.load(hist_at + j * hist_sstride, mask=mask & (hist_slot != j), other=0.0)
+        h = h.to(tl.float32)
         x_c += tl.load(coef + (_UNIPC0 + 3 + j), mask=b_ok, other=0.0)[:, None] * h
         pred += tl.load(coef + (_UNIPC0 + 4 + _UNIPC_MAX + j), mask=b_ok, other=0.0)[:, None] * h
     return x_c, pred, hist_slot, last_slot
@@ -276,126 +275,8 @@ def _fused_step_kernel(
     rows_ptr,
     out_ptr,
     x0_ptr,
-    n_samples,
-    n_per_sample,
-    x_bstride,
-    m_bstride,
-    m_var_off,
-    m_cond_off,
-    prev_bstride,
-    noise_bstride,
-    grad_bstride,
-    out_bstride,
-    x0_bstride,
-    rows_stride,
-    guidance_scale,
-    clip_range,
-    N_COLS: tl.constexpr,
-    CFG: tl.constexpr,
-    MSCALE: tl.constexpr,
-    CLIP: tl.constexpr,
-    THRESH: tl.constexpr,
-    VAR_MODE: tl.constexpr,
-    HAS_PREV: tl.constexpr,
-    NOISE: tl.constexpr,
-    HAS_GRAD: tl.constexpr,
-    WRITE_OUT: tl.constexpr,
-    WRITE_X0: tl.constexpr,
-    FAST_MATH: tl.constexpr,
     hist_ptr,
     last_ptr,
-    hist_bstride,
-    hist_sstride,
-    last_bstride,
-    last_sstride,
-    HIST_SLOTS: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    pid_n, b, b_ok, mask, b2, j2 = _tile(n_samples, n_per_sample, BLOCK_S, BLOCK_N)
-    row, coef, c_x0_x, c_x0_m, c_x, c_x0, c_m = _coefficients(
-        table_ptr, rows_ptr, b, b_ok, rows_stride, N_COLS
-    )
-
-    x = tl.load(x_ptr + b2 * x_bstride + j2, mask=mask, other=0.0).to(tl.float32)
-    m_off = b2 * m_bstride + j2
-    m = _guided_output(m_ptr, m_off, m_cond_off, mask, guidance_scale, CFG)
-    if MSCALE:
-        m = m * tl.load(mscale_ptr + b, mask=b_ok, other=1.0).to(tl.float32)[:, None]
-
-    x0 = c_x0_x * x + c_x0_m * m
-    if CLIP:
-        x0 = tl.minimum(tl.maximum(x0, -clip_range), clip_range)
-    if THRESH:
-        s = tl.load(thresh_ptr + b, mask=b_ok, other=1.0).to(tl.float32)[:, None]
-        x0 = tl.minimum(tl.maximum(x0, -s), s) / s
-    if WRITE_OUT:
-        x_next = c_x * x + c_x0 * x0 + c_m * m
-        if HIST_SLOTS > 0:
-            x_c, h_pred, hist_slot, last_slot = _unipc_terms(
-                coef,
-                b_ok,
-                mask,
-                b2,
-                j2,
-                x,
-                x0,
-                hist_ptr,
-                last_ptr,
-                hist_bstride,
-                hist_sstride,
-                last_bstride,
-                last_sstride,
-                HIST_SLOTS,
-            )
-            x_next += h_pred
-        c_prev = tl.load(coef + 5, mask=b_ok, other=0.0)[:, None]
-        if HAS_PREV:
-            prev = tl.load(prev_ptr + b2 * prev_bstride + j2, mask=mask, other=0.0)
-            x_next += c_prev * prev.to(tl.float32)
-        else:
-            # No previous x0 (a chain's first step): x0_prev = x0, which turns a multistep
-            # row into its first-order step, as the reference does.
-            x_next += c_prev * x0
-        if NOISE != 0 or HAS_GRAD:
-            std = tl.load(coef + 6, mask=b_ok, other=0.0)[:, None]
-            if VAR_MODE != 0:
-                std, _ = _learned_std(
-                    std, m_ptr, m_off + m_var_off, m_cond_off, mask, coef, b_ok, CFG, VAR_MODE
-                )
-            if HAS_GRAD:
-                g = tl.load(grad_ptr + b2 * grad_bstride + j2, mask=mask, other=0.0)
-                x_next += (std * std) * g.to(tl.float32)
-            if NOISE == 1:
-                z = tl.load(noise_ptr + b2 * noise_bstride + j2, mask=mask, other=0.0)
-                x_next += std * z.to(tl.float32)
-            if NOISE == 2:
-                z = _philox_block(seed_ptr, b, b_ok, row, pid_n, FAST_MATH, BLOCK_S, BLOCK_N)
-                x_next += std * z
-        tl.store(out_ptr + b2 * out_bstride + j2, x_next.to(out_ptr.dtype.element_ty), mask=mask)
-        if HIST_SLOTS > 0:  # UniPC state: slots no load of this step reads
-            h_off = hist_slot * hist_sstride + b2 * hist_bstride + j2
-            tl.store(hist_ptr + h_off, x0.to(hist_ptr.dtype.element_ty), mask=mask)
-            l_off = last_slot * last_sstride + b2 * last_bstride + j2
-            tl.store(last_ptr + l_off, x_c.to(last_ptr.dtype.element_ty), mask=mask)
-    # Stored last, after every load: x0_out may alias x0_prev (and out may alias x).
-    if WRITE_X0:
-        tl.store(x0_ptr + b2 * x0_bstride + j2, x0.to(x0_ptr.dtype.element_ty), mask=mask)
-
-
-# The backward of the step: x_next and x0 are linear in every input given the masks of the
-# x0 processing, which are recomputed here from x and m (nothing but the inputs is saved).
-@triton.jit(do_not_specialize=["thresh_ptr", "mscale_ptr", "seed_ptr", "rows_ptr"])
-def _fused_step_backward_kernel(
-    x_ptr,
-    m_ptr,
-    noise_ptr,
-    grad_ptr,
-    thresh_ptr,
-    mscale_ptr,
-    seed_ptr,
-    table_ptr,
-    rows_ptr,
     gout_ptr,
     gx0_ptr,
     dx_ptr,
@@ -410,8 +291,15 @@ def _fused_step_backward_kernel(
     m_bstride,
     m_var_off,
     m_cond_off,
+    prev_bstride,
     noise_bstride,
     grad_bstride,
+    out_bstride,
+    x0_bstride,
+    hist_bstride,
+    hist_sstride,
+    last_bstride,
+    last_sstride,
     gout_bstride,
     gx0_bstride,
     dm_bstride,
@@ -429,6 +317,11 @@ def _fused_step_backward_kernel(
     HAS_PREV: tl.constexpr,
     NOISE: tl.constexpr,
     HAS_GRAD: tl.constexpr,
+    STD: tl.constexpr,
+    WRITE_OUT: tl.constexpr,
+    WRITE_X0: tl.constexpr,
+    HIST_SLOTS: tl.constexpr,
+    BACKWARD: tl.constexpr,
     HAS_GX0: tl.constexpr,
     NEED_DX: tl.constexpr,
     NEED_DM: tl.constexpr,
@@ -440,90 +333,157 @@ def _fused_step_backward_kernel(
     BLOCK_S: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
+    """The step (see the module docstring), or with BACKWARD its gradients: x_next and x0 are
+    linear in every input given the masks of the x0 processing, which the backward recomputes
+    from x and m (nothing but the inputs is saved). The pointers of the other direction are
+    None. STD: the step's std is needed (noise or a classifier gradient, or their gradients);
+    in the backward NOISE and HAS_GRAD say what the learned-variance gradient reads."""
     pid_n, b, b_ok, mask, b2, j2 = _tile(n_samples, n_per_sample, BLOCK_S, BLOCK_N)
     row, coef, c_x0_x, c_x0_m, c_x, c_x0, c_m = _coefficients(
         table_ptr, rows_ptr, b, b_ok, rows_stride, N_COLS
     )
-    c_prev = tl.load(coef + 5, mask=b_ok, other=0.0)[:, None]
     x_off = b2 * x_bstride + j2
-    gy = tl.load(gout_ptr + b2 * gout_bstride + j2, mask=mask, other=0.0).to(tl.float32)
-
-    # dL/dx0, through the processing mask (recomputed from x and m) to the raw x0.
-    dx0 = c_x0 * gy
-    if not HAS_PREV:
-        dx0 += c_prev * gy  # x0_prev = x0
-    if HAS_GX0:
-        dx0 += tl.load(gx0_ptr + b2 * gx0_bstride + j2, mask=mask, other=0.0).to(tl.float32)
     m_off = b2 * m_bstride + j2
-    mg = _guided_output(m_ptr, m_off, m_cond_off, mask, guidance_scale, CFG)
-    r = tl.full((BLOCK_S, 1), 1.0, tl.float32)
-    if MSCALE:
-        r = tl.load(mscale_ptr + b, mask=b_ok, other=1.0).to(tl.float32)[:, None]
-    if CLIP or THRESH:
+    if BACKWARD:
+        c_prev = tl.load(coef + 5, mask=b_ok, other=0.0)[:, None]
+        gy = tl.load(gout_ptr + b2 * gout_bstride + j2, mask=mask, other=0.0).to(tl.float32)
+        # dL/dx0, through the processing mask (recomputed from x and m) to the raw x0.
+        dx0 = c_x0 * gy
+        if not HAS_PREV:
+            dx0 += c_prev * gy  # x0_prev = x0
+        if HAS_GX0:
+            dx0 += tl.load(gx0_ptr + b2 * gx0_bstride + j2, mask=mask, other=0.0).to(tl.float32)
+        mg = _guided_output(m_ptr, m_off, m_cond_off, mask, guidance_scale, CFG)
+        r = tl.full((BLOCK_S, 1), 1.0, tl.float32)
+        if MSCALE:
+            r = tl.load(mscale_ptr + b, mask=b_ok, other=1.0).to(tl.float32)[:, None]
+        if CLIP or THRESH:
+            x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(tl.float32)
+            x0 = c_x0_x * x + c_x0_m * (mg * r)
+            if CLIP:
+                dx0 = tl.where((x0 >= -clip_range) & (x0 <= clip_range), dx0, 0.0)
+            if THRESH:  # s is a constant
+                s = tl.load(thresh_ptr + b, mask=b_ok, other=1.0).to(tl.float32)[:, None]
+                dx0 = tl.where((x0 >= -s) & (x0 <= s), dx0 / s, 0.0)
+        dms = c_m * gy + c_x0_m * dx0  # dL/d(r m)
+        if NEED_DX:
+            dx = c_x * gy + c_x0_x * dx0
+            tl.store(dx_ptr + x_off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        if NEED_DPREV:
+            tl.store(dprev_ptr + x_off, (c_prev * gy).to(dprev_ptr.dtype.element_ty), mask=mask)
+        if NEED_DSCALE:  # summed per sample on the host side: dL/dr
+            tl.store(dscale_ptr + b2 * n_per_sample + j2, dms * mg, mask=mask)
+        dm_off = b2 * dm_bstride + j2
+        if NEED_DM:
+            dmg = dms * r
+            if CFG:  # m = (1 - w) m_u + w m_c
+                tl.store(
+                    dm_ptr + dm_off,
+                    ((1.0 - guidance_scale) * dmg).to(dm_ptr.dtype.element_ty),
+                    mask=mask,
+                )
+                tl.store(
+                    dm_ptr + dm_cond_off + dm_off,
+                    (guidance_scale * dmg).to(dm_ptr.dtype.element_ty),
+                    mask=mask,
+                )
+            else:
+                tl.store(dm_ptr + dm_off, dmg.to(dm_ptr.dtype.element_ty), mask=mask)
+    else:
         x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(tl.float32)
-        x0 = c_x0_x * x + c_x0_m * (mg * r)
+        m = _guided_output(m_ptr, m_off, m_cond_off, mask, guidance_scale, CFG)
+        if MSCALE:
+            m = m * tl.load(mscale_ptr + b, mask=b_ok, other=1.0).to(tl.float32)[:, None]
+        x0 = c_x0_x * x + c_x0_m * m
         if CLIP:
-            dx0 = tl.where((x0 >= -clip_range) & (x0 <= clip_range), dx0, 0.0)
-        if THRESH:  # s is a constant
+            x0 = tl.minimum(tl.maximum(x0, -clip_range), clip_range)
+        if THRESH:
             s = tl.load(thresh_ptr + b, mask=b_ok, other=1.0).to(tl.float32)[:, None]
-            dx0 = tl.where((x0 >= -s) & (x0 <= s), dx0 / s, 0.0)
-    dms = c_m * gy + c_x0_m * dx0  # dL/d(r m)
-    if NEED_DX:
-        dx = c_x * gy + c_x0_x * dx0
-        tl.store(dx_ptr + x_off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-    if NEED_DPREV:
-        tl.store(dprev_ptr + x_off, (c_prev * gy).to(dprev_ptr.dtype.element_ty), mask=mask)
-    if NEED_DSCALE:  # summed per sample on the host side: dL/dr
-        tl.store(dscale_ptr + b2 * n_per_sample + j2, dms * mg, mask=mask)
-    dm_off = b2 * dm_bstride + j2
-    if NEED_DM:
-        dmg = dms * r
-        if CFG:  # m = (1 - w) m_u + w m_c
-            tl.store(
-                dm_ptr + dm_off,
-                ((1.0 - guidance_scale) * dmg).to(dm_ptr.dtype.element_ty),
-                mask=mask,
-            )
-            tl.store(
-                dm_ptr + dm_cond_off + dm_off,
-                (guidance_scale * dmg).to(dm_ptr.dtype.element_ty),
-                mask=mask,
-            )
-        else:
-            tl.store(dm_ptr + dm_off, dmg.to(dm_ptr.dtype.element_ty), mask=mask)
+            x0 = tl.minimum(tl.maximum(x0, -s), s) / s
+        if WRITE_OUT:
+            x_next = c_x * x + c_x0 * x0 + c_m * m
+            if HIST_SLOTS > 0:
+                hist_at = hist_ptr + b2 * hist_bstride + j2
+                last_at = last_ptr + b2 * last_bstride + j2
+                x_c, h_pred, hist_slot, last_slot = _unipc_terms(
+                    coef,
+                    b_ok,
+                    mask,
+                    x,
+                    x0,
+                    hist_at,
+                    last_at,
+                    hist_sstride,
+                    last_sstride,
+                    HIST_SLOTS,
+                )
+                x_next += h_pred
+            c_prev = tl.load(coef + 5, mask=b_ok, other=0.0)[:, None]
+            if HAS_PREV:
+                prev = tl.load(prev_ptr + b2 * prev_bstride + j2, mask=mask, other=0.0)
+                x_next += c_prev * prev.to(tl.float32)
+            else:
+                # No previous x0 (a chain's first step): x0_prev = x0, which turns a multistep
+                # row into its first-order step, as the reference does.
+                x_next += c_prev * x0
 
-    # The variance term std^2 g + std z.
-    if (VAR_MODE != 0 or NEED_DNOISE) or NEED_DGRAD:  # pairs: Triton 3.6 refuses a chain
-        std = tl.load(coef + 6, mask=b_ok, other=0.0)[:, None]
-        dv = tl.zeros((BLOCK_S, BLOCK_N), tl.float32)
-        if VAR_MODE != 0:
-            std, slope = _learned_std(
-                std, m_ptr, m_off + m_var_off, m_cond_off, mask, coef, b_ok, CFG, VAR_MODE
-            )
-            if HAS_GRAD:  # d(std^2)/dv = std^2 slope
-                g = tl.load(grad_ptr + b2 * grad_bstride + j2, mask=mask, other=0.0)
-                dv += std * std * g.to(tl.float32)
-            if NOISE == 1:  # d(std)/dv = std slope / 2
-                z = tl.load(noise_ptr + b2 * noise_bstride + j2, mask=mask, other=0.0)
-                dv += 0.5 * std * z.to(tl.float32)
-            if NOISE == 2:
-                z = _philox_block(seed_ptr, b, b_ok, row, pid_n, FAST_MATH, BLOCK_S, BLOCK_N)
-                dv += 0.5 * std * z
-            if NEED_DM:
-                dv = gy * dv * slope
+    # The variance term std^2 g + std z; the backward's dv = dL/dv / (gy slope) of it.
+    if STD:
+        std, slope = _std(coef, b_ok, m_ptr, m_off + m_var_off, m_cond_off, mask, CFG, VAR_MODE)
+        if BACKWARD:
+            acc = tl.zeros((BLOCK_S, BLOCK_N), tl.float32)
+            z_std = 0.5 * std  # d(std)/dv = std slope / 2; d(std^2)/dv = std^2 slope
+        else:
+            acc = x_next
+            z_std = std
+        if HAS_GRAD:
+            g = tl.load(grad_ptr + b2 * grad_bstride + j2, mask=mask, other=0.0)
+            acc += std * std * g.to(tl.float32)
+        if NOISE == 1:
+            z = tl.load(noise_ptr + b2 * noise_bstride + j2, mask=mask, other=0.0)
+            acc += z_std * z.to(tl.float32)
+        if NOISE == 2:
+            acc += z_std * _philox_block(seed_ptr, b, b_ok, row, pid_n, FAST_MATH, BLOCK_S, BLOCK_N)
+        if BACKWARD:
+            if VAR_MODE != 0 and NEED_DM:
+                dv = gy * acc * slope
                 dm_v = dm_ptr + dm_var_off + dm_off
                 if CFG:  # the variance channels of the conditional half
                     tl.store(dm_v, tl.zeros_like(dv).to(dm_ptr.dtype.element_ty), mask=mask)
                     dm_v += dm_cond_off
                 tl.store(dm_v, dv.to(dm_ptr.dtype.element_ty), mask=mask)
-        if NEED_DNOISE:
-            tl.store(dnoise_ptr + x_off, (gy * std).to(dnoise_ptr.dtype.element_ty), mask=mask)
-        if NEED_DGRAD:
-            tl.store(dgrad_ptr + x_off, (gy * std * std).to(dgrad_ptr.dtype.element_ty), mask=mask)
+            if NEED_DNOISE:
+                tl.store(dnoise_ptr + x_off, (gy * std).to(dnoise_ptr.dtype.element_ty), mask=mask)
+            if NEED_DGRAD:
+                dgrad = gy * std * std
+                tl.store(dgrad_ptr + x_off, dgrad.to(dgrad_ptr.dtype.element_ty), mask=mask)
+        else:
+            x_next = acc
+
+    if not BACKWARD:
+        if WRITE_OUT:
+            out = x_next.to(out_ptr.dtype.element_ty)
+            tl.store(out_ptr + b2 * out_bstride + j2, out, mask=mask)
+            if HIST_SLOTS > 0:  # UniPC state: slots no load of this step reads
+                h_new = x0.to(hist_ptr.dtype.element_ty)
+                tl.store(hist_at + hist_slot * hist_sstride, h_new, mask=mask)
+                l_new = x_c.to(last_ptr.dtype.element_ty)
+                tl.store(last_at + last_slot * last_sstride, l_new, mask=mask)
+        # Stored last, after every load: x0_out may alias x0_prev (and out may alias x).
+        if WRITE_X0:
+            tl.store(x0_ptr + b2 * x0_bstride + j2, x0.to(x0_ptr.dtype.element_ty), mask=mask)
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _check_dtype(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in KERNEL_DTYPES:
+        raise TypeError(
+            f"{name} has dtype {t.dtype}; the kernel takes {KERNEL_DTYPE_NAMES} "
+            "(backend='reference' takes float64 too)"
+        )
 
 
 def _check_same_layout(name: str, t: torch.Tensor, x: torch.Tensor, batch: int) -> None:
@@ -534,8 +494,7 @@ def _check_same_layout(name: str, t: torch.Tensor, x: torch.Tensor, batch: int) 
         raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {(batch, *x.shape[1:])}")
     if t.device != x.device:
         raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-    if t.dtype not in KERNEL_DTYPES:
-        raise TypeError(f"{name} has dtype {t.dtype}; the kernel takes float32, float16, bfloat16")
+    _check_dtype(name, t)
     if not same_layout(t, x):
         raise ValueError(
             f"{name} is laid out differently from x (strides {t.stride()} vs {x.stride()}); "
@@ -602,10 +561,10 @@ def fused_step(
     Checks only what protects memory (shapes, dtypes, layouts, devices); the values of the
     options are checked at the public boundary (``fastdiff.checks``). Differentiable: with
     grad enabled and an input that requires grad, the step runs as an autograd Function
-    whose backward is one launch of ``_fused_step_backward_kernel``.
+    whose backward is one launch of the kernel with ``BACKWARD``.
 
     Args:
-        x: the current sample ``[B, ...]`` (float32 / float16 / bfloat16; contiguous or
+        x: the current sample ``[B, ...]`` (a dtype of ``KERNEL_DTYPES``; contiguous or
             channels_last).
         model_output: ``[B, ...]`` laid out like x; ``[2B, ...]`` with guidance
             (unconditional half first); with a learned variance, contiguous ``[B, 2C, ...]``
@@ -700,30 +659,17 @@ def _rescale_factor(model_output, config, guidance_scale, guidance_rescale) -> t
 
 def _forward(config, options, x, model_output, x0_prev, noise, grad, mscale, out, x0_out):
     """The step's launches; returns ``(x_next, x0 or None, thresholds or None)``."""
-    table, rows, seeds, guidance_scale, clip_range, thresholding, write_x0 = options[:7]
-    history, last_sample = options[7:]
+    thresholding, write_x0, history, last_sample = options[5:]
     if out is None:
         out = torch.empty_like(x)
     if x0_out is None and write_x0:
         x0_out = torch.empty_like(x)
-    dynamic = {
-        "x_ptr": x,
-        "m_ptr": model_output,
-        "prev_ptr": x0_prev if x0_prev is not None else x,
-        "noise_ptr": noise if noise is not None else x,
-        "grad_ptr": grad if grad is not None else x,
-        "thresh_ptr": table,
-        "mscale_ptr": mscale if mscale is not None else table,
-        "seed_ptr": seeds if seeds is not None else rows,
-        "table_ptr": table,
-        "rows_ptr": rows,
-        "out_ptr": out,
-        "x0_ptr": x0_out if x0_out is not None else out,
-        "hist_ptr": history if history is not None else x,
-        "last_ptr": last_sample if last_sample is not None else x,
-        "guidance_scale": float(guidance_scale) if guidance_scale is not None else 0.0,
-        "clip_range": float(clip_range) if clip_range is not None else 0.0,
-    }
+    dynamic = _input_args(options, x, model_output, noise, grad, mscale, None)
+    dynamic["prev_ptr"] = x0_prev if x0_prev is not None else x
+    dynamic["out_ptr"] = out
+    dynamic["x0_ptr"] = x0_out if x0_out is not None else out
+    dynamic["hist_ptr"] = history if history is not None else x
+    dynamic["last_ptr"] = last_sample if last_sample is not None else x
     thresh = None
     if thresholding is not None:
         ratio, max_value = thresholding
@@ -731,7 +677,7 @@ def _forward(config, options, x, model_output, x0_prev, noise, grad, mscale, out
         # then the per-sample quantile of |x0| (Saharia et al. 2022).
         raw = torch.empty_like(x, dtype=x0_out.dtype if x0_out is not None else x.dtype)
         pre = {**dynamic, "x0_ptr": raw, "x0_bstride": raw.stride(0)}
-        _launch(config, pre, x.device, THRESH=False, WRITE_OUT=False, WRITE_X0=True)
+        _launch(config, pre, x.device, THRESH=False, WRITE_OUT=False, WRITE_X0=True, STD=False)
         abs_x0 = raw.float().abs().reshape(config.batch, -1)
         thresh = _per_sample_quantile(abs_x0, ratio).clamp(1.0, max_value).contiguous()
         dynamic["thresh_ptr"] = thresh
@@ -767,6 +713,25 @@ class _FusedStep(torch.autograd.Function):
         return None, None, *grads
 
 
+def _input_args(options, x, model_output, noise, grad, mscale, thresh) -> dict:
+    """The kernel arguments of both directions: the inputs read (an absent one stood in for
+    by a tensor the kernel does not read) and the option scalars."""
+    table, rows, seeds, guidance_scale, clip_range = options[:5]
+    return {
+        "x_ptr": x,
+        "m_ptr": model_output,
+        "noise_ptr": noise if noise is not None else x,
+        "grad_ptr": grad if grad is not None else x,
+        "thresh_ptr": thresh if thresh is not None else table,
+        "mscale_ptr": mscale if mscale is not None else table,
+        "seed_ptr": seeds if seeds is not None else rows,
+        "table_ptr": table,
+        "rows_ptr": rows,
+        "guidance_scale": float(guidance_scale) if guidance_scale is not None else 0.0,
+        "clip_range": float(clip_range) if clip_range is not None else 0.0,
+    }
+
+
 def _like_x(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``t`` laid out like ``x`` within each sample (a copy only when it is not)."""
     return t if same_layout(t, x) else t.contiguous(memory_format=memory_format_of(x))
@@ -775,7 +740,6 @@ def _like_x(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def _backward(config, options, x, model_output, noise, grad, mscale, thresh, g_out, g_x0,
               needs, dtypes):  # fmt: skip
     """One launch of the backward kernel: the gradients of the Function's inputs."""
-    table, rows, seeds, guidance_scale, clip_range = options[:5]
     need_x, need_m, need_prev, need_noise, need_grad, need_scale = needs
     gy = _like_x(g_out, x) if g_out is not None else torch.zeros_like(x)
     gx0 = _like_x(g_x0, x) if g_x0 is not None else None
@@ -790,34 +754,29 @@ def _backward(config, options, x, model_output, noise, grad, mscale, thresh, g_o
     if need_scale:
         dscale = torch.empty(config.batch, x[0].numel(), dtype=torch.float32, device=x.device)
     m_ref = dm if dm is not None else model_output
-    statics = {k: v for k, v in config.statics.items() if k in _BACKWARD_STATICS}
-    _fused_step_backward_kernel[config.grid](
-        x_ptr=x,
-        m_ptr=model_output,
-        noise_ptr=noise if noise is not None else x,
-        grad_ptr=grad if grad is not None else x,
-        thresh_ptr=thresh if thresh is not None else table,
-        mscale_ptr=mscale if mscale is not None else table,
-        seed_ptr=seeds if seeds is not None else rows,
-        table_ptr=table,
-        rows_ptr=rows,
+    learned = config.statics["VAR_MODE"] != 0  # the noise and g scale dL/dv only
+    values = {**config.statics, **_FORWARD_ONLY}
+    values.update(_input_args(options, x, model_output, noise, grad, mscale, thresh))
+    values.update(
         gout_ptr=gy,
-        gx0_ptr=gx0 if gx0 is not None else gy,
-        dx_ptr=dx if dx is not None else gy,
-        dm_ptr=dm if dm is not None else gy,
-        dprev_ptr=dprev if dprev is not None else gy,
-        dnoise_ptr=dnoise if dnoise is not None else gy,
-        dgrad_ptr=dgrad if dgrad is not None else gy,
-        dscale_ptr=dscale if dscale is not None else table,
+        gx0_ptr=gx0,
+        dx_ptr=dx,
+        dm_ptr=dm,
+        dprev_ptr=dprev,
+        dnoise_ptr=dnoise,
+        dgrad_ptr=dgrad,
+        dscale_ptr=dscale,
         gout_bstride=gy.stride(0),
         gx0_bstride=gx0.stride(0) if gx0 is not None else 0,
         dm_bstride=m_ref.stride(0),
         dm_var_off=m_ref.stride(1) * config.channels if config.channels else 0,
         dm_cond_off=config.batch * m_ref.stride(0) if config.statics["CFG"] else 0,
-        guidance_scale=float(guidance_scale) if guidance_scale is not None else 0.0,
-        clip_range=float(clip_range) if clip_range is not None else 0.0,
         MSCALE=mscale is not None,
         THRESH=thresh is not None,
+        NOISE=config.statics["NOISE"] if learned else 0,
+        HAS_GRAD=config.statics["HAS_GRAD"] and learned,
+        STD=learned or dnoise is not None or dgrad is not None,
+        BACKWARD=True,
         HAS_GX0=gx0 is not None,
         NEED_DX=dx is not None,
         NEED_DM=dm is not None,
@@ -825,8 +784,8 @@ def _backward(config, options, x, model_output, noise, grad, mscale, thresh, g_o
         NEED_DNOISE=dnoise is not None,
         NEED_DGRAD=dgrad is not None,
         NEED_DSCALE=dscale is not None,
-        **statics,
     )
+    _fused_step_kernel[config.grid](**values)
     return dx, dm, dprev, dnoise, dgrad, (dscale.sum(dim=1) if dscale is not None else None)
 
 
@@ -838,7 +797,7 @@ class _LaunchConfig:
     the kernels to launch without Triton's per-call argument binding (which costs tens of
     microseconds for this many arguments and would dominate small latents)."""
 
-    __slots__ = ("batch", "channels", "grid", "statics", "kernels")
+    __slots__ = ("batch", "channels", "grid", "statics", "kernels", "arg_lists")
 
     def __init__(self, batch, channels, grid, statics):
         self.batch = batch
@@ -846,6 +805,20 @@ class _LaunchConfig:
         self.grid = grid
         self.statics = statics
         self.kernels = {}
+        self.arg_lists = {}  # by flags: the arguments in signature order, tensors left None
+
+
+# What the kernel's other direction reads and writes: None (a constexpr, not launched).
+_FORWARD_ONLY = dict.fromkeys(
+    "prev_ptr out_ptr x0_ptr hist_ptr last_ptr prev_bstride out_bstride x0_bstride "
+    "hist_bstride hist_sstride last_bstride last_sstride".split()
+) | {"WRITE_OUT": False, "WRITE_X0": False, "HIST_SLOTS": 0}
+_BACKWARD_ONLY = dict.fromkeys(
+    "gout_ptr gx0_ptr dx_ptr dm_ptr dprev_ptr dnoise_ptr dgrad_ptr dscale_ptr gout_bstride "
+    "gx0_bstride dm_bstride dm_var_off dm_cond_off".split()
+) | dict.fromkeys(
+    "BACKWARD HAS_GX0 NEED_DX NEED_DM NEED_DPREV NEED_DNOISE NEED_DGRAD NEED_DSCALE".split(), False
+)
 
 
 _LAUNCH_CONFIGS: dict = {}
@@ -867,11 +840,7 @@ def _launch_config(
     """Check what protects memory (clear errors) and compute the launch constants."""
     if not isinstance(x, torch.Tensor) or not isinstance(model_output, torch.Tensor):
         raise TypeError("x and model_output must be tensors")
-    if x.dtype not in KERNEL_DTYPES:
-        raise TypeError(
-            f"x has dtype {x.dtype}; the kernel takes float32, float16 or bfloat16 "
-            "(use backend='reference' for float64)"
-        )
+    _check_dtype("x", x)
     if x.dim() < 1 or x.shape[0] == 0 or x.numel() == 0:
         raise ValueError(f"x must be a non-empty tensor with the batch first, got {tuple(x.shape)}")
     if x.device.type == "cpu" and not _interpreting():
@@ -971,7 +940,9 @@ def _launch_config(
         HIST_SLOTS=hist_slots,
         BLOCK_S=block_s,
         BLOCK_N=block_n,
+        **_BACKWARD_ONLY,
     )
+    statics["STD"] = statics["NOISE"] != 0 or statics["HAS_GRAD"]  # the forward's
     statics["num_warps"] = num_warps
     return _LaunchConfig(batch, channels, grid, statics)
 
@@ -996,21 +967,28 @@ def _check_unipc_state(history, last_sample, x0_prev, x, batch) -> int:
     return history.shape[0]
 
 
-_BACKWARD_STATICS = frozenset(_fused_step_backward_kernel.arg_names) | {"num_warps"}
+_ARG_INDEX = {name: i for i, name in enumerate(_fused_step_kernel.arg_names)}
 
 
 def _launch(config: _LaunchConfig, dynamic: dict, device: torch.device, **flags) -> None:
     """Launch the forward kernel: bound by Triton the first time (it compiles and
-    specializes), then through :func:`_fast_launch` with the compiled kernel."""
+    specializes), then through :func:`_fast_launch` with the compiled kernel and the
+    signature-ordered arguments of this signature and flags, ``dynamic`` filled in."""
     flags["MSCALE"] = dynamic["mscale_ptr"] is not dynamic["table_ptr"]
     flag_key = tuple(flags.values())
-    values = {**config.statics, **dynamic, **flags}
     kernel = config.kernels.get(flag_key)
     if kernel is not None:
-        args = [values[name] for name in _fused_step_kernel.arg_names]
+        args = config.arg_lists.get(flag_key)
+        if args is None:
+            values = {**config.statics, **flags}
+            args = [values.get(name) for name in _fused_step_kernel.arg_names]
+            config.arg_lists[flag_key] = args
+        args = args.copy()
+        for name, value in dynamic.items():
+            args[_ARG_INDEX[name]] = value
         if _fast_launch(kernel, config.grid, device, args):
             return
-    compiled = _fused_step_kernel[config.grid](**values)
+    compiled = _fused_step_kernel[config.grid](**{**config.statics, **dynamic, **flags})
     if hasattr(compiled, "result"):
         compiled = compiled.result()
     if not _interpreting() and hasattr(triton, "knobs") and hasattr(compiled, "packed_metadata"):

@@ -9,17 +9,41 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["KERNEL_DTYPES", "as_dense", "is_dense", "memory_format_of", "same_layout"]
+__all__ = [
+    "KERNEL_DTYPES",
+    "KERNEL_DTYPE_NAMES",
+    "PHILOX_M0",
+    "PHILOX_M1",
+    "PHILOX_ROUNDS",
+    "PHILOX_W0",
+    "PHILOX_W1",
+    "as_dense",
+    "is_dense",
+    "memory_format_of",
+    "same_layout",
+]
 
 # The I/O dtypes of the fused kernels (arithmetic is float32 whatever the I/O dtype).
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+KERNEL_DTYPE_NAMES = ", ".join(str(d).removeprefix("torch.") for d in KERNEL_DTYPES)
+
+# Philox4x32-10 (Salmon et al. 2011, Table 2): rounds, multipliers and Weyl key increments of
+# the in-kernel noise and of its PyTorch twin fastdiff.philox.
+PHILOX_ROUNDS = 10
+PHILOX_M0 = 0xD2511F53
+PHILOX_M1 = 0xCD9E8D57
+PHILOX_W0 = 0x9E3779B9
+PHILOX_W1 = 0xBB67AE85
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a 4-D tensor dense in channels_last order (it may also be contiguous)."""
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
 
 
 def is_dense(x: torch.Tensor) -> bool:
     """Whether the kernels take ``x`` as it is: contiguous, or a 4-D channels_last tensor."""
-    return x.is_contiguous() or (
-        x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
-    )
+    return x.is_contiguous() or _channels_last(x)
 
 
 def as_dense(x: torch.Tensor, contiguous: bool = False) -> torch.Tensor:
@@ -32,11 +56,7 @@ def memory_format_of(x: torch.Tensor) -> torch.memory_format:
     ``torch.channels_last`` for a 4-D channels_last tensor that is not also contiguous,
     ``torch.contiguous_format`` otherwise (the order of the in-kernel noise stream, and what
     ``Tensor.contiguous(memory_format=)`` takes to lay another tensor out like ``x``)."""
-    if (
-        x.dim() == 4
-        and not x.is_contiguous()
-        and x.is_contiguous(memory_format=torch.channels_last)
-    ):
+    if not x.is_contiguous() and _channels_last(x):
         return torch.channels_last
     return torch.contiguous_format
 

@@ -285,6 +285,51 @@ def test_fast_launch_falls_back_once_with_a_warning(monkeypatch, device):
         assert torch.equal(step(), want)
 
 
+class _Recorder:
+    """A compiled kernel whose launcher records the arguments it is given."""
+
+    function = packed_metadata = None
+
+    def __init__(self):
+        self.args = []
+
+    def launch_metadata(self, grid, stream, *args):
+        return None
+
+    def run(self, grid_x, grid_y, grid_z, stream, function, packed, metadata, enter, exit, *args):
+        self.args.append(args)
+
+
+def test_fast_launch_passes_every_argument_in_signature_order(monkeypatch, device):
+    """The fast launch hands the launcher one value per kernel argument, in signature order:
+    this call's tensors (not the first call's), the signature's constants, and None for the
+    backward's pointers."""
+    monkeypatch.setitem(fs._FAST_LAUNCH, "enabled", True)
+    monkeypatch.setattr(fs, "_LAUNCH_CONFIGS", {})
+    if device.type != "cuda":
+        stream = types.SimpleNamespace(get_current_stream=lambda index: 0)
+        monkeypatch.setattr(fs.triton.runtime, "driver", types.SimpleNamespace(active=stream))
+    table = DDPMSampler(SCHEDULE, 10, backend="triton").device_tables(device)["table"]
+    rows = torch.tensor([3], device=device)
+    x, m, z, out = (torch.randn(2, 3, 5, 7, device=device) for _ in range(4))
+    fused_step(x, m, table, rows, noise=z, out=out, write_x0=False)
+    (config,) = fs._LAUNCH_CONFIGS.values()
+    recorder = _Recorder()
+    config.kernels = _Always(recorder)
+    for _ in range(2):
+        x, m, z, out = (torch.randn_like(x) for _ in range(4))
+        fused_step(x, m, table, rows, noise=z, out=out, write_x0=False)
+        args = dict(zip(fs._fused_step_kernel.arg_names, recorder.args[-1], strict=True))
+        for name, want in (("x_ptr", x), ("m_ptr", m), ("noise_ptr", z), ("out_ptr", out)):
+            assert args[name] is want, name
+        assert args["table_ptr"] is table and args["rows_ptr"] is rows
+        assert (args["N_COLS"], args["NOISE"], args["STD"]) == (len(COLUMNS), 1, True)
+        assert (args["WRITE_OUT"], args["WRITE_X0"], args["BACKWARD"]) == (True, False, False)
+        assert args["x_bstride"] == x.stride(0) and args["noise_bstride"] == z.stride(0)
+        assert args["dx_ptr"] is None and args["gout_ptr"] is None
+    assert len(recorder.args) == 2
+
+
 @pytest.mark.gpu
 def test_fast_launch_is_taken_after_the_first_call(monkeypatch, device):
     """On a GPU the second call of a signature goes through the compiled kernel's launcher."""
