@@ -23,16 +23,17 @@ from collections.abc import Sequence
 import torch
 
 from fastdiff.checks import check_seeds
-from fastdiff.kernels.utils import memory_format_of
+from fastdiff.kernels.utils import (
+    PHILOX_M0,
+    PHILOX_M1,
+    PHILOX_ROUNDS,
+    PHILOX_W0,
+    PHILOX_W1,
+    memory_format_of,
+)
 
 __all__ = ["PHILOX_ROUNDS", "memory_format_of", "philox4x32", "randn", "seeds_from"]
 
-PHILOX_ROUNDS = 10
-# Philox4x32 multipliers and Weyl key increments (Salmon et al. 2011, Table 2).
-PHILOX_M0 = 0xD2511F53
-PHILOX_M1 = 0xCD9E8D57
-PHILOX_W0 = 0x9E3779B9
-PHILOX_W1 = 0xBB67AE85
 _MASK32 = 0xFFFFFFFF
 TWO_PI = 2.0 * math.pi
 
