@@ -41,12 +41,13 @@ DEFAULT_STEPS = {
     "dpmpp_2m": 20,
     "flow_euler": 50,
     "flow_dpmpp_2m": 20,
+    "flow_unipc": 20,
 }
 STEP_COUNTS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 # --quick (tests): fewer samples, a shorter sweep, DDPM on 100 steps.
 QUICK_N = 400
 QUICK_STEP_COUNTS = (1, 5, 20)
-# Samples per point of the step sweep (10 step counts x 7 samplers, 13216 steps in all): small
+# Samples per point of the step sweep (10 step counts x 8 samplers): small
 # enough for a CPU-only run of about a minute.
 SWEEP_N = 1000
 QUICK_DEFAULT_STEPS = {**DEFAULT_STEPS, "ddpm": 100}

@@ -31,8 +31,15 @@ from fastdiff.flow import (
     flow_sigmas,
 )
 from fastdiff.samplers import Sampler
+from fastdiff.unipc import UniPCMixin
 
-__all__ = ["FLOW_SAMPLERS", "FlowDPMSolverPP2MSampler", "FlowMatchEulerSampler", "FlowSampler"]
+__all__ = [
+    "FLOW_SAMPLERS",
+    "FlowDPMSolverPP2MSampler",
+    "FlowMatchEulerSampler",
+    "FlowSampler",
+    "FlowUniPCSampler",
+]
 
 
 def _vp_alpha_bar(s: torch.Tensor) -> torch.Tensor:
@@ -205,7 +212,33 @@ class FlowDPMSolverPP2MSampler(FlowSampler):
         )
 
 
+class FlowUniPCSampler(UniPCMixin, FlowSampler):
+    """UniPC (Zhao et al. 2023) on the flow path (``UniPCMixin`` on a ``FlowSampler`` plan):
+    ``alpha_t = 1 - s``, ``sigma_t = s``, then clean data; as diffusers'
+    ``UniPCMultistepScheduler(use_flow_sigmas=True)`` (Wan). The default "unipc" grid starts
+    below 1 (a finite log-SNR).
+
+    Args:
+        schedule, steps: see :class:`FlowSampler`.
+        solver_order, solver_type, predict_x0, lower_order_final, disable_corrector: see
+            ``fastdiff.unipc.UniPCMixin``.
+        **kwargs: :class:`FlowSampler`'s (shift, mu, prediction_type, conditioning, ...).
+
+    Example:
+        >>> sampler = FlowUniPCSampler(FlowSchedule(), 20, shift=3.0)
+    """
+
+    _default_grid = "unipc"
+
+    def __init__(self, schedule=None, steps=20, **kwargs) -> None:
+        super().__init__(schedule, steps, **kwargs)
+
+    def noise_levels(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return 1.0 - self.sigmas, self.sigmas
+
+
 FLOW_SAMPLERS: dict[str, type[FlowSampler]] = {
     "flow_euler": FlowMatchEulerSampler,
     "flow_dpmpp_2m": FlowDPMSolverPP2MSampler,
+    "flow_unipc": FlowUniPCSampler,
 }

@@ -50,7 +50,9 @@ def test_quick_demo_writes_both_plots_and_the_table(tmp_path):
     # VP row, within 2x of the floor of n exact samples (deterministic: seed 0).
     w2 = {name: float(row[-1]) for name, row in rows.items()}
     floor = w2["true"]  # the "true mixture" row
-    for flow, vp in (("flow_euler", "euler"), ("flow_dpmpp_2m", "dpmpp_2m")):
+    # (UniPC, multistep of order 2 with a corrector, beside DPM-Solver++(2M))
+    peers = (("flow_euler", "euler"), ("flow_dpmpp_2m", "dpmpp_2m"), ("flow_unipc", "dpmpp_2m"))
+    for flow, vp in peers:
         assert rows[flow][1] == rows[vp][1]
         assert w2[vp] / 1.5 < w2[flow] < 1.5 * w2[vp], (flow, w2[flow], vp, w2[vp])
     for name in DEMO_SAMPLERS:

@@ -47,7 +47,11 @@ from fastdiff.flow import (
     stretch_to_terminal,
     time_shift,
 )
-from fastdiff.flow_samplers import FlowDPMSolverPP2MSampler, FlowMatchEulerSampler
+from fastdiff.flow_samplers import (
+    FlowDPMSolverPP2MSampler,
+    FlowMatchEulerSampler,
+    FlowUniPCSampler,
+)
 from fastdiff.sampling import guidance_pair
 from fastdiff.sampling import sample as _sample
 from fastdiff.schedules import NoiseSchedule
@@ -364,13 +368,48 @@ def test_mixture_velocity_matches_tweedie(conditioning):
     [
         (FlowMatchEulerSampler, {"steps": 50, "shift": 3.0}, 1000),
         (FlowDPMSolverPP2MSampler, {"steps": 20, "shift": 3.0}, 2000),
+        (FlowUniPCSampler, {"steps": 20, "shift": 3.0}, 2000),
     ],
-    ids=["euler-50", "dpmpp_2m-20"],
+    ids=["euler-50", "dpmpp_2m-20", "unipc-20"],
 )
 def test_sampler_reproduces_the_mixture(cls, kwargs, n):
     sampler = cls(SCHEDULE, backend="reference", **kwargs)
     x = sample(mixture_velocity(GMM), sampler, shape=(n, 2), seed=1)
     assert _mismatches(GMM, x) == []
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize(
+    "order, solver_type, predict_x0", [(1, "bh2", True), (2, "bh1", True), (3, "bh2", True)]
+)
+def test_unipc_matches_diffusers_in_flow_mode(order, solver_type, predict_x0, backend, device):
+    """FlowUniPCSampler against diffusers' UniPCMultistepScheduler with use_flow_sigmas (Wan).
+    The default plans agree to float32 rounding; the solver is compared on diffusers' own
+    (float32) plan, given as custom sigmas: near s = 1, ``1 - s`` keeps only ~4 digits in
+    float32, which moves log-SNR steps by ~1e-3 (bh1's step 1 by 2e-3)."""
+    diffusers = pytest.importorskip("diffusers")
+    options = dict(solver_order=order, solver_type=solver_type, predict_x0=predict_x0)
+    d = diffusers.UniPCMultistepScheduler(
+        use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction", **options
+    )
+    d.set_timesteps(7)
+    default = FlowUniPCSampler(SCHEDULE, 7, shift=3.0, backend=backend, **options)
+    torch.testing.assert_close(default.sigmas.float(), d.sigmas, rtol=1e-6, atol=1e-6)
+    s = FlowUniPCSampler(SCHEDULE, d.sigmas[:-1].double(), backend=backend, **options)
+    g = torch.Generator().manual_seed(order)
+    x = torch.randn(2, 3, 4, 5, generator=g)
+    xs = x.to(device)
+    for k, t in enumerate(d.timesteps):
+        m = torch.randn(2, 3, 4, 5, generator=g)
+        x = d.step(m, t, x).prev_sample
+        xs = s.step(xs, m.to(device), k, return_x0=False).prev_sample
+        if not torch.isfinite(x).all():
+            # bh1 on the step to s = 0: diffusers' float32 gives 0 * inf; ours the limit
+            assert solver_type == "bh1" and k == len(d.timesteps) - 1
+            assert torch.isfinite(xs).all()
+            break
+        scale = max(1.0, x.abs().max().item())
+        torch.testing.assert_close(xs.cpu(), x, rtol=1e-5, atol=1e-5 * scale)
 
 
 def test_wrong_shift_fails_the_check():
@@ -410,6 +449,7 @@ GPU_SAMPLERS = [
     (FlowMatchEulerSampler, {"shift": 3.0}),
     (FlowMatchEulerSampler, {"shift": 3.0, "stochastic": True}),
     (FlowDPMSolverPP2MSampler, {"shift": 3.0}),
+    (FlowUniPCSampler, {"shift": 3.0}),
 ]
 
 
