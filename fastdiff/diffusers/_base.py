@@ -45,7 +45,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from fastdiff import philox
 from fastdiff.backend import check_backend
 from fastdiff.checks import PREDICTION_TYPES, check_choice
-from fastdiff.diffusers._common import device_index, make_output, upload
+from fastdiff.diffusers._common import dense, device_index, make_output, output_fields, upload
 from fastdiff.kernels.fused_step import COLUMNS
 from fastdiff.stepping import run_step
 
@@ -424,7 +424,94 @@ class FusedSchedulerMixin:
             return None, self._philox_seeds(x.shape[0], x.device)
         return self._draw(like.shape, generator, like.device, like.dtype), None
 
-    # -- running a step ----------------------------------------------------------------------
+    # -- running a step: the template every drop-in's ``step`` follows ---------------------
+
+    _needs_plan = False  # step raises diffusers' "run set_timesteps" error (DDIM, DPM, UniPC)
+
+    def _begin_step(self, timestep: Any, sample: torch.Tensor, contiguous: bool = False):
+        """The step's prologue: diffusers' check for a plan (``_needs_plan``), the config
+        check, the step index (``_enter_step``); returns ``sample`` laid out for the kernel
+        (``dense``)."""
+        if self._needs_plan:
+            self._check_planned()
+        self.check_config()
+        self._enter_step(timestep)
+        return dense(sample, contiguous)
+
+    def _enter_step(self, timestep: Any) -> None:
+        """Step-index bookkeeping at the start of a step (none: the row is the timestep)."""
+
+    def _end_step(self, x0: torch.Tensor | None) -> None:
+        """State kept after a step (multistep history, the step index); none by default."""
+
+    def _reference_rule(
+        self,
+        tables: dict[str, torch.Tensor],
+        rows: torch.Tensor,
+        fn: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+        levels: tuple[str, ...],
+        by_row: dict[str, str] | None = None,
+        **options: Any,
+    ):
+        """The reference path's step ``(xr, m, noise) -> (prev, x0)`` of a ``fastdiff.reference``
+        function: ``fn(xr, m, *levels, noise=noise, **by_row, **options)``, the levels and
+        ``by_row`` (keyword -> table name) read from ``tables`` at ``rows``; ``noise=`` only
+        when the step has noise."""
+
+        def reference_step(xr, m, noise):
+            values = self._values(tables, rows, *levels, *(by_row.values() if by_row else ()))
+            kwargs = dict(zip(by_row, values[len(levels) :])) if by_row else {}
+            if noise is not None:
+                kwargs["noise"] = noise
+            return fn(xr, m, *values[: len(levels)], **kwargs, **options)
+
+        return reference_step
+
+    def _fused_step(
+        self,
+        x: torch.Tensor,
+        model_output: torch.Tensor,
+        step_tables: dict[str, torch.Tensor],
+        rows: torch.Tensor,
+        reference_step: Callable,
+        output_cls: type,
+        return_dict: bool,
+        *,
+        out_dtype: torch.dtype,
+        x0_dtype: torch.dtype,
+        prediction_type: str | None = None,
+        **run_kwargs: Any,
+    ):
+        """The step's body and epilogue: ``_run_step``, then ``_end_step(x0)``, then the
+        diffusers output: ``output_cls(prev_sample[, pred_original_sample])`` (as many values
+        as the class has fields), or the tuple without ``return_dict``.
+
+        Args:
+            x, model_output, step_tables, rows, reference_step: as ``_run_step`` takes them.
+            output_cls: the diffusers output class of the step.
+            return_dict: diffusers' ``return_dict``.
+            out_dtype, x0_dtype: dtypes of the returned sample and x0 (x0 in the model
+                output's dtype for ``prediction_type="sample"``, as diffusers).
+            prediction_type: the config's prediction type, or None.
+            **run_kwargs: further ``_run_step`` options (noise, seeds, x0_prev, kernel options).
+        """
+        if prediction_type == "sample":
+            x0_dtype = model_output.dtype
+        prev, x0 = self._run_step(
+            x,
+            model_output,
+            step_tables,
+            rows,
+            reference_step,
+            out_dtype=out_dtype,
+            x0_dtype=x0_dtype,
+            **run_kwargs,
+        )
+        self._end_step(x0)
+        values = (prev, x0) if output_fields(output_cls) == 2 else (prev,)
+        if not return_dict:
+            return values
+        return make_output(output_cls, *values)
 
     def _run_step(
         self,
@@ -464,7 +551,7 @@ class FusedSchedulerMixin:
             seeds: per-sample Philox keys for in-kernel noise, or None.
             x0_prev: the previous step's x0 for the kernel (multistep), or None.
             **kernel_kwargs: further ``fused_step`` options (clip_range, thresholding,
-                variance_mode).
+                variance_mode, write_x0, history, last_sample).
 
         Returns:
             ``(prev_sample, pred_original_sample)``.

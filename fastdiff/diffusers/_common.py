@@ -25,6 +25,7 @@ __all__ = [
     "host_index",
     "make_output",
     "nan_row",
+    "output_fields",
     "promote",
     "upload",
 ]
@@ -137,6 +138,18 @@ _OUTPUT_FIELDS: dict[type, tuple[str, ...]] = {}
 _set_item = OrderedDict.__setitem__  # BaseOutput.__setitem__ would also set the attribute
 
 
+def _field_names(cls: type) -> tuple[str, ...]:
+    names = _OUTPUT_FIELDS.get(cls)
+    if names is None:
+        names = _OUTPUT_FIELDS[cls] = tuple(field.name for field in dataclasses.fields(cls))
+    return names
+
+
+def output_fields(cls: type) -> int:
+    """How many fields the diffusers output dataclass ``cls`` has (memoized)."""
+    return len(_field_names(cls))
+
+
 def make_output(cls: type, *values: Any) -> Any:
     """``cls(*values)`` for a diffusers output dataclass, built directly: the object the
     dataclass constructor builds (every field an attribute, the non-None ones also items of
@@ -150,9 +163,7 @@ def make_output(cls: type, *values: Any) -> Any:
     Returns:
         The output object.
     """
-    names = _OUTPUT_FIELDS.get(cls)
-    if names is None:
-        names = _OUTPUT_FIELDS[cls] = tuple(field.name for field in dataclasses.fields(cls))
+    names = _field_names(cls)
     if len(values) != len(names):
         raise AssertionError(f"internal: {cls.__name__} has fields {names}")
     out = cls.__new__(cls)

@@ -121,6 +121,13 @@ class StepIndexMixin(FusedSchedulerMixin):
         else:
             self._step_index = self._begin_index
 
+    def _enter_step(self, timestep: Any) -> None:
+        if self._step_index is None:
+            self._init_step_index(timestep)
+
+    def _end_step(self, x0: torch.Tensor | None) -> None:
+        self._advance()
+
     def _index_rows(self, tables: dict[str, torch.Tensor], offset: int = 0) -> torch.Tensor:
         """Table rows ``[1]`` of the current step index (shifted by ``offset``)."""
         index = self._step_index

@@ -7,7 +7,7 @@ from diffusers.schedulers.scheduling_ddim import DDIMScheduler, DDIMSchedulerOut
 
 from fastdiff import reference, tables
 from fastdiff.checks import is_number
-from fastdiff.diffusers._common import dense, fused_init, make_output, nan_row, promote
+from fastdiff.diffusers._common import fused_init, nan_row, promote
 from fastdiff.diffusers._rows import TimestepRowsMixin
 
 __all__ = ["FusedDDIMScheduler"]
@@ -32,6 +32,7 @@ class FusedDDIMScheduler(TimestepRowsMixin, DDIMScheduler):
     """
 
     _diffusers_cls = DDIMScheduler
+    _needs_plan = True
     __init__ = fused_init(DDIMScheduler)
 
     def _setup_fused(self, backend: str | None, noise: str) -> None:
@@ -96,8 +97,7 @@ class FusedDDIMScheduler(TimestepRowsMixin, DDIMScheduler):
         Returns:
             ``DDIMSchedulerOutput(prev_sample, pred_original_sample)`` or the tuple.
         """
-        self._check_planned()
-        self.check_config()
+        x = self._begin_step(timestep, sample)
         config = self.config
         if type(eta) is not float:  # a python float is the common case: checked below
             if isinstance(eta, torch.Tensor) and eta.device.type == "cpu" and eta.numel() == 1:
@@ -113,7 +113,6 @@ class FusedDDIMScheduler(TimestepRowsMixin, DDIMScheduler):
         use_clipped = bool(use_clipped_model_output)
         prediction_type = config.prediction_type
         stride = config.num_train_timesteps // self.num_inference_steps
-        x = dense(sample)
         tabs = self._device_tables(
             ("ddim", prediction_type, eta, use_clipped, stride),
             x.device,
@@ -128,38 +127,31 @@ class FusedDDIMScheduler(TimestepRowsMixin, DDIMScheduler):
                     "either `generator` or `variance_noise` stays `None`."
                 )
             noise, seeds = self._step_noise(model_output, x, generator, variance_noise)
-        out_dtype = promote(sample.dtype, model_output.dtype)
-        x0_dtype = model_output.dtype if prediction_type == "sample" else out_dtype
         clip_range, thresholding = self._processing(config)
-
-        def reference_step(xr, m, noise):
-            ab, ab_next = self._values(tabs, rows, "ab", "ab_next")
-            return reference.ddim_step(
-                xr,
-                m,
-                ab,
-                ab_next,
-                eta=eta,
-                prediction_type=prediction_type,
-                clip_range=clip_range,
-                thresholding=thresholding,
-                use_clipped_model_output=use_clipped,
-                noise=noise,
-            )
-
-        prev, x0 = self._run_step(
+        out_dtype = promote(sample.dtype, model_output.dtype)
+        options = dict(clip_range=clip_range, thresholding=thresholding)
+        reference_step = self._reference_rule(
+            tabs,
+            rows,
+            reference.ddim_step,
+            ("ab", "ab_next"),
+            eta=eta,
+            prediction_type=prediction_type,
+            use_clipped_model_output=use_clipped,
+            **options,
+        )
+        return self._fused_step(
             x,
             model_output,
             tabs,
             rows,
             reference_step,
+            DDIMSchedulerOutput,
+            return_dict,
             out_dtype=out_dtype,
-            x0_dtype=x0_dtype,
+            x0_dtype=out_dtype,
+            prediction_type=prediction_type,
             noise=noise,
             seeds=seeds,
-            clip_range=clip_range,
-            thresholding=thresholding,
+            **options,
         )
-        if not return_dict:
-            return (prev, x0)
-        return make_output(DDIMSchedulerOutput, prev, x0)

@@ -6,7 +6,7 @@ import torch
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler, DDPMSchedulerOutput
 
 from fastdiff import reference, tables
-from fastdiff.diffusers._common import dense, fused_init, make_output, nan_row, promote
+from fastdiff.diffusers._common import fused_init, nan_row, promote
 from fastdiff.diffusers._rows import TimestepRowsMixin
 
 __all__ = ["FusedDDPMScheduler"]
@@ -138,14 +138,14 @@ class FusedDDPMScheduler(TimestepRowsMixin, DDPMScheduler):
         Returns:
             ``DDPMSchedulerOutput(prev_sample, pred_original_sample)`` or the tuple.
         """
-        self.check_config()
         config = self.config
+        learned = config.variance_type == "learned_range"
+        x = self._begin_step(timestep, sample, contiguous=learned)
         if generator is not None and variance_noise is not None:
             raise ValueError("pass either generator or variance_noise, not both")
         prediction_type = config.prediction_type
         variance_type = config.variance_type
         channels = sample.shape[1] if sample.dim() > 1 else None
-        learned = variance_type == "learned_range"
         if learned and (channels is None or model_output.shape[1] != 2 * channels):
             raise ValueError(
                 "variance_type='learned_range' needs a model output with twice the sample's "
@@ -153,7 +153,6 @@ class FusedDDPMScheduler(TimestepRowsMixin, DDPMScheduler):
                 f"for a sample of shape {tuple(sample.shape)}"
             )
         prediction = model_output[:, :channels] if learned else model_output
-        x = dense(sample, contiguous=learned)
         tabs = self._device_tables(
             ("ddpm", prediction_type, variance_type),
             x.device,
@@ -178,41 +177,34 @@ class FusedDDPMScheduler(TimestepRowsMixin, DDPMScheduler):
         noise = seeds = None
         if needs_noise:
             noise, seeds = self._step_noise(prediction, x, generator, variance_noise)
-        out_dtype = promote(sample.dtype, model_output.dtype)
-        x0_dtype = model_output.dtype if prediction_type == "sample" else out_dtype
         clip_range, thresholding = self._processing(config)
-
-        def reference_step(xr, m, noise):
-            ab, ab_next, noisy = self._values(tabs, rows, "ab", "ab_next", "noisy")
-            return reference.ddpm_step(
-                xr,
-                m,
-                ab,
-                ab_next,
-                prediction_type=prediction_type,
-                variance_type=variance_type,
-                clip_range=clip_range,
-                thresholding=thresholding,
-                noise=noise,
-                add_noise=noisy,
-            )
-
+        out_dtype = promote(sample.dtype, model_output.dtype)
+        options = dict(clip_range=clip_range, thresholding=thresholding)
+        reference_step = self._reference_rule(
+            tabs,
+            rows,
+            reference.ddpm_step,
+            ("ab", "ab_next"),
+            {"add_noise": "noisy"},
+            prediction_type=prediction_type,
+            variance_type=variance_type,
+            **options,
+        )
         # learned_range: x is contiguous (see above), so the kernel gets the [B, 2C, ...] model
         # output contiguous too
-        prev, x0 = self._run_step(
+        return self._fused_step(
             x,
             model_output,
             tabs,
             rows,
             reference_step,
+            DDPMSchedulerOutput,
+            return_dict,
             out_dtype=out_dtype,
-            x0_dtype=x0_dtype,
+            x0_dtype=out_dtype,
+            prediction_type=prediction_type,
             noise=noise,
             seeds=seeds,
-            clip_range=clip_range,
-            thresholding=thresholding,
             variance_mode="learned_range" if learned else "fixed",
+            **options,
         )
-        if not return_dict:
-            return (prev, x0)
-        return make_output(DDPMSchedulerOutput, prev, x0)

@@ -9,7 +9,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 from fastdiff import reference, tables
 from fastdiff.checks import PREDICTION_TYPES
-from fastdiff.diffusers._common import dense, fused_init, make_output, nan_row, promote
+from fastdiff.diffusers._common import fused_init, nan_row, promote
 from fastdiff.diffusers._rows import StepIndexMixin
 
 __all__ = ["FusedDPMSolverMultistepScheduler"]
@@ -41,6 +41,7 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
     """
 
     _diffusers_cls = DPMSolverMultistepScheduler
+    _needs_plan = True
     _x0_processing = ("threshold",)  # diffusers' DPM-Solver has no clip_sample
     __init__ = fused_init(DPMSolverMultistepScheduler)
 
@@ -238,11 +239,8 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
         Returns:
             ``SchedulerOutput(prev_sample)`` or ``(prev_sample,)``.
         """
-        self._check_planned()
-        self.check_config()
+        x = self._begin_step(timestep, sample)
         config = self.config
-        if self.step_index is None:
-            self._init_step_index(timestep)
         n = self._plan_len
         prediction_type = config.prediction_type
         if config.get("variance_type") in ("learned", "learned_range"):
@@ -253,7 +251,6 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
             or config.final_sigmas_type == "zero"
         )
         order = config.solver_order
-        x = dense(sample)
         tabs = self._device_tables(
             ("dpm", prediction_type, final_first_order, order),
             x.device,
@@ -264,12 +261,8 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
         # the previous step's x0 (diffusers shifts the list first, then reads [-2])
         x0_prev = None if first or order == 1 else self.model_outputs[-1]
         # diffusers converts the output to x0 first, then returns prev_sample in x0's dtype
-        x0_dtype = (
-            model_output.dtype
-            if prediction_type == "sample"
-            else promote(sample.dtype, model_output.dtype)
-        )
-        out_dtype = x0_dtype
+        promoted = promote(sample.dtype, model_output.dtype)
+        x0_dtype = model_output.dtype if prediction_type == "sample" else promoted
         _, thresholding = self._processing(config)
 
         def reference_step(xr, m, _noise):  # no noise: DPM-Solver++ is deterministic
@@ -298,24 +291,26 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
                 prev = torch.where(mask, prev, second)
             return prev, x0
 
-        prev, x0 = self._run_step(
+        return self._fused_step(
             x,
             model_output,
             tabs,
             rows,
             reference_step,
-            out_dtype=out_dtype,
+            SchedulerOutput,
+            return_dict,
+            out_dtype=x0_dtype,
             x0_dtype=x0_dtype,
             x0_prev=x0_prev,
             thresholding=thresholding,
         )
 
+    def _end_step(self, x0: torch.Tensor | None) -> None:
+        """diffusers' history: the list shifted, this step's x0 last; then the step index."""
+        order = self.config.solver_order
         for i in range(order - 1):
             self.model_outputs[i] = self.model_outputs[i + 1]
         self.model_outputs[-1] = x0
         if self.lower_order_nums < order:
             self.lower_order_nums += 1
-        self._advance()
-        if not return_dict:
-            return (prev,)
-        return make_output(SchedulerOutput, prev)
+        super()._end_step(x0)

@@ -16,7 +16,7 @@ from diffusers.schedulers.scheduling_euler_discrete import (
 from diffusers.utils import logging
 
 from fastdiff import reference, tables
-from fastdiff.diffusers._common import dense, fused_init, make_output, nan_row, promote, upload
+from fastdiff.diffusers._common import fused_init, nan_row, promote, upload
 from fastdiff.diffusers._rows import StepIndexMixin
 
 __all__ = ["FusedEulerAncestralDiscreteScheduler", "FusedEulerDiscreteScheduler"]
@@ -142,9 +142,7 @@ class _EulerBase(StepIndexMixin):
                 "The `scale_model_input` function should be called before `step` to ensure "
                 "correct denoising. See `StableDiffusionPipeline` for a usage example."
             )
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        x = dense(sample)
+        x = self._begin_step(timestep, sample)
         tabs = self._device_tables(
             ("euler", prediction_type, self._eta),
             x.device,
@@ -154,43 +152,27 @@ class _EulerBase(StepIndexMixin):
         noise = seeds = None
         if self._eta > 0:
             noise, seeds = self._step_noise(model_output, x, generator)
-        # diffusers computes in float32 and returns prev_sample in the model output's dtype
-        out_dtype = model_output.dtype
-        x0_dtype = (
-            model_output.dtype
-            if prediction_type == "sample"
-            else promote(torch.float32, model_output.dtype)
+            rule, options = reference.euler_ancestral_step, {"eta": self._eta}
+        else:
+            rule, options = reference.euler_step, {}
+        reference_step = self._reference_rule(
+            tabs, rows, rule, ("sigma", "sigma_next"), prediction_type=prediction_type, **options
         )
-
-        def reference_step(xr, m, noise):
-            sigma, sigma_next = self._values(tabs, rows, "sigma", "sigma_next")
-            if self._eta > 0:
-                return reference.euler_ancestral_step(
-                    xr,
-                    m,
-                    sigma,
-                    sigma_next,
-                    eta=self._eta,
-                    prediction_type=prediction_type,
-                    noise=noise,
-                )
-            return reference.euler_step(xr, m, sigma, sigma_next, prediction_type=prediction_type)
-
-        prev, x0 = self._run_step(
+        # diffusers computes in float32 and returns prev_sample in the model output's dtype
+        return self._fused_step(
             x,
             model_output,
             tabs,
             rows,
             reference_step,
-            out_dtype=out_dtype,
-            x0_dtype=x0_dtype,
+            self._output_cls,
+            return_dict,
+            out_dtype=model_output.dtype,
+            x0_dtype=promote(torch.float32, model_output.dtype),
+            prediction_type=prediction_type,
             noise=noise,
             seeds=seeds,
         )
-        self._advance()
-        if not return_dict:
-            return (prev, x0)
-        return make_output(self._output_cls, prev, x0)
 
 
 class FusedEulerDiscreteScheduler(_EulerBase, EulerDiscreteScheduler):
@@ -279,7 +261,6 @@ class FusedEulerDiscreteScheduler(_EulerBase, EulerDiscreteScheduler):
                 f"{type(self).__name__} does not support s_churn={s_churn!r} (stochastic churn); "
                 "use diffusers' EulerDiscreteScheduler for churn"
             )
-        self.check_config()
         prediction_type = self.config.prediction_type
         if prediction_type == "original_sample":
             prediction_type = "sample"
@@ -353,7 +334,6 @@ class FusedEulerAncestralDiscreteScheduler(_EulerBase, EulerAncestralDiscreteSch
             ``EulerAncestralDiscreteSchedulerOutput(prev_sample, pred_original_sample)`` or
             the tuple.
         """
-        self.check_config()
         return self._euler_step(
             model_output, timestep, sample, generator, return_dict, self.config.prediction_type
         )

@@ -12,7 +12,7 @@ from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
 )
 
 from fastdiff import reference, tables
-from fastdiff.diffusers._common import dense, fused_init, nan_row, upload
+from fastdiff.diffusers._common import fused_init, nan_row, upload
 from fastdiff.diffusers._rows import StepIndexMixin
 from fastdiff.flow import check_flow_sigmas
 
@@ -193,11 +193,8 @@ class FusedFlowMatchEulerDiscreteScheduler(StepIndexMixin, FlowMatchEulerDiscret
                 f"{type(self).__name__} does not support per_token_timesteps (one noise level "
                 "per token); use diffusers' FlowMatchEulerDiscreteScheduler for it"
             )
-        self.check_config()
-        if self.step_index is None:
-            self._init_step_index(timestep)
+        x = self._begin_step(timestep, sample)
         stochastic = bool(self.config.get("stochastic_sampling", False))
-        x = dense(sample)
         tabs = self._device_tables(
             ("flow_euler", stochastic), x.device, lambda: self._build(stochastic)
         )
@@ -205,26 +202,18 @@ class FusedFlowMatchEulerDiscreteScheduler(StepIndexMixin, FlowMatchEulerDiscret
         noise = seeds = None
         if stochastic:
             noise, seeds = self._noise_of_step(sample, generator)
-
-        def reference_step(xr, m, z):
-            sigma, sigma_next = self._values(tabs, rows, "sigma", "sigma_next")
-            if stochastic:
-                return reference.flow_stochastic_step(xr, m, sigma, sigma_next, z)
-            return reference.flow_euler_step(xr, m, sigma, sigma_next)
-
-        prev, _ = self._run_step(
+        rule = reference.flow_stochastic_step if stochastic else reference.flow_euler_step
+        return self._fused_step(
             x,
             model_output,
             tabs,
             rows,
-            reference_step,
+            self._reference_rule(tabs, rows, rule, ("sigma", "sigma_next")),
+            FlowMatchEulerDiscreteSchedulerOutput,
+            return_dict,
             out_dtype=model_output.dtype,
             x0_dtype=torch.float32,
             noise=noise,
             seeds=seeds,
             write_x0=False,  # diffusers returns no x0: 3 passes over the tensor
         )
-        self._advance()
-        if not return_dict:
-            return (prev,)
-        return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=prev)

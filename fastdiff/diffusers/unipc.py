@@ -9,7 +9,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 from fastdiff import reference
 from fastdiff.backend import resolve_backend
-from fastdiff.diffusers._common import dense, fused_init
+from fastdiff.diffusers._common import fused_init
 from fastdiff.diffusers._rows import StepIndexMixin
 from fastdiff.diffusers.dpm import FusedDPMSolverMultistepScheduler
 from fastdiff.kernels.fused_step import COLUMNS
@@ -54,6 +54,7 @@ class FusedUniPCMultistepScheduler(StepIndexMixin, UniPCMultistepScheduler):
     """
 
     _diffusers_cls = UniPCMultistepScheduler
+    _needs_plan = True
     _kernel_table = "unipc"  # the whole UniPC table ("table" holds its sampler columns)
     _x0_processing = ("threshold",)  # diffusers' UniPC thresholds x0; it has no clip_sample
     _history_on_device = True  # no Python model_outputs / last_sample are read by a step
@@ -236,16 +237,12 @@ class FusedUniPCMultistepScheduler(StepIndexMixin, UniPCMultistepScheduler):
         Returns:
             ``SchedulerOutput(prev_sample)`` or ``(prev_sample,)``.
         """
-        self._check_planned()
-        self.check_config()
+        x = self._begin_step(timestep, sample)
         config = self.config
-        if self.step_index is None:
-            self._init_step_index(timestep)
-        n = len(self._plan_host)
+        n = self._plan_len
         order = config.solver_order
         prediction_type = config.prediction_type
         predict_x0 = bool(self.predict_x0)
-        x = dense(sample)
         _, thresholding = self._processing(config)
         thresholding = thresholding if predict_x0 else None
         processed = thresholding is not None
@@ -268,15 +265,14 @@ class FusedUniPCMultistepScheduler(StepIndexMixin, UniPCMultistepScheduler):
             tables, rows = self._device_rows(tabs, index, w == 0, n)
         else:
             tables, rows = tabs, self._index_rows(tabs, offset=w * (n + 1))
-        orders = None
 
         def reference_step(xr, m, _noise):  # UniPC is deterministic
-            nonlocal orders
             # the reference backend reads a device step index on the host (the kernel never)
             k = index if isinstance(index, int) else int(index)
             orders = step_orders(
                 k, w, n, order, config.lower_order_final, tuple(self.disable_corrector)
             )
+            self.this_order = orders[1]
             return reference_on_ring(
                 xr,
                 m,
@@ -291,12 +287,14 @@ class FusedUniPCMultistepScheduler(StepIndexMixin, UniPCMultistepScheduler):
                 thresholding=thresholding,
             )
 
-        prev, _ = self._run_step(
+        return self._fused_step(
             x,
             model_output,
             tables,
             rows,
             reference_step,
+            SchedulerOutput,
+            return_dict,
             out_dtype=sample.dtype,
             x0_dtype=sample.dtype,
             thresholding=thresholding,
@@ -304,11 +302,8 @@ class FusedUniPCMultistepScheduler(StepIndexMixin, UniPCMultistepScheduler):
             last_sample=last,
             write_x0=False,  # the step returns the sample only
         )
-        if orders is not None:
-            self.this_order = orders[1]
-        if self.lower_order_nums < order:
+
+    def _end_step(self, x0: torch.Tensor | None) -> None:
+        if self.lower_order_nums < self.config.solver_order:
             self.lower_order_nums += 1
-        self._advance()
-        if not return_dict:
-            return (prev,)
-        return SchedulerOutput(prev_sample=prev)
+        super()._end_step(x0)
