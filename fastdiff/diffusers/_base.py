@@ -36,6 +36,7 @@ backends check each other.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -58,6 +59,8 @@ __all__ = [
     "on_host",
 ]
 
+# per diffusers class: (takes clip_sample, takes thresholding), read once from its __init__
+_HONOURED: dict[type, tuple[bool, bool]] = {}
 NOISE_SOURCES = ("torch", "philox")  # the step noise: drawn as diffusers draws it, or in-kernel
 
 
@@ -81,16 +84,15 @@ def host_scalar(timestep: Any) -> float | int | None:
 class FusedSchedulerMixin:
     """Mixed in before a diffusers scheduler class; see the module docstring.
 
-    Subclasses provide ``_unsupported()`` (config checks) and their ``step``, and name in
-    ``_x0_processing`` the x0 processing options their diffusers class honours ("clip":
-    ``clip_sample`` / ``clip_sample_range``, "threshold": ``thresholding`` and its options);
-    any other such key in the config (left over from another scheduler's JSON) is ignored, as
-    the diffusers class ignores it.
+    Subclasses provide ``_unsupported()`` (config checks) and their ``step``. The x0
+    processing options read from the config are those the diffusers class honours, the ones
+    its ``__init__`` takes (``clip_sample`` and ``thresholding`` for DDPM / DDIM,
+    ``thresholding`` for DPM-Solver and UniPC, none for Euler and flow): such a key left over
+    from another scheduler's JSON is ignored, as the diffusers class ignores it.
     """
 
     _diffusers_cls: type
     _kernel_table = "table"  # the key of the device table the kernel reads
-    _x0_processing: tuple[str, ...] = ()
 
     # -- setup and configuration ------------------------------------------------------------
 
@@ -102,7 +104,7 @@ class FusedSchedulerMixin:
         self._seed: int | None = None
         self.noise = noise
         self._plan_device: dict = {}
-        self._plan_state = None
+        self._plan_state = self._plan_sigmas = None
         self._plan_changed(None)  # diffusers' default plan (CPU)
         self._checked_config = None
         self.check_config()
@@ -140,14 +142,16 @@ class FusedSchedulerMixin:
 
     def _x0_options(self, config) -> tuple[bool, bool]:
         """(clip, threshold): whether the config turns on clipping / dynamic thresholding of x0,
-        counting only the options the diffusers class honours (``_x0_processing``);
+        counting only the options the diffusers class honours (see the class docstring);
         thresholding wins over clipping, as in diffusers."""
-        threshold = "threshold" in self._x0_processing and bool(config.get("thresholding", False))
-        clip = (
-            not threshold
-            and "clip" in self._x0_processing
-            and bool(config.get("clip_sample", False))
-        )
+        cls = self._diffusers_cls
+        honoured = _HONOURED.get(cls)
+        if honoured is None:
+            parameters = inspect.signature(cls.__init__).parameters
+            honoured = _HONOURED[cls] = ("clip_sample" in parameters, "thresholding" in parameters)
+        can_clip, can_threshold = honoured
+        threshold = can_threshold and bool(config.get("thresholding", False))
+        clip = not threshold and can_clip and bool(config.get("clip_sample", False))
         return clip, threshold
 
     def _thresholding_checks(self, config) -> list[tuple[str, bool, str]]:
@@ -247,14 +251,20 @@ class FusedSchedulerMixin:
             self.timesteps = upload(host, torch.device(device))
         sigmas = vars(self).get("sigmas")  # (getattr of a missing attribute costs microseconds)
         values = host.tolist()
-        state = (values, None if sigmas is None else sigmas.tolist(), *self._plan_signature())
-        if state != self._plan_state:
+        state = (values, self._plan_signature())
+        previous = self._plan_sigmas
+        same = state == self._plan_state and (
+            previous is sigmas
+            or (sigmas is not None and previous is not None and torch.equal(sigmas, previous))
+        )
+        if not same:
             self._tables.clear()
             self._last_tables = None
             self._plan_device.clear()
         self._plan_state = state
         self._plan_host = host
-        self._plan_sigmas = None if sigmas is None else sigmas.clone()
+        # diffusers' set_timesteps makes new sigmas each time (it never changes them in place)
+        self._plan_sigmas = sigmas
         self._plan_values = values
         self._plan_len = len(values)
         plan = self._plan_tensor = self.timesteps  # the tensor the pipeline iterates

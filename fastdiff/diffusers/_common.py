@@ -22,6 +22,7 @@ __all__ = [
     "dense",
     "device_index",
     "fused_init",
+    "fused_set_timesteps",
     "host_index",
     "make_output",
     "nan_row",
@@ -67,6 +68,50 @@ def fused_init(diffusers_cls: type) -> Callable[..., None]:
         "(in-kernel noise; see ``fastdiff.diffusers``)."
     )
     return __init__
+
+
+def fused_set_timesteps(diffusers_cls: type) -> Callable[..., None]:
+    """A ``set_timesteps`` for a fused subclass of ``diffusers_cls``: diffusers' own plan, with
+    diffusers' signature (pipelines inspect it for ``timesteps`` / ``sigmas``). Before it: the
+    config check and the class's ``_check_plan(arguments)`` (if it has one; the bound arguments
+    by name, the scheduler left as it was on an error); diffusers plans on
+    ``_planning_device(device)``; after it ``_plan_changed(device)``. Tables are built at the
+    next step.
+
+    Args:
+        diffusers_cls: the diffusers scheduler class being subclassed.
+
+    Returns:
+        The ``set_timesteps`` method.
+    """
+    plan = diffusers_cls.set_timesteps
+    signature = inspect.signature(plan)
+    at = list(signature.parameters).index("device") - 1  # position in args (self excluded)
+
+    def set_timesteps(self, *args: Any, **kwargs: Any) -> None:
+        self.check_config()
+        check = getattr(self, "_check_plan", None)
+        if check is not None:
+            bound = signature.bind(self, *args, **kwargs)
+            bound.apply_defaults()
+            check(bound.arguments)
+        if "device" in kwargs:
+            device = kwargs["device"]
+            kwargs["device"] = self._planning_device(device)
+        elif len(args) > at:
+            device = args[at]
+            args = (*args[:at], self._planning_device(device), *args[at + 1 :])
+        else:
+            device = None
+        plan(self, *args, **kwargs)
+        self._plan_changed(device)
+
+    set_timesteps.__signature__ = signature
+    set_timesteps.__doc__ = (
+        f"diffusers' ``{diffusers_cls.__name__}.set_timesteps`` (same arguments); the fused "
+        "step's tables are built at the next step."
+    )
+    return set_timesteps
 
 
 def device_index(schedule: torch.Tensor, timestep: torch.Tensor, miss: int) -> torch.Tensor:

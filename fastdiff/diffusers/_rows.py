@@ -27,8 +27,6 @@ class TimestepRowsMixin(FusedSchedulerMixin):
     device tensors, per-sample tensors and plans that start mid-schedule all work. The tables
     are built from ``_alphas_cumprod64``, a CPU float64 copy of diffusers' ``alphas_cumprod``."""
 
-    _x0_processing = ("clip", "threshold")
-
     def _setup_fused(self, backend: str | None, noise: str) -> None:
         # diffusers fixes alphas_cumprod at construction; keep a CPU float64 copy of its values
         self._alphas_cumprod64 = self.alphas_cumprod.detach().to("cpu", torch.float64)

@@ -7,7 +7,7 @@ from diffusers.schedulers.scheduling_ddim import DDIMScheduler, DDIMSchedulerOut
 
 from fastdiff import reference, tables
 from fastdiff.checks import is_number
-from fastdiff.diffusers._common import fused_init, nan_row, promote
+from fastdiff.diffusers._common import fused_init, fused_set_timesteps, nan_row, promote
 from fastdiff.diffusers._rows import TimestepRowsMixin
 
 __all__ = ["FusedDDIMScheduler"]
@@ -34,6 +34,7 @@ class FusedDDIMScheduler(TimestepRowsMixin, DDIMScheduler):
     _diffusers_cls = DDIMScheduler
     _needs_plan = True
     __init__ = fused_init(DDIMScheduler)
+    set_timesteps = fused_set_timesteps(DDIMScheduler)
 
     def _setup_fused(self, backend: str | None, noise: str) -> None:
         # fixed at construction in diffusers (alphas_cumprod: see TimestepRowsMixin)
@@ -42,19 +43,6 @@ class FusedDDIMScheduler(TimestepRowsMixin, DDIMScheduler):
 
     def _unsupported(self, config) -> list[tuple[str, bool, str]]:
         return self._thresholding_checks(config)
-
-    def set_timesteps(
-        self, num_inference_steps: int, device: str | torch.device | None = None
-    ) -> None:
-        """diffusers' ``DDIMScheduler.set_timesteps``; tables are built at the next step.
-
-        Args:
-            num_inference_steps: number of steps.
-            device: where ``self.timesteps`` goes.
-        """
-        self.check_config()
-        super().set_timesteps(num_inference_steps, self._planning_device(device))
-        self._plan_changed(device)
 
     def _build(
         self, prediction_type: str, eta: float, use_clipped: bool, stride: int

@@ -6,7 +6,7 @@ import torch
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler, DDPMSchedulerOutput
 
 from fastdiff import reference, tables
-from fastdiff.diffusers._common import fused_init, nan_row, promote
+from fastdiff.diffusers._common import fused_init, fused_set_timesteps, nan_row, promote
 from fastdiff.diffusers._rows import TimestepRowsMixin
 
 __all__ = ["FusedDDPMScheduler"]
@@ -40,6 +40,7 @@ class FusedDDPMScheduler(TimestepRowsMixin, DDPMScheduler):
 
     _diffusers_cls = DDPMScheduler
     __init__ = fused_init(DDPMScheduler)
+    set_timesteps = fused_set_timesteps(DDPMScheduler)
 
     def _unsupported(self, config) -> list[tuple[str, bool, str]]:
         variance_type = config.variance_type
@@ -68,24 +69,6 @@ class FusedDDPMScheduler(TimestepRowsMixin, DDPMScheduler):
             ),
             *self._thresholding_checks(config),
         ]
-
-    def set_timesteps(
-        self,
-        num_inference_steps: int | None = None,
-        device: str | torch.device | None = None,
-        timesteps: list[int] | None = None,
-    ) -> None:
-        """diffusers' ``DDPMScheduler.set_timesteps`` (leading / trailing / linspace spacing,
-        ``steps_offset``, custom ``timesteps``); tables are built at the next step.
-
-        Args:
-            num_inference_steps: number of steps (exclusive with ``timesteps``).
-            device: where ``self.timesteps`` goes.
-            timesteps: custom descending timesteps.
-        """
-        self.check_config()
-        super().set_timesteps(num_inference_steps, self._planning_device(device), timesteps)
-        self._plan_changed(device)
 
     def _build(self, prediction_type: str, variance_type: str) -> dict[str, torch.Tensor]:
         ab = self._alphas_cumprod64

@@ -9,7 +9,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 from fastdiff import reference, tables
 from fastdiff.checks import PREDICTION_TYPES
-from fastdiff.diffusers._common import fused_init, nan_row, promote
+from fastdiff.diffusers._common import fused_init, fused_set_timesteps, nan_row, promote
 from fastdiff.diffusers._rows import StepIndexMixin
 
 __all__ = ["FusedDPMSolverMultistepScheduler"]
@@ -42,8 +42,8 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
 
     _diffusers_cls = DPMSolverMultistepScheduler
     _needs_plan = True
-    _x0_processing = ("threshold",)  # diffusers' DPM-Solver has no clip_sample
     __init__ = fused_init(DPMSolverMultistepScheduler)
+    set_timesteps = fused_set_timesteps(DPMSolverMultistepScheduler)
 
     def _unsupported(self, config) -> list[tuple[str, bool, str]]:
         return [
@@ -114,41 +114,20 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
     def _miss_index(self) -> int:
         return len(self._plan_host) - 1  # diffusers: a timestep not in the plan -> last step
 
-    def set_timesteps(
-        self,
-        num_inference_steps: int | None = None,
-        device: str | torch.device | None = None,
-        mu: float | None = None,
-        timesteps: list[int] | None = None,
-    ) -> None:
-        """diffusers' ``DPMSolverMultistepScheduler.set_timesteps``; tables are built at the
-        next step.
-
-        Args:
-            num_inference_steps: number of steps.
-            device: where ``self.timesteps`` goes.
-            mu: dynamic shifting of flow sigmas (needed with ``use_dynamic_shifting``;
-                diffusers sets ``flow_shift = exp(mu)``).
-            timesteps: custom timesteps (not with ``use_flow_sigmas``).
-
-        Raises:
-            ValueError: ``mu`` missing with ``use_dynamic_shifting`` (diffusers would ignore
-                it), ``mu`` given without it, custom timesteps on flow sigmas; the scheduler
-                is left as it was.
-        """
-        self.check_config()
-        config = self.config
+    def _check_plan(self, arguments: dict) -> None:
+        """Before diffusers' set_timesteps (``fused_set_timesteps``): ``mu`` missing with
+        ``use_dynamic_shifting`` (diffusers would ignore it) or given without it; custom
+        timesteps on flow sigmas (diffusers builds them from ``num_inference_steps``)."""
+        config, mu = self.config, arguments["mu"]
         if config.use_dynamic_shifting and mu is None:
             raise ValueError("mu must be passed to set_timesteps when use_dynamic_shifting is True")
         if mu is not None and not config.use_dynamic_shifting:
             raise ValueError("mu (dynamic shifting) needs use_dynamic_shifting=True")
-        if timesteps is not None and config.use_flow_sigmas:
+        if arguments["timesteps"] is not None and config.use_flow_sigmas:
             raise ValueError(
                 "custom timesteps are not supported with use_flow_sigmas (diffusers builds "
                 "flow sigmas from num_inference_steps)"
             )
-        super().set_timesteps(num_inference_steps, self._planning_device(device), mu, timesteps)
-        self._plan_changed(device)
 
     def _build(self, prediction_type: str, final_first_order: bool, order: int):
         """Rows ``0..n-1``: the step at that index after a previous step (second order except
@@ -202,16 +181,8 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
     def add_noise(
         self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
     ) -> torch.Tensor:
-        """``alpha_t x0 + sigma_t noise`` at each sample's timestep, as diffusers (no sync).
-
-        Args:
-            original_samples: clean samples ``[B, ...]``.
-            noise: standard-normal noise like them.
-            timesteps: one timestep per sample.
-
-        Returns:
-            The noisy samples.
-        """
+        """``alpha_t x0 + sigma_t noise`` at each sample's timestep (the arguments of
+        ``_noise_sigma``), as diffusers, without a host sync."""
         sigma = self._noise_sigma(original_samples, timesteps)
         alpha_t, sigma_t = self._sigma_to_alpha_sigma_t(sigma)
         return alpha_t * original_samples + sigma_t * noise

@@ -16,7 +16,7 @@ from diffusers.schedulers.scheduling_euler_discrete import (
 from diffusers.utils import logging
 
 from fastdiff import reference, tables
-from fastdiff.diffusers._common import fused_init, nan_row, promote, upload
+from fastdiff.diffusers._common import fused_init, fused_set_timesteps, nan_row, promote, upload
 from fastdiff.diffusers._rows import StepIndexMixin
 
 __all__ = ["FusedEulerAncestralDiscreteScheduler", "FusedEulerDiscreteScheduler"]
@@ -113,18 +113,9 @@ class _EulerBase(StepIndexMixin):
     def add_noise(
         self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
     ) -> torch.Tensor:
-        """``x0 + sigma noise`` at each sample's timestep, as diffusers (no host sync).
-
-        Args:
-            original_samples: clean samples ``[B, ...]``.
-            noise: standard-normal noise like them.
-            timesteps: one timestep per sample (from ``self.timesteps``).
-
-        Returns:
-            The noisy samples.
-        """
-        sigma = self._noise_sigma(original_samples, timesteps)
-        return original_samples + noise * sigma
+        """``x0 + sigma noise`` at each sample's timestep (the arguments of ``_noise_sigma``), as
+        diffusers, without a host sync."""
+        return original_samples + noise * self._noise_sigma(original_samples, timesteps)
 
     def _euler_step(self, model_output, timestep, sample, generator, return_dict, prediction_type):
         if isinstance(timestep, int) or (
@@ -190,6 +181,7 @@ class FusedEulerDiscreteScheduler(_EulerBase, EulerDiscreteScheduler):
     _diffusers_cls = EulerDiscreteScheduler
     _output_cls = EulerDiscreteSchedulerOutput
     __init__ = fused_init(EulerDiscreteScheduler)
+    set_timesteps = fused_set_timesteps(EulerDiscreteScheduler)
 
     def _unsupported(self, config) -> list[tuple[str, bool, str]]:
         return [
@@ -209,26 +201,6 @@ class FusedEulerDiscreteScheduler(_EulerBase, EulerDiscreteScheduler):
             config.timestep_type == "continuous" and config.prediction_type == "v_prediction"
         )
         return device if continuous else None
-
-    def set_timesteps(
-        self,
-        num_inference_steps: int | None = None,
-        device: str | torch.device | None = None,
-        timesteps: list[int] | None = None,
-        sigmas: list[float] | None = None,
-    ) -> None:
-        """diffusers' ``EulerDiscreteScheduler.set_timesteps``; tables are built at the next
-        step.
-
-        Args:
-            num_inference_steps: number of steps.
-            device: where ``self.timesteps`` goes.
-            timesteps: custom timesteps.
-            sigmas: custom sigmas (the last one is where the loop ends).
-        """
-        self.check_config()
-        super().set_timesteps(num_inference_steps, self._planning_device(device), timesteps, sigmas)
-        self._plan_changed(device)
 
     def step(
         self,
@@ -288,6 +260,7 @@ class FusedEulerAncestralDiscreteScheduler(_EulerBase, EulerAncestralDiscreteSch
     _output_cls = EulerAncestralDiscreteSchedulerOutput
     _eta = 1.0
     __init__ = fused_init(EulerAncestralDiscreteScheduler)
+    set_timesteps = fused_set_timesteps(EulerAncestralDiscreteScheduler)
 
     def _unsupported(self, config) -> list[tuple[str, bool, str]]:
         return [
@@ -297,20 +270,6 @@ class FusedEulerAncestralDiscreteScheduler(_EulerBase, EulerAncestralDiscreteSch
                 "diffusers' Euler ancestral step supports epsilon and v_prediction",
             )
         ]
-
-    def set_timesteps(
-        self, num_inference_steps: int, device: str | torch.device | None = None
-    ) -> None:
-        """diffusers' ``EulerAncestralDiscreteScheduler.set_timesteps``; tables are built at
-        the next step.
-
-        Args:
-            num_inference_steps: number of steps.
-            device: where ``self.timesteps`` goes.
-        """
-        self.check_config()
-        super().set_timesteps(num_inference_steps, self._planning_device(device))
-        self._plan_changed(device)
 
     def step(
         self,

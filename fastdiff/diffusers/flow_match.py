@@ -12,7 +12,7 @@ from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
 )
 
 from fastdiff import reference, tables
-from fastdiff.diffusers._common import fused_init, nan_row, upload
+from fastdiff.diffusers._common import fused_init, fused_set_timesteps, nan_row, upload
 from fastdiff.diffusers._rows import StepIndexMixin
 from fastdiff.flow import check_flow_sigmas
 
@@ -44,6 +44,7 @@ class FusedFlowMatchEulerDiscreteScheduler(StepIndexMixin, FlowMatchEulerDiscret
 
     _diffusers_cls = FlowMatchEulerDiscreteScheduler
     __init__ = fused_init(FlowMatchEulerDiscreteScheduler)
+    set_timesteps = fused_set_timesteps(FlowMatchEulerDiscreteScheduler)
     init_noise_sigma = 1.0
 
     def _unsupported(self, config) -> list[tuple[str, bool, str]]:
@@ -68,38 +69,23 @@ class FusedFlowMatchEulerDiscreteScheduler(StepIndexMixin, FlowMatchEulerDiscret
         finally:
             self.sigmas = sigmas
 
-    def set_timesteps(
-        self,
-        num_inference_steps: int | None = None,
-        device: str | torch.device | None = None,
-        sigmas: list[float] | None = None,
-        mu: float | None = None,
-        timesteps: list[float] | None = None,
-    ) -> None:
-        """diffusers' ``FlowMatchEulerDiscreteScheduler.set_timesteps`` (as ``retrieve_timesteps``
-        calls it); tables are built at the next step. Checked first, with the scheduler left
-        as it was on an error: ``mu`` with dynamic shifting, custom ``sigmas`` strictly
-        decreasing in [0, 1] and ``timesteps`` in [0, num_train_timesteps].
+    def _planning_device(self, device):
+        return device  # diffusers keeps its sigmas where the timesteps go
 
-        Args:
-            num_inference_steps: number of steps.
-            device: where ``self.timesteps`` and ``self.sigmas`` go.
-            sigmas: custom levels (shifted as diffusers does).
-            mu: dynamic shifting exponent (needed with ``use_dynamic_shifting``).
-            timesteps: custom timesteps.
-        """
-        self.check_config()
-        if self.config.use_dynamic_shifting and mu is None:
+    def _check_plan(self, arguments: dict) -> None:
+        """Before diffusers' set_timesteps (``fused_set_timesteps``, as ``retrieve_timesteps``
+        calls it): ``mu`` with dynamic shifting, custom ``sigmas`` strictly decreasing in
+        [0, 1], custom ``timesteps`` in [0, num_train_timesteps]."""
+        config = self.config
+        if config.use_dynamic_shifting and arguments["mu"] is None:
             raise ValueError(
                 "mu must be passed to set_timesteps when use_dynamic_shifting is True (Flux "
                 "pipelines compute it from the image's sequence length: calculate_shift)"
             )
-        if sigmas is not None:
-            check_flow_sigmas(sigmas, "sigmas")
-        if timesteps is not None:
-            check_flow_sigmas(timesteps, "timesteps", high=self.config.num_train_timesteps)
-        super().set_timesteps(num_inference_steps, device, sigmas, mu, timesteps)
-        self._plan_changed(device)
+        if arguments["sigmas"] is not None:
+            check_flow_sigmas(arguments["sigmas"], "sigmas")
+        if arguments["timesteps"] is not None:
+            check_flow_sigmas(arguments["timesteps"], "timesteps", high=config.num_train_timesteps)
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         """The flow model takes the state as it is: returns ``sample``."""
