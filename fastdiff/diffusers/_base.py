@@ -41,12 +41,21 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 from fastdiff import philox
 from fastdiff.backend import check_backend
 from fastdiff.checks import PREDICTION_TYPES, check_choice
-from fastdiff.diffusers._common import dense, device_index, make_output, output_fields, upload
+from fastdiff.diffusers._common import (
+    dense,
+    device_index,
+    fused_init,
+    fused_set_timesteps,
+    make_output,
+    output_fields,
+    upload,
+)
 from fastdiff.kernels.fused_step import COLUMNS
 from fastdiff.stepping import run_step
 
@@ -91,7 +100,30 @@ class FusedSchedulerMixin:
     from another scheduler's JSON is ignored, as the diffusers class ignores it.
     """
 
-    _diffusers_cls: type
+    _diffusers_cls: type  # the diffusers class subclassed (set by __init_subclass__)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A class with a diffusers scheduler among its bases gets ``_diffusers_cls`` (that
+        class), the fused ``__init__`` (``fused_init``) and ``set_timesteps``
+        (``fused_set_timesteps``), unless it defines them itself."""
+        super().__init_subclass__(**kwargs)
+        base = next(
+            (
+                b
+                for b in cls.__mro__[1:]
+                if issubclass(b, SchedulerMixin) and not issubclass(b, FusedSchedulerMixin)
+            ),
+            None,
+        )
+        if base is None:  # a mixin of the fused schedulers (no diffusers class yet)
+            return
+        if "_diffusers_cls" not in vars(cls):
+            cls._diffusers_cls = base
+        if "__init__" not in vars(cls):
+            cls.__init__ = fused_init(base)
+        if "set_timesteps" not in vars(cls):
+            cls.set_timesteps = fused_set_timesteps(base)
+
     _kernel_table = "table"  # the key of the device table the kernel reads
 
     # -- setup and configuration ------------------------------------------------------------

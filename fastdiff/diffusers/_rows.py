@@ -10,13 +10,14 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from fastdiff.diffusers import _base
 from fastdiff.diffusers._base import FusedSchedulerMixin
-from fastdiff.diffusers._common import device_index, host_index, upload
+from fastdiff.diffusers._common import device_index, host_index, promote, upload
 
 __all__ = ["StepIndexMixin", "TimestepRowsMixin"]
 
@@ -32,6 +33,58 @@ class TimestepRowsMixin(FusedSchedulerMixin):
         self._alphas_cumprod64 = self.alphas_cumprod.detach().to("cpu", torch.float64)
         self._train_steps = len(self._alphas_cumprod64)
         super()._setup_fused(backend, noise)
+
+    def _vp_step(
+        self,
+        x: torch.Tensor,
+        model_output: torch.Tensor,
+        sample: torch.Tensor,
+        tables: dict[str, torch.Tensor],
+        rows: torch.Tensor,
+        rule: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+        output_cls: type,
+        return_dict: bool,
+        *,
+        noise: torch.Tensor | None,
+        seeds: torch.Tensor | None,
+        by_row: dict[str, str] | None = None,
+        variance_mode: str = "fixed",
+        **options: Any,
+    ):
+        """The rest of a DDPM / DDIM step (``_fused_step``): the config's prediction type and
+        x0 processing, the reference ``rule(x, m, ab_t, ab_next, **options)``, both outputs in
+        ``promote(sample, model_output)`` as diffusers returns them."""
+        config = self.config
+        clip_range, thresholding = self._processing(config)
+        processing = dict(clip_range=clip_range, thresholding=thresholding)
+        prediction_type = config.prediction_type
+        reference_step = self._reference_rule(
+            tables,
+            rows,
+            rule,
+            ("ab", "ab_next"),
+            by_row,
+            prediction_type=prediction_type,
+            **processing,
+            **options,
+        )
+        out_dtype = promote(sample.dtype, model_output.dtype)
+        return self._fused_step(
+            x,
+            model_output,
+            tables,
+            rows,
+            reference_step,
+            output_cls,
+            return_dict,
+            out_dtype=out_dtype,
+            x0_dtype=out_dtype,
+            prediction_type=prediction_type,
+            noise=noise,
+            seeds=seeds,
+            variance_mode=variance_mode,
+            **processing,
+        )
 
     def _timestep_rows(
         self, timestep: Any, tables: dict[str, torch.Tensor], x: torch.Tensor

@@ -7,7 +7,7 @@ from diffusers.schedulers.scheduling_ddim import DDIMScheduler, DDIMSchedulerOut
 
 from fastdiff import reference, tables
 from fastdiff.checks import is_number
-from fastdiff.diffusers._common import fused_init, fused_set_timesteps, nan_row, promote
+from fastdiff.diffusers._common import nan_row
 from fastdiff.diffusers._rows import TimestepRowsMixin
 
 __all__ = ["FusedDDIMScheduler"]
@@ -31,10 +31,7 @@ class FusedDDIMScheduler(TimestepRowsMixin, DDIMScheduler):
         >>> pipe.scheduler = FusedDDIMScheduler.from_config(pipe.scheduler.config)
     """
 
-    _diffusers_cls = DDIMScheduler
     _needs_plan = True
-    __init__ = fused_init(DDIMScheduler)
-    set_timesteps = fused_set_timesteps(DDIMScheduler)
 
     def _setup_fused(self, backend: str | None, noise: str) -> None:
         # fixed at construction in diffusers (alphas_cumprod: see TimestepRowsMixin)
@@ -115,31 +112,17 @@ class FusedDDIMScheduler(TimestepRowsMixin, DDIMScheduler):
                     "either `generator` or `variance_noise` stays `None`."
                 )
             noise, seeds = self._step_noise(model_output, x, generator, variance_noise)
-        clip_range, thresholding = self._processing(config)
-        out_dtype = promote(sample.dtype, model_output.dtype)
-        options = dict(clip_range=clip_range, thresholding=thresholding)
-        reference_step = self._reference_rule(
+        return self._vp_step(
+            x,
+            model_output,
+            sample,
             tabs,
             rows,
             reference.ddim_step,
-            ("ab", "ab_next"),
-            eta=eta,
-            prediction_type=prediction_type,
-            use_clipped_model_output=use_clipped,
-            **options,
-        )
-        return self._fused_step(
-            x,
-            model_output,
-            tabs,
-            rows,
-            reference_step,
             DDIMSchedulerOutput,
             return_dict,
-            out_dtype=out_dtype,
-            x0_dtype=out_dtype,
-            prediction_type=prediction_type,
             noise=noise,
             seeds=seeds,
-            **options,
+            eta=eta,
+            use_clipped_model_output=use_clipped,
         )

@@ -6,7 +6,7 @@ import torch
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler, DDPMSchedulerOutput
 
 from fastdiff import reference, tables
-from fastdiff.diffusers._common import fused_init, fused_set_timesteps, nan_row, promote
+from fastdiff.diffusers._common import nan_row
 from fastdiff.diffusers._rows import TimestepRowsMixin
 
 __all__ = ["FusedDDPMScheduler"]
@@ -37,10 +37,6 @@ class FusedDDPMScheduler(TimestepRowsMixin, DDPMScheduler):
     Example:
         >>> pipe.scheduler = FusedDDPMScheduler.from_config(pipe.scheduler.config)
     """
-
-    _diffusers_cls = DDPMScheduler
-    __init__ = fused_init(DDPMScheduler)
-    set_timesteps = fused_set_timesteps(DDPMScheduler)
 
     def _unsupported(self, config) -> list[tuple[str, bool, str]]:
         variance_type = config.variance_type
@@ -160,34 +156,20 @@ class FusedDDPMScheduler(TimestepRowsMixin, DDPMScheduler):
         noise = seeds = None
         if needs_noise:
             noise, seeds = self._step_noise(prediction, x, generator, variance_noise)
-        clip_range, thresholding = self._processing(config)
-        out_dtype = promote(sample.dtype, model_output.dtype)
-        options = dict(clip_range=clip_range, thresholding=thresholding)
-        reference_step = self._reference_rule(
+        # learned_range: x is contiguous (see above), so the kernel gets the [B, 2C, ...] model
+        # output contiguous too
+        return self._vp_step(
+            x,
+            model_output,
+            sample,
             tabs,
             rows,
             reference.ddpm_step,
-            ("ab", "ab_next"),
-            {"add_noise": "noisy"},
-            prediction_type=prediction_type,
-            variance_type=variance_type,
-            **options,
-        )
-        # learned_range: x is contiguous (see above), so the kernel gets the [B, 2C, ...] model
-        # output contiguous too
-        return self._fused_step(
-            x,
-            model_output,
-            tabs,
-            rows,
-            reference_step,
             DDPMSchedulerOutput,
             return_dict,
-            out_dtype=out_dtype,
-            x0_dtype=out_dtype,
-            prediction_type=prediction_type,
             noise=noise,
             seeds=seeds,
+            by_row={"add_noise": "noisy"},
             variance_mode="learned_range" if learned else "fixed",
-            **options,
+            variance_type=variance_type,
         )

@@ -9,7 +9,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 from fastdiff import reference, tables
 from fastdiff.checks import PREDICTION_TYPES
-from fastdiff.diffusers._common import fused_init, fused_set_timesteps, nan_row, promote
+from fastdiff.diffusers._common import nan_row, promote
 from fastdiff.diffusers._rows import StepIndexMixin
 
 __all__ = ["FusedDPMSolverMultistepScheduler"]
@@ -40,10 +40,7 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
         >>> pipe.scheduler = FusedDPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     """
 
-    _diffusers_cls = DPMSolverMultistepScheduler
     _needs_plan = True
-    __init__ = fused_init(DPMSolverMultistepScheduler)
-    set_timesteps = fused_set_timesteps(DPMSolverMultistepScheduler)
 
     def _unsupported(self, config) -> list[tuple[str, bool, str]]:
         return [

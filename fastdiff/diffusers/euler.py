@@ -16,7 +16,7 @@ from diffusers.schedulers.scheduling_euler_discrete import (
 from diffusers.utils import logging
 
 from fastdiff import reference, tables
-from fastdiff.diffusers._common import fused_init, fused_set_timesteps, nan_row, promote, upload
+from fastdiff.diffusers._common import nan_row, promote, upload
 from fastdiff.diffusers._rows import StepIndexMixin
 
 __all__ = ["FusedEulerAncestralDiscreteScheduler", "FusedEulerDiscreteScheduler"]
@@ -178,10 +178,7 @@ class FusedEulerDiscreteScheduler(_EulerBase, EulerDiscreteScheduler):
         >>> pipe.scheduler = FusedEulerDiscreteScheduler.from_config(pipe.scheduler.config)
     """
 
-    _diffusers_cls = EulerDiscreteScheduler
     _output_cls = EulerDiscreteSchedulerOutput
-    __init__ = fused_init(EulerDiscreteScheduler)
-    set_timesteps = fused_set_timesteps(EulerDiscreteScheduler)
 
     def _unsupported(self, config) -> list[tuple[str, bool, str]]:
         return [
@@ -256,11 +253,8 @@ class FusedEulerAncestralDiscreteScheduler(_EulerBase, EulerAncestralDiscreteSch
         ...     pipe.scheduler.config)
     """
 
-    _diffusers_cls = EulerAncestralDiscreteScheduler
     _output_cls = EulerAncestralDiscreteSchedulerOutput
     _eta = 1.0
-    __init__ = fused_init(EulerAncestralDiscreteScheduler)
-    set_timesteps = fused_set_timesteps(EulerAncestralDiscreteScheduler)
 
     def _unsupported(self, config) -> list[tuple[str, bool, str]]:
         return [

@@ -12,7 +12,7 @@ from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
 )
 
 from fastdiff import reference, tables
-from fastdiff.diffusers._common import fused_init, fused_set_timesteps, nan_row, upload
+from fastdiff.diffusers._common import nan_row, upload
 from fastdiff.diffusers._rows import StepIndexMixin
 from fastdiff.flow import check_flow_sigmas
 
@@ -42,9 +42,6 @@ class FusedFlowMatchEulerDiscreteScheduler(StepIndexMixin, FlowMatchEulerDiscret
         ...     pipe.scheduler.config)
     """
 
-    _diffusers_cls = FlowMatchEulerDiscreteScheduler
-    __init__ = fused_init(FlowMatchEulerDiscreteScheduler)
-    set_timesteps = fused_set_timesteps(FlowMatchEulerDiscreteScheduler)
     init_noise_sigma = 1.0
 
     def _unsupported(self, config) -> list[tuple[str, bool, str]]:

@@ -9,7 +9,6 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 from fastdiff import reference, unipc
 from fastdiff.backend import resolve_backend
-from fastdiff.diffusers._common import fused_init, fused_set_timesteps
 from fastdiff.diffusers._rows import StepIndexMixin
 from fastdiff.diffusers.dpm import FusedDPMSolverMultistepScheduler
 from fastdiff.kernels.fused_step import COLUMNS
@@ -44,12 +43,9 @@ class FusedUniPCMultistepScheduler(StepIndexMixin, UniPCMultistepScheduler):
         >>> pipe.scheduler = FusedUniPCMultistepScheduler.from_config(pipe.scheduler.config)
     """
 
-    _diffusers_cls = UniPCMultistepScheduler
     _needs_plan = True
     _kernel_table = "unipc"  # the whole UniPC table ("table" holds its sampler columns)
     _history_on_device = True  # no Python model_outputs / last_sample are read by a step
-    __init__ = fused_init(UniPCMultistepScheduler)
-    set_timesteps = fused_set_timesteps(UniPCMultistepScheduler)
 
     def _setup_fused(self, backend: str | None, noise: str) -> None:
         self._history: unipc.UniPCHistory | None = None
