@@ -53,7 +53,7 @@ from fastdiff.diffusers._common import (
     fused_init,
     fused_set_timesteps,
     make_output,
-    output_fields,
+    step_output,
     upload,
 )
 from fastdiff.kernels.fused_step import COLUMNS
@@ -474,7 +474,7 @@ class FusedSchedulerMixin:
         """The step's prologue: diffusers' check for a plan (``_needs_plan``), the config
         check, the step index (``_enter_step``); returns ``sample`` laid out for the kernel
         (``dense``)."""
-        if self._needs_plan:
+        if self._needs_plan and self.num_inference_steps is None:
             self._check_planned()
         self.check_config()
         self._enter_step(timestep)
@@ -550,10 +550,7 @@ class FusedSchedulerMixin:
             **run_kwargs,
         )
         self._end_step(x0)
-        values = (prev, x0) if output_fields(output_cls) == 2 else (prev,)
-        if not return_dict:
-            return values
-        return make_output(output_cls, *values)
+        return step_output(output_cls, return_dict, prev, x0)
 
     def _run_step(
         self,
@@ -601,7 +598,7 @@ class FusedSchedulerMixin:
         if noise is not None and noise.device != x.device:  # a generator on another device
             noise = noise.to(x.device)
         return run_step(
-            self.backend,
+            self._backend,
             x,
             model_output,
             step_tables[self._kernel_table],

@@ -26,7 +26,7 @@ __all__ = [
     "host_index",
     "make_output",
     "nan_row",
-    "output_fields",
+    "step_output",
     "promote",
     "upload",
 ]
@@ -184,15 +184,19 @@ _set_item = OrderedDict.__setitem__  # BaseOutput.__setitem__ would also set the
 
 
 def _field_names(cls: type) -> tuple[str, ...]:
-    names = _OUTPUT_FIELDS.get(cls)
-    if names is None:
-        names = _OUTPUT_FIELDS[cls] = tuple(field.name for field in dataclasses.fields(cls))
+    names = _OUTPUT_FIELDS[cls] = tuple(field.name for field in dataclasses.fields(cls))
     return names
 
 
-def output_fields(cls: type) -> int:
-    """How many fields the diffusers output dataclass ``cls`` has (memoized)."""
-    return len(_field_names(cls))
+def step_output(cls: type, return_dict: bool, prev: Any, x0: Any) -> Any:
+    """A step's result as diffusers returns it: ``cls(prev_sample[, pred_original_sample])``
+    (``make_output``; x0 only when the class has that field) or, without ``return_dict``,
+    the tuple of the same values."""
+    names = _OUTPUT_FIELDS.get(cls)
+    if names is None:
+        names = _field_names(cls)
+    values = (prev, x0) if len(names) == 2 else (prev,)
+    return make_output(cls, *values) if return_dict else values
 
 
 def make_output(cls: type, *values: Any) -> Any:
@@ -208,7 +212,9 @@ def make_output(cls: type, *values: Any) -> Any:
     Returns:
         The output object.
     """
-    names = _field_names(cls)
+    names = _OUTPUT_FIELDS.get(cls)
+    if names is None:
+        names = _field_names(cls)
     if len(values) != len(names):
         raise AssertionError(f"internal: {cls.__name__} has fields {names}")
     out = cls.__new__(cls)

@@ -177,7 +177,13 @@ class StepIndexMixin(FusedSchedulerMixin):
             self._init_step_index(timestep)
 
     def _end_step(self, x0: torch.Tensor | None) -> None:
-        self._advance()
+        """Advance the step index (on the device for a device index: it stays on the poison
+        row once past the end)."""
+        index = self._step_index
+        if isinstance(index, torch.Tensor):
+            self._step_index = torch.clamp(index + 1, max=self._plan_len)
+        else:
+            self._step_index = index + 1
 
     def _index_rows(self, tables: dict[str, torch.Tensor], offset: int = 0) -> torch.Tensor:
         """Table rows ``[1]`` of the current step index (shifted by ``offset``)."""
@@ -191,14 +197,6 @@ class StepIndexMixin(FusedSchedulerMixin):
                 "more often than set_timesteps planned (call set_timesteps again)"
             )
         return self._row(tables, index + offset)
-
-    def _advance(self) -> None:
-        index = self._step_index
-        if isinstance(index, torch.Tensor):
-            # stays on the poison row once past the end
-            self._step_index = torch.clamp(index + 1, max=self._plan_len)
-        else:
-            self._step_index = index + 1
 
     def _add_noise_indices(self, timesteps: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Step indices for add_noise (diffusers' rule), without a sync."""

@@ -142,8 +142,8 @@ class FusedDDPMScheduler(TimestepRowsMixin, DDPMScheduler):
             plan = tabs.get("plan_set")
             if plan is None:
                 plan = tabs["plan_set"] = frozenset(self._plan_host.tolist())
-            given = [t_host] if isinstance(t_host, int) else t_host.tolist()
-            missing = [t for t in given if t not in plan]
+            given = (t_host,) if isinstance(t_host, int) else t_host.tolist()
+            missing = () if given[0] in plan and len(given) == 1 else set(given) - plan
             if missing:
                 raise ValueError(f"timesteps {sorted(missing)} are not in scheduler.timesteps")
         # diffusers draws noise only where t > 0 (a device timestep: always, see the class doc)
