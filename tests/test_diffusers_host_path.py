@@ -132,3 +132,31 @@ def test_python_calls_per_step(name, no_launch):
         f"{name}: a step makes {sum(calls.values())} calls in fastdiff.diffusers "
         f"({dict(calls)}); at most {bound}"
     )
+
+
+@pytest.mark.parametrize("name", ["ddim", "euler", "dpm"])
+def test_set_timesteps_again_keeps_the_uploaded_plan(name):
+    """The same plan on the same device again (a pipeline calls set_timesteps per image): the
+    timesteps already there are kept, no new upload; another plan gets its own."""
+    cls = CASES[name][0]
+    scheduler = cls()
+    reference = cls._diffusers_cls.from_config(scheduler.config)
+    scheduler.set_timesteps(4, device="cpu")
+    first = scheduler.timesteps
+    scheduler.set_timesteps(4, device="cpu")
+    assert scheduler.timesteps is first
+    for steps in (6, 4):
+        scheduler.set_timesteps(steps, device="cpu")
+        reference.set_timesteps(steps, device="cpu")
+        assert scheduler.timesteps is not first
+        torch.testing.assert_close(scheduler.timesteps, reference.timesteps, rtol=0, atol=0)
+
+
+def test_set_timesteps_checks_positional_arguments():
+    """The plan checks read the arguments by name also when they are passed by position."""
+    scheduler = FusedDPMSolverMultistepScheduler()
+    with pytest.raises(ValueError, match="needs use_dynamic_shifting"):
+        scheduler.set_timesteps(4, "cpu", 1.0)  # mu, by position
+    flow = FusedFlowMatchEulerDiscreteScheduler()
+    with pytest.raises(ValueError, match="sigmas"):
+        flow.set_timesteps(None, "cpu", [0.2, 0.5])  # not decreasing

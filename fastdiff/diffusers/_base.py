@@ -136,7 +136,7 @@ class FusedSchedulerMixin:
         self._seed: int | None = None
         self.noise = noise
         self._plan_device: dict = {}
-        self._plan_state = self._plan_sigmas = None
+        self._plan_state = self._plan_sigmas = self._plan_tensor = None
         self._plan_changed(None)  # diffusers' default plan (CPU)
         self._checked_config = None
         self.check_config()
@@ -277,18 +277,27 @@ class FusedSchedulerMixin:
         same as before (a loop that calls set_timesteps again, e.g. before a CUDA graph
         capture, uploads nothing)."""
         host = self.timesteps
-        if not host.is_cpu:  # planned on the device (``_planning_device``)
+        planned_on_host = host.is_cpu
+        if not planned_on_host:  # planned on the device (``_planning_device``)
             host = host.cpu()
-        elif device is not None:
-            self.timesteps = upload(host, torch.device(device))
         sigmas = vars(self).get("sigmas")  # (getattr of a missing attribute costs microseconds)
         values = host.tolist()
-        state = (values, self._plan_signature())
+        state = (values, host.dtype, self._plan_signature())
         previous = self._plan_sigmas
         same = state == self._plan_state and (
             previous is sigmas
             or (sigmas is not None and previous is not None and torch.equal(sigmas, previous))
         )
+        if planned_on_host and device is not None:
+            # the same plan on the same device: the uploaded timesteps again (no copy)
+            target = torch.device(device)
+            if target.type == "cuda" and target.index is None:
+                target = torch.device("cuda", torch.cuda.current_device())
+            kept = self._plan_tensor if same else None
+            if kept is not None and kept.device == target and kept.dim() == 1:
+                self.timesteps = kept
+            else:
+                self.timesteps = upload(host, target)
         if not same:
             self._tables.clear()
             self._last_tables = None

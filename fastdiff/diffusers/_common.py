@@ -86,15 +86,17 @@ def fused_set_timesteps(diffusers_cls: type) -> Callable[..., None]:
     """
     plan = diffusers_cls.set_timesteps
     signature = inspect.signature(plan)
-    at = list(signature.parameters).index("device") - 1  # position in args (self excluded)
+    names = list(signature.parameters)[1:]  # self excluded
+    at = names.index("device")
+    defaults = {
+        name: p.default for name, p in signature.parameters.items() if p.default is not p.empty
+    }
 
     def set_timesteps(self, *args: Any, **kwargs: Any) -> None:
         self.check_config()
         check = getattr(self, "_check_plan", None)
-        if check is not None:
-            bound = signature.bind(self, *args, **kwargs)
-            bound.apply_defaults()
-            check(bound.arguments)
+        if check is not None:  # by name, without inspect's bind (diffusers' call checks them)
+            check({**defaults, **dict(zip(names, args)), **kwargs})
         if "device" in kwargs:
             device = kwargs["device"]
             kwargs["device"] = self._planning_device(device)
