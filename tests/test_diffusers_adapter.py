@@ -466,6 +466,29 @@ def test_img2img_start_mid_schedule(name, backend, seed):
 
 
 @pytest.mark.parametrize("name", list(PAIRS))
+def test_new_plan_on_the_same_scheduler(name, seed):
+    """set_timesteps again with another plan (other step counts, Euler's custom sigmas; then
+    the first plan again): the tables follow the plan, every loop matches diffusers."""
+    d_cls, f_cls = PAIRS[name]
+    d, f = d_cls(), f_cls.from_config(d_cls().config)
+    plans = [{"num_inference_steps": 4}, {"num_inference_steps": 6}]
+    if name == "euler":
+        plans.append({"sigmas": [9.0, 3.0, 1.0, 0.0]})
+    for plan in [*plans, plans[0]]:
+        d.set_timesteps(**plan, device=DEVICE)
+        f.set_timesteps(**plan, device=DEVICE)
+        xd = xf = randn(SHAPE) * d.init_noise_sigma
+        gd, gf = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        scale = 0.0
+        for t in d.timesteps:
+            m = randn(SHAPE)
+            scale = max(scale, xd.abs().max().item())
+            xd = denoise(d, m, t, xd, generator=gd)
+            xf = denoise(f, m, t, xf, generator=gf)
+            assert_step_close(xf, xd, f"{name} plan {plan} t={t.item()}", scale)
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
 def test_add_noise_matches_diffusers(name):
     d_cls, f_cls = PAIRS[name]
     d, f = d_cls(), f_cls()

@@ -36,16 +36,26 @@ backends check each other.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
 import torch
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 from fastdiff import philox
 from fastdiff.backend import check_backend
 from fastdiff.checks import PREDICTION_TYPES, check_choice
-from fastdiff.diffusers._common import device_index, make_output, upload
+from fastdiff.diffusers._common import (
+    dense,
+    device_index,
+    fused_init,
+    fused_set_timesteps,
+    make_output,
+    step_output,
+    upload,
+)
 from fastdiff.kernels.fused_step import COLUMNS
 from fastdiff.stepping import run_step
 
@@ -58,6 +68,8 @@ __all__ = [
     "on_host",
 ]
 
+# per diffusers class: (takes clip_sample, takes thresholding), read once from its __init__
+_HONOURED: dict[type, tuple[bool, bool]] = {}
 NOISE_SOURCES = ("torch", "philox")  # the step noise: drawn as diffusers draws it, or in-kernel
 
 
@@ -81,16 +93,38 @@ def host_scalar(timestep: Any) -> float | int | None:
 class FusedSchedulerMixin:
     """Mixed in before a diffusers scheduler class; see the module docstring.
 
-    Subclasses provide ``_unsupported()`` (config checks) and their ``step``, and name in
-    ``_x0_processing`` the x0 processing options their diffusers class honours ("clip":
-    ``clip_sample`` / ``clip_sample_range``, "threshold": ``thresholding`` and its options);
-    any other such key in the config (left over from another scheduler's JSON) is ignored, as
-    the diffusers class ignores it.
+    Subclasses provide ``_unsupported()`` (config checks) and their ``step``. The x0
+    processing options read from the config are those the diffusers class honours, the ones
+    its ``__init__`` takes (``clip_sample`` and ``thresholding`` for DDPM / DDIM,
+    ``thresholding`` for DPM-Solver and UniPC, none for Euler and flow): such a key left over
+    from another scheduler's JSON is ignored, as the diffusers class ignores it.
     """
 
-    _diffusers_cls: type
+    _diffusers_cls: type  # the diffusers class subclassed (set by __init_subclass__)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A class with a diffusers scheduler among its bases gets ``_diffusers_cls`` (that
+        class), the fused ``__init__`` (``fused_init``) and ``set_timesteps``
+        (``fused_set_timesteps``), unless it defines them itself."""
+        super().__init_subclass__(**kwargs)
+        base = next(
+            (
+                b
+                for b in cls.__mro__[1:]
+                if issubclass(b, SchedulerMixin) and not issubclass(b, FusedSchedulerMixin)
+            ),
+            None,
+        )
+        if base is None:  # a mixin of the fused schedulers (no diffusers class yet)
+            return
+        if "_diffusers_cls" not in vars(cls):
+            cls._diffusers_cls = base
+        if "__init__" not in vars(cls):
+            cls.__init__ = fused_init(base)
+        if "set_timesteps" not in vars(cls):
+            cls.set_timesteps = fused_set_timesteps(base)
+
     _kernel_table = "table"  # the key of the device table the kernel reads
-    _x0_processing: tuple[str, ...] = ()
 
     # -- setup and configuration ------------------------------------------------------------
 
@@ -102,7 +136,7 @@ class FusedSchedulerMixin:
         self._seed: int | None = None
         self.noise = noise
         self._plan_device: dict = {}
-        self._plan_state = None
+        self._plan_state = self._plan_sigmas = self._plan_tensor = None
         self._plan_changed(None)  # diffusers' default plan (CPU)
         self._checked_config = None
         self.check_config()
@@ -140,14 +174,16 @@ class FusedSchedulerMixin:
 
     def _x0_options(self, config) -> tuple[bool, bool]:
         """(clip, threshold): whether the config turns on clipping / dynamic thresholding of x0,
-        counting only the options the diffusers class honours (``_x0_processing``);
+        counting only the options the diffusers class honours (see the class docstring);
         thresholding wins over clipping, as in diffusers."""
-        threshold = "threshold" in self._x0_processing and bool(config.get("thresholding", False))
-        clip = (
-            not threshold
-            and "clip" in self._x0_processing
-            and bool(config.get("clip_sample", False))
-        )
+        cls = self._diffusers_cls
+        honoured = _HONOURED.get(cls)
+        if honoured is None:
+            parameters = inspect.signature(cls.__init__).parameters
+            honoured = _HONOURED[cls] = ("clip_sample" in parameters, "thresholding" in parameters)
+        can_clip, can_threshold = honoured
+        threshold = can_threshold and bool(config.get("thresholding", False))
+        clip = not threshold and can_clip and bool(config.get("clip_sample", False))
         return clip, threshold
 
     def _thresholding_checks(self, config) -> list[tuple[str, bool, str]]:
@@ -241,20 +277,35 @@ class FusedSchedulerMixin:
         same as before (a loop that calls set_timesteps again, e.g. before a CUDA graph
         capture, uploads nothing)."""
         host = self.timesteps
-        if not host.is_cpu:  # planned on the device (``_planning_device``)
+        planned_on_host = host.is_cpu
+        if not planned_on_host:  # planned on the device (``_planning_device``)
             host = host.cpu()
-        elif device is not None:
-            self.timesteps = upload(host, torch.device(device))
         sigmas = vars(self).get("sigmas")  # (getattr of a missing attribute costs microseconds)
         values = host.tolist()
-        state = (values, None if sigmas is None else sigmas.tolist(), *self._plan_signature())
-        if state != self._plan_state:
+        state = (values, host.dtype, self._plan_signature())
+        previous = self._plan_sigmas
+        same = state == self._plan_state and (
+            previous is sigmas
+            or (sigmas is not None and previous is not None and torch.equal(sigmas, previous))
+        )
+        if planned_on_host and device is not None:
+            # the same plan on the same device: the uploaded timesteps again (no copy)
+            target = torch.device(device)
+            if target.type == "cuda" and target.index is None:
+                target = torch.device("cuda", torch.cuda.current_device())
+            kept = self._plan_tensor if same else None
+            if kept is not None and kept.device == target and kept.dim() == 1:
+                self.timesteps = kept
+            else:
+                self.timesteps = upload(host, target)
+        if not same:
             self._tables.clear()
             self._last_tables = None
             self._plan_device.clear()
         self._plan_state = state
         self._plan_host = host
-        self._plan_sigmas = None if sigmas is None else sigmas.clone()
+        # diffusers' set_timesteps makes new sigmas each time (it never changes them in place)
+        self._plan_sigmas = sigmas
         self._plan_values = values
         self._plan_len = len(values)
         plan = self._plan_tensor = self.timesteps  # the tensor the pipeline iterates
@@ -424,7 +475,91 @@ class FusedSchedulerMixin:
             return None, self._philox_seeds(x.shape[0], x.device)
         return self._draw(like.shape, generator, like.device, like.dtype), None
 
-    # -- running a step ----------------------------------------------------------------------
+    # -- running a step: the template every drop-in's ``step`` follows ---------------------
+
+    _needs_plan = False  # step raises diffusers' "run set_timesteps" error (DDIM, DPM, UniPC)
+
+    def _begin_step(self, timestep: Any, sample: torch.Tensor, contiguous: bool = False):
+        """The step's prologue: diffusers' check for a plan (``_needs_plan``), the config
+        check, the step index (``_enter_step``); returns ``sample`` laid out for the kernel
+        (``dense``)."""
+        if self._needs_plan and self.num_inference_steps is None:
+            self._check_planned()
+        self.check_config()
+        self._enter_step(timestep)
+        return dense(sample, contiguous)
+
+    def _enter_step(self, timestep: Any) -> None:
+        """Step-index bookkeeping at the start of a step (none: the row is the timestep)."""
+
+    def _end_step(self, x0: torch.Tensor | None) -> None:
+        """State kept after a step (multistep history, the step index); none by default."""
+
+    def _reference_rule(
+        self,
+        tables: dict[str, torch.Tensor],
+        rows: torch.Tensor,
+        fn: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+        levels: tuple[str, ...],
+        by_row: dict[str, str] | None = None,
+        **options: Any,
+    ):
+        """The reference path's step ``(xr, m, noise) -> (prev, x0)`` of a ``fastdiff.reference``
+        function: ``fn(xr, m, *levels, noise=noise, **by_row, **options)``, the levels and
+        ``by_row`` (keyword -> table name) read from ``tables`` at ``rows``; ``noise=`` only
+        when the step has noise."""
+
+        def reference_step(xr, m, noise):
+            values = self._values(tables, rows, *levels, *(by_row.values() if by_row else ()))
+            kwargs = dict(zip(by_row, values[len(levels) :])) if by_row else {}
+            if noise is not None:
+                kwargs["noise"] = noise
+            return fn(xr, m, *values[: len(levels)], **kwargs, **options)
+
+        return reference_step
+
+    def _fused_step(
+        self,
+        x: torch.Tensor,
+        model_output: torch.Tensor,
+        step_tables: dict[str, torch.Tensor],
+        rows: torch.Tensor,
+        reference_step: Callable,
+        output_cls: type,
+        return_dict: bool,
+        *,
+        out_dtype: torch.dtype,
+        x0_dtype: torch.dtype,
+        prediction_type: str | None = None,
+        **run_kwargs: Any,
+    ):
+        """The step's body and epilogue: ``_run_step``, then ``_end_step(x0)``, then the
+        diffusers output: ``output_cls(prev_sample[, pred_original_sample])`` (as many values
+        as the class has fields), or the tuple without ``return_dict``.
+
+        Args:
+            x, model_output, step_tables, rows, reference_step: as ``_run_step`` takes them.
+            output_cls: the diffusers output class of the step.
+            return_dict: diffusers' ``return_dict``.
+            out_dtype, x0_dtype: dtypes of the returned sample and x0 (x0 in the model
+                output's dtype for ``prediction_type="sample"``, as diffusers).
+            prediction_type: the config's prediction type, or None.
+            **run_kwargs: further ``_run_step`` options (noise, seeds, x0_prev, kernel options).
+        """
+        if prediction_type == "sample":
+            x0_dtype = model_output.dtype
+        prev, x0 = self._run_step(
+            x,
+            model_output,
+            step_tables,
+            rows,
+            reference_step,
+            out_dtype=out_dtype,
+            x0_dtype=x0_dtype,
+            **run_kwargs,
+        )
+        self._end_step(x0)
+        return step_output(output_cls, return_dict, prev, x0)
 
     def _run_step(
         self,
@@ -464,7 +599,7 @@ class FusedSchedulerMixin:
             seeds: per-sample Philox keys for in-kernel noise, or None.
             x0_prev: the previous step's x0 for the kernel (multistep), or None.
             **kernel_kwargs: further ``fused_step`` options (clip_range, thresholding,
-                variance_mode).
+                variance_mode, write_x0, history, last_sample).
 
         Returns:
             ``(prev_sample, pred_original_sample)``.
@@ -472,7 +607,7 @@ class FusedSchedulerMixin:
         if noise is not None and noise.device != x.device:  # a generator on another device
             noise = noise.to(x.device)
         return run_step(
-            self.backend,
+            self._backend,
             x,
             model_output,
             step_tables[self._kernel_table],

@@ -22,9 +22,11 @@ __all__ = [
     "dense",
     "device_index",
     "fused_init",
+    "fused_set_timesteps",
     "host_index",
     "make_output",
     "nan_row",
+    "step_output",
     "promote",
     "upload",
 ]
@@ -66,6 +68,52 @@ def fused_init(diffusers_cls: type) -> Callable[..., None]:
         "(in-kernel noise; see ``fastdiff.diffusers``)."
     )
     return __init__
+
+
+def fused_set_timesteps(diffusers_cls: type) -> Callable[..., None]:
+    """A ``set_timesteps`` for a fused subclass of ``diffusers_cls``: diffusers' own plan, with
+    diffusers' signature (pipelines inspect it for ``timesteps`` / ``sigmas``). Before it: the
+    config check and the class's ``_check_plan(arguments)`` (if it has one; the bound arguments
+    by name, the scheduler left as it was on an error); diffusers plans on
+    ``_planning_device(device)``; after it ``_plan_changed(device)``. Tables are built at the
+    next step.
+
+    Args:
+        diffusers_cls: the diffusers scheduler class being subclassed.
+
+    Returns:
+        The ``set_timesteps`` method.
+    """
+    plan = diffusers_cls.set_timesteps
+    signature = inspect.signature(plan)
+    names = list(signature.parameters)[1:]  # self excluded
+    at = names.index("device")
+    defaults = {
+        name: p.default for name, p in signature.parameters.items() if p.default is not p.empty
+    }
+
+    def set_timesteps(self, *args: Any, **kwargs: Any) -> None:
+        self.check_config()
+        check = getattr(self, "_check_plan", None)
+        if check is not None:  # by name, without inspect's bind (diffusers' call checks them)
+            check({**defaults, **dict(zip(names, args)), **kwargs})
+        if "device" in kwargs:
+            device = kwargs["device"]
+            kwargs["device"] = self._planning_device(device)
+        elif len(args) > at:
+            device = args[at]
+            args = (*args[:at], self._planning_device(device), *args[at + 1 :])
+        else:
+            device = None
+        plan(self, *args, **kwargs)
+        self._plan_changed(device)
+
+    set_timesteps.__signature__ = signature
+    set_timesteps.__doc__ = (
+        f"diffusers' ``{diffusers_cls.__name__}.set_timesteps`` (same arguments); the fused "
+        "step's tables are built at the next step."
+    )
+    return set_timesteps
 
 
 def device_index(schedule: torch.Tensor, timestep: torch.Tensor, miss: int) -> torch.Tensor:
@@ -137,6 +185,22 @@ _OUTPUT_FIELDS: dict[type, tuple[str, ...]] = {}
 _set_item = OrderedDict.__setitem__  # BaseOutput.__setitem__ would also set the attribute
 
 
+def _field_names(cls: type) -> tuple[str, ...]:
+    names = _OUTPUT_FIELDS[cls] = tuple(field.name for field in dataclasses.fields(cls))
+    return names
+
+
+def step_output(cls: type, return_dict: bool, prev: Any, x0: Any) -> Any:
+    """A step's result as diffusers returns it: ``cls(prev_sample[, pred_original_sample])``
+    (``make_output``; x0 only when the class has that field) or, without ``return_dict``,
+    the tuple of the same values."""
+    names = _OUTPUT_FIELDS.get(cls)
+    if names is None:
+        names = _field_names(cls)
+    values = (prev, x0) if len(names) == 2 else (prev,)
+    return make_output(cls, *values) if return_dict else values
+
+
 def make_output(cls: type, *values: Any) -> Any:
     """``cls(*values)`` for a diffusers output dataclass, built directly: the object the
     dataclass constructor builds (every field an attribute, the non-None ones also items of
@@ -152,7 +216,7 @@ def make_output(cls: type, *values: Any) -> Any:
     """
     names = _OUTPUT_FIELDS.get(cls)
     if names is None:
-        names = _OUTPUT_FIELDS[cls] = tuple(field.name for field in dataclasses.fields(cls))
+        names = _field_names(cls)
     if len(values) != len(names):
         raise AssertionError(f"internal: {cls.__name__} has fields {names}")
     out = cls.__new__(cls)

@@ -10,13 +10,14 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from fastdiff.diffusers import _base
 from fastdiff.diffusers._base import FusedSchedulerMixin
-from fastdiff.diffusers._common import device_index, host_index, upload
+from fastdiff.diffusers._common import device_index, host_index, promote, upload
 
 __all__ = ["StepIndexMixin", "TimestepRowsMixin"]
 
@@ -27,13 +28,63 @@ class TimestepRowsMixin(FusedSchedulerMixin):
     device tensors, per-sample tensors and plans that start mid-schedule all work. The tables
     are built from ``_alphas_cumprod64``, a CPU float64 copy of diffusers' ``alphas_cumprod``."""
 
-    _x0_processing = ("clip", "threshold")
-
     def _setup_fused(self, backend: str | None, noise: str) -> None:
         # diffusers fixes alphas_cumprod at construction; keep a CPU float64 copy of its values
         self._alphas_cumprod64 = self.alphas_cumprod.detach().to("cpu", torch.float64)
         self._train_steps = len(self._alphas_cumprod64)
         super()._setup_fused(backend, noise)
+
+    def _vp_step(
+        self,
+        x: torch.Tensor,
+        model_output: torch.Tensor,
+        sample: torch.Tensor,
+        tables: dict[str, torch.Tensor],
+        rows: torch.Tensor,
+        rule: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+        output_cls: type,
+        return_dict: bool,
+        *,
+        noise: torch.Tensor | None,
+        seeds: torch.Tensor | None,
+        by_row: dict[str, str] | None = None,
+        variance_mode: str = "fixed",
+        **options: Any,
+    ):
+        """The rest of a DDPM / DDIM step (``_fused_step``): the config's prediction type and
+        x0 processing, the reference ``rule(x, m, ab_t, ab_next, **options)``, both outputs in
+        ``promote(sample, model_output)`` as diffusers returns them."""
+        config = self.config
+        clip_range, thresholding = self._processing(config)
+        processing = dict(clip_range=clip_range, thresholding=thresholding)
+        prediction_type = config.prediction_type
+        reference_step = self._reference_rule(
+            tables,
+            rows,
+            rule,
+            ("ab", "ab_next"),
+            by_row,
+            prediction_type=prediction_type,
+            **processing,
+            **options,
+        )
+        out_dtype = promote(sample.dtype, model_output.dtype)
+        return self._fused_step(
+            x,
+            model_output,
+            tables,
+            rows,
+            reference_step,
+            output_cls,
+            return_dict,
+            out_dtype=out_dtype,
+            x0_dtype=out_dtype,
+            prediction_type=prediction_type,
+            noise=noise,
+            seeds=seeds,
+            variance_mode=variance_mode,
+            **processing,
+        )
 
     def _timestep_rows(
         self, timestep: Any, tables: dict[str, torch.Tensor], x: torch.Tensor
@@ -121,6 +172,19 @@ class StepIndexMixin(FusedSchedulerMixin):
         else:
             self._step_index = self._begin_index
 
+    def _enter_step(self, timestep: Any) -> None:
+        if self._step_index is None:
+            self._init_step_index(timestep)
+
+    def _end_step(self, x0: torch.Tensor | None) -> None:
+        """Advance the step index (on the device for a device index: it stays on the poison
+        row once past the end)."""
+        index = self._step_index
+        if isinstance(index, torch.Tensor):
+            self._step_index = torch.clamp(index + 1, max=self._plan_len)
+        else:
+            self._step_index = index + 1
+
     def _index_rows(self, tables: dict[str, torch.Tensor], offset: int = 0) -> torch.Tensor:
         """Table rows ``[1]`` of the current step index (shifted by ``offset``)."""
         index = self._step_index
@@ -133,14 +197,6 @@ class StepIndexMixin(FusedSchedulerMixin):
                 "more often than set_timesteps planned (call set_timesteps again)"
             )
         return self._row(tables, index + offset)
-
-    def _advance(self) -> None:
-        index = self._step_index
-        if isinstance(index, torch.Tensor):
-            # stays on the poison row once past the end
-            self._step_index = torch.clamp(index + 1, max=self._plan_len)
-        else:
-            self._step_index = index + 1
 
     def _add_noise_indices(self, timesteps: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Step indices for add_noise (diffusers' rule), without a sync."""

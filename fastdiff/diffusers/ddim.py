@@ -7,7 +7,7 @@ from diffusers.schedulers.scheduling_ddim import DDIMScheduler, DDIMSchedulerOut
 
 from fastdiff import reference, tables
 from fastdiff.checks import is_number
-from fastdiff.diffusers._common import dense, fused_init, make_output, nan_row, promote
+from fastdiff.diffusers._common import nan_row
 from fastdiff.diffusers._rows import TimestepRowsMixin
 
 __all__ = ["FusedDDIMScheduler"]
@@ -31,8 +31,7 @@ class FusedDDIMScheduler(TimestepRowsMixin, DDIMScheduler):
         >>> pipe.scheduler = FusedDDIMScheduler.from_config(pipe.scheduler.config)
     """
 
-    _diffusers_cls = DDIMScheduler
-    __init__ = fused_init(DDIMScheduler)
+    _needs_plan = True
 
     def _setup_fused(self, backend: str | None, noise: str) -> None:
         # fixed at construction in diffusers (alphas_cumprod: see TimestepRowsMixin)
@@ -41,19 +40,6 @@ class FusedDDIMScheduler(TimestepRowsMixin, DDIMScheduler):
 
     def _unsupported(self, config) -> list[tuple[str, bool, str]]:
         return self._thresholding_checks(config)
-
-    def set_timesteps(
-        self, num_inference_steps: int, device: str | torch.device | None = None
-    ) -> None:
-        """diffusers' ``DDIMScheduler.set_timesteps``; tables are built at the next step.
-
-        Args:
-            num_inference_steps: number of steps.
-            device: where ``self.timesteps`` goes.
-        """
-        self.check_config()
-        super().set_timesteps(num_inference_steps, self._planning_device(device))
-        self._plan_changed(device)
 
     def _build(
         self, prediction_type: str, eta: float, use_clipped: bool, stride: int
@@ -96,8 +82,7 @@ class FusedDDIMScheduler(TimestepRowsMixin, DDIMScheduler):
         Returns:
             ``DDIMSchedulerOutput(prev_sample, pred_original_sample)`` or the tuple.
         """
-        self._check_planned()
-        self.check_config()
+        x = self._begin_step(timestep, sample)
         config = self.config
         if type(eta) is not float:  # a python float is the common case: checked below
             if isinstance(eta, torch.Tensor) and eta.device.type == "cpu" and eta.numel() == 1:
@@ -113,7 +98,6 @@ class FusedDDIMScheduler(TimestepRowsMixin, DDIMScheduler):
         use_clipped = bool(use_clipped_model_output)
         prediction_type = config.prediction_type
         stride = config.num_train_timesteps // self.num_inference_steps
-        x = dense(sample)
         tabs = self._device_tables(
             ("ddim", prediction_type, eta, use_clipped, stride),
             x.device,
@@ -128,38 +112,17 @@ class FusedDDIMScheduler(TimestepRowsMixin, DDIMScheduler):
                     "either `generator` or `variance_noise` stays `None`."
                 )
             noise, seeds = self._step_noise(model_output, x, generator, variance_noise)
-        out_dtype = promote(sample.dtype, model_output.dtype)
-        x0_dtype = model_output.dtype if prediction_type == "sample" else out_dtype
-        clip_range, thresholding = self._processing(config)
-
-        def reference_step(xr, m, noise):
-            ab, ab_next = self._values(tabs, rows, "ab", "ab_next")
-            return reference.ddim_step(
-                xr,
-                m,
-                ab,
-                ab_next,
-                eta=eta,
-                prediction_type=prediction_type,
-                clip_range=clip_range,
-                thresholding=thresholding,
-                use_clipped_model_output=use_clipped,
-                noise=noise,
-            )
-
-        prev, x0 = self._run_step(
+        return self._vp_step(
             x,
             model_output,
+            sample,
             tabs,
             rows,
-            reference_step,
-            out_dtype=out_dtype,
-            x0_dtype=x0_dtype,
+            reference.ddim_step,
+            DDIMSchedulerOutput,
+            return_dict,
             noise=noise,
             seeds=seeds,
-            clip_range=clip_range,
-            thresholding=thresholding,
+            eta=eta,
+            use_clipped_model_output=use_clipped,
         )
-        if not return_dict:
-            return (prev, x0)
-        return make_output(DDIMSchedulerOutput, prev, x0)

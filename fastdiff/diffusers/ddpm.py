@@ -6,7 +6,7 @@ import torch
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler, DDPMSchedulerOutput
 
 from fastdiff import reference, tables
-from fastdiff.diffusers._common import dense, fused_init, make_output, nan_row, promote
+from fastdiff.diffusers._common import nan_row
 from fastdiff.diffusers._rows import TimestepRowsMixin
 
 __all__ = ["FusedDDPMScheduler"]
@@ -38,9 +38,6 @@ class FusedDDPMScheduler(TimestepRowsMixin, DDPMScheduler):
         >>> pipe.scheduler = FusedDDPMScheduler.from_config(pipe.scheduler.config)
     """
 
-    _diffusers_cls = DDPMScheduler
-    __init__ = fused_init(DDPMScheduler)
-
     def _unsupported(self, config) -> list[tuple[str, bool, str]]:
         variance_type = config.variance_type
         return [
@@ -68,24 +65,6 @@ class FusedDDPMScheduler(TimestepRowsMixin, DDPMScheduler):
             ),
             *self._thresholding_checks(config),
         ]
-
-    def set_timesteps(
-        self,
-        num_inference_steps: int | None = None,
-        device: str | torch.device | None = None,
-        timesteps: list[int] | None = None,
-    ) -> None:
-        """diffusers' ``DDPMScheduler.set_timesteps`` (leading / trailing / linspace spacing,
-        ``steps_offset``, custom ``timesteps``); tables are built at the next step.
-
-        Args:
-            num_inference_steps: number of steps (exclusive with ``timesteps``).
-            device: where ``self.timesteps`` goes.
-            timesteps: custom descending timesteps.
-        """
-        self.check_config()
-        super().set_timesteps(num_inference_steps, self._planning_device(device), timesteps)
-        self._plan_changed(device)
 
     def _build(self, prediction_type: str, variance_type: str) -> dict[str, torch.Tensor]:
         ab = self._alphas_cumprod64
@@ -138,14 +117,14 @@ class FusedDDPMScheduler(TimestepRowsMixin, DDPMScheduler):
         Returns:
             ``DDPMSchedulerOutput(prev_sample, pred_original_sample)`` or the tuple.
         """
-        self.check_config()
         config = self.config
+        learned = config.variance_type == "learned_range"
+        x = self._begin_step(timestep, sample, contiguous=learned)
         if generator is not None and variance_noise is not None:
             raise ValueError("pass either generator or variance_noise, not both")
         prediction_type = config.prediction_type
         variance_type = config.variance_type
         channels = sample.shape[1] if sample.dim() > 1 else None
-        learned = variance_type == "learned_range"
         if learned and (channels is None or model_output.shape[1] != 2 * channels):
             raise ValueError(
                 "variance_type='learned_range' needs a model output with twice the sample's "
@@ -153,7 +132,6 @@ class FusedDDPMScheduler(TimestepRowsMixin, DDPMScheduler):
                 f"for a sample of shape {tuple(sample.shape)}"
             )
         prediction = model_output[:, :channels] if learned else model_output
-        x = dense(sample, contiguous=learned)
         tabs = self._device_tables(
             ("ddpm", prediction_type, variance_type),
             x.device,
@@ -164,8 +142,8 @@ class FusedDDPMScheduler(TimestepRowsMixin, DDPMScheduler):
             plan = tabs.get("plan_set")
             if plan is None:
                 plan = tabs["plan_set"] = frozenset(self._plan_host.tolist())
-            given = [t_host] if isinstance(t_host, int) else t_host.tolist()
-            missing = [t for t in given if t not in plan]
+            given = (t_host,) if isinstance(t_host, int) else t_host.tolist()
+            missing = () if given[0] in plan and len(given) == 1 else set(given) - plan
             if missing:
                 raise ValueError(f"timesteps {sorted(missing)} are not in scheduler.timesteps")
         # diffusers draws noise only where t > 0 (a device timestep: always, see the class doc)
@@ -178,41 +156,20 @@ class FusedDDPMScheduler(TimestepRowsMixin, DDPMScheduler):
         noise = seeds = None
         if needs_noise:
             noise, seeds = self._step_noise(prediction, x, generator, variance_noise)
-        out_dtype = promote(sample.dtype, model_output.dtype)
-        x0_dtype = model_output.dtype if prediction_type == "sample" else out_dtype
-        clip_range, thresholding = self._processing(config)
-
-        def reference_step(xr, m, noise):
-            ab, ab_next, noisy = self._values(tabs, rows, "ab", "ab_next", "noisy")
-            return reference.ddpm_step(
-                xr,
-                m,
-                ab,
-                ab_next,
-                prediction_type=prediction_type,
-                variance_type=variance_type,
-                clip_range=clip_range,
-                thresholding=thresholding,
-                noise=noise,
-                add_noise=noisy,
-            )
-
         # learned_range: x is contiguous (see above), so the kernel gets the [B, 2C, ...] model
         # output contiguous too
-        prev, x0 = self._run_step(
+        return self._vp_step(
             x,
             model_output,
+            sample,
             tabs,
             rows,
-            reference_step,
-            out_dtype=out_dtype,
-            x0_dtype=x0_dtype,
+            reference.ddpm_step,
+            DDPMSchedulerOutput,
+            return_dict,
             noise=noise,
             seeds=seeds,
-            clip_range=clip_range,
-            thresholding=thresholding,
+            by_row={"add_noise": "noisy"},
             variance_mode="learned_range" if learned else "fixed",
+            variance_type=variance_type,
         )
-        if not return_dict:
-            return (prev, x0)
-        return make_output(DDPMSchedulerOutput, prev, x0)

@@ -9,7 +9,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 from fastdiff import reference, tables
 from fastdiff.checks import PREDICTION_TYPES
-from fastdiff.diffusers._common import dense, fused_init, make_output, nan_row, promote
+from fastdiff.diffusers._common import nan_row, promote
 from fastdiff.diffusers._rows import StepIndexMixin
 
 __all__ = ["FusedDPMSolverMultistepScheduler"]
@@ -40,9 +40,7 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
         >>> pipe.scheduler = FusedDPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     """
 
-    _diffusers_cls = DPMSolverMultistepScheduler
-    _x0_processing = ("threshold",)  # diffusers' DPM-Solver has no clip_sample
-    __init__ = fused_init(DPMSolverMultistepScheduler)
+    _needs_plan = True
 
     def _unsupported(self, config) -> list[tuple[str, bool, str]]:
         return [
@@ -113,41 +111,20 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
     def _miss_index(self) -> int:
         return len(self._plan_host) - 1  # diffusers: a timestep not in the plan -> last step
 
-    def set_timesteps(
-        self,
-        num_inference_steps: int | None = None,
-        device: str | torch.device | None = None,
-        mu: float | None = None,
-        timesteps: list[int] | None = None,
-    ) -> None:
-        """diffusers' ``DPMSolverMultistepScheduler.set_timesteps``; tables are built at the
-        next step.
-
-        Args:
-            num_inference_steps: number of steps.
-            device: where ``self.timesteps`` goes.
-            mu: dynamic shifting of flow sigmas (needed with ``use_dynamic_shifting``;
-                diffusers sets ``flow_shift = exp(mu)``).
-            timesteps: custom timesteps (not with ``use_flow_sigmas``).
-
-        Raises:
-            ValueError: ``mu`` missing with ``use_dynamic_shifting`` (diffusers would ignore
-                it), ``mu`` given without it, custom timesteps on flow sigmas; the scheduler
-                is left as it was.
-        """
-        self.check_config()
-        config = self.config
+    def _check_plan(self, arguments: dict) -> None:
+        """Before diffusers' set_timesteps (``fused_set_timesteps``): ``mu`` missing with
+        ``use_dynamic_shifting`` (diffusers would ignore it) or given without it; custom
+        timesteps on flow sigmas (diffusers builds them from ``num_inference_steps``)."""
+        config, mu = self.config, arguments["mu"]
         if config.use_dynamic_shifting and mu is None:
             raise ValueError("mu must be passed to set_timesteps when use_dynamic_shifting is True")
         if mu is not None and not config.use_dynamic_shifting:
             raise ValueError("mu (dynamic shifting) needs use_dynamic_shifting=True")
-        if timesteps is not None and config.use_flow_sigmas:
+        if arguments["timesteps"] is not None and config.use_flow_sigmas:
             raise ValueError(
                 "custom timesteps are not supported with use_flow_sigmas (diffusers builds "
                 "flow sigmas from num_inference_steps)"
             )
-        super().set_timesteps(num_inference_steps, self._planning_device(device), mu, timesteps)
-        self._plan_changed(device)
 
     def _build(self, prediction_type: str, final_first_order: bool, order: int):
         """Rows ``0..n-1``: the step at that index after a previous step (second order except
@@ -201,16 +178,8 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
     def add_noise(
         self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
     ) -> torch.Tensor:
-        """``alpha_t x0 + sigma_t noise`` at each sample's timestep, as diffusers (no sync).
-
-        Args:
-            original_samples: clean samples ``[B, ...]``.
-            noise: standard-normal noise like them.
-            timesteps: one timestep per sample.
-
-        Returns:
-            The noisy samples.
-        """
+        """``alpha_t x0 + sigma_t noise`` at each sample's timestep (the arguments of
+        ``_noise_sigma``), as diffusers, without a host sync."""
         sigma = self._noise_sigma(original_samples, timesteps)
         alpha_t, sigma_t = self._sigma_to_alpha_sigma_t(sigma)
         return alpha_t * original_samples + sigma_t * noise
@@ -238,11 +207,8 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
         Returns:
             ``SchedulerOutput(prev_sample)`` or ``(prev_sample,)``.
         """
-        self._check_planned()
-        self.check_config()
+        x = self._begin_step(timestep, sample)
         config = self.config
-        if self.step_index is None:
-            self._init_step_index(timestep)
         n = self._plan_len
         prediction_type = config.prediction_type
         if config.get("variance_type") in ("learned", "learned_range"):
@@ -253,7 +219,6 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
             or config.final_sigmas_type == "zero"
         )
         order = config.solver_order
-        x = dense(sample)
         tabs = self._device_tables(
             ("dpm", prediction_type, final_first_order, order),
             x.device,
@@ -264,12 +229,8 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
         # the previous step's x0 (diffusers shifts the list first, then reads [-2])
         x0_prev = None if first or order == 1 else self.model_outputs[-1]
         # diffusers converts the output to x0 first, then returns prev_sample in x0's dtype
-        x0_dtype = (
-            model_output.dtype
-            if prediction_type == "sample"
-            else promote(sample.dtype, model_output.dtype)
-        )
-        out_dtype = x0_dtype
+        promoted = promote(sample.dtype, model_output.dtype)
+        x0_dtype = model_output.dtype if prediction_type == "sample" else promoted
         _, thresholding = self._processing(config)
 
         def reference_step(xr, m, _noise):  # no noise: DPM-Solver++ is deterministic
@@ -298,24 +259,26 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
                 prev = torch.where(mask, prev, second)
             return prev, x0
 
-        prev, x0 = self._run_step(
+        return self._fused_step(
             x,
             model_output,
             tabs,
             rows,
             reference_step,
-            out_dtype=out_dtype,
+            SchedulerOutput,
+            return_dict,
+            out_dtype=x0_dtype,
             x0_dtype=x0_dtype,
             x0_prev=x0_prev,
             thresholding=thresholding,
         )
 
+    def _end_step(self, x0: torch.Tensor | None) -> None:
+        """diffusers' history: the list shifted, this step's x0 last; then the step index."""
+        order = self.config.solver_order
         for i in range(order - 1):
             self.model_outputs[i] = self.model_outputs[i + 1]
         self.model_outputs[-1] = x0
         if self.lower_order_nums < order:
             self.lower_order_nums += 1
-        self._advance()
-        if not return_dict:
-            return (prev,)
-        return make_output(SchedulerOutput, prev)
+        super()._end_step(x0)

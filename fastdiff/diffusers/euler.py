@@ -16,7 +16,7 @@ from diffusers.schedulers.scheduling_euler_discrete import (
 from diffusers.utils import logging
 
 from fastdiff import reference, tables
-from fastdiff.diffusers._common import dense, fused_init, make_output, nan_row, promote, upload
+from fastdiff.diffusers._common import nan_row, promote, upload
 from fastdiff.diffusers._rows import StepIndexMixin
 
 __all__ = ["FusedEulerAncestralDiscreteScheduler", "FusedEulerDiscreteScheduler"]
@@ -113,18 +113,9 @@ class _EulerBase(StepIndexMixin):
     def add_noise(
         self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
     ) -> torch.Tensor:
-        """``x0 + sigma noise`` at each sample's timestep, as diffusers (no host sync).
-
-        Args:
-            original_samples: clean samples ``[B, ...]``.
-            noise: standard-normal noise like them.
-            timesteps: one timestep per sample (from ``self.timesteps``).
-
-        Returns:
-            The noisy samples.
-        """
-        sigma = self._noise_sigma(original_samples, timesteps)
-        return original_samples + noise * sigma
+        """``x0 + sigma noise`` at each sample's timestep (the arguments of ``_noise_sigma``), as
+        diffusers, without a host sync."""
+        return original_samples + noise * self._noise_sigma(original_samples, timesteps)
 
     def _euler_step(self, model_output, timestep, sample, generator, return_dict, prediction_type):
         if isinstance(timestep, int) or (
@@ -142,9 +133,7 @@ class _EulerBase(StepIndexMixin):
                 "The `scale_model_input` function should be called before `step` to ensure "
                 "correct denoising. See `StableDiffusionPipeline` for a usage example."
             )
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        x = dense(sample)
+        x = self._begin_step(timestep, sample)
         tabs = self._device_tables(
             ("euler", prediction_type, self._eta),
             x.device,
@@ -154,43 +143,27 @@ class _EulerBase(StepIndexMixin):
         noise = seeds = None
         if self._eta > 0:
             noise, seeds = self._step_noise(model_output, x, generator)
-        # diffusers computes in float32 and returns prev_sample in the model output's dtype
-        out_dtype = model_output.dtype
-        x0_dtype = (
-            model_output.dtype
-            if prediction_type == "sample"
-            else promote(torch.float32, model_output.dtype)
+            rule, options = reference.euler_ancestral_step, {"eta": self._eta}
+        else:
+            rule, options = reference.euler_step, {}
+        reference_step = self._reference_rule(
+            tabs, rows, rule, ("sigma", "sigma_next"), prediction_type=prediction_type, **options
         )
-
-        def reference_step(xr, m, noise):
-            sigma, sigma_next = self._values(tabs, rows, "sigma", "sigma_next")
-            if self._eta > 0:
-                return reference.euler_ancestral_step(
-                    xr,
-                    m,
-                    sigma,
-                    sigma_next,
-                    eta=self._eta,
-                    prediction_type=prediction_type,
-                    noise=noise,
-                )
-            return reference.euler_step(xr, m, sigma, sigma_next, prediction_type=prediction_type)
-
-        prev, x0 = self._run_step(
+        # diffusers computes in float32 and returns prev_sample in the model output's dtype
+        return self._fused_step(
             x,
             model_output,
             tabs,
             rows,
             reference_step,
-            out_dtype=out_dtype,
-            x0_dtype=x0_dtype,
+            self._output_cls,
+            return_dict,
+            out_dtype=model_output.dtype,
+            x0_dtype=promote(torch.float32, model_output.dtype),
+            prediction_type=prediction_type,
             noise=noise,
             seeds=seeds,
         )
-        self._advance()
-        if not return_dict:
-            return (prev, x0)
-        return make_output(self._output_cls, prev, x0)
 
 
 class FusedEulerDiscreteScheduler(_EulerBase, EulerDiscreteScheduler):
@@ -205,9 +178,7 @@ class FusedEulerDiscreteScheduler(_EulerBase, EulerDiscreteScheduler):
         >>> pipe.scheduler = FusedEulerDiscreteScheduler.from_config(pipe.scheduler.config)
     """
 
-    _diffusers_cls = EulerDiscreteScheduler
     _output_cls = EulerDiscreteSchedulerOutput
-    __init__ = fused_init(EulerDiscreteScheduler)
 
     def _unsupported(self, config) -> list[tuple[str, bool, str]]:
         return [
@@ -227,26 +198,6 @@ class FusedEulerDiscreteScheduler(_EulerBase, EulerDiscreteScheduler):
             config.timestep_type == "continuous" and config.prediction_type == "v_prediction"
         )
         return device if continuous else None
-
-    def set_timesteps(
-        self,
-        num_inference_steps: int | None = None,
-        device: str | torch.device | None = None,
-        timesteps: list[int] | None = None,
-        sigmas: list[float] | None = None,
-    ) -> None:
-        """diffusers' ``EulerDiscreteScheduler.set_timesteps``; tables are built at the next
-        step.
-
-        Args:
-            num_inference_steps: number of steps.
-            device: where ``self.timesteps`` goes.
-            timesteps: custom timesteps.
-            sigmas: custom sigmas (the last one is where the loop ends).
-        """
-        self.check_config()
-        super().set_timesteps(num_inference_steps, self._planning_device(device), timesteps, sigmas)
-        self._plan_changed(device)
 
     def step(
         self,
@@ -279,7 +230,6 @@ class FusedEulerDiscreteScheduler(_EulerBase, EulerDiscreteScheduler):
                 f"{type(self).__name__} does not support s_churn={s_churn!r} (stochastic churn); "
                 "use diffusers' EulerDiscreteScheduler for churn"
             )
-        self.check_config()
         prediction_type = self.config.prediction_type
         if prediction_type == "original_sample":
             prediction_type = "sample"
@@ -303,10 +253,8 @@ class FusedEulerAncestralDiscreteScheduler(_EulerBase, EulerAncestralDiscreteSch
         ...     pipe.scheduler.config)
     """
 
-    _diffusers_cls = EulerAncestralDiscreteScheduler
     _output_cls = EulerAncestralDiscreteSchedulerOutput
     _eta = 1.0
-    __init__ = fused_init(EulerAncestralDiscreteScheduler)
 
     def _unsupported(self, config) -> list[tuple[str, bool, str]]:
         return [
@@ -316,20 +264,6 @@ class FusedEulerAncestralDiscreteScheduler(_EulerBase, EulerAncestralDiscreteSch
                 "diffusers' Euler ancestral step supports epsilon and v_prediction",
             )
         ]
-
-    def set_timesteps(
-        self, num_inference_steps: int, device: str | torch.device | None = None
-    ) -> None:
-        """diffusers' ``EulerAncestralDiscreteScheduler.set_timesteps``; tables are built at
-        the next step.
-
-        Args:
-            num_inference_steps: number of steps.
-            device: where ``self.timesteps`` goes.
-        """
-        self.check_config()
-        super().set_timesteps(num_inference_steps, self._planning_device(device))
-        self._plan_changed(device)
 
     def step(
         self,
@@ -353,7 +287,6 @@ class FusedEulerAncestralDiscreteScheduler(_EulerBase, EulerAncestralDiscreteSch
             ``EulerAncestralDiscreteSchedulerOutput(prev_sample, pred_original_sample)`` or
             the tuple.
         """
-        self.check_config()
         return self._euler_step(
             model_output, timestep, sample, generator, return_dict, self.config.prediction_type
         )

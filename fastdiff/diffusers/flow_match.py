@@ -12,7 +12,7 @@ from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
 )
 
 from fastdiff import reference, tables
-from fastdiff.diffusers._common import dense, fused_init, nan_row, upload
+from fastdiff.diffusers._common import nan_row, upload
 from fastdiff.diffusers._rows import StepIndexMixin
 from fastdiff.flow import check_flow_sigmas
 
@@ -42,8 +42,6 @@ class FusedFlowMatchEulerDiscreteScheduler(StepIndexMixin, FlowMatchEulerDiscret
         ...     pipe.scheduler.config)
     """
 
-    _diffusers_cls = FlowMatchEulerDiscreteScheduler
-    __init__ = fused_init(FlowMatchEulerDiscreteScheduler)
     init_noise_sigma = 1.0
 
     def _unsupported(self, config) -> list[tuple[str, bool, str]]:
@@ -68,38 +66,23 @@ class FusedFlowMatchEulerDiscreteScheduler(StepIndexMixin, FlowMatchEulerDiscret
         finally:
             self.sigmas = sigmas
 
-    def set_timesteps(
-        self,
-        num_inference_steps: int | None = None,
-        device: str | torch.device | None = None,
-        sigmas: list[float] | None = None,
-        mu: float | None = None,
-        timesteps: list[float] | None = None,
-    ) -> None:
-        """diffusers' ``FlowMatchEulerDiscreteScheduler.set_timesteps`` (as ``retrieve_timesteps``
-        calls it); tables are built at the next step. Checked first, with the scheduler left
-        as it was on an error: ``mu`` with dynamic shifting, custom ``sigmas`` strictly
-        decreasing in [0, 1] and ``timesteps`` in [0, num_train_timesteps].
+    def _planning_device(self, device):
+        return device  # diffusers keeps its sigmas where the timesteps go
 
-        Args:
-            num_inference_steps: number of steps.
-            device: where ``self.timesteps`` and ``self.sigmas`` go.
-            sigmas: custom levels (shifted as diffusers does).
-            mu: dynamic shifting exponent (needed with ``use_dynamic_shifting``).
-            timesteps: custom timesteps.
-        """
-        self.check_config()
-        if self.config.use_dynamic_shifting and mu is None:
+    def _check_plan(self, arguments: dict) -> None:
+        """Before diffusers' set_timesteps (``fused_set_timesteps``, as ``retrieve_timesteps``
+        calls it): ``mu`` with dynamic shifting, custom ``sigmas`` strictly decreasing in
+        [0, 1], custom ``timesteps`` in [0, num_train_timesteps]."""
+        config = self.config
+        if config.use_dynamic_shifting and arguments["mu"] is None:
             raise ValueError(
                 "mu must be passed to set_timesteps when use_dynamic_shifting is True (Flux "
                 "pipelines compute it from the image's sequence length: calculate_shift)"
             )
-        if sigmas is not None:
-            check_flow_sigmas(sigmas, "sigmas")
-        if timesteps is not None:
-            check_flow_sigmas(timesteps, "timesteps", high=self.config.num_train_timesteps)
-        super().set_timesteps(num_inference_steps, device, sigmas, mu, timesteps)
-        self._plan_changed(device)
+        if arguments["sigmas"] is not None:
+            check_flow_sigmas(arguments["sigmas"], "sigmas")
+        if arguments["timesteps"] is not None:
+            check_flow_sigmas(arguments["timesteps"], "timesteps", high=config.num_train_timesteps)
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         """The flow model takes the state as it is: returns ``sample``."""
@@ -193,11 +176,8 @@ class FusedFlowMatchEulerDiscreteScheduler(StepIndexMixin, FlowMatchEulerDiscret
                 f"{type(self).__name__} does not support per_token_timesteps (one noise level "
                 "per token); use diffusers' FlowMatchEulerDiscreteScheduler for it"
             )
-        self.check_config()
-        if self.step_index is None:
-            self._init_step_index(timestep)
+        x = self._begin_step(timestep, sample)
         stochastic = bool(self.config.get("stochastic_sampling", False))
-        x = dense(sample)
         tabs = self._device_tables(
             ("flow_euler", stochastic), x.device, lambda: self._build(stochastic)
         )
@@ -205,26 +185,18 @@ class FusedFlowMatchEulerDiscreteScheduler(StepIndexMixin, FlowMatchEulerDiscret
         noise = seeds = None
         if stochastic:
             noise, seeds = self._noise_of_step(sample, generator)
-
-        def reference_step(xr, m, z):
-            sigma, sigma_next = self._values(tabs, rows, "sigma", "sigma_next")
-            if stochastic:
-                return reference.flow_stochastic_step(xr, m, sigma, sigma_next, z)
-            return reference.flow_euler_step(xr, m, sigma, sigma_next)
-
-        prev, _ = self._run_step(
+        rule = reference.flow_stochastic_step if stochastic else reference.flow_euler_step
+        return self._fused_step(
             x,
             model_output,
             tabs,
             rows,
-            reference_step,
+            self._reference_rule(tabs, rows, rule, ("sigma", "sigma_next")),
+            FlowMatchEulerDiscreteSchedulerOutput,
+            return_dict,
             out_dtype=model_output.dtype,
             x0_dtype=torch.float32,
             noise=noise,
             seeds=seeds,
             write_x0=False,  # diffusers returns no x0: 3 passes over the tensor
         )
-        self._advance()
-        if not return_dict:
-            return (prev,)
-        return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=prev)

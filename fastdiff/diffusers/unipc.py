@@ -7,21 +7,11 @@ import torch
 from diffusers.schedulers.scheduling_unipc_multistep import UniPCMultistepScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
-from fastdiff import reference
+from fastdiff import reference, unipc_tables
 from fastdiff.backend import resolve_backend
-from fastdiff.diffusers._common import dense, fused_init
 from fastdiff.diffusers._rows import StepIndexMixin
 from fastdiff.diffusers.dpm import FusedDPMSolverMultistepScheduler
 from fastdiff.kernels.fused_step import COLUMNS
-from fastdiff.unipc_tables import (
-    MAX_ORDER,
-    UniPCHistory,
-    conversion_coefficients,
-    reference_on_ring,
-    ring_slots,
-    step_orders,
-    unipc_table,
-)
 
 __all__ = ["FusedUniPCMultistepScheduler"]
 
@@ -53,14 +43,12 @@ class FusedUniPCMultistepScheduler(StepIndexMixin, UniPCMultistepScheduler):
         >>> pipe.scheduler = FusedUniPCMultistepScheduler.from_config(pipe.scheduler.config)
     """
 
-    _diffusers_cls = UniPCMultistepScheduler
+    _needs_plan = True
     _kernel_table = "unipc"  # the whole UniPC table ("table" holds its sampler columns)
-    _x0_processing = ("threshold",)  # diffusers' UniPC thresholds x0; it has no clip_sample
     _history_on_device = True  # no Python model_outputs / last_sample are read by a step
-    __init__ = fused_init(UniPCMultistepScheduler)
 
     def _setup_fused(self, backend: str | None, noise: str) -> None:
-        self._history: UniPCHistory | None = None
+        self._history: unipc_tables.UniPCHistory | None = None
         self._active: tuple | None = None  # (tables, table of the device-indexed chain)
         super()._setup_fused(backend, noise)
 
@@ -75,8 +63,8 @@ class FusedUniPCMultistepScheduler(StepIndexMixin, UniPCMultistepScheduler):
             ),
             (
                 "solver_order",
-                config.solver_order not in range(1, MAX_ORDER + 1),
-                f"the fused step keeps up to {MAX_ORDER} earlier model outputs (orders 1 to 3)",
+                config.solver_order not in range(1, unipc_tables.MAX_ORDER + 1),
+                f"the fused step keeps up to {unipc_tables.MAX_ORDER} earlier model outputs",
             ),
             (
                 "prediction_type",
@@ -132,39 +120,30 @@ class FusedUniPCMultistepScheduler(StepIndexMixin, UniPCMultistepScheduler):
     def _miss_index(self) -> int:
         return len(self._plan_host) - 1  # diffusers: a timestep not in the plan -> last step
 
-    def set_timesteps(
-        self,
-        num_inference_steps: int | None = None,
-        device: str | torch.device | None = None,
-        sigmas: list[float] | None = None,
-        mu: float | None = None,
-    ) -> None:
-        """diffusers' ``UniPCMultistepScheduler.set_timesteps``; tables are built at the next
-        step.
+    def _planning_device(self, device):
+        return device  # diffusers plans where the timesteps go (its sigmas stay on the CPU)
 
-        Args:
-            num_inference_steps: number of steps.
-            device: where ``self.timesteps`` goes.
-            sigmas: custom flow sigmas (``use_flow_sigmas`` only, as diffusers): strictly
-                decreasing, in (0, 1].
-            mu: dynamic shifting of flow sigmas (``use_dynamic_shifting``).
-        """
-        self.check_config()
-        if sigmas is not None and self.config.use_flow_sigmas:
-            s = torch.as_tensor(sigmas, dtype=torch.float64)
-            if (
-                s.dim() != 1
-                or len(s) == 0
-                or not bool(torch.isfinite(s).all())
-                or bool(((s <= 0) | (s > 1)).any())
-                or bool((s[1:] >= s[:-1]).any())
-            ):
-                raise ValueError(
-                    f"sigmas must be a non-empty strictly decreasing list in (0, 1], got {sigmas}"
-                )
-        super().set_timesteps(num_inference_steps, device, sigmas, mu)
-        self._plan_changed(device)
-        self._active = None
+    def _check_plan(self, arguments: dict) -> None:
+        """Before diffusers' set_timesteps (``fused_set_timesteps``): custom flow ``sigmas``
+        (``use_flow_sigmas`` only, as diffusers) strictly decreasing in (0, 1]."""
+        sigmas = arguments["sigmas"]
+        if sigmas is None or not self.config.use_flow_sigmas:
+            return
+        s = torch.as_tensor(sigmas, dtype=torch.float64)
+        if (
+            s.dim() != 1
+            or len(s) == 0
+            or not bool(torch.isfinite(s).all())
+            or bool(((s <= 0) | (s > 1)).any())
+            or bool((s[1:] >= s[:-1]).any())
+        ):
+            raise ValueError(
+                f"sigmas must be a non-empty strictly decreasing list in (0, 1], got {sigmas}"
+            )
+
+    def _plan_changed(self, device) -> None:
+        super()._plan_changed(device)
+        self._active = None  # the device-indexed chain's table belongs to the old plan
 
     def _points(self) -> tuple[torch.Tensor, torch.Tensor]:
         """alpha_t, sigma_t of the plan's sigmas (diffusers' ``_sigma_to_alpha_sigma_t``),
@@ -177,10 +156,12 @@ class FusedUniPCMultistepScheduler(StepIndexMixin, UniPCMultistepScheduler):
 
     def _build(self, prediction_type: str, order: int, predict_x0: bool, processed: bool) -> dict:
         alpha, sigma = self._points()
-        conversion = conversion_coefficients(alpha[:-1], sigma[:-1], prediction_type, predict_x0)
+        conversion = unipc_tables.conversion_coefficients(
+            alpha[:-1], sigma[:-1], prediction_type, predict_x0
+        )
         config = self.config
         try:
-            table = unipc_table(
+            table = unipc_tables.unipc_table(
                 alpha,
                 sigma,
                 conversion,
@@ -236,16 +217,12 @@ class FusedUniPCMultistepScheduler(StepIndexMixin, UniPCMultistepScheduler):
         Returns:
             ``SchedulerOutput(prev_sample)`` or ``(prev_sample,)``.
         """
-        self._check_planned()
-        self.check_config()
+        x = self._begin_step(timestep, sample)
         config = self.config
-        if self.step_index is None:
-            self._init_step_index(timestep)
-        n = len(self._plan_host)
+        n = self._plan_len
         order = config.solver_order
         prediction_type = config.prediction_type
         predict_x0 = bool(self.predict_x0)
-        x = dense(sample)
         _, thresholding = self._processing(config)
         thresholding = thresholding if predict_x0 else None
         processed = thresholding is not None
@@ -254,9 +231,9 @@ class FusedUniPCMultistepScheduler(StepIndexMixin, UniPCMultistepScheduler):
             x.device,
             lambda: self._build(prediction_type, order, predict_x0, processed),
         )
-        slots = ring_slots(order)
+        slots = unipc_tables.ring_slots(order)
         if self._history is None or self._history.slots != slots:
-            self._history = UniPCHistory(slots)
+            self._history = unipc_tables.UniPCHistory(slots)
         w = min(self.lower_order_nums, order)  # earlier steps of this chain (diffusers' count)
         if w == 0:
             self._history.clear()
@@ -268,16 +245,15 @@ class FusedUniPCMultistepScheduler(StepIndexMixin, UniPCMultistepScheduler):
             tables, rows = self._device_rows(tabs, index, w == 0, n)
         else:
             tables, rows = tabs, self._index_rows(tabs, offset=w * (n + 1))
-        orders = None
 
         def reference_step(xr, m, _noise):  # UniPC is deterministic
-            nonlocal orders
             # the reference backend reads a device step index on the host (the kernel never)
             k = index if isinstance(index, int) else int(index)
-            orders = step_orders(
+            orders = unipc_tables.step_orders(
                 k, w, n, order, config.lower_order_final, tuple(self.disable_corrector)
             )
-            return reference_on_ring(
+            self.this_order = orders[1]
+            return unipc_tables.reference_on_ring(
                 xr,
                 m,
                 k,
@@ -291,12 +267,14 @@ class FusedUniPCMultistepScheduler(StepIndexMixin, UniPCMultistepScheduler):
                 thresholding=thresholding,
             )
 
-        prev, _ = self._run_step(
+        return self._fused_step(
             x,
             model_output,
             tables,
             rows,
             reference_step,
+            SchedulerOutput,
+            return_dict,
             out_dtype=sample.dtype,
             x0_dtype=sample.dtype,
             thresholding=thresholding,
@@ -304,11 +282,8 @@ class FusedUniPCMultistepScheduler(StepIndexMixin, UniPCMultistepScheduler):
             last_sample=last,
             write_x0=False,  # the step returns the sample only
         )
-        if orders is not None:
-            self.this_order = orders[1]
-        if self.lower_order_nums < order:
+
+    def _end_step(self, x0: torch.Tensor | None) -> None:
+        if self.lower_order_nums < self.config.solver_order:
             self.lower_order_nums += 1
-        self._advance()
-        if not return_dict:
-            return (prev,)
-        return SchedulerOutput(prev_sample=prev)
+        super()._end_step(x0)

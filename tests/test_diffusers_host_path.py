@@ -1,0 +1,162 @@
+"""The host cost of a drop-in step, bounded by counts (never by time).
+
+A loop of ``scale_model_input`` + ``step`` on small latents is host-bound: on the H200 one
+CUDA torch op costs ~4-6 us of host time and the fused launch ~6-10 us, against a target of
+30 us a step (issue 10). These tests count, for one steady-state step of each drop-in on the
+kernel path (the launch itself stubbed out, so the count is the same under the interpreter
+as on a card), the aten ops dispatched and the Python calls made inside
+``fastdiff.diffusers``, and bound them, so that an added table gather, copy, tensor
+construction or helper layer cannot slip in unnoticed.
+
+The aten ops left are the ones the diffusers contract needs: the two outputs (prev_sample and
+pred_original_sample; one when diffusers returns no x0), Euler's input division (the scaled
+sample is returned), and the noise draw of ``noise="torch"`` (diffusers' ``randn_tensor``).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import sys
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+pytest.importorskip("diffusers")
+
+import fastdiff.kernels.fused_step as fused_step_module  # noqa: E402
+from fastdiff.diffusers import (  # noqa: E402
+    FusedDDIMScheduler,
+    FusedDDPMScheduler,
+    FusedDPMSolverMultistepScheduler,
+    FusedEulerAncestralDiscreteScheduler,
+    FusedEulerDiscreteScheduler,
+    FusedFlowMatchEulerDiscreteScheduler,
+    FusedUniPCMultistepScheduler,
+)
+
+SHAPE = (1, 4, 8, 8)
+DIFFUSERS_DIR = os.path.join("fastdiff", "diffusers") + os.sep
+
+# (class, noise, generator?): aten ops a step may issue besides the launch, Python calls into
+# fastdiff/diffusers a step may make (today's counts: a regression fails, a gain passes)
+CASES = {
+    "ddpm": (FusedDDPMScheduler, "torch", True, 3, 21),
+    "ddpm-philox": (FusedDDPMScheduler, "philox", False, 2, 21),
+    "ddim": (FusedDDIMScheduler, "torch", False, 2, 19),
+    "euler": (FusedEulerDiscreteScheduler, "torch", False, 3, 17),
+    "euler_a": (FusedEulerAncestralDiscreteScheduler, "torch", True, 4, 19),
+    "euler_a-philox": (FusedEulerAncestralDiscreteScheduler, "philox", False, 3, 19),
+    "dpm": (FusedDPMSolverMultistepScheduler, "torch", False, 2, 16),
+    "unipc": (FusedUniPCMultistepScheduler, "torch", False, 1, 16),
+    "flow": (FusedFlowMatchEulerDiscreteScheduler, "torch", False, 1, 15),
+}
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def no_launch(monkeypatch):
+    """The kernel path up to the launch (checks, allocations, launch constants), without it."""
+    if not fused_step_module._interpreting():
+        pytest.skip("counts the CPU kernel path under TRITON_INTERPRET=1")
+    monkeypatch.setattr(fused_step_module, "_launch", lambda *args, **kwargs: None)
+
+
+def _steady_step(name: str):
+    """A scheduler on the kernel path after a warm-up loop (tables built and uploaded, kernel
+    configs cached, step index known), and one iteration of the loop to count."""
+    cls, noise, with_generator, _, _ = CASES[name]
+    scheduler = cls(backend="triton", noise=noise)
+    x = torch.randn(SHAPE)
+    m = torch.randn(SHAPE)
+    generator = torch.Generator().manual_seed(0) if with_generator else None
+    kwargs = {"generator": generator} if with_generator else {}
+    scheduler.set_timesteps(10)
+    for t in scheduler.timesteps:
+        scheduler.scale_model_input(x, t)
+        scheduler.step(m, t, x, **kwargs)
+    scheduler.set_timesteps(10)  # the same plan: tables kept
+    timesteps = list(scheduler.timesteps)
+    for t in timesteps[:3]:
+        scheduler.scale_model_input(x, t)
+        scheduler.step(m, t, x, **kwargs)
+    t = timesteps[3]
+
+    def iteration():
+        scheduler.scale_model_input(x, t)
+        return scheduler.step(m, t, x, **kwargs)
+
+    return iteration
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_aten_ops_per_step(name, no_launch):
+    iteration = _steady_step(name)
+    counter = _CountOps()
+    with counter:
+        out = iteration()
+    assert out.prev_sample.shape == SHAPE
+    bound = CASES[name][3]
+    assert sum(counter.ops.values()) <= bound, (
+        f"{name}: a step issues {dict(counter.ops)} besides the launch; at most {bound} "
+        "(each CUDA op costs ~5 us of host time)"
+    )
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_python_calls_per_step(name, no_launch):
+    iteration = _steady_step(name)
+    calls: collections.Counter = collections.Counter()
+
+    def profile(frame, event, arg):
+        if event == "call" and DIFFUSERS_DIR in frame.f_code.co_filename:
+            calls[frame.f_code.co_name] += 1
+
+    sys.setprofile(profile)
+    try:
+        iteration()
+    finally:
+        sys.setprofile(None)
+    bound = CASES[name][4]
+    assert sum(calls.values()) <= bound, (
+        f"{name}: a step makes {sum(calls.values())} calls in fastdiff.diffusers "
+        f"({dict(calls)}); at most {bound}"
+    )
+
+
+@pytest.mark.parametrize("name", ["ddim", "euler", "dpm"])
+def test_set_timesteps_again_keeps_the_uploaded_plan(name):
+    """The same plan on the same device again (a pipeline calls set_timesteps per image): the
+    timesteps already there are kept, no new upload; another plan gets its own."""
+    cls = CASES[name][0]
+    scheduler = cls()
+    reference = cls._diffusers_cls.from_config(scheduler.config)
+    scheduler.set_timesteps(4, device="cpu")
+    first = scheduler.timesteps
+    scheduler.set_timesteps(4, device="cpu")
+    assert scheduler.timesteps is first
+    for steps in (6, 4):
+        scheduler.set_timesteps(steps, device="cpu")
+        reference.set_timesteps(steps, device="cpu")
+        assert scheduler.timesteps is not first
+        torch.testing.assert_close(scheduler.timesteps, reference.timesteps, rtol=0, atol=0)
+
+
+def test_set_timesteps_checks_positional_arguments():
+    """The plan checks read the arguments by name also when they are passed by position."""
+    scheduler = FusedDPMSolverMultistepScheduler()
+    with pytest.raises(ValueError, match="needs use_dynamic_shifting"):
+        scheduler.set_timesteps(4, "cpu", 1.0)  # mu, by position
+    flow = FusedFlowMatchEulerDiscreteScheduler()
+    with pytest.raises(ValueError, match="sigmas"):
+        flow.set_timesteps(None, "cpu", [0.2, 0.5])  # not decreasing
