@@ -231,7 +231,13 @@ def test_gpu_compiled_conv_model_in_a_graph_is_bitwise_the_eager_compiled_model(
             g = SamplingGraph(compiled, sampler, shape, dtype=dtype, guidance_scale=guidance)
             graphed = g.run(x, seeds)
             eager = sample(
-                compiled, sampler, x=x, seeds=seeds, guidance_scale=guidance, progress=False
+                compiled,
+                sampler,
+                x=x,
+                seeds=seeds,
+                dtype=dtype,
+                guidance_scale=guidance,
+                progress=False,
             )
             assert g.captured and torch.equal(graphed, eager), name
             assert torch.equal(g.run(x, seeds), eager), name  # a second run only replays
@@ -240,6 +246,7 @@ def test_gpu_compiled_conv_model_in_a_graph_is_bitwise_the_eager_compiled_model(
                 sampler,
                 x=x,
                 seeds=seeds,
+                dtype=dtype,
                 guidance_scale=guidance,
                 cuda_graph=True,
                 progress=False,

@@ -164,9 +164,13 @@ def run_pair(case, backend, seed, *, x=None, begin=None):
             out_d = d.step(m, t, xd)
         except (IndexError, AssertionError):
             # a plan with a repeated first timestep: diffusers starts at its second occurrence
-            # and runs off the end; the fused scheduler follows the rule and stops too
-            with pytest.raises(ValueError, match="more often"):
-                f.step(m, t, xf)
+            # and runs off the end; the fused scheduler follows the rule and stops too: with
+            # an error on a host plan, on the poison (NaN) row of a device plan (no sync)
+            if t.device.type == "cpu":
+                with pytest.raises(ValueError, match="more often"):
+                    f.step(m, t, xf)
+            else:
+                assert torch.isnan(f.step(m, t, xf).prev_sample).all(), what
             return d, f
         try:
             out_f = f.step(m, t, xf)
