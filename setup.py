@@ -16,6 +16,7 @@ setup(
     packages=[
         "fastdiff",
         "fastdiff.diffusers",
+        "fastdiff.k_diffusion",
         "fastdiff.kernels",
         "fastdiff.reference",
         "fastdiff.sample_many",
