@@ -105,7 +105,7 @@ class FusedSchedulerMixin:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """A class with a diffusers scheduler among its bases gets ``_diffusers_cls`` (that
         class), the fused ``__init__`` (``fused_init``) and ``set_timesteps``
-        (``fused_set_timesteps``), unless it defines them itself."""
+        (``fused_set_timesteps``), unless it or a fused base class defines them."""
         super().__init_subclass__(**kwargs)
         base = next(
             (
@@ -119,9 +119,9 @@ class FusedSchedulerMixin:
             return
         if "_diffusers_cls" not in vars(cls):
             cls._diffusers_cls = base
-        if "__init__" not in vars(cls):
+        if cls.__init__ is base.__init__:
             cls.__init__ = fused_init(base)
-        if "set_timesteps" not in vars(cls):
+        if cls.set_timesteps is base.set_timesteps:
             cls.set_timesteps = fused_set_timesteps(base)
 
     _kernel_table = "table"  # the key of the device table the kernel reads
