@@ -309,7 +309,8 @@ class FusedTCDScheduler(_ConsistencyBase, TCDScheduler):
     _last_next_is_self = False
 
     def _x0_options(self, config) -> tuple[bool, bool]:
-        return False, False  # TCD's __init__ takes clip_sample / thresholding; its step ignores them
+        """Neither: TCD's ``__init__`` takes clip_sample / thresholding, its step ignores them."""
+        return False, False
 
     def _unsupported(self, config) -> list[tuple[str, bool, str]]:
         return [
