@@ -25,6 +25,7 @@ __all__ = [
     "dpmpp_2m_table",
     "eps_coefficients",
     "euler_table",
+    "heun_correction_table",
     "x0_coefficients",
 ]
 
@@ -340,4 +341,32 @@ def dpmpp_2m_table_as(
         half_inv_r = torch.where(second, 0.5 * h / torch.where(second, h_prev, 1.0), 0.0)
         table[:, COL["x0"]] = gain * (1.0 + half_inv_r)
         table[:, COL["x0_prev"]] = -gain * half_inv_r
+    return table
+
+
+# -- Heun's 2nd-order method (Karras et al. 2022 Alg. 1) in sigma space ----------------------
+
+
+def heun_correction_table(
+    sigma: torch.Tensor, sigma_next: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
+    """The second (correction) half of a Heun step (Karras et al. 2022 Alg. 1 lines 7-8) in
+    sigma space, the first half being :func:`euler_table` ``(sigma, sigma_next, space="sigma")``.
+
+    The kernel's x is the Euler-predicted ``x = x_s + (s' - s) (x_s - D) / s`` (D: the first
+    half's x0, given as ``x0_prev``), x0 is predicted at ``s'``, and eliminating the start
+    ``x_s = (s x + (s' - s) D) / s'`` from ``x_next = x_s + (s' - s) (d + d') / 2`` gives::
+
+        x_next = x + (s' - s) / (2 s') (D - x0)
+
+    Args:
+        sigma, sigma_next: float64 ``[n]`` noise levels of the step (``sigma_next > 0``).
+        prediction_type: "epsilon", "sample" or "v_prediction".
+    """
+    # x0 predicted at sigma_next: euler_table's x0 columns of a step from sigma_next
+    table = euler_table(sigma_next, sigma_next, prediction_type, 0.0, "sigma")
+    half = (sigma_next - sigma) / (2.0 * sigma_next)
+    table[:, COL["x"]] = 1.0
+    table[:, COL["x0"]] = -half
+    table[:, COL["x0_prev"]] = half
     return table

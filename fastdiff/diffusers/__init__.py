@@ -51,6 +51,7 @@ from fastdiff.diffusers.euler import (
 )
 from fastdiff.diffusers.flow_match import FusedFlowMatchEulerDiscreteScheduler
 from fastdiff.diffusers.graph import DenoisingLoopGraph, capture_denoising_loop
+from fastdiff.diffusers.heun import FusedHeunDiscreteScheduler
 from fastdiff.diffusers.unipc import FusedUniPCMultistepScheduler
 
 __all__ = [
@@ -63,6 +64,7 @@ __all__ = [
     "FusedDPMSolverMultistepScheduler",
     "FusedEulerAncestralDiscreteScheduler",
     "FusedEulerDiscreteScheduler",
+    "FusedHeunDiscreteScheduler",
 ]
 
 # diffusers' pipeline loader looks the component's base class up by name in the library that

@@ -1,0 +1,235 @@
+"""FusedHeunDiscreteScheduler: diffusers' HeunDiscreteScheduler (Karras et al. 2022 Alg. 1,
+sigma space) with each half of the step as one fused kernel launch."""
+
+from __future__ import annotations
+
+import torch
+from diffusers.schedulers.scheduling_heun_discrete import (
+    HeunDiscreteScheduler,
+    HeunDiscreteSchedulerOutput,
+)
+
+from fastdiff import tables
+from fastdiff.checks import PREDICTION_TYPES
+from fastdiff.diffusers._common import dense, fused_init, make_output, nan_row, promote
+from fastdiff.diffusers.euler import _EulerBase
+from fastdiff.reference.vp import euler_step, heun_correction_step
+
+__all__ = ["FusedHeunDiscreteScheduler"]
+
+
+class FusedHeunDiscreteScheduler(_EulerBase, HeunDiscreteScheduler):
+    """Drop-in ``HeunDiscreteScheduler`` (Karras et al. 2022 Alg. 1): the model is called
+    twice per step and each half is one fused kernel launch.
+
+    ``timesteps`` / ``sigmas`` are diffusers' own (interleaved: every inner timestep twice;
+    Karras / exponential / beta sigmas, every spacing, custom ``timesteps``). The first half
+    (``state_in_first_order``) is Euler from ``sigma`` to ``sigma_next`` with ``D = x0`` at
+    ``sigma``; the second, at the Euler-predicted ``x`` with ``x0`` at ``sigma_next``, is
+    ``x_next = x + (sigma_next - sigma) / (2 sigma_next) (D - x0)``
+    (``tables.heun_correction_table``): the first half's x0 is the kernel's ``x0_prev``.
+    State between the halves is two device tensors (x0 and the sample), no host sync.
+
+    A step whose timestep is not the plan's at the step index, or a second half whose step
+    index is not the one its first half left, is refused: ValueError when both are known on
+    the host, NaN (the poison row) when either lives on the device. ``set_timesteps`` resets
+    the scheduler to the first half, as diffusers does.
+
+    Example:
+        >>> pipe.scheduler = FusedHeunDiscreteScheduler.from_config(pipe.scheduler.config)
+    """
+
+    _diffusers_cls = HeunDiscreteScheduler
+    _output_cls = HeunDiscreteSchedulerOutput
+    _x0_processing = ("clip",)
+    __init__ = fused_init(HeunDiscreteScheduler)
+
+    def _unsupported(self, config) -> list[tuple[str, bool, str]]:
+        clip, _ = self._x0_options(config)
+        return [
+            (
+                "prediction_type",
+                config.prediction_type not in PREDICTION_TYPES,
+                f"diffusers' Heun step supports {PREDICTION_TYPES}",
+            ),
+            (
+                "clip_sample_range",
+                clip and not config.get("clip_sample_range", 1.0) > 0,
+                "the clip range must be positive",
+            ),
+        ]
+
+    @property
+    def state_in_first_order(self) -> bool:
+        """Whether the next ``step`` is the first half of a Heun step (diffusers' property)."""
+        return vars(self).get("_heun") is None
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        num_train_timesteps: int | None = None,
+        timesteps: list[int] | None = None,
+    ) -> None:
+        """diffusers' ``HeunDiscreteScheduler.set_timesteps``; tables are built at the next
+        step, and the scheduler is back in the first half.
+
+        Args:
+            num_inference_steps: number of (two-evaluation) steps.
+            device: where ``self.timesteps`` goes.
+            num_train_timesteps: the training steps (default: the config's).
+            timesteps: custom timesteps.
+        """
+        if "_plan_state" not in vars(self):  # diffusers' __init__ plans before the fused setup
+            super().set_timesteps(num_inference_steps, device, num_train_timesteps, timesteps)
+            return
+        self.check_config()
+        super().set_timesteps(num_inference_steps, None, num_train_timesteps, timesteps)
+        self._plan_changed(device)
+        self._heun = None
+
+    def _build_heun(self, prediction_type: str) -> dict[str, torch.Tensor]:
+        """Rows ``[0, n)``: first halves (Euler from ``sigmas[i]`` to ``sigmas[i + 1]``);
+        row ``n``: poison; rows ``n + 1 + i``: the second half at step index ``i`` (from
+        ``sigmas[i - 1]`` to ``sigmas[i]``; ``i = 0`` is poison); row ``2n + 1``: poison."""
+        sigmas = self.sigmas.to(torch.float64)
+        first = tables.euler_table(sigmas[:-1], sigmas[1:], prediction_type, 0.0, "sigma")
+        second = tables.heun_correction_table(sigmas[:-2], sigmas[1:-1], prediction_type)
+        nan = torch.full((1,), float("nan"), dtype=torch.float64)
+        return {
+            "table": torch.cat([first, nan_row(), nan_row(), second, nan_row()]),
+            "sigma": torch.cat([sigmas[:-1], nan, nan, sigmas[:-2], nan]),
+            "sigma_next": torch.cat([sigmas[1:], nan, nan, sigmas[1:-1], nan]),
+        }
+
+    def _guard(self, timestep, rows: torch.Tensor, offset: int, expected) -> torch.Tensor:
+        """The step's rows, checked against a stale state: the timestep must be the plan's at
+        the step index and (second half) the index the first half left. Known on the host: a
+        ValueError; else the rows become the poison row on the device (no sync)."""
+        index = self._step_index
+        value = self._host_value(timestep)
+        on_host = not isinstance(index, torch.Tensor)
+        if on_host and value is not None and not isinstance(expected, torch.Tensor):
+            if expected is not None and index != expected:
+                raise ValueError(
+                    f"{type(self).__name__}: stale state_in_first_order: the second half of "
+                    f"a Heun step is at step index {index}, its first half left {expected}"
+                )
+            if value != self._plan_values[index]:
+                raise ValueError(
+                    f"{type(self).__name__}: timestep {value} is not the plan's timestep "
+                    f"{self._plan_values[index]} at step index {index} (state_in_first_order="
+                    f"{self.state_in_first_order}); pass the scheduler's timesteps in order, "
+                    "or call set_timesteps to start again"
+                )
+            return rows
+        n = self._plan_len
+        device = rows.device
+        if value is None and timestep.numel() != 1:
+            raise ValueError(
+                f"{type(self).__name__} takes one timestep for the whole batch, got shape "
+                f"{tuple(timestep.shape)}"
+            )
+        at = self._plan_on(device).index_select(0, (rows - offset).clamp(0, n - 1))
+        t = timestep.reshape(1).to(device) if value is None else value
+        ok = at == t
+        if expected is not None:
+            ok = ok & (rows - offset == expected)
+        return torch.where(ok, rows, offset + n)
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: float | torch.Tensor,
+        sample: torch.Tensor,
+        return_dict: bool = True,
+    ) -> HeunDiscreteSchedulerOutput | tuple:
+        """One half of a Heun step, as diffusers' ``HeunDiscreteScheduler.step``: the Euler
+        predictor when ``state_in_first_order``, else the trapezoidal corrector.
+
+        Args:
+            model_output: the model output, like ``sample``.
+            timestep: the current timestep (one of ``self.timesteps``, in order).
+            sample: the current sample (sigma-space state; in the second half the first
+                half's ``prev_sample``).
+            return_dict: return a ``HeunDiscreteSchedulerOutput`` (else a tuple).
+
+        Returns:
+            ``HeunDiscreteSchedulerOutput(prev_sample, pred_original_sample)`` or the tuple.
+
+        Raises:
+            ValueError: a stale state (see the class docstring), a timestep not in the plan.
+        """
+        self.check_config()
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        prediction_type = self.config.prediction_type
+        clip_range, _ = self._processing(self.config)
+        x = dense(sample)
+        tabs = self._device_tables(
+            ("heun", prediction_type), x.device, lambda: self._build_heun(prediction_type)
+        )
+        state = self._heun
+        offset = 0 if state is None else self._plan_len + 1
+        if state is not None and state[0].shape != sample.shape:
+            raise ValueError(
+                f"sample has shape {tuple(sample.shape)}, but the first half of this Heun "
+                f"step was taken on {tuple(state[0].shape)} (stale state_in_first_order)"
+            )
+        rows = self._index_rows(tabs, offset)
+        rows = self._guard(timestep, rows, offset, None if state is None else state[2])
+        out_dtype = promote(sample.dtype, model_output.dtype)
+        x0_dtype = model_output.dtype if prediction_type == "sample" else out_dtype
+
+        def reference_step(xr, m, _noise):
+            sigma, sigma_next = self._values(tabs, rows, "sigma", "sigma_next")
+            if state is None:
+                return euler_step(
+                    xr, m, sigma, sigma_next, prediction_type=prediction_type, clip_range=clip_range
+                )
+            return heun_correction_step(
+                xr,
+                m,
+                sigma,
+                sigma_next,
+                x_start=state[0],
+                x0_start=state[1],
+                prediction_type=prediction_type,
+                clip_range=clip_range,
+            )
+
+        prev, x0 = self._run_step(
+            x,
+            model_output,
+            tabs,
+            rows,
+            reference_step,
+            out_dtype=out_dtype,
+            x0_dtype=x0_dtype,
+            x0_prev=None if state is None else state[1],
+            clip_range=clip_range,
+        )
+        self._advance()
+        if state is None:  # what the second half reads: the start, D, its step index
+            self._heun = (sample, x0, self._step_index)
+            self.sample = sample
+        else:
+            self._heun = self.sample = None
+        if not return_dict:
+            return (prev, x0)
+        return make_output(self._output_cls, prev, x0)
+
+    def check_capturable(self) -> None:
+        """Refused: the two halves alternate on the host (``state_in_first_order``) and the
+        second finds its step index from the first's, which a graph of one iteration replayed
+        for every timestep would freeze (the timestep alone does not tell the halves apart:
+        diffusers' plan repeats it).
+
+        Raises:
+            ValueError: always.
+        """
+        raise ValueError(
+            f"{type(self).__name__} alternates its two half steps on the host "
+            "(state_in_first_order), which a replayed CUDA graph of one iteration cannot "
+            "follow; use the eager loop (its steps have no host sync)"
+        )
