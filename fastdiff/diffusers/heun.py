@@ -86,7 +86,7 @@ class FusedHeunDiscreteScheduler(_EulerBase, HeunDiscreteScheduler):
         self.check_config()
         super().set_timesteps(num_inference_steps, None, num_train_timesteps, timesteps)
         self._plan_changed(device)
-        self._heun = None
+        self._heun = self.sample = None
 
     def _build_heun(self, prediction_type: str) -> dict[str, torch.Tensor]:
         """Rows ``[0, n)``: first halves (Euler from ``sigmas[i]`` to ``sigmas[i + 1]``);
