@@ -453,8 +453,7 @@ def test_capture_is_refused_with_the_reason():
 # -- pipelines and the mixture --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("strength", [None, 0.6])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend, strength", [("triton", None), ("reference", 0.6)])
 def test_stable_diffusion_style_loop_gives_stock_latents(backend, strength, seed):
     from test_diffusers_pipelines import stable_diffusion_loop, tiny_conditional_unet
 
@@ -477,7 +476,7 @@ def test_stable_diffusion_pipeline_swap(seed):
 
     def latents():
         generator = torch.Generator().manual_seed(seed)
-        kwargs = {"num_inference_steps": 3, "height": 8, "width": 8, "output_type": "latent"}
+        kwargs = {"num_inference_steps": 2, "height": 8, "width": 8, "output_type": "latent"}
         return pipe(prompt_embeds=embeds, generator=generator, **kwargs).images
 
     want = latents()
@@ -536,8 +535,10 @@ def test_gpu_loop_has_no_host_sync(clone):
     for s in (f, d):
         s.set_timesteps(6, device=device)
     zeros = torch.zeros(shape, device=device)
-    f.step(zeros, f.timesteps[0], zeros)
-    f.set_timesteps(6, device=device)  # same plan: the tables built above are kept
+    for t in (f.timesteps[0], f.timesteps[0].clone()):  # host and device index paths
+        f.scale_model_input(zeros, t)
+        f.step(zeros, t, zeros)
+        f.set_timesteps(6, device=device)  # same plan: the tables built above are kept
     x = torch.randn(shape, device=device) * float(d.init_noise_sigma)
     ms = [torch.randn(shape, device=device) for _ in f.timesteps]
     xf = x.clone()
