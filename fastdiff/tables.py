@@ -348,25 +348,32 @@ def dpmpp_2m_table_as(
 
 
 def heun_correction_table(
-    sigma: torch.Tensor, sigma_next: torch.Tensor, prediction_type: str
+    sigma: torch.Tensor, sigma_next: torch.Tensor, prediction_type: str, midpoint: bool = False
 ) -> torch.Tensor:
     """The second (correction) half of a Heun step (Karras et al. 2022 Alg. 1 lines 7-8) in
-    sigma space, the first half being :func:`euler_table` ``(sigma, sigma_next, space="sigma")``.
+    sigma space, the first half being :func:`euler_table` ``(sigma, sigma_next, space="sigma")``:
+    ``x_next = x_s + (s' - s) (d + d') / 2`` with ``d = (x_s - D) / s`` (D: the first half's x0),
+    ``d' = (x - x0) / s'``, x0 predicted at ``s'`` from the model output at x.
 
-    The kernel's x is the Euler-predicted ``x = x_s + (s' - s) (x_s - D) / s`` (D: the first
-    half's x0, given as ``x0_prev``), x0 is predicted at ``s'``, and eliminating the start
-    ``x_s = (s x + (s' - s) D) / s'`` from ``x_next = x_s + (s' - s) (d + d') / 2`` gives::
+    ``midpoint=False``: x is the first half's own Euler prediction ``x_s + (s' - s) d``, and
+    ``x0_prev`` is D; eliminating ``x_s = (s x + (s' - s) D) / s'`` gives::
 
         x_next = x + (s' - s) / (2 s') (D - x0)
+
+    ``midpoint=True``: any x (e.g. blended by an inpainting loop between the halves), and
+    ``x0_prev`` is the midpoint ``P = x_s + (s' - s) d / 2``::
+
+        x_next = P + (s' - s) / (2 s') (x - x0)
 
     Args:
         sigma, sigma_next: float64 ``[n]`` noise levels of the step (``sigma_next > 0``).
         prediction_type: "epsilon", "sample" or "v_prediction".
+        midpoint: the form whose ``x0_prev`` is P (else D).
     """
     # x0 predicted at sigma_next: euler_table's x0 columns of a step from sigma_next
     table = euler_table(sigma_next, sigma_next, prediction_type, 0.0, "sigma")
     half = (sigma_next - sigma) / (2.0 * sigma_next)
-    table[:, COL["x"]] = 1.0
+    table[:, COL["x"]] = half if midpoint else 1.0
     table[:, COL["x0"]] = -half
-    table[:, COL["x0_prev"]] = half
+    table[:, COL["x0_prev"]] = 1.0 if midpoint else half
     return table

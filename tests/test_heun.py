@@ -89,26 +89,32 @@ def test_reference_is_heuns_method_in_closed_form():
     assert 1.7 < error(8, "euler") / error(16, "euler") < 2.3
 
 
+@pytest.mark.parametrize("midpoint", [False, True])
 @pytest.mark.parametrize("prediction_type", PREDICTIONS)
-def test_correction_table_is_the_reference(prediction_type):
-    """The kernel row (x_next = X x + X0 x0 + X0_PREV D, x0 = x0_x x + x0_m m) equals the
-    reference's two-derivative form in float64, x given as the first half's result."""
+def test_correction_table_is_the_reference(prediction_type, midpoint):
+    """The kernel row (x_next = X x + X0 x0 + X0_PREV x0_prev, x0 = x0_x x + x0_m m) equals the
+    reference's two-derivative form in float64: x the first half's result and x0_prev its x0
+    D, or (midpoint) any x and x0_prev the midpoint x_s + (s' - s) d / 2."""
     g = torch.Generator().manual_seed(0)
     s = torch.tensor([14.6, 3.0, 0.9, 0.2], dtype=F64)
     s_next = torch.tensor([9.0, 1.1, 0.3, 0.03], dtype=F64)
-    table = tables.heun_correction_table(s, s_next, prediction_type)
+    table = tables.heun_correction_table(s, s_next, prediction_type, midpoint=midpoint)
     col = tables.COL
     for i in range(len(s)):
         x_start = torch.randn(50, generator=g, dtype=F64) * (s[i] + 1)
         d0 = torch.randn(50, generator=g, dtype=F64)
-        x = x_start + (s_next[i] - s[i]) * (x_start - d0) / s[i]
+        h = s_next[i] - s[i]
+        x = x_start + h * (x_start - d0) / s[i]
+        if midpoint:
+            x = x + torch.randn(50, generator=g, dtype=F64)  # changed between the halves
         m = torch.randn(50, generator=g, dtype=F64)
         want, want_x0 = heun_correction_step(
             x, m, s[i], s_next[i], x_start=x_start, x0_start=d0, prediction_type=prediction_type
         )
+        x0_prev = x_start + h / 2 * (x_start - d0) / s[i] if midpoint else d0
         row = table[i]
         x0 = row[col["x0_x"]] * x + row[col["x0_m"]] * m
-        got = row[col["x"]] * x + row[col["x0"]] * x0 + row[col["x0_prev"]] * d0
+        got = row[col["x"]] * x + row[col["x0"]] * x0 + row[col["x0_prev"]] * x0_prev
         assert row[col["m"]] == row[col["std"]] == 0
         torch.testing.assert_close(x0, want_x0, rtol=1e-13, atol=1e-13)
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
@@ -182,12 +188,14 @@ def random_heun_case(rng: random.Random) -> dict:
     return {"config": cfg, "set": set_kwargs}
 
 
-def run_heun_pair(case, backend, seed, *, clone_timesteps=False, guard=None):
+def run_heun_pair(case, backend, seed, *, clone_timesteps=False, guard=None, between=None):
     """diffusers' Heun and the fused one side by side over a whole plan, both halves of every
     step compared: state_in_first_order, the model input (bitwise), the output types and
     dtypes with diffusers in float32, the values with diffusers in float64 (module docstring).
     ``clone_timesteps``: pass copies of the plan's timesteps (found on the device);
-    ``guard``: the ``device_timesteps`` fixture, active inside the fused calls."""
+    ``guard``: the ``device_timesteps`` fixture, active inside the fused calls; ``between``:
+    ``between(x, k)`` changes the sample after step k (as an inpainting loop), in place or
+    not, on all three runs alike."""
     d = HeunDiscreteScheduler(**case["config"])
     d64 = HeunDiscreteScheduler(**case["config"])
     f = FusedHeunDiscreteScheduler.from_config(d.config, backend=backend)
@@ -229,6 +237,8 @@ def run_heun_pair(case, backend, seed, *, clone_timesteps=False, guard=None):
             got, want = getattr(out_f, field).double(), getattr(out_64, field)
             assert_step_close(got, want, f"{field} {what}", scale)
         xd, xf, x64 = out_d.prev_sample, out_f.prev_sample, out_64.prev_sample
+        if between is not None:
+            xd, xf, x64 = between(xd, k), between(xf, k), between(x64, k)
     assert f.state_in_first_order == d.state_in_first_order
     return d, f
 
@@ -247,6 +257,26 @@ def test_each_prediction_and_sigma_kind_matches_diffusers(prediction_type, sigma
     if sigmas != "plain":
         cfg[f"use_{sigmas}_sigmas"] = True
     run_heun_pair({"config": cfg, "set": {"num_inference_steps": 3}}, backend, seed)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("in_place", [False, True])
+def test_sample_changed_between_halves_as_diffusers(backend, in_place, seed):
+    """An inpainting loop blends the known region into the latents after every step, the
+    first half's too: the second half then starts from the step's start, as diffusers'
+    (not from the changed prediction)."""
+    known = randn(SHAPE, generator=torch.Generator().manual_seed(seed + 7))
+    mask = (torch.arange(SHAPE[-1], device=DEVICE) < 3).to(known.dtype)
+
+    def between(x, k):
+        if in_place:
+            return x.mul_(1 - mask).add_(mask * known.to(x.dtype))
+        return (1 - mask) * x + mask * known.to(x.dtype)
+
+    for prediction_type in PREDICTIONS:
+        cfg = {"prediction_type": prediction_type, "clip_sample": prediction_type == "sample"}
+        case = {"config": cfg, "set": {"num_inference_steps": 3}}
+        run_heun_pair(case, backend, seed, between=between)
 
 
 def test_scale_model_input_is_diffusers_bits():

@@ -3,6 +3,8 @@ sigma space) with each half of the step as one fused kernel launch."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from diffusers.schedulers.scheduling_heun_discrete import (
     HeunDiscreteScheduler,
@@ -18,6 +20,18 @@ from fastdiff.reference.vp import euler_step, heun_correction_step
 __all__ = ["FusedHeunDiscreteScheduler"]
 
 
+class _FirstHalf(NamedTuple):
+    """What the second half of a Heun step reads: the step's start ``x_s``, the first half's
+    x0 ``D``, the step index it left, and its prediction (with its version counter: a sample
+    changed in place or replaced between the halves takes the midpoint form)."""
+
+    start: torch.Tensor
+    x0: torch.Tensor
+    index: int | torch.Tensor
+    prev: torch.Tensor
+    version: int
+
+
 class FusedHeunDiscreteScheduler(_EulerBase, HeunDiscreteScheduler):
     """Drop-in ``HeunDiscreteScheduler`` (Karras et al. 2022 Alg. 1): the model is called
     twice per step and each half is one fused kernel launch.
@@ -27,8 +41,12 @@ class FusedHeunDiscreteScheduler(_EulerBase, HeunDiscreteScheduler):
     (``state_in_first_order``) is Euler from ``sigma`` to ``sigma_next`` with ``D = x0`` at
     ``sigma``; the second, at the Euler-predicted ``x`` with ``x0`` at ``sigma_next``, is
     ``x_next = x + (sigma_next - sigma) / (2 sigma_next) (D - x0)``
-    (``tables.heun_correction_table``): the first half's x0 is the kernel's ``x0_prev``.
-    State between the halves is two device tensors (x0 and the sample), no host sync.
+    (``tables.heun_correction_table``): the first half's x0 is the kernel's ``x0_prev``. A
+    sample changed between the halves (an inpainting loop blends it after every step) takes
+    ``x_next = P + (sigma_next - sigma) / (2 sigma_next) (x - x0)`` from the midpoint
+    ``P = lerp(x_s, D, (sigma - sigma_next) / (2 sigma))``, one more launch, as diffusers
+    computes it from the step's start. State between the halves is device tensors (x0, the
+    start), no host sync.
 
     A step whose timestep is not the plan's at the step index, or a second half whose step
     index is not the one its first half left, is refused: ValueError when both are known on
@@ -89,17 +107,30 @@ class FusedHeunDiscreteScheduler(_EulerBase, HeunDiscreteScheduler):
         self._heun = self.sample = None
 
     def _build_heun(self, prediction_type: str) -> dict[str, torch.Tensor]:
-        """Rows ``[0, n)``: first halves (Euler from ``sigmas[i]`` to ``sigmas[i + 1]``);
-        row ``n``: poison; rows ``n + 1 + i``: the second half at step index ``i`` (from
-        ``sigmas[i - 1]`` to ``sigmas[i]``; ``i = 0`` is poison); row ``2n + 1``: poison."""
+        """Three blocks of ``n + 1`` rows (n: the plan's length), the last row of each poison:
+        block 0, row i: the first half at step index i (Euler from ``sigmas[i]`` to
+        ``sigmas[i + 1]``); blocks 1 and 2, row i: the second half at step index i (from
+        ``sigmas[i - 1]`` to ``sigmas[i]``; i = 0 is poison), with ``x0_prev`` the first
+        half's x0 (block 1) or the midpoint (block 2; ``midpoint_weight``: its lerp weight)."""
         sigmas = self.sigmas.to(torch.float64)
-        first = tables.euler_table(sigmas[:-1], sigmas[1:], prediction_type, 0.0, "sigma")
-        second = tables.heun_correction_table(sigmas[:-2], sigmas[1:-1], prediction_type)
+        s, s_next = sigmas[:-2], sigmas[1:-1]
         nan = torch.full((1,), float("nan"), dtype=torch.float64)
+        blocks = [
+            tables.euler_table(sigmas[:-1], sigmas[1:], prediction_type, 0.0, "sigma"),
+            tables.heun_correction_table(s, s_next, prediction_type),
+            tables.heun_correction_table(s, s_next, prediction_type, midpoint=True),
+        ]
+        poison = nan_row()
+        second_sigma = torch.cat([nan, s, nan])
+        second_next = torch.cat([nan, s_next, nan])
+        weight = torch.cat([nan, (s - s_next) / (2.0 * s), nan])
         return {
-            "table": torch.cat([first, nan_row(), nan_row(), second, nan_row()]),
-            "sigma": torch.cat([sigmas[:-1], nan, nan, sigmas[:-2], nan]),
-            "sigma_next": torch.cat([sigmas[1:], nan, nan, sigmas[1:-1], nan]),
+            "table": torch.cat(
+                [blocks[0], poison, poison, blocks[1], poison, poison, blocks[2], poison]
+            ),
+            "sigma": torch.cat([sigmas[:-1], nan, second_sigma, second_sigma]),
+            "sigma_next": torch.cat([sigmas[1:], nan, second_next, second_next]),
+            "midpoint_weight": torch.cat([torch.zeros(len(sigmas)), weight, weight]),
         }
 
     def _guard(self, timestep, rows: torch.Tensor, offset: int, expected) -> torch.Tensor:
@@ -170,16 +201,26 @@ class FusedHeunDiscreteScheduler(_EulerBase, HeunDiscreteScheduler):
             ("heun", prediction_type), x.device, lambda: self._build_heun(prediction_type)
         )
         state = self._heun
-        offset = 0 if state is None else self._plan_len + 1
-        if state is not None and state[0].shape != sample.shape:
+        n1 = self._plan_len + 1
+        if state is None:
+            offset = 0
+        elif sample is state.prev and sample._version == state.version:
+            offset = n1  # the first half's own prediction: x0_prev = D
+        else:
+            offset = 2 * n1  # changed between the halves (inpainting): x0_prev = the midpoint
+        if state is not None and state.start.shape != sample.shape:
             raise ValueError(
                 f"sample has shape {tuple(sample.shape)}, but the first half of this Heun "
-                f"step was taken on {tuple(state[0].shape)} (stale state_in_first_order)"
+                f"step was taken on {tuple(state.start.shape)} (stale state_in_first_order)"
             )
         rows = self._index_rows(tabs, offset)
-        rows = self._guard(timestep, rows, offset, None if state is None else state[2])
+        rows = self._guard(timestep, rows, offset, None if state is None else state.index)
         out_dtype = promote(sample.dtype, model_output.dtype)
         x0_dtype = model_output.dtype if prediction_type == "sample" else out_dtype
+        x0_prev = None if state is None else state.x0
+        if offset == 2 * n1:  # P = x_s + (s' - s) d / 2 = lerp(x_s, D, (s - s') / (2 s))
+            weight = tabs["midpoint_weight"].index_select(0, rows).to(state.start.dtype)
+            x0_prev = torch.lerp(state.start, state.x0.to(state.start.dtype), weight)
 
         def reference_step(xr, m, _noise):
             sigma, sigma_next = self._values(tabs, rows, "sigma", "sigma_next")
@@ -192,8 +233,8 @@ class FusedHeunDiscreteScheduler(_EulerBase, HeunDiscreteScheduler):
                 m,
                 sigma,
                 sigma_next,
-                x_start=state[0],
-                x0_start=state[1],
+                x_start=state.start,
+                x0_start=state.x0,
                 prediction_type=prediction_type,
                 clip_range=clip_range,
             )
@@ -206,12 +247,12 @@ class FusedHeunDiscreteScheduler(_EulerBase, HeunDiscreteScheduler):
             reference_step,
             out_dtype=out_dtype,
             x0_dtype=x0_dtype,
-            x0_prev=None if state is None else state[1],
+            x0_prev=x0_prev,
             clip_range=clip_range,
         )
         self._advance()
-        if state is None:  # what the second half reads: the start, D, its step index
-            self._heun = (sample, x0, self._step_index)
+        if state is None:  # what the second half reads
+            self._heun = _FirstHalf(sample, x0, self._step_index, prev, prev._version)
             self.sample = sample
         else:
             self._heun = self.sample = None
