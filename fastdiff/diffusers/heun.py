@@ -41,12 +41,14 @@ class FusedHeunDiscreteScheduler(_EulerBase, HeunDiscreteScheduler):
     (``state_in_first_order``) is Euler from ``sigma`` to ``sigma_next`` with ``D = x0`` at
     ``sigma``; the second, at the Euler-predicted ``x`` with ``x0`` at ``sigma_next``, is
     ``x_next = x + (sigma_next - sigma) / (2 sigma_next) (D - x0)``
-    (``tables.heun_correction_table``): the first half's x0 is the kernel's ``x0_prev``. A
-    sample changed between the halves (an inpainting loop blends it after every step) takes
-    ``x_next = P + (sigma_next - sigma) / (2 sigma_next) (x - x0)`` from the midpoint
-    ``P = lerp(x_s, D, (sigma - sigma_next) / (2 sigma))``, one more launch, as diffusers
-    computes it from the step's start. State between the halves is device tensors (x0, the
-    start), no host sync.
+    (``tables.heun_correction_table``): the first half's x0 is the kernel's ``x0_prev``. Two
+    cases take ``x_next = P + (sigma_next - sigma) / (2 sigma_next) (x - x0)`` from the
+    midpoint ``P = lerp(x_s, D, (sigma - sigma_next) / (2 sigma))`` instead, one more launch:
+    a sample changed between the halves (an inpainting loop blends it after every step;
+    diffusers computes from the step's start), and a long step, ``sigma > 3 sigma_next``
+    (few-step plans; there float32 would lose ``(sigma - sigma_next) / (2 sigma_next)`` ulps
+    of x and D; with a device step index: when the plan has one). State between the halves is
+    device tensors (x0, the start), no host sync.
 
     A step whose timestep is not the plan's at the step index, or a second half whose step
     index is not the one its first half left, is refused: ValueError when both are known on
@@ -105,8 +107,9 @@ class FusedHeunDiscreteScheduler(_EulerBase, HeunDiscreteScheduler):
         super().set_timesteps(num_inference_steps, None, num_train_timesteps, timesteps)
         self._plan_changed(device)
         self._heun = self.sample = None
+        self._short(0)  # the step lengths, read on the host here rather than in a step
 
-    def _build_heun(self, prediction_type: str) -> dict[str, torch.Tensor]:
+    def _build_heun(self, prediction_type: str, processed: bool) -> dict[str, torch.Tensor]:
         """Three blocks of ``n + 1`` rows (n: the plan's length), the last row of each poison:
         block 0, row i: the first half at step index i (Euler from ``sigmas[i]`` to
         ``sigmas[i + 1]``); blocks 1 and 2, row i: the second half at step index i (from
@@ -118,7 +121,7 @@ class FusedHeunDiscreteScheduler(_EulerBase, HeunDiscreteScheduler):
         blocks = [
             tables.euler_table(sigmas[:-1], sigmas[1:], prediction_type, 0.0, "sigma"),
             tables.heun_correction_table(s, s_next, prediction_type),
-            tables.heun_correction_table(s, s_next, prediction_type, midpoint=True),
+            tables.heun_correction_table(s, s_next, prediction_type, True, processed),
         ]
         poison = nan_row()
         second_sigma = torch.cat([nan, s, nan])
@@ -132,6 +135,20 @@ class FusedHeunDiscreteScheduler(_EulerBase, HeunDiscreteScheduler):
             "sigma_next": torch.cat([sigmas[1:], nan, second_next, second_next]),
             "midpoint_weight": torch.cat([torch.zeros(len(sigmas)), weight, weight]),
         }
+
+    def _short(self, index: int | torch.Tensor) -> bool:
+        """Whether the second half at step index ``index`` (every one, for a device index) has
+        ``|c| = (sigma - sigma_next) / (2 sigma_next) <= 1``, where the one-launch form
+        ``x + c (D - x0)`` loses at most a few float32 ulps (a long step, e.g. 2e4 -> 6e-3
+        with a cosine schedule, takes the midpoint form). Host values, once per plan."""
+        short = self._plan_device.get("heun_short")
+        if short is None:
+            s, s_next = self.sigmas[:-2].double(), self.sigmas[1:-1].double()
+            flags = [True, *((s - s_next) <= 2.0 * s_next).tolist()]  # host tensors
+            short = self._plan_device["heun_short"] = (flags, all(flags))
+        if isinstance(index, torch.Tensor):
+            return short[1]
+        return 0 <= index < len(short[0]) and short[0][index]
 
     def _guard(self, timestep, rows: torch.Tensor, offset: int, expected) -> torch.Tensor:
         """The step's rows, checked against a stale state: the timestep must be the plan's at
@@ -197,17 +214,20 @@ class FusedHeunDiscreteScheduler(_EulerBase, HeunDiscreteScheduler):
         prediction_type = self.config.prediction_type
         clip_range, _ = self._processing(self.config)
         x = dense(sample)
+        processed = clip_range is not None
         tabs = self._device_tables(
-            ("heun", prediction_type), x.device, lambda: self._build_heun(prediction_type)
+            ("heun", prediction_type, processed),
+            x.device,
+            lambda: self._build_heun(prediction_type, processed),
         )
         state = self._heun
         n1 = self._plan_len + 1
         if state is None:
             offset = 0
-        elif sample is state.prev and sample._version == state.version:
-            offset = n1  # the first half's own prediction: x0_prev = D
-        else:
-            offset = 2 * n1  # changed between the halves (inpainting): x0_prev = the midpoint
+        elif sample is state.prev and sample._version == state.version and self._short(state.index):
+            offset = n1  # the first half's own prediction, a short step: x0_prev = D
+        else:  # changed between the halves (inpainting), or a long step: x0_prev = the midpoint
+            offset = 2 * n1
         if state is not None and state.start.shape != sample.shape:
             raise ValueError(
                 f"sample has shape {tuple(sample.shape)}, but the first half of this Heun "
@@ -219,8 +239,9 @@ class FusedHeunDiscreteScheduler(_EulerBase, HeunDiscreteScheduler):
         x0_dtype = model_output.dtype if prediction_type == "sample" else out_dtype
         x0_prev = None if state is None else state.x0
         if offset == 2 * n1:  # P = x_s + (s' - s) d / 2 = lerp(x_s, D, (s - s') / (2 s))
-            weight = tabs["midpoint_weight"].index_select(0, rows).to(state.start.dtype)
-            x0_prev = torch.lerp(state.start, state.x0.to(state.start.dtype), weight)
+            dtype = promote(promote(state.start.dtype, state.x0.dtype), torch.float32)
+            weight = tabs["midpoint_weight"].index_select(0, rows).to(dtype)
+            x0_prev = torch.lerp(state.start.to(dtype), state.x0.to(dtype), weight)
 
         def reference_step(xr, m, _noise):
             sigma, sigma_next = self._values(tabs, rows, "sigma", "sigma_next")
