@@ -121,27 +121,39 @@ def test_correction_table_is_the_reference(prediction_type, midpoint, processed)
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("midpoint", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(3, 5, 7, 9), (257, 2), (1, 4099)])
-def test_kernel_correction_matches_reference(dtype, shape, device):
-    """One launch of the second half (x0_prev = the first half's x0, clip on or off) against
-    the float64 reference, into outputs poisoned with NaN before the launch."""
+def test_kernel_correction_matches_reference(dtype, shape, midpoint, device):
+    """One launch of the second half (x0_prev = the first half's x0, or the midpoint P in
+    float32 for any x; clip on or off) against the float64 reference, into outputs poisoned
+    with NaN before the launch."""
     g = torch.Generator().manual_seed(1)
     s = torch.tensor([5.0, 0.8], dtype=F64)
     s_next = torch.tensor([2.0, 0.1], dtype=F64)
     for prediction_type in PREDICTIONS:
-        table = tables.heun_correction_table(s, s_next, prediction_type).float().to(device)
         for i, clip in ((0, None), (1, 1.5)):
+            table = tables.heun_correction_table(
+                s, s_next, prediction_type, midpoint, clip is not None
+            )
+            table = table.float().to(device)
             x_start = torch.randn(shape, generator=g) * 3
             d0 = torch.randn(shape, generator=g)
             x = (x_start + (s_next[i] - s[i]) * (x_start - d0) / s[i]).float()
+            if midpoint:
+                x = x + torch.randn(shape, generator=g)  # changed between the halves
             m = torch.randn(shape, generator=g)
-            x, m, d0 = (t.to(device, dtype) for t in (x, m, d0))
+            x, m, d0, x_start = (t.to(device, dtype) for t in (x, m, d0, x_start))
+            if midpoint:  # P in float32, as the scheduler makes it
+                w = ((s[i] - s_next[i]) / (2 * s[i])).item()
+                x0_prev = torch.lerp(x_start.float(), d0.float(), w)
+                x_s = x_start.double()
+            else:  # x_start as the kernel sees it
+                x0_prev = d0
+                x_s = (s[i] * x.double() + (s_next[i] - s[i]) * d0.double()) / s_next[i]
             out, x0 = torch.full_like(x, float("nan")), torch.full_like(x, float("nan"))
             rows = torch.tensor([i], device=device)
-            fused_step(x, m, table, rows, x0_prev=d0, clip_range=clip, out=out, x0_out=x0)
-            # the reference from the same (rounded) inputs; x_start as the kernel sees it
-            x_s = (s[i] * x.double() + (s_next[i] - s[i]) * d0.double()) / s_next[i]
+            fused_step(x, m, table, rows, x0_prev=x0_prev, clip_range=clip, out=out, x0_out=x0)
             want, want_x0 = heun_correction_step(
                 x.double(),
                 m.double(),
