@@ -27,6 +27,7 @@ __all__ = [
     "dpmpp_2m_table",
     "eps_coefficients",
     "euler_table",
+    "heun_correction_table",
     "heun_table",
     "lcm_table",
     "x0_coefficients",
@@ -369,18 +370,13 @@ def churn_table(sigma: torch.Tensor, sigma_hat: torch.Tensor, s_noise: float) ->
 
 def heun_table(sigma_hat: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
     """The second stage of Heun's step (Karras et al. 2022 Alg. 2 line 11) in the kernel's
-    inputs ``x = x_2`` (the Euler-predicted sample), ``m = D_2`` and ``x0_prev = D_1``.
-
-    ``x_2 = x_hat + dt (x_hat - D_1) / sigma_hat`` with ``dt = sigma' - sigma_hat`` gives
-    ``x_hat = (sigma_hat x_2 + dt D_1) / sigma'`` and ``d = (x_2 - D_1) / sigma'``, so
-    ``x' = x_hat + dt (d + d') / 2 = x_2 + dt (D_1 - D_2) / (2 sigma')``. Rows with
-    ``sigma' = 0`` (a plain Euler step) are NaN: never read.
+    inputs ``x = x_2`` (the Euler-predicted sample), ``m = D_2`` and ``x0_prev = D_1``:
+    ``x' = x_2 + dt (D_1 - D_2) / (2 sigma')``, ``dt = sigma' - sigma_hat``, the rule of
+    :func:`heun_correction_table` (its one-launch form) for a denoiser output
+    (``prediction_type="sample"``) from ``sigma_hat``. Rows with ``sigma' = 0`` (a plain
+    Euler step) are NaN: never read.
     """
-    table = _denoiser_rows(len(sigma_hat))
-    half = (sigma_next - sigma_hat) / (2.0 * sigma_next)
-    table[:, COL["x"]] = 1.0
-    table[:, COL["x0"]] = -half
-    table[:, COL["x0_prev"]] = half
+    table = heun_correction_table(sigma_hat, sigma_next, "sample")
     return torch.where((sigma_next > 0)[:, None], table, float("nan"))
 
 
@@ -489,3 +485,51 @@ def consistency_tables(
     renoise = _empty(len(ab))
     renoise[:, COL["x0_x"]] = 1.0
     return table, _consistency_renoise(renoise, ab_s, ab_next)
+
+
+# -- Heun's 2nd-order method (Karras et al. 2022 Alg. 1) in sigma space ----------------------
+
+
+def heun_correction_table(
+    sigma: torch.Tensor,
+    sigma_next: torch.Tensor,
+    prediction_type: str,
+    midpoint: bool = False,
+    processed: bool = False,
+) -> torch.Tensor:
+    """The second (correction) half of a Heun step (Karras et al. 2022 Alg. 1 lines 7-8) in
+    sigma space, the first half being :func:`euler_table` ``(sigma, sigma_next, space="sigma")``:
+    ``x_next = x_s + (s' - s) (d + d') / 2`` with ``d = (x_s - D) / s`` (D: the first half's x0),
+    ``d' = (x - x0) / s'``, x0 predicted at ``s'`` from the model output at x; ``c = (s' - s) /
+    (2 s')``.
+
+    ``midpoint=False``: x is the first half's own Euler prediction ``x_s + (s' - s) d``, and
+    ``x0_prev`` is D; eliminating ``x_s = (s x + (s' - s) D) / s'`` gives
+    ``x_next = x + c (D - x0)`` (float32 loses ``|c|`` ulps of x and D: for ``|c|`` small).
+
+    ``midpoint=True``: any x (e.g. blended by an inpainting loop between the halves), and
+    ``x0_prev`` is the midpoint ``P = x_s + (s' - s) d / 2``: ``x_next = P + c (x - x0)``, with
+    ``x - x0`` formed from x and the model output unless x0 is ``processed`` (clipped).
+
+    Args:
+        sigma, sigma_next: float64 ``[n]`` noise levels of the step (``sigma_next > 0``).
+        prediction_type: "epsilon", "sample" or "v_prediction".
+        midpoint: the form whose ``x0_prev`` is P (else D).
+        processed: x0 is clipped in the kernel (midpoint form: through x0).
+    """
+    # x0 predicted at sigma_next: euler_table's x0 columns of a step from sigma_next
+    table = euler_table(sigma_next, sigma_next, prediction_type, 0.0, "sigma")
+    c = (sigma_next - sigma) / (2.0 * sigma_next)
+    if not midpoint:
+        table[:, COL["x"]] = 1.0
+        table[:, COL["x0"]] = -c
+        table[:, COL["x0_prev"]] = c
+        return table
+    table[:, COL["x0_prev"]] = 1.0
+    if processed:
+        table[:, COL["x"]] = c
+        table[:, COL["x0"]] = -c
+    else:  # c (x - x0_x x - x0_m m): epsilon gives (s' - s) m / 2, no cancellation
+        table[:, COL["x"]] = c * (1.0 - table[:, COL["x0_x"]])
+        table[:, COL["m"]] = -c * table[:, COL["x0_m"]]
+    return table

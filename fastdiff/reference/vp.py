@@ -478,3 +478,42 @@ def renoise(
     yc = y.to(compute_dtype_of(y))
     a_from, a_to = schedule_like(ab_from, "ab_from", yc), schedule_like(ab_to, "ab_to", yc)
     return _renoise(yc, a_from, a_to, _optional_like(noise, "noise", y, yc.dtype)).to(y.dtype)
+
+
+# -- Heun's 2nd-order method (Karras et al. 2022 Alg. 1) -------------------------------------
+
+
+def heun_correction_step(
+    x: Tensor,
+    model_output: Tensor,
+    sigma: ScheduleValue,
+    sigma_next: ScheduleValue,
+    *,
+    x_start: Tensor,
+    x0_start: Tensor,
+    prediction_type: str = "epsilon",
+    clip_range: float | None = None,
+    thresholding: tuple | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The second half of one Heun step (Karras et al. 2022 Alg. 1 lines 7-8). The first half
+    (:func:`euler_step` from ``x_start`` at ``sigma``, whose x0 was ``x0_start``) gave
+    ``x = x_start + (sigma_next - sigma) d``, ``d = (x_start - x0_start) / sigma``; the model
+    output at ``(x, sigma_next)`` gives ``d' = (x - x0) / sigma_next`` and::
+
+        x_next = x_start + (sigma_next - sigma) (d + d') / 2
+
+    Returns ``(x_next, x0)``, x0 predicted at ``sigma_next``.
+
+    Example:
+        >>> x1, d0 = euler_step(x, eps0, s, s_next)
+        >>> x_next, x0 = heun_correction_step(x1, eps1, s, s_next, x_start=x, x0_start=d0)
+    """
+    xc, m = _prepare_step(x, model_output, prediction_type, clip_range, thresholding)
+    s, s_next = _sigma(sigma, "sigma", xc), _sigma(sigma_next, "sigma_next", xc)
+    x0 = _x0_from_output_sigma_space(xc, m, s_next, prediction_type)
+    x0 = process_x0_compute(x0, clip_range, thresholding)
+    xs = x_start.to(xc.dtype)
+    d = (xs - x0_start.to(xc.dtype)) / s
+    d_next = (xc - x0) / s_next
+    x_next = xs + (s_next - s) * (d + d_next) / 2
+    return x_next.to(x.dtype), x0.to(x.dtype)
