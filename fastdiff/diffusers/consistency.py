@@ -26,7 +26,7 @@ from fastdiff import tables
 from fastdiff.checks import PREDICTION_TYPES, is_number
 from fastdiff.diffusers._common import nan_row, promote, step_output
 from fastdiff.diffusers._rows import StepIndexMixin
-from fastdiff.reference.vp import consistency_step, renoise
+from fastdiff.reference import consistency_step, renoise
 
 __all__ = ["FusedLCMScheduler", "FusedTCDScheduler"]
 
