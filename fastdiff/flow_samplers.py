@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fastdiff import reference, tables
+from fastdiff import flow_tables, reference
 from fastdiff.flow import (
     FLOW_CONDITIONINGS,
     FLOW_PREDICTION_TYPES,
@@ -159,7 +159,7 @@ class FlowMatchEulerSampler(FlowSampler):
         super().__init__(schedule, steps, **kwargs)
 
     def _build_table(self) -> torch.Tensor:
-        return tables.flow_euler_table(
+        return flow_tables.flow_euler_table(
             self.sigma, self.sigma_next, self.prediction_type, self.stochastic, self._processed
         )
 
@@ -201,7 +201,7 @@ class FlowDPMSolverPP2MSampler(FlowSampler):
         s, sn, sp = self.sigma, self.sigma_next, self.sigma_prev
         # first order where there is no previous step (s_prev = 1: lambda_prev = -inf, r = inf)
         # and on the step to clean (s' = 0)
-        return tables.dpmpp_2m_table_as(
+        return flow_tables.dpmpp_2m_table_as(
             1.0 - s, s, 1.0 - sn, sn, 1.0 - sp, sp, self.prediction_type, sp >= 1.0
         )
 

@@ -8,7 +8,8 @@ A row holds the coefficients of ``fastdiff.kernels.fused_step`` (``COLUMNS``)::
 Every function takes float64 CPU tensors ``[n]`` of schedule values of the n steps (``ab``:
 alpha_bar at the step, ``ab_next`` at the step it goes to, 1 for clean) and returns a float64
 ``[n, len(COLUMNS)]`` table. They are used by ``fastdiff.samplers`` (VP-space state) and by
-the diffusers adapter (diffusers' own timestep rules, sigma-space Euler).
+the diffusers adapter (diffusers' own timestep rules, sigma-space Euler). The flow-matching
+tables (``x = alpha x0 + sigma eps`` states) are in ``fastdiff.flow_tables``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ __all__ = [
     "dpmpp_2m_table",
     "eps_coefficients",
     "euler_table",
+    "heun_correction_table",
     "heun_table",
     "lcm_table",
     "x0_coefficients",
@@ -240,113 +242,6 @@ def dpmpp_2m_table(
     return table
 
 
-# -- Flow matching: a state x = alpha x0 + sigma eps with alpha = 1 - s, sigma = s -------------
-
-
-def x0_coefficients_as(
-    alpha: torch.Tensor, sigma: torch.Tensor, prediction_type: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x0 = x0_x x + x0_m m`` for a state ``x = alpha x0 + sigma eps`` (VP: alpha =
-    sqrt(ab), sigma = sqrt(1 - ab); flow: alpha = 1 - s, sigma = s).
-
-    "flow_prediction" (v = eps - x0 on the flow path): ``x0 = x - sigma v``; "epsilon":
-    ``(x - sigma eps) / alpha``; "sample": ``m``; "v_prediction": ``alpha x - sigma v``
-    (diffusers' rule, exact where alpha^2 + sigma^2 = 1).
-    """
-    if prediction_type == "flow_prediction":
-        return torch.ones_like(sigma), -sigma
-    if prediction_type == "epsilon":
-        return 1.0 / alpha, -sigma / alpha
-    if prediction_type == "sample":
-        return torch.zeros_like(sigma), torch.ones_like(sigma)
-    if prediction_type == "v_prediction":
-        return alpha, -sigma
-    raise ValueError(f"unknown prediction_type {prediction_type!r}")
-
-
-def _flow_rows(alpha: torch.Tensor, sigma: torch.Tensor, prediction_type: str) -> torch.Tensor:
-    table = torch.zeros(len(sigma), len(COLUMNS), dtype=torch.float64)
-    table[:, COL["x0_x"]], table[:, COL["x0_m"]] = x0_coefficients_as(alpha, sigma, prediction_type)
-    return table
-
-
-def flow_euler_table(
-    sigma: torch.Tensor,
-    sigma_next: torch.Tensor,
-    prediction_type: str = "flow_prediction",
-    stochastic: bool = False,
-    processed: bool = False,
-) -> torch.Tensor:
-    """Euler on the flow path (Liu et al. 2023), ``x' = x + (s' - s) v``, and its stochastic
-    form ``x' = (1 - s') x0 + s' z`` (diffusers' ``stochastic_sampling``).
-
-    A velocity output goes straight into the update (``X = 1, M = s' - s``, as diffusers
-    computes it); other outputs, and a processed (clipped / thresholded) x0, go through
-    ``v = (x - x0) / s``: ``X = s' / s``, ``X0 = 1 - s' / s``.
-
-    Args:
-        sigma, sigma_next: float64 levels [n] of each step and of the next (0: clean).
-        prediction_type: "flow_prediction", "epsilon" or "sample".
-        stochastic: the stochastic form (``std = s'``).
-        processed: x0 is clipped or thresholded in the kernel.
-    """
-    table = _flow_rows(1.0 - sigma, sigma, prediction_type)
-    if stochastic:
-        table[:, COL["x0"]] = 1.0 - sigma_next
-        table[:, COL["std"]] = sigma_next
-    elif prediction_type == "flow_prediction" and not processed:
-        table[:, COL["x"]] = 1.0
-        table[:, COL["m"]] = sigma_next - sigma
-    else:
-        table[:, COL["x"]] = sigma_next / sigma
-        table[:, COL["x0"]] = 1.0 - sigma_next / sigma
-    return table
-
-
-def dpmpp_2m_table_as(
-    alpha: torch.Tensor,
-    sigma: torch.Tensor,
-    alpha_next: torch.Tensor,
-    sigma_next: torch.Tensor,
-    alpha_prev: torch.Tensor,
-    sigma_prev: torch.Tensor,
-    prediction_type: str,
-    first_order: torch.Tensor,
-) -> torch.Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022 Alg. 2, midpoint) for any ``x = alpha x0 + sigma eps``
-    (:func:`dpmpp_2m_table` is the VP case; flow has alpha = 1 - s, sigma = s)::
-
-        lambda = log(alpha / sigma),  h = lambda' - lambda,  r = h_prev / h
-        x' = (sigma' / sigma) x + alpha' (1 - e^-h) (x0 + (x0 - x0_prev) / (2 r))
-
-    first order where ``first_order`` is set (the previous step's values are then unused) and
-    on the step to clean (``sigma_next = 0``: h is infinite).
-
-    Args:
-        alpha, sigma: float64 [n] of each step; ``alpha_next, sigma_next``: of the step it goes
-            to (1, 0 for clean); ``alpha_prev, sigma_prev``: of the previous visited step.
-        prediction_type: see :func:`x0_coefficients_as`.
-        first_order: bool [n].
-    """
-    exp_neg_h = alpha * sigma_next / (sigma * alpha_next)  # e^(lambda - lambda'), finite at 0
-    gain = alpha_next * (1.0 - exp_neg_h)
-    table = _flow_rows(alpha, sigma, prediction_type)
-    table[:, COL["x"]] = sigma_next / sigma
-    table[:, COL["x0"]] = gain
-    second = ~first_order & (sigma_next > 0)
-    if second.any():
-        # log-SNRs; placeholders (0) where the row is first order and they are not read
-        def lam(a, s):
-            return torch.where(second, (a / s).log(), 0.0)
-
-        h = lam(alpha_next, sigma_next) - lam(alpha, sigma)
-        h_prev = lam(alpha, sigma) - lam(alpha_prev, sigma_prev)
-        half_inv_r = torch.where(second, 0.5 * h / torch.where(second, h_prev, 1.0), 0.0)
-        table[:, COL["x0"]] = gain * (1.0 + half_inv_r)
-        table[:, COL["x0_prev"]] = -gain * half_inv_r
-    return table
-
-
 # -- k-diffusion's samplers on a denoiser D in sigma space (``fastdiff.k_diffusion``) ---------
 # The state is x = x0 + sigma eps and the model output m is D (x0_m = 1): every row below is
 # the update of ``fastdiff.reference.sigma`` solved for the tensors the kernel reads.
@@ -369,18 +264,13 @@ def churn_table(sigma: torch.Tensor, sigma_hat: torch.Tensor, s_noise: float) ->
 
 def heun_table(sigma_hat: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
     """The second stage of Heun's step (Karras et al. 2022 Alg. 2 line 11) in the kernel's
-    inputs ``x = x_2`` (the Euler-predicted sample), ``m = D_2`` and ``x0_prev = D_1``.
-
-    ``x_2 = x_hat + dt (x_hat - D_1) / sigma_hat`` with ``dt = sigma' - sigma_hat`` gives
-    ``x_hat = (sigma_hat x_2 + dt D_1) / sigma'`` and ``d = (x_2 - D_1) / sigma'``, so
-    ``x' = x_hat + dt (d + d') / 2 = x_2 + dt (D_1 - D_2) / (2 sigma')``. Rows with
-    ``sigma' = 0`` (a plain Euler step) are NaN: never read.
+    inputs ``x = x_2`` (the Euler-predicted sample), ``m = D_2`` and ``x0_prev = D_1``:
+    ``x' = x_2 + dt (D_1 - D_2) / (2 sigma')``, ``dt = sigma' - sigma_hat``, the rule of
+    :func:`heun_correction_table` (its one-launch form) for a denoiser output
+    (``prediction_type="sample"``) from ``sigma_hat``. Rows with ``sigma' = 0`` (a plain
+    Euler step) are NaN: never read.
     """
-    table = _denoiser_rows(len(sigma_hat))
-    half = (sigma_next - sigma_hat) / (2.0 * sigma_next)
-    table[:, COL["x"]] = 1.0
-    table[:, COL["x0"]] = -half
-    table[:, COL["x0_prev"]] = half
+    table = heun_correction_table(sigma_hat, sigma_next, "sample")
     return torch.where((sigma_next > 0)[:, None], table, float("nan"))
 
 
@@ -489,3 +379,51 @@ def consistency_tables(
     renoise = _empty(len(ab))
     renoise[:, COL["x0_x"]] = 1.0
     return table, _consistency_renoise(renoise, ab_s, ab_next)
+
+
+# -- Heun's 2nd-order method (Karras et al. 2022 Alg. 1) in sigma space ----------------------
+
+
+def heun_correction_table(
+    sigma: torch.Tensor,
+    sigma_next: torch.Tensor,
+    prediction_type: str,
+    midpoint: bool = False,
+    processed: bool = False,
+) -> torch.Tensor:
+    """The second (correction) half of a Heun step (Karras et al. 2022 Alg. 1 lines 7-8) in
+    sigma space, the first half being :func:`euler_table` ``(sigma, sigma_next, space="sigma")``:
+    ``x_next = x_s + (s' - s) (d + d') / 2`` with ``d = (x_s - D) / s`` (D: the first half's x0),
+    ``d' = (x - x0) / s'``, x0 predicted at ``s'`` from the model output at x; ``c = (s' - s) /
+    (2 s')``.
+
+    ``midpoint=False``: x is the first half's own Euler prediction ``x_s + (s' - s) d``, and
+    ``x0_prev`` is D; eliminating ``x_s = (s x + (s' - s) D) / s'`` gives
+    ``x_next = x + c (D - x0)`` (float32 loses ``|c|`` ulps of x and D: for ``|c|`` small).
+
+    ``midpoint=True``: any x (e.g. blended by an inpainting loop between the halves), and
+    ``x0_prev`` is the midpoint ``P = x_s + (s' - s) d / 2``: ``x_next = P + c (x - x0)``, with
+    ``x - x0`` formed from x and the model output unless x0 is ``processed`` (clipped).
+
+    Args:
+        sigma, sigma_next: float64 ``[n]`` noise levels of the step (``sigma_next > 0``).
+        prediction_type: "epsilon", "sample" or "v_prediction".
+        midpoint: the form whose ``x0_prev`` is P (else D).
+        processed: x0 is clipped in the kernel (midpoint form: through x0).
+    """
+    # x0 predicted at sigma_next: euler_table's x0 columns of a step from sigma_next
+    table = euler_table(sigma_next, sigma_next, prediction_type, 0.0, "sigma")
+    c = (sigma_next - sigma) / (2.0 * sigma_next)
+    if not midpoint:
+        table[:, COL["x"]] = 1.0
+        table[:, COL["x0"]] = -c
+        table[:, COL["x0_prev"]] = c
+        return table
+    table[:, COL["x0_prev"]] = 1.0
+    if processed:
+        table[:, COL["x"]] = c
+        table[:, COL["x0"]] = -c
+    else:  # c (x - x0_x x - x0_m m): epsilon gives (s' - s) m / 2, no cancellation
+        table[:, COL["x"]] = c * (1.0 - table[:, COL["x0_x"]])
+        table[:, COL["m"]] = -c * table[:, COL["x0_m"]]
+    return table

@@ -44,6 +44,7 @@ from diffusers import DDIMScheduler, DDPMScheduler  # noqa: E402
 from diffusers_cases import BACKENDS, DEVICE, PAIRS  # noqa: E402
 
 import fastdiff.diffusers._base as base  # noqa: E402
+import fastdiff.diffusers._step as step_template  # noqa: E402  (the step noise draws here)
 from fastdiff.diffusers import (  # noqa: E402
     FusedDDIMScheduler,
     FusedDDPMScheduler,
@@ -814,7 +815,7 @@ def test_half_precision_steps(name, sample_dtype, output_dtype, monkeypatch):
         s.set_timesteps(6)
     # every scheduler draws the same normals, as rounded to the model output's dtype
     noise = randn(SHAPE).to(output_dtype)
-    for target in (sys.modules[d_cls.__module__], base):
+    for target in (sys.modules[d_cls.__module__], step_template):
         monkeypatch.setattr(
             target, "randn_tensor", lambda shape, generator, device, dtype: noise.to(dtype)
         )

@@ -35,7 +35,7 @@ from conftest import TOLERANCES
 from test_distribution import GMM, _mismatches
 from torch.distributions import Categorical, MixtureSameFamily, MultivariateNormal
 
-from fastdiff import reference, tables
+from fastdiff import flow_tables, reference, tables
 from fastdiff.flow import (
     FlowSchedule,
     calculate_shift,
@@ -219,7 +219,7 @@ def test_alpha_sigma_tables_generalize_the_vp_tables():
     for prediction_type in ("epsilon", "sample", "v_prediction"):
         want = tables.dpmpp_2m_table(ab, ab_next, ab_prev, prediction_type, first)
         pairs = [t for a in (ab, ab_next, ab_prev) for t in (a.sqrt(), (1 - a).sqrt())]
-        got = tables.dpmpp_2m_table_as(*pairs, prediction_type, first)
+        got = flow_tables.dpmpp_2m_table_as(*pairs, prediction_type, first)
         torch.testing.assert_close(got, want)
 
 

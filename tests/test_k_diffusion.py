@@ -11,8 +11,8 @@ import torch
 from conftest import TOLERANCES, random_mixture
 from kdiffusion_loader import load_sampling
 
+from fastdiff import flow_tables, reference, tables
 from fastdiff import k_diffusion as K
-from fastdiff import reference, tables
 from fastdiff.kernels.fused_step import fused_step
 
 F64 = torch.float64
@@ -49,7 +49,7 @@ S_HAT = S * 1.25
 
 def _dpm_2m_rows():
     ones = torch.ones_like(S)
-    return tables.dpmpp_2m_table_as(ones, S, ones, S_NEXT, ones, S_PREV, "sample", FIRST)
+    return flow_tables.dpmpp_2m_table_as(ones, S, ones, S_NEXT, ones, S_PREV, "sample", FIRST)
 
 
 def _dpm_2m_ref(i, x, m, xp, z):

@@ -39,7 +39,7 @@ from fastdiff.diffusers import (  # noqa: E402
     capture_denoising_loop,
 )
 from fastdiff.kernels.fused_step import fused_step  # noqa: E402
-from fastdiff.reference.vp import consistency_step, renoise  # noqa: E402
+from fastdiff.reference import consistency_step, renoise  # noqa: E402
 
 PAIRS = {"lcm": (LCMScheduler, FusedLCMScheduler), "tcd": (TCDScheduler, FusedTCDScheduler)}
 SHAPE = (2, 3, 5, 7)  # odd spatial sizes: not a multiple of any block

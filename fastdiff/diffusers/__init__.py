@@ -52,6 +52,7 @@ from fastdiff.diffusers.euler import (
 )
 from fastdiff.diffusers.flow_match import FusedFlowMatchEulerDiscreteScheduler
 from fastdiff.diffusers.graph import DenoisingLoopGraph, capture_denoising_loop
+from fastdiff.diffusers.heun import FusedHeunDiscreteScheduler
 from fastdiff.diffusers.unipc import FusedUniPCMultistepScheduler
 
 __all__ = [
@@ -64,6 +65,7 @@ __all__ = [
     "FusedDPMSolverMultistepScheduler",
     "FusedEulerAncestralDiscreteScheduler",
     "FusedEulerDiscreteScheduler",
+    "FusedHeunDiscreteScheduler",
     "FusedLCMScheduler",
     "FusedTCDScheduler",
 ]

@@ -9,22 +9,10 @@ with ``fastdiff.tables`` (from diffusers' own schedule values and diffusers' own
 next timestep), uploads it once per device in float32, and from then on every step is one
 ``fastdiff.kernels.fused_step`` launch that gathers its row on the device.
 
-Rows and host syncs. A row is chosen either on the host (a python int step index or
-timestep: a slice of a cached device ``arange``, no copy) or on the device (a timestep given
-as a CUDA tensor: integer arithmetic or a gather on the device, never ``nonzero()`` or
-``.item()``). Tables end in NaN "poison" rows that a timestep missing from the plan maps to,
-so a device lookup that finds nothing gives NaN instead of a silently wrong step.
-
-Noise (``noise=``, a keyword-only constructor option like ``backend``, not saved to the
-config). "torch", the default: the noise is drawn exactly as the diffusers class draws it
-(the same ``randn_tensor`` call, same shape, dtype and device, on the same steps), from the
-``generator`` passed to ``step`` or, without one, from torch's global RNG, and passed to the
-kernel: the same images as the stock scheduler for the same seed, and the global stream in
-the same state afterwards. "philox": without a generator the kernel makes the noise itself,
-Philox keyed by (per-sample seed, table row, element); the seeds come from one integer drawn
-from torch's global CPU RNG at the first step that needs noise after ``set_timesteps`` (so
-deterministic schedulers never touch the global RNG). A ``generator`` or ``variance_noise``
-passed to ``step`` is used as diffusers uses it in both modes.
+The mixin is assembled from three modules: this one (the diffusers wiring, the backend and
+noise options, the config checks, the CUDA-graph hooks), ``_plan`` (the plan kept on the
+host, the device tables and their rows) and ``_step`` (the step template every drop-in's
+``step`` follows, and the step noise).
 
 Backends. ``backend`` is "triton" (the kernels: CUDA tensors, or CPU tensors under
 ``TRITON_INTERPRET=1``), "reference" (``fastdiff.reference``, plain PyTorch on any device and
@@ -37,27 +25,16 @@ backends check each other.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from diffusers.utils.torch_utils import randn_tensor
 
-from fastdiff import philox
 from fastdiff.backend import check_backend
 from fastdiff.checks import PREDICTION_TYPES, check_choice
-from fastdiff.diffusers._common import (
-    dense,
-    device_index,
-    fused_init,
-    fused_set_timesteps,
-    make_output,
-    step_output,
-    upload,
-)
-from fastdiff.kernels.fused_step import COLUMNS
-from fastdiff.stepping import run_step
+from fastdiff.diffusers._common import device_index, fused_init, fused_set_timesteps, make_output
+from fastdiff.diffusers._plan import PlanTablesMixin
+from fastdiff.diffusers._step import StepTemplateMixin
 
 # device_index and make_output: re-exported for the tests
 __all__ = [
@@ -90,7 +67,7 @@ def host_scalar(timestep: Any) -> float | int | None:
     raise TypeError(f"timestep must be a number or a tensor, got {type(timestep).__name__}")
 
 
-class FusedSchedulerMixin:
+class FusedSchedulerMixin(StepTemplateMixin, PlanTablesMixin):
     """Mixed in before a diffusers scheduler class; see the module docstring.
 
     Subclasses provide ``_unsupported()`` (config checks) and their ``step``. The x0
@@ -105,7 +82,7 @@ class FusedSchedulerMixin:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """A class with a diffusers scheduler among its bases gets ``_diffusers_cls`` (that
         class), the fused ``__init__`` (``fused_init``) and ``set_timesteps``
-        (``fused_set_timesteps``), unless it defines them itself."""
+        (``fused_set_timesteps``), unless it or a fused base class defines them."""
         super().__init_subclass__(**kwargs)
         base = next(
             (
@@ -119,12 +96,10 @@ class FusedSchedulerMixin:
             return
         if "_diffusers_cls" not in vars(cls):
             cls._diffusers_cls = base
-        if "__init__" not in vars(cls):
+        if cls.__init__ is base.__init__:
             cls.__init__ = fused_init(base)
-        if "set_timesteps" not in vars(cls):
+        if cls.set_timesteps is base.set_timesteps:
             cls.set_timesteps = fused_set_timesteps(base)
-
-    _kernel_table = "table"  # the key of the device table the kernel reads
 
     # -- setup and configuration ------------------------------------------------------------
 
@@ -264,79 +239,6 @@ class FusedSchedulerMixin:
             return float(config.clip_sample_range), None
         return None, None
 
-    def _planning_device(self, device: torch.device | str | None) -> torch.device | str | None:
-        """The device to hand diffusers' set_timesteps: None (plan on the host; ``_plan_changed``
-        then uploads the timesteps, asynchronously, and nothing is read back from the device)
-        unless diffusers computes plan values on the device."""
-        return None
-
-    def _plan_changed(self, device: torch.device | str | None) -> None:
-        """After diffusers' set_timesteps: keep the plan's values on the host (python floats
-        or ints, and the host tensor), put ``self.timesteps`` where the caller wants it, draw
-        a new noise seed at the next stochastic step. Tables are kept when the plan is the
-        same as before (a loop that calls set_timesteps again, e.g. before a CUDA graph
-        capture, uploads nothing)."""
-        host = self.timesteps
-        planned_on_host = host.is_cpu
-        if not planned_on_host:  # planned on the device (``_planning_device``)
-            host = host.cpu()
-        sigmas = vars(self).get("sigmas")  # (getattr of a missing attribute costs microseconds)
-        values = host.tolist()
-        state = (values, host.dtype, self._plan_signature())
-        previous = self._plan_sigmas
-        same = state == self._plan_state and (
-            previous is sigmas
-            or (sigmas is not None and previous is not None and torch.equal(sigmas, previous))
-        )
-        if planned_on_host and device is not None:
-            # the same plan on the same device: the uploaded timesteps again (no copy)
-            target = torch.device(device)
-            if target.type == "cuda" and target.index is None:
-                target = torch.device("cuda", torch.cuda.current_device())
-            kept = self._plan_tensor if same else None
-            if kept is not None and kept.device == target and kept.dim() == 1:
-                self.timesteps = kept
-            else:
-                self.timesteps = upload(host, target)
-        if not same:
-            self._tables.clear()
-            self._last_tables = None
-            self._plan_device.clear()
-        self._plan_state = state
-        self._plan_host = host
-        # diffusers' set_timesteps makes new sigmas each time (it never changes them in place)
-        self._plan_sigmas = sigmas
-        self._plan_values = values
-        self._plan_len = len(values)
-        plan = self._plan_tensor = self.timesteps  # the tensor the pipeline iterates
-        self._plan_address = (
-            plan.data_ptr(),
-            plan.stride(0) * plan.element_size() if plan.dim() == 1 else 0,
-            plan.dtype,
-            plan.device,
-        )
-        self._seeds_cache.clear()
-        self._seed = None
-
-    def _plan_signature(self) -> tuple:
-        """Plan state besides the timesteps and sigmas that the tables depend on."""
-        return (self.num_inference_steps, vars(self).get("custom_timesteps"))
-
-    def _plan_position(self, timestep: torch.Tensor) -> int | None:
-        """The position of ``timestep`` in the plan when it is an element of the plan tensor
-        handed out by set_timesteps (``for t in scheduler.timesteps``, also after slicing):
-        found from its address (a live tensor whose data lies inside the plan's memory is a
-        view of it), so its value is known on the host without reading the device. None for
-        any other tensor."""
-        start, stride, dtype, device = self._plan_address
-        if timestep.dim() or timestep.dtype != dtype or stride <= 0:
-            return None
-        offset = timestep.data_ptr() - start
-        position = offset // stride
-        if offset % stride or not 0 <= position < self._plan_len or timestep.device != device:
-            return None
-        return position
-
     def _host_value(self, timestep: Any) -> float | int | None:
         """A timestep's value when it is known on the host: a python number, a CPU tensor, or
         an element of the plan tensor (its value is in the host copy of the plan); None for
@@ -387,245 +289,3 @@ class FusedSchedulerMixin:
         timestep itself)."""
 
     # -- end of the CUDA-graph hooks ----------------------------------------------------------
-
-    # -- tables ------------------------------------------------------------------------------
-
-    def _device_tables(
-        self, key: tuple, device: torch.device, build: Callable[[], dict[str, torch.Tensor]]
-    ) -> dict[str, torch.Tensor]:
-        """The tables for ``key`` on ``device`` (built on the host once per key, uploaded once
-        per device). ``build`` returns CPU tensors: "table" float64 ``[R, len(COLUMNS)]`` and
-        per-row schedule values ``[R]`` for the reference path."""
-        last = self._last_tables  # the common case: the same tables as the previous step
-        if last is not None and last[0] == key and last[1] == device:
-            return last[2]
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        per_key = self._tables.get(key)
-        if per_key is None:
-            host = build()
-            table = host["table"]
-            if table.dim() != 2 or table.shape[1] != len(COLUMNS):
-                raise AssertionError("internal: coefficient table has the wrong shape")
-            per_key = self._tables[key] = {"host": host}
-        cached = per_key.get(device)
-        if cached is None:
-            host = per_key["host"]
-            cached = {
-                name: upload(value.float().contiguous() if name == "table" else value, device)
-                for name, value in host.items()
-            }
-            cached["arange"] = torch.arange(len(host["table"]), dtype=torch.int64, device=device)
-            cached["row_views"] = {}
-            per_key[device] = cached
-        self._last_tables = (key, device, cached)
-        return cached
-
-    @staticmethod
-    def _row(tables: dict[str, torch.Tensor], row: int) -> torch.Tensor:
-        """Row ``row`` as the kernel takes it: ``tables["arange"][row : row + 1]``, a view
-        made once per row (slicing a tensor costs microseconds)."""
-        views = tables["row_views"]
-        view = views.get(row)
-        if view is None:
-            view = views[row] = tables["arange"][row : row + 1]
-        return view
-
-    # -- noise -------------------------------------------------------------------------------
-
-    def _philox_seeds(self, batch: int, device: torch.device) -> torch.Tensor:
-        """Per-sample Philox keys: one integer from torch's global RNG per set_timesteps."""
-        if self._seed is None:
-            self._seed = int(torch.randint(0, 2**31, (1,)).item())  # CPU RNG: no device sync
-        key = (device, batch)
-        seeds = self._seeds_cache.get(key)
-        if seeds is None:
-            seeds = self._seeds_cache[key] = philox.seeds_from(self._seed, batch, device)
-        return seeds
-
-    @staticmethod
-    def _draw(shape, generator, device, dtype) -> torch.Tensor:
-        """Noise drawn exactly as the diffusers schedulers draw it."""
-        return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-
-    def _step_noise(
-        self,
-        like: torch.Tensor,
-        x: torch.Tensor,
-        generator: torch.Generator | None,
-        variance_noise: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The noise of a step that adds noise, as ``(noise, seeds)`` for ``_run_step``.
-
-        Args:
-            like: the tensor whose shape, device and dtype diffusers draws the noise like.
-            x: the current sample (its batch size and device key the Philox seeds).
-            generator: draws the noise as diffusers does (``randn_tensor``), or None.
-            variance_noise: explicit standard-normal noise (taken as it is), or None.
-
-        Returns:
-            ``(variance_noise, None)`` when it is given; ``(None, seeds)``, per-sample Philox
-            keys for in-kernel noise, with ``noise="philox"`` and no generator; else
-            ``(noise, None)`` drawn as diffusers draws it (from ``generator``, or from torch's
-            global RNG without one).
-        """
-        if variance_noise is not None:
-            return variance_noise, None
-        if generator is None and self._noise == "philox":
-            return None, self._philox_seeds(x.shape[0], x.device)
-        return self._draw(like.shape, generator, like.device, like.dtype), None
-
-    # -- running a step: the template every drop-in's ``step`` follows ---------------------
-
-    _needs_plan = False  # step raises diffusers' "run set_timesteps" error (DDIM, DPM, UniPC)
-
-    def _begin_step(self, timestep: Any, sample: torch.Tensor, contiguous: bool = False):
-        """The step's prologue: diffusers' check for a plan (``_needs_plan``), the config
-        check, the step index (``_enter_step``); returns ``sample`` laid out for the kernel
-        (``dense``)."""
-        if self._needs_plan and self.num_inference_steps is None:
-            self._check_planned()
-        self.check_config()
-        self._enter_step(timestep)
-        return dense(sample, contiguous)
-
-    def _enter_step(self, timestep: Any) -> None:
-        """Step-index bookkeeping at the start of a step (none: the row is the timestep)."""
-
-    def _end_step(self, x0: torch.Tensor | None) -> None:
-        """State kept after a step (multistep history, the step index); none by default."""
-
-    def _reference_rule(
-        self,
-        tables: dict[str, torch.Tensor],
-        rows: torch.Tensor,
-        fn: Callable[..., tuple[torch.Tensor, torch.Tensor]],
-        levels: tuple[str, ...],
-        by_row: dict[str, str] | None = None,
-        **options: Any,
-    ):
-        """The reference path's step ``(xr, m, noise) -> (prev, x0)`` of a ``fastdiff.reference``
-        function: ``fn(xr, m, *levels, noise=noise, **by_row, **options)``, the levels and
-        ``by_row`` (keyword -> table name) read from ``tables`` at ``rows``; ``noise=`` only
-        when the step has noise."""
-
-        def reference_step(xr, m, noise):
-            values = self._values(tables, rows, *levels, *(by_row.values() if by_row else ()))
-            kwargs = dict(zip(by_row, values[len(levels) :])) if by_row else {}
-            if noise is not None:
-                kwargs["noise"] = noise
-            return fn(xr, m, *values[: len(levels)], **kwargs, **options)
-
-        return reference_step
-
-    def _fused_step(
-        self,
-        x: torch.Tensor,
-        model_output: torch.Tensor,
-        step_tables: dict[str, torch.Tensor],
-        rows: torch.Tensor,
-        reference_step: Callable,
-        output_cls: type,
-        return_dict: bool,
-        *,
-        out_dtype: torch.dtype,
-        x0_dtype: torch.dtype,
-        prediction_type: str | None = None,
-        **run_kwargs: Any,
-    ):
-        """The step's body and epilogue: ``_run_step``, then ``_end_step(x0)``, then the
-        diffusers output: ``output_cls(prev_sample[, pred_original_sample])`` (as many values
-        as the class has fields), or the tuple without ``return_dict``.
-
-        Args:
-            x, model_output, step_tables, rows, reference_step: as ``_run_step`` takes them.
-            output_cls: the diffusers output class of the step.
-            return_dict: diffusers' ``return_dict``.
-            out_dtype, x0_dtype: dtypes of the returned sample and x0 (x0 in the model
-                output's dtype for ``prediction_type="sample"``, as diffusers).
-            prediction_type: the config's prediction type, or None.
-            **run_kwargs: further ``_run_step`` options (noise, seeds, x0_prev, kernel options).
-        """
-        if prediction_type == "sample":
-            x0_dtype = model_output.dtype
-        prev, x0 = self._run_step(
-            x,
-            model_output,
-            step_tables,
-            rows,
-            reference_step,
-            out_dtype=out_dtype,
-            x0_dtype=x0_dtype,
-            **run_kwargs,
-        )
-        self._end_step(x0)
-        return step_output(output_cls, return_dict, prev, x0)
-
-    def _run_step(
-        self,
-        x: torch.Tensor,
-        model_output: torch.Tensor,
-        step_tables: dict[str, torch.Tensor],
-        rows: torch.Tensor,
-        reference_step: Callable[
-            [torch.Tensor, torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]
-        ],
-        *,
-        out_dtype: torch.dtype,
-        x0_dtype: torch.dtype,
-        noise: torch.Tensor | None = None,
-        seeds: torch.Tensor | None = None,
-        x0_prev: torch.Tensor | None = None,
-        **kernel_kwargs: Any,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One step through ``fastdiff.stepping.run_step`` (the dispatch ``Sampler.step``
-        uses), returned in the dtypes the diffusers class returns.
-
-        The reference path runs ``reference_step(xr, m, noise)`` in float64 (it is the
-        fallback and the check, not the fast path; float32 would lose digits where
-        diffusers' own float32 formulas do not, e.g. ``sqrt(1 - beta')`` for ``beta'`` near
-        1 at the end of a cosine schedule), with the in-kernel Philox noise of ``seeds``
-        computed in PyTorch; it reads its schedule values of ``rows`` from ``step_tables``
-        and takes its own x0_prev.
-
-        Args:
-            x: the current sample, as ``dense`` returns it.
-            model_output: the model output the step reads.
-            step_tables: the step's device tables (``_device_tables``).
-            rows: the step's table rows.
-            reference_step: the reference path's step; returns ``(prev, x0)``.
-            out_dtype, x0_dtype: dtypes of the returned sample and x0 prediction.
-            noise: explicit standard-normal noise like ``x``, or None.
-            seeds: per-sample Philox keys for in-kernel noise, or None.
-            x0_prev: the previous step's x0 for the kernel (multistep), or None.
-            **kernel_kwargs: further ``fused_step`` options (clip_range, thresholding,
-                variance_mode, write_x0, history, last_sample).
-
-        Returns:
-            ``(prev_sample, pred_original_sample)``.
-        """
-        if noise is not None and noise.device != x.device:  # a generator on another device
-            noise = noise.to(x.device)
-        return run_step(
-            self._backend,
-            x,
-            model_output,
-            step_tables[self._kernel_table],
-            rows,
-            lambda xr, m, _x0_prev, z, _grad: reference_step(xr, m, z),
-            out_dtype=out_dtype,
-            x0_dtype=x0_dtype,
-            noise=noise,
-            seeds=seeds,
-            x0_prev=x0_prev,
-            compute_dtype=torch.float64,
-            **kernel_kwargs,
-        )
-
-    @staticmethod
-    def _values(tables: dict[str, torch.Tensor], rows: torch.Tensor, *names: str):
-        """Per-row schedule values for the reference: 0-d for one row, ``[B]`` per sample
-        (gathered with a 1-D index: indexing with a 0-d tensor would read it on the host)."""
-        shape = () if rows.numel() == 1 else (-1,)
-        flat = rows.reshape(-1)
-        return tuple(tables[name].index_select(0, flat).reshape(shape) for name in names)

@@ -24,9 +24,9 @@ from diffusers.schedulers.scheduling_tcd import TCDScheduler, TCDSchedulerOutput
 
 from fastdiff import tables
 from fastdiff.checks import PREDICTION_TYPES, is_number
-from fastdiff.diffusers._common import dense, fused_init, make_output, nan_row, promote
+from fastdiff.diffusers._common import nan_row, promote, step_output
 from fastdiff.diffusers._rows import StepIndexMixin
-from fastdiff.reference.vp import consistency_step, renoise
+from fastdiff.reference import consistency_step, renoise
 
 __all__ = ["FusedLCMScheduler", "FusedTCDScheduler"]
 
@@ -39,6 +39,7 @@ class _ConsistencyBase(StepIndexMixin):
     per-step ``c_skip``, ``c_out``, ``t_s``) and the output class."""
 
     _output_cls: type
+    _needs_plan = True  # diffusers' step raises "run set_timesteps" without a plan
     _last_next_is_self: bool  # LCM: the last step's "next" timestep is itself; TCD: 0
 
     def _setup_fused(self, backend: str | None, noise: str) -> None:
@@ -153,15 +154,11 @@ class _ConsistencyBase(StepIndexMixin):
         generator: torch.Generator | None,
         return_dict: bool,
     ):
-        self._check_planned()
-        self.check_config()
-        if self.step_index is None:
-            self._init_step_index(timestep)
+        x = self._begin_step(timestep, sample)
         config = self.config
         prediction_type = config.prediction_type
         clip_range, thresholding = self._processing(config)
         processed = clip_range is not None or thresholding is not None
-        x = dense(sample)
         key = ("consistency", prediction_type, self._scaling(config), eta, processed)
         build = lambda: self._build(prediction_type, eta, processed)  # noqa: E731
         tabs = self._device_tables(key, x.device, build)
@@ -173,50 +170,53 @@ class _ConsistencyBase(StepIndexMixin):
                 seeds = self._philox_seeds(x.shape[0], x.device)
             else:  # as diffusers draws it: like the model output, in denoised's dtype
                 noise = self._draw(model_output.shape, generator, model_output.device, out_dtype)
-
-        def values():
-            return self._values(tabs, rows, "ab", "ab_s", "ab_next", "c_skip", "c_out")
-
-        def reference_step(xr, m, z):
-            ab, ab_s, ab_next, c_skip, c_out = values()
-            return consistency_step(
-                xr, m, ab, ab_s, ab_next, c_skip=c_skip, c_out=c_out,
-                prediction_type=prediction_type, clip_range=clip_range,
-                thresholding=thresholding, noise=z,
-            )  # fmt: skip
-
         options = {"out_dtype": out_dtype, "x0_dtype": out_dtype}
         if not processed:
-            prev, y = self._run_step(
-                x, model_output, tabs, rows, reference_step, noise=noise, seeds=seeds, **options
+            reference_step = self._reference_rule(
+                tabs,
+                rows,
+                consistency_step,
+                ("ab", "ab_s", "ab_next"),
+                {"c_skip": "c_skip", "c_out": "c_out"},
+                prediction_type=prediction_type,
             )
-        else:  # x0 processed before c_out: y first, then a second launch re-noises it
+            return self._fused_step(
+                x,
+                model_output,
+                tabs,
+                rows,
+                reference_step,
+                self._output_cls,
+                return_dict,
+                noise=noise,
+                seeds=seeds,
+                **options,
+            )
+        # x0 processed before c_out: y first, then a second launch re-noises it
 
-            def denoise_step(xr, m, _z):
-                ab, ab_s, _, c_skip, c_out = values()
-                y = consistency_step(
-                    xr, m, ab, ab_s, ab_s, c_skip=c_skip, c_out=c_out,
-                    prediction_type=prediction_type, clip_range=clip_range,
-                    thresholding=thresholding,
-                )[1]  # fmt: skip
-                return y, y
+        def denoise_step(xr, m, _z):
+            ab, ab_s, c_skip, c_out = self._values(tabs, rows, "ab", "ab_s", "c_skip", "c_out")
+            y = consistency_step(
+                xr, m, ab, ab_s, ab_s, c_skip=c_skip, c_out=c_out,
+                prediction_type=prediction_type, clip_range=clip_range,
+                thresholding=thresholding,
+            )[1]  # fmt: skip
+            return y, y
 
-            def renoise_step(yr, _m, z):
-                _, ab_s, ab_next, _, _ = values()
-                return renoise(yr, ab_s, ab_next, z), yr
+        def renoise_step(yr, _m, z):
+            ab_s, ab_next = self._values(tabs, rows, "ab_s", "ab_next")
+            return renoise(yr, ab_s, ab_next, z), yr
 
-            y, _ = self._run_step(
-                x, model_output, tabs, rows, denoise_step, clip_range=clip_range,
-                thresholding=thresholding, write_x0=False, **options,
-            )  # fmt: skip
-            prev, _ = self._run_step(
-                y, y, {"table": tabs["renoise"]}, rows, renoise_step, noise=noise, seeds=seeds,
-                write_x0=False, **options,
-            )  # fmt: skip
-        self._advance()
-        if not return_dict:
-            return (prev, y)
-        return make_output(self._output_cls, prev, y)
+        y, _ = self._run_step(
+            x, model_output, tabs, rows, denoise_step, clip_range=clip_range,
+            thresholding=thresholding, write_x0=False, **options,
+        )  # fmt: skip
+        prev, _ = self._run_step(
+            y, y, {"table": tabs["renoise"]}, rows, renoise_step, noise=noise, seeds=seeds,
+            write_x0=False, **options,
+        )  # fmt: skip
+        self._end_step(y)
+        return step_output(self._output_cls, return_dict, prev, y)
 
     def _scaling(self, config) -> float:
         return 0.0
@@ -244,10 +244,7 @@ class FusedLCMScheduler(_ConsistencyBase, LCMScheduler):
         >>> pipe.scheduler = FusedLCMScheduler.from_config(pipe.scheduler.config)
     """
 
-    _diffusers_cls = LCMScheduler
-    __init__ = fused_init(LCMScheduler)
     _output_cls = LCMSchedulerOutput
-    _x0_processing = ("clip", "threshold")
     _last_next_is_self = True
 
     def _scaling(self, config) -> float:
@@ -308,10 +305,12 @@ class FusedTCDScheduler(_ConsistencyBase, TCDScheduler):
         >>> pipe.scheduler = FusedTCDScheduler.from_config(pipe.scheduler.config)
     """
 
-    _diffusers_cls = TCDScheduler
-    __init__ = fused_init(TCDScheduler)
     _output_cls = TCDSchedulerOutput
     _last_next_is_self = False
+
+    def _x0_options(self, config) -> tuple[bool, bool]:
+        """Neither: TCD's ``__init__`` takes clip_sample / thresholding, its step ignores them."""
+        return False, False
 
     def _unsupported(self, config) -> list[tuple[str, bool, str]]:
         return [

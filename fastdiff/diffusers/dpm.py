@@ -7,7 +7,7 @@ import torch
 from diffusers.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
-from fastdiff import reference, tables
+from fastdiff import flow_tables, reference, tables
 from fastdiff.checks import PREDICTION_TYPES
 from fastdiff.diffusers._common import nan_row, promote
 from fastdiff.diffusers._rows import StepIndexMixin
@@ -28,7 +28,7 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
 
     Flow matching (Sana): ``use_flow_sigmas`` with ``flow_shift`` or dynamic shifting (``mu``),
     ``prediction_type="flow_prediction"`` (also epsilon / sample), on the flow path
-    ``alpha = 1 - s``, ``sigma = s`` (``tables.dpmpp_2m_table_as``).
+    ``alpha = 1 - s``, ``sigma = s`` (``flow_tables.dpmpp_2m_table_as``).
 
     Unsupported (ValueError at construction): SDE and the deprecated non-++ algorithms,
     ``solver_order=3`` and the "heun" solver (the kernel keeps one previous x0 and the
@@ -163,7 +163,7 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
         s, s_next = sigmas[:-1], sigmas[1:]
         s_prev = torch.cat([sigmas.new_ones(1), sigmas[:-2]])
         main, lower = (
-            tables.dpmpp_2m_table_as(
+            flow_tables.dpmpp_2m_table_as(
                 1.0 - s, s, 1.0 - s_next, s_next, 1.0 - s_prev, s_prev, prediction_type, f
             )
             for f in (first, all_first)

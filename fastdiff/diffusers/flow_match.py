@@ -11,7 +11,7 @@ from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
     FlowMatchEulerDiscreteSchedulerOutput,
 )
 
-from fastdiff import reference, tables
+from fastdiff import flow_tables, reference
 from fastdiff.diffusers._common import nan_row, upload
 from fastdiff.diffusers._rows import StepIndexMixin
 from fastdiff.flow import check_flow_sigmas
@@ -121,7 +121,7 @@ class FusedFlowMatchEulerDiscreteScheduler(StepIndexMixin, FlowMatchEulerDiscret
         sigmas = self._plan_sigmas.to(torch.float64)
         steps = len(self._plan_host)
         sigma, sigma_next = sigmas[:-1], sigmas[1:]
-        table = tables.flow_euler_table(sigma, sigma_next, "flow_prediction", stochastic)
+        table = flow_tables.flow_euler_table(sigma, sigma_next, "flow_prediction", stochastic)
         pad = steps + 1 - len(table)  # poison rows past the plan (and past the sigmas)
         nan = torch.full((pad,), math.nan, dtype=torch.float64)
         return {

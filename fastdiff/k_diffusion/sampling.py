@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import trange
 
-from fastdiff import reference, tables
+from fastdiff import flow_tables, reference, tables
 from fastdiff.backend import check_backend
 from fastdiff.checks import check_like, check_number, check_tensor
 from fastdiff.k_diffusion.schedules import (
@@ -298,7 +298,7 @@ def sample_dpmpp_2m(
     """
     plan = _Plan(model, x, sigmas, extra_args, callback, backend)
     ones = torch.ones_like(plan.sigma)
-    table = tables.dpmpp_2m_table_as(
+    table = flow_tables.dpmpp_2m_table_as(
         ones, plan.sigma, ones, plan.sigma_next, ones, plan.sigma_prev, "sample", plan.first
     )
     plan.upload(table)

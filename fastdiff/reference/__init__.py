@@ -13,8 +13,9 @@ validated here: ``fastdiff.checks`` does that at the public boundary (``Sampler`
 drop-ins).
 
 Modules: ``common`` (dtype, schedule values, x0 processing, guidance), ``vp`` (DDPM, DDIM,
-Euler, DPM-Solver++), ``flow`` (flow matching), ``unipc`` (UniPC), ``sigma`` (k-diffusion's
-samplers on a denoiser: churn, Heun, DPM-Solver++(2M) and its SDE, LCM).
+Euler, DPM-Solver++, the Heun correction), ``consistency`` (LCM, TCD), ``flow`` (flow
+matching), ``unipc`` (UniPC), ``sigma`` (k-diffusion's samplers on a denoiser: churn, Heun,
+DPM-Solver++(2M) and its SDE, LCM).
 
 Example:
     >>> x_next, x0 = ddim_step(x, eps_hat, ab[t], ab[t_next], eta=0.0)
@@ -29,6 +30,7 @@ from fastdiff.reference.common import (
     process_x0_compute,
     schedule_like,
 )
+from fastdiff.reference.consistency import consistency_step, renoise
 from fastdiff.reference.flow import (
     flow_dpmpp_2m_step,
     flow_eps,
@@ -65,6 +67,7 @@ from fastdiff.reference.vp import (
     dpmpp_2m_step,
     euler_ancestral_step,
     euler_step,
+    heun_correction_step,
     posterior_mean_coefficients,
     predict_eps,
     predict_x0,
@@ -83,6 +86,7 @@ __all__ = [
     "churn_gamma",
     "churn_step",
     "compute_dtype_of",
+    "consistency_step",
     "ddim_step",
     "ddpm_step",
     "ddpm_variance",
@@ -97,6 +101,7 @@ __all__ = [
     "flow_forward",
     "flow_stochastic_step",
     "flow_x0",
+    "heun_correction_step",
     "heun_step",
     "lcm_step",
     "posterior_mean_coefficients",
@@ -104,6 +109,7 @@ __all__ = [
     "predict_x0",
     "process_x0",
     "process_x0_compute",
+    "renoise",
     "schedule_like",
     "split_learned_variance",
     "unipc_b",

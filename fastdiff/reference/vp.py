@@ -410,71 +410,40 @@ def dpmpp_2m_step(
     return x_next.to(x.dtype), x0.to(x.dtype)
 
 
-# -- Consistency models: LCM (Luo et al. 2023) and TCD (Zheng et al. 2024) -------------------
+# -- Heun's 2nd-order method (Karras et al. 2022 Alg. 1) -------------------------------------
 
 
-def consistency_step(
+def heun_correction_step(
     x: Tensor,
     model_output: Tensor,
-    ab_t: ScheduleValue,
-    ab_s: ScheduleValue,
-    ab_next: ScheduleValue,
+    sigma: ScheduleValue,
+    sigma_next: ScheduleValue,
     *,
-    c_skip: ScheduleValue = 0.0,
-    c_out: ScheduleValue = 1.0,
+    x_start: Tensor,
+    x0_start: Tensor,
     prediction_type: str = "epsilon",
     clip_range: float | None = None,
     thresholding: tuple | None = None,
-    noise: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """One multistep consistency sampling step: LCM (Luo et al. 2023: the eps-parameterized
-    consistency function of Sec. 4.1, eq. 9, in their multistep sampling algorithm) and TCD's
-    strategic stochastic sampling (Zheng et al. 2024, Sec. 4.2)::
+    """The second half of one Heun step (Karras et al. 2022 Alg. 1 lines 7-8). The first half
+    (:func:`euler_step` from ``x_start`` at ``sigma``, whose x0 was ``x0_start``) gave
+    ``x = x_start + (sigma_next - sigma) d``, ``d = (x_start - x0_start) / sigma``; the model
+    output at ``(x, sigma_next)`` gives ``d' = (x - x0) / sigma_next`` and::
 
-        x0  = process(x0(x, m))                          # Ho et al. 2020 eq. 15
-        x_s = sqrt(ab_s) x0 + sqrt(1 - ab_s) eps         # DDIM jump to level ab_s (eps raw)
-        y   = c_skip x + c_out x_s                       # LCM: ab_s = 1, so y = f(x, t)
-        x'  = sqrt(ab_next / ab_s) y + sqrt(1 - ab_next / ab_s) z   # forward q(x' | y)
+        x_next = x_start + (sigma_next - sigma) (d + d') / 2
 
-    LCM: ``ab_s = 1`` and diffusers' boundary scalings ``c_skip = 1/4 / (u^2 + 1/4)``,
-    ``c_out = u / sqrt(u^2 + 1/4)`` of ``u = t * timestep_scaling``; TCD: ``c_skip = 0``,
-    ``c_out = 1``, ``ab_s`` at ``s = floor((1 - gamma) t_next)``. Without ``noise`` the z
-    term is left out (a step that adds no noise passes ``ab_next = ab_s``: ``x' = y``).
-    Returns ``(x_next, y)``: y is LCM's ``denoised`` and TCD's ``pred_noised_sample``.
+    Returns ``(x_next, x0)``, x0 predicted at ``sigma_next``.
 
     Example:
-        >>> x, denoised = consistency_step(x, eps_hat, ab[t], 1.0, ab[t_next], c_skip=cs,
-        ...                                c_out=co, noise=torch.randn_like(x))
+        >>> x1, d0 = euler_step(x, eps0, s, s_next)
+        >>> x_next, x0 = heun_correction_step(x1, eps1, s, s_next, x_start=x, x0_start=d0)
     """
     xc, m = _prepare_step(x, model_output, prediction_type, clip_range, thresholding)
-    at = schedule_like(ab_t, "ab_t", xc)
-    a_s, an = schedule_like(ab_s, "ab_s", xc), schedule_like(ab_next, "ab_next", xc)
-    x0 = process_x0_compute(_x0_from_output(xc, m, at, prediction_type), clip_range, thresholding)
-    eps = _eps_from_output(xc, m, at, prediction_type)
-    x_s = torch.sqrt(a_s) * x0 + torch.sqrt(1 - a_s) * eps
-    y = schedule_like(c_skip, "c_skip", xc) * xc + schedule_like(c_out, "c_out", xc) * x_s
-    x_next = _renoise(y, a_s, an, _optional_like(noise, "noise", x, xc.dtype))
-    return x_next.to(x.dtype), y.to(x.dtype)
-
-
-def _renoise(y: Tensor, ab_from: Tensor, ab_to: Tensor, z: Tensor | None) -> Tensor:
-    # the forward process from level ab_from to ab_to (Ho et al. 2020 eq. 4, respaced)
-    ratio = ab_to / ab_from
-    if z is None:
-        return torch.sqrt(ratio) * y
-    return torch.sqrt(ratio) * y + torch.sqrt((1 - ratio).clamp(min=0)) * z
-
-
-def renoise(
-    y: Tensor, ab_from: ScheduleValue, ab_to: ScheduleValue, noise: Tensor | None = None
-) -> Tensor:
-    """The forward process from level ``ab_from`` to ``ab_to`` (Ho et al. 2020 eq. 4 between
-    two noise levels): ``sqrt(ab_to / ab_from) y + sqrt(1 - ab_to / ab_from) z``, the last
-    line of :func:`consistency_step`; in ``y.dtype``.
-
-    Example:
-        >>> x_next = renoise(denoised, 1.0, ab[t_next], torch.randn_like(denoised))
-    """
-    yc = y.to(compute_dtype_of(y))
-    a_from, a_to = schedule_like(ab_from, "ab_from", yc), schedule_like(ab_to, "ab_to", yc)
-    return _renoise(yc, a_from, a_to, _optional_like(noise, "noise", y, yc.dtype)).to(y.dtype)
+    s, s_next = _sigma(sigma, "sigma", xc), _sigma(sigma_next, "sigma_next", xc)
+    x0 = _x0_from_output_sigma_space(xc, m, s_next, prediction_type)
+    x0 = process_x0_compute(x0, clip_range, thresholding)
+    xs = x_start.to(xc.dtype)
+    d = (xs - x0_start.to(xc.dtype)) / s
+    d_next = (xc - x0) / s_next
+    x_next = xs + (s_next - s) * (d + d_next) / 2
+    return x_next.to(x.dtype), x0.to(x.dtype)

@@ -1,0 +1,121 @@
+"""Per-step coefficient tables on a state ``x = alpha x0 + sigma eps`` (flow matching:
+``alpha = 1 - s``, ``sigma = s``), used by ``fastdiff.flow_samplers``, the flow diffusers
+drop-ins and DPM-Solver++(2M) in any space. Rows and columns as ``fastdiff.tables``
+(``COL``): float64 CPU tensors in and out.
+
+Example:
+    >>> table = flow_euler_table(sigma, sigma_next, "flow_prediction", stochastic=False)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastdiff.kernels.fused_step import COLUMNS
+from fastdiff.tables import COL
+
+__all__ = ["dpmpp_2m_table_as", "flow_euler_table", "x0_coefficients_as"]
+
+
+def x0_coefficients_as(
+    alpha: torch.Tensor, sigma: torch.Tensor, prediction_type: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x0 = x0_x x + x0_m m`` for a state ``x = alpha x0 + sigma eps`` (VP: alpha =
+    sqrt(ab), sigma = sqrt(1 - ab); flow: alpha = 1 - s, sigma = s).
+
+    "flow_prediction" (v = eps - x0 on the flow path): ``x0 = x - sigma v``; "epsilon":
+    ``(x - sigma eps) / alpha``; "sample": ``m``; "v_prediction": ``alpha x - sigma v``
+    (diffusers' rule, exact where alpha^2 + sigma^2 = 1).
+    """
+    if prediction_type == "flow_prediction":
+        return torch.ones_like(sigma), -sigma
+    if prediction_type == "epsilon":
+        return 1.0 / alpha, -sigma / alpha
+    if prediction_type == "sample":
+        return torch.zeros_like(sigma), torch.ones_like(sigma)
+    if prediction_type == "v_prediction":
+        return alpha, -sigma
+    raise ValueError(f"unknown prediction_type {prediction_type!r}")
+
+
+def _flow_rows(alpha: torch.Tensor, sigma: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    table = torch.zeros(len(sigma), len(COLUMNS), dtype=torch.float64)
+    table[:, COL["x0_x"]], table[:, COL["x0_m"]] = x0_coefficients_as(alpha, sigma, prediction_type)
+    return table
+
+
+def flow_euler_table(
+    sigma: torch.Tensor,
+    sigma_next: torch.Tensor,
+    prediction_type: str = "flow_prediction",
+    stochastic: bool = False,
+    processed: bool = False,
+) -> torch.Tensor:
+    """Euler on the flow path (Liu et al. 2023), ``x' = x + (s' - s) v``, and its stochastic
+    form ``x' = (1 - s') x0 + s' z`` (diffusers' ``stochastic_sampling``).
+
+    A velocity output goes straight into the update (``X = 1, M = s' - s``, as diffusers
+    computes it); other outputs, and a processed (clipped / thresholded) x0, go through
+    ``v = (x - x0) / s``: ``X = s' / s``, ``X0 = 1 - s' / s``.
+
+    Args:
+        sigma, sigma_next: float64 levels [n] of each step and of the next (0: clean).
+        prediction_type: "flow_prediction", "epsilon" or "sample".
+        stochastic: the stochastic form (``std = s'``).
+        processed: x0 is clipped or thresholded in the kernel.
+    """
+    table = _flow_rows(1.0 - sigma, sigma, prediction_type)
+    if stochastic:
+        table[:, COL["x0"]] = 1.0 - sigma_next
+        table[:, COL["std"]] = sigma_next
+    elif prediction_type == "flow_prediction" and not processed:
+        table[:, COL["x"]] = 1.0
+        table[:, COL["m"]] = sigma_next - sigma
+    else:
+        table[:, COL["x"]] = sigma_next / sigma
+        table[:, COL["x0"]] = 1.0 - sigma_next / sigma
+    return table
+
+
+def dpmpp_2m_table_as(
+    alpha: torch.Tensor,
+    sigma: torch.Tensor,
+    alpha_next: torch.Tensor,
+    sigma_next: torch.Tensor,
+    alpha_prev: torch.Tensor,
+    sigma_prev: torch.Tensor,
+    prediction_type: str,
+    first_order: torch.Tensor,
+) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022 Alg. 2, midpoint) for any ``x = alpha x0 + sigma eps``
+    (:func:`dpmpp_2m_table` is the VP case; flow has alpha = 1 - s, sigma = s)::
+
+        lambda = log(alpha / sigma),  h = lambda' - lambda,  r = h_prev / h
+        x' = (sigma' / sigma) x + alpha' (1 - e^-h) (x0 + (x0 - x0_prev) / (2 r))
+
+    first order where ``first_order`` is set (the previous step's values are then unused) and
+    on the step to clean (``sigma_next = 0``: h is infinite).
+
+    Args:
+        alpha, sigma: float64 [n] of each step; ``alpha_next, sigma_next``: of the step it goes
+            to (1, 0 for clean); ``alpha_prev, sigma_prev``: of the previous visited step.
+        prediction_type: see :func:`x0_coefficients_as`.
+        first_order: bool [n].
+    """
+    exp_neg_h = alpha * sigma_next / (sigma * alpha_next)  # e^(lambda - lambda'), finite at 0
+    gain = alpha_next * (1.0 - exp_neg_h)
+    table = _flow_rows(alpha, sigma, prediction_type)
+    table[:, COL["x"]] = sigma_next / sigma
+    table[:, COL["x0"]] = gain
+    second = ~first_order & (sigma_next > 0)
+    if second.any():
+        # log-SNRs; placeholders (0) where the row is first order and they are not read
+        def lam(a, s):
+            return torch.where(second, (a / s).log(), 0.0)
+
+        h = lam(alpha_next, sigma_next) - lam(alpha, sigma)
+        h_prev = lam(alpha, sigma) - lam(alpha_prev, sigma_prev)
+        half_inv_r = torch.where(second, 0.5 * h / torch.where(second, h_prev, 1.0), 0.0)
+        table[:, COL["x0"]] = gain * (1.0 + half_inv_r)
+        table[:, COL["x0_prev"]] = -gain * half_inv_r
+    return table
