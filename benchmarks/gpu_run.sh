@@ -6,6 +6,9 @@
 #   bash benchmarks/gpu_run.sh -k "ddpm and fused"      # extra args go to the benchmark pytest
 #   SKIP_TESTS=1 bash benchmarks/gpu_run.sh -k loop     # benchmarks only
 #   SKIP_BENCH=1 bash benchmarks/gpu_run.sh             # tests and the stamp only
+#   PYTEST_ADDOPTS="-n 4 --dist loadfile" SKIP_BENCH=1 bash benchmarks/gpu_run.sh
+#                        # the tests on 4 pytest-xdist workers (~3.5 min on an H200; carry
+#                        # the pytest_xdist and execnet wheels in .whl/)
 #
 # The whole tests/ run writes benchmarks/gpu-stamp.txt (benchmarks/gpu_stamp.py: the hash of
 # fastdiff/, kernels/ and tests/, the date, the card, pytest's summary line); commit it.
