@@ -34,8 +34,8 @@ from fastdiff.diffusers.graph import capture_denoising_loop  # noqa: E402
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 VP_SHAPE, FLOW_SHAPE = ((1, 4, 64, 64), (1, 16, 64, 64)) if HAS_CUDA else ((1, 4, 4, 4),) * 2
-SANA = {"use_flow_sigmas": True, "flow_shift": 3.0, "prediction_type": "flow_prediction"}
-WAN = {"use_flow_sigmas": True, "flow_shift": 3.0, "prediction_type": "flow_prediction"}
+# flow sigmas on the multistep schedulers, as Sana (DPM) and Wan (UniPC) configure them
+FLOW_SIGMAS = {"use_flow_sigmas": True, "flow_shift": 3.0, "prediction_type": "flow_prediction"}
 # name -> (drop-in class name, config, steps, shape, dtype)
 SCHEDULERS = {
     "ddpm": ("FusedDDPMScheduler", {}, 50, VP_SHAPE, torch.float16),
@@ -54,8 +54,10 @@ SCHEDULERS = {
         FLOW_SHAPE,
         torch.bfloat16,
     ),
-    "flow_dpmpp_2m": ("FusedDPMSolverMultistepScheduler", SANA, 28, FLOW_SHAPE, torch.bfloat16),
-    "flow_unipc": ("FusedUniPCMultistepScheduler", WAN, 28, FLOW_SHAPE, torch.bfloat16),
+    "flow_dpmpp_2m": (
+        "FusedDPMSolverMultistepScheduler", FLOW_SIGMAS, 28, FLOW_SHAPE, torch.bfloat16
+    ),
+    "flow_unipc": ("FusedUniPCMultistepScheduler", FLOW_SIGMAS, 28, FLOW_SHAPE, torch.bfloat16),
 }  # fmt: skip
 STOCHASTIC = ("ddpm", "euler_a", "flow_euler_stochastic")  # graphed with noise="philox"
 

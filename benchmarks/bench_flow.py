@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from benchmarks.bench_step import DTYPE_NAMES, _measure, _round, measure_loop
+from benchmarks.bench_step import DTYPE_NAMES, _measure, bandwidth_figures, measure_loop
 from fastdiff.flow import FlowSchedule
 from fastdiff.flow_samplers import FlowDPMSolverPP2MSampler, FlowMatchEulerSampler
 
@@ -152,13 +152,8 @@ def test_flow_step(benchmark, copy_bandwidth, case: Case, impl: str) -> None:
     benchmark.group = case.group
     fn, passes = _make_step(case, impl)
     result, wall, do_bench_s = _measure(benchmark, fn, precise=impl != "diffusers")
-    seconds = do_bench_s if do_bench_s is not None else wall
     nbytes = passes * case.tensor_bytes
     floor_passes = 3 + int(case.multistep)
-    floor_us = None
-    if copy_bandwidth:
-        floor_us = floor_passes * case.tensor_bytes / (copy_bandwidth * 1e9) * 1e6
-    gbps = nbytes / seconds / 1e9 if seconds else None
     benchmark.extra_info.update(
         impl=impl,
         sampler=case.sampler,
@@ -167,15 +162,9 @@ def test_flow_step(benchmark, copy_bandwidth, case: Case, impl: str) -> None:
         passes=passes,
         bytes=nbytes,
         floor_passes=floor_passes,
-        time_source="do_bench median" if do_bench_s is not None else "wall median",
-        time_us=_round(seconds * 1e6 if seconds else None),
-        wall_us=_round(wall * 1e6 if wall else None),
-        gbps=_round(gbps),
-        copy_bw_gbps=_round(copy_bandwidth),
-        frac_copy_bw=_round(gbps / copy_bandwidth if gbps and copy_bandwidth else None, 3),
-        floor_us=_round(floor_us),
-        x_floor=_round(seconds * 1e6 / floor_us if seconds and floor_us else None, 3),
-        device=torch.cuda.get_device_name() if HAS_CUDA else "cpu (smoke run)",
+        **bandwidth_figures(
+            wall, do_bench_s, nbytes, floor_passes * case.tensor_bytes, copy_bandwidth
+        ),
     )
     out = result.prev_sample
     assert out.shape == case.shape

@@ -385,6 +385,28 @@ def _round(value: float | None, digits: int = 4) -> float | None:
     return None if value is None else float(f"{value:.{digits}g}")
 
 
+def bandwidth_figures(
+    wall: float | None, do_bench_s: float | None, nbytes: int, floor_bytes: int, copy_bandwidth
+) -> dict:
+    """The ``extra_info`` figures of one step: its time (``do_bench`` median where there is
+    one, else the wall median), GB/s over ``nbytes``, the fraction of the session's copy
+    bandwidth, and the floor (``floor_bytes`` at copy bandwidth) with the time over it."""
+    seconds = do_bench_s if do_bench_s is not None else wall
+    gbps = nbytes / seconds / 1e9 if seconds else None
+    floor_us = floor_bytes / (copy_bandwidth * 1e9) * 1e6 if copy_bandwidth else None
+    return dict(
+        time_source="do_bench median" if do_bench_s is not None else "wall median",
+        time_us=_round(seconds * 1e6 if seconds else None),
+        wall_us=_round(wall * 1e6 if wall else None),
+        gbps=_round(gbps),
+        copy_bw_gbps=_round(copy_bandwidth),
+        frac_copy_bw=_round(gbps / copy_bandwidth if gbps and copy_bandwidth else None, 3),
+        floor_us=_round(floor_us),
+        x_floor=_round(seconds * 1e6 / floor_us if seconds and floor_us else None, 3),
+        device=torch.cuda.get_device_name() if HAS_CUDA else "cpu (smoke run)",
+    )
+
+
 def measure_loop(
     benchmark, run: Callable, setup: Callable, *, steps: int, target_us: float, **info
 ) -> torch.Tensor:
@@ -421,9 +443,6 @@ def test_step(benchmark, copy_bandwidth, case: Case, impl: str) -> None:
     passes = passes_of(result)
     nbytes = passes * case.numel * case.itemsize
     floor_bytes = case.floor_passes * case.numel * case.itemsize
-    seconds = do_bench_s if do_bench_s is not None else wall
-    gbps = nbytes / seconds / 1e9 if seconds else None
-    floor_us = floor_bytes / (copy_bandwidth * 1e9) * 1e6 if copy_bandwidth else None
     info = dict(
         impl=impl,
         sampler=case.sampler,
@@ -435,16 +454,8 @@ def test_step(benchmark, copy_bandwidth, case: Case, impl: str) -> None:
         bytes=nbytes,
         floor_passes=case.floor_passes,
         floor_bytes=floor_bytes,
-        time_source="do_bench median" if do_bench_s is not None else "wall median",
-        time_us=_round(seconds * 1e6 if seconds else None),
-        wall_us=_round(wall * 1e6 if wall else None),
         do_bench_us=_round(do_bench_s * 1e6 if do_bench_s else None),
-        gbps=_round(gbps),
-        copy_bw_gbps=_round(copy_bandwidth),
-        frac_copy_bw=_round(gbps / copy_bandwidth if gbps and copy_bandwidth else None, 3),
-        floor_us=_round(floor_us),
-        x_floor=_round(seconds * 1e6 / floor_us if seconds and floor_us else None, 3),
-        device=torch.cuda.get_device_name() if HAS_CUDA else "cpu (smoke run)",
+        **bandwidth_figures(wall, do_bench_s, nbytes, floor_bytes, copy_bandwidth),
     )
     if 3 * case.numel * case.itemsize < L2_BYTES:
         info["note"] = (

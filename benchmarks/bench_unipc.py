@@ -30,7 +30,7 @@ import math
 import pytest
 import torch
 
-from benchmarks.bench_step import DTYPE_NAMES, _measure, _round, measure_loop
+from benchmarks.bench_step import DTYPE_NAMES, _measure, bandwidth_figures, measure_loop
 from fastdiff.schedules import NoiseSchedule
 from fastdiff.unipc import UniPCSampler
 
@@ -131,23 +131,12 @@ def test_step(benchmark, copy_bandwidth, shape, impl: str) -> None:
     numel = math.prod(shape)
     itemsize = torch.empty((), dtype=DTYPE).element_size()
     nbytes = PASSES * numel * itemsize
-    seconds = do_bench_s if do_bench_s is not None else wall
-    gbps = nbytes / seconds / 1e9 if seconds else None
-    floor_us = nbytes / (copy_bandwidth * 1e9) * 1e6 if copy_bandwidth else None
     benchmark.extra_info.update(
         impl=impl,
         shape=list(shape),
         dtype=DTYPE_NAMES[DTYPE],
         passes=PASSES,
         bytes=nbytes,
-        time_source="do_bench median" if do_bench_s is not None else "wall median",
-        time_us=_round(seconds * 1e6 if seconds else None),
-        wall_us=_round(wall * 1e6 if wall else None),
-        gbps=_round(gbps),
-        copy_bw_gbps=_round(copy_bandwidth),
-        frac_copy_bw=_round(gbps / copy_bandwidth if gbps and copy_bandwidth else None, 3),
-        floor_us=_round(floor_us),
-        x_floor=_round(seconds * 1e6 / floor_us if seconds and floor_us else None, 3),
-        device=torch.cuda.get_device_name() if HAS_CUDA else "cpu (smoke run)",
+        **bandwidth_figures(wall, do_bench_s, nbytes, nbytes, copy_bandwidth),
     )
     assert result.prev_sample.shape == shape
