@@ -587,3 +587,17 @@ def test_gpu_flow_match_loop_captured_in_cuda_graph():
     loop = capture_denoising_loop(step_fn, x, scheduler=f)
     assert torch.equal(loop.run(x), eager)
     assert torch.equal(loop.run(x), eager)  # replayed
+
+
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_capturable_only_without_torch_noise(stochastic):
+    """The stochastic step draws fresh noise every step: a graph is refused with torch's
+    generator (a replay would not redraw it) and accepted with in-kernel Philox noise."""
+    for noise in ("torch", "philox"):
+        f = FusedFlowMatchEulerDiscreteScheduler(stochastic_sampling=stochastic, noise=noise)
+        f.set_timesteps(4)
+        if stochastic and noise == "torch":
+            with pytest.raises(ValueError, match='noise="philox"'):
+                f.check_capturable()
+        else:
+            f.check_capturable()

@@ -77,6 +77,10 @@ class FusedSchedulerMixin(StepTemplateMixin, PlanTablesMixin):
     from another scheduler's JSON is ignored, as the diffusers class ignores it.
     """
 
+    # Whether every step adds fresh noise (DDPM, Euler ancestral, LCM / TCD, stochastic flow
+    # matching): what check_capturable reads to refuse torch-drawn noise in a graph.
+    _draws_step_noise = False
+
     _diffusers_cls: type  # the diffusers class subclassed (set by __init_subclass__)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -264,8 +268,6 @@ class FusedSchedulerMixin(StepTemplateMixin, PlanTablesMixin):
         Raises:
             ValueError: the reason, and what to use instead.
         """
-        from diffusers import DDPMScheduler, EulerAncestralDiscreteScheduler
-
         name = type(self).__name__
         if hasattr(self, "model_outputs"):
             raise ValueError(
@@ -274,12 +276,11 @@ class FusedSchedulerMixin(StepTemplateMixin, PlanTablesMixin):
                 "fastdiff.sample(model, DPMSolverPP2MSampler(...), cuda_graph=True) or the "
                 "eager loop"
             )
-        noisy = isinstance(self, (DDPMScheduler, EulerAncestralDiscreteScheduler))
-        if noisy and not getattr(self, "uses_philox_noise", True):
+        if self._draws_step_noise and not self.uses_philox_noise:
             raise ValueError(
                 f"{name} draws its step noise from torch's random generator (randn_tensor), "
-                "which a replayed CUDA graph does not draw as the eager loop does; use the "
-                "scheduler's in-kernel Philox noise for a graphed loop, or the eager loop"
+                "which a replayed CUDA graph does not draw as the eager loop does; use "
+                'noise="philox" (in-kernel noise) for a graphed loop, or the eager loop'
             )
 
     def prepare_graph_step(self) -> None:

@@ -48,18 +48,7 @@ class _ConsistencyBase(StepIndexMixin):
         self._final_alpha_cumprod64 = float(self.final_alpha_cumprod)
         super()._setup_fused(backend, noise)
 
-    # -- CUDA-graph hooks (see FusedSchedulerMixin) ------------------------------------------
-
-    def check_capturable(self) -> None:
-        """As ``StepIndexMixin.check_capturable``; also refused: ``noise="torch"`` (every step
-        but the last draws noise from torch's generator, which a replay cannot repeat)."""
-        super().check_capturable()
-        if not self.uses_philox_noise:
-            raise ValueError(
-                f"{type(self).__name__} draws its step noise from torch's random generator "
-                "(randn_tensor), which a replayed CUDA graph does not draw as the eager loop "
-                'does; use noise="philox" (in-kernel noise) for a graphed loop, or the eager loop'
-            )
+    _draws_step_noise = True  # every step but the last (check_capturable refuses torch noise)
 
     # -- plan --------------------------------------------------------------------------------
 

@@ -38,6 +38,8 @@ class FusedDDPMScheduler(TimestepRowsMixin, DDPMScheduler):
         >>> pipe.scheduler = FusedDDPMScheduler.from_config(pipe.scheduler.config)
     """
 
+    _draws_step_noise = True
+
     def _unsupported(self, config) -> list[tuple[str, bool, str]]:
         variance_type = config.variance_type
         return [

@@ -255,6 +255,7 @@ class FusedEulerAncestralDiscreteScheduler(_EulerBase, EulerAncestralDiscreteSch
 
     _output_cls = EulerAncestralDiscreteSchedulerOutput
     _eta = 1.0
+    _draws_step_noise = True
 
     def _unsupported(self, config) -> list[tuple[str, bool, str]]:
         return [

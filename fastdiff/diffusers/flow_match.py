@@ -42,6 +42,10 @@ class FusedFlowMatchEulerDiscreteScheduler(StepIndexMixin, FlowMatchEulerDiscret
         ...     pipe.scheduler.config)
     """
 
+    @property
+    def _draws_step_noise(self) -> bool:
+        return bool(self.config.stochastic_sampling)  # x' = (1 - s') x0 + s' z
+
     init_noise_sigma = 1.0
 
     def _unsupported(self, config) -> list[tuple[str, bool, str]]:
