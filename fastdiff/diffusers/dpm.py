@@ -30,6 +30,12 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
     ``prediction_type="flow_prediction"`` (also epsilon / sample), on the flow path
     ``alpha = 1 - s``, ``sigma = s`` (``flow_tables.dpmpp_2m_table_as``).
 
+    CUDA graphs (``capture_denoising_loop``): a step whose step index is on the device (a
+    timestep tensor not taken from the plan, as in a graphed iteration) keeps the previous x0
+    in a persistent device buffer (``graph_state``), overwritten in place by the kernel, and
+    takes its order from the row alone; ``model_outputs[-1]`` is then that buffer. A step
+    with a host index keeps diffusers' ``model_outputs`` list as diffusers does.
+
     Unsupported (ValueError at construction): SDE and the deprecated non-++ algorithms,
     ``solver_order=3`` and the "heun" solver (the kernel keeps one previous x0 and the
     reference has the midpoint form); a flow_prediction model without flow sigmas and a
