@@ -259,7 +259,8 @@ class FusedSchedulerMixin(StepTemplateMixin, PlanTablesMixin):
         """Raise ValueError saying why a denoising loop stepping this scheduler cannot be
         replayed as a CUDA graph (``capture_denoising_loop`` calls it before capturing).
 
-        Refused: a multistep history kept in Python (``model_outputs``), and a step that
+        Refused: a multistep history kept in Python (``model_outputs``, unless the class sets
+        ``_history_on_device``), and a step that
         always adds noise drawn from torch's random generators instead of in-kernel Philox
         noise (``uses_philox_noise`` False): a replay would not draw it as the eager loop.
         (Noise asked for per call, DDIM's ``eta > 0``, is caught by the graph's check of its
@@ -269,7 +270,7 @@ class FusedSchedulerMixin(StepTemplateMixin, PlanTablesMixin):
             ValueError: the reason, and what to use instead.
         """
         name = type(self).__name__
-        if hasattr(self, "model_outputs"):
+        if hasattr(self, "model_outputs") and not getattr(self, "_history_on_device", False):
             raise ValueError(
                 f"{name} keeps its multistep history in Python (model_outputs, "
                 "lower_order_nums), which a replayed graph cannot update; use "

@@ -9,7 +9,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 from fastdiff import flow_tables, reference, tables
 from fastdiff.checks import PREDICTION_TYPES
-from fastdiff.diffusers._common import nan_row, promote
+from fastdiff.diffusers._common import dense, nan_row, promote
 from fastdiff.diffusers._rows import StepIndexMixin
 
 __all__ = ["FusedDPMSolverMultistepScheduler"]
@@ -30,6 +30,12 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
     ``prediction_type="flow_prediction"`` (also epsilon / sample), on the flow path
     ``alpha = 1 - s``, ``sigma = s`` (``flow_tables.dpmpp_2m_table_as``).
 
+    CUDA graphs (``capture_denoising_loop``): a step whose step index is on the device (a
+    timestep tensor not taken from the plan, as in a graphed iteration) keeps the previous x0
+    in a persistent device buffer (``graph_state``), overwritten in place by the kernel, and
+    takes its order from the row alone; ``model_outputs[-1]`` is then that buffer. A step
+    with a host index keeps diffusers' ``model_outputs`` list as diffusers does.
+
     Unsupported (ValueError at construction): SDE and the deprecated non-++ algorithms,
     ``solver_order=3`` and the "heun" solver (the kernel keeps one previous x0 and the
     reference has the midpoint form); a flow_prediction model without flow sigmas and a
@@ -41,6 +47,56 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
     """
 
     _needs_plan = True
+    _history_on_device = True  # a step with a device step index keeps x0 in a device buffer
+
+    def _setup_fused(self, backend: str | None, noise: str) -> None:
+        # device-index steps: the previous x0 per sample layout, and per (device, n) the rows
+        # of step k of the chain (first order at its first step); both kept for the
+        # scheduler's lifetime and rewritten in place (a captured graph holds their pointers)
+        self._x0_buffers: dict[tuple, torch.Tensor] = {}
+        self._chain_rows: dict[tuple, torch.Tensor] = {}
+        super()._setup_fused(backend, noise)
+
+    # -- CUDA-graph hooks (see FusedSchedulerMixin; check_capturable: StepIndexMixin's) -----
+
+    def graph_state(self, latents: torch.Tensor) -> list[torch.Tensor]:
+        """The device buffer a step on samples like ``latents`` reads and writes besides them
+        (the previous x0, allocated here if new, in the latents' dtype): what a graphed loop
+        saves and restores with the latents to re-run a step (its verification).
+
+        Args:
+            latents: a sample like the loop's (shape, dtype, device, memory format).
+
+        Returns:
+            ``[x0_prev]``, or ``[]`` for ``solver_order=1`` (no history).
+        """
+        if self.config.solver_order == 1:
+            return []
+        return [self._x0_buffer(dense(latents), latents.dtype)]
+
+    # -- end of the CUDA-graph hooks ----------------------------------------------------------
+
+    def _x0_buffer(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The persistent previous-x0 buffer of samples laid out like ``x`` in ``dtype``
+        (zeros when new: a first-order row multiplies it by 0)."""
+        key = (x.device, x.shape, x.stride(), dtype)
+        buffer = self._x0_buffers.get(key)
+        if buffer is None:
+            buffer = self._x0_buffers[key] = torch.zeros_like(x, dtype=dtype)
+        return buffer
+
+    def _device_chain_rows(self, tabs: dict, index: torch.Tensor, first: bool, n: int):
+        """Rows ``[1]`` of a device step index: row k of a table made on the device at the
+        chain's first step (k there: its first-order row ``n + 1 + k``; else row k), so that
+        the index alone picks the order in a replayed graph."""
+        key = (index.device, n)
+        chain = self._chain_rows.get(key)
+        if chain is None:
+            chain = self._chain_rows[key] = tabs["arange"][: n + 1].clone()
+        if first:
+            k = tabs["arange"][: n + 1]
+            torch.where(k == index.reshape(()), k + (n + 1), k, out=chain)
+        return chain.index_select(0, index.reshape(1))
 
     def _unsupported(self, config) -> list[tuple[str, bool, str]]:
         return [
@@ -225,12 +281,23 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
             lambda: self._build(prediction_type, final_first_order, order),
         )
         first = self.lower_order_nums < 1
-        rows = self._index_rows(tabs, offset=n + 1 if first else 0)
-        # the previous step's x0 (diffusers shifts the list first, then reads [-2])
-        x0_prev = None if first or order == 1 else self.model_outputs[-1]
         # diffusers converts the output to x0 first, then returns prev_sample in x0's dtype
         promoted = promote(sample.dtype, model_output.dtype)
         x0_dtype = model_output.dtype if prediction_type == "sample" else promoted
+        index = self._step_index
+        x0_out = None
+        if isinstance(index, torch.Tensor) and order > 1:
+            # a device step index (a graphed loop): the order comes from the row, the previous
+            # x0 from the buffer the kernel overwrites with this step's x0 (after its loads)
+            rows = self._device_chain_rows(tabs, index, first, n)
+            x0_prev = x0_out = self._x0_buffer(x, x0_dtype)
+            last = self.model_outputs[-1]
+            if not first and last is not None and last is not x0_prev:
+                x0_prev.copy_(last)  # the previous step kept x0 in model_outputs (host index)
+        else:
+            rows = self._index_rows(tabs, offset=n + 1 if first else 0)
+            # the previous step's x0 (diffusers shifts the list first, then reads [-2])
+            x0_prev = None if first or order == 1 else self.model_outputs[-1]
         _, thresholding = self._processing(config)
 
         def reference_step(xr, m, _noise):  # no noise: DPM-Solver++ is deterministic
@@ -270,6 +337,7 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
             out_dtype=x0_dtype,
             x0_dtype=x0_dtype,
             x0_prev=x0_prev,
+            x0_out=x0_out,
             thresholding=thresholding,
         )
 

@@ -3,7 +3,9 @@ a CUDA graph of one iteration, replayed for every timestep.
 
 The scheduler takes part through two public methods of every fused scheduler
 (``FusedSchedulerMixin``): ``check_capturable()`` raises ValueError saying why its loop cannot
-be replayed, and ``prepare_graph_step()`` runs at the start of every captured iteration.
+be replayed, and ``prepare_graph_step()`` runs at the start of every captured iteration; a
+scheduler with ``graph_state(latents)`` (device buffers its step reads and writes) has them
+saved and restored with the latents by the graph's verification.
 diffusers' own schedulers are refused (they read the timestep on the host).
 """
 
@@ -128,10 +130,13 @@ class DenoisingLoopGraph(GraphedLoop):
         self.plan = plan.to(device).contiguous()
         self.latents = torch.zeros_like(latents, memory_format=philox.memory_format_of(latents))
         self.counter = torch.zeros((), dtype=torch.int64, device=device)
+        # device buffers the scheduler's step reads and writes (DPM-Solver++'s previous x0)
+        graph_state = getattr(scheduler, "graph_state", None)
+        extra = list(graph_state(self.latents)) if callable(graph_state) else []
         self.engine = GraphEngine(
             runtime,
             self._body,
-            [self.latents, self.counter],
+            [self.latents, self.counter, *extra],
             steps_per_graph=steps_per_graph,
             warmup_steps=warmup_steps,
             verify=verify,
