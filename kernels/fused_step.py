@@ -602,12 +602,18 @@ def fused_step(
     write_x0 = write_x0 or x0_out is not None
     tensors = (x, model_output, table, rows, x0_prev, noise, seeds, grad, out, x0_out)
     tensors += (history, last_sample)
+    # The cache key: everything about each tensor that validation and Triton's
+    # specialization depend on (shape, strides, dtype, device, 16-byte alignment), built in
+    # one comprehension (no call per tensor; None slots stay None, so positions still count).
     key = (
-        tuple(map(_signature, tensors)),
         guided,
         clip_range is None,
         thresholding is None,
         variance_mode,
+        *[
+            None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16 == 0)
+            for t in tensors
+        ],
     )
     config = _LAUNCH_CONFIGS.get(key)
     if config is None:
@@ -825,13 +831,6 @@ _LAUNCH_CONFIGS: dict = {}
 _FAST_LAUNCH = {"enabled": True}
 
 
-def _signature(t: torch.Tensor | None):
-    """Everything about a tensor that validation and Triton's specialization depend on."""
-    if t is None:
-        return None
-    return (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16 == 0)
-
-
 def _launch_config(
     x, model_output, table, rows, x0_prev, noise, seeds, grad, out, x0_out, history,
     last_sample, guided, clip_range,
@@ -1006,19 +1005,21 @@ def _fast_launch(kernel, grid, device: torch.device, args: list) -> bool:
     try:
         stream = triton.runtime.driver.active.get_current_stream(device.index)
         hooks = triton.knobs.runtime
-        metadata = kernel.launch_metadata(grid, stream, *args)
+        # A launch hook or None: Triton 3.6 keeps None there, later Tritons a HookChain that
+        # may be empty (calling an empty chain does nothing: None skips the call).
+        enter, leave = hooks.launch_enter_hook, hooks.launch_exit_hook
+        if enter is not None and getattr(enter, "calls", True) == []:
+            enter = None
+        if leave is not None and getattr(leave, "calls", True) == []:
+            leave = None
+        # The launch metadata is read by the hooks only: Triton's ``launch_metadata``
+        # returns None without an enter hook (3.6) or builds it for a chain even when empty
+        # (3.9, where it also loads the module: ``kernel.run`` below does that first).
+        metadata = None if enter is None else kernel.launch_metadata(grid, stream, *args)
         kernel.run(
-            grid[0],
-            grid[1],
-            1,
-            stream,
-            kernel.function,
-            kernel.packed_metadata,
-            metadata,
-            hooks.launch_enter_hook,
-            hooks.launch_exit_hook,
-            *args,
-        )
+            grid[0], grid[1], 1, stream, kernel.function, kernel.packed_metadata, metadata,
+            enter, leave, *args,
+        )  # fmt: skip
         return True
     except (TypeError, AttributeError) as error:
         _FAST_LAUNCH["enabled"] = False

@@ -330,6 +330,67 @@ def test_fast_launch_passes_every_argument_in_signature_order(monkeypatch, devic
     assert len(recorder.args) == 2
 
 
+class _HookRecorder(_Recorder):
+    """A recorder that also records the metadata and hooks the launcher is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.metadata_calls = 0
+        self.launches = []
+
+    def launch_metadata(self, grid, stream, *args):
+        self.metadata_calls += 1
+        return "metadata"
+
+    def run(self, grid_x, grid_y, grid_z, stream, function, packed, metadata, enter, exit, *args):
+        self.launches.append((metadata, enter, exit))
+
+
+class _Chain:
+    """A stand-in for a later Triton's HookChain (its hooks in ``calls``)."""
+
+    def __init__(self, *calls):
+        self.calls = list(calls)
+
+
+@pytest.mark.parametrize("hooks", ["none", "empty chain", "enter", "exit chain"])
+def test_fast_launch_builds_metadata_only_for_an_enter_hook(hooks, monkeypatch, device):
+    """Without launch hooks (None, or an empty chain) the fast launch skips Triton's
+    launch_metadata and hands the launcher None for the metadata and both hooks, as
+    Triton's launch would pass (or call to no effect); with an enter hook it builds the
+    metadata and passes the hooks as set."""
+    monkeypatch.setitem(fs._FAST_LAUNCH, "enabled", True)
+    monkeypatch.setattr(fs, "_LAUNCH_CONFIGS", {})
+    if device.type != "cuda":
+        stream = types.SimpleNamespace(get_current_stream=lambda index: 0)
+        monkeypatch.setattr(fs.triton.runtime, "driver", types.SimpleNamespace(active=stream))
+    enter, leave = {
+        "none": (None, None),
+        "empty chain": (_Chain(), _Chain()),
+        "enter": (print, None),
+        "exit chain": (_Chain(), _Chain(print)),
+    }[hooks]
+    monkeypatch.setattr(fs.triton.knobs.runtime, "launch_enter_hook", enter)
+    monkeypatch.setattr(fs.triton.knobs.runtime, "launch_exit_hook", leave)
+    step = _one_step(device)
+    step()
+    (config,) = fs._LAUNCH_CONFIGS.values()
+    recorder = _HookRecorder()
+    config.kernels = _Always(recorder)
+    step()
+    ((metadata, got_enter, got_exit),) = recorder.launches
+    if hooks == "enter":
+        assert (recorder.metadata_calls, metadata, got_enter, got_exit) == (
+            1,
+            "metadata",
+            print,
+            None,
+        )
+    else:
+        assert (recorder.metadata_calls, metadata, got_enter) == (0, None, None)
+        assert got_exit is (leave if hooks == "exit chain" else None)
+
+
 @pytest.mark.gpu
 def test_fast_launch_is_taken_after_the_first_call(monkeypatch, device):
     """On a GPU the second call of a signature goes through the compiled kernel's launcher."""
