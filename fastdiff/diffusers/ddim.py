@@ -69,15 +69,11 @@ class FusedDDIMScheduler(TimestepRowsMixin, DDIMScheduler):
         """One DDIM step x_t -> x_prev, as diffusers' ``DDIMScheduler.step``.
 
         Args:
-            model_output: the model output, like ``sample``.
             timestep: the current timestep: int, 0-d tensor, or one per sample ``[B]``.
             sample: x_t ``[B, ...]``.
             eta: noise scale in [0, 1] (0: deterministic DDIM).
             use_clipped_model_output: re-derive eps from the clipped / thresholded x0.
-            generator: draws the noise as diffusers does (None: the global RNG, or in-kernel
-                noise with ``noise="philox"``).
             variance_noise: explicit standard-normal noise like ``sample``.
-            return_dict: return a ``DDIMSchedulerOutput`` (else a tuple).
 
         Returns:
             ``DDIMSchedulerOutput(prev_sample, pred_original_sample)`` or the tuple.

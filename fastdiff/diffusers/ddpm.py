@@ -108,9 +108,6 @@ class FusedDDPMScheduler(TimestepRowsMixin, DDPMScheduler):
                 ``learned_range``: prediction, then variance values).
             timestep: the current timestep: int, 0-d tensor, or one per sample ``[B]``.
             sample: x_t ``[B, C, ...]``.
-            generator: draws the noise as diffusers does (None: the global RNG, or in-kernel
-                noise with ``noise="philox"``).
-            return_dict: return a ``DDPMSchedulerOutput`` (else a tuple).
             variance_noise: explicit standard-normal noise like ``sample`` (instead of
                 ``generator``).
 
