@@ -7,7 +7,6 @@ from diffusers.schedulers.scheduling_ddim import DDIMScheduler, DDIMSchedulerOut
 
 from fastdiff import reference, tables
 from fastdiff.checks import is_number
-from fastdiff.diffusers._common import nan_row
 from fastdiff.diffusers._rows import TimestepRowsMixin
 
 __all__ = ["FusedDDIMScheduler"]
@@ -48,12 +47,7 @@ class FusedDDIMScheduler(TimestepRowsMixin, DDIMScheduler):
         prev = torch.arange(len(ab)) - stride
         ab_next = torch.where(prev >= 0, ab[prev.clamp(min=0)], self._final_alpha_cumprod64)
         table = tables.ddim_table(ab, ab_next, prediction_type, eta, use_clipped)
-        nan = torch.full((1,), float("nan"), dtype=torch.float64)
-        return {
-            "table": torch.cat([nan_row(), table, nan_row()]),
-            "ab": torch.cat([nan, ab, nan]),
-            "ab_next": torch.cat([nan, ab_next, nan]),
-        }
+        return self._poison_ends({"table": table, "ab": ab, "ab_next": ab_next})
 
     def step(
         self,
