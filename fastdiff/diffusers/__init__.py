@@ -26,6 +26,13 @@ torch's RNG draws). The price: other images than the stock scheduler's for the s
 ``FASTDIFF_BACKEND`` or auto) picks the kernels or the plain PyTorch reference. Neither
 option is saved to the config.
 
+Steps. Every ``step`` has the signature of the diffusers ``step`` it replaces, and its
+arguments mean what they mean there: ``model_output`` is like ``sample``; ``timestep`` is one
+of ``self.timesteps``; ``generator`` draws the noise as diffusers does (None: the global RNG,
+or in-kernel noise with ``noise="philox"``; unused by the deterministic steps);
+``return_dict`` returns the scheduler's output class, else a tuple. A ``step``'s docstring
+lists only the arguments it says more about.
+
 Pipelines. ``save_pretrained`` records a fused scheduler in model_index.json as
 ``["fastdiff.diffusers", "FusedDDIMScheduler"]`` (the classes' ``__module__`` is this public
 module); ``DiffusionPipeline.from_pretrained`` loads it back once ``fastdiff.diffusers`` is

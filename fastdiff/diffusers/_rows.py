@@ -34,6 +34,17 @@ class TimestepRowsMixin(FusedSchedulerMixin):
         self._train_steps = len(self._alphas_cumprod64)
         super()._setup_fused(backend, noise)
 
+    @staticmethod
+    def _poison_ends(columns: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The per-timestep ``columns`` (rows ``t``) as rows ``t + 1``, with the poison rows 0
+        and ``T + 1`` around them: NaN (False in a bool column)."""
+
+        def framed(v: torch.Tensor) -> torch.Tensor:
+            end = torch.full_like(v[:1], False if v.dtype == torch.bool else float("nan"))
+            return torch.cat([end, v, end])
+
+        return {name: framed(v) for name, v in columns.items()}
+
     def _vp_step(
         self,
         x: torch.Tensor,

@@ -266,14 +266,6 @@ class FusedLCMScheduler(_ConsistencyBase, LCMScheduler):
     ) -> LCMSchedulerOutput | tuple:
         """One LCM step, as diffusers' ``LCMScheduler.step``.
 
-        Args:
-            model_output: the model output, like ``sample``.
-            timestep: the current timestep (one of ``self.timesteps``).
-            sample: the current sample ``[B, ...]``.
-            generator: draws the noise as diffusers does (None: the global RNG, or in-kernel
-                noise with ``noise="philox"``).
-            return_dict: return an ``LCMSchedulerOutput`` (else a tuple).
-
         Returns:
             ``LCMSchedulerOutput(prev_sample, denoised)`` or the tuple.
         """
@@ -328,12 +320,7 @@ class FusedTCDScheduler(_ConsistencyBase, TCDScheduler):
         """One TCD step, as diffusers' ``TCDScheduler.step``.
 
         Args:
-            model_output: the model output, like ``sample``.
-            timestep: the current timestep (one of ``self.timesteps``).
-            sample: the current sample ``[B, ...]``.
             eta: the stochasticity gamma in [0, 1] (0: deterministic).
-            generator: draws the noise as diffusers does (see ``FusedLCMScheduler``).
-            return_dict: return a ``TCDSchedulerOutput`` (else a tuple).
 
         Returns:
             ``TCDSchedulerOutput(prev_sample, pred_noised_sample)`` or the tuple.

@@ -7,7 +7,6 @@ from diffusers.schedulers.scheduling_ddim import DDIMScheduler, DDIMSchedulerOut
 
 from fastdiff import reference, tables
 from fastdiff.checks import is_number
-from fastdiff.diffusers._common import nan_row
 from fastdiff.diffusers._rows import TimestepRowsMixin
 
 __all__ = ["FusedDDIMScheduler"]
@@ -48,12 +47,7 @@ class FusedDDIMScheduler(TimestepRowsMixin, DDIMScheduler):
         prev = torch.arange(len(ab)) - stride
         ab_next = torch.where(prev >= 0, ab[prev.clamp(min=0)], self._final_alpha_cumprod64)
         table = tables.ddim_table(ab, ab_next, prediction_type, eta, use_clipped)
-        nan = torch.full((1,), float("nan"), dtype=torch.float64)
-        return {
-            "table": torch.cat([nan_row(), table, nan_row()]),
-            "ab": torch.cat([nan, ab, nan]),
-            "ab_next": torch.cat([nan, ab_next, nan]),
-        }
+        return self._poison_ends({"table": table, "ab": ab, "ab_next": ab_next})
 
     def step(
         self,
@@ -69,15 +63,11 @@ class FusedDDIMScheduler(TimestepRowsMixin, DDIMScheduler):
         """One DDIM step x_t -> x_prev, as diffusers' ``DDIMScheduler.step``.
 
         Args:
-            model_output: the model output, like ``sample``.
             timestep: the current timestep: int, 0-d tensor, or one per sample ``[B]``.
             sample: x_t ``[B, ...]``.
             eta: noise scale in [0, 1] (0: deterministic DDIM).
             use_clipped_model_output: re-derive eps from the clipped / thresholded x0.
-            generator: draws the noise as diffusers does (None: the global RNG, or in-kernel
-                noise with ``noise="philox"``).
             variance_noise: explicit standard-normal noise like ``sample``.
-            return_dict: return a ``DDIMSchedulerOutput`` (else a tuple).
 
         Returns:
             ``DDIMSchedulerOutput(prev_sample, pred_original_sample)`` or the tuple.

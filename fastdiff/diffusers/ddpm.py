@@ -6,7 +6,6 @@ import torch
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler, DDPMSchedulerOutput
 
 from fastdiff import reference, tables
-from fastdiff.diffusers._common import nan_row
 from fastdiff.diffusers._rows import TimestepRowsMixin
 
 __all__ = ["FusedDDPMScheduler"]
@@ -84,14 +83,14 @@ class FusedDDPMScheduler(TimestepRowsMixin, DDPMScheduler):
         noisy = t > 0  # diffusers adds noise where t > 0
         table = tables.ddpm_table(ab, ab_next, prediction_type, variance_type, noisy)
         table[~valid] = float("nan")
-        nan = torch.full((1,), float("nan"), dtype=torch.float64)
-        no = torch.zeros(1, dtype=torch.bool)
-        return {
-            "table": torch.cat([nan_row(), table, nan_row()]),
-            "ab": torch.cat([nan, torch.where(valid, ab, float("nan")), nan]),
-            "ab_next": torch.cat([nan, torch.where(valid, ab_next, float("nan")), nan]),
-            "noisy": torch.cat([no, noisy, no]),
-        }
+        return self._poison_ends(
+            {
+                "table": table,
+                "ab": torch.where(valid, ab, float("nan")),
+                "ab_next": torch.where(valid, ab_next, float("nan")),
+                "noisy": noisy,
+            }
+        )
 
     def step(
         self,
@@ -110,9 +109,6 @@ class FusedDDPMScheduler(TimestepRowsMixin, DDPMScheduler):
                 ``learned_range``: prediction, then variance values).
             timestep: the current timestep: int, 0-d tensor, or one per sample ``[B]``.
             sample: x_t ``[B, C, ...]``.
-            generator: draws the noise as diffusers does (None: the global RNG, or in-kernel
-                noise with ``noise="philox"``).
-            return_dict: return a ``DDPMSchedulerOutput`` (else a tuple).
             variance_noise: explicit standard-normal noise like ``sample`` (instead of
                 ``generator``).
 

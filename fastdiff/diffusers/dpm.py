@@ -254,11 +254,8 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
         Args:
             model_output: the model output, like ``sample`` (learned variances: extra
                 channels, of which the first 3 are used, as diffusers).
-            timestep: the current timestep (one of ``self.timesteps``).
-            sample: the current sample.
             generator: unused (DPM-Solver++ is deterministic).
             variance_noise: unused (SDE variants only).
-            return_dict: return a ``SchedulerOutput`` (else a tuple).
 
         Returns:
             ``SchedulerOutput(prev_sample)`` or ``(prev_sample,)``.

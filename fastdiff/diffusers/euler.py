@@ -214,13 +214,9 @@ class FusedEulerDiscreteScheduler(_EulerBase, EulerDiscreteScheduler):
         """One Euler step, as diffusers' ``EulerDiscreteScheduler.step`` (without churn).
 
         Args:
-            model_output: the model output, like ``sample``.
-            timestep: the current timestep (one of ``self.timesteps``).
-            sample: the current sample (sigma-space state).
             s_churn: must be 0 (churn is not supported).
             s_tmin, s_tmax, s_noise: churn parameters (unused without churn).
             generator: unused (the step is deterministic without churn).
-            return_dict: return an ``EulerDiscreteSchedulerOutput`` (else a tuple).
 
         Returns:
             ``EulerDiscreteSchedulerOutput(prev_sample, pred_original_sample)`` or the tuple.
@@ -275,14 +271,6 @@ class FusedEulerAncestralDiscreteScheduler(_EulerBase, EulerAncestralDiscreteSch
         return_dict: bool = True,
     ) -> EulerAncestralDiscreteSchedulerOutput | tuple:
         """One Euler ancestral step, as diffusers' ``EulerAncestralDiscreteScheduler.step``.
-
-        Args:
-            model_output: the model output, like ``sample``.
-            timestep: the current timestep (one of ``self.timesteps``).
-            sample: the current sample (sigma-space state).
-            generator: draws the noise as diffusers does (None: the global RNG, or in-kernel
-                noise with ``noise="philox"``).
-            return_dict: return an ``EulerAncestralDiscreteSchedulerOutput`` (else a tuple).
 
         Returns:
             ``EulerAncestralDiscreteSchedulerOutput(prev_sample, pred_original_sample)`` or

@@ -158,12 +158,10 @@ class FusedFlowMatchEulerDiscreteScheduler(StepIndexMixin, FlowMatchEulerDiscret
 
         Args:
             model_output: the velocity ``v``, like ``sample``.
-            timestep: the current timestep (one of ``self.timesteps``).
             sample: the current state.
             s_churn, s_tmin, s_tmax, s_noise: accepted and unused, as in diffusers.
             generator: draws the noise of ``stochastic_sampling`` as diffusers does.
             per_token_timesteps: not supported (ValueError).
-            return_dict: return a ``FlowMatchEulerDiscreteSchedulerOutput`` (else a tuple).
 
         Returns:
             ``FlowMatchEulerDiscreteSchedulerOutput(prev_sample)`` or ``(prev_sample,)``, in

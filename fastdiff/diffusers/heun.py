@@ -193,11 +193,9 @@ class FusedHeunDiscreteScheduler(_EulerBase, HeunDiscreteScheduler):
         predictor when ``state_in_first_order``, else the trapezoidal corrector.
 
         Args:
-            model_output: the model output, like ``sample``.
             timestep: the current timestep (one of ``self.timesteps``, in order).
             sample: the current sample (sigma-space state; in the second half the first
                 half's ``prev_sample``).
-            return_dict: return a ``HeunDiscreteSchedulerOutput`` (else a tuple).
 
         Returns:
             ``HeunDiscreteSchedulerOutput(prev_sample, pred_original_sample)`` or the tuple.

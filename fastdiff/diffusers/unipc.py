@@ -208,12 +208,6 @@ class FusedUniPCMultistepScheduler(StepIndexMixin, UniPCMultistepScheduler):
         ``sample`` (from the previous step's sample and model outputs), then the predictor of
         the next sample.
 
-        Args:
-            model_output: the model output, like ``sample``.
-            timestep: the current timestep (one of ``self.timesteps``).
-            sample: the current sample.
-            return_dict: return a ``SchedulerOutput`` (else a tuple).
-
         Returns:
             ``SchedulerOutput(prev_sample)`` or ``(prev_sample,)``.
         """

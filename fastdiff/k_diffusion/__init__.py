@@ -20,14 +20,8 @@ Example:
     >>> x = K.sample_dpmpp_2m(model, torch.randn(1, 4, 64, 64, device="cuda") * sigmas[0], sigmas)
 """
 
-from fastdiff.k_diffusion.sampling import (
-    sample_dpmpp_2m,
-    sample_dpmpp_2m_sde,
-    sample_euler,
-    sample_euler_ancestral,
-    sample_heun,
-    sample_lcm,
-)
+from fastdiff.k_diffusion import sampling
+from fastdiff.k_diffusion.sampling import *  # noqa: F403  (the sample_* of sampling.__all__)
 from fastdiff.k_diffusion.schedules import (
     BrownianTreeNoiseSampler,
     default_noise_sampler,
@@ -40,10 +34,5 @@ __all__ = [
     "default_noise_sampler",
     "get_sigmas_exponential",
     "get_sigmas_karras",
-    "sample_dpmpp_2m",
-    "sample_dpmpp_2m_sde",
-    "sample_euler",
-    "sample_euler_ancestral",
-    "sample_heun",
-    "sample_lcm",
+    *sampling.__all__,
 ]

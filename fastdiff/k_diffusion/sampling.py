@@ -1,24 +1,4 @@
-"""k-diffusion's samplers with the update of every step as one fused kernel launch.
-
-The same names and signatures as ``k_diffusion.sampling`` (Crowson's k-diffusion; the
-functional interface ComfyUI and A1111/Forge call): ``sample_*(model, x, sigmas,
-extra_args=None, callback=None, disable=None, ...)`` where ``model(x, sigma * s_in,
-**extra_args)`` returns the denoised x0 of a state ``x = x0 + sigma eps``. The math of each
-step is ``fastdiff.reference.sigma`` (and ``reference.euler_step``); its rows are built once
-per call from ``sigmas`` in float64 (``fastdiff.tables``: one host copy of sigmas at the
-start, none per step) and applied by ``fastdiff.kernels.fused_step``.
-
-Noise is what k-diffusion draws for the same torch seed: ``torch.randn_like(x)`` in the same
-order (Euler / Heun churn: one draw per step whenever ``s_churn > 0``, as k-diffusion; no
-draw without churn, where k-diffusion draws and discards one), and for
-``sample_dpmpp_2m_sde`` k-diffusion's default Brownian tree (needs ``torchsde``). Each
-function also takes ``backend=`` ("triton", "reference", "auto"; see ``fastdiff.backend``).
-
-Example:
-    >>> from fastdiff import k_diffusion as K
-    >>> sigmas = K.get_sigmas_karras(20, 0.03, 14.6, device="cuda")
-    >>> x = K.sample_dpmpp_2m(model, torch.randn(1, 4, 64, 64, device="cuda") * sigmas[0], sigmas)
-"""
+"""The ``sample_*`` functions of ``fastdiff.k_diffusion`` (its docstring has the contract)."""
 
 from __future__ import annotations
 
@@ -129,6 +109,22 @@ class _Plan:
         )
         return x_next
 
+    def loop(self, x, disable, body, draw=None) -> Tensor:
+        """x after every step: ``x = body(i, x, denoised, noise, old_denoised)`` with
+        ``denoised = denoise(i, x)``, ``noise = draw(i)`` (None on the step to 0 or without
+        ``draw``) and the previous step's denoised (None on the first)."""
+        old_denoised = None
+        for i in trange(self.n, disable=disable):
+            denoised = self.denoise(i, x)
+            noise = None if draw is None or self.is_last(i) else draw(i)
+            x = body(i, x, denoised, noise, old_denoised)
+            old_denoised = denoised
+        return x
+
+    def ends(self, i: int) -> tuple[float, float, float]:
+        """Step i's host sigma, sigma_next and previous sigma (sigma on the first step)."""
+        return self.s[i], self.s[i + 1], self.s[max(i - 1, 0)]
+
 
 def _check_noise_args(eta: float, s_noise: float) -> tuple[float, float]:
     return check_number("eta", eta, low=0.0), check_number("s_noise", s_noise)
@@ -143,6 +139,17 @@ def _churn_plan(plan: _Plan, s_churn, s_tmin, s_tmax, s_noise) -> tuple[list[flo
             raise ValueError(f"{name} must be a number (inf allowed), got {value!r}")
     gammas = [reference.churn_gamma(s, plan.n, s_churn, s_tmin, s_tmax) for s in plan.s[:-1]]
     return gammas, plan.sigma * (1.0 + torch.tensor(gammas, dtype=torch.float64))
+
+
+def _draws(x: Tensor, sigmas: Tensor, noise_sampler: NoiseSampler | None):
+    """Step i's noise ``noise_sampler(sigmas[i], sigmas[i + 1])`` (default: k-diffusion's
+    ``default_noise_sampler(x)``)."""
+    noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
+
+    def draw(i: int) -> Tensor:
+        return noise_sampler(sigmas[i], sigmas[i + 1])
+
+    return draw
 
 
 # -- the samplers -----------------------------------------------------------------------------
@@ -263,20 +270,19 @@ def sample_euler_ancestral(
     table = tables.euler_table(plan.sigma, plan.sigma_next, "sample", eta, "sigma")
     table[:, tables.COL["std"]] *= s_noise
     plan.upload(table)
-    noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
-    for i in trange(plan.n, disable=disable):
-        denoised = plan.denoise(i, x)
-        noise = None if plan.is_last(i) else noise_sampler(sigmas[i], sigmas[i + 1])
-        s, s_next = plan.s[i], plan.s[i + 1]
 
-        def ref(xc, m, xp, z, g, s=s, s_next=s_next):
+    def body(i, x, denoised, noise, old_denoised):
+        s, s_next, _ = plan.ends(i)
+
+        def ref(xc, m, xp, z, g):
             z = None if z is None else s_noise * z
             return reference.euler_ancestral_step(
                 xc, m, s, s_next, eta=eta, prediction_type="sample", noise=z
             )
 
-        x = plan.step(i, x, denoised, ref, noise=noise)
-    return x
+        return plan.step(i, x, denoised, ref, noise=noise)
+
+    return plan.loop(x, disable, body, _draws(x, sigmas, noise_sampler))
 
 
 @torch.no_grad()
@@ -302,19 +308,18 @@ def sample_dpmpp_2m(
         ones, plan.sigma, ones, plan.sigma_next, ones, plan.sigma_prev, "sample", plan.first
     )
     plan.upload(table)
-    old_denoised = None
-    for i in trange(plan.n, disable=disable):
-        denoised = plan.denoise(i, x)
-        s, s_next, s_prev = plan.s[i], plan.s[i + 1], plan.s[max(i - 1, 0)]
 
-        def ref(xc, m, xp, z, g, s=s, s_next=s_next, s_prev=s_prev):
+    def body(i, x, denoised, noise, old_denoised):
+        s, s_next, s_prev = plan.ends(i)
+
+        def ref(xc, m, xp, z, g):
             return reference.dpmpp_2m_sigma_step(
                 xc, m, s, s_next, denoised_prev=xp, sigma_prev=s_prev
             )
 
-        x = plan.step(i, x, denoised, ref, x0_prev=old_denoised)
-        old_denoised = denoised
-    return x
+        return plan.step(i, x, denoised, ref, x0_prev=old_denoised)
+
+    return plan.loop(x, disable, body)
 
 
 @torch.no_grad()
@@ -359,18 +364,12 @@ def sample_dpmpp_2m_sde(
         def draw(i):
             return tree(host[i], host[i + 1])
     else:
+        draw = _draws(x, sigmas, noise_sampler)
 
-        def draw(i):
-            return noise_sampler(sigmas[i], sigmas[i + 1])
+    def body(i, x, denoised, noise, old_denoised):
+        s, s_next, s_prev = plan.ends(i)
 
-    old_denoised = None
-    for i in trange(plan.n, disable=disable):
-        denoised = plan.denoise(i, x)
-        last = plan.is_last(i)
-        noise = None if last or not eta else draw(i)
-        s, s_next, s_prev = plan.s[i], plan.s[i + 1], plan.s[max(i - 1, 0)]
-
-        def ref(xc, m, xp, z, g, s=s, s_next=s_next, s_prev=s_prev):
+        def ref(xc, m, xp, z, g):
             return reference.dpmpp_2m_sde_step(
                 xc,
                 m,
@@ -384,9 +383,9 @@ def sample_dpmpp_2m_sde(
                 noise=z,
             )
 
-        x = plan.step(i, x, denoised, ref, x0_prev=old_denoised, noise=noise)
-        old_denoised = denoised
-    return x
+        return plan.step(i, x, denoised, ref, x0_prev=old_denoised, noise=noise)
+
+    return plan.loop(x, disable, body, draw if eta else None)
 
 
 @torch.no_grad()
@@ -409,14 +408,13 @@ def sample_lcm(
     """
     plan = _Plan(model, x, sigmas, extra_args, callback, backend)
     plan.upload(tables.lcm_table(plan.sigma_next))
-    noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
-    for i in trange(plan.n, disable=disable):
-        denoised = plan.denoise(i, x)
-        noise = None if plan.is_last(i) else noise_sampler(sigmas[i], sigmas[i + 1])
+
+    def body(i, x, denoised, noise, old_denoised):
         s_next = plan.s[i + 1]
 
-        def ref(xc, m, xp, z, g, s_next=s_next):
+        def ref(xc, m, xp, z, g):
             return reference.lcm_step(xc, m, s_next, z)
 
-        x = plan.step(i, x, denoised, ref, noise=noise)
-    return x
+        return plan.step(i, x, denoised, ref, noise=noise)
+
+    return plan.loop(x, disable, body, _draws(x, sigmas, noise_sampler))
