@@ -134,6 +134,40 @@ def test_python_calls_per_step(name, no_launch):
     )
 
 
+# aten ops of one iteration of a graphed loop (step index = the loop's counter, timestep a
+# device tensor): each one is a kernel in the graph, ~2 us a step on the card (issue 10's 5 us
+# a step). Euler: the input division's gather and product, the two outputs; DDIM / DDPM: the
+# timestep's row (add, clamp) and the two outputs; the others: the output alone.
+GRAPHED_OPS = {
+    "ddim": 5, "ddpm-philox": 5, "euler": 7, "euler_a-philox": 7, "dpm": 3, "unipc": 2, "flow": 2
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(GRAPHED_OPS))
+def test_aten_ops_per_graphed_iteration(name, no_launch, monkeypatch):
+    """No device lookup of the step index inside a graph over the scheduler's own plan: the
+    loop's counter is the index (``prepare_graph_step(counter)``), and the step leaves its
+    advance to the loop."""
+    from fastdiff.diffusers import _base
+
+    monkeypatch.setattr(_base, "on_host", lambda t: False)
+    cls, noise = CASES[name][:2]
+    scheduler = cls(backend="triton", noise=noise)
+    scheduler.set_timesteps(10)
+    x, m = torch.randn(SHAPE), torch.randn(SHAPE)
+    counter = torch.zeros((), dtype=torch.int64)
+    for _ in range(4):
+        scheduler.prepare_graph_step(counter)
+        t = torch.take(scheduler.timesteps, counter)
+        ops = _CountOps()
+        with ops:
+            scheduler.scale_model_input(x, t)
+            scheduler.step(m, t, x)
+        counter.add_(1)
+        assert getattr(scheduler, "step_index", counter) is counter  # advanced by the loop
+    assert sum(ops.ops.values()) <= GRAPHED_OPS[name], dict(ops.ops)
+
+
 @pytest.mark.parametrize("name", ["ddim", "euler", "dpm"])
 def test_set_timesteps_again_keeps_the_uploaded_plan(name):
     """The same plan on the same device again (a pipeline calls set_timesteps per image): the

@@ -369,7 +369,8 @@ def test_scheduler_hooks_decide_and_prepare(eager_runtime):
         def check_capturable(self):
             pass
 
-        def prepare_graph_step(self):
+        def prepare_graph_step(self, step_index):
+            assert step_index is None  # a plan of its own: no step index to give
             self.prepared += 1
 
     custom = Custom()
@@ -398,29 +399,57 @@ def test_denoising_loop_equals_eager_loop(eager_runtime):
     assert eager_runtime[-1].captures == 1 and loop.captured
 
 
-def test_fused_schedulers_in_a_denoising_loop(eager_runtime):
+LOOP_SCHEDULERS = {
+    "ddim": ("FusedDDIMScheduler", {}),
+    "euler": ("FusedEulerDiscreteScheduler", {}),
+    "euler_a": ("FusedEulerAncestralDiscreteScheduler", {"noise": "philox"}),
+    "dpm": ("FusedDPMSolverMultistepScheduler", {}),
+    "unipc": ("FusedUniPCMultistepScheduler", {}),
+    "flow": ("FusedFlowMatchEulerDiscreteScheduler", {"shift": 3.0}),
+}
+
+
+@pytest.mark.parametrize("plan", ["own", "slice"])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("name", list(LOOP_SCHEDULERS))
+def test_fused_schedulers_in_a_denoising_loop(eager_runtime, monkeypatch, name, backend, plan):
+    """The graphed loop is the eager loop, over the scheduler's own plan (its step index is
+    the loop's counter, advanced by the loop alone) and over a slice of it (the step index
+    looked up on the device from each timestep; eager: from the first, as diffusers' img2img
+    loop). The graph's timestep reads as a device tensor (no host value), as on a card."""
     pytest.importorskip("diffusers")
-    from fastdiff.diffusers import FusedDDIMScheduler, FusedEulerDiscreteScheduler
+    from fastdiff import diffusers as fused
+    from fastdiff.diffusers import _base
 
-    def eps_model(latents, t):
-        return torch.tanh(latents) * (t.float() / 1000.0)
+    monkeypatch.setattr(_base, "on_host", lambda t: False)
 
-    for cls in (FusedDDIMScheduler, FusedEulerDiscreteScheduler):
-        scheduler = cls(backend="reference")
-        scheduler.set_timesteps(6)
-        x = torch.randn(2, 4, 5, 5)
+    cls_name, options = LOOP_SCHEDULERS[name]
+    scheduler = getattr(fused, cls_name)(backend=backend, **options)
+    x = torch.randn(2, 4, 5, 5)
+    indices = []
 
-        def step_fn(latents, t, scheduler=scheduler):
-            model_input = scheduler.scale_model_input(latents, t)
-            return scheduler.step(eps_model(model_input, t), t, latents).prev_sample
+    def step_fn(latents, t):
+        model_input = scheduler.scale_model_input(latents, t)
+        eps = torch.tanh(model_input) * (t.float() / 1000.0 + 0.5)
+        out = scheduler.step(eps, t, latents).prev_sample
+        indices.append(getattr(scheduler, "step_index", None))
+        return out
 
-        scheduler.set_timesteps(6)
-        eager = x.clone()
-        for t in scheduler.timesteps:
-            eager = step_fn(eager, t)
-        scheduler.set_timesteps(6)
-        loop = capture_denoising_loop(step_fn, x, scheduler=scheduler)
-        assert torch.equal(loop.run(x), eager), cls.__name__
+    torch.manual_seed(1)  # Euler a's Philox seed, drawn at its first step after set_timesteps
+    scheduler.set_timesteps(6)
+    timesteps = scheduler.timesteps if plan == "own" else scheduler.timesteps[2:]
+    eager = x.clone()
+    for t in timesteps:
+        eager = step_fn(eager, t)
+    torch.manual_seed(1)
+    scheduler.set_timesteps(6)
+    loop = capture_denoising_loop(
+        step_fn, x, None if plan == "own" else timesteps, scheduler=scheduler
+    )
+    indices.clear()
+    assert torch.equal(loop.run(x), eager), name
+    if plan == "own" and name != "ddim":  # DDIM's row is the timestep: no step index
+        assert all(index is loop.counter for index in indices)
 
 
 # -- GPU -----------------------------------------------------------------------------------------

@@ -284,10 +284,17 @@ class FusedSchedulerMixin(StepTemplateMixin, PlanTablesMixin):
                 'noise="philox" (in-kernel noise) for a graphed loop, or the eager loop'
             )
 
-    def prepare_graph_step(self) -> None:
+    def prepare_graph_step(self, step_index: torch.Tensor | None = None) -> None:
         """Called at the start of every iteration of a captured denoising loop, before the
         loop's ``scale_model_input`` / ``step`` (state kept on the host would otherwise be
         frozen at its captured value). Default: nothing (DDPM / DDIM: the row is the
-        timestep itself)."""
+        timestep itself).
+
+        Args:
+            step_index: the iteration's step index as a 0-d int64 device tensor that the loop
+                advances in place after the iteration (its own counter, when it runs over the
+                scheduler's own timesteps), or None: the index is looked up on the device
+                from the iteration's timestep.
+        """
 
     # -- end of the CUDA-graph hooks ----------------------------------------------------------

@@ -134,6 +134,8 @@ class StepIndexMixin(FusedSchedulerMixin):
     the device.
     """
 
+    _loop_index: torch.Tensor | None = None  # a graphed loop's counter (prepare_graph_step)
+
     # -- CUDA-graph hooks (see FusedSchedulerMixin) ------------------------------------------
 
     def check_capturable(self) -> None:
@@ -146,10 +148,12 @@ class StepIndexMixin(FusedSchedulerMixin):
                 "frozen into the graph; capture a loop over the plan's timesteps instead"
             )
 
-    def prepare_graph_step(self) -> None:
-        """Forgets the step index, so that ``scale_model_input`` / ``step`` look it up again
-        on the device from the iteration's timestep (a host index would be frozen)."""
-        self._step_index = None
+    def prepare_graph_step(self, step_index: torch.Tensor | None = None) -> None:
+        """The iteration's step index: the loop's own device counter (``step_index``, which
+        the loop advances in place: the step does not), or None, so that
+        ``scale_model_input`` / ``step`` look it up on the device from the iteration's
+        timestep (a host index would be frozen)."""
+        self._step_index = self._loop_index = step_index
 
     # -- end of the CUDA-graph hooks ----------------------------------------------------------
 
@@ -191,6 +195,8 @@ class StepIndexMixin(FusedSchedulerMixin):
         """Advance the step index (on the device for a device index: it stays on the poison
         row once past the end)."""
         index = self._step_index
+        if index is not None and index is self._loop_index:
+            return  # a graphed loop's counter: the loop advances it
         if isinstance(index, torch.Tensor):
             self._step_index = torch.clamp(index + 1, max=self._plan_len)
         else:

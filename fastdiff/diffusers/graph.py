@@ -3,7 +3,9 @@ a CUDA graph of one iteration, replayed for every timestep.
 
 The scheduler takes part through two public methods of every fused scheduler
 (``FusedSchedulerMixin``): ``check_capturable()`` raises ValueError saying why its loop cannot
-be replayed, and ``prepare_graph_step()`` runs at the start of every captured iteration; a
+be replayed, and ``prepare_graph_step(step_index)`` runs at the start of every captured
+iteration (``step_index``: the loop's device counter over the scheduler's own plan, else
+None); a
 scheduler with ``graph_state(latents)`` (device buffers its step reads and writes) has them
 saved and restored with the latents by the graph's verification.
 diffusers' own schedulers are refused (they read the timestep on the host).
@@ -62,8 +64,9 @@ class DenoisingLoopGraph(GraphedLoop):
     of the first replay, as :class:`fastdiff.SamplingGraph`).
 
     Schedulers: the fastdiff.diffusers ``Fused*`` ones pass ``scheduler=`` (checked by its
-    ``check_capturable()``, prepared by ``prepare_graph_step()`` every iteration). A stochastic
-    one keys its in-kernel noise by a seed drawn once per ``set_timesteps``, so every run
+    ``check_capturable()``, prepared by ``prepare_graph_step(step_index)`` every iteration:
+    over its own plan the loop's counter is its step index). A stochastic one keys its
+    in-kernel noise by a seed drawn once per ``set_timesteps``, so every run
     replays the step noise of the capture; for per-run seeds use ``SamplingGraph``.
 
     Args:
@@ -110,7 +113,8 @@ class DenoisingLoopGraph(GraphedLoop):
             raise TypeError(f"step_fn must be callable, got {type(step_fn).__name__}")
         if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
             raise TypeError("latents must be a floating-point tensor")
-        if timesteps is None:
+        own_plan = timesteps is None
+        if own_plan:
             if scheduler is None or getattr(scheduler, "timesteps", None) is None:
                 raise ValueError("pass timesteps, or a scheduler after set_timesteps")
             timesteps = scheduler.timesteps
@@ -130,6 +134,10 @@ class DenoisingLoopGraph(GraphedLoop):
         self.plan = plan.to(device).contiguous()
         self.latents = torch.zeros_like(latents, memory_format=philox.memory_format_of(latents))
         self.counter = torch.zeros((), dtype=torch.int64, device=device)
+        # over the scheduler's own plan, iteration k is its step k (diffusers' lookup of the
+        # first timestep gives 0 unless that timestep repeats): the counter is the step index
+        own_index = own_plan and int((plan == plan[0]).sum()) == 1
+        self._step_index = self.counter if own_index else None
         # device buffers the scheduler's step reads and writes (DPM-Solver++'s previous x0)
         graph_state = getattr(scheduler, "graph_state", None)
         extra = list(graph_state(self.latents)) if callable(graph_state) else []
@@ -146,7 +154,7 @@ class DenoisingLoopGraph(GraphedLoop):
     def _body(self) -> None:
         t = torch.take(self.plan, self.counter)
         if self._prepare is not None:
-            self._prepare()
+            self._prepare(self._step_index)
         new = self.step_fn(self.latents, t)
         if not isinstance(new, torch.Tensor):
             raise TypeError(f"step_fn must return the next latents, got {type(new).__name__}")

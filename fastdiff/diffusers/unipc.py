@@ -111,11 +111,6 @@ class FusedUniPCMultistepScheduler(StepIndexMixin, UniPCMultistepScheduler):
                 "frozen into the graph; capture a loop over the plan's timesteps instead"
             )
 
-    def prepare_graph_step(self) -> None:
-        """At the start of every iteration of a captured loop: forget the step index, so that
-        ``step`` looks it up on the device from the iteration's timestep (and takes its rows
-        from the table made on the device at the chain's first step)."""
-        self._step_index = None
 
     def _miss_index(self) -> int:
         return len(self._plan_host) - 1  # diffusers: a timestep not in the plan -> last step
