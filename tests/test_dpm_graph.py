@@ -1,7 +1,8 @@
 """FusedDPMSolverMultistepScheduler in a graphed denoising loop: with a device step index the
 previous x0 lives in a device buffer the kernel overwrites and the row alone picks the order,
-so ``capture_denoising_loop`` takes it and gives the eager loop's result bit for bit (CPU:
-the eager stand-in runtime, timesteps treated as device tensors; GPU: real CUDA graphs)."""
+so ``capture_denoising_loop`` takes it and gives the eager loop's result bit for bit (the
+eager stand-in runtime with timesteps treated as device tensors, on the CPU or the card;
+on the card also real CUDA graphs)."""
 
 from __future__ import annotations
 
@@ -64,14 +65,14 @@ def as_device(monkeypatch):
 
 @CONFIGS
 @pytest.mark.parametrize("backend", ["triton", "reference"])
-def test_graphed_loop_is_the_eager_loop(config, backend, as_device):
+def test_graphed_loop_is_the_eager_loop(config, backend, as_device, device):
     f = FusedDPMSolverMultistepScheduler(**config, backend=backend)
     f.check_capturable()
-    f.set_timesteps(6)
-    step_fn = _loop(f, _randn(1))
-    x = _randn(0)
+    f.set_timesteps(6, device=device)
+    step_fn = _loop(f, _randn(1, device))
+    x = _randn(0, device)
     eager = _eager(f, step_fn, x)
-    f.set_timesteps(6)
+    f.set_timesteps(6, device=device)
     loop = capture_denoising_loop(step_fn, x, scheduler=f)
     assert torch.equal(loop.run(x), eager)
     assert torch.equal(loop.run(x), eager)  # replayed only (the chain's rows are kept)
@@ -79,23 +80,23 @@ def test_graphed_loop_is_the_eager_loop(config, backend, as_device):
 
 
 @CONFIGS
-def test_device_index_loop_is_the_host_index_loop(config, as_device):
+def test_device_index_loop_is_the_host_index_loop(config, as_device, device):
     """The device path (buffer, chain rows) against diffusers' list path: a whole plan, a
     chain started mid-plan (first order there), and a loop switching paths midway."""
     f = FusedDPMSolverMultistepScheduler(**config, backend="triton")
-    f.set_timesteps(7)
-    step_fn = _loop(f, _randn(1))
-    x = _randn(0)
+    f.set_timesteps(7, device=device)
+    step_fn = _loop(f, _randn(1, device))
+    x = _randn(0, device)
     for timesteps in (f.timesteps, f.timesteps[2:]):
-        f.set_timesteps(7)
+        f.set_timesteps(7, device=device)
         host = _eager(f, step_fn, x, timesteps)
-        f.set_timesteps(7)
-        device = _eager(f, step_fn, x, timesteps, device_index=True)
-        assert torch.equal(device, host)
+        f.set_timesteps(7, device=device)
+        on_device = _eager(f, step_fn, x, timesteps, device_index=True)
+        assert torch.equal(on_device, host)
         assert f.model_outputs[-1] is f.graph_state(x)[0]  # the buffer holds the last x0
-    f.set_timesteps(7)
+    f.set_timesteps(7, device=device)
     whole = _eager(f, step_fn, x)
-    f.set_timesteps(7)
+    f.set_timesteps(7, device=device)
     half = _eager(f, step_fn, x, f.timesteps[:3])  # host index: x0 kept in model_outputs
     assert torch.equal(_eager(f, step_fn, half, f.timesteps[3:], device_index=True), whole)
 
@@ -114,13 +115,13 @@ def test_hooks(as_device):
         capture_denoising_loop(lambda x, t: x, x, scheduler=f)
 
 
-def test_first_order_graphed_loop(as_device):
+def test_first_order_graphed_loop(as_device, device):
     f = FusedDPMSolverMultistepScheduler(solver_order=1, backend="triton")
-    f.set_timesteps(5)
-    step_fn = _loop(f, _randn(1))
-    x = _randn(0)
+    f.set_timesteps(5, device=device)
+    step_fn = _loop(f, _randn(1, device))
+    x = _randn(0, device)
     eager = _eager(f, step_fn, x)
-    f.set_timesteps(5)
+    f.set_timesteps(5, device=device)
     assert torch.equal(capture_denoising_loop(step_fn, x, scheduler=f).run(x), eager)
 
 

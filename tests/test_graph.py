@@ -412,7 +412,9 @@ LOOP_SCHEDULERS = {
 @pytest.mark.parametrize("plan", ["own", "slice"])
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("name", list(LOOP_SCHEDULERS))
-def test_fused_schedulers_in_a_denoising_loop(eager_runtime, monkeypatch, name, backend, plan):
+def test_fused_schedulers_in_a_denoising_loop(
+    eager_runtime, monkeypatch, device, name, backend, plan
+):
     """The graphed loop is the eager loop, over the scheduler's own plan (its step index is
     the loop's counter, advanced by the loop alone) and over a slice of it (the step index
     looked up on the device from each timestep; eager: from the first, as diffusers' img2img
@@ -425,7 +427,7 @@ def test_fused_schedulers_in_a_denoising_loop(eager_runtime, monkeypatch, name, 
 
     cls_name, options = LOOP_SCHEDULERS[name]
     scheduler = getattr(fused, cls_name)(backend=backend, **options)
-    x = torch.randn(2, 4, 5, 5)
+    x = torch.randn(2, 4, 5, 5, device=device)
     indices = []
 
     def step_fn(latents, t):
@@ -436,13 +438,13 @@ def test_fused_schedulers_in_a_denoising_loop(eager_runtime, monkeypatch, name, 
         return out
 
     torch.manual_seed(1)  # Euler a's Philox seed, drawn at its first step after set_timesteps
-    scheduler.set_timesteps(6)
+    scheduler.set_timesteps(6, device=device)
     timesteps = scheduler.timesteps if plan == "own" else scheduler.timesteps[2:]
     eager = x.clone()
     for t in timesteps:
         eager = step_fn(eager, t)
     torch.manual_seed(1)
-    scheduler.set_timesteps(6)
+    scheduler.set_timesteps(6, device=device)
     loop = capture_denoising_loop(
         step_fn, x, None if plan == "own" else timesteps, scheduler=scheduler
     )

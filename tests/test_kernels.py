@@ -352,6 +352,10 @@ class _Chain:
     def __init__(self, *calls):
         self.calls = list(calls)
 
+    def __call__(self, *args):  # the launcher calls a hook it is handed
+        for call in self.calls:
+            call(*args)
+
 
 @pytest.mark.parametrize("hooks", ["none", "empty chain", "enter", "exit chain"])
 def test_fast_launch_builds_metadata_only_for_an_enter_hook(hooks, monkeypatch, device):
