@@ -612,6 +612,38 @@ def test_signatures_match_diffusers(name):
     assert init == set(inspect.signature(d_cls.__init__).parameters) | {"backend", "noise"}
 
 
+def test_step_binds_its_arguments_as_diffusers_does():
+    """The step built from diffusers' signature (``mirrored_step``): positional and keyword
+    arguments name the same parameters, defaults are diffusers', and a call diffusers' step
+    would refuse is the same TypeError."""
+    from diffusers import DDIMScheduler
+
+    from fastdiff.diffusers import FusedDDIMScheduler
+
+    f, d = FusedDDIMScheduler(), DDIMScheduler()
+    for s in (f, d):
+        s.set_timesteps(10)
+    x, m, z = randn(*SHAPE), randn(*SHAPE), randn(*SHAPE)
+    t = f.timesteps[3]
+    by_position = f.step(m, t, x, 0.5, False, None, z, False)
+    by_name = f.step(m, t, x, eta=0.5, variance_noise=z, return_dict=False)
+    want = d.step(m, t, x, 0.5, variance_noise=z, return_dict=False)
+    assert isinstance(by_position, tuple) and len(by_position) == 2
+    for got in (by_position, by_name):
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(f.step(m, t, x).prev_sample, f.step(m, t, x, eta=0.0).prev_sample)
+    for call in (
+        lambda s: s.step(m, t, x, etaa=0.5),  # misspelt
+        lambda s: s.step(m, t, x, 0.5, eta=0.5),  # twice
+        lambda s: s.step(m, t, x, 0.0, False, None, None, True, 1),  # too many
+    ):
+        with pytest.raises(TypeError):
+            call(d)
+        with pytest.raises(TypeError):
+            call(f)
+    assert "DDIMScheduler.step" in FusedDDIMScheduler.step.__doc__
+
+
 @pytest.mark.parametrize("name", list(PAIRS))
 def test_attributes_and_config_roundtrip(name, tmp_path):
     d_cls, f_cls = PAIRS[name]

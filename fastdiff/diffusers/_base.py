@@ -32,7 +32,13 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from fastdiff.backend import check_backend
 from fastdiff.checks import PREDICTION_TYPES, check_choice
-from fastdiff.diffusers._common import device_index, fused_init, fused_set_timesteps, make_output
+from fastdiff.diffusers._common import (
+    device_index,
+    fused_init,
+    fused_set_timesteps,
+    make_output,
+    mirrored_step,
+)
 from fastdiff.diffusers._plan import PlanTablesMixin
 from fastdiff.diffusers._step import StepTemplateMixin
 
@@ -82,11 +88,14 @@ class FusedSchedulerMixin(StepTemplateMixin, PlanTablesMixin):
     _draws_step_noise = False
 
     _diffusers_cls: type  # the diffusers class subclassed (set by __init_subclass__)
+    _step_extras: dict[str, Any] = {}  # keyword-only step arguments besides diffusers' ones
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """A class with a diffusers scheduler among its bases gets ``_diffusers_cls`` (that
         class), the fused ``__init__`` (``fused_init``) and ``set_timesteps``
-        (``fused_set_timesteps``), unless it or a fused base class defines them."""
+        (``fused_set_timesteps``), unless it or a fused base class defines them, and, if it
+        defines ``_step(model_output, timestep, sample, call)``, a ``step`` with diffusers'
+        signature plus ``_step_extras`` (``mirrored_step``)."""
         super().__init_subclass__(**kwargs)
         base = next(
             (
@@ -104,6 +113,8 @@ class FusedSchedulerMixin(StepTemplateMixin, PlanTablesMixin):
             cls.__init__ = fused_init(base)
         if cls.set_timesteps is base.set_timesteps:
             cls.set_timesteps = fused_set_timesteps(base)
+        if cls.step is base.step and getattr(cls, "_step", None) is not None:
+            cls.step = mirrored_step(base, cls._step_extras, cls._step.__doc__)
 
     # -- setup and configuration ------------------------------------------------------------
 

@@ -25,6 +25,7 @@ __all__ = [
     "fused_set_timesteps",
     "host_index",
     "make_output",
+    "mirrored_step",
     "nan_row",
     "step_output",
     "promote",
@@ -116,6 +117,57 @@ def fused_set_timesteps(diffusers_cls: type) -> Callable[..., None]:
     return set_timesteps
 
 
+def mirrored_step(diffusers_cls: type, extras: dict[str, Any], doc: str | None) -> Callable:
+    """A ``step`` for a fused subclass of ``diffusers_cls``, with diffusers' signature
+    (pipelines inspect it for ``eta`` / ``generator``) plus the keyword-only ``extras`` (name
+    -> default). It binds the call by name, fills in the defaults, and returns
+    ``self._step(model_output, timestep, sample, call)``, ``call`` the dict of the other
+    arguments by name. An argument diffusers' step does not take is a TypeError, as there.
+
+    Args:
+        diffusers_cls: the diffusers scheduler class being subclassed.
+        extras: keyword-only arguments the fused step takes besides diffusers' ones.
+        doc: the class's ``_step`` docstring (what the step adds to diffusers' contract).
+
+    Returns:
+        The ``step`` method.
+    """
+    signature = inspect.signature(diffusers_cls.step)
+    params = list(signature.parameters.values())[4:]  # after self, model_output, timestep, sample
+    names = [p.name for p in params]
+    defaults = {p.name: p.default for p in params}
+    defaults.update(extras)
+    accepted = frozenset(defaults)
+
+    def step(self, model_output, timestep, sample, *args, **kwargs):
+        if args:
+            if len(args) > len(names):
+                raise TypeError(
+                    f"{type(self).__name__}.step() takes at most {len(names) + 3} positional "
+                    f"arguments besides self ({len(args) + 3} given)"
+                )
+            given = dict(zip(names, args))
+            twice = given.keys() & kwargs.keys()
+            if twice:
+                raise TypeError(f"step() got multiple values for argument {sorted(twice)[0]!r}")
+            kwargs.update(given)
+        if not accepted.issuperset(kwargs):
+            unknown = sorted(set(kwargs) - accepted)[0]
+            raise TypeError(f"step() got an unexpected keyword argument {unknown!r}")
+        return self._step(model_output, timestep, sample, {**defaults, **kwargs})
+
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    added = [inspect.Parameter(name, keyword, default=value) for name, value in extras.items()]
+    step.__signature__ = signature.replace(parameters=[*signature.parameters.values(), *added])
+    step.__doc__ = (
+        f"diffusers' ``{diffusers_cls.__name__}.step`` (same arguments"
+        + (f"; also {', '.join(f'``{name}``' for name in extras)}" if extras else "")
+        + "): one fused kernel launch.\n\n"
+        + inspect.cleandoc(doc or "")
+    )
+    return step
+
+
 def device_index(schedule: torch.Tensor, timestep: torch.Tensor, miss: int) -> torch.Tensor:
     """Position of ``timestep`` in ``schedule`` computed on the device, without a sync.
 
@@ -192,23 +244,31 @@ def _field_names(cls: type) -> tuple[str, ...]:
 
 def step_output(cls: type, return_dict: bool, prev: Any, x0: Any) -> Any:
     """A step's result as diffusers returns it: ``cls(prev_sample[, pred_original_sample])``
-    (``make_output``; x0 only when the class has that field) or, without ``return_dict``,
-    the tuple of the same values."""
+    (x0 only when the class has that field) or, without ``return_dict``, the tuple of the
+    same values. The object is built directly: the one the dataclass constructor builds
+    (every field an attribute, the non-None ones also items of the ``BaseOutput``
+    OrderedDict, in field order), without the constructor's ``__post_init__`` walk over
+    ``dataclasses.fields`` (~10 microseconds a step)."""
     names = _OUTPUT_FIELDS.get(cls)
     if names is None:
         names = _field_names(cls)
     values = (prev, x0) if len(names) == 2 else (prev,)
-    return make_output(cls, *values) if return_dict else values
+    if not return_dict:
+        return values
+    out = cls.__new__(cls)
+    attributes = out.__dict__
+    for name, value in zip(names, values):
+        attributes[name] = value
+        if value is not None:
+            _set_item(out, name, value)
+    return out
 
 
 def make_output(cls: type, *values: Any) -> Any:
-    """``cls(*values)`` for a diffusers output dataclass, built directly: the object the
-    dataclass constructor builds (every field an attribute, the non-None ones also items of
-    the ``BaseOutput`` OrderedDict, in field order), without the constructor's
-    ``__post_init__`` walk over ``dataclasses.fields`` (~10 microseconds a step).
+    """``cls(*values)`` for a diffusers output dataclass, built as ``step_output`` builds it.
 
     Args:
-        cls: a ``diffusers.utils.BaseOutput`` dataclass.
+        cls: a ``diffusers.utils.BaseOutput`` dataclass with one or two fields.
         *values: its fields' values, in field order (all of them).
 
     Returns:
@@ -217,15 +277,9 @@ def make_output(cls: type, *values: Any) -> Any:
     names = _OUTPUT_FIELDS.get(cls)
     if names is None:
         names = _field_names(cls)
-    if len(values) != len(names):
+    if len(values) != len(names) or len(names) > 2:
         raise AssertionError(f"internal: {cls.__name__} has fields {names}")
-    out = cls.__new__(cls)
-    attributes = out.__dict__
-    for name, value in zip(names, values):
-        attributes[name] = value
-        if value is not None:
-            _set_item(out, name, value)
-    return out
+    return step_output(cls, True, values[0], values[1] if len(values) == 2 else None)
 
 
 def nan_row() -> torch.Tensor:

@@ -16,7 +16,6 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from diffusers.schedulers.scheduling_lcm import LCMScheduler, LCMSchedulerOutput
@@ -134,15 +133,23 @@ class _ConsistencyBase(StepIndexMixin):
             return eta is None or eta > 0
         return self._adds_noise(index, eta)
 
-    def _consistency_step(
-        self,
-        model_output: torch.Tensor,
-        timestep: Any,
-        sample: torch.Tensor,
-        eta: float | None,
-        generator: torch.Generator | None,
-        return_dict: bool,
-    ):
+    def _step(self, model_output, timestep, sample, call: dict):
+        """One LCM / TCD step (TCD's ``eta`` is the stochasticity gamma in [0, 1]; 0:
+        deterministic).
+
+        Returns:
+            ``LCMSchedulerOutput(prev_sample, denoised)`` / ``TCDSchedulerOutput(prev_sample,
+            pred_noised_sample)``, or the tuple.
+        """
+        eta, generator, return_dict = call.get("eta"), call["generator"], call["return_dict"]
+        if eta is not None:  # TCD
+            if isinstance(eta, torch.Tensor) and eta.device.type == "cpu" and eta.numel() == 1:
+                eta = eta.item()
+            if not is_number(eta):
+                raise TypeError(f"eta must be a python number, got {type(eta).__name__}")
+            if not 0.0 <= eta <= 1.0:
+                raise ValueError(f"eta (TCD's gamma) must be in [0, 1], got {eta}")
+            eta = float(eta)
         x = self._begin_step(timestep, sample)
         config = self.config
         prediction_type = config.prediction_type
@@ -256,21 +263,6 @@ class FusedLCMScheduler(_ConsistencyBase, LCMScheduler):
         c_out = u / (u**2 + _SIGMA_DATA**2).sqrt()
         return c_skip, c_out, torch.ones_like(u)  # ab_s = 1: x_s = x0
 
-    def step(
-        self,
-        model_output: torch.Tensor,
-        timestep: int | torch.Tensor,
-        sample: torch.Tensor,
-        generator: torch.Generator | None = None,
-        return_dict: bool = True,
-    ) -> LCMSchedulerOutput | tuple:
-        """One LCM step, as diffusers' ``LCMScheduler.step``.
-
-        Returns:
-            ``LCMSchedulerOutput(prev_sample, denoised)`` or the tuple.
-        """
-        return self._consistency_step(model_output, timestep, sample, None, generator, return_dict)
-
 
 class FusedTCDScheduler(_ConsistencyBase, TCDScheduler):
     """Drop-in ``TCDScheduler`` (Trajectory Consistency Distillation, Zheng et al. 2024) whose
@@ -307,30 +299,3 @@ class FusedTCDScheduler(_ConsistencyBase, TCDScheduler):
         t_s = torch.floor((1 - eta) * t_next).to(torch.long)
         ones = torch.ones(len(t), dtype=torch.float64)
         return torch.zeros_like(ones), ones, level(t_s)
-
-    def step(
-        self,
-        model_output: torch.Tensor,
-        timestep: int | torch.Tensor,
-        sample: torch.Tensor,
-        eta: float = 0.3,
-        generator: torch.Generator | None = None,
-        return_dict: bool = True,
-    ) -> TCDSchedulerOutput | tuple:
-        """One TCD step, as diffusers' ``TCDScheduler.step``.
-
-        Args:
-            eta: the stochasticity gamma in [0, 1] (0: deterministic).
-
-        Returns:
-            ``TCDSchedulerOutput(prev_sample, pred_noised_sample)`` or the tuple.
-        """
-        if isinstance(eta, torch.Tensor) and eta.device.type == "cpu" and eta.numel() == 1:
-            eta = eta.item()
-        if not is_number(eta):
-            raise TypeError(f"eta must be a python number, got {type(eta).__name__}")
-        if not 0.0 <= eta <= 1.0:
-            raise ValueError(f"eta (TCD's gamma) must be in [0, 1], got {eta}")
-        return self._consistency_step(
-            model_output, timestep, sample, float(eta), generator, return_dict
-        )

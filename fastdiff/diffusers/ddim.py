@@ -49,18 +49,8 @@ class FusedDDIMScheduler(TimestepRowsMixin, DDIMScheduler):
         table = tables.ddim_table(ab, ab_next, prediction_type, eta, use_clipped)
         return self._poison_ends({"table": table, "ab": ab, "ab_next": ab_next})
 
-    def step(
-        self,
-        model_output: torch.Tensor,
-        timestep: int | torch.Tensor,
-        sample: torch.Tensor,
-        eta: float = 0.0,
-        use_clipped_model_output: bool = False,
-        generator: torch.Generator | None = None,
-        variance_noise: torch.Tensor | None = None,
-        return_dict: bool = True,
-    ) -> DDIMSchedulerOutput | tuple:
-        """One DDIM step x_t -> x_prev, as diffusers' ``DDIMScheduler.step``.
+    def _step(self, model_output, timestep, sample, call: dict) -> DDIMSchedulerOutput | tuple:
+        """One DDIM step x_t -> x_prev.
 
         Args:
             timestep: the current timestep: int, 0-d tensor, or one per sample ``[B]``.
@@ -74,6 +64,7 @@ class FusedDDIMScheduler(TimestepRowsMixin, DDIMScheduler):
         """
         x = self._begin_step(timestep, sample)
         config = self.config
+        eta, generator, variance_noise = call["eta"], call["generator"], call["variance_noise"]
         if type(eta) is not float:  # a python float is the common case: checked below
             if isinstance(eta, torch.Tensor) and eta.device.type == "cpu" and eta.numel() == 1:
                 eta = eta.item()
@@ -85,7 +76,7 @@ class FusedDDIMScheduler(TimestepRowsMixin, DDIMScheduler):
                 f"eta must be in [0, 1], got {eta}: above 1 diffusers' DDIM direction "
                 "coefficient is the square root of a negative number on some steps"
             )
-        use_clipped = bool(use_clipped_model_output)
+        use_clipped = bool(call["use_clipped_model_output"])
         prediction_type = config.prediction_type
         stride = config.num_train_timesteps // self.num_inference_steps
         tabs = self._device_tables(
@@ -110,7 +101,7 @@ class FusedDDIMScheduler(TimestepRowsMixin, DDIMScheduler):
             rows,
             reference.ddim_step,
             DDIMSchedulerOutput,
-            return_dict,
+            call["return_dict"],
             noise=noise,
             seeds=seeds,
             eta=eta,

@@ -92,17 +92,10 @@ class FusedDDPMScheduler(TimestepRowsMixin, DDPMScheduler):
             }
         )
 
-    def step(
-        self,
-        model_output: torch.Tensor,
-        timestep: int | torch.Tensor,
-        sample: torch.Tensor,
-        generator: torch.Generator | None = None,
-        return_dict: bool = True,
-        *,
-        variance_noise: torch.Tensor | None = None,
-    ) -> DDPMSchedulerOutput | tuple:
-        """One DDPM step x_t -> x_prev, as diffusers' ``DDPMScheduler.step``.
+    _step_extras = {"variance_noise": None}
+
+    def _step(self, model_output, timestep, sample, call: dict) -> DDPMSchedulerOutput | tuple:
+        """One DDPM step x_t -> x_prev.
 
         Args:
             model_output: the model output ``[B, C, ...]`` (``[B, 2C, ...]`` for
@@ -118,6 +111,7 @@ class FusedDDPMScheduler(TimestepRowsMixin, DDPMScheduler):
         config = self.config
         learned = config.variance_type == "learned_range"
         x = self._begin_step(timestep, sample, contiguous=learned)
+        generator, variance_noise = call["generator"], call["variance_noise"]
         if generator is not None and variance_noise is not None:
             raise ValueError("pass either generator or variance_noise, not both")
         prediction_type = config.prediction_type
@@ -164,7 +158,7 @@ class FusedDDPMScheduler(TimestepRowsMixin, DDPMScheduler):
             rows,
             reference.ddpm_step,
             DDPMSchedulerOutput,
-            return_dict,
+            call["return_dict"],
             noise=noise,
             seeds=seeds,
             by_row={"add_noise": "noisy"},

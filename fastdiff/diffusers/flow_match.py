@@ -141,20 +141,10 @@ class FusedFlowMatchEulerDiscreteScheduler(StepIndexMixin, FlowMatchEulerDiscret
             return None, self._philox_seeds(sample.shape[0], sample.device)
         return self._draw(sample.shape, generator, sample.device, torch.float32), None
 
-    def step(
-        self,
-        model_output: torch.Tensor,
-        timestep: float | torch.Tensor,
-        sample: torch.Tensor,
-        s_churn: float = 0.0,
-        s_tmin: float = 0.0,
-        s_tmax: float = float("inf"),
-        s_noise: float = 1.0,
-        generator: torch.Generator | None = None,
-        per_token_timesteps: torch.Tensor | None = None,
-        return_dict: bool = True,
+    def _step(
+        self, model_output, timestep, sample, call: dict
     ) -> FlowMatchEulerDiscreteSchedulerOutput | tuple:
-        """One flow Euler step, as diffusers' ``FlowMatchEulerDiscreteScheduler.step``.
+        """One flow Euler step.
 
         Args:
             model_output: the velocity ``v``, like ``sample``.
@@ -173,7 +163,7 @@ class FusedFlowMatchEulerDiscreteScheduler(StepIndexMixin, FlowMatchEulerDiscret
                 f"`{type(self).__name__}.step()` is not supported. Make sure to pass one of "
                 "the `scheduler.timesteps` as a timestep."
             )
-        if per_token_timesteps is not None:
+        if call["per_token_timesteps"] is not None:
             raise ValueError(
                 f"{type(self).__name__} does not support per_token_timesteps (one noise level "
                 "per token); use diffusers' FlowMatchEulerDiscreteScheduler for it"
@@ -186,7 +176,7 @@ class FusedFlowMatchEulerDiscreteScheduler(StepIndexMixin, FlowMatchEulerDiscret
         rows = self._index_rows(tabs)
         noise = seeds = None
         if stochastic:
-            noise, seeds = self._noise_of_step(sample, generator)
+            noise, seeds = self._noise_of_step(sample, call["generator"])
         rule = reference.flow_stochastic_step if stochastic else reference.flow_euler_step
         return self._fused_step(
             x,
@@ -195,7 +185,7 @@ class FusedFlowMatchEulerDiscreteScheduler(StepIndexMixin, FlowMatchEulerDiscret
             rows,
             self._reference_rule(tabs, rows, rule, ("sigma", "sigma_next")),
             FlowMatchEulerDiscreteSchedulerOutput,
-            return_dict,
+            call["return_dict"],
             out_dtype=model_output.dtype,
             x0_dtype=torch.float32,
             noise=noise,

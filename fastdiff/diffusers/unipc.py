@@ -111,7 +111,6 @@ class FusedUniPCMultistepScheduler(StepIndexMixin, UniPCMultistepScheduler):
                 "frozen into the graph; capture a loop over the plan's timesteps instead"
             )
 
-
     def _miss_index(self) -> int:
         return len(self._plan_host) - 1  # diffusers: a timestep not in the plan -> last step
 
@@ -192,16 +191,9 @@ class FusedUniPCMultistepScheduler(StepIndexMixin, UniPCMultistepScheduler):
             self._active = (tabs, {"unipc": tabs["unipc"].index_select(0, w * (n + 1) + k)})
         return self._active[1], index.reshape(1)
 
-    def step(
-        self,
-        model_output: torch.Tensor,
-        timestep: int | torch.Tensor,
-        sample: torch.Tensor,
-        return_dict: bool = True,
-    ) -> SchedulerOutput | tuple:
-        """One UniPC step, as diffusers' ``UniPCMultistepScheduler.step``: the corrector of
-        ``sample`` (from the previous step's sample and model outputs), then the predictor of
-        the next sample.
+    def _step(self, model_output, timestep, sample, call: dict) -> SchedulerOutput | tuple:
+        """One UniPC step: the corrector of ``sample`` (from the previous step's sample and
+        model outputs), then the predictor of the next sample.
 
         Returns:
             ``SchedulerOutput(prev_sample)`` or ``(prev_sample,)``.
@@ -263,7 +255,7 @@ class FusedUniPCMultistepScheduler(StepIndexMixin, UniPCMultistepScheduler):
             rows,
             reference_step,
             SchedulerOutput,
-            return_dict,
+            call["return_dict"],
             out_dtype=sample.dtype,
             x0_dtype=sample.dtype,
             thresholding=thresholding,
