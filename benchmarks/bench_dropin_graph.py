@@ -7,7 +7,9 @@ Implementations:
 
 * ``eager``: the Python loop (synchronized once at the end);
 * ``graph``: the same loop captured once by ``capture_denoising_loop`` (one replay a step);
-  the stochastic schedulers with ``noise="philox"`` (torch's generator cannot be replayed).
+  the stochastic schedulers with ``noise="philox"`` (torch's generator cannot be replayed);
+* ``graph-whole``: the same, the whole loop one graph (``steps_per_graph=steps``): no Python
+  between the steps, so the figure is the graph's kernels alone.
 
 ``extra_info``: ``per_step_us`` (median wall of a whole loop, synchronized, / steps; for
 ``graph`` the captured loop's ``run``, whose replays are launched from Python). A scheduler
@@ -62,17 +64,17 @@ SCHEDULERS = {
 STOCHASTIC = ("ddpm", "euler_a", "flow_euler_stochastic")  # graphed with noise="philox"
 
 
-@pytest.mark.parametrize("impl", ["eager", "graph"])
+@pytest.mark.parametrize("impl", ["eager", "graph", "graph-whole"])
 @pytest.mark.parametrize("name", list(SCHEDULERS))
 def test_dropin_loop(benchmark, name: str, impl: str) -> None:
     """Wall time per step of one drop-in's whole loop, eager or replayed as a CUDA graph."""
     cls_name, config, steps, shape, dtype = SCHEDULERS[name]
-    if impl == "graph" and not HAS_CUDA:
+    if impl != "eager" and not HAS_CUDA:
         pytest.skip("CUDA graphs need a CUDA device")
     benchmark.group = f"dropin-loop {name} {'x'.join(map(str, shape))} {DTYPE_NAMES[dtype]}"
     cls = getattr(fused, cls_name)
     options = {"backend": "triton", **config}
-    if impl == "graph" and name in STOCHASTIC:  # torch's RNG cannot be replayed: the opt-in
+    if impl != "eager" and name in STOCHASTIC:  # torch's RNG cannot be replayed: the opt-in
         options["noise"] = "philox"
     scheduler = cls(**options)
     scheduler.set_timesteps(steps, device=DEVICE)
@@ -105,7 +107,8 @@ def test_dropin_loop(benchmark, name: str, impl: str) -> None:
         scheduler.check_capturable()
     except ValueError as refused:
         pytest.skip(f"{cls_name} is not capturable: {refused}")
-    loop = capture_denoising_loop(step_fn, x, scheduler=scheduler)
+    per_graph = steps if impl == "graph-whole" else 1
+    loop = capture_denoising_loop(step_fn, x, scheduler=scheduler, steps_per_graph=per_graph)
     loop.run(x)  # capture (and the bitwise check of the first replay)
 
     def run():
