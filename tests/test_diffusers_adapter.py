@@ -707,8 +707,8 @@ def test_step_argument_errors():
         f.step(x, 1000, x)
     e = FusedEulerDiscreteScheduler()
     e.set_timesteps(2)
-    with pytest.raises(ValueError, match="s_churn"):
-        e.step(x, e.timesteps[0], x, s_churn=1.0)
+    with pytest.raises(ValueError, match="s_churn"):  # churn works: a negative one is refused
+        e.step(x, e.timesteps[0], x, s_churn=-1.0)
     with pytest.raises(ValueError, match="integer"):
         e.step(x, 3, x)
     for t in e.timesteps:
