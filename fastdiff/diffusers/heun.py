@@ -250,19 +250,48 @@ class FusedHeunDiscreteScheduler(_EulerBase, HeunDiscreteScheduler):
         )
         out_dtype = promote(sample.dtype, model_output.dtype)
         x0_dtype = model_output.dtype if prediction_type == "sample" else out_dtype
+        state = self._heun
         if self._graph_step:  # a graphed iteration (prepare_graph_step): state on the device
             self._graph_step = False
-            prev, x0 = self._device_half(
-                x, model_output, timestep, tabs, prediction_type, clip_range, out_dtype, x0_dtype
+            rows, x0_prev, reference_step, outputs = self._device_half(
+                x, timestep, tabs, prediction_type, clip_range, out_dtype, x0_dtype
             )
-            return step_output(self._output_cls, return_dict, prev, x0)
+        else:
+            rows, x0_prev, reference_step = self._host_half(
+                sample, timestep, tabs, state, prediction_type, clip_range
+            )
+            outputs = {}
+        prev, x0 = self._run_step(
+            x,
+            model_output,
+            tabs,
+            rows,
+            reference_step,
+            out_dtype=out_dtype,
+            x0_dtype=x0_dtype,
+            x0_prev=x0_prev,
+            clip_range=clip_range,
+            **outputs,
+        )
+        self._end_step(x0)
+        if outputs:
+            self._state_on_device = True
+        elif state is None:  # what the second half reads
+            self._heun = _FirstHalf(sample, x0, self._step_index, prev, prev._version)
+            self.sample = sample
+        else:
+            self._heun = self.sample = None
+        return step_output(self._output_cls, return_dict, prev, x0)
+
+    def _host_half(self, sample, timestep, tabs, state, prediction_type, clip_range):
+        """The rows, ``x0_prev`` and reference step of a half whose state is on the host:
+        ``state`` is the first half's (``_FirstHalf``) or None (a first half next)."""
         if self._state_on_device:
             raise ValueError(
                 f"{type(self).__name__}: the previous half step ran in a graphed loop "
                 "(prepare_graph_step), whose state_in_first_order lives on the device; call "
                 "set_timesteps to start again"
             )
-        state = self._heun
         n1 = self._plan_len + 1
         if state is None:
             offset = 0
@@ -282,32 +311,13 @@ class FusedHeunDiscreteScheduler(_EulerBase, HeunDiscreteScheduler):
             dtype = promote(promote(state.start.dtype, state.x0.dtype), torch.float32)
             weight = tabs["midpoint_weight"].index_select(0, rows).to(dtype)
             x0_prev = torch.lerp(state.start.to(dtype), state.x0.to(dtype), weight)
-
         options = {"prediction_type": prediction_type, "clip_range": clip_range}
         rule = euler_step
         if state is not None:
             rule = heun_correction_step
             options.update(x_start=state.start, x0_start=state.x0)
         reference_step = self._reference_rule(tabs, rows, rule, ("sigma", "sigma_next"), **options)
-
-        prev, x0 = self._run_step(
-            x,
-            model_output,
-            tabs,
-            rows,
-            reference_step,
-            out_dtype=out_dtype,
-            x0_dtype=x0_dtype,
-            x0_prev=x0_prev,
-            clip_range=clip_range,
-        )
-        self._end_step(x0)
-        if state is None:  # what the second half reads
-            self._heun = _FirstHalf(sample, x0, self._step_index, prev, prev._version)
-            self.sample = sample
-        else:
-            self._heun = self.sample = None
-        return step_output(self._output_cls, return_dict, prev, x0)
+        return rows, x0_prev, reference_step
 
     # -- CUDA-graph hooks (see FusedSchedulerMixin; check_capturable: StepIndexMixin's) -----
 
@@ -348,9 +358,7 @@ class FusedHeunDiscreteScheduler(_EulerBase, HeunDiscreteScheduler):
             )
         return buffers
 
-    def _device_half(
-        self, x, model_output, timestep, tabs, prediction_type, clip_range, out_dtype, x0_dtype
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _device_half(self, x, timestep, tabs, prediction_type, clip_range, out_dtype, x0_dtype):
         """One half step whose choices are all made on the device, the same arithmetic as
         the host path's (so a graphed loop gives the eager loop's bits). ``pending`` is 0
         (a first half next: at the timestep's index, found on the device) or the index + 1 of
@@ -359,7 +367,9 @@ class FusedHeunDiscreteScheduler(_EulerBase, HeunDiscreteScheduler):
         loop's ``sample is prev``) and the step is short, else the midpoint form;
         ``x0_prev = lerp(x_s, D, w)``, ``w = 1`` (D, exactly) but in the midpoint form. A
         timestep that is not the plan's at that index gives the poison row (NaN), and a
-        first half next. Outputs: the prediction and x0 buffers."""
+        first half next. Returns the rows, ``x0_prev``, the reference step and the outputs
+        (the prediction and x0 buffers) of the half's ``_run_step``; ``pending`` is already
+        the next half's."""
         n = self._plan_len
         n1 = n + 1
         pending, start, d, prev = self._buffers(x, out_dtype, x0_dtype)
@@ -390,20 +400,5 @@ class FusedHeunDiscreteScheduler(_EulerBase, HeunDiscreteScheduler):
             )
             return tuple(torch.where(second, b, a) for a, b in zip(first, halves))
 
-        self._run_step(
-            x,
-            model_output,
-            tabs,
-            rows,
-            reference_step,
-            out_dtype=out_dtype,
-            x0_dtype=x0_dtype,
-            x0_prev=x0_prev,
-            clip_range=clip_range,
-            out=prev,
-            x0_out=d,
-        )
         pending.copy_(tabs["next_half"].index_select(0, rows) * (index + 2))
-        self._end_step(d)
-        self._state_on_device = True
-        return prev, d
+        return rows, x0_prev, reference_step, {"out": prev, "x0_out": d}
