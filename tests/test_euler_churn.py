@@ -13,6 +13,7 @@ import torch
 
 pytest.importorskip("diffusers")
 
+from conftest import TOLERANCES  # noqa: E402
 from diffusers import EulerDiscreteScheduler  # noqa: E402
 from diffusers_cases import BACKENDS, DEVICE  # noqa: E402
 from test_diffusers_adapter import (  # noqa: E402
@@ -25,7 +26,9 @@ from test_diffusers_adapter import (  # noqa: E402
     run_pair,
 )
 
+from fastdiff import reference, tables  # noqa: E402
 from fastdiff.diffusers import FusedEulerDiscreteScheduler  # noqa: E402
+from fastdiff.kernels.fused_step import fused_step  # noqa: E402
 
 
 @pytest.fixture
@@ -42,6 +45,43 @@ def random_churn(rng: random.Random) -> dict:
     if rng.random() < 0.5:
         kwargs["s_noise"] = rng.uniform(0.9, 1.1)
     return kwargs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_churn_table_in_one_launch_is_the_reference(prediction_type, dtype, device):
+    """``tables.euler_churn_table`` applied by one kernel launch (noise tensor z; x0 plus
+    its ``x0_noise z``) against ``reference.euler_churn_step`` in float64, rows with and
+    without churn, into outputs poisoned with NaN; odd shapes."""
+    g = torch.Generator().manual_seed(0)
+    sigma = torch.tensor([14.6, 3.0, 0.4], dtype=torch.float64)
+    hat = sigma * torch.tensor([1.4142135623730951, 1.0, 1.2], dtype=torch.float64)
+    sigma_next = torch.tensor([3.0, 0.4, 0.0], dtype=torch.float64)
+    table, x0_noise = tables.euler_churn_table(sigma, hat, sigma_next, prediction_type, 1.003)
+    table = table.float().to(device)
+    shape = (3, 5, 7, 9)
+    for i in range(3):
+        x, m, z = (torch.randn(shape, generator=g).to(device, dtype) for _ in range(3))
+        x = x * sigma[i].item()
+        out, x0 = torch.full_like(x, float("nan")), torch.full_like(x, float("nan"))
+        rows = torch.tensor([i], device=device)
+        fused_step(x, m, table, rows, noise=z, out=out, x0_out=x0)
+        x0 = x0.double() + x0_noise[i].item() * z.double()
+        want, want_x0 = reference.euler_churn_step(
+            x.double(),
+            m.double(),
+            sigma[i],
+            hat[i],
+            sigma_next[i],
+            prediction_type=prediction_type,
+            s_noise=1.003,
+            noise=z.double(),
+        )
+        tol = TOLERANCES[dtype]
+        scale = 1 + x.double().abs().max().item()
+        atol = tol["atol"] * scale
+        torch.testing.assert_close(out.double(), want, rtol=tol["rtol"], atol=atol)
+        torch.testing.assert_close(x0, want_x0, rtol=tol["rtol"], atol=atol)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

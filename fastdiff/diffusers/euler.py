@@ -223,6 +223,7 @@ class _EulerBase(StepIndexMixin):
         else:
             rule = reference.euler_step
         ran_reference = []
+        x0_carries_noise = prediction_type != "sample"  # (x0 = m: x0_noise is 0)
 
         def reference_step(xr, m, z):
             ran_reference.append(True)
@@ -244,9 +245,8 @@ class _EulerBase(StepIndexMixin):
             noise=noise,
             seeds=seeds,
         )
-        if churn is not None and noise is not None and not ran_reference:
-            # the kernel's x0 is that of x, diffusers' that of x_hat = x + c z (no term for
-            # a sample prediction: x0_noise is 0)
+        if churn is not None and noise is not None and not ran_reference and x0_carries_noise:
+            # the kernel's x0 is that of x, diffusers' that of x_hat = x + c z
             x0 = x0.addcmul_(noise.to(x0.device), tabs["x0_noise"].index_select(0, rows))
         self._end_step(x0)
         return step_output(self._output_cls, return_dict, prev, x0)
@@ -302,7 +302,9 @@ class FusedEulerDiscreteScheduler(_EulerBase, EulerDiscreteScheduler):
         where ``s_tmin <= sigma <= s_tmax`` (else 0), ``sigma_hat = sigma (gamma + 1)`` and,
         where gamma > 0, ``sample + s_noise sqrt(sigma_hat^2 - sigma^2) z`` before the Euler
         step from sigma_hat (``tables.euler_churn_table``: still one launch; the churn noise
-        in ``pred_original_sample`` is one more elementwise op).
+        in ``pred_original_sample``, but for a sample prediction, is one more elementwise
+        op; with ``noise="philox"`` the Philox noise is made in PyTorch, as it is needed
+        there too).
 
         Args:
             s_churn: the churn (>= 0; 0: the deterministic step).
