@@ -22,6 +22,7 @@ from fastdiff.kernels.utils import same_layout
 __all__ = [
     "PREDICTION_TYPES",
     "check_choice",
+    "check_churn",
     "check_clip_range",
     "check_finite_table",
     "check_guidance",
@@ -82,6 +83,19 @@ def check_number(
     if high is not None and value > high:
         raise ValueError(f"{name} must be <= {high}, got {value}")
     return value
+
+
+def check_churn(
+    s_churn: Any, s_tmin: Any, s_tmax: Any, s_noise: Any
+) -> tuple[float, float, float, float]:
+    """Karras et al. 2022's churn (Alg. 2): ``s_churn >= 0`` and ``s_noise`` finite numbers,
+    ``s_tmin`` / ``s_tmax`` numbers, not NaN (infinite allowed: the default ``s_tmax``)."""
+    s_churn = check_number("s_churn", s_churn, low=0.0)
+    s_noise = check_number("s_noise", s_noise)
+    for name, value in (("s_tmin", s_tmin), ("s_tmax", s_tmax)):
+        if not is_number(value) or math.isnan(value):
+            raise ValueError(f"{name} must be a number (inf allowed), got {value!r}")
+    return s_churn, float(s_tmin), float(s_tmax), s_noise
 
 
 def check_guidance(guidance_scale: Any, guidance_rescale: Any = 0.0) -> tuple[float | None, float]:

@@ -27,6 +27,7 @@ __all__ = [
     "dpmpp_2m_sde_table",
     "dpmpp_2m_table",
     "eps_coefficients",
+    "euler_churn_table",
     "euler_table",
     "heun_correction_table",
     "heun_table",
@@ -260,6 +261,37 @@ def churn_table(sigma: torch.Tensor, sigma_hat: torch.Tensor, s_noise: float) ->
     table[:, COL["x"]] = 1.0
     table[:, COL["std"]] = s_noise * (sigma_hat**2 - sigma**2).clamp_min(0.0).sqrt()
     return table
+
+
+def euler_churn_table(
+    sigma: torch.Tensor,
+    sigma_hat: torch.Tensor,
+    sigma_next: torch.Tensor,
+    prediction_type: str,
+    s_noise: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """diffusers' ``EulerDiscreteScheduler.step`` with churn (Karras et al. 2022 Alg. 2 lines
+    5-8, an Euler step) in one launch, on the kernel's inputs: ``x`` the sample before churn,
+    ``m`` the model output (diffusers' step reads the one made at x) and ``z``. With
+    ``x_hat = x + c z`` (:func:`churn_table`'s ``c``), x0 from m at x_hat (``sigma_hat`` for
+    epsilon, ``sigma`` for v_prediction, as diffusers) and ``r = sigma' / sigma_hat``::
+
+        x' = r x_hat + (1 - r) x0 = r x + (1 - r) x0(x, m) + c (r + (1 - r) x0_x) z
+
+    ``sigma_hat = sigma`` (gamma = 0) is :func:`euler_table`'s row.
+
+    Returns:
+        ``(table, x0_noise)``: the kernel's x0 lacks ``x0_noise z`` (``c x0_x``, float64 [n]),
+        the churn noise that diffusers' x0 carries.
+    """
+    table = euler_table(sigma_hat, sigma_next, prediction_type, 0.0, "sigma")
+    if prediction_type == "v_prediction":  # diffusers' c_skip, c_out of sigma, not sigma_hat
+        x0_cols = [COL["x0_x"], COL["x0_m"]]
+        table[:, x0_cols] = euler_table(sigma, sigma, prediction_type, 0.0, "sigma")[:, x0_cols]
+    c = churn_table(sigma, sigma_hat, s_noise)[:, COL["std"]]
+    x0_noise = c * table[:, COL["x0_x"]]
+    table[:, COL["std"]] = c * table[:, COL["x"]] + table[:, COL["x0"]] * x0_noise
+    return table, x0_noise
 
 
 def heun_table(sigma_hat: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
 )
 
 from fastdiff.diffusers import (
@@ -24,6 +25,7 @@ from fastdiff.diffusers import (
     FusedDPMSolverMultistepScheduler,
     FusedEulerAncestralDiscreteScheduler,
     FusedEulerDiscreteScheduler,
+    FusedHeunDiscreteScheduler,
 )
 
 __all__ = ["BACKENDS", "DEVICE", "PAIRS"]
@@ -35,6 +37,7 @@ PAIRS = {
     "euler": (EulerDiscreteScheduler, FusedEulerDiscreteScheduler),
     "euler_a": (EulerAncestralDiscreteScheduler, FusedEulerAncestralDiscreteScheduler),
     "dpm": (DPMSolverMultistepScheduler, FusedDPMSolverMultistepScheduler),
+    "heun": (HeunDiscreteScheduler, FusedHeunDiscreteScheduler),  # two step calls per step
 }
 BACKENDS = ["triton", "reference"]
 # the card when there is one (the kernels run there), else the CPU (Triton interpreter)

@@ -71,9 +71,16 @@ def assert_step_close(got, want, what: str, scale: float = 0.0, rtol=1e-4) -> No
     )
 
 
+def takes_generator(scheduler) -> bool:
+    """Whether the scheduler's step takes a ``generator`` (Heun's, deterministic, does not)."""
+    return "generator" in inspect.signature(scheduler.step).parameters
+
+
 def denoise(scheduler, model_output, t, x, **step_kwargs) -> torch.Tensor:
     """One loop iteration as a pipeline does it: scale the model input, then step the sample
-    (the model output is given)."""
+    (the model output is given; a ``generator`` only to a step that takes one)."""
+    if not takes_generator(scheduler):
+        step_kwargs.pop("generator", None)
     scheduler.scale_model_input(x, t)
     return scheduler.step(model_output, t, x, **step_kwargs).prev_sample
 
@@ -232,7 +239,7 @@ def run_pair(
         mf = f.scale_model_input(xd, t)
         assert torch.equal(md, mf), f"scale_model_input differs at step {k}"
         kw_d, kw_f = dict(case["step"]), dict(case["step"])
-        if noise_mode == "generator":
+        if noise_mode == "generator" and takes_generator(d):
             kw_d["generator"], kw_f["generator"] = gen_d, gen_f
         elif noise_mode == "variance_noise":
             noise = randn(SHAPE, generator=gen)
@@ -294,6 +301,14 @@ def seed():
 @pytest.mark.parametrize("name", list(PAIRS))
 @pytest.mark.parametrize("draw", range(6))
 def test_random_configs_match_diffusers(name, backend, draw, seed):
+    if name == "heun":
+        pytest.skip(
+            "diffusers' float32 Heun loses digits on long steps (cosine, sigma 2e4 -> 3.8: "
+            "1e-3 of the largest value off its float64 result, the fused step 2e-7); "
+            "test_heun.py's "
+            "test_random_configs_match_diffusers draws the Heun configs and compares with "
+            "diffusers' Heun in float64"
+        )
     rng = random.Random(seed)
     case = random_case(name, rng)
     run_pair(name, case, backend, seed)
@@ -739,8 +754,8 @@ def test_step_argument_errors():
         f.step(x, 1000, x)
     e = FusedEulerDiscreteScheduler()
     e.set_timesteps(2)
-    with pytest.raises(ValueError, match="s_churn"):
-        e.step(x, e.timesteps[0], x, s_churn=1.0)
+    with pytest.raises(ValueError, match="s_churn"):  # churn works: a negative one is refused
+        e.step(x, e.timesteps[0], x, s_churn=-1.0)
     with pytest.raises(ValueError, match="integer"):
         e.step(x, 3, x)
     for t in e.timesteps:
@@ -841,6 +856,13 @@ def test_half_precision_steps(name, sample_dtype, output_dtype, monkeypatch):
     truncates bfloat16 stores, still below 1 ulp), plus atol 4e-5 (|x| + |m|) for the
     float32 arithmetic: a few float32 ulps (1.2e-7) of terms up to ~200 (|x| + |m|)
     (1/sqrt(ab) ~ 160 at t = T - 1; Euler's sigma_max ~ 157)."""
+    if name == "heun":
+        pytest.skip(
+            "the steps here all take the same sample, and Heun's second half reads the first "
+            "half's x0, which the fused step keeps rounded to the half dtype and diffusers "
+            "does not; test_heun.py's test_half_precision_dtypes_and_values continues the "
+            "float64 run from the kept x0"
+        )
     d_cls, f_cls = PAIRS[name]
     d, d64, f = d_cls(), d_cls(), f_cls(backend="triton")
     for s in (d, d64, f):
@@ -848,13 +870,15 @@ def test_half_precision_steps(name, sample_dtype, output_dtype, monkeypatch):
     # every scheduler draws the same normals, as rounded to the model output's dtype
     noise = randn(SHAPE).to(output_dtype)
     for target in (sys.modules[d_cls.__module__], step_template):
+        if not hasattr(target, "randn_tensor"):  # a deterministic step (Heun)
+            continue
         monkeypatch.setattr(
             target, "randn_tensor", lambda shape, generator, device, dtype: noise.to(dtype)
         )
     x = randn(SHAPE).to(sample_dtype)
     for t in d.timesteps[:3]:
         m = randn(SHAPE).to(output_dtype)
-        kw = {"generator": torch.Generator()} if name != "dpm" else {}
+        kw = {"generator": torch.Generator()} if takes_generator(d) and name != "dpm" else {}
         for s, sample in ((d, x), (d64, x.double()), (f, x)):
             s.scale_model_input(sample, t)  # the model input; the step takes the sample itself
         want = d.step(m, t, x, **kw)

@@ -24,9 +24,11 @@ diffusers = pytest.importorskip("diffusers")
 
 from diffusers import EulerDiscreteScheduler, HeunDiscreteScheduler  # noqa: E402
 from diffusers_cases import BACKENDS, DEVICE  # noqa: E402
+from graph_fakes import EagerRuntime  # noqa: E402
 from test_diffusers_adapter import SHAPE, assert_step_close, device_timesteps, randn  # noqa: E402
 
-from fastdiff import tables  # noqa: E402
+import fastdiff.diffusers._base as base  # noqa: E402
+from fastdiff import capture, tables  # noqa: E402
 from fastdiff.diffusers import FusedHeunDiscreteScheduler, capture_denoising_loop  # noqa: E402
 from fastdiff.gmm import GaussianMixture  # noqa: E402
 from fastdiff.kernels.fused_step import fused_step  # noqa: E402
@@ -491,11 +493,101 @@ def test_unsupported_options_raise_at_construction(options, option):
         FusedHeunDiscreteScheduler.from_config(HeunDiscreteScheduler(**options).config)
 
 
-def test_capture_is_refused_with_the_reason():
+# -- graphed loops (capture_denoising_loop) ------------------------------------------------
+
+
+@pytest.fixture
+def as_device(monkeypatch):
+    """CPU tensors read as device tensors (no host value), and the eager stand-in runtime."""
+    monkeypatch.setattr(base, "on_host", lambda t: False)
+    monkeypatch.setattr(capture, "make_runtime", EagerRuntime)
+
+
+def _graph_loop(f, weight, blend=None):
+    """One iteration of a pipeline's loop: scale, a model of the input and t, the half step;
+    ``blend``: an inpainting loop's known region put back after every half."""
+
+    def step_fn(latents, t):
+        m = torch.tanh(f.scale_model_input(latents, t) * weight) * (t.float() / 1000 + 0.5)
+        x = f.step(m.to(latents.dtype), t, latents).prev_sample
+        return x if blend is None else blend(x)
+
+    return step_fn
+
+
+def _eager_loop(f, step_fn, x, device_index=False):
+    """The eager loop over the plan (host step index), or every iteration as a graphed one
+    (``prepare_graph_step`` and a fresh timestep tensor)."""
+    indices = torch.arange(len(f.timesteps), device=f.timesteps.device)
+    for k in range(len(f.timesteps)):
+        if device_index:
+            f.prepare_graph_step()
+            t = torch.take(f.timesteps, indices[k])
+        else:
+            t = f.timesteps[k]
+        x = step_fn(x, t)
+    return x
+
+
+GRAPH_CASES = {
+    "eps": ({"beta_schedule": "scaled_linear"}, 4, False),
+    "v-karras": ({"prediction_type": "v_prediction", "use_karras_sigmas": True}, 5, False),
+    "sample-clip": ({"prediction_type": "sample", "clip_sample": True}, 3, False),
+    "long-steps": ({"beta_schedule": "squaredcos_cap_v2"}, 3, False),  # the midpoint form
+    "inpainting": ({}, 4, True),  # the sample changed between the halves: the midpoint form
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(GRAPH_CASES))
+def test_graphed_loop_is_the_eager_loop_bitwise(case, backend, as_device):
+    """capture_denoising_loop replays one half step for every timestep: the half, the step
+    index and the form of the second half come from device state, and the result is the
+    eager (host state) loop's, bit for bit; the eager loop with every iteration run as a
+    graphed one too; a second run (replays only) again."""
+    config, steps, inpainting = GRAPH_CASES[case]
+    f = FusedHeunDiscreteScheduler(**config, backend=backend)
+    f.check_capturable()
+    g = torch.Generator().manual_seed(0)
+    weight, x, known = (torch.randn(SHAPE, generator=g).to(DEVICE) for _ in range(3))
+    mask = (torch.arange(SHAPE[-1], device=DEVICE) < 3).float()
+    blend = (lambda x: (1 - mask) * x + mask * known) if inpainting else None
+    step_fn = _graph_loop(f, weight, blend)
+    f.set_timesteps(steps, device=DEVICE)
+    x = x * f.init_noise_sigma
+    eager = _eager_loop(f, step_fn, x)
+    f.set_timesteps(steps, device=DEVICE)
+    assert torch.equal(_eager_loop(f, step_fn, x, device_index=True), eager)
+    f.set_timesteps(steps, device=DEVICE)
+    loop = capture_denoising_loop(step_fn, x, scheduler=f)
+    assert torch.equal(loop.run(x), eager)
+    assert loop.captured
+    assert torch.equal(loop.run(x), eager)  # replays only: the device flag ended at 0
+
+
+def test_graph_hooks_and_refusals(as_device):
     f = FusedHeunDiscreteScheduler()
     f.set_timesteps(3, device=DEVICE)
-    with pytest.raises(ValueError, match="state_in_first_order"):
-        capture_denoising_loop(lambda x, t: x, randn(SHAPE), scheduler=f)
+    f.check_capturable()
+    x = torch.zeros(SHAPE, device=DEVICE)
+    state = f.graph_state(x)
+    assert [b.dtype for b in state] == [torch.int64, x.dtype, x.dtype, x.dtype]
+    assert all(a is b for a, b in zip(f.graph_state(x), state))  # kept per layout
+    # a graphed half, then a host-state half: refused (the state is on the device)
+    f.prepare_graph_step()
+    f.step(x, torch.take(f.timesteps, torch.tensor(0, device=DEVICE)), x)
+    assert state[0].item() == 2  # the second half, at step index 1, next
+    with pytest.raises(ValueError, match="set_timesteps"):
+        f.step(x, f.timesteps[1], x)
+    # a timestep that is not the plan's at the device index: the poison row
+    f.prepare_graph_step()
+    out = f.step(x, torch.take(f.timesteps, torch.tensor(3, device=DEVICE)), x).prev_sample
+    assert out.isnan().all()
+    f.set_timesteps(3, device=DEVICE)
+    assert state[0].item() == 0  # back to the first half
+    f.set_begin_index(2)
+    with pytest.raises(ValueError, match="begin_index"):
+        capture_denoising_loop(lambda x, t: x, x, scheduler=f)
 
 
 # -- pipelines and the mixture --------------------------------------------------------------
@@ -605,3 +697,35 @@ def test_gpu_loop_has_no_host_sync(clone):
         d.scale_model_input(xd, t)
         xd = d.step(m, t, xd).prev_sample
     assert_step_close(xf, xd, "heun", scale)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_captured_loop_is_bitwise_eager_and_never_syncs(dtype):
+    """A real CUDA graph of one half step, replayed for every timestep: bitwise the eager
+    loop's latents; the graphed iterations run eagerly have no host sync."""
+    device = torch.device("cuda")
+    f = FusedHeunDiscreteScheduler(backend="triton", use_karras_sigmas=True)
+    shape = (2, 4, 16, 16)
+    g = torch.Generator().manual_seed(0)
+    weight, x = (torch.randn(shape, generator=g).to(device, dtype) for _ in range(2))
+    step_fn = _graph_loop(f, weight)
+    f.set_timesteps(6, device=device)
+    x = x * f.init_noise_sigma
+    eager = _eager_loop(f, step_fn, x)  # tables built and uploaded, kernels compiled
+    f.set_timesteps(6, device=device)
+    assert torch.equal(_eager_loop(f, step_fn, x, device_index=True), eager)
+    f.set_timesteps(6, device=device)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        again = _eager_loop(f, step_fn, x, device_index=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(again, eager)
+    f.set_timesteps(6, device=device)
+    loop = capture_denoising_loop(step_fn, x, scheduler=f)
+    graphed, replayed = loop.run(x), loop.run(x)
+    torch.cuda.synchronize()
+    assert loop.captured
+    assert torch.equal(graphed, eager) and torch.equal(replayed, eager)

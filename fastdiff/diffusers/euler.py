@@ -15,9 +15,11 @@ from diffusers.schedulers.scheduling_euler_discrete import (
 )
 from diffusers.utils import logging
 
-from fastdiff import reference, tables
-from fastdiff.diffusers._common import nan_row, promote, upload
+from fastdiff import philox, reference, tables
+from fastdiff.checks import check_churn
+from fastdiff.diffusers._common import nan_row, promote, step_output, upload
 from fastdiff.diffusers._rows import StepIndexMixin
+from fastdiff.kernels.utils import memory_format_of
 
 __all__ = ["FusedEulerAncestralDiscreteScheduler", "FusedEulerDiscreteScheduler"]
 
@@ -32,15 +34,79 @@ class _EulerBase(StepIndexMixin):
     _eta = 0.0
     _output_cls: type
 
-    def _build(self, prediction_type: str) -> dict[str, torch.Tensor]:
+    def _build(self, prediction_type: str, churn: tuple | None) -> dict[str, torch.Tensor]:
         sigmas = self.sigmas.to(torch.float64)
-        table = tables.euler_table(sigmas[:-1], sigmas[1:], prediction_type, self._eta, "sigma")
+        sigma, sigma_next = sigmas[:-1], sigmas[1:]
         nan = torch.full((1,), float("nan"), dtype=torch.float64)
+        if churn is None:
+            table = tables.euler_table(sigma, sigma_next, prediction_type, self._eta, "sigma")
+            return {
+                "table": torch.cat([table, nan_row()]),
+                "sigma": torch.cat([sigma, nan]),
+                "sigma_next": torch.cat([sigma_next, nan]),
+            }
+        hat = self._churn_plan(churn)[0].to(torch.float64)
+        table, x0_noise = tables.euler_churn_table(
+            sigma, hat, sigma_next, prediction_type, churn[3]
+        )
         return {
             "table": torch.cat([table, nan_row()]),
-            "sigma": torch.cat([sigmas[:-1], nan]),
-            "sigma_next": torch.cat([sigmas[1:], nan]),
+            "sigma": torch.cat([sigma, nan]),
+            "sigma_hat": torch.cat([hat, nan]),
+            "sigma_next": torch.cat([sigma_next, nan]),
+            "x0_noise": torch.cat([x0_noise, nan]).float(),
         }
+
+    def _churn_plan(self, churn: tuple) -> tuple[torch.Tensor, list[bool], bool, bool]:
+        """Per step of the plan, as diffusers' step computes them on its CPU float32 sigmas
+        (host values, once per plan and churn options): ``sigma_hat = sigma (gamma + 1)`` in
+        float32 (``reference.churn_gamma``), whether the step churns (``gamma > 0``: diffusers
+        draws its noise then only), and whether every / some step does."""
+        key = ("churn", churn)
+        plan = self._plan_device.get(key)
+        if plan is None:
+            s_churn, s_tmin, s_tmax, _ = churn
+            n = len(self.sigmas) - 1
+            sigmas = self.sigmas[:-1].unbind()  # 0-d float32 CPU tensors, as diffusers reads
+            gammas = [reference.churn_gamma(s, n, s_churn, s_tmin, s_tmax) for s in sigmas]
+            hat = torch.stack([s * (g + 1) for s, g in zip(sigmas, gammas)])
+            churned = [g > 0 for g in gammas]
+            plan = self._plan_device[key] = (hat, churned, all(churned), any(churned))
+        return plan
+
+    def _churn_noise(self, model_output, x, generator, rows, churn) -> torch.Tensor | None:
+        """The churn noise of this step, drawn as diffusers draws it (only where gamma > 0);
+        with ``noise="philox"`` and no generator, the Philox noise of the step's row (the
+        kernel's bits), made in PyTorch: diffusers' x0 carries it. With the step index on the
+        device, whether this step churns is not known on the host: every step draws (Philox),
+        or the plan's steps must all churn or none (torch's noise)."""
+        _, churned, every, some = self._churn_plan(churn)
+        index = self._step_index
+        philox_keys = generator is None and self.uses_philox_noise
+        if not isinstance(index, torch.Tensor):
+            draws = churned[index]
+        elif some and not every and not philox_keys:
+            raise ValueError(
+                f"s_tmin={churn[1]!r} / s_tmax={churn[2]!r} churn some steps of the plan and "
+                "not others: with the step index on the device (a CUDA timestep not taken from "
+                "scheduler.timesteps, or a CUDA graph), whether diffusers draws this step's "
+                "noise is not known without a host sync; pass scheduler.timesteps' own "
+                'elements, or use noise="philox"'
+            )
+        else:
+            draws = some
+        if not draws:
+            return None
+        noise, seeds = self._step_noise(model_output, x, generator)
+        if noise is None:
+            noise = philox.randn(
+                seeds,
+                rows.reshape(()),
+                x.shape,
+                dtype=model_output.dtype,
+                memory_format=memory_format_of(x),
+            )
+        return noise
 
     def _input_divisor(self) -> torch.Tensor:
         """``sqrt(sigma^2 + 1)`` per sigma (CPU float32, the bits diffusers' scale_model_input
@@ -117,7 +183,11 @@ class _EulerBase(StepIndexMixin):
         diffusers, without a host sync."""
         return original_samples + noise * self._noise_sigma(original_samples, timesteps)
 
-    def _euler_step(self, model_output, timestep, sample, generator, return_dict, prediction_type):
+    def _euler_step(
+        self, model_output, timestep, sample, generator, return_dict, prediction_type, churn=None
+    ):
+        """One Euler (ancestral) step; ``churn``: ``(s_churn, s_tmin, s_tmax, s_noise)``, or
+        None (no churn)."""
         if isinstance(timestep, int) or (
             isinstance(timestep, torch.Tensor)
             and timestep.dtype in (torch.int32, torch.int64)
@@ -135,35 +205,51 @@ class _EulerBase(StepIndexMixin):
             )
         x = self._begin_step(timestep, sample)
         tabs = self._device_tables(
-            ("euler", prediction_type, self._eta),
+            ("euler", prediction_type, self._eta, churn),
             x.device,
-            lambda: self._build(prediction_type),
+            lambda: self._build(prediction_type, churn),
         )
         rows = self._index_rows(tabs)
         noise = seeds = None
-        if self._eta > 0:
+        levels = ("sigma", "sigma_next")
+        options = {}
+        if churn is not None:
+            noise = self._churn_noise(model_output, x, generator, rows, churn)
+            rule, levels = reference.euler_churn_step, ("sigma", "sigma_hat", "sigma_next")
+            options["s_noise"] = churn[3]
+        elif self._eta > 0:
             noise, seeds = self._step_noise(model_output, x, generator)
-            rule, options = reference.euler_ancestral_step, {"eta": self._eta}
+            rule, options["eta"] = reference.euler_ancestral_step, self._eta
         else:
-            rule, options = reference.euler_step, {}
-        reference_step = self._reference_rule(
-            tabs, rows, rule, ("sigma", "sigma_next"), prediction_type=prediction_type, **options
+            rule = reference.euler_step
+        ran_reference = []
+        x0_carries_noise = prediction_type != "sample"  # (x0 = m: x0_noise is 0)
+
+        def reference_step(xr, m, z):
+            ran_reference.append(True)
+            return rule_step(xr, m, z)
+
+        rule_step = self._reference_rule(
+            tabs, rows, rule, levels, prediction_type=prediction_type, **options
         )
         # diffusers computes in float32 and returns prev_sample in the model output's dtype
-        return self._fused_step(
+        x0_dtype = promote(torch.float32, model_output.dtype)
+        prev, x0 = self._run_step(
             x,
             model_output,
             tabs,
             rows,
             reference_step,
-            self._output_cls,
-            return_dict,
             out_dtype=model_output.dtype,
-            x0_dtype=promote(torch.float32, model_output.dtype),
-            prediction_type=prediction_type,
+            x0_dtype=model_output.dtype if prediction_type == "sample" else x0_dtype,
             noise=noise,
             seeds=seeds,
         )
+        if churn is not None and noise is not None and not ran_reference and x0_carries_noise:
+            # the kernel's x0 is that of x, diffusers' that of x_hat = x + c z
+            x0 = x0.addcmul_(noise.to(x0.device), tabs["x0_noise"].index_select(0, rows))
+        self._end_step(x0)
+        return step_output(self._output_cls, return_dict, prev, x0)
 
 
 class FusedEulerDiscreteScheduler(_EulerBase, EulerDiscreteScheduler):
@@ -171,8 +257,8 @@ class FusedEulerDiscreteScheduler(_EulerBase, EulerDiscreteScheduler):
 
     The plan is diffusers' own (every spacing, ``interpolation_type``, Karras / exponential /
     beta sigmas, ``sigma_min`` / ``sigma_max``, ``final_sigmas_type``, ``timestep_type``,
-    custom ``timesteps`` / ``sigmas``); the step is Euler in sigma space. ``s_churn > 0``
-    (stochastic churn) is not supported: ``step`` raises ValueError.
+    custom ``timesteps`` / ``sigmas``); the step is Euler in sigma space, with diffusers'
+    churn (``s_churn``, ``s_tmin``, ``s_tmax``, ``s_noise``; see ``step``).
 
     Example:
         >>> pipe.scheduler = FusedEulerDiscreteScheduler.from_config(pipe.scheduler.config)
@@ -211,26 +297,39 @@ class FusedEulerDiscreteScheduler(_EulerBase, EulerDiscreteScheduler):
         generator: torch.Generator | None = None,
         return_dict: bool = True,
     ) -> EulerDiscreteSchedulerOutput | tuple:
-        """One Euler step, as diffusers' ``EulerDiscreteScheduler.step`` (without churn).
+        """One Euler step, as diffusers' ``EulerDiscreteScheduler.step``, churn included
+        (Karras et al. 2022 Alg. 2): ``gamma = min(s_churn / (len(sigmas) - 1), sqrt(2) - 1)``
+        where ``s_tmin <= sigma <= s_tmax`` (else 0), ``sigma_hat = sigma (gamma + 1)`` and,
+        where gamma > 0, ``sample + s_noise sqrt(sigma_hat^2 - sigma^2) z`` before the Euler
+        step from sigma_hat (``tables.euler_churn_table``: still one launch; the churn noise
+        in ``pred_original_sample``, but for a sample prediction, is one more elementwise
+        op; with ``noise="philox"`` the Philox noise is made in PyTorch, as it is needed
+        there too).
 
         Args:
-            s_churn: must be 0 (churn is not supported).
-            s_tmin, s_tmax, s_noise: churn parameters (unused without churn).
-            generator: unused (the step is deterministic without churn).
+            s_churn: the churn (>= 0; 0: the deterministic step).
+            s_tmin, s_tmax: the sigma window that churns (numbers, inf allowed).
+            s_noise: the churn noise's scale (finite).
+            generator: draws the churn noise as diffusers does (``randn_tensor`` on the steps
+                with gamma > 0); without one, torch's global RNG, or with ``noise="philox"``
+                Philox noise.
 
         Returns:
             ``EulerDiscreteSchedulerOutput(prev_sample, pred_original_sample)`` or the tuple.
+
+        Raises:
+            ValueError: a churn option out of range, named (diffusers would step with a
+                negative gamma or NaN silently); a plan that churns some steps but not others
+                stepped with a device step index and torch's noise (see ``_churn_noise``).
         """
+        churn = None
         if s_churn != 0:
-            raise ValueError(
-                f"{type(self).__name__} does not support s_churn={s_churn!r} (stochastic churn); "
-                "use diffusers' EulerDiscreteScheduler for churn"
-            )
+            churn = check_churn(s_churn, s_tmin, s_tmax, s_noise)
         prediction_type = self.config.prediction_type
         if prediction_type == "original_sample":
             prediction_type = "sample"
         return self._euler_step(
-            model_output, timestep, sample, generator, return_dict, prediction_type
+            model_output, timestep, sample, generator, return_dict, prediction_type, churn
         )
 
 

@@ -13,7 +13,7 @@ from diffusers.schedulers.scheduling_heun_discrete import (
 
 from fastdiff import tables
 from fastdiff.checks import PREDICTION_TYPES
-from fastdiff.diffusers._common import nan_row, promote, step_output
+from fastdiff.diffusers._common import dense, nan_row, promote, step_output, upload
 from fastdiff.diffusers.euler import _EulerBase
 from fastdiff.reference import euler_step, heun_correction_step
 
@@ -54,6 +54,14 @@ class FusedHeunDiscreteScheduler(_EulerBase, HeunDiscreteScheduler):
     index is not the one its first half left, is refused: ValueError when both are known on
     the host, NaN (the poison row) when either lives on the device. ``set_timesteps`` resets
     the scheduler to the first half, as diffusers does.
+
+    CUDA graphs (``capture_denoising_loop``): in a graphed iteration (``prepare_graph_step``)
+    the state between the halves (which half is next, at which step index; the first half's
+    sample, x0 and prediction) lives in device buffers (``graph_state``) written in place,
+    and the form of the second half is chosen by comparing the sample with the first half's
+    prediction on the device, so the graphed loop gives the eager loop's bits (``graph_state``
+    and the compare: about 9 more passes over the sample a half). There ``prev_sample`` and
+    ``pred_original_sample`` are those buffers, rewritten every half.
 
     Example:
         >>> pipe.scheduler = FusedHeunDiscreteScheduler.from_config(pipe.scheduler.config)
@@ -105,13 +113,24 @@ class FusedHeunDiscreteScheduler(_EulerBase, HeunDiscreteScheduler):
         self._plan_changed(device)
         self._heun = self.sample = None
         self._short(0)  # the step lengths, read on the host here rather than in a step
+        self._graph_step = self._state_on_device = False
+        for buffers in self._graph_buffers.values():
+            buffers[0].zero_()  # the first half next (on the device: no sync)
+
+    def _setup_fused(self, backend: str | None, noise: str) -> None:
+        # graphed halves: per layout, the device state between them (kept for the scheduler's
+        # lifetime and rewritten in place: a captured graph holds their pointers)
+        self._graph_buffers: dict[tuple, tuple[torch.Tensor, ...]] = {}
+        self._graph_step = self._state_on_device = False
+        super()._setup_fused(backend, noise)
 
     def _build_heun(self, prediction_type: str, processed: bool) -> dict[str, torch.Tensor]:
         """Three blocks of ``n + 1`` rows (n: the plan's length), the last row of each poison:
         block 0, row i: the first half at step index i (Euler from ``sigmas[i]`` to
         ``sigmas[i + 1]``); blocks 1 and 2, row i: the second half at step index i (from
         ``sigmas[i - 1]`` to ``sigmas[i]``; i = 0 is poison), with ``x0_prev`` the first
-        half's x0 (block 1) or the midpoint (block 2; ``midpoint_weight``: its lerp weight)."""
+        half's x0 (block 1) or the midpoint (block 2; ``midpoint_weight``: its lerp weight;
+        ``prev_weight`` and ``next_half``: for ``_device_half``)."""
         sigmas = self.sigmas.to(torch.float64)
         s, s_next = sigmas[:-2], sigmas[1:-1]
         nan = torch.full((1,), float("nan"), dtype=torch.float64)
@@ -124,6 +143,9 @@ class FusedHeunDiscreteScheduler(_EulerBase, HeunDiscreteScheduler):
         second_sigma = torch.cat([nan, s, nan])
         second_next = torch.cat([nan, s_next, nan])
         weight = torch.cat([nan, (s - s_next) / (2.0 * s), nan])
+        ones = torch.ones(len(sigmas), dtype=torch.float64)
+        goes_on = torch.cat([sigmas[1:] > 0, torch.tensor([False])]).long()
+        zeros = torch.zeros(2 * len(sigmas), dtype=torch.int64)
         return {
             "table": torch.cat(
                 [blocks[0], poison, poison, blocks[1], poison, poison, blocks[2], poison]
@@ -131,6 +153,10 @@ class FusedHeunDiscreteScheduler(_EulerBase, HeunDiscreteScheduler):
             "sigma": torch.cat([sigmas[:-1], nan, second_sigma, second_sigma]),
             "sigma_next": torch.cat([sigmas[1:], nan, second_next, second_next]),
             "midpoint_weight": torch.cat([torch.zeros(len(sigmas)), weight, weight]),
+            # the graphed halves (``_device_half``): x0_prev = lerp(x_s, D, prev_weight) (D
+            # itself in the first blocks), and whether a second half follows the row
+            "prev_weight": torch.cat([ones, ones, weight]),
+            "next_half": torch.cat([goes_on, zeros]),
         }
 
     def _short(self, index: int | torch.Tensor) -> bool:
@@ -146,6 +172,16 @@ class FusedHeunDiscreteScheduler(_EulerBase, HeunDiscreteScheduler):
         if isinstance(index, torch.Tensor):
             return short[1]
         return 0 <= index < len(short[0]) and short[0][index]
+
+    def _short_on(self, device: torch.device) -> torch.Tensor:
+        """``_short`` of every step index, a bool tensor on ``device`` (uploaded once)."""
+        key = ("heun_short", device)
+        short = self._plan_device.get(key)
+        if short is None:
+            self._short(0)
+            flags = self._plan_device["heun_short"][0]
+            short = self._plan_device[key] = upload(torch.tensor(flags), device)
+        return short
 
     def _guard(self, timestep, rows: torch.Tensor, offset: int, expected) -> torch.Tensor:
         """The step's rows, checked against a stale state: the timestep must be the plan's at
@@ -212,7 +248,50 @@ class FusedHeunDiscreteScheduler(_EulerBase, HeunDiscreteScheduler):
             x.device,
             lambda: self._build_heun(prediction_type, processed),
         )
+        out_dtype = promote(sample.dtype, model_output.dtype)
+        x0_dtype = model_output.dtype if prediction_type == "sample" else out_dtype
         state = self._heun
+        if self._graph_step:  # a graphed iteration (prepare_graph_step): state on the device
+            self._graph_step = False
+            rows, x0_prev, reference_step, outputs = self._device_half(
+                x, timestep, tabs, prediction_type, clip_range, out_dtype, x0_dtype
+            )
+        else:
+            rows, x0_prev, reference_step = self._host_half(
+                sample, timestep, tabs, state, prediction_type, clip_range
+            )
+            outputs = {}
+        prev, x0 = self._run_step(
+            x,
+            model_output,
+            tabs,
+            rows,
+            reference_step,
+            out_dtype=out_dtype,
+            x0_dtype=x0_dtype,
+            x0_prev=x0_prev,
+            clip_range=clip_range,
+            **outputs,
+        )
+        self._end_step(x0)
+        if outputs:
+            self._state_on_device = True
+        elif state is None:  # what the second half reads
+            self._heun = _FirstHalf(sample, x0, self._step_index, prev, prev._version)
+            self.sample = sample
+        else:
+            self._heun = self.sample = None
+        return step_output(self._output_cls, return_dict, prev, x0)
+
+    def _host_half(self, sample, timestep, tabs, state, prediction_type, clip_range):
+        """The rows, ``x0_prev`` and reference step of a half whose state is on the host:
+        ``state`` is the first half's (``_FirstHalf``) or None (a first half next)."""
+        if self._state_on_device:
+            raise ValueError(
+                f"{type(self).__name__}: the previous half step ran in a graphed loop "
+                "(prepare_graph_step), whose state_in_first_order lives on the device; call "
+                "set_timesteps to start again"
+            )
         n1 = self._plan_len + 1
         if state is None:
             offset = 0
@@ -227,51 +306,99 @@ class FusedHeunDiscreteScheduler(_EulerBase, HeunDiscreteScheduler):
             )
         rows = self._index_rows(tabs, offset)
         rows = self._guard(timestep, rows, offset, None if state is None else state.index)
-        out_dtype = promote(sample.dtype, model_output.dtype)
-        x0_dtype = model_output.dtype if prediction_type == "sample" else out_dtype
         x0_prev = None if state is None else state.x0
         if offset == 2 * n1:  # P = x_s + (s' - s) d / 2 = lerp(x_s, D, (s - s') / (2 s))
             dtype = promote(promote(state.start.dtype, state.x0.dtype), torch.float32)
             weight = tabs["midpoint_weight"].index_select(0, rows).to(dtype)
             x0_prev = torch.lerp(state.start.to(dtype), state.x0.to(dtype), weight)
-
         options = {"prediction_type": prediction_type, "clip_range": clip_range}
         rule = euler_step
         if state is not None:
             rule = heun_correction_step
             options.update(x_start=state.start, x0_start=state.x0)
         reference_step = self._reference_rule(tabs, rows, rule, ("sigma", "sigma_next"), **options)
+        return rows, x0_prev, reference_step
 
-        prev, x0 = self._run_step(
-            x,
-            model_output,
-            tabs,
-            rows,
-            reference_step,
-            out_dtype=out_dtype,
-            x0_dtype=x0_dtype,
-            x0_prev=x0_prev,
-            clip_range=clip_range,
-        )
-        self._end_step(x0)
-        if state is None:  # what the second half reads
-            self._heun = _FirstHalf(sample, x0, self._step_index, prev, prev._version)
-            self.sample = sample
-        else:
-            self._heun = self.sample = None
-        return step_output(self._output_cls, return_dict, prev, x0)
+    # -- CUDA-graph hooks (see FusedSchedulerMixin; check_capturable: StepIndexMixin's) -----
 
-    def check_capturable(self) -> None:
-        """Refused: the two halves alternate on the host (``state_in_first_order``) and the
-        second finds its step index from the first's, which a graph of one iteration replayed
-        for every timestep would freeze (the timestep alone does not tell the halves apart:
-        diffusers' plan repeats it).
+    def prepare_graph_step(self) -> None:
+        """A graphed iteration follows: its step takes the half and the step index from the
+        device state (``_device_half``), and the timestep's index from a device lookup."""
+        super().prepare_graph_step()
+        self._graph_step = True
 
-        Raises:
-            ValueError: always.
+    def graph_state(self, latents: torch.Tensor) -> list[torch.Tensor]:
+        """The device buffers a graphed half step on samples like ``latents`` reads and
+        writes besides them (allocated here if new; x0 and the prediction in the latents'
+        dtype): which half is next, the step's start, the first half's x0 and prediction.
+
+        Args:
+            latents: a sample like the loop's (shape, dtype, device, memory format).
+
+        Returns:
+            ``[pending, start, x0, prediction]`` (``_buffers``).
         """
-        raise ValueError(
-            f"{type(self).__name__} alternates its two half steps on the host "
-            "(state_in_first_order), which a replayed CUDA graph of one iteration cannot "
-            "follow; use the eager loop (its steps have no host sync)"
-        )
+        x = dense(latents)
+        return list(self._buffers(x, latents.dtype, latents.dtype))
+
+    # -- end of the CUDA-graph hooks ----------------------------------------------------------
+
+    def _buffers(self, x: torch.Tensor, out_dtype: torch.dtype, x0_dtype: torch.dtype):
+        """``(pending, start, x0, prev)`` of samples laid out like ``x``: int64 ``[1]``, 0 or
+        the step index + 1 of the second half next; the first half's sample, x0 and
+        prediction (zeros when new)."""
+        key = (x.device, x.shape, x.stride(), x.dtype, out_dtype, x0_dtype)
+        buffers = self._graph_buffers.get(key)
+        if buffers is None:
+            buffers = self._graph_buffers[key] = (
+                torch.zeros(1, dtype=torch.int64, device=x.device),
+                torch.zeros_like(x),
+                torch.zeros_like(x, dtype=x0_dtype),
+                torch.zeros_like(x, dtype=out_dtype),
+            )
+        return buffers
+
+    def _device_half(self, x, timestep, tabs, prediction_type, clip_range, out_dtype, x0_dtype):
+        """One half step whose choices are all made on the device, the same arithmetic as
+        the host path's (so a graphed loop gives the eager loop's bits). ``pending`` is 0
+        (a first half next: at the timestep's index, found on the device) or the index + 1 of
+        the second half next (the one after the first half's); the second half takes the
+        one-launch form where the sample equals the first half's prediction (the eager
+        loop's ``sample is prev``) and the step is short, else the midpoint form;
+        ``x0_prev = lerp(x_s, D, w)``, ``w = 1`` (D, exactly) but in the midpoint form. A
+        timestep that is not the plan's at that index gives the poison row (NaN), and a
+        first half next. Returns the rows, ``x0_prev``, the reference step and the outputs
+        (the prediction and x0 buffers) of the half's ``_run_step``; ``pending`` is already
+        the next half's."""
+        n = self._plan_len
+        n1 = n + 1
+        pending, start, d, prev = self._buffers(x, out_dtype, x0_dtype)
+        second = pending > 0
+        lookup = self._step_index
+        if not isinstance(lookup, torch.Tensor):  # a plan element: its index, on the device
+            lookup = tabs["arange"][lookup : lookup + 1]
+        index = torch.where(second, pending - 1, lookup.reshape(1))
+        at = index.clamp(0, n - 1)
+        same = (x == prev).all()  # read before the kernel overwrites prev
+        one_launch = self._short_on(x.device).index_select(0, at) & same
+        rows = index + second.long() * n1 * (2 - one_launch.long())
+        plan = self._plan_on(x.device).index_select(0, at)
+        t = timestep.reshape(1).to(x.device) if isinstance(timestep, torch.Tensor) else timestep
+        rows = torch.where((plan == t) & (index >= 0) & (index < n), rows, n)  # n: poison
+        # a first half keeps its sample as x_s (before the step: prev_sample may alias it)
+        torch.where(second, start, x, out=start)
+        dtype = promote(promote(x.dtype, x0_dtype), torch.float32)
+        weight = tabs["prev_weight"].index_select(0, rows).to(dtype)
+        x0_prev = torch.lerp(start.to(dtype), d.to(dtype), weight)
+
+        def reference_step(xr, m, _noise):
+            s, s_next = self._values(tabs, rows, "sigma", "sigma_next")
+            options = {"prediction_type": prediction_type, "clip_range": clip_range}
+            first = euler_step(xr, m, s, s_next, **options)
+            halves = heun_correction_step(
+                xr, m, s, s_next, x_start=start.to(xr.dtype), x0_start=d.to(xr.dtype), **options
+            )
+            return tuple(torch.where(second, b, a) for a, b in zip(first, halves))
+
+        pending.copy_(tabs["next_half"].index_select(0, rows) * (index + 2))
+        return rows, x0_prev, reference_step, {"out": prev, "x0_out": d}

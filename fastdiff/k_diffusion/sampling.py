@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -11,7 +10,7 @@ from tqdm.auto import trange
 
 from fastdiff import flow_tables, reference, tables
 from fastdiff.backend import check_backend
-from fastdiff.checks import check_like, check_number, check_tensor
+from fastdiff.checks import check_churn, check_like, check_number, check_tensor
 from fastdiff.k_diffusion.schedules import (
     BrownianTreeNoiseSampler,
     NoiseSampler,
@@ -132,11 +131,7 @@ def _check_noise_args(eta: float, s_noise: float) -> tuple[float, float]:
 
 def _churn_plan(plan: _Plan, s_churn, s_tmin, s_tmax, s_noise) -> tuple[list[float], Tensor]:
     """Karras et al. 2022 Alg. 2's gamma_i on the host: gamma of every step, sigma_hat."""
-    s_churn = check_number("s_churn", s_churn, low=0.0)
-    check_number("s_noise", s_noise)
-    for name, value in (("s_tmin", s_tmin), ("s_tmax", s_tmax)):
-        if not isinstance(value, (int, float)) or math.isnan(value):
-            raise ValueError(f"{name} must be a number (inf allowed), got {value!r}")
+    s_churn, s_tmin, s_tmax, s_noise = check_churn(s_churn, s_tmin, s_tmax, s_noise)
     gammas = [reference.churn_gamma(s, plan.n, s_churn, s_tmin, s_tmax) for s in plan.s[:-1]]
     return gammas, plan.sigma * (1.0 + torch.tensor(gammas, dtype=torch.float64))
 

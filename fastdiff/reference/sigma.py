@@ -41,10 +41,13 @@ def _prepared(x: Tensor, *tensors: Tensor | None) -> tuple[Tensor, ...]:
     return tuple(None if t is None else t.to(dtype) for t in (x, *tensors))
 
 
-def churn_gamma(sigma: float, n_steps: int, s_churn: float, s_tmin: float, s_tmax: float) -> float:
+def churn_gamma(
+    sigma: float | Tensor, n_steps: int, s_churn: float, s_tmin: float, s_tmax: float
+) -> float:
     """Karras et al. 2022 Alg. 2 (its input gamma_i): ``gamma = min(S_churn / N,
     sqrt(2) - 1)`` where ``S_tmin <= sigma <= S_tmax``, else 0 (a host number: the plan is
-    known up front).
+    known up front; a 0-d CPU tensor sigma is compared in its dtype, as diffusers compares
+    its float32 sigmas).
 
     Example:
         >>> churn_gamma(10.0, 20, 10.0, 0.0, float("inf"))

@@ -18,6 +18,7 @@ from fastdiff.reference.common import (
     process_x0_compute,
     schedule_like,
 )
+from fastdiff.reference.sigma import churn_step
 
 VARIANCE_TYPES = (
     "fixed_small",
@@ -317,6 +318,36 @@ def euler_step(
     x0 = _x0_from_output_sigma_space(xc, m, s, prediction_type)
     x0 = process_x0_compute(x0, clip_range, thresholding)
     x_next = xc + (s_next - s) * (xc - x0) / s
+    return x_next.to(x.dtype), x0.to(x.dtype)
+
+
+def euler_churn_step(
+    x: Tensor,
+    model_output: Tensor,
+    sigma: ScheduleValue,
+    sigma_hat: ScheduleValue,
+    sigma_next: ScheduleValue,
+    *,
+    prediction_type: str = "epsilon",
+    s_noise: float = 1.0,
+    noise: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """diffusers' ``EulerDiscreteScheduler.step`` with churn (Karras et al. 2022 Alg. 2 lines
+    5-8 with an Euler step): ``x_hat = x + S_noise sqrt(sigma_hat^2 - sigma^2) z``
+    (:func:`churn_step`; none without ``noise``, where ``sigma_hat = sigma``), x0 from the
+    model output (made at x, as diffusers reads it) at x_hat with ``sigma_hat`` (epsilon) or
+    ``sigma`` (v_prediction: diffusers' c_skip / c_out), then :func:`euler_step` from x_hat at
+    ``sigma_hat`` to ``sigma_next``.
+
+    Example:
+        >>> x, x0 = euler_churn_step(x, eps_hat, s, 1.2 * s, s_next, noise=torch.randn_like(x))
+    """
+    xc, m = _prepare_step(x, model_output, prediction_type, None, None)
+    if noise is not None:
+        xc = churn_step(xc, noise.to(xc.dtype), sigma, sigma_hat, s_noise)
+    s_x0 = sigma if prediction_type == "v_prediction" else sigma_hat
+    x0 = _x0_from_output_sigma_space(xc, m, _sigma(s_x0, "sigma", xc), prediction_type)
+    x_next, _ = euler_step(xc, x0, sigma_hat, sigma_next, prediction_type="sample")
     return x_next.to(x.dtype), x0.to(x.dtype)
 
 
