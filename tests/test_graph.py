@@ -406,7 +406,12 @@ LOOP_SCHEDULERS = {
     "dpm": ("FusedDPMSolverMultistepScheduler", {}),
     "unipc": ("FusedUniPCMultistepScheduler", {}),
     "flow": ("FusedFlowMatchEulerDiscreteScheduler", {"shift": 3.0}),
+    "heun": ("FusedHeunDiscreteScheduler", {}),
+    "euler_churn": ("FusedEulerDiscreteScheduler", {"noise": "philox"}),
 }
+
+
+STEP_KWARGS = {"euler_churn": {"s_churn": 2.0}}
 
 
 @pytest.mark.parametrize("plan", ["own", "slice"])
@@ -433,7 +438,7 @@ def test_fused_schedulers_in_a_denoising_loop(
     def step_fn(latents, t):
         model_input = scheduler.scale_model_input(latents, t)
         eps = torch.tanh(model_input) * (t.float() / 1000.0 + 0.5)
-        out = scheduler.step(eps, t, latents).prev_sample
+        out = scheduler.step(eps, t, latents, **STEP_KWARGS.get(name, {})).prev_sample
         indices.append(getattr(scheduler, "step_index", None))
         return out
 

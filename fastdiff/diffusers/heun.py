@@ -321,10 +321,11 @@ class FusedHeunDiscreteScheduler(_EulerBase, HeunDiscreteScheduler):
 
     # -- CUDA-graph hooks (see FusedSchedulerMixin; check_capturable: StepIndexMixin's) -----
 
-    def prepare_graph_step(self) -> None:
+    def prepare_graph_step(self, step_index: torch.Tensor | None = None) -> None:
         """A graphed iteration follows: its step takes the half and the step index from the
-        device state (``_device_half``), and the timestep's index from a device lookup."""
-        super().prepare_graph_step()
+        device state (``_device_half``), and a first half's index from ``step_index`` (the
+        loop's counter) or a device lookup of the timestep."""
+        super().prepare_graph_step(step_index)
         self._graph_step = True
 
     def graph_state(self, latents: torch.Tensor) -> list[torch.Tensor]:
