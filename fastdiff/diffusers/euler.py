@@ -183,11 +183,11 @@ class _EulerBase(StepIndexMixin):
         diffusers, without a host sync."""
         return original_samples + noise * self._noise_sigma(original_samples, timesteps)
 
-    def _euler_step(
-        self, model_output, timestep, sample, generator, return_dict, prediction_type, churn=None
-    ):
-        """One Euler (ancestral) step; ``churn``: ``(s_churn, s_tmin, s_tmax, s_noise)``, or
-        None (no churn)."""
+    def _euler_step(self, model_output, timestep, sample, call, prediction_type, churn=None):
+        """One Euler (ancestral) step; ``call``: the step's other arguments (``generator``,
+        ``return_dict``), ``churn``: ``(s_churn, s_tmin, s_tmax, s_noise)``, or None (no
+        churn)."""
+        generator, return_dict = call["generator"], call["return_dict"]
         if isinstance(timestep, int) or (
             isinstance(timestep, torch.Tensor)
             and timestep.dtype in (torch.int32, torch.int64)
@@ -285,19 +285,10 @@ class FusedEulerDiscreteScheduler(_EulerBase, EulerDiscreteScheduler):
         )
         return device if continuous else None
 
-    def step(
-        self,
-        model_output: torch.Tensor,
-        timestep: float | torch.Tensor,
-        sample: torch.Tensor,
-        s_churn: float = 0.0,
-        s_tmin: float = 0.0,
-        s_tmax: float = float("inf"),
-        s_noise: float = 1.0,
-        generator: torch.Generator | None = None,
-        return_dict: bool = True,
+    def _step(
+        self, model_output, timestep, sample, call: dict
     ) -> EulerDiscreteSchedulerOutput | tuple:
-        """One Euler step, as diffusers' ``EulerDiscreteScheduler.step``, churn included
+        """One Euler step, churn included
         (Karras et al. 2022 Alg. 2): ``gamma = min(s_churn / (len(sigmas) - 1), sqrt(2) - 1)``
         where ``s_tmin <= sigma <= s_tmax`` (else 0), ``sigma_hat = sigma (gamma + 1)`` and,
         where gamma > 0, ``sample + s_noise sqrt(sigma_hat^2 - sigma^2) z`` before the Euler
@@ -323,14 +314,12 @@ class FusedEulerDiscreteScheduler(_EulerBase, EulerDiscreteScheduler):
                 stepped with a device step index and torch's noise (see ``_churn_noise``).
         """
         churn = None
-        if s_churn != 0:
-            churn = check_churn(s_churn, s_tmin, s_tmax, s_noise)
+        if call["s_churn"] != 0:
+            churn = check_churn(call["s_churn"], call["s_tmin"], call["s_tmax"], call["s_noise"])
         prediction_type = self.config.prediction_type
         if prediction_type == "original_sample":
             prediction_type = "sample"
-        return self._euler_step(
-            model_output, timestep, sample, generator, return_dict, prediction_type, churn
-        )
+        return self._euler_step(model_output, timestep, sample, call, prediction_type, churn)
 
 
 class FusedEulerAncestralDiscreteScheduler(_EulerBase, EulerAncestralDiscreteScheduler):
@@ -361,20 +350,11 @@ class FusedEulerAncestralDiscreteScheduler(_EulerBase, EulerAncestralDiscreteSch
             )
         ]
 
-    def step(
-        self,
-        model_output: torch.Tensor,
-        timestep: float | torch.Tensor,
-        sample: torch.Tensor,
-        generator: torch.Generator | None = None,
-        return_dict: bool = True,
-    ) -> EulerAncestralDiscreteSchedulerOutput | tuple:
-        """One Euler ancestral step, as diffusers' ``EulerAncestralDiscreteScheduler.step``.
+    def _step(self, model_output, timestep, sample, call: dict):
+        """One Euler ancestral step.
 
         Returns:
             ``EulerAncestralDiscreteSchedulerOutput(prev_sample, pred_original_sample)`` or
             the tuple.
         """
-        return self._euler_step(
-            model_output, timestep, sample, generator, return_dict, self.config.prediction_type
-        )
+        return self._euler_step(model_output, timestep, sample, call, self.config.prediction_type)

@@ -218,15 +218,11 @@ class FusedHeunDiscreteScheduler(_EulerBase, HeunDiscreteScheduler):
             ok = ok & (rows - offset == expected)
         return torch.where(ok, rows, offset + n)
 
-    def step(
-        self,
-        model_output: torch.Tensor,
-        timestep: float | torch.Tensor,
-        sample: torch.Tensor,
-        return_dict: bool = True,
+    def _step(
+        self, model_output, timestep, sample, call: dict
     ) -> HeunDiscreteSchedulerOutput | tuple:
-        """One half of a Heun step, as diffusers' ``HeunDiscreteScheduler.step``: the Euler
-        predictor when ``state_in_first_order``, else the trapezoidal corrector.
+        """One half of a Heun step: the Euler predictor when ``state_in_first_order``, else
+        the trapezoidal corrector.
 
         Args:
             timestep: the current timestep (one of ``self.timesteps``, in order).
@@ -281,7 +277,7 @@ class FusedHeunDiscreteScheduler(_EulerBase, HeunDiscreteScheduler):
             self.sample = sample
         else:
             self._heun = self.sample = None
-        return step_output(self._output_cls, return_dict, prev, x0)
+        return step_output(self._output_cls, call["return_dict"], prev, x0)
 
     def _host_half(self, sample, timestep, tabs, state, prediction_type, clip_range):
         """The rows, ``x0_prev`` and reference step of a half whose state is on the host:
