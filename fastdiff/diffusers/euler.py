@@ -26,7 +26,7 @@ __all__ = ["FusedEulerAncestralDiscreteScheduler", "FusedEulerDiscreteScheduler"
 logger = logging.get_logger(__name__)
 
 
-class _EulerBase(StepIndexMixin):
+class EulerBase(StepIndexMixin):
     """Shared by both Euler schedulers: the sigma-space table (``tables.euler_table`` with
     ``space="sigma"``: the state is diffusers' ``x0 + sigma eps``), scale_model_input and
     add_noise without host syncs."""
@@ -252,7 +252,7 @@ class _EulerBase(StepIndexMixin):
         return step_output(self._output_cls, return_dict, prev, x0)
 
 
-class FusedEulerDiscreteScheduler(_EulerBase, EulerDiscreteScheduler):
+class FusedEulerDiscreteScheduler(EulerBase, EulerDiscreteScheduler):
     """Drop-in ``EulerDiscreteScheduler`` whose ``step`` is one fused kernel launch.
 
     The plan is diffusers' own (every spacing, ``interpolation_type``, Karras / exponential /
@@ -322,7 +322,7 @@ class FusedEulerDiscreteScheduler(_EulerBase, EulerDiscreteScheduler):
         return self._euler_step(model_output, timestep, sample, call, prediction_type, churn)
 
 
-class FusedEulerAncestralDiscreteScheduler(_EulerBase, EulerAncestralDiscreteScheduler):
+class FusedEulerAncestralDiscreteScheduler(EulerBase, EulerAncestralDiscreteScheduler):
     """Drop-in ``EulerAncestralDiscreteScheduler`` (k-diffusion's ``sample_euler_ancestral``)
     whose ``step`` is one fused kernel launch.
 

@@ -14,7 +14,7 @@ from diffusers.schedulers.scheduling_heun_discrete import (
 from fastdiff import tables
 from fastdiff.checks import PREDICTION_TYPES
 from fastdiff.diffusers._common import dense, nan_row, promote, step_output, upload
-from fastdiff.diffusers.euler import _EulerBase
+from fastdiff.diffusers.euler import EulerBase
 from fastdiff.reference import euler_step, heun_correction_step
 
 __all__ = ["FusedHeunDiscreteScheduler"]
@@ -32,7 +32,7 @@ class _FirstHalf(NamedTuple):
     version: int
 
 
-class FusedHeunDiscreteScheduler(_EulerBase, HeunDiscreteScheduler):
+class FusedHeunDiscreteScheduler(EulerBase, HeunDiscreteScheduler):
     """Drop-in ``HeunDiscreteScheduler`` (Karras et al. 2022 Alg. 1): the model is called
     twice per step and each half is one fused kernel launch.
 
