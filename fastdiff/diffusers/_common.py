@@ -75,9 +75,10 @@ def fused_set_timesteps(diffusers_cls: type) -> Callable[..., None]:
     """A ``set_timesteps`` for a fused subclass of ``diffusers_cls``: diffusers' own plan, with
     diffusers' signature (pipelines inspect it for ``timesteps`` / ``sigmas``). Before it: the
     config check and the class's ``_check_plan(arguments)`` (if it has one; the bound arguments
-    by name, the scheduler left as it was on an error); diffusers plans on
-    ``_planning_device(device)``; after it ``_plan_changed(device)``. Tables are built at the
-    next step.
+    by name); diffusers plans on ``_planning_device(device)`` (on its error the scheduler's
+    attributes are put back as they were); after it ``_plan_changed(device)``. Tables are
+    built at the next step. Called by diffusers' ``__init__`` (before the fused setup): its
+    plan alone.
 
     Args:
         diffusers_cls: the diffusers scheduler class being subclassed.
@@ -94,6 +95,9 @@ def fused_set_timesteps(diffusers_cls: type) -> Callable[..., None]:
     }
 
     def set_timesteps(self, *args: Any, **kwargs: Any) -> None:
+        if "_plan_state" not in vars(self):  # diffusers' __init__ plans before the fused setup
+            plan(self, *args, **kwargs)
+            return
         self.check_config()
         check = getattr(self, "_check_plan", None)
         if check is not None:  # by name, without inspect's bind (diffusers' call checks them)
@@ -106,7 +110,13 @@ def fused_set_timesteps(diffusers_cls: type) -> Callable[..., None]:
             args = (*args[:at], self._planning_device(device), *args[at + 1 :])
         else:
             device = None
-        plan(self, *args, **kwargs)
+        saved = dict(vars(self))  # diffusers sets some attributes before its own checks
+        try:
+            plan(self, *args, **kwargs)
+        except Exception:
+            vars(self).clear()
+            vars(self).update(saved)
+            raise
         self._plan_changed(device)
 
     set_timesteps.__signature__ = signature

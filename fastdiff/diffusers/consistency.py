@@ -51,41 +51,15 @@ class _ConsistencyBase(StepIndexMixin):
 
     # -- plan --------------------------------------------------------------------------------
 
-    def set_timesteps(
-        self,
-        num_inference_steps: int | None = None,
-        device: str | torch.device | None = None,
-        original_inference_steps: int | None = None,
-        timesteps: list[int] | None = None,
-        strength: float = 1.0,
-    ) -> None:
-        """diffusers' ``set_timesteps`` (the plan from ``original_inference_steps``, custom
-        ``timesteps``, ``strength``); tables are built at the next step. On an error the
-        scheduler is left as it was (diffusers sets ``num_inference_steps`` before some of its
-        checks); custom timesteps must be integers in [0, num_train_timesteps).
-
-        Args:
-            num_inference_steps: number of steps (or ``timesteps``).
-            device: where ``self.timesteps`` goes.
-            original_inference_steps: the distillation schedule's length (default: config).
-            timesteps: a custom descending plan.
-            strength: the fraction of the schedule used (img2img).
-        """
-        self.check_config()
+    def _check_plan(self, arguments: dict) -> None:
+        """Before diffusers' set_timesteps (``fused_set_timesteps``): custom ``timesteps``
+        integers in [0, num_train_timesteps)."""
+        timesteps = arguments["timesteps"]
         if timesteps is not None:
             train = self.config.num_train_timesteps
             values = list(timesteps)
             if not all(is_number(t) and t == int(t) and 0 <= t < train for t in values):
                 raise ValueError(f"timesteps must be integers in [0, {train}), got {values}")
-        saved = (self.num_inference_steps, self.custom_timesteps)
-        try:
-            super().set_timesteps(
-                num_inference_steps, None, original_inference_steps, timesteps, strength
-            )
-        except Exception:
-            self.num_inference_steps, self.custom_timesteps = saved
-            raise
-        self._plan_changed(device)
 
     def _levels(self, t: torch.Tensor, t_next: torch.Tensor, eta: float | None, level):
         """Per step: ``(c_skip, c_out, ab_s)`` (float64 [n]) from the plan's timesteps ``t``,

@@ -89,33 +89,15 @@ class FusedHeunDiscreteScheduler(EulerBase, HeunDiscreteScheduler):
         """Whether the next ``step`` is the first half of a Heun step (diffusers' property)."""
         return vars(self).get("_heun") is None
 
-    def set_timesteps(
-        self,
-        num_inference_steps: int | None = None,
-        device: str | torch.device | None = None,
-        num_train_timesteps: int | None = None,
-        timesteps: list[int] | None = None,
-    ) -> None:
-        """diffusers' ``HeunDiscreteScheduler.set_timesteps``; tables are built at the next
-        step, and the scheduler is back in the first half.
-
-        Args:
-            num_inference_steps: number of (two-evaluation) steps.
-            device: where ``self.timesteps`` goes.
-            num_train_timesteps: the training steps (default: the config's).
-            timesteps: custom timesteps.
-        """
-        if "_plan_state" not in vars(self):  # diffusers' __init__ plans before the fused setup
-            super().set_timesteps(num_inference_steps, device, num_train_timesteps, timesteps)
-            return
-        self.check_config()
-        super().set_timesteps(num_inference_steps, None, num_train_timesteps, timesteps)
-        self._plan_changed(device)
+    def _plan_changed(self, device) -> None:
+        """After diffusers' set_timesteps: the plan's tables (``_plan_changed``), and the
+        scheduler back in the first half (on the device too: no sync)."""
+        super()._plan_changed(device)
         self._heun = self.sample = None
         self._short(0)  # the step lengths, read on the host here rather than in a step
         self._graph_step = self._state_on_device = False
         for buffers in self._graph_buffers.values():
-            buffers[0].zero_()  # the first half next (on the device: no sync)
+            buffers[0].zero_()  # the first half next
 
     def _setup_fused(self, backend: str | None, noise: str) -> None:
         # graphed halves: per layout, the device state between them (kept for the scheduler's
