@@ -460,3 +460,35 @@ def test_a_plan_that_stops_before_zero_matches_k_diffusion(name):
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     if name != "sample_heun":  # (k-diffusion's Heun without churn draws and discards noise)
         assert torch.equal(got_next, want_next)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "sample_euler",
+        "sample_euler_ancestral",
+        "sample_heun",
+        "sample_dpmpp_2m",
+        "sample_dpmpp_2m_sde",
+    ],
+)
+def test_signatures_are_k_diffusion_s(name):
+    """Same parameters, order and defaults as k-diffusion's (UIs call them by position and by
+    name), plus the keyword-only ``backend``; a misspelt argument is a TypeError."""
+    import inspect
+
+    ks = load_sampling()
+    want = inspect.signature(getattr(ks, name)).parameters
+    got = inspect.signature(getattr(K, name)).parameters
+    assert list(got) == [*want, "backend"]
+    for p in want.values():
+        assert got[p.name].default == p.default and got[p.name].kind == p.kind, p.name
+    model = ve_denoiser(random_mixture(0, 3))
+    sigmas, x = _sigmas_and_x(F64, torch.device("cpu"))
+    with pytest.raises(TypeError):
+        getattr(K, name)(model, x, sigmas, disabled=True)
+    outs = []
+    for args, kwargs in (((None, None, True), {}), ((), {"disable": True})):
+        torch.manual_seed(0)  # the ancestral and SDE samplers' noise: the global generator
+        outs.append(getattr(K, name)(model, x, sigmas, *args, **kwargs))
+    torch.testing.assert_close(*outs, rtol=0, atol=0)

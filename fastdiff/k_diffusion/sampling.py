@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -108,11 +110,11 @@ class _Plan:
         )
         return x_next
 
-    def loop(self, x, disable, body, draw=None) -> Tensor:
-        """x after every step: ``x = body(i, x, denoised, noise, old_denoised)`` with
-        ``denoised = denoise(i, x)``, ``noise = draw(i)`` (None on the step to 0 or without
-        ``draw``) and the previous step's denoised (None on the first)."""
-        old_denoised = None
+    def loop(self, disable, body, draw=None) -> Tensor:
+        """x after every step from the call's x: ``x = body(i, x, denoised, noise,
+        old_denoised)`` with ``denoised = denoise(i, x)``, ``noise = draw(i)`` (None on the
+        step to 0 or without ``draw``) and the previous step's denoised (None on the first)."""
+        x, old_denoised = self.x, None
         for i in trange(self.n, disable=disable):
             denoised = self.denoise(i, x)
             noise = None if draw is None or self.is_last(i) else draw(i)
@@ -136,10 +138,11 @@ def _churn_plan(plan: _Plan, s_churn, s_tmin, s_tmax, s_noise) -> tuple[list[flo
     return gammas, plan.sigma * (1.0 + torch.tensor(gammas, dtype=torch.float64))
 
 
-def _draws(x: Tensor, sigmas: Tensor, noise_sampler: NoiseSampler | None):
+def _draws(plan: _Plan, noise_sampler: NoiseSampler | None):
     """Step i's noise ``noise_sampler(sigmas[i], sigmas[i + 1])`` (default: k-diffusion's
     ``default_noise_sampler(x)``)."""
-    noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
+    sigmas = plan.sigmas
+    noise_sampler = default_noise_sampler(plan.x) if noise_sampler is None else noise_sampler
 
     def draw(i: int) -> Tensor:
         return noise_sampler(sigmas[i], sigmas[i + 1])
@@ -147,13 +150,50 @@ def _draws(x: Tensor, sigmas: Tensor, noise_sampler: NoiseSampler | None):
     return draw
 
 
+_PARAMETER = inspect.Parameter
+# k-diffusion's own leading parameters of every sample_* function, and fastdiff's backend
+_K_PARAMETERS = [
+    _PARAMETER("model", _PARAMETER.POSITIONAL_OR_KEYWORD),
+    _PARAMETER("x", _PARAMETER.POSITIONAL_OR_KEYWORD, annotation=Tensor),
+    _PARAMETER("sigmas", _PARAMETER.POSITIONAL_OR_KEYWORD, annotation=Tensor),
+    *(_PARAMETER(name, _PARAMETER.POSITIONAL_OR_KEYWORD, default=None) for name in (
+        "extra_args", "callback", "disable"
+    )),
+]  # fmt: skip
+_BACKEND = _PARAMETER("backend", _PARAMETER.KEYWORD_ONLY, default=None, annotation="str | None")
+
+
+def _k_sampler(impl: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """k-diffusion's ``sample_*(model, x, sigmas, extra_args=None, callback=None,
+    disable=None, <options>, *, backend=None)`` around ``impl(plan, disable, <options>)``:
+    the options (names, defaults, order), the name and the docstring are ``impl``'s, ``plan``
+    the call's checked :class:`_Plan`; no autograd, as k-diffusion's."""
+    signature = inspect.Signature(
+        [*_K_PARAMETERS, *list(inspect.signature(impl).parameters.values())[2:], _BACKEND],
+        return_annotation=Tensor,
+    )
+
+    @functools.wraps(impl)
+    def sampler(*args, **kwargs) -> Tensor:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        a = bound.arguments
+        plan = _Plan(a.pop("model"), a.pop("x"), a.pop("sigmas"), a.pop("extra_args"),
+                     a.pop("callback"), a.pop("backend"))  # fmt: skip
+        with torch.no_grad():
+            return impl(plan, a.pop("disable"), **a)
+
+    sampler.__signature__ = signature
+    return sampler
+
+
 # -- the samplers -----------------------------------------------------------------------------
 
 
-def _euler_loop(model, x, sigmas, extra_args, callback, disable, churn, backend, heun):
+def _euler_loop(plan: _Plan, disable, churn, heun: bool) -> Tensor:
     """Euler (Karras et al. 2022 Alg. 2 with Euler steps) or Heun (Alg. 2), with churn."""
     s_churn, s_tmin, s_tmax, s_noise = churn
-    plan = _Plan(model, x, sigmas, extra_args, callback, backend)
+    x, sigmas = plan.x, plan.sigmas
     gammas, hat = _churn_plan(plan, s_churn, s_tmin, s_tmax, s_noise)
     n = plan.n
     euler = tables.euler_table(hat, plan.sigma_next, "sample", 0.0, "sigma")
@@ -192,68 +232,30 @@ def _euler_loop(model, x, sigmas, extra_args, callback, disable, churn, backend,
     return x
 
 
-def _churn_sampler(name: str, heun: bool, doc: str) -> Callable[..., Tensor]:
-    """k-diffusion's ``sample_euler`` / ``sample_heun`` (one signature, one loop)."""
-
-    @torch.no_grad()
-    def sampler(
-        model,
-        x: Tensor,
-        sigmas: Tensor,
-        extra_args: dict | None = None,
-        callback: Callable | None = None,
-        disable: bool | None = None,
-        s_churn: float = 0.0,
-        s_tmin: float = 0.0,
-        s_tmax: float = float("inf"),
-        s_noise: float = 1.0,
-        *,
-        backend: str | None = None,
-    ) -> Tensor:
-        churn = (s_churn, s_tmin, s_tmax, s_noise)
-        return _euler_loop(model, x, sigmas, extra_args, callback, disable, churn, backend, heun)
-
-    sampler.__name__ = sampler.__qualname__ = name
-    sampler.__doc__ = doc
-    return sampler
-
-
-sample_euler = _churn_sampler(
-    "sample_euler",
-    False,
+@_k_sampler
+def sample_euler(plan, disable, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
     """Euler steps of the probability-flow ODE with churn (Karras et al. 2022 Alg. 2, Euler
     in place of Heun): ``x' = x_hat + (sigma' - sigma_hat) (x_hat - D) / sigma_hat``.
 
     Example:
         >>> x = sample_euler(model, torch.randn(1, 4, 64, 64) * sigmas[0], sigmas)
-    """,
-)
-sample_heun = _churn_sampler(
-    "sample_heun",
-    True,
+    """
+    return _euler_loop(plan, disable, (s_churn, s_tmin, s_tmax, s_noise), heun=False)
+
+
+@_k_sampler
+def sample_heun(plan, disable, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
     """Heun's 2nd-order method with churn (Karras et al. 2022 Alg. 2): two model calls per
     step (one on the step to 0), each update one launch (the second: ``tables.heun_table``).
 
     Example:
         >>> x = sample_heun(model, torch.randn(1, 4, 64, 64) * sigmas[0], sigmas)
-    """,
-)
+    """
+    return _euler_loop(plan, disable, (s_churn, s_tmin, s_tmax, s_noise), heun=True)
 
 
-@torch.no_grad()
-def sample_euler_ancestral(
-    model,
-    x: Tensor,
-    sigmas: Tensor,
-    extra_args: dict | None = None,
-    callback: Callable | None = None,
-    disable: bool | None = None,
-    eta: float = 1.0,
-    s_noise: float = 1.0,
-    noise_sampler: NoiseSampler | None = None,
-    *,
-    backend: str | None = None,
-) -> Tensor:
+@_k_sampler
+def sample_euler_ancestral(plan, disable, eta=1.0, s_noise=1.0, noise_sampler=None):
     """Ancestral Euler steps: ``x' = x + (sigma_down - sigma) (x - D) / sigma + S_noise
     sigma_up z`` (``reference.ancestral_sigmas``; no noise on the step to 0).
 
@@ -261,7 +263,6 @@ def sample_euler_ancestral(
         >>> x = sample_euler_ancestral(model, torch.randn(1, 4, 64, 64) * sigmas[0], sigmas)
     """
     eta, s_noise = _check_noise_args(eta, s_noise)
-    plan = _Plan(model, x, sigmas, extra_args, callback, backend)
     table = tables.euler_table(plan.sigma, plan.sigma_next, "sample", eta, "sigma")
     table[:, tables.COL["std"]] *= s_noise
     plan.upload(table)
@@ -277,27 +278,17 @@ def sample_euler_ancestral(
 
         return plan.step(i, x, denoised, ref, noise=noise)
 
-    return plan.loop(x, disable, body, _draws(x, sigmas, noise_sampler))
+    return plan.loop(disable, body, _draws(plan, noise_sampler))
 
 
-@torch.no_grad()
-def sample_dpmpp_2m(
-    model,
-    x: Tensor,
-    sigmas: Tensor,
-    extra_args: dict | None = None,
-    callback: Callable | None = None,
-    disable: bool | None = None,
-    *,
-    backend: str | None = None,
-) -> Tensor:
+@_k_sampler
+def sample_dpmpp_2m(plan, disable):
     """DPM-Solver++(2M) (Lu et al. 2022 Alg. 2) in sigma space, k-diffusion's form: first
     order on the first step and on the step to 0 (``reference.dpmpp_2m_sigma_step``).
 
     Example:
         >>> x = sample_dpmpp_2m(model, torch.randn(1, 4, 64, 64) * sigmas[0], sigmas)
     """
-    plan = _Plan(model, x, sigmas, extra_args, callback, backend)
     ones = torch.ones_like(plan.sigma)
     table = flow_tables.dpmpp_2m_table_as(
         ones, plan.sigma, ones, plan.sigma_next, ones, plan.sigma_prev, "sample", plan.first
@@ -314,24 +305,13 @@ def sample_dpmpp_2m(
 
         return plan.step(i, x, denoised, ref, x0_prev=old_denoised)
 
-    return plan.loop(x, disable, body)
+    return plan.loop(disable, body)
 
 
-@torch.no_grad()
+@_k_sampler
 def sample_dpmpp_2m_sde(
-    model,
-    x: Tensor,
-    sigmas: Tensor,
-    extra_args: dict | None = None,
-    callback: Callable | None = None,
-    disable: bool | None = None,
-    eta: float = 1.0,
-    s_noise: float = 1.0,
-    noise_sampler: NoiseSampler | None = None,
-    solver_type: str = "midpoint",
-    *,
-    backend: str | None = None,
-) -> Tensor:
+    plan, disable, eta=1.0, s_noise=1.0, noise_sampler=None, solver_type="midpoint"
+):
     """DPM-Solver++(2M) SDE (Lu et al. 2022, SDE-DPM-Solver++(2M);
     ``reference.dpmpp_2m_sde_step``), the "DPM++ 2M SDE" of the UIs. The default
     ``noise_sampler`` is k-diffusion's :class:`BrownianTreeNoiseSampler` over ``[min positive
@@ -346,7 +326,6 @@ def sample_dpmpp_2m_sde(
             f"solver_type must be one of {reference.SDE_SOLVER_TYPES}, got {solver_type!r}"
         )
     eta, s_noise = _check_noise_args(eta, s_noise)
-    plan = _Plan(model, x, sigmas, extra_args, callback, backend)
     plan.upload(
         tables.dpmpp_2m_sde_table(
             plan.sigma, plan.sigma_next, plan.sigma_prev, plan.first, eta, s_noise, solver_type
@@ -354,12 +333,12 @@ def sample_dpmpp_2m_sde(
     )
     if noise_sampler is None:  # k-diffusion's default, called with the host sigmas: no sync
         host = plan.host
-        tree = BrownianTreeNoiseSampler(x, host[host > 0].min(), host.max())
+        tree = BrownianTreeNoiseSampler(plan.x, host[host > 0].min(), host.max())
 
         def draw(i):
             return tree(host[i], host[i + 1])
     else:
-        draw = _draws(x, sigmas, noise_sampler)
+        draw = _draws(plan, noise_sampler)
 
     def body(i, x, denoised, noise, old_denoised):
         s, s_next, s_prev = plan.ends(i)
@@ -380,28 +359,17 @@ def sample_dpmpp_2m_sde(
 
         return plan.step(i, x, denoised, ref, x0_prev=old_denoised, noise=noise)
 
-    return plan.loop(x, disable, body, draw if eta else None)
+    return plan.loop(disable, body, draw if eta else None)
 
 
-@torch.no_grad()
-def sample_lcm(
-    model,
-    x: Tensor,
-    sigmas: Tensor,
-    extra_args: dict | None = None,
-    callback: Callable | None = None,
-    disable: bool | None = None,
-    noise_sampler: NoiseSampler | None = None,
-    *,
-    backend: str | None = None,
-) -> Tensor:
+@_k_sampler
+def sample_lcm(plan, disable, noise_sampler=None):
     """The LCM sampler (Luo et al. 2023 Alg. 1; ComfyUI's k-diffusion ``sample_lcm``):
     ``x' = D + sigma' z``, no noise on the step to 0 (``reference.lcm_step``).
 
     Example:
         >>> x = sample_lcm(model, torch.randn(1, 4, 64, 64) * sigmas[0], sigmas)
     """
-    plan = _Plan(model, x, sigmas, extra_args, callback, backend)
     plan.upload(tables.lcm_table(plan.sigma_next))
 
     def body(i, x, denoised, noise, old_denoised):
@@ -412,4 +380,4 @@ def sample_lcm(
 
         return plan.step(i, x, denoised, ref, noise=noise)
 
-    return plan.loop(x, disable, body, _draws(x, sigmas, noise_sampler))
+    return plan.loop(disable, body, _draws(plan, noise_sampler))
