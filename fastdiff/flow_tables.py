@@ -12,9 +12,14 @@ from __future__ import annotations
 import torch
 
 from fastdiff.kernels.fused_step import COLUMNS
-from fastdiff.tables import COL
+from fastdiff.tables import COL, dpmpp_2m_sde_table
 
-__all__ = ["dpmpp_2m_table_as", "flow_euler_table", "x0_coefficients_as"]
+__all__ = [
+    "dpmpp_2m_sde_table_as",
+    "dpmpp_2m_table_as",
+    "flow_euler_table",
+    "x0_coefficients_as",
+]
 
 
 def x0_coefficients_as(
@@ -118,4 +123,47 @@ def dpmpp_2m_table_as(
         half_inv_r = torch.where(second, 0.5 * h / torch.where(second, h_prev, 1.0), 0.0)
         table[:, COL["x0"]] = gain * (1.0 + half_inv_r)
         table[:, COL["x0_prev"]] = -gain * half_inv_r
+    return table
+
+
+def dpmpp_2m_sde_table_as(
+    alpha: torch.Tensor,
+    sigma: torch.Tensor,
+    alpha_next: torch.Tensor,
+    sigma_next: torch.Tensor,
+    alpha_prev: torch.Tensor,
+    sigma_prev: torch.Tensor,
+    prediction_type: str,
+    first_order: torch.Tensor,
+    eta: float,
+    solver_type: str,
+) -> torch.Tensor:
+    """DPM-Solver++(2M), its SDE form and the "heun" form (Lu et al. 2022; diffusers'
+    ``sde-dpmsolver++`` is ``eta = 1``, ``dpmsolver++`` with ``solver_type="heun"`` is
+    ``eta = 0``) for any ``x = alpha x0 + sigma eps``: :func:`fastdiff.tables.dpmpp_2m_sde_table`
+    (the rule in k-diffusion's space ``x / alpha``, levels ``sigma / alpha``) with the state
+    scaled back, ``x' = alpha' x_k'``::
+
+        x' = (sigma' / sigma) e^(-eta h) x + alpha' (g x0 + (c / r) (x0 - x0_prev))
+             + sigma' sqrt(1 - e^(-2 eta h)) z
+
+    Args:
+        alpha, sigma, alpha_next, sigma_next, alpha_prev, sigma_prev, prediction_type,
+            first_order: as :func:`dpmpp_2m_table_as`.
+        eta: the SDE's noise scale (0: the ODE).
+        solver_type: "midpoint" or "heun".
+    """
+    table = dpmpp_2m_sde_table(
+        sigma / alpha,
+        sigma_next / alpha_next,
+        sigma_prev / alpha_prev,
+        first_order,
+        eta,
+        1.0,
+        solver_type,
+    )
+    table[:, COL["x"]] *= alpha_next / alpha
+    for name in ("x0", "x0_prev", "std"):
+        table[:, COL[name]] *= alpha_next
+    table[:, COL["x0_x"]], table[:, COL["x0_m"]] = x0_coefficients_as(alpha, sigma, prediction_type)
     return table

@@ -14,6 +14,8 @@ from fastdiff.diffusers._rows import StepIndexMixin
 
 __all__ = ["FusedDPMSolverMultistepScheduler"]
 
+_ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++")
+
 
 class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepScheduler):
     """Drop-in ``DPMSolverMultistepScheduler`` (Lu et al. 2022, DPM-Solver++) whose ``step`` is
@@ -48,6 +50,10 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
 
     _needs_plan = True
     _history_on_device = True  # a step with a device step index keeps x0 in a device buffer
+
+    @property
+    def _draws_step_noise(self) -> bool:
+        return self.config.algorithm_type == "sde-dpmsolver++"  # every step draws z
 
     def _setup_fused(self, backend: str | None, noise: str) -> None:
         # device-index steps: the previous x0 per sample layout, and per (device, n) the rows
@@ -102,16 +108,20 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
         return [
             (
                 "algorithm_type",
-                config.algorithm_type != "dpmsolver++",
-                "the fused step implements DPM-Solver++ (the SDE variants and the deprecated "
-                "dpmsolver are not supported)",
+                config.algorithm_type not in _ALGORITHMS,
+                f"the fused step implements {_ALGORITHMS} (the deprecated noise-prediction "
+                "solvers dpmsolver and sde-dpmsolver are not supported)",
             ),
             (
                 "solver_order",
                 config.solver_order not in (1, 2),
                 "the fused step keeps one previous x0 (orders 1 and 2)",
             ),
-            ("solver_type", config.solver_type != "midpoint", "only the midpoint form is fused"),
+            (
+                "solver_type",
+                config.solver_type not in reference.DPM_SOLVER_TYPES,
+                f"the fused step implements {reference.DPM_SOLVER_TYPES}",
+            ),
             (
                 "prediction_type",
                 config.prediction_type == "flow_prediction"
@@ -182,10 +192,18 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
                 "flow sigmas from num_inference_steps)"
             )
 
-    def _build(self, prediction_type: str, final_first_order: bool, order: int):
+    def _build(
+        self,
+        prediction_type: str,
+        final_first_order: bool,
+        order: int,
+        sde: bool = False,
+        solver_type: str = "midpoint",
+    ):
         """Rows ``0..n-1``: the step at that index after a previous step (second order except
         where diffusers drops to first order); row n: poison; rows ``n+1..2n``: the same steps
         at first order (the first step after set_timesteps / set_begin_index); row 2n+1: poison.
+        The SDE and the heun form: ``flow_tables.dpmpp_2m_sde_table_as`` (eta 1 or 0).
         """
         sigmas = self.sigmas.to(torch.float64)
         n = len(sigmas) - 1
@@ -195,16 +213,25 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
         if order == 1:
             first[:] = True
         all_first = torch.ones(n, dtype=torch.bool)
-        if self.config.use_flow_sigmas:
-            values, main, lower = self._flow_rows(sigmas, prediction_type, first, all_first)
+        values, levels = self._levels(sigmas, first)
+        if sde or solver_type == "heun":
+            eta = 1.0 if sde else 0.0
+
+            def rule(f):
+                return flow_tables.dpmpp_2m_sde_table_as(
+                    *levels, prediction_type, f, eta, solver_type
+                )
+        elif self.config.use_flow_sigmas:
+
+            def rule(f):
+                return flow_tables.dpmpp_2m_table_as(*levels, prediction_type, f)
         else:
-            ab = 1.0 / (1.0 + sigmas**2)  # alpha_t = 1 / sqrt(1 + sigma^2), sigma_t = sigma alpha_t
-            ab_t, ab_next = ab[:-1], ab[1:]
-            ab_prev = torch.cat([ab.new_full((1,), 0.5), ab[:-2]])  # row 0 has no previous step
-            values = {"ab": (ab_t, ab_t), "ab_next": (ab_next, ab_next)}
-            values["ab_prev"] = (ab_prev, ab_prev)
-            main = tables.dpmpp_2m_table(ab_t, ab_next, ab_prev, prediction_type, first)
-            lower = tables.dpmpp_2m_table(ab_t, ab_next, ab_prev, prediction_type, all_first)
+            ab_t, ab_next, ab_prev = (values[name][0] for name in ("ab", "ab_next", "ab_prev"))
+
+            def rule(f):
+                return tables.dpmpp_2m_table(ab_t, ab_next, ab_prev, prediction_type, f)
+
+        main, lower = rule(first), rule(all_first)
         nan = torch.full((1,), float("nan"), dtype=torch.float64)
         no = torch.zeros(1, dtype=torch.bool)
         out = {name: torch.cat([v, nan, v_lower, nan]) for name, (v, v_lower) in values.items()}
@@ -212,24 +239,35 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
         out["first"] = torch.cat([first, no, all_first, no])
         return out
 
-    @staticmethod
-    def _flow_rows(sigmas, prediction_type, first, all_first):
-        """The flow-sigma tables (alpha = 1 - s, sigma = s) of ``_build`` and the reference's
-        levels: s, s' and the previous level, 1 on first-order rows (lambda_prev = -inf)."""
-        s, s_next = sigmas[:-1], sigmas[1:]
-        s_prev = torch.cat([sigmas.new_ones(1), sigmas[:-2]])
-        main, lower = (
-            flow_tables.dpmpp_2m_table_as(
-                1.0 - s, s, 1.0 - s_next, s_next, 1.0 - s_prev, s_prev, prediction_type, f
-            )
-            for f in (first, all_first)
-        )
-        values = {
-            "sigma": (s, s),
-            "sigma_next": (s_next, s_next),
-            "sigma_prev": (torch.where(first, 1.0, s_prev), torch.ones_like(s)),
-        }
-        return values, main, lower
+    def _levels(self, sigmas: torch.Tensor, first: torch.Tensor):
+        """The reference's levels of each row (main, first-order rows) by name, and
+        ``(alpha, sigma, alpha_next, sigma_next, alpha_prev, sigma_prev)`` of the tables.
+
+        VP: ``ab = 1 / (1 + sigma^2)``, alpha = sqrt(ab), sigma_t = sigma alpha (row 0 has
+        no previous step: 0.5 there). Flow (alpha = 1 - s, sigma = s): s, s' and the previous
+        level, 1 on first-order rows (lambda_prev = -inf)."""
+        if self.config.use_flow_sigmas:
+            s, s_next = sigmas[:-1], sigmas[1:]
+            s_prev = torch.cat([sigmas.new_ones(1), sigmas[:-2]])
+            values = {
+                "sigma": (s, s),
+                "sigma_next": (s_next, s_next),
+                "sigma_prev": (torch.where(first, 1.0, s_prev), torch.ones_like(s)),
+            }
+            return values, (1.0 - s, s, 1.0 - s_next, s_next, 1.0 - s_prev, s_prev)
+        ab = 1.0 / (1.0 + sigmas**2)  # alpha_t = 1 / sqrt(1 + sigma^2), sigma_t = sigma alpha_t
+        ab_t, ab_next = ab[:-1], ab[1:]
+        ab_prev = torch.cat([ab.new_full((1,), 0.5), ab[:-2]])  # row 0 has no previous step
+        values = {"ab": (ab_t, ab_t), "ab_next": (ab_next, ab_next)}
+        values["ab_prev"] = (ab_prev, ab_prev)
+        sigma_prev = torch.cat([sigmas.new_ones(1), sigmas[:-2]])  # = ab_prev
+
+        def alpha_sigma(sigma):
+            alpha = (1.0 + sigma**2).rsqrt()
+            return alpha, sigma * alpha
+
+        levels = (*alpha_sigma(sigmas[:-1]), *alpha_sigma(sigmas[1:]), *alpha_sigma(sigma_prev))
+        return values, levels
 
     def add_noise(
         self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
@@ -254,8 +292,10 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
         Args:
             model_output: the model output, like ``sample`` (learned variances: extra
                 channels, of which the first 3 are used, as diffusers).
-            generator: unused (DPM-Solver++ is deterministic).
-            variance_noise: unused (SDE variants only).
+            generator: draws the SDE's noise as diffusers does (``sde-dpmsolver++``; unused
+                by the ODE solver).
+            variance_noise: explicit standard-normal noise like ``sample`` for the SDE
+                (instead of ``generator``).
 
         Returns:
             ``SchedulerOutput(prev_sample)`` or ``(prev_sample,)``.
@@ -272,10 +312,12 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
             or config.final_sigmas_type == "zero"
         )
         order = config.solver_order
+        sde = config.algorithm_type == "sde-dpmsolver++"
+        solver_type = config.solver_type
         tabs = self._device_tables(
-            ("dpm", prediction_type, final_first_order, order),
+            ("dpm", prediction_type, final_first_order, order, sde, solver_type),
             x.device,
-            lambda: self._build(prediction_type, final_first_order, order),
+            lambda: self._build(prediction_type, final_first_order, order, sde, solver_type),
         )
         first = self.lower_order_nums < 1
         # diffusers converts the output to x0 first, then returns prev_sample in x0's dtype
@@ -295,9 +337,44 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
             rows = self._index_rows(tabs, offset=n + 1 if first else 0)
             # the previous step's x0 (diffusers shifts the list first, then reads [-2])
             x0_prev = None if first or order == 1 else self.model_outputs[-1]
+        noise = seeds = None
+        if sde:  # diffusers draws float32 noise like x0 on every step (x 0 on the last)
+            if variance_noise is not None:
+                variance_noise = variance_noise.to(device=model_output.device, dtype=torch.float32)
+            like = torch.empty((), device=model_output.device, dtype=torch.float32).expand(x.shape)
+            noise, seeds = self._step_noise(like, x, generator, variance_noise)
         _, thresholding = self._processing(config)
+        if sde or solver_type == "heun":
+            reference_step = self._multistep_reference(
+                tabs, rows, x0_prev, prediction_type, thresholding, sde, solver_type
+            )
+        else:
+            reference_step = self._midpoint_reference(
+                tabs, rows, x0_prev, prediction_type, thresholding
+            )
+        return self._fused_step(
+            x,
+            model_output,
+            tabs,
+            rows,
+            reference_step,
+            SchedulerOutput,
+            return_dict,
+            out_dtype=x0_dtype,
+            x0_dtype=x0_dtype,
+            x0_prev=x0_prev,
+            x0_out=x0_out,
+            noise=noise,
+            seeds=seeds,
+            thresholding=thresholding,
+        )
 
-        def reference_step(xr, m, _noise):  # no noise: DPM-Solver++ is deterministic
+    def _midpoint_reference(self, tabs, rows, x0_prev, prediction_type, thresholding):
+        """The reference path of the ODE midpoint step: ``reference.dpmpp_2m_step`` (VP) or
+        ``flow_dpmpp_2m_step``, first order where the row is."""
+        config = self.config
+
+        def reference_step(xr, m, _noise):  # no noise: the ODE is deterministic
             if config.use_flow_sigmas:  # first-order rows have sigma_prev = 1 (r = inf)
                 s, s_next, s_prev = self._values(tabs, rows, "sigma", "sigma_next", "sigma_prev")
                 return reference.flow_dpmpp_2m_step(
@@ -319,24 +396,39 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
                 second, _ = reference.dpmpp_2m_step(
                     xr, m, ab, ab_next, x0_prev=x0_prev.to(xr.dtype), ab_prev=ab_prev, **kwargs
                 )
-                mask = first_order.reshape(-1, *([1] * (x.dim() - 1)))
+                mask = first_order.reshape(-1, *([1] * (xr.dim() - 1)))
                 prev = torch.where(mask, prev, second)
             return prev, x0
 
-        return self._fused_step(
-            x,
-            model_output,
-            tabs,
-            rows,
-            reference_step,
-            SchedulerOutput,
-            return_dict,
-            out_dtype=x0_dtype,
-            x0_dtype=x0_dtype,
-            x0_prev=x0_prev,
-            x0_out=x0_out,
+        return reference_step
+
+    def _multistep_reference(
+        self, tabs, rows, x0_prev, prediction_type, thresholding, sde, solver_type
+    ):
+        """The reference path of the SDE and heun steps: ``reference.dpmpp_multistep_step``
+        on the row's levels, first order where the row is."""
+        flow = self.config.use_flow_sigmas
+        names = ("sigma", "sigma_next", "sigma_prev") if flow else ("ab", "ab_next", "ab_prev")
+        options = dict(
+            space="flow" if flow else "vp",
+            prediction_type=prediction_type,
+            sde=sde,
+            solver_type=solver_type,
             thresholding=thresholding,
         )
+
+        def reference_step(xr, m, noise):
+            level, level_next, level_prev, first_order = self._values(tabs, rows, *names, "first")
+            step = reference.dpmpp_multistep_step
+            prev, x0 = step(xr, m, level, level_next, noise=noise, **options)
+            if x0_prev is not None:
+                history = [(x0_prev.to(xr.dtype), level_prev)]
+                second, _ = step(xr, m, level, level_next, history=history, noise=noise, **options)
+                mask = first_order.reshape(-1, *([1] * (xr.dim() - 1)))
+                prev = torch.where(mask, prev, second)
+            return prev, x0
+
+        return reference_step
 
     def _end_step(self, x0: torch.Tensor | None) -> None:
         """diffusers' history: the list shifted, this step's x0 last; then the step index."""
