@@ -147,21 +147,28 @@ def dpmpp_2m_sde_table_as(
         x' = (sigma' / sigma) e^(-eta h) x + alpha' (g x0 + (c / r) (x0 - x0_prev))
              + sigma' sqrt(1 - e^(-2 eta h)) z
 
+    A step with ``h = 0`` is first order (the heun coefficient's limit): ``x' = x``; one with
+    ``h < 0`` (to a higher level) adds no noise (its variance would be negative).
+
     Args:
         alpha, sigma, alpha_next, sigma_next, alpha_prev, sigma_prev, prediction_type,
             first_order: as :func:`dpmpp_2m_table_as`.
         eta: the SDE's noise scale (0: the ODE).
         solver_type: "midpoint" or "heun".
     """
+    k, k_next = sigma / alpha, sigma_next / alpha_next
     table = dpmpp_2m_sde_table(
-        sigma / alpha,
-        sigma_next / alpha_next,
+        k,
+        k_next,
         sigma_prev / alpha_prev,
-        first_order,
+        first_order | (k_next == k),  # h = 0 (a plan ending at its last level): x' = x
         eta,
         1.0,
         solver_type,
     )
+    # h < 0 (a final sigma_min above the plan's last level): the variance 1 - e^(-2 eta h)
+    # is negative, diffusers' sqrt is NaN; no noise
+    table[:, COL["std"]] = torch.where(k_next > k, 0.0, table[:, COL["std"]])
     table[:, COL["x"]] *= alpha_next / alpha
     for name in ("x0", "x0_prev", "std"):
         table[:, COL[name]] *= alpha_next

@@ -651,10 +651,10 @@ UNSUPPORTED = [
     ("ddpm", {"thresholding": True, "sample_max_value": 0.5}, "sample_max_value"),
     ("ddim", {"clip_sample": True, "clip_sample_range": 0.0}, "clip_sample_range"),
     ("euler_a", {"prediction_type": "sample"}, "prediction_type"),
-    ("dpm", {"algorithm_type": "sde-dpmsolver++"}, "algorithm_type"),
+    # sde-dpmsolver++ and solver_type="heun" are supported now (tests/test_dpm_ext.py)
+    ("dpm", {"algorithm_type": "sde-dpmsolver", "final_sigmas_type": "sigma_min"}, "algorithm"),
     ("dpm", {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"}, "algorithm_type"),
     ("dpm", {"solver_order": 3}, "solver_order"),
-    ("dpm", {"solver_type": "heun"}, "solver_type"),
     # flow sigmas are supported now (tests/test_flow_diffusers.py); a flow model on VP sigmas is not
     ("dpm", {"prediction_type": "flow_prediction"}, "use_flow_sigmas"),
     ("dpm", {"variance_type": "learned_range", "prediction_type": "sample"}, "variance_type"),

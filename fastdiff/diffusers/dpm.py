@@ -21,28 +21,36 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
     """Drop-in ``DPMSolverMultistepScheduler`` (Lu et al. 2022, DPM-Solver++) whose ``step`` is
     one fused kernel launch.
 
-    Supported: ``algorithm_type="dpmsolver++"`` (and "deis", which diffusers maps to it),
-    ``solver_order`` 1 or 2, ``solver_type="midpoint"`` (and the UniPC / DEIS names diffusers
-    maps to it), every plan option of diffusers (spacings, Karras / exponential / beta sigmas,
-    Lu lambdas, ``lambda_min_clipped``, ``final_sigmas_type``), ``lower_order_final``,
-    ``euler_at_final``, thresholding, and ``variance_type`` learned / learned_range with
-    epsilon prediction (the first 3 channels, as diffusers).
+    Supported: ``algorithm_type="dpmsolver++"`` (and "deis", which diffusers maps to it) and
+    ``"sde-dpmsolver++"`` (SDE-DPM-Solver++, "DPM++ 2M SDE": its noise drawn as diffusers
+    draws it, ``randn_tensor`` float32 like x0 on every step from ``generator``, or
+    ``variance_noise``), ``solver_order`` 1 or 2, ``solver_type`` "midpoint" (and the UniPC /
+    DEIS names diffusers maps to it) or "heun", every plan option of diffusers (spacings,
+    Karras / exponential / beta sigmas, Lu lambdas, ``lambda_min_clipped``,
+    ``final_sigmas_type``), ``lower_order_final``, ``euler_at_final``, thresholding, and
+    ``variance_type`` learned / learned_range with epsilon prediction (the first 3 channels,
+    as diffusers). The SDE and heun rows: ``flow_tables.dpmpp_2m_sde_table_as``; their
+    reference: ``reference.dpmpp_multistep_step``. Where diffusers divides 0 by 0 (heun, a
+    plan whose last level repeats) or takes the root of a negative variance (SDE, a final
+    ``sigma_min`` above the last level), the step gives the limit / no noise, not NaN.
 
     Flow matching (Sana): ``use_flow_sigmas`` with ``flow_shift`` or dynamic shifting (``mu``),
     ``prediction_type="flow_prediction"`` (also epsilon / sample), on the flow path
-    ``alpha = 1 - s``, ``sigma = s`` (``flow_tables.dpmpp_2m_table_as``).
+    ``alpha = 1 - s``, ``sigma = s`` (``flow_tables.dpmpp_2m_table_as``), with every algorithm
+    and solver type above.
 
     CUDA graphs (``capture_denoising_loop``): a step whose step index is on the device (a
     timestep tensor not taken from the plan, as in a graphed iteration) keeps the previous x0
     in a persistent device buffer (``graph_state``), overwritten in place by the kernel, and
     takes its order from the row alone; ``model_outputs[-1]`` is then that buffer. A step
-    with a host index keeps diffusers' ``model_outputs`` list as diffusers does.
+    with a host index keeps diffusers' ``model_outputs`` list as diffusers does. The SDE draws
+    noise on every step: a graph needs ``noise="philox"`` (in-kernel noise keyed by the row).
 
-    Unsupported (ValueError at construction): SDE and the deprecated non-++ algorithms,
-    ``solver_order=3`` and the "heun" solver (the kernel keeps one previous x0 and the
-    reference has the midpoint form); a flow_prediction model without flow sigmas and a
-    v_prediction model with them; flow sigmas with Karras / exponential / beta sigmas or Lu
-    lambdas (diffusers reads those VP sigmas as flow levels).
+    Unsupported (ValueError at construction): the deprecated noise-prediction algorithms
+    ``dpmsolver`` and ``sde-dpmsolver``; ``solver_order=3`` (the kernel keeps one previous
+    x0); a flow_prediction model without flow sigmas and a v_prediction model with them; flow
+    sigmas with Karras / exponential / beta sigmas or Lu lambdas (diffusers reads those VP
+    sigmas as flow levels).
 
     Example:
         >>> pipe.scheduler = FusedDPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
@@ -334,7 +342,8 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
             if not first and last is not None and last is not x0_prev:
                 x0_prev.copy_(last)  # the previous step kept x0 in model_outputs (host index)
         else:
-            rows = self._index_rows(tabs, offset=n + 1 if first else 0)
+            # (order 1: rows k, as a graph replays them; its first-order rows are the same)
+            rows = self._index_rows(tabs, offset=n + 1 if first and order > 1 else 0)
             # the previous step's x0 (diffusers shifts the list first, then reads [-2])
             x0_prev = None if first or order == 1 else self.model_outputs[-1]
         noise = seeds = None

@@ -22,7 +22,10 @@ give ``r0 = h_0 / h``, ``r1 = h_1 / h`` (``h_0, h_1``: the log-SNR steps before 
   (SDE: diffusers' coefficient, reproduced as the drop-in's spec; it is ``-1 + O(h)`` where
   the ODE's is ``O(h)``).
 
-The step to ``sigma' = 0`` (h infinite) is first order: ``x' = D0``.
+The step to ``sigma' = 0`` (h infinite) is first order: ``x' = D0``; a step with ``h = 0`` (a
+plan whose last level repeats) leaves x as it is, the limit (diffusers' heun form divides 0
+by 0 there); the SDE adds no noise on a step with ``h < 0`` (a final ``sigma_min`` above the
+plan's last level: the variance ``1 - e^-2h`` is negative, diffusers' square root NaN).
 
 Contract as the other reference steps (``fastdiff.reference``): float64 computes in float64,
 other dtypes in float32, results in ``x.dtype``; levels are python floats or ``[]`` / ``[B]``
@@ -140,5 +143,6 @@ def dpmpp_multistep_step(
             update = alpha_n * (1 - phi / big_h) * d1 + alpha_n * c2 * d2
         x_next = torch.where(sigma_n > 0, x_next + update, x0)  # first order to clean
     if sde and noise is not None:
-        x_next = x_next + sigma_n * phi.sqrt() * noise.to(dtype)
+        x_next = x_next + sigma_n * phi.clamp_min(0).sqrt() * noise.to(dtype)  # 0 for h < 0
+    x_next = torch.where(h == 0, xc, x_next)  # the limit h -> 0 (diffusers' heun: 0 / 0)
     return x_next.to(x.dtype), x0.to(x.dtype)
