@@ -127,12 +127,7 @@ def dpmpp_2m_table_as(
 
 
 def dpmpp_2m_sde_table_as(
-    alpha: torch.Tensor,
-    sigma: torch.Tensor,
-    alpha_next: torch.Tensor,
-    sigma_next: torch.Tensor,
-    alpha_prev: torch.Tensor,
-    sigma_prev: torch.Tensor,
+    levels: tuple[torch.Tensor, ...],
     prediction_type: str,
     first_order: torch.Tensor,
     eta: float,
@@ -151,11 +146,13 @@ def dpmpp_2m_sde_table_as(
     ``h < 0`` (to a higher level) adds no noise (its variance would be negative).
 
     Args:
-        alpha, sigma, alpha_next, sigma_next, alpha_prev, sigma_prev, prediction_type,
-            first_order: as :func:`dpmpp_2m_table_as`.
+        levels: ``(alpha, sigma, alpha_next, sigma_next, alpha_prev, sigma_prev)``, float64
+            [n] each, as :func:`dpmpp_2m_table_as` takes them.
+        prediction_type, first_order: as :func:`dpmpp_2m_table_as`.
         eta: the SDE's noise scale (0: the ODE).
         solver_type: "midpoint" or "heun".
     """
+    alpha, sigma, alpha_next, sigma_next, alpha_prev, sigma_prev = levels
     k, k_next = sigma / alpha, sigma_next / alpha_next
     table = dpmpp_2m_sde_table(
         k,

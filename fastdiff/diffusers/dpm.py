@@ -227,7 +227,7 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
 
             def rule(f):
                 return flow_tables.dpmpp_2m_sde_table_as(
-                    *levels, prediction_type, f, eta, solver_type
+                    levels, prediction_type, f, eta, solver_type
                 )
         elif self.config.use_flow_sigmas:
 
