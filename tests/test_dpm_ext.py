@@ -32,10 +32,12 @@ from fastdiff.diffusers import FusedDPMSolverMultistepScheduler  # noqa: E402
 from fastdiff.diffusers.graph import capture_denoising_loop  # noqa: E402
 
 SHAPE = (2, 3, 5, 7)
-ORDERS = [1, 2]
+ORDERS = [1, 2, 3]
+GRAPH_ORDERS = [1, 2]  # order 3 keeps its ring slot by a host step index: not capturable
 # (algorithm_type, solver_type): every combination the fused step now takes besides the
-# ODE midpoint of tests/test_diffusers_adapter.py
+# ODE midpoint at orders 1 and 2 of tests/test_diffusers_adapter.py
 MODES = [("sde-dpmsolver++", "midpoint"), ("sde-dpmsolver++", "heun"), ("dpmsolver++", "heun")]
+ODE = ("dpmsolver++", "midpoint")
 
 
 @pytest.fixture
@@ -50,10 +52,9 @@ def ext_case(rng: random.Random, flow: bool) -> dict:
         case = {**dpm_case(rng), "step": {}, "learned": False}
     else:
         case = random_case("dpm", rng)
-    algorithm, solver_type = rng.choice(MODES)
-    case["config"].update(
-        algorithm_type=algorithm, solver_type=solver_type, solver_order=rng.choice(ORDERS)
-    )
+    order = rng.choice(ORDERS)
+    algorithm, solver_type = rng.choice(MODES + ([ODE] if order == 3 else []))
+    case["config"].update(algorithm_type=algorithm, solver_type=solver_type, solver_order=order)
     return case
 
 
@@ -179,10 +180,45 @@ def test_sde_draws_as_diffusers_draws():
         assert torch.equal(gd.get_state(), gf.get_state())
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("mode", [*MODES, ODE], ids=["sde", "sde-heun", "heun", "ode"])
+def test_step_contract_as_diffusers(mode, order, backend):
+    """model_outputs (the x0 history), lower_order_nums, step_index and return_dict=False as
+    diffusers keeps them, and a model_outputs list the caller replaced is read."""
+    algorithm, solver_type = mode
+    config = dict(algorithm_type=algorithm, solver_type=solver_type, solver_order=order)
+    d = DPMSolverMultistepScheduler(**config)
+    f = FusedDPMSolverMultistepScheduler.from_config(d.config, backend=backend)
+    for s in (d, f):
+        s.set_timesteps(6)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(SHAPE, generator=g)
+    xd = xf = x
+    for k, t in enumerate(d.timesteps):
+        m = torch.randn(SHAPE, generator=g)
+        z = torch.randn(SHAPE, generator=g)
+        if k == 3:  # the caller edits the history (as LEdits-style pipelines do)
+            edited = [None if o is None else o * 0.5 for o in d.model_outputs]
+            d.model_outputs, f.model_outputs = list(edited), list(edited)
+        (xd,) = d.step(m, t, xd, variance_noise=z, return_dict=False)
+        out = f.step(m, t, xf, variance_noise=z, return_dict=False)
+        assert isinstance(out, tuple) and len(out) == 1
+        (xf,) = out
+        what = f"step {k}"
+        torch.testing.assert_close(xf, xd, rtol=1e-4, atol=1e-4 * max(1, xd.abs().max()))
+        assert f.lower_order_nums == d.lower_order_nums and f.step_index == d.step_index, what
+        assert len(f.model_outputs) == len(d.model_outputs) == order, what
+        for got, want in zip(f.model_outputs, d.model_outputs):
+            assert (got is None) == (want is None), what
+            if want is not None:
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max())
+
+
 UNSUPPORTED = [
     ({"algorithm_type": "sde-dpmsolver", "final_sigmas_type": "sigma_min"}, "algorithm_type"),
     ({"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"}, "algorithm_type"),
-    ({"solver_order": 3}, "solver_order"),
+    ({"solver_order": 4}, "solver_order"),
 ]
 
 
@@ -206,6 +242,18 @@ def as_device(monkeypatch):
     monkeypatch.setattr(capture, "make_runtime", EagerRuntime)
 
 
+def test_third_order_refuses_capture_and_a_device_step_index(as_device):
+    f = FusedDPMSolverMultistepScheduler(solver_order=3, backend="triton")
+    with pytest.raises(ValueError, match="solver_order=3"):
+        f.check_capturable()
+    f.set_timesteps(5)
+    f.prepare_graph_step()
+    x = _randn(0)
+    t = torch.take(f.timesteps, torch.zeros((), dtype=torch.long))  # not a plan element
+    with pytest.raises(ValueError, match="solver_order=3"):
+        f.step(x, t, x)  # its step index is looked up on the "device"
+
+
 def test_sde_capture_needs_philox_noise():
     f = FusedDPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")
     with pytest.raises(ValueError, match="philox"):
@@ -216,7 +264,7 @@ def test_sde_capture_needs_philox_noise():
     FusedDPMSolverMultistepScheduler(solver_type="heun").check_capturable()  # deterministic
 
 
-@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("order", GRAPH_ORDERS)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     "config",

@@ -1,5 +1,5 @@
-"""FusedDPMSolverMultistepScheduler: diffusers' DPM-Solver++ (2M) with the step as one fused
-kernel."""
+"""FusedDPMSolverMultistepScheduler: diffusers' DPM-Solver++ (orders 1-3, ODE and SDE) with
+the step as one fused kernel."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from diffusers.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
-from fastdiff import flow_tables, reference, tables
+from fastdiff import flow_tables, reference, tables, unipc_tables
 from fastdiff.checks import PREDICTION_TYPES
 from fastdiff.diffusers._common import dense, nan_row, promote
 from fastdiff.diffusers._rows import StepIndexMixin
@@ -26,13 +26,16 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
     Supported: ``algorithm_type="dpmsolver++"`` (and "deis", which diffusers maps to it) and
     ``"sde-dpmsolver++"`` (SDE-DPM-Solver++, "DPM++ 2M SDE": its noise drawn as diffusers
     draws it, ``randn_tensor`` float32 like x0 on every step from ``generator``, or
-    ``variance_noise``), ``solver_order`` 1 or 2, ``solver_type`` "midpoint" (and the UniPC /
-    DEIS names diffusers maps to it) or "heun", every plan option of diffusers (spacings,
+    ``variance_noise``), ``solver_order`` 1, 2 or 3, ``solver_type`` "midpoint" (and the
+    UniPC / DEIS names diffusers maps to it) or "heun", every plan option of diffusers (spacings,
     Karras / exponential / beta sigmas, Lu lambdas, ``lambda_min_clipped``,
     ``final_sigmas_type``), ``lower_order_final``, ``euler_at_final``, thresholding, and
     ``variance_type`` learned / learned_range with epsilon prediction (the first 3 channels,
-    as diffusers). The SDE and heun rows: ``flow_tables.dpmpp_2m_sde_table_as``; their
-    reference: ``reference.dpmpp_multistep_step``. Where diffusers divides 0 by 0 (heun, a
+    as diffusers). The SDE and heun rows: ``flow_tables.dpmpp_2m_sde_table_as``; order 3:
+    ``flow_tables.dpmpp_3m_table_as`` (diffusers' 3M update, its SDE coefficient included),
+    the two previous x0s kept in a ring of three device slots that the kernel reads and
+    writes through its UniPC history columns (``model_outputs`` holds views of the slots);
+    their reference: ``reference.dpmpp_multistep_step``. Where diffusers divides 0 by 0 (heun, a
     plan whose last level repeats) or takes the root of a negative variance (SDE, a final
     ``sigma_min`` above the last level), the step gives the limit / no noise, not NaN.
 
@@ -47,12 +50,13 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
     takes its order from the row alone; ``model_outputs[-1]`` is then that buffer. A step
     with a host index keeps diffusers' ``model_outputs`` list as diffusers does. The SDE draws
     noise on every step: a graph needs ``noise="philox"`` (in-kernel noise keyed by the row).
+    ``solver_order=3`` takes its ring slot from a host step index: refused in a graph (and for
+    a step index on the device), with a ValueError that says so.
 
     Unsupported (ValueError at construction): the deprecated noise-prediction algorithms
-    ``dpmsolver`` and ``sde-dpmsolver``; ``solver_order=3`` (the kernel keeps one previous
-    x0); a flow_prediction model without flow sigmas and a v_prediction model with them; flow
-    sigmas with Karras / exponential / beta sigmas or Lu lambdas (diffusers reads those VP
-    sigmas as flow levels).
+    ``dpmsolver`` and ``sde-dpmsolver``; ``solver_order`` above 3; a flow_prediction model
+    without flow sigmas and a v_prediction model with them; flow sigmas with Karras /
+    exponential / beta sigmas or Lu lambdas (diffusers reads those VP sigmas as flow levels).
 
     Example:
         >>> pipe.scheduler = FusedDPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
@@ -71,9 +75,27 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
         # scheduler's lifetime and rewritten in place (a captured graph holds their pointers)
         self._x0_buffers: dict[tuple, torch.Tensor] = {}
         self._chain_rows: dict[tuple, torch.Tensor] = {}
+        # solver_order=3: the x0 ring (slot k % 3 holds the x0 of step k) and its slot views
+        self._ring_history: unipc_tables.UniPCHistory | None = None
+        self._ring_slots: dict[int, list[torch.Tensor]] = {}
         super()._setup_fused(backend, noise)
 
-    # -- CUDA-graph hooks (see FusedSchedulerMixin; check_capturable: StepIndexMixin's) -----
+    @property
+    def _kernel_table(self) -> str:
+        # order 3: the rows in the kernel's UniPC columns (the x0 ring)
+        return "history_table" if self.config.solver_order == 3 else "table"
+
+    # -- CUDA-graph hooks (see FusedSchedulerMixin) ------------------------------------------
+
+    def check_capturable(self) -> None:
+        """As ``StepIndexMixin.check_capturable``; also refused: ``solver_order=3``, whose step
+        takes its ring slot from a host step index."""
+        if self.config.solver_order == 3:
+            raise ValueError(
+                "solver_order=3 keeps its x0 ring slots by a host step index, which a replayed "
+                "graph cannot advance; use solver_order=2 in a graphed loop, or the eager loop"
+            )
+        super().check_capturable()
 
     def graph_state(self, latents: torch.Tensor) -> list[torch.Tensor]:
         """The device buffer a step on samples like ``latents`` reads and writes besides them
@@ -124,8 +146,8 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
             ),
             (
                 "solver_order",
-                config.solver_order not in (1, 2),
-                "the fused step keeps one previous x0 (orders 1 and 2)",
+                config.solver_order not in (1, 2, 3),
+                "diffusers' orders are 1, 2 and 3",
             ),
             (
                 "solver_type",
@@ -377,7 +399,11 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
         x0_dtype = model_output.dtype if prediction_type == "sample" else promoted
         index = self._step_index
         x0_out = None
-        if isinstance(index, torch.Tensor) and order > 1:
+        ring = {}
+        if order == 3:
+            rows, x0_prevs, x0_out, ring = self._third_order_state(tabs, x, x0_dtype, n)
+            x0_prev = None
+        elif isinstance(index, torch.Tensor) and order > 1:
             # a device step index (a graphed loop): the order comes from the row, the previous
             # x0 from the buffer the kernel overwrites with this step's x0 (after its loads)
             rows = self._device_chain_rows(tabs, index, first, n)
@@ -390,6 +416,8 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
             rows = self._index_rows(tabs, offset=n + 1 if first and order > 1 else 0)
             # the previous step's x0 (diffusers shifts the list first, then reads [-2])
             x0_prev = None if first or order == 1 else self.model_outputs[-1]
+        if order < 3:
+            x0_prevs = [] if x0_prev is None else [x0_prev]
         noise = seeds = None
         if sde:  # diffusers draws float32 noise like x0 on every step (x 0 on the last)
             if variance_noise is not None:
@@ -397,9 +425,9 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
             like = torch.empty((), device=model_output.device, dtype=torch.float32).expand(x.shape)
             noise, seeds = self._step_noise(like, x, generator, variance_noise)
         _, thresholding = self._processing(config)
-        if sde or solver_type == "heun":
+        if sde or solver_type == "heun" or order == 3:
             reference_step = self._multistep_reference(
-                tabs, rows, x0_prev, prediction_type, thresholding, sde, solver_type
+                tabs, rows, x0_prevs, prediction_type, thresholding, sde, solver_type
             )
         else:
             reference_step = self._midpoint_reference(
@@ -420,7 +448,47 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
             noise=noise,
             seeds=seeds,
             thresholding=thresholding,
+            **ring,
         )
+
+    def _third_order_state(self, tabs: dict, x: torch.Tensor, x0_dtype: torch.dtype, n: int):
+        """``solver_order=3`` (host step index): the rows (the block of ``lower_order_nums``),
+        the previous x0s the reference reads, x0's slot of the ring (``x0_out``: the kernel
+        writes x0 there, the reference path copies it there) and the kernel's ``history`` /
+        ``last_sample``. The ring holds the x0 of step k in slot ``k % 3``; a previous x0 that
+        ``model_outputs`` holds elsewhere (a list the caller replaced) is copied in first."""
+        index = self._step_index
+        if isinstance(index, torch.Tensor):
+            raise ValueError(
+                "solver_order=3 takes the step index on the host (a timestep of the plan, a "
+                "python number or a CPU tensor); a device step index (a graphed loop) needs "
+                "solver_order 1 or 2"
+            )
+        done = self.lower_order_nums
+        rows = self._index_rows(tabs, offset=(n + 1, 2 * n + 2)[done] if done < 2 else 0)
+        ring, slots, last = self._ring(x, x0_dtype)
+        if done == 0:
+            self._ring_history.clear()  # the chain's start: unread slots are multiplied by 0
+        x0_prevs = []
+        for lag in range(1, min(done, 2) + 1):
+            slot, kept = slots[(index - lag) % 3], self.model_outputs[-lag]
+            if kept is not None and kept is not slot:
+                slot.copy_(kept)
+            x0_prevs.append(slot)
+        return rows, x0_prevs, slots[index % 3], {"history": ring, "last_sample": last}
+
+    def _ring(self, x: torch.Tensor, dtype: torch.dtype):
+        """The persistent x0 ring ``[3, B, ...]`` of samples like ``x`` in ``dtype`` (each slot
+        laid out like x: ``unipc_tables.UniPCHistory``), its slot views (made once:
+        ``model_outputs`` holds them) and the kernel's last-sample pair (the DPM rows'
+        corrector writes 0 to its slot 0)."""
+        if self._ring_history is None:
+            self._ring_history = unipc_tables.UniPCHistory(3)
+        ring, last = self._ring_history.buffers(x, dtype)
+        slots = self._ring_slots.get(ring.data_ptr())
+        if slots is None:
+            slots = self._ring_slots[ring.data_ptr()] = list(ring.unbind(0))
+        return ring, slots, last
 
     def _midpoint_reference(self, tabs, rows, x0_prev, prediction_type, thresholding):
         """The reference path of the ODE midpoint step: ``reference.dpmpp_2m_step`` (VP) or
@@ -456,12 +524,14 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
         return reference_step
 
     def _multistep_reference(
-        self, tabs, rows, x0_prev, prediction_type, thresholding, sde, solver_type
+        self, tabs, rows, x0_prevs, prediction_type, thresholding, sde, solver_type
     ):
-        """The reference path of the SDE and heun steps: ``reference.dpmpp_multistep_step``
-        on the row's levels, first order where the row is."""
+        """The reference path of the SDE, heun and third-order steps:
+        ``reference.dpmpp_multistep_step`` on the row's levels, with as many of the previous
+        x0s (``x0_prevs``, newest first) as the row's order takes."""
         flow = self.config.use_flow_sigmas
-        names = ("sigma", "sigma_next", "sigma_prev") if flow else ("ab", "ab_next", "ab_prev")
+        prefix = "sigma" if flow else "ab"
+        names = [prefix, f"{prefix}_next", f"{prefix}_prev", f"{prefix}_prev2"]
         options = dict(
             space="flow" if flow else "vp",
             prediction_type=prediction_type,
@@ -471,14 +541,17 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
         )
 
         def reference_step(xr, m, noise):
-            level, level_next, level_prev, first_order = self._values(tabs, rows, *names, "first")
+            *levels, order = self._values(tabs, rows, *names, "order")
+            level, level_next = levels[:2]
+            history = [(p.to(xr.dtype), lev) for p, lev in zip(x0_prevs, levels[2:])]
             step = reference.dpmpp_multistep_step
             prev, x0 = step(xr, m, level, level_next, noise=noise, **options)
-            if x0_prev is not None:
-                history = [(x0_prev.to(xr.dtype), level_prev)]
-                second, _ = step(xr, m, level, level_next, history=history, noise=noise, **options)
-                mask = first_order.reshape(-1, *([1] * (xr.dim() - 1)))
-                prev = torch.where(mask, prev, second)
+            for k in range(1, len(history) + 1):  # the row's order picks one
+                higher, _ = step(
+                    xr, m, level, level_next, history=history[:k], noise=noise, **options
+                )
+                mask = (order == k + 1).reshape(-1, *([1] * (xr.dim() - 1)))
+                prev = torch.where(mask, higher, prev)
             return prev, x0
 
         return reference_step
