@@ -23,6 +23,11 @@ pytest.importorskip("diffusers")
 from diffusers import DPMSolverMultistepScheduler  # noqa: E402
 from diffusers_cases import BACKENDS  # noqa: E402
 from test_diffusers_adapter import random_case, run_pair  # noqa: E402
+from test_diffusers_pipelines import (  # noqa: E402
+    stable_diffusion_loop,
+    tiny_conditional_unet,
+    tiny_stable_diffusion,
+)
 from test_dpm_graph import _eager, _loop, _randn  # noqa: E402
 from test_flow_diffusers import dpm_case  # noqa: E402
 
@@ -213,6 +218,53 @@ def test_step_contract_as_diffusers(mode, order, backend):
             assert (got is None) == (want is None), what
             if want is not None:
                 torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max())
+
+
+# -- pipeline swaps (the loops and tiny models of tests/test_diffusers_pipelines.py) ----------
+
+SDXL_SDE_KARRAS = {  # "DPM++ 2M SDE Karras" as UIs set it on an SDXL / SD scheduler config
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "algorithm_type": "sde-dpmsolver++",
+    "use_karras_sigmas": True,
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "options, strength",
+    [({}, None), ({"solver_type": "heun", "solver_order": 3}, 0.6)],
+    ids=["sde", "sde-heun-3-img2img"],
+)
+def test_stable_diffusion_style_loop(options, strength, backend, seed):
+    """The StableDiffusion(Img2Img)Pipeline loop (CFG, img2img's set_begin_index and
+    add_noise, the pipeline's generator passed to step): the stock scheduler's latents."""
+    unet = tiny_conditional_unet()
+    embeddings = torch.randn(4, 5, 8).to(unet.device)
+    original = DPMSolverMultistepScheduler(**{**SDXL_SDE_KARRAS, **options})
+    want = stable_diffusion_loop(unet, original, embeddings, seed, strength=strength, steps=5)
+    fused = FusedDPMSolverMultistepScheduler.from_config(original.config, backend=backend)
+    got = stable_diffusion_loop(unet, fused, embeddings, seed, strength=strength, steps=5)
+    assert torch.isfinite(want).all()
+    scale = max(1.0, want.abs().max().item())
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3 * scale)
+
+
+def test_stable_diffusion_pipeline_swap_sde_karras(seed):
+    """``pipe.scheduler = Fused...from_config(pipe.scheduler.config)`` in a tiny
+    StableDiffusionPipeline with DPM++ 2M SDE Karras: the same images for the same generator."""
+    pipe = tiny_stable_diffusion(DPMSolverMultistepScheduler(**SDXL_SDE_KARRAS))
+
+    def images():
+        generator = torch.Generator().manual_seed(seed)
+        kwargs = {"num_inference_steps": 5, "height": 8, "width": 8, "output_type": "pt"}
+        return pipe("a cat", generator=generator, **kwargs).images
+
+    want = images()
+    pipe.scheduler = FusedDPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    got = images()
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
 
 
 UNSUPPORTED = [
