@@ -392,3 +392,30 @@ def test_gpu_no_host_sync_and_matches_diffusers(mode, order, dtype):
     if dtype == torch.float32:  # diffusers rounds its 16-bit x0 history: compared in float32
         scale = max(1.0, want.abs().max().item())
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * scale)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("solver_type", ["midpoint", "heun"])
+def test_gpu_sde_captured_loop_is_bitwise_eager(solver_type):
+    """DPM++ 2M SDE with in-kernel noise: the captured loop replays the eager loop bit for bit
+    (the Philox key fixed, as a set_timesteps draws it)."""
+    device = torch.device("cuda")
+    f = FusedDPMSolverMultistepScheduler(
+        algorithm_type="sde-dpmsolver++",
+        solver_type=solver_type,
+        use_karras_sigmas=True,
+        noise="philox",
+        backend="triton",
+    )
+    step_fn = _loop(f, _randn(1, device))
+    x = _randn(0, device)
+    f.set_timesteps(10, device=device)
+    f._seed = 7
+    eager = _eager(f, step_fn, x)
+    f.set_timesteps(10, device=device)
+    f._seed = 7
+    loop = capture_denoising_loop(step_fn, x, scheduler=f)
+    graphed, again = loop.run(x), loop.run(x)
+    torch.cuda.synchronize()
+    assert loop.captured and torch.isfinite(graphed).all()
+    assert torch.equal(graphed, eager) and torch.equal(again, eager)
