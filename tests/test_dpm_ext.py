@@ -38,7 +38,6 @@ from fastdiff.diffusers.graph import capture_denoising_loop  # noqa: E402
 
 SHAPE = (2, 3, 5, 7)
 ORDERS = [1, 2, 3]
-GRAPH_ORDERS = [1, 2]  # order 3 keeps its ring slot by a host step index: not capturable
 # (algorithm_type, solver_type): every combination the fused step now takes besides the
 # ODE midpoint at orders 1 and 2 of tests/test_diffusers_adapter.py
 MODES = [("sde-dpmsolver++", "midpoint"), ("sde-dpmsolver++", "heun"), ("dpmsolver++", "heun")]
@@ -294,16 +293,45 @@ def as_device(monkeypatch):
     monkeypatch.setattr(capture, "make_runtime", EagerRuntime)
 
 
-def test_third_order_refuses_capture_and_a_device_step_index(as_device):
-    f = FusedDPMSolverMultistepScheduler(solver_order=3, backend="triton")
-    with pytest.raises(ValueError, match="solver_order=3"):
-        f.check_capturable()
-    f.set_timesteps(5)
-    f.prepare_graph_step()
+@pytest.mark.parametrize("mode", [ODE, MODES[1]], ids=["ode", "sde-heun"])
+def test_third_order_device_index_is_the_host_index(mode, as_device):
+    """Order 3 with a device step index (the ring slot from the row, the chain's first two
+    rows marked at its first step) against the host index: a whole plan, a chain started
+    mid-plan, a loop switching from the host to the device index and back, and a
+    model_outputs list edited between steps."""
+    algorithm, solver_type = mode
+    f = FusedDPMSolverMultistepScheduler(
+        algorithm_type=algorithm, solver_type=solver_type, solver_order=3, noise="philox"
+    )
+    f.backend = "triton"
+    f.set_timesteps(8)
+    step_fn = _loop(f, _randn(1))
     x = _randn(0)
-    t = torch.take(f.timesteps, torch.zeros((), dtype=torch.long))  # not a plan element
-    with pytest.raises(ValueError, match="solver_order=3"):
-        f.step(x, t, x)  # its step index is looked up on the "device"
+
+    def run(timesteps, device_index):
+        f.set_timesteps(8)
+        f._seed = 3
+        return _eager(f, step_fn, x, timesteps, device_index=device_index)
+
+    whole = run(None, False)
+    assert torch.equal(run(None, True), whole)  # (the chain marks index 0 and 1)
+    f.set_timesteps(8)
+    f._seed = 3
+    part = _eager(f, step_fn, x, f.timesteps[:3])
+    part = _eager(f, step_fn, part, f.timesteps[3:5], device_index=True)
+    assert f.model_outputs[-2:] == [None, None]  # the history of device steps: the ring
+    assert torch.equal(_eager(f, step_fn, part, f.timesteps[5:]), whole)
+
+    def edited(device_index):
+        f.set_timesteps(8)
+        f._seed = 3
+        y = _eager(f, step_fn, x, f.timesteps[:4])
+        f.model_outputs = [o * 0.5 for o in f.model_outputs]
+        return _eager(f, step_fn, y, f.timesteps[4:], device_index=device_index)
+
+    assert torch.equal(edited(True), edited(False))
+    start = f.timesteps[3:]  # a chain started mid-plan (its first two rows marked there)
+    assert torch.equal(run(start, True), run(start, False))
 
 
 def test_sde_capture_needs_philox_noise():
@@ -316,7 +344,7 @@ def test_sde_capture_needs_philox_noise():
     FusedDPMSolverMultistepScheduler(solver_type="heun").check_capturable()  # deterministic
 
 
-@pytest.mark.parametrize("order", GRAPH_ORDERS)
+@pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     "config",

@@ -34,7 +34,8 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
     as diffusers). The SDE and heun rows: ``flow_tables.dpmpp_2m_sde_table_as``; order 3:
     ``flow_tables.dpmpp_3m_table_as`` (diffusers' 3M update, its SDE coefficient included),
     the two previous x0s kept in a ring of three device slots that the kernel reads and
-    writes through its UniPC history columns (``model_outputs`` holds views of the slots);
+    writes through its UniPC history columns (``model_outputs`` holds views of the slots; the
+    kernel also reads and writes its unused last-sample pair: 2 passes over the floor);
     their reference: ``reference.dpmpp_multistep_step``. Where diffusers divides 0 by 0 (heun, a
     plan whose last level repeats) or takes the root of a negative variance (SDE, a final
     ``sigma_min`` above the last level), the step gives the limit / no noise, not NaN.
@@ -50,8 +51,9 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
     takes its order from the row alone; ``model_outputs[-1]`` is then that buffer. A step
     with a host index keeps diffusers' ``model_outputs`` list as diffusers does. The SDE draws
     noise on every step: a graph needs ``noise="philox"`` (in-kernel noise keyed by the row).
-    ``solver_order=3`` takes its ring slot from a host step index: refused in a graph (and for
-    a step index on the device), with a ValueError that says so.
+    ``solver_order=3`` keeps its x0 ring (``graph_state``) on the device as well, the slot
+    taken from the row; with a device index ``model_outputs`` then holds None (the history is
+    the ring's).
 
     Unsupported (ValueError at construction): the deprecated noise-prediction algorithms
     ``dpmsolver`` and ``sde-dpmsolver``; ``solver_order`` above 3; a flow_prediction model
@@ -85,17 +87,7 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
         # order 3: the rows in the kernel's UniPC columns (the x0 ring)
         return "history_table" if self.config.solver_order == 3 else "table"
 
-    # -- CUDA-graph hooks (see FusedSchedulerMixin) ------------------------------------------
-
-    def check_capturable(self) -> None:
-        """As ``StepIndexMixin.check_capturable``; also refused: ``solver_order=3``, whose step
-        takes its ring slot from a host step index."""
-        if self.config.solver_order == 3:
-            raise ValueError(
-                "solver_order=3 keeps its x0 ring slots by a host step index, which a replayed "
-                "graph cannot advance; use solver_order=2 in a graphed loop, or the eager loop"
-            )
-        super().check_capturable()
+    # -- CUDA-graph hooks (see FusedSchedulerMixin; check_capturable: StepIndexMixin's) -----
 
     def graph_state(self, latents: torch.Tensor) -> list[torch.Tensor]:
         """The device buffer a step on samples like ``latents`` reads and writes besides them
@@ -106,10 +98,14 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
             latents: a sample like the loop's (shape, dtype, device, memory format).
 
         Returns:
-            ``[x0_prev]``, or ``[]`` for ``solver_order=1`` (no history).
+            ``[x0_prev]``, ``[]`` for ``solver_order=1`` (no history), ``[ring,
+            last_sample]`` for ``solver_order=3`` (the x0 ring).
         """
         if self.config.solver_order == 1:
             return []
+        if self.config.solver_order == 3:
+            ring, _, last = self._ring(dense(latents), latents.dtype)
+            return [ring, last]
         return [self._x0_buffer(dense(latents), latents.dtype)]
 
     # -- end of the CUDA-graph hooks ----------------------------------------------------------
@@ -125,15 +121,21 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
 
     def _device_chain_rows(self, tabs: dict, index: torch.Tensor, first: bool, n: int):
         """Rows ``[1]`` of a device step index: row k of a table made on the device at the
-        chain's first step (k there: its first-order row ``n + 1 + k``; else row k), so that
-        the index alone picks the order in a replayed graph."""
+        chain's first step (k there: its first-order row ``n + 1 + k``; for
+        ``solver_order=3`` also ``k + 1``: its at most second-order row ``2n + 2 + k + 1``;
+        else row k), so that the index alone picks the order in a replayed graph (whose
+        first iteration is always eager: a warm-up step)."""
         key = (index.device, n)
         chain = self._chain_rows.get(key)
         if chain is None:
             chain = self._chain_rows[key] = tabs["arange"][: n + 1].clone()
         if first:
             k = tabs["arange"][: n + 1]
-            torch.where(k == index.reshape(()), k + (n + 1), k, out=chain)
+            start = index.reshape(())
+            later = k
+            if self.config.solver_order == 3:
+                later = torch.where(k == start + 1, k + (2 * n + 2), k)
+            torch.where(k == start, k + (n + 1), later, out=chain)
         return chain.index_select(0, index.reshape(1))
 
     def _unsupported(self, config) -> list[tuple[str, bool, str]]:
@@ -400,8 +402,9 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
         index = self._step_index
         x0_out = None
         ring = {}
+        store = None
         if order == 3:
-            rows, x0_prevs, x0_out, ring = self._third_order_state(tabs, x, x0_dtype, n)
+            rows, x0_prevs, x0_out, ring, store = self._third_order_state(tabs, x, x0_dtype, n)
             x0_prev = None
         elif isinstance(index, torch.Tensor) and order > 1:
             # a device step index (a graphed loop): the order comes from the row, the previous
@@ -417,7 +420,11 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
             # the previous step's x0 (diffusers shifts the list first, then reads [-2])
             x0_prev = None if first or order == 1 else self.model_outputs[-1]
         if order < 3:
-            x0_prevs = [] if x0_prev is None else [x0_prev]
+            prevs = [] if x0_prev is None else [x0_prev]
+
+            def x0_prevs():
+                return prevs
+
         noise = seeds = None
         if sde:  # diffusers draws float32 noise like x0 on every step (x 0 on the last)
             if variance_noise is not None:
@@ -427,7 +434,7 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
         _, thresholding = self._processing(config)
         if sde or solver_type == "heun" or order == 3:
             reference_step = self._multistep_reference(
-                tabs, rows, x0_prevs, prediction_type, thresholding, sde, solver_type
+                tabs, rows, x0_prevs, prediction_type, thresholding, sde, solver_type, store
             )
         else:
             reference_step = self._midpoint_reference(
@@ -452,30 +459,44 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
         )
 
     def _third_order_state(self, tabs: dict, x: torch.Tensor, x0_dtype: torch.dtype, n: int):
-        """``solver_order=3`` (host step index): the rows (the block of ``lower_order_nums``),
-        the previous x0s the reference reads, x0's slot of the ring (``x0_out``: the kernel
-        writes x0 there, the reference path copies it there) and the kernel's ``history`` /
-        ``last_sample``. The ring holds the x0 of step k in slot ``k % 3``; a previous x0 that
-        ``model_outputs`` holds elsewhere (a list the caller replaced) is copied in first."""
+        """``solver_order=3``: the rows (of the block ``lower_order_nums`` picks, or of the
+        device chain), the previous x0s the reference reads (a callable: read only there),
+        x0's slot of the ring with a host index (``x0_out``: the kernel writes x0 there, the
+        reference path copies it there) and the kernel's ``history`` / ``last_sample``.
+
+        The ring holds the x0 of step k in slot ``k % 3``; a previous x0 that ``model_outputs``
+        holds elsewhere (a list the caller replaced) is copied in first. With a device index
+        the slot is known on the device only: the kernel writes x0 to its slot (no ``x0_out``,
+        ``model_outputs`` gets None), the reference path copies it there."""
         index = self._step_index
-        if isinstance(index, torch.Tensor):
-            raise ValueError(
-                "solver_order=3 takes the step index on the host (a timestep of the plan, a "
-                "python number or a CPU tensor); a device step index (a graphed loop) needs "
-                "solver_order 1 or 2"
-            )
         done = self.lower_order_nums
-        rows = self._index_rows(tabs, offset=(n + 1, 2 * n + 2)[done] if done < 2 else 0)
         ring, slots, last = self._ring(x, x0_dtype)
         if done == 0:
             self._ring_history.clear()  # the chain's start: unread slots are multiplied by 0
-        x0_prevs = []
-        for lag in range(1, min(done, 2) + 1):
-            slot, kept = slots[(index - lag) % 3], self.model_outputs[-lag]
-            if kept is not None and kept is not slot:
-                slot.copy_(kept)
-            x0_prevs.append(slot)
-        return rows, x0_prevs, slots[index % 3], {"history": ring, "last_sample": last}
+        kernel = {"history": ring, "last_sample": last}
+        lags = range(1, min(done, 2) + 1)
+        if not isinstance(index, torch.Tensor):
+            rows = self._index_rows(tabs, offset=(n + 1, 2 * n + 2)[done] if done < 2 else 0)
+            for lag in lags:
+                slot, kept = slots[(index - lag) % 3], self.model_outputs[-lag]
+                if kept is not None and kept is not slot:
+                    slot.copy_(kept)
+            prevs = [slots[(index - lag) % 3] for lag in lags]
+            return rows, (lambda: prevs), slots[index % 3], kernel, None
+        rows = self._device_chain_rows(tabs, index, done == 0, n)
+        position = {lag: (index - lag).remainder(3).reshape(1) for lag in (0, *lags)}
+        for lag in lags:
+            kept = self.model_outputs[-lag]
+            if kept is not None and not any(kept is slot for slot in slots):
+                ring.index_copy_(0, position[lag], kept.unsqueeze(0).to(ring.dtype))
+
+        def prevs():
+            return [ring.index_select(0, position[lag])[0] for lag in lags]
+
+        def store(x0):  # the reference path's x0 into its slot (the kernel writes it itself)
+            ring.index_copy_(0, position[0], x0.unsqueeze(0).to(ring.dtype))
+
+        return rows, prevs, None, {**kernel, "write_x0": False}, store
 
     def _ring(self, x: torch.Tensor, dtype: torch.dtype):
         """The persistent x0 ring ``[3, B, ...]`` of samples like ``x`` in ``dtype`` (each slot
@@ -524,11 +545,12 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
         return reference_step
 
     def _multistep_reference(
-        self, tabs, rows, x0_prevs, prediction_type, thresholding, sde, solver_type
+        self, tabs, rows, x0_prevs, prediction_type, thresholding, sde, solver_type, store=None
     ):
         """The reference path of the SDE, heun and third-order steps:
         ``reference.dpmpp_multistep_step`` on the row's levels, with as many of the previous
-        x0s (``x0_prevs``, newest first) as the row's order takes."""
+        x0s (``x0_prevs()``, newest first) as the row's order takes; ``store(x0)`` after it
+        (the x0 ring of a device index)."""
         flow = self.config.use_flow_sigmas
         prefix = "sigma" if flow else "ab"
         names = [prefix, f"{prefix}_next", f"{prefix}_prev", f"{prefix}_prev2"]
@@ -543,7 +565,7 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
         def reference_step(xr, m, noise):
             *levels, order = self._values(tabs, rows, *names, "order")
             level, level_next = levels[:2]
-            history = [(p.to(xr.dtype), lev) for p, lev in zip(x0_prevs, levels[2:])]
+            history = [(p.to(xr.dtype), lev) for p, lev in zip(x0_prevs(), levels[2:])]
             step = reference.dpmpp_multistep_step
             prev, x0 = step(xr, m, level, level_next, noise=noise, **options)
             for k in range(1, len(history) + 1):  # the row's order picks one
@@ -552,6 +574,8 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
                 )
                 mask = (order == k + 1).reshape(-1, *([1] * (xr.dim() - 1)))
                 prev = torch.where(mask, higher, prev)
+            if store is not None:
+                store(x0)
             return prev, x0
 
         return reference_step
