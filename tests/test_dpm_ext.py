@@ -423,14 +423,16 @@ def test_gpu_no_host_sync_and_matches_diffusers(mode, order, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("order", [2, 3])
 @pytest.mark.parametrize("solver_type", ["midpoint", "heun"])
-def test_gpu_sde_captured_loop_is_bitwise_eager(solver_type):
-    """DPM++ 2M SDE with in-kernel noise: the captured loop replays the eager loop bit for bit
-    (the Philox key fixed, as a set_timesteps draws it)."""
+def test_gpu_sde_captured_loop_is_bitwise_eager(solver_type, order):
+    """DPM++ 2M / 3M SDE with in-kernel noise: the captured loop replays the eager loop bit for
+    bit (the Philox key fixed, as a set_timesteps draws it)."""
     device = torch.device("cuda")
     f = FusedDPMSolverMultistepScheduler(
         algorithm_type="sde-dpmsolver++",
         solver_type=solver_type,
+        solver_order=order,
         use_karras_sigmas=True,
         noise="philox",
         backend="triton",
