@@ -82,11 +82,6 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
         self._ring_slots: dict[int, list[torch.Tensor]] = {}
         super()._setup_fused(backend, noise)
 
-    @property
-    def _kernel_table(self) -> str:
-        # order 3: the rows in the kernel's UniPC columns (the x0 ring)
-        return "history_table" if self.config.solver_order == 3 else "table"
-
     # -- CUDA-graph hooks (see FusedSchedulerMixin; check_capturable: StepIndexMixin's) -----
 
     def graph_state(self, latents: torch.Tensor) -> list[torch.Tensor]:
@@ -432,14 +427,18 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
             like = torch.empty((), device=model_output.device, dtype=torch.float32).expand(x.shape)
             noise, seeds = self._step_noise(like, x, generator, variance_noise)
         _, thresholding = self._processing(config)
-        if sde or solver_type == "heun" or order == 3:
-            reference_step = self._multistep_reference(
-                tabs, rows, x0_prevs, prediction_type, thresholding, sde, solver_type, store
-            )
-        else:
-            reference_step = self._midpoint_reference(
-                tabs, rows, x0_prev, prediction_type, thresholding
-            )
+        midpoint = not (sde or solver_type == "heun" or order == 3)
+
+        def reference_step(xr, m, noise):  # the reference backend's step
+            if midpoint:
+                return self._midpoint_reference(
+                    xr, m, tabs, rows, x0_prev, prediction_type, thresholding
+                )
+            options = (prediction_type, thresholding, sde, solver_type, store)
+            return self._multistep_reference(xr, m, noise, tabs, rows, x0_prevs(), *options)
+
+        # order 3: the rows in the kernel's UniPC columns (the x0 ring)
+        self._kernel_table = "history_table" if order == 3 else "table"
         return self._fused_step(
             x,
             model_output,
@@ -511,74 +510,65 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
             slots = self._ring_slots[ring.data_ptr()] = list(ring.unbind(0))
         return ring, slots, last
 
-    def _midpoint_reference(self, tabs, rows, x0_prev, prediction_type, thresholding):
-        """The reference path of the ODE midpoint step: ``reference.dpmpp_2m_step`` (VP) or
+    def _midpoint_reference(self, xr, m, tabs, rows, x0_prev, prediction_type, thresholding):
+        """The reference step of the ODE midpoint form: ``reference.dpmpp_2m_step`` (VP) or
         ``flow_dpmpp_2m_step``, first order where the row is."""
-        config = self.config
-
-        def reference_step(xr, m, _noise):  # no noise: the ODE is deterministic
-            if config.use_flow_sigmas:  # first-order rows have sigma_prev = 1 (r = inf)
-                s, s_next, s_prev = self._values(tabs, rows, "sigma", "sigma_next", "sigma_prev")
-                return reference.flow_dpmpp_2m_step(
-                    xr,
-                    m,
-                    s,
-                    s_next,
-                    x0_prev=None if x0_prev is None else x0_prev.to(xr.dtype),
-                    sigma_prev=s_prev,
-                    prediction_type=prediction_type,
-                    thresholding=thresholding,
-                )
-            ab, ab_next, ab_prev, first_order = self._values(
-                tabs, rows, "ab", "ab_next", "ab_prev", "first"
+        if self.config.use_flow_sigmas:  # first-order rows have sigma_prev = 1 (r = inf)
+            s, s_next, s_prev = self._values(tabs, rows, "sigma", "sigma_next", "sigma_prev")
+            return reference.flow_dpmpp_2m_step(
+                xr,
+                m,
+                s,
+                s_next,
+                x0_prev=None if x0_prev is None else x0_prev.to(xr.dtype),
+                sigma_prev=s_prev,
+                prediction_type=prediction_type,
+                thresholding=thresholding,
             )
-            kwargs = dict(prediction_type=prediction_type, thresholding=thresholding)
-            prev, x0 = reference.dpmpp_2m_step(xr, m, ab, ab_next, **kwargs)
-            if x0_prev is not None:
-                second, _ = reference.dpmpp_2m_step(
-                    xr, m, ab, ab_next, x0_prev=x0_prev.to(xr.dtype), ab_prev=ab_prev, **kwargs
-                )
-                mask = first_order.reshape(-1, *([1] * (xr.dim() - 1)))
-                prev = torch.where(mask, prev, second)
-            return prev, x0
-
-        return reference_step
+        ab, ab_next, ab_prev, first_order = self._values(
+            tabs, rows, "ab", "ab_next", "ab_prev", "first"
+        )
+        kwargs = dict(prediction_type=prediction_type, thresholding=thresholding)
+        prev, x0 = reference.dpmpp_2m_step(xr, m, ab, ab_next, **kwargs)
+        if x0_prev is not None:
+            second, _ = reference.dpmpp_2m_step(
+                xr, m, ab, ab_next, x0_prev=x0_prev.to(xr.dtype), ab_prev=ab_prev, **kwargs
+            )
+            mask = first_order.reshape(-1, *([1] * (xr.dim() - 1)))
+            prev = torch.where(mask, prev, second)
+        return prev, x0
 
     def _multistep_reference(
-        self, tabs, rows, x0_prevs, prediction_type, thresholding, sde, solver_type, store=None
-    ):
-        """The reference path of the SDE, heun and third-order steps:
+        self, xr, m, noise, tabs, rows, x0_prevs, prediction_type, thresholding, sde,
+        solver_type, store,
+    ):  # fmt: skip
+        """The reference step of the SDE, heun and third-order forms:
         ``reference.dpmpp_multistep_step`` on the row's levels, with as many of the previous
-        x0s (``x0_prevs()``, newest first) as the row's order takes; ``store(x0)`` after it
-        (the x0 ring of a device index)."""
+        x0s (``x0_prevs``, newest first) as the row's order takes; then ``store(x0)`` (the x0
+        ring of a device index) unless None."""
         flow = self.config.use_flow_sigmas
         prefix = "sigma" if flow else "ab"
-        names = [prefix, f"{prefix}_next", f"{prefix}_prev", f"{prefix}_prev2"]
+        names = (prefix, f"{prefix}_next", f"{prefix}_prev", f"{prefix}_prev2")
         options = dict(
             space="flow" if flow else "vp",
             prediction_type=prediction_type,
             sde=sde,
             solver_type=solver_type,
             thresholding=thresholding,
+            noise=noise,
         )
-
-        def reference_step(xr, m, noise):
-            *levels, order = self._values(tabs, rows, *names, "order")
-            level, level_next = levels[:2]
-            history = [(p.to(xr.dtype), lev) for p, lev in zip(x0_prevs(), levels[2:])]
-            step = reference.dpmpp_multistep_step
-            prev, x0 = step(xr, m, level, level_next, noise=noise, **options)
-            for k in range(1, len(history) + 1):  # the row's order picks one
-                higher, _ = step(
-                    xr, m, level, level_next, history=history[:k], noise=noise, **options
-                )
-                mask = (order == k + 1).reshape(-1, *([1] * (xr.dim() - 1)))
-                prev = torch.where(mask, higher, prev)
-            if store is not None:
-                store(x0)
-            return prev, x0
-
-        return reference_step
+        *levels, order = self._values(tabs, rows, *names, "order")
+        level, level_next = levels[:2]
+        history = [(p.to(xr.dtype), lev) for p, lev in zip(x0_prevs, levels[2:])]
+        step = reference.dpmpp_multistep_step
+        prev, x0 = step(xr, m, level, level_next, **options)
+        for k in range(1, len(history) + 1):  # the row's order picks one
+            higher, _ = step(xr, m, level, level_next, history=history[:k], **options)
+            mask = (order == k + 1).reshape(-1, *([1] * (xr.dim() - 1)))
+            prev = torch.where(mask, higher, prev)
+        if store is not None:
+            store(x0)
+        return prev, x0
 
     def _end_step(self, x0: torch.Tensor | None) -> None:
         """diffusers' history: the list shifted, this step's x0 last; then the step index."""
