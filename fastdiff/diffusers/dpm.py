@@ -396,10 +396,10 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
         x0_dtype = model_output.dtype if prediction_type == "sample" else promoted
         index = self._step_index
         x0_out = None
-        ring = {}
+        history = {}  # order 3: the kernel's ring arguments
         store = None
         if order == 3:
-            rows, x0_prevs, x0_out, ring, store = self._third_order_state(tabs, x, x0_dtype, n)
+            rows, x0_prevs, x0_out, history, store = self._third_order_state(tabs, x, x0_dtype, n)
             x0_prev = None
         elif isinstance(index, torch.Tensor) and order > 1:
             # a device step index (a graphed loop): the order comes from the row, the previous
@@ -454,7 +454,7 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
             noise=noise,
             seeds=seeds,
             thresholding=thresholding,
-            **ring,
+            **history,
         )
 
     def _third_order_state(self, tabs: dict, x: torch.Tensor, x0_dtype: torch.dtype, n: int):
