@@ -698,10 +698,11 @@ UNSUPPORTED = [
     ("ddpm", {"thresholding": True, "sample_max_value": 0.5}, "sample_max_value"),
     ("ddim", {"clip_sample": True, "clip_sample_range": 0.0}, "clip_sample_range"),
     ("euler_a", {"prediction_type": "sample"}, "prediction_type"),
-    ("dpm", {"algorithm_type": "sde-dpmsolver++"}, "algorithm_type"),
+    # sde-dpmsolver++, solver_type="heun" and solver_order=3 are supported now
+    # (tests/test_dpm_ext.py); diffusers takes order 4 and runs it at order 3
+    ("dpm", {"algorithm_type": "sde-dpmsolver", "final_sigmas_type": "sigma_min"}, "algorithm"),
     ("dpm", {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"}, "algorithm_type"),
-    ("dpm", {"solver_order": 3}, "solver_order"),
-    ("dpm", {"solver_type": "heun"}, "solver_type"),
+    ("dpm", {"solver_order": 4}, "solver_order"),
     # flow sigmas are supported now (tests/test_flow_diffusers.py); a flow model on VP sigmas is not
     ("dpm", {"prediction_type": "flow_prediction"}, "use_flow_sigmas"),
     ("dpm", {"variance_type": "learned_range", "prediction_type": "sample"}, "variance_type"),

@@ -1,5 +1,5 @@
-"""FusedDPMSolverMultistepScheduler: diffusers' DPM-Solver++ (2M) with the step as one fused
-kernel."""
+"""FusedDPMSolverMultistepScheduler: diffusers' DPM-Solver++ (orders 1-3, ODE and SDE) with
+the step as one fused kernel."""
 
 from __future__ import annotations
 
@@ -7,40 +7,58 @@ import torch
 from diffusers.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
-from fastdiff import flow_tables, reference, tables
+from fastdiff import flow_tables, reference, tables, unipc_tables
 from fastdiff.checks import PREDICTION_TYPES
 from fastdiff.diffusers._common import dense, nan_row, promote
 from fastdiff.diffusers._rows import StepIndexMixin
+from fastdiff.kernels.fused_step import COLUMNS, UNIPC_COLUMNS
+from fastdiff.tables import COL
 
 __all__ = ["FusedDPMSolverMultistepScheduler"]
+
+_ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++")
 
 
 class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepScheduler):
     """Drop-in ``DPMSolverMultistepScheduler`` (Lu et al. 2022, DPM-Solver++) whose ``step`` is
     one fused kernel launch.
 
-    Supported: ``algorithm_type="dpmsolver++"`` (and "deis", which diffusers maps to it),
-    ``solver_order`` 1 or 2, ``solver_type="midpoint"`` (and the UniPC / DEIS names diffusers
-    maps to it), every plan option of diffusers (spacings, Karras / exponential / beta sigmas,
-    Lu lambdas, ``lambda_min_clipped``, ``final_sigmas_type``), ``lower_order_final``,
-    ``euler_at_final``, thresholding, and ``variance_type`` learned / learned_range with
-    epsilon prediction (the first 3 channels, as diffusers).
+    Supported: ``algorithm_type="dpmsolver++"`` (and "deis", which diffusers maps to it) and
+    ``"sde-dpmsolver++"`` (SDE-DPM-Solver++, "DPM++ 2M SDE": its noise drawn as diffusers
+    draws it, ``randn_tensor`` float32 like x0 on every step from ``generator``, or
+    ``variance_noise``), ``solver_order`` 1, 2 or 3, ``solver_type`` "midpoint" (and the
+    UniPC / DEIS names diffusers maps to it) or "heun", every plan option of diffusers (spacings,
+    Karras / exponential / beta sigmas, Lu lambdas, ``lambda_min_clipped``,
+    ``final_sigmas_type``), ``lower_order_final``, ``euler_at_final``, thresholding, and
+    ``variance_type`` learned / learned_range with epsilon prediction (the first 3 channels,
+    as diffusers). The SDE and heun rows: ``flow_tables.dpmpp_2m_sde_table_as``; order 3:
+    ``flow_tables.dpmpp_3m_table_as`` (diffusers' 3M update, its SDE coefficient included),
+    the two previous x0s kept in a ring of three device slots that the kernel reads and
+    writes through its UniPC history columns (``model_outputs`` holds views of the slots; the
+    kernel also reads and writes its unused last-sample pair: 2 passes over the floor);
+    their reference: ``reference.dpmpp_multistep_step``. Where diffusers divides 0 by 0 (heun, a
+    plan whose last level repeats) or takes the root of a negative variance (SDE, a final
+    ``sigma_min`` above the last level), the step gives the limit / no noise, not NaN.
 
     Flow matching (Sana): ``use_flow_sigmas`` with ``flow_shift`` or dynamic shifting (``mu``),
     ``prediction_type="flow_prediction"`` (also epsilon / sample), on the flow path
-    ``alpha = 1 - s``, ``sigma = s`` (``flow_tables.dpmpp_2m_table_as``).
+    ``alpha = 1 - s``, ``sigma = s`` (``flow_tables.dpmpp_2m_table_as``), with every algorithm
+    and solver type above.
 
     CUDA graphs (``capture_denoising_loop``): a step whose step index is on the device (a
     timestep tensor not taken from the plan, as in a graphed iteration) keeps the previous x0
     in a persistent device buffer (``graph_state``), overwritten in place by the kernel, and
     takes its order from the row alone; ``model_outputs[-1]`` is then that buffer. A step
-    with a host index keeps diffusers' ``model_outputs`` list as diffusers does.
+    with a host index keeps diffusers' ``model_outputs`` list as diffusers does. The SDE draws
+    noise on every step: a graph needs ``noise="philox"`` (in-kernel noise keyed by the row).
+    ``solver_order=3`` keeps its x0 ring (``graph_state``) on the device as well, the slot
+    taken from the row; with a device index ``model_outputs`` then holds None (the history is
+    the ring's).
 
-    Unsupported (ValueError at construction): SDE and the deprecated non-++ algorithms,
-    ``solver_order=3`` and the "heun" solver (the kernel keeps one previous x0 and the
-    reference has the midpoint form); a flow_prediction model without flow sigmas and a
-    v_prediction model with them; flow sigmas with Karras / exponential / beta sigmas or Lu
-    lambdas (diffusers reads those VP sigmas as flow levels).
+    Unsupported (ValueError at construction): the deprecated noise-prediction algorithms
+    ``dpmsolver`` and ``sde-dpmsolver``; ``solver_order`` above 3; a flow_prediction model
+    without flow sigmas and a v_prediction model with them; flow sigmas with Karras /
+    exponential / beta sigmas or Lu lambdas (diffusers reads those VP sigmas as flow levels).
 
     Example:
         >>> pipe.scheduler = FusedDPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
@@ -49,12 +67,19 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
     _needs_plan = True
     _history_on_device = True  # a step with a device step index keeps x0 in a device buffer
 
+    @property
+    def _draws_step_noise(self) -> bool:
+        return self.config.algorithm_type == "sde-dpmsolver++"  # every step draws z
+
     def _setup_fused(self, backend: str | None, noise: str) -> None:
         # device-index steps: the previous x0 per sample layout, and per (device, n) the rows
         # of step k of the chain (first order at its first step); both kept for the
         # scheduler's lifetime and rewritten in place (a captured graph holds their pointers)
         self._x0_buffers: dict[tuple, torch.Tensor] = {}
         self._chain_rows: dict[tuple, torch.Tensor] = {}
+        # solver_order=3: the x0 ring (slot k % 3 holds the x0 of step k) and its slot views
+        self._ring_history: unipc_tables.UniPCHistory | None = None
+        self._ring_slots: dict[int, list[torch.Tensor]] = {}
         super()._setup_fused(backend, noise)
 
     # -- CUDA-graph hooks (see FusedSchedulerMixin; check_capturable: StepIndexMixin's) -----
@@ -68,10 +93,14 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
             latents: a sample like the loop's (shape, dtype, device, memory format).
 
         Returns:
-            ``[x0_prev]``, or ``[]`` for ``solver_order=1`` (no history).
+            ``[x0_prev]``, ``[]`` for ``solver_order=1`` (no history), ``[ring,
+            last_sample]`` for ``solver_order=3`` (the x0 ring).
         """
         if self.config.solver_order == 1:
             return []
+        if self.config.solver_order == 3:
+            ring, _, last = self._ring(dense(latents), latents.dtype)
+            return [ring, last]
         return [self._x0_buffer(dense(latents), latents.dtype)]
 
     # -- end of the CUDA-graph hooks ----------------------------------------------------------
@@ -87,31 +116,41 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
 
     def _device_chain_rows(self, tabs: dict, index: torch.Tensor, first: bool, n: int):
         """Rows ``[1]`` of a device step index: row k of a table made on the device at the
-        chain's first step (k there: its first-order row ``n + 1 + k``; else row k), so that
-        the index alone picks the order in a replayed graph."""
+        chain's first step (k there: its first-order row ``n + 1 + k``; for
+        ``solver_order=3`` also ``k + 1``: its at most second-order row ``2n + 2 + k + 1``;
+        else row k), so that the index alone picks the order in a replayed graph (whose
+        first iteration is always eager: a warm-up step)."""
         key = (index.device, n)
         chain = self._chain_rows.get(key)
         if chain is None:
             chain = self._chain_rows[key] = tabs["arange"][: n + 1].clone()
         if first:
             k = tabs["arange"][: n + 1]
-            torch.where(k == index.reshape(()), k + (n + 1), k, out=chain)
+            start = index.reshape(())
+            later = k
+            if self.config.solver_order == 3:
+                later = torch.where(k == start + 1, k + (2 * n + 2), k)
+            torch.where(k == start, k + (n + 1), later, out=chain)
         return chain.index_select(0, index.reshape(1))
 
     def _unsupported(self, config) -> list[tuple[str, bool, str]]:
         return [
             (
                 "algorithm_type",
-                config.algorithm_type != "dpmsolver++",
-                "the fused step implements DPM-Solver++ (the SDE variants and the deprecated "
-                "dpmsolver are not supported)",
+                config.algorithm_type not in _ALGORITHMS,
+                f"the fused step implements {_ALGORITHMS} (the deprecated noise-prediction "
+                "solvers dpmsolver and sde-dpmsolver are not supported)",
             ),
             (
                 "solver_order",
-                config.solver_order not in (1, 2),
-                "the fused step keeps one previous x0 (orders 1 and 2)",
+                config.solver_order not in (1, 2, 3),
+                "diffusers' orders are 1, 2 and 3",
             ),
-            ("solver_type", config.solver_type != "midpoint", "only the midpoint form is fused"),
+            (
+                "solver_type",
+                config.solver_type not in reference.DPM_SOLVER_TYPES,
+                f"the fused step implements {reference.DPM_SOLVER_TYPES}",
+            ),
             (
                 "prediction_type",
                 config.prediction_type == "flow_prediction"
@@ -182,54 +221,124 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
                 "flow sigmas from num_inference_steps)"
             )
 
-    def _build(self, prediction_type: str, final_first_order: bool, order: int):
-        """Rows ``0..n-1``: the step at that index after a previous step (second order except
-        where diffusers drops to first order); row n: poison; rows ``n+1..2n``: the same steps
-        at first order (the first step after set_timesteps / set_begin_index); row 2n+1: poison.
+    def _build(
+        self,
+        prediction_type: str,
+        final_first_order: bool,
+        order: int,
+        sde: bool = False,
+        solver_type: str = "midpoint",
+    ):
+        """Rows ``0..n-1``: the step at that index after previous steps (at the order diffusers
+        takes there with a full history); row n: poison; rows ``n+1..2n``: the same steps at
+        first order (the first step after set_timesteps / set_begin_index); row 2n+1: poison;
+        for ``solver_order=3`` also rows ``2n+2..3n+1`` at most second order (the step after
+        that) and the poison row 3n+2. The SDE and the heun form:
+        ``flow_tables.dpmpp_2m_sde_table_as`` (eta 1 or 0); order 3: ``dpmpp_3m_table_as``,
+        whose table ("history_table") has the kernel's UniPC columns: the x0 of step k is
+        written to ring slot ``k % 3``, the previous two are read from the other slots.
         """
         sigmas = self.sigmas.to(torch.float64)
         n = len(sigmas) - 1
-        first = torch.zeros(n, dtype=torch.bool)
-        first[0] = True
-        first[-1] |= final_first_order
-        if order == 1:
-            first[:] = True
-        all_first = torch.ones(n, dtype=torch.bool)
-        if self.config.use_flow_sigmas:
-            values, main, lower = self._flow_rows(sigmas, prediction_type, first, all_first)
+        main = torch.full((n,), order, dtype=torch.int64)
+        main[1:2].clamp_(max=2)
+        main[0] = 1
+        if self.config.lower_order_final and 1 < n < 15:  # diffusers' lower_order_second
+            main[-2:-1].clamp_(max=2)
+        if final_first_order:
+            main[-1] = 1
+        blocks = [main, torch.ones_like(main)] + ([main.clamp(max=2)] if order == 3 else [])
+        values, levels = self._levels(sigmas)
+        if sde or solver_type == "heun":
+            eta = 1.0 if sde else 0.0
+
+            def rule(f):
+                return flow_tables.dpmpp_2m_sde_table_as(
+                    levels[:6], prediction_type, f, eta, solver_type
+                )
+        elif self.config.use_flow_sigmas:
+
+            def rule(f):
+                return flow_tables.dpmpp_2m_table_as(*levels[:6], prediction_type, f)
         else:
-            ab = 1.0 / (1.0 + sigmas**2)  # alpha_t = 1 / sqrt(1 + sigma^2), sigma_t = sigma alpha_t
-            ab_t, ab_next = ab[:-1], ab[1:]
-            ab_prev = torch.cat([ab.new_full((1,), 0.5), ab[:-2]])  # row 0 has no previous step
-            values = {"ab": (ab_t, ab_t), "ab_next": (ab_next, ab_next)}
-            values["ab_prev"] = (ab_prev, ab_prev)
-            main = tables.dpmpp_2m_table(ab_t, ab_next, ab_prev, prediction_type, first)
-            lower = tables.dpmpp_2m_table(ab_t, ab_next, ab_prev, prediction_type, all_first)
+            ab_t, ab_next, ab_prev = (values[name] for name in ("ab", "ab_next", "ab_prev"))
+
+            def rule(f):
+                return tables.dpmpp_2m_table(ab_t, ab_next, ab_prev, prediction_type, f)
+
+        if order == 3:
+            third, c_prev2 = flow_tables.dpmpp_3m_table_as(levels, prediction_type, float(sde))
         nan = torch.full((1,), float("nan"), dtype=torch.float64)
-        no = torch.zeros(1, dtype=torch.bool)
-        out = {name: torch.cat([v, nan, v_lower, nan]) for name, (v, v_lower) in values.items()}
-        out["table"] = torch.cat([main, nan_row(), lower, nan_row()])
-        out["first"] = torch.cat([first, no, all_first, no])
+        parts: dict[str, list] = {"table": [], "order": [], "c_prev2": []}
+        for block in blocks:
+            table = rule(block == 1)
+            is_third = (block == 3)[:, None]
+            if order == 3:
+                table = torch.where(is_third, third, table)
+            parts["table"] += [table, nan_row()]
+            parts["order"] += [block.double(), nan]
+            if order == 3:
+                parts["c_prev2"] += [torch.where(is_third[:, 0], c_prev2, 0.0), nan]
+            for name, v in values.items():  # flow: lambda_prev = -inf on first-order rows
+                if name in ("sigma_prev", "sigma_prev2"):
+                    v = torch.where(block == 1, 1.0, v)
+                parts.setdefault(name, []).extend([v, nan])
+        out = {name: torch.cat(v) for name, v in parts.items() if v}
+        out["first"] = out["order"] == 1
+        if order == 3:
+            out["history_table"] = self._history_rows(out["table"], out.pop("c_prev2"), n)
         return out
 
     @staticmethod
-    def _flow_rows(sigmas, prediction_type, first, all_first):
-        """The flow-sigma tables (alpha = 1 - s, sigma = s) of ``_build`` and the reference's
-        levels: s, s' and the previous level, 1 on first-order rows (lambda_prev = -inf)."""
-        s, s_next = sigmas[:-1], sigmas[1:]
-        s_prev = torch.cat([sigmas.new_ones(1), sigmas[:-2]])
-        main, lower = (
-            flow_tables.dpmpp_2m_table_as(
-                1.0 - s, s, 1.0 - s_next, s_next, 1.0 - s_prev, s_prev, prediction_type, f
-            )
-            for f in (first, all_first)
-        )
-        values = {
-            "sigma": (s, s),
-            "sigma_next": (s_next, s_next),
-            "sigma_prev": (torch.where(first, 1.0, s_prev), torch.ones_like(s)),
-        }
-        return values, main, lower
+    def _history_rows(table: torch.Tensor, c_prev2: torch.Tensor, n: int) -> torch.Tensor:
+        """``table`` (the blocks of ``_build``, P1's coefficient in ``x0_prev``) in the kernel's
+        UniPC columns, float32: the x0 of step k goes to ring slot ``k % 3``, P1 is read from
+        slot ``(k - 1) % 3`` and P2 (``c_prev2``) from ``(k - 2) % 3``; the corrector columns
+        are 0 (its last-sample slot 0 is written with 0). Poison rows stay NaN, with slot 0."""
+        col = {name: j for j, name in enumerate(UNIPC_COLUMNS)}
+        rows = len(table)
+        wide = torch.zeros(rows, len(UNIPC_COLUMNS), dtype=torch.float64)
+        wide[:, : len(COLUMNS)] = table
+        k = torch.arange(rows) % (n + 1)  # the step index of a row (n: a poison row)
+        poison = k == n
+        r = torch.arange(rows)
+        up_h0 = col["up_h0"]
+        wide[r, up_h0 + (k - 1) % 3] = table[:, COL["x0_prev"]]
+        wide[r, up_h0 + (k - 2) % 3] = c_prev2
+        wide[:, COL["x0_prev"]] = 0.0
+        wide[:, col["hist_slot"]] = torch.where(poison, 0, k % 3).double()
+        wide[poison, : col["hist_slot"]] = float("nan")
+        return wide.float()
+
+    def _levels(self, sigmas: torch.Tensor):
+        """The reference's levels of each step by name, and ``(alpha, sigma, alpha_next,
+        sigma_next, alpha_prev, sigma_prev, alpha_prev2, sigma_prev2)`` of the tables.
+
+        VP: ``ab = 1 / (1 + sigma^2)``, alpha = 1 / sqrt(1 + sigma^2), sigma_t = sigma alpha
+        (steps without a previous one: sigma 1, ab 0.5). Flow (alpha = 1 - s, sigma = s): s, s'
+        and the previous levels (1 where there is none)."""
+        n = len(sigmas) - 1
+        sigma_prev = torch.cat([sigmas.new_ones(1), sigmas])[:n]
+        sigma_prev2 = torch.cat([sigmas.new_ones(2), sigmas])[:n]
+        if self.config.use_flow_sigmas:
+            s, s_next = sigmas[:-1], sigmas[1:]
+            values = {"sigma": s, "sigma_next": s_next, "sigma_prev": sigma_prev}
+            values["sigma_prev2"] = sigma_prev2
+            levels = (s, s_next, sigma_prev, sigma_prev2)
+            return values, tuple(v for level in levels for v in (1.0 - level, level))
+
+        def ab_of(sigma):  # alpha_t = 1 / sqrt(1 + sigma^2), sigma_t = sigma alpha_t
+            return 1.0 / (1.0 + sigma**2)
+
+        values = {"ab": ab_of(sigmas[:-1]), "ab_next": ab_of(sigmas[1:])}
+        values["ab_prev"], values["ab_prev2"] = ab_of(sigma_prev), ab_of(sigma_prev2)
+
+        def alpha_sigma(sigma):
+            alpha = (1.0 + sigma**2).rsqrt()
+            return alpha, sigma * alpha
+
+        levels = (sigmas[:-1], sigmas[1:], sigma_prev, sigma_prev2)
+        return values, tuple(v for level in levels for v in alpha_sigma(level))
 
     def add_noise(
         self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
@@ -254,8 +363,10 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
         Args:
             model_output: the model output, like ``sample`` (learned variances: extra
                 channels, of which the first 3 are used, as diffusers).
-            generator: unused (DPM-Solver++ is deterministic).
-            variance_noise: unused (SDE variants only).
+            generator: draws the SDE's noise as diffusers does (``sde-dpmsolver++``; unused
+                by the ODE solver).
+            variance_noise: explicit standard-normal noise like ``sample`` for the SDE
+                (instead of ``generator``).
 
         Returns:
             ``SchedulerOutput(prev_sample)`` or ``(prev_sample,)``.
@@ -272,10 +383,12 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
             or config.final_sigmas_type == "zero"
         )
         order = config.solver_order
+        sde = config.algorithm_type == "sde-dpmsolver++"
+        solver_type = config.solver_type
         tabs = self._device_tables(
-            ("dpm", prediction_type, final_first_order, order),
+            ("dpm", prediction_type, final_first_order, order, sde, solver_type),
             x.device,
-            lambda: self._build(prediction_type, final_first_order, order),
+            lambda: self._build(prediction_type, final_first_order, order, sde, solver_type),
         )
         first = self.lower_order_nums < 1
         # diffusers converts the output to x0 first, then returns prev_sample in x0's dtype
@@ -283,7 +396,12 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
         x0_dtype = model_output.dtype if prediction_type == "sample" else promoted
         index = self._step_index
         x0_out = None
-        if isinstance(index, torch.Tensor) and order > 1:
+        history = {}  # order 3: the kernel's ring arguments
+        store = None
+        if order == 3:
+            rows, x0_prevs, x0_out, history, store = self._third_order_state(tabs, x, x0_dtype, n)
+            x0_prev = None
+        elif isinstance(index, torch.Tensor) and order > 1:
             # a device step index (a graphed loop): the order comes from the row, the previous
             # x0 from the buffer the kernel overwrites with this step's x0 (after its loads)
             rows = self._device_chain_rows(tabs, index, first, n)
@@ -292,37 +410,35 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
             if not first and last is not None and last is not x0_prev:
                 x0_prev.copy_(last)  # the previous step kept x0 in model_outputs (host index)
         else:
-            rows = self._index_rows(tabs, offset=n + 1 if first else 0)
+            # (order 1: rows k, as a graph replays them; its first-order rows are the same)
+            rows = self._index_rows(tabs, offset=n + 1 if first and order > 1 else 0)
             # the previous step's x0 (diffusers shifts the list first, then reads [-2])
             x0_prev = None if first or order == 1 else self.model_outputs[-1]
+        if order < 3:
+            prevs = [] if x0_prev is None else [x0_prev]
+
+            def x0_prevs():
+                return prevs
+
+        noise = seeds = None
+        if sde:  # diffusers draws float32 noise like x0 on every step (x 0 on the last)
+            if variance_noise is not None:
+                variance_noise = variance_noise.to(device=model_output.device, dtype=torch.float32)
+            like = torch.empty((), device=model_output.device, dtype=torch.float32).expand(x.shape)
+            noise, seeds = self._step_noise(like, x, generator, variance_noise)
         _, thresholding = self._processing(config)
+        midpoint = not (sde or solver_type == "heun" or order == 3)
 
-        def reference_step(xr, m, _noise):  # no noise: DPM-Solver++ is deterministic
-            if config.use_flow_sigmas:  # first-order rows have sigma_prev = 1 (r = inf)
-                s, s_next, s_prev = self._values(tabs, rows, "sigma", "sigma_next", "sigma_prev")
-                return reference.flow_dpmpp_2m_step(
-                    xr,
-                    m,
-                    s,
-                    s_next,
-                    x0_prev=None if x0_prev is None else x0_prev.to(xr.dtype),
-                    sigma_prev=s_prev,
-                    prediction_type=prediction_type,
-                    thresholding=thresholding,
+        def reference_step(xr, m, noise):  # the reference backend's step
+            if midpoint:
+                return self._midpoint_reference(
+                    xr, m, tabs, rows, x0_prev, prediction_type, thresholding
                 )
-            ab, ab_next, ab_prev, first_order = self._values(
-                tabs, rows, "ab", "ab_next", "ab_prev", "first"
-            )
-            kwargs = dict(prediction_type=prediction_type, thresholding=thresholding)
-            prev, x0 = reference.dpmpp_2m_step(xr, m, ab, ab_next, **kwargs)
-            if x0_prev is not None:
-                second, _ = reference.dpmpp_2m_step(
-                    xr, m, ab, ab_next, x0_prev=x0_prev.to(xr.dtype), ab_prev=ab_prev, **kwargs
-                )
-                mask = first_order.reshape(-1, *([1] * (x.dim() - 1)))
-                prev = torch.where(mask, prev, second)
-            return prev, x0
+            options = (prediction_type, thresholding, sde, solver_type, store)
+            return self._multistep_reference(xr, m, noise, tabs, rows, x0_prevs(), *options)
 
+        # order 3: the rows in the kernel's UniPC columns (the x0 ring)
+        self._kernel_table = "history_table" if order == 3 else "table"
         return self._fused_step(
             x,
             model_output,
@@ -335,8 +451,124 @@ class FusedDPMSolverMultistepScheduler(StepIndexMixin, DPMSolverMultistepSchedul
             x0_dtype=x0_dtype,
             x0_prev=x0_prev,
             x0_out=x0_out,
+            noise=noise,
+            seeds=seeds,
             thresholding=thresholding,
+            **history,
         )
+
+    def _third_order_state(self, tabs: dict, x: torch.Tensor, x0_dtype: torch.dtype, n: int):
+        """``solver_order=3``: the rows (of the block ``lower_order_nums`` picks, or of the
+        device chain), the previous x0s the reference reads (a callable: read only there),
+        x0's slot of the ring with a host index (``x0_out``: the kernel writes x0 there, the
+        reference path copies it there) and the kernel's ``history`` / ``last_sample``.
+
+        The ring holds the x0 of step k in slot ``k % 3``; a previous x0 that ``model_outputs``
+        holds elsewhere (a list the caller replaced) is copied in first. With a device index
+        the slot is known on the device only: the kernel writes x0 to its slot (no ``x0_out``,
+        ``model_outputs`` gets None), the reference path copies it there."""
+        index = self._step_index
+        done = self.lower_order_nums
+        ring, slots, last = self._ring(x, x0_dtype)
+        if done == 0:
+            self._ring_history.clear()  # the chain's start: unread slots are multiplied by 0
+        kernel = {"history": ring, "last_sample": last}
+        lags = range(1, min(done, 2) + 1)
+        if not isinstance(index, torch.Tensor):
+            rows = self._index_rows(tabs, offset=(n + 1, 2 * n + 2)[done] if done < 2 else 0)
+            for lag in lags:
+                slot, kept = slots[(index - lag) % 3], self.model_outputs[-lag]
+                if kept is not None and kept is not slot:
+                    slot.copy_(kept)
+            prevs = [slots[(index - lag) % 3] for lag in lags]
+            return rows, (lambda: prevs), slots[index % 3], kernel, None
+        rows = self._device_chain_rows(tabs, index, done == 0, n)
+        position = {lag: (index - lag).remainder(3).reshape(1) for lag in (0, *lags)}
+        for lag in lags:
+            kept = self.model_outputs[-lag]
+            if kept is not None and not any(kept is slot for slot in slots):
+                ring.index_copy_(0, position[lag], kept.unsqueeze(0).to(ring.dtype))
+
+        def prevs():
+            return [ring.index_select(0, position[lag])[0] for lag in lags]
+
+        def store(x0):  # the reference path's x0 into its slot (the kernel writes it itself)
+            ring.index_copy_(0, position[0], x0.unsqueeze(0).to(ring.dtype))
+
+        return rows, prevs, None, {**kernel, "write_x0": False}, store
+
+    def _ring(self, x: torch.Tensor, dtype: torch.dtype):
+        """The persistent x0 ring ``[3, B, ...]`` of samples like ``x`` in ``dtype`` (each slot
+        laid out like x: ``unipc_tables.UniPCHistory``), its slot views (made once:
+        ``model_outputs`` holds them) and the kernel's last-sample pair (the DPM rows'
+        corrector writes 0 to its slot 0)."""
+        if self._ring_history is None:
+            self._ring_history = unipc_tables.UniPCHistory(3)
+        ring, last = self._ring_history.buffers(x, dtype)
+        slots = self._ring_slots.get(ring.data_ptr())
+        if slots is None:
+            slots = self._ring_slots[ring.data_ptr()] = list(ring.unbind(0))
+        return ring, slots, last
+
+    def _midpoint_reference(self, xr, m, tabs, rows, x0_prev, prediction_type, thresholding):
+        """The reference step of the ODE midpoint form: ``reference.dpmpp_2m_step`` (VP) or
+        ``flow_dpmpp_2m_step``, first order where the row is."""
+        if self.config.use_flow_sigmas:  # first-order rows have sigma_prev = 1 (r = inf)
+            s, s_next, s_prev = self._values(tabs, rows, "sigma", "sigma_next", "sigma_prev")
+            return reference.flow_dpmpp_2m_step(
+                xr,
+                m,
+                s,
+                s_next,
+                x0_prev=None if x0_prev is None else x0_prev.to(xr.dtype),
+                sigma_prev=s_prev,
+                prediction_type=prediction_type,
+                thresholding=thresholding,
+            )
+        ab, ab_next, ab_prev, first_order = self._values(
+            tabs, rows, "ab", "ab_next", "ab_prev", "first"
+        )
+        kwargs = dict(prediction_type=prediction_type, thresholding=thresholding)
+        prev, x0 = reference.dpmpp_2m_step(xr, m, ab, ab_next, **kwargs)
+        if x0_prev is not None:
+            second, _ = reference.dpmpp_2m_step(
+                xr, m, ab, ab_next, x0_prev=x0_prev.to(xr.dtype), ab_prev=ab_prev, **kwargs
+            )
+            mask = first_order.reshape(-1, *([1] * (xr.dim() - 1)))
+            prev = torch.where(mask, prev, second)
+        return prev, x0
+
+    def _multistep_reference(
+        self, xr, m, noise, tabs, rows, x0_prevs, prediction_type, thresholding, sde,
+        solver_type, store,
+    ):  # fmt: skip
+        """The reference step of the SDE, heun and third-order forms:
+        ``reference.dpmpp_multistep_step`` on the row's levels, with as many of the previous
+        x0s (``x0_prevs``, newest first) as the row's order takes; then ``store(x0)`` (the x0
+        ring of a device index) unless None."""
+        flow = self.config.use_flow_sigmas
+        prefix = "sigma" if flow else "ab"
+        names = (prefix, f"{prefix}_next", f"{prefix}_prev", f"{prefix}_prev2")
+        options = dict(
+            space="flow" if flow else "vp",
+            prediction_type=prediction_type,
+            sde=sde,
+            solver_type=solver_type,
+            thresholding=thresholding,
+            noise=noise,
+        )
+        *levels, order = self._values(tabs, rows, *names, "order")
+        level, level_next = levels[:2]
+        history = [(p.to(xr.dtype), lev) for p, lev in zip(x0_prevs, levels[2:])]
+        step = reference.dpmpp_multistep_step
+        prev, x0 = step(xr, m, level, level_next, **options)
+        for k in range(1, len(history) + 1):  # the row's order picks one
+            higher, _ = step(xr, m, level, level_next, history=history[:k], **options)
+            mask = (order == k + 1).reshape(-1, *([1] * (xr.dim() - 1)))
+            prev = torch.where(mask, higher, prev)
+        if store is not None:
+            store(x0)
+        return prev, x0
 
     def _end_step(self, x0: torch.Tensor | None) -> None:
         """diffusers' history: the list shifted, this step's x0 last; then the step index."""

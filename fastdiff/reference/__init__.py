@@ -14,8 +14,9 @@ drop-ins).
 
 Modules: ``common`` (dtype, schedule values, x0 processing, guidance), ``vp`` (DDPM, DDIM,
 Euler, DPM-Solver++, the Heun correction), ``consistency`` (LCM, TCD), ``flow`` (flow
-matching), ``unipc`` (UniPC), ``sigma`` (k-diffusion's samplers on a denoiser: churn, Heun,
-DPM-Solver++(2M) and its SDE, LCM).
+matching), ``unipc`` (UniPC), ``dpm`` (DPM-Solver++ multistep in any space: SDE, heun,
+order 3), ``sigma`` (k-diffusion's samplers on a denoiser: churn, Heun, DPM-Solver++(2M) and
+its SDE, LCM).
 
 Example:
     >>> x_next, x0 = ddim_step(x, eps_hat, ab[t], ab[t_next], eta=0.0)
@@ -31,6 +32,7 @@ from fastdiff.reference.common import (
     schedule_like,
 )
 from fastdiff.reference.consistency import consistency_step, renoise
+from fastdiff.reference.dpm import DPM_SOLVER_TYPES, dpmpp_multistep_step
 from fastdiff.reference.flow import (
     flow_dpmpp_2m_step,
     flow_eps,
@@ -76,6 +78,7 @@ from fastdiff.reference.vp import (
 )
 
 __all__ = [
+    "DPM_SOLVER_TYPES",
     "PREDICTION_TYPES",
     "SDE_SOLVER_TYPES",
     "ScheduleValue",
@@ -94,6 +97,7 @@ __all__ = [
     "dpmpp_2m_sde_step",
     "dpmpp_2m_sigma_step",
     "dpmpp_2m_step",
+    "dpmpp_multistep_step",
     "euler_ancestral_step",
     "euler_churn_step",
     "euler_step",
