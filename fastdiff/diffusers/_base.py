@@ -89,6 +89,7 @@ class FusedSchedulerMixin(StepTemplateMixin, PlanTablesMixin):
 
     _diffusers_cls: type  # the diffusers class subclassed (set by __init_subclass__)
     _step_extras: dict[str, Any] = {}  # keyword-only step arguments besides diffusers' ones
+    _output_cls: type  # the diffusers output class of the step
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """A class with a diffusers scheduler among its bases gets ``_diffusers_cls`` (that

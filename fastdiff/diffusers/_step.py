@@ -134,7 +134,6 @@ class StepTemplateMixin:
         step_tables: dict[str, torch.Tensor],
         rows: torch.Tensor,
         reference_step: Callable,
-        output_cls: type,
         return_dict: bool,
         *,
         out_dtype: torch.dtype,
@@ -143,12 +142,11 @@ class StepTemplateMixin:
         **run_kwargs: Any,
     ):
         """The step's body and epilogue: ``_run_step``, then ``_end_step(x0)``, then the
-        diffusers output: ``output_cls(prev_sample[, pred_original_sample])`` (as many values
-        as the class has fields), or the tuple without ``return_dict``.
+        diffusers output: ``self._output_cls(prev_sample[, pred_original_sample])`` (as many
+        values as the class has fields), or the tuple without ``return_dict``.
 
         Args:
             x, model_output, step_tables, rows, reference_step: as ``_run_step`` takes them.
-            output_cls: the diffusers output class of the step.
             return_dict: diffusers' ``return_dict``.
             out_dtype, x0_dtype: dtypes of the returned sample and x0 (x0 in the model
                 output's dtype for ``prediction_type="sample"``, as diffusers).
@@ -168,7 +166,7 @@ class StepTemplateMixin:
             **run_kwargs,
         )
         self._end_step(x0)
-        return step_output(output_cls, return_dict, prev, x0)
+        return step_output(self._output_cls, return_dict, prev, x0)
 
     def _run_step(
         self,

@@ -37,7 +37,6 @@ class _ConsistencyBase(StepIndexMixin):
     then a poison row), ``set_timesteps`` and the step. Subclasses give ``_levels`` (the
     per-step ``c_skip``, ``c_out``, ``t_s``) and the output class."""
 
-    _output_cls: type
     _needs_plan = True  # diffusers' step raises "run set_timesteps" without a plan
     _last_next_is_self: bool  # LCM: the last step's "next" timestep is itself; TCD: 0
 
@@ -156,7 +155,6 @@ class _ConsistencyBase(StepIndexMixin):
                 tabs,
                 rows,
                 reference_step,
-                self._output_cls,
                 return_dict,
                 noise=noise,
                 seeds=seeds,

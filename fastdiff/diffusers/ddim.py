@@ -30,6 +30,7 @@ class FusedDDIMScheduler(TimestepRowsMixin, DDIMScheduler):
         >>> pipe.scheduler = FusedDDIMScheduler.from_config(pipe.scheduler.config)
     """
 
+    _output_cls = DDIMSchedulerOutput
     _needs_plan = True
 
     def _setup_fused(self, backend: str | None, noise: str) -> None:
@@ -100,7 +101,6 @@ class FusedDDIMScheduler(TimestepRowsMixin, DDIMScheduler):
             tabs,
             rows,
             reference.ddim_step,
-            DDIMSchedulerOutput,
             call["return_dict"],
             noise=noise,
             seeds=seeds,

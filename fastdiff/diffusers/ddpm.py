@@ -37,6 +37,7 @@ class FusedDDPMScheduler(TimestepRowsMixin, DDPMScheduler):
         >>> pipe.scheduler = FusedDDPMScheduler.from_config(pipe.scheduler.config)
     """
 
+    _output_cls = DDPMSchedulerOutput
     _draws_step_noise = True
 
     def _unsupported(self, config) -> list[tuple[str, bool, str]]:
@@ -157,7 +158,6 @@ class FusedDDPMScheduler(TimestepRowsMixin, DDPMScheduler):
             tabs,
             rows,
             reference.ddpm_step,
-            DDPMSchedulerOutput,
             call["return_dict"],
             noise=noise,
             seeds=seeds,

@@ -32,7 +32,6 @@ class EulerBase(StepIndexMixin):
     add_noise without host syncs."""
 
     _eta = 0.0
-    _output_cls: type
 
     def _build(self, prediction_type: str, churn: tuple | None) -> dict[str, torch.Tensor]:
         sigmas = self.sigmas.to(torch.float64)

@@ -42,6 +42,8 @@ class FusedFlowMatchEulerDiscreteScheduler(StepIndexMixin, FlowMatchEulerDiscret
         ...     pipe.scheduler.config)
     """
 
+    _output_cls = FlowMatchEulerDiscreteSchedulerOutput
+
     @property
     def _draws_step_noise(self) -> bool:
         return bool(self.config.stochastic_sampling)  # x' = (1 - s') x0 + s' z
@@ -184,7 +186,6 @@ class FusedFlowMatchEulerDiscreteScheduler(StepIndexMixin, FlowMatchEulerDiscret
             tabs,
             rows,
             self._reference_rule(tabs, rows, rule, ("sigma", "sigma_next")),
-            FlowMatchEulerDiscreteSchedulerOutput,
             call["return_dict"],
             out_dtype=model_output.dtype,
             x0_dtype=torch.float32,

@@ -43,6 +43,7 @@ class FusedUniPCMultistepScheduler(StepIndexMixin, UniPCMultistepScheduler):
         >>> pipe.scheduler = FusedUniPCMultistepScheduler.from_config(pipe.scheduler.config)
     """
 
+    _output_cls = SchedulerOutput
     _needs_plan = True
     _kernel_table = "unipc"  # the whole UniPC table ("table" holds its sampler columns)
     _history_on_device = True  # no Python model_outputs / last_sample are read by a step
@@ -254,7 +255,6 @@ class FusedUniPCMultistepScheduler(StepIndexMixin, UniPCMultistepScheduler):
             tables,
             rows,
             reference_step,
-            SchedulerOutput,
             call["return_dict"],
             out_dtype=sample.dtype,
             x0_dtype=sample.dtype,
