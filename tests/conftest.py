@@ -74,3 +74,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def as_device(monkeypatch):
+    """Timesteps read as device tensors (no host value, even CPU ones: the drop-ins' device
+    step-index path), and graphs through the eager stand-in runtime (``graph_fakes``)."""
+    from graph_fakes import EagerRuntime
+
+    from fastdiff import capture
+    from fastdiff.diffusers import _base
+
+    monkeypatch.setattr(_base, "on_host", lambda t: False)
+    monkeypatch.setattr(capture, "make_runtime", EagerRuntime)

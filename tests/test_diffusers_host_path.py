@@ -144,13 +144,10 @@ GRAPHED_OPS = {
 
 
 @pytest.mark.parametrize("name", list(GRAPHED_OPS))
-def test_aten_ops_per_graphed_iteration(name, no_launch, monkeypatch):
+def test_aten_ops_per_graphed_iteration(name, no_launch, as_device):
     """No device lookup of the step index inside a graph over the scheduler's own plan: the
     loop's counter is the index (``prepare_graph_step(counter)``), and the step leaves its
     advance to the loop."""
-    from fastdiff.diffusers import _base
-
-    monkeypatch.setattr(_base, "on_host", lambda t: False)
     cls, noise = CASES[name][:2]
     scheduler = cls(backend="triton", noise=noise)
     scheduler.set_timesteps(10)

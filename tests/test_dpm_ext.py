@@ -31,8 +31,7 @@ from test_diffusers_pipelines import (  # noqa: E402
 from test_dpm_graph import _eager, _loop, _randn  # noqa: E402
 from test_flow_diffusers import dpm_case  # noqa: E402
 
-import fastdiff.diffusers._base as base  # noqa: E402
-from fastdiff import capture, reference  # noqa: E402
+from fastdiff import reference  # noqa: E402
 from fastdiff.diffusers import FusedDPMSolverMultistepScheduler  # noqa: E402
 from fastdiff.diffusers.graph import capture_denoising_loop  # noqa: E402
 
@@ -282,15 +281,6 @@ def test_still_unsupported_options_are_refused(options, option):
 
 
 # -- CUDA graphs: the SDE draws noise, so a graph needs noise="philox" -------------------------
-
-
-@pytest.fixture
-def as_device(monkeypatch):
-    """CPU tensors read as device tensors, and the eager stand-in runtime (test_dpm_graph)."""
-    from graph_fakes import EagerRuntime
-
-    monkeypatch.setattr(base, "on_host", lambda t: False)
-    monkeypatch.setattr(capture, "make_runtime", EagerRuntime)
 
 
 @pytest.mark.parametrize("mode", [ODE, MODES[1]], ids=["ode", "sde-heun"])

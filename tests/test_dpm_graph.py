@@ -11,8 +11,6 @@ import torch
 
 pytest.importorskip("diffusers")
 
-import fastdiff.diffusers._base as base  # noqa: E402
-from fastdiff import capture  # noqa: E402
 from fastdiff.diffusers import FusedDPMSolverMultistepScheduler  # noqa: E402
 from fastdiff.diffusers.graph import capture_denoising_loop  # noqa: E402
 
@@ -52,15 +50,6 @@ def _eager(scheduler, step_fn, x, timesteps=None, device_index=False):
             t = timesteps[k]
         x = step_fn(x, t)
     return x
-
-
-@pytest.fixture
-def as_device(monkeypatch):
-    """CPU tensors read as device tensors (no host value), and the eager stand-in runtime."""
-    from graph_fakes import EagerRuntime
-
-    monkeypatch.setattr(base, "on_host", lambda t: False)
-    monkeypatch.setattr(capture, "make_runtime", EagerRuntime)
 
 
 @CONFIGS

@@ -417,18 +417,13 @@ STEP_KWARGS = {"euler_churn": {"s_churn": 2.0}}
 @pytest.mark.parametrize("plan", ["own", "slice"])
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("name", list(LOOP_SCHEDULERS))
-def test_fused_schedulers_in_a_denoising_loop(
-    eager_runtime, monkeypatch, device, name, backend, plan
-):
+def test_fused_schedulers_in_a_denoising_loop(as_device, device, name, backend, plan):
     """The graphed loop is the eager loop, over the scheduler's own plan (its step index is
     the loop's counter, advanced by the loop alone) and over a slice of it (the step index
     looked up on the device from each timestep; eager: from the first, as diffusers' img2img
     loop). The graph's timestep reads as a device tensor (no host value), as on a card."""
     pytest.importorskip("diffusers")
     from fastdiff import diffusers as fused
-    from fastdiff.diffusers import _base
-
-    monkeypatch.setattr(_base, "on_host", lambda t: False)
 
     cls_name, options = LOOP_SCHEDULERS[name]
     scheduler = getattr(fused, cls_name)(backend=backend, **options)

@@ -24,11 +24,9 @@ diffusers = pytest.importorskip("diffusers")
 
 from diffusers import EulerDiscreteScheduler, HeunDiscreteScheduler  # noqa: E402
 from diffusers_cases import BACKENDS, DEVICE  # noqa: E402
-from graph_fakes import EagerRuntime  # noqa: E402
 from test_diffusers_adapter import SHAPE, assert_step_close, device_timesteps, randn  # noqa: E402
 
-import fastdiff.diffusers._base as base  # noqa: E402
-from fastdiff import capture, tables  # noqa: E402
+from fastdiff import tables  # noqa: E402
 from fastdiff.diffusers import FusedHeunDiscreteScheduler, capture_denoising_loop  # noqa: E402
 from fastdiff.gmm import GaussianMixture  # noqa: E402
 from fastdiff.kernels.fused_step import fused_step  # noqa: E402
@@ -494,13 +492,6 @@ def test_unsupported_options_raise_at_construction(options, option):
 
 
 # -- graphed loops (capture_denoising_loop) ------------------------------------------------
-
-
-@pytest.fixture
-def as_device(monkeypatch):
-    """CPU tensors read as device tensors (no host value), and the eager stand-in runtime."""
-    monkeypatch.setattr(base, "on_host", lambda t: False)
-    monkeypatch.setattr(capture, "make_runtime", EagerRuntime)
 
 
 def _graph_loop(f, weight, blend=None):
