@@ -203,14 +203,25 @@ def random_case(name: str, rng: random.Random) -> dict:
 
 
 def run_pair(
-    name, case, backend, seed, *, noise_mode="generator", fused_kwargs=None, x=None, config_dir=None
+    name,
+    case,
+    backend,
+    seed,
+    *,
+    noise_mode="generator",
+    fused_kwargs=None,
+    x=None,
+    config_dir=None,
+    own_timesteps=False,
 ):
     """Run the diffusers scheduler and the fused one side by side; compare every step.
 
     ``noise_mode``: "generator" (the same seed in two generators), "variance_noise" (the same
     explicit noise) or "global" (no generator: the global RNG seeded alike before each step,
     and in the same state after it). ``config_dir``: load both schedulers from the
-    scheduler_config.json there (``case["config"]`` is then unused)."""
+    scheduler_config.json there (``case["config"]`` is then unused). ``own_timesteps``: the
+    fused scheduler always gets its own plan's elements (values known on the host, as in a
+    pipeline), never diffusers' tensors (on CUDA those take the device step-index path)."""
     d_cls, f_cls = PAIRS[name]
     fused_kwargs = {"backend": backend, **(fused_kwargs or {})}
     if config_dir is None:
@@ -236,7 +247,7 @@ def run_pair(
             model_output[:, SHAPE[1] :].uniform_(-1, 1, generator=gen)
         model_output = model_output.to(DEVICE)
         md = d.scale_model_input(xd, t)
-        mf = f.scale_model_input(xd, t)
+        mf = f.scale_model_input(xd, f.timesteps[k] if own_timesteps else t)
         assert torch.equal(md, mf), f"scale_model_input differs at step {k}"
         kw_d, kw_f = dict(case["step"]), dict(case["step"])
         if noise_mode == "generator" and takes_generator(d):
@@ -265,11 +276,9 @@ def run_pair(
         if noise_mode == "global":
             after_d = torch.randn(3, device=DEVICE)
             torch.manual_seed(step_seed)
-            # the fused scheduler's own timestep, as a pipeline passes it: its value is known on
-            # the host, so the draws follow diffusers' on CUDA too (none at t = 0)
-            t_f = f.timesteps[k]
-        else:
-            t_f = t
+        # in "global" mode the fused scheduler's own timestep, as a pipeline passes it: its
+        # value is known on the host, so the draws follow diffusers' on CUDA too (none at t = 0)
+        t_f = f.timesteps[k] if own_timesteps or noise_mode == "global" else t
         out_f = f.step(model_output, t_f, xf, **kw_f)
         what = f"{name}[{backend}] step {k} (t={t.item()}), seed={seed}, case={case}"
         if noise_mode == "global":

@@ -21,7 +21,7 @@ import torch
 pytest.importorskip("diffusers")
 
 from diffusers import DPMSolverMultistepScheduler  # noqa: E402
-from diffusers_cases import BACKENDS  # noqa: E402
+from diffusers_cases import BACKENDS, DEVICE  # noqa: E402
 from test_diffusers_adapter import random_case, run_pair  # noqa: E402
 from test_diffusers_pipelines import (  # noqa: E402
     stable_diffusion_loop,
@@ -194,13 +194,13 @@ def test_step_contract_as_diffusers(mode, order, backend):
     d = DPMSolverMultistepScheduler(**config)
     f = FusedDPMSolverMultistepScheduler.from_config(d.config, backend=backend)
     for s in (d, f):
-        s.set_timesteps(6)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(SHAPE, generator=g)
+        s.set_timesteps(6, device=DEVICE)
+    g = torch.Generator().manual_seed(0)  # drawn on the CPU: the same values on any device
+    x = torch.randn(SHAPE, generator=g).to(DEVICE)
     xd = xf = x
     for k, t in enumerate(d.timesteps):
-        m = torch.randn(SHAPE, generator=g)
-        z = torch.randn(SHAPE, generator=g)
+        m = torch.randn(SHAPE, generator=g).to(DEVICE)
+        z = torch.randn(SHAPE, generator=g).to(DEVICE)
         if k == 3:  # the caller edits the history (as LEdits-style pipelines do)
             edited = [None if o is None else o * 0.5 for o in d.model_outputs]
             d.model_outputs, f.model_outputs = list(edited), list(edited)
@@ -284,7 +284,7 @@ def test_still_unsupported_options_are_refused(options, option):
 
 
 @pytest.mark.parametrize("mode", [ODE, MODES[1]], ids=["ode", "sde-heun"])
-def test_third_order_device_index_is_the_host_index(mode, as_device):
+def test_third_order_device_index_is_the_host_index(mode, as_device, device):
     """Order 3 with a device step index (the ring slot from the row, the chain's first two
     rows marked at its first step) against the host index: a whole plan, a chain started
     mid-plan, a loop switching from the host to the device index and back, and a
@@ -294,18 +294,18 @@ def test_third_order_device_index_is_the_host_index(mode, as_device):
         algorithm_type=algorithm, solver_type=solver_type, solver_order=3, noise="philox"
     )
     f.backend = "triton"
-    f.set_timesteps(8)
-    step_fn = _loop(f, _randn(1))
-    x = _randn(0)
+    f.set_timesteps(8, device=device)
+    step_fn = _loop(f, _randn(1, device))
+    x = _randn(0, device)
 
     def run(timesteps, device_index):
-        f.set_timesteps(8)
+        f.set_timesteps(8, device=device)
         f._seed = 3
         return _eager(f, step_fn, x, timesteps, device_index=device_index)
 
     whole = run(None, False)
     assert torch.equal(run(None, True), whole)  # (the chain marks index 0 and 1)
-    f.set_timesteps(8)
+    f.set_timesteps(8, device=device)
     f._seed = 3
     part = _eager(f, step_fn, x, f.timesteps[:3])
     part = _eager(f, step_fn, part, f.timesteps[3:5], device_index=True)
@@ -313,7 +313,7 @@ def test_third_order_device_index_is_the_host_index(mode, as_device):
     assert torch.equal(_eager(f, step_fn, part, f.timesteps[5:]), whole)
 
     def edited(device_index):
-        f.set_timesteps(8)
+        f.set_timesteps(8, device=device)
         f._seed = 3
         y = _eager(f, step_fn, x, f.timesteps[:4])
         f.model_outputs = [o * 0.5 for o in f.model_outputs]
@@ -345,19 +345,19 @@ def test_sde_capture_needs_philox_noise():
     ],
     ids=["sde", "heun", "sde-heun"],
 )
-def test_graphed_loop_is_the_eager_loop(config, order, backend, as_device):
+def test_graphed_loop_is_the_eager_loop(config, order, backend, as_device, device):
     f = FusedDPMSolverMultistepScheduler(**config, solver_order=order, backend=backend)
     f.check_capturable()
-    f.set_timesteps(6)
+    f.set_timesteps(6, device=device)
     f._seed = 5  # the Philox key (drawn from the global RNG at the first noisy step)
-    step_fn = _loop(f, _randn(1))
-    x = _randn(0)
+    step_fn = _loop(f, _randn(1, device))
+    x = _randn(0, device)
     eager = _eager(f, step_fn, x)
-    f.set_timesteps(6)
+    f.set_timesteps(6, device=device)
     f._seed = 5
     device_index = _eager(f, step_fn, x, device_index=True)
     assert torch.equal(device_index, eager)
-    f.set_timesteps(6)
+    f.set_timesteps(6, device=device)
     f._seed = 5
     loop = capture_denoising_loop(step_fn, x, scheduler=f)
     assert torch.equal(loop.run(x), eager)
