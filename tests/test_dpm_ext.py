@@ -205,7 +205,9 @@ def test_step_contract_as_diffusers(mode, order, backend):
             edited = [None if o is None else o * 0.5 for o in d.model_outputs]
             d.model_outputs, f.model_outputs = list(edited), list(edited)
         (xd,) = d.step(m, t, xd, variance_noise=z, return_dict=False)
-        out = f.step(m, t, xf, variance_noise=z, return_dict=False)
+        # its own plan's element: the host step index, whose history is diffusers' list (with a
+        # device index it lives in device buffers: test_third_order_device_index_...)
+        out = f.step(m, f.timesteps[k], xf, variance_noise=z, return_dict=False)
         assert isinstance(out, tuple) and len(out) == 1
         (xf,) = out
         what = f"step {k}"
