@@ -583,3 +583,17 @@ def test_gpu_loop_has_no_host_sync_and_captures(flow):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured, eager)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_device_index_past_the_plan_is_the_poison_row(backend, as_device):
+    """A step with a device step index past the plan (diffusers runs off its end there) gives
+    NaN on both backends, the kernel's poison row, not an IndexError on the reference one."""
+    f = FusedUniPCMultistepScheduler(backend=backend)
+    f.set_timesteps(4, device=DEVICE)
+    x, m = randn(SHAPE), randn(SHAPE)
+    for k in range(4):
+        out = f.step(m, f.timesteps[k].clone(), x).prev_sample  # a copy: the device lookup
+        assert torch.isfinite(out).all()
+    f.prepare_graph_step(torch.tensor(4, device=DEVICE))
+    assert torch.isnan(f.step(m, f.timesteps[-1].clone(), x).prev_sample).all()

@@ -231,6 +231,9 @@ class FusedUniPCMultistepScheduler(StepIndexMixin, UniPCMultistepScheduler):
         def reference_step(xr, m, _noise):  # UniPC is deterministic
             # the reference backend reads a device step index on the host (the kernel never)
             k = index if isinstance(index, int) else int(index)
+            if k >= n:  # a device index past the plan: the kernel's poison row (NaN), as there
+                nan = torch.full_like(xr, float("nan"))
+                return nan, nan
             orders = unipc_tables.step_orders(
                 k, w, n, order, config.lower_order_final, tuple(self.disable_corrector)
             )
