@@ -9,6 +9,7 @@ columns of ``COLUMNS``, built on the host in float64 by ``fastdiff.tables``)::
     x0     = process(X0_X x + X0_M m)            # Ho et al. 2020 eq. 15; v: Salimans & Ho 2022
     std    = STD | STD exp(v / 2) | STD exp((f LMAX + (1 - f) LMIN) / 2),  f = (v + 1) / 2
     x_next = X x + X0 x0 + M m + X0_PREV x0_prev + std^2 g + std z
+    x0_out = x0 + X0_Z z                         # with x0_noise: the x0 of x + c z (churn)
 
 ``process`` is the identity, ``clamp(., -r, r)``, or dynamic thresholding
 ``clamp(., -s, s) / s`` with ``s`` the per-sample quantile of ``|x0|`` clamped to
@@ -75,7 +76,9 @@ from .utils import (
 __all__ = ["COLUMNS", "UNIPC_COLUMNS", "UNIPC_MAX_SLOTS", "VARIANCE_MODES", "fused_step"]
 
 # Columns of a coefficient table row, in order.
-COLUMNS = ("x0_x", "x0_m", "x", "x0", "m", "x0_prev", "std", "log_var_min", "log_var_max")
+COLUMNS = (
+    "x0_x", "x0_m", "x", "x0", "m", "x0_prev", "std", "log_var_min", "log_var_max", "x0_z"
+)  # fmt: skip
 # A UniPC table (``history=``) has these columns after COLUMNS: the corrector's coefficients of
 # x, of the last corrected sample, of the new M and of each ring slot; the next sample's of the
 # last corrected sample and of each slot; the ring slot M is written to and the slot (0/1) of
@@ -321,6 +324,7 @@ def _fused_step_kernel(
     WRITE_OUT: tl.constexpr,
     WRITE_X0: tl.constexpr,
     HIST_SLOTS: tl.constexpr,
+    X0_NOISE: tl.constexpr,
     BACKWARD: tl.constexpr,
     HAS_GX0: tl.constexpr,
     NEED_DX: tl.constexpr,
@@ -352,7 +356,8 @@ def _fused_step_kernel(
         if not HAS_PREV:
             dx0 += c_prev * gy  # x0_prev = x0
         if HAS_GX0:
-            dx0 += tl.load(gx0_ptr + b2 * gx0_bstride + j2, mask=mask, other=0.0).to(tl.float32)
+            gx0 = tl.load(gx0_ptr + b2 * gx0_bstride + j2, mask=mask, other=0.0).to(tl.float32)
+            dx0 += gx0
         mg = _guided_output(m_ptr, m_off, m_cond_off, mask, guidance_scale, CFG)
         r = tl.full((BLOCK_S, 1), 1.0, tl.float32)
         if MSCALE:
@@ -440,10 +445,11 @@ def _fused_step_kernel(
             g = tl.load(grad_ptr + b2 * grad_bstride + j2, mask=mask, other=0.0)
             acc += std * std * g.to(tl.float32)
         if NOISE == 1:
-            z = tl.load(noise_ptr + b2 * noise_bstride + j2, mask=mask, other=0.0)
-            acc += z_std * z.to(tl.float32)
+            z = tl.load(noise_ptr + b2 * noise_bstride + j2, mask=mask, other=0.0).to(tl.float32)
+            acc += z_std * z
         if NOISE == 2:
-            acc += z_std * _philox_block(seed_ptr, b, b_ok, row, pid_n, FAST_MATH, BLOCK_S, BLOCK_N)
+            z = _philox_block(seed_ptr, b, b_ok, row, pid_n, FAST_MATH, BLOCK_S, BLOCK_N)
+            acc += z_std * z
         if BACKWARD:
             if VAR_MODE != 0 and NEED_DM:
                 dv = gy * acc * slope
@@ -453,12 +459,17 @@ def _fused_step_kernel(
                     dm_v += dm_cond_off
                 tl.store(dm_v, dv.to(dm_ptr.dtype.element_ty), mask=mask)
             if NEED_DNOISE:
-                tl.store(dnoise_ptr + x_off, (gy * std).to(dnoise_ptr.dtype.element_ty), mask=mask)
+                dz = gy * std
+                if X0_NOISE and HAS_GX0:  # the written x0's X0_Z z
+                    dz += tl.load(coef + 9, mask=b_ok, other=0.0)[:, None] * gx0
+                tl.store(dnoise_ptr + x_off, dz.to(dnoise_ptr.dtype.element_ty), mask=mask)
             if NEED_DGRAD:
                 dgrad = gy * std * std
                 tl.store(dgrad_ptr + x_off, dgrad.to(dgrad_ptr.dtype.element_ty), mask=mask)
         else:
             x_next = acc
+            if X0_NOISE:  # the x0 of the noised sample x + c z: x0 + X0_Z z, after processing
+                x0 += tl.load(coef + 9, mask=b_ok, other=0.0)[:, None] * z
 
     if not BACKWARD:
         if WRITE_OUT:
@@ -555,6 +566,7 @@ def fused_step(
     write_x0: bool = True,
     history: torch.Tensor | None = None,
     last_sample: torch.Tensor | None = None,
+    x0_noise: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Apply one reverse step (rows of ``table``) to a batch, in one kernel launch.
 
@@ -589,6 +601,8 @@ def fused_step(
             the row's ``hist_slot``.
         last_sample: with ``history``: ``[2, B, ...]``, the corrected samples of this and
             the previous step (the row's ``last_slot`` is written, the other read).
+        x0_noise: the x0 written carries the step's noise, ``x0 + X0_Z z`` (the x0 of a
+            churned sample ``x + c z``, Karras et al. 2022 Alg. 2); needs noise or seeds.
 
     Returns:
         ``(x_next, x0)`` laid out like x, in x's dtype (or out's / x0_out's); x0 is None
@@ -610,6 +624,7 @@ def fused_step(
         clip_range is None,
         thresholding is None,
         variance_mode,
+        x0_noise,
         *[
             None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16 == 0)
             for t in tensors
@@ -617,7 +632,7 @@ def fused_step(
     )
     config = _LAUNCH_CONFIGS.get(key)
     if config is None:
-        config = _launch_config(*tensors, guided, clip_range, variance_mode)
+        config = _launch_config(*tensors, guided, clip_range, variance_mode, x0_noise)
         if len(_LAUNCH_CONFIGS) > 256:
             _LAUNCH_CONFIGS.clear()
         _LAUNCH_CONFIGS[key] = config
@@ -834,7 +849,7 @@ _FAST_LAUNCH = {"enabled": True}
 def _launch_config(
     x, model_output, table, rows, x0_prev, noise, seeds, grad, out, x0_out, history,
     last_sample, guided, clip_range,
-    variance_mode,
+    variance_mode, x0_noise=False,
 ) -> _LaunchConfig:  # fmt: skip
     """Check what protects memory (clear errors) and compute the launch constants."""
     if not isinstance(x, torch.Tensor) or not isinstance(model_output, torch.Tensor):
@@ -907,6 +922,8 @@ def _launch_config(
         if seeds.dtype != torch.int64 or seeds.shape != (batch,) or seeds.device != x.device:
             raise ValueError(f"seeds must be an int64 tensor [{batch}] on x's device")
     hist_slots = _check_unipc_state(history, last_sample, x0_prev, x, batch)
+    if x0_noise and (noise is None and seeds is None or hist_slots):
+        raise ValueError("x0_noise needs the step's noise (noise= or seeds=) and no history")
 
     block_s, block_n, num_warps = _block_sizes(batch, n_per_sample)
     grid = (triton.cdiv(n_per_sample, block_n), triton.cdiv(batch, block_s))
@@ -937,6 +954,7 @@ def _launch_config(
         last_bstride=last_sample.stride(1) if last_sample is not None else 0,
         last_sstride=last_sample.stride(0) if last_sample is not None else 0,
         HIST_SLOTS=hist_slots,
+        X0_NOISE=bool(x0_noise),
         BLOCK_S=block_s,
         BLOCK_N=block_n,
         **_BACKWARD_ONLY,
