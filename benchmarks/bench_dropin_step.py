@@ -3,7 +3,8 @@ against the floor set by the bytes its contract moves.
 
 ``test_dropin_step``: one ``step`` of a mid-plan timestep (the step index set before every
 call, so every call is the same step; for Heun a call is both halves, the predictor and the
-corrector of one step), group ``"dropin-step {name} {shape} {dtype}"``:
+corrector of one step, the corrector given the predictor's ``prev_sample`` as a pipeline's
+loop gives it), group ``"dropin-step {name} {shape} {dtype}"``:
 
 * ``fused``: the ``Fused*Scheduler``'s step; stochastic steps with ``noise="philox"`` (in
   kernel, no noise tensor);
