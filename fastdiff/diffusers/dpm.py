@@ -85,6 +85,7 @@ class FusedDPMSolverMultistepScheduler(DPMRowsMixin, StepIndexMixin, DPMSolverMu
         self._ring_history: unipc_tables.UniPCHistory | None = None
         self._ring_slots: dict[int, list[torch.Tensor]] = {}
         self._ring_phase = 0
+        self._ring_x0: torch.Tensor | None = None  # the slot a host step writes its x0 to
         super()._setup_fused(backend, noise)
 
     # -- CUDA-graph hooks (see FusedSchedulerMixin; check_capturable: StepIndexMixin's) -----
@@ -273,11 +274,11 @@ class FusedDPMSolverMultistepScheduler(DPMRowsMixin, StepIndexMixin, DPMSolverMu
         promoted = promote(sample.dtype, model_output.dtype)
         x0_dtype = model_output.dtype if prediction_type == "sample" else promoted
         index = self._step_index
-        x0_out = x0_slot = None
+        x0_out = None
         history = {}  # order 3: the kernel's ring arguments
         store = None
         if order == 3:
-            rows, kernel_rows, x0_prevs, x0_slot, history, store = self._third_order_state(
+            rows, kernel_rows, x0_prevs, self._ring_x0, history, store = self._third_order_state(
                 tabs, x, x0_dtype, n
             )
             x0_prev = None
@@ -332,7 +333,6 @@ class FusedDPMSolverMultistepScheduler(DPMRowsMixin, StepIndexMixin, DPMSolverMu
             x0_dtype=x0_dtype,
             x0_prev=x0_prev,
             x0_out=x0_out,
-            x0_slot=x0_slot,
             noise=noise,
             seeds=seeds,
             thresholding=thresholding,
@@ -343,9 +343,9 @@ class FusedDPMSolverMultistepScheduler(DPMRowsMixin, StepIndexMixin, DPMSolverMu
         """``solver_order=3``: the rows (of the block ``lower_order_nums`` picks, or of the
         device chain), the kernel's rows (of the ring's phase block), the previous x0s the
         reference reads (a callable: read only there), x0's slot of the ring with a host
-        index (``x0_slot``: the step's x0, which the kernel writes once, as the ring's new
-        slot), the kernel's ``history`` / ``last_sample`` (no slots: no corrector) and the
-        reference path's ``store`` of x0 into its slot.
+        index (the step's x0, which the kernel writes once, as the ring's new slot; None
+        with a device index), the kernel's ``history`` / ``last_sample`` (no slots: no
+        corrector) and the reference path's ``store`` of x0 into its slot.
 
         The ring holds the x0 of step k in slot ``(k + phase) % 3``. With a host index the
         phase is read off ``model_outputs``: the newest previous x0 that is a ring slot (or
@@ -354,7 +354,7 @@ class FusedDPMSolverMultistepScheduler(DPMRowsMixin, StepIndexMixin, DPMSolverMu
         x0 held elsewhere (a list the caller replaced) is copied into its slot (at most one
         copy reads a slot, never one another copy writes). With a device index the slot is
         known on the device only, at the phase of the last host step: the kernel writes x0
-        to its slot (no ``x0_slot``, ``model_outputs`` gets None), the reference path copies
+        to its slot (no slot returned, ``model_outputs`` gets None), the reference path copies
         it there.
 
         Example:
@@ -434,12 +434,6 @@ class FusedDPMSolverMultistepScheduler(DPMRowsMixin, StepIndexMixin, DPMSolverMu
             view = views[("history", row)] = tabs["history_rows"][row : row + 1]
         return view
 
-    def _run_step(self, *args, x0_slot: torch.Tensor | None = None, **kwargs):
-        """``_run_step``; order 3 with a host index: the x0 returned is the ring slot the step
-        wrote (``x0_slot``; the kernel writes x0 once, as the ring's new slot)."""
-        prev, x0 = super()._run_step(*args, **kwargs)
-        return prev, (x0 if x0_slot is None else x0_slot)
-
     def _ring(self, x: torch.Tensor, dtype: torch.dtype):
         """The persistent x0 ring ``[3, B, ...]`` of samples like ``x`` in ``dtype`` (each slot
         laid out like x: ``unipc_tables.UniPCHistory``), its slot views (made once:
@@ -514,7 +508,11 @@ class FusedDPMSolverMultistepScheduler(DPMRowsMixin, StepIndexMixin, DPMSolverMu
         return prev, x0
 
     def _end_step(self, x0: torch.Tensor | None) -> None:
-        """diffusers' history: the list shifted, this step's x0 last; then the step index."""
+        """diffusers' history: the list shifted, this step's x0 last (order 3, a host index:
+        the ring slot the step wrote, ``_ring_x0``; None after a device step); then the step
+        index."""
+        if x0 is None:  # order 3: the kernel wrote x0 once, as the ring's new slot
+            x0 = self._ring_x0
         order = self.config.solver_order
         for i in range(order - 1):
             self.model_outputs[i] = self.model_outputs[i + 1]
