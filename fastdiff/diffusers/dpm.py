@@ -310,6 +310,8 @@ class FusedDPMSolverMultistepScheduler(DPMRowsMixin, StepIndexMixin, DPMSolverMu
             like = torch.empty((), device=model_output.device, dtype=torch.float32).expand(x.shape)
             noise, seeds = self._step_noise(like, x, call["generator"], variance_noise)
         _, thresholding = self._processing(config)
+        if thresholding is not None and self._ring_x0 is not None and x0_dtype != x.dtype:
+            x0_out = self._ring_x0  # order 3: the threshold's quantile reads x0 in x0's dtype
         midpoint = not (sde or solver_type == "heun" or order == 3)
 
         def reference_step(xr, m, noise):  # the reference backend's step
