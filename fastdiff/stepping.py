@@ -59,6 +59,7 @@ def run_step(
     check: Callable[[], None] | None = None,
     history: Tensor | None = None,
     last_sample: Tensor | None = None,
+    x0_noise: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """One step: ``fused_step`` on the table rows, or ``reference_step`` on the same inputs.
 
@@ -71,7 +72,8 @@ def run_step(
             output in ``compute_dtype`` (None: as they are) and the noise in the compute
             dtype of the reference (``compute_dtype``, else float64 / float32).
         guidance_scale, guidance_rescale, clip_range, thresholding, variance_mode, x0_prev,
-            noise, seeds, grad: the step's options, as ``fused_step`` takes them.
+            noise, seeds, grad, history, last_sample, x0_noise: the step's options, as
+            ``fused_step`` takes them (the reference step returns its own x0).
         out, x0_out: preallocated outputs (checked like x before); may alias x / x0_prev.
         write_x0: also return x0 (False: None, and one pass fewer on the kernel path).
         out_dtype, x0_dtype: dtypes of the returned sample and x0 (default: x's).
@@ -135,6 +137,7 @@ def run_step(
                 write_x0=write_x0,
                 history=history,
                 last_sample=last_sample,
+                x0_noise=x0_noise,
             )
         except (TypeError, ValueError):
             if check is not None:

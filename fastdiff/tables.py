@@ -269,7 +269,7 @@ def euler_churn_table(
     sigma_next: torch.Tensor,
     prediction_type: str,
     s_noise: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     """diffusers' ``EulerDiscreteScheduler.step`` with churn (Karras et al. 2022 Alg. 2 lines
     5-8, an Euler step) in one launch, on the kernel's inputs: ``x`` the sample before churn,
     ``m`` the model output (diffusers' step reads the one made at x) and ``z``. With
@@ -278,20 +278,18 @@ def euler_churn_table(
 
         x' = r x_hat + (1 - r) x0 = r x + (1 - r) x0(x, m) + c (r + (1 - r) x0_x) z
 
-    ``sigma_hat = sigma`` (gamma = 0) is :func:`euler_table`'s row.
-
-    Returns:
-        ``(table, x0_noise)``: the kernel's x0 lacks ``x0_noise z`` (``c x0_x``, float64 [n]),
-        the churn noise that diffusers' x0 carries.
+    and the x0 of x_hat that diffusers returns, ``x0(x, m) + c x0_x z``: the ``x0_z`` column,
+    which the kernel adds to the x0 it writes with ``x0_noise=True``. ``sigma_hat = sigma``
+    (gamma = 0) is :func:`euler_table`'s row.
     """
     table = euler_table(sigma_hat, sigma_next, prediction_type, 0.0, "sigma")
     if prediction_type == "v_prediction":  # diffusers' c_skip, c_out of sigma, not sigma_hat
         x0_cols = [COL["x0_x"], COL["x0_m"]]
         table[:, x0_cols] = euler_table(sigma, sigma, prediction_type, 0.0, "sigma")[:, x0_cols]
     c = churn_table(sigma, sigma_hat, s_noise)[:, COL["std"]]
-    x0_noise = c * table[:, COL["x0_x"]]
-    table[:, COL["std"]] = c * table[:, COL["x"]] + table[:, COL["x0"]] * x0_noise
-    return table, x0_noise
+    table[:, COL["x0_z"]] = c * table[:, COL["x0_x"]]
+    table[:, COL["std"]] = c * table[:, COL["x"]] + table[:, COL["x0"]] * table[:, COL["x0_z"]]
+    return table
 
 
 def heun_table(sigma_hat: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ columns of ``COLUMNS``, built on the host in float64 by ``fastdiff.tables``)::
     x0     = process(X0_X x + X0_M m)            # Ho et al. 2020 eq. 15; v: Salimans & Ho 2022
     std    = STD | STD exp(v / 2) | STD exp((f LMAX + (1 - f) LMIN) / 2),  f = (v + 1) / 2
     x_next = X x + X0 x0 + M m + X0_PREV x0_prev + std^2 g + std z
+    x0_out = x0 + X0_Z z                         # with x0_noise: the x0 of x + c z (churn)
 
 ``process`` is the identity, ``clamp(., -r, r)``, or dynamic thresholding
 ``clamp(., -s, s) / s`` with ``s`` the per-sample quantile of ``|x0|`` clamped to
@@ -79,7 +80,9 @@ from .utils import (
 __all__ = ["COLUMNS", "UNIPC_COLUMNS", "UNIPC_MAX_SLOTS", "VARIANCE_MODES", "fused_step"]
 
 # Columns of a coefficient table row, in order.
-COLUMNS = ("x0_x", "x0_m", "x", "x0", "m", "x0_prev", "std", "log_var_min", "log_var_max")
+COLUMNS = (
+    "x0_x", "x0_m", "x", "x0", "m", "x0_prev", "std", "log_var_min", "log_var_max", "x0_z"
+)  # fmt: skip
 # A UniPC table (``history=``) has these columns after COLUMNS: the corrector's coefficients of
 # x, of the last corrected sample, of the new M and of each ring slot; the next sample's of the
 # last corrected sample and of each slot; the ring slot M is written to and the slot (0/1) of
@@ -223,12 +226,21 @@ def _philox_block(
     FAST_MATH: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PAIRS: tl.constexpr,
 ):
     """The tile's in-kernel noise: four normals per Philox call, quad q of a sample serving
-    its elements 4q .. 4q+3."""
+    its elements 4q .. 4q+3 (PAIRS: quads 2p and 2p + 1 made side by side)."""
     seed = tl.load(seed_ptr + b, mask=b_ok, other=0)[:, None]
-    quad = pid_n * (BLOCK_N // 4) + tl.arange(0, BLOCK_N // 4).to(tl.int64)
-    z0, z1, z2, z3 = _philox_normal4(seed, row[:, None], quad[None, :], FAST_MATH)
+    if PAIRS:
+        # Two consecutive quads per register group (8 elements: a 16-byte vector of 16-bit
+        # I/O): the normals land in the load's layout, with no exchange through shared memory.
+        pair = pid_n * (BLOCK_N // 4) + 2 * tl.arange(0, BLOCK_N // 8).to(tl.int64)
+        e0, e1, e2, e3 = _philox_normal4(seed, row[:, None], pair[None, :], FAST_MATH)
+        o0, o1, o2, o3 = _philox_normal4(seed, row[:, None], pair[None, :] + 1, FAST_MATH)
+        z0, z1, z2, z3 = tl.join(e0, o0), tl.join(e1, o1), tl.join(e2, o2), tl.join(e3, o3)
+    else:
+        quad = pid_n * (BLOCK_N // 4) + tl.arange(0, BLOCK_N // 4).to(tl.int64)
+        z0, z1, z2, z3 = _philox_normal4(seed, row[:, None], quad[None, :], FAST_MATH)
     return tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), (BLOCK_S, BLOCK_N))
 
 
@@ -344,6 +356,7 @@ def _fused_step_kernel(
     WRITE_X0: tl.constexpr,
     HIST_SLOTS: tl.constexpr,
     HIST_CORRECTOR: tl.constexpr,
+    X0_NOISE: tl.constexpr,
     BACKWARD: tl.constexpr,
     HAS_GX0: tl.constexpr,
     NEED_DX: tl.constexpr,
@@ -375,7 +388,8 @@ def _fused_step_kernel(
         if not HAS_PREV:
             dx0 += c_prev * gy  # x0_prev = x0
         if HAS_GX0:
-            dx0 += tl.load(gx0_ptr + b2 * gx0_bstride + j2, mask=mask, other=0.0).to(tl.float32)
+            gx0 = tl.load(gx0_ptr + b2 * gx0_bstride + j2, mask=mask, other=0.0).to(tl.float32)
+            dx0 += gx0
         mg = _guided_output(m_ptr, m_off, m_cond_off, mask, guidance_scale, CFG)
         r = tl.full((BLOCK_S, 1), 1.0, tl.float32)
         if MSCALE:
@@ -464,10 +478,12 @@ def _fused_step_kernel(
             g = tl.load(grad_ptr + b2 * grad_bstride + j2, mask=mask, other=0.0)
             acc += std * std * g.to(tl.float32)
         if NOISE == 1:
-            z = tl.load(noise_ptr + b2 * noise_bstride + j2, mask=mask, other=0.0)
-            acc += z_std * z.to(tl.float32)
+            z = tl.load(noise_ptr + b2 * noise_bstride + j2, mask=mask, other=0.0).to(tl.float32)
+            acc += z_std * z
         if NOISE == 2:
-            acc += z_std * _philox_block(seed_ptr, b, b_ok, row, pid_n, FAST_MATH, BLOCK_S, BLOCK_N)
+            pairs: tl.constexpr = x_ptr.dtype.element_ty.primitive_bitwidth < 32 and BLOCK_N >= 8
+            z = _philox_block(seed_ptr, b, b_ok, row, pid_n, FAST_MATH, BLOCK_S, BLOCK_N, pairs)
+            acc += z_std * z
         if BACKWARD:
             if VAR_MODE != 0 and NEED_DM:
                 dv = gy * acc * slope
@@ -477,12 +493,17 @@ def _fused_step_kernel(
                     dm_v += dm_cond_off
                 tl.store(dm_v, dv.to(dm_ptr.dtype.element_ty), mask=mask)
             if NEED_DNOISE:
-                tl.store(dnoise_ptr + x_off, (gy * std).to(dnoise_ptr.dtype.element_ty), mask=mask)
+                dz = gy * std
+                if X0_NOISE and HAS_GX0:  # the written x0's X0_Z z
+                    dz += tl.load(coef + 9, mask=b_ok, other=0.0)[:, None] * gx0
+                tl.store(dnoise_ptr + x_off, dz.to(dnoise_ptr.dtype.element_ty), mask=mask)
             if NEED_DGRAD:
                 dgrad = gy * std * std
                 tl.store(dgrad_ptr + x_off, dgrad.to(dgrad_ptr.dtype.element_ty), mask=mask)
         else:
             x_next = acc
+            if X0_NOISE:  # the x0 of the noised sample x + c z: x0 + X0_Z z, after processing
+                x0 += tl.load(coef + 9, mask=b_ok, other=0.0)[:, None] * z
 
     if not BACKWARD:
         if WRITE_OUT:
@@ -580,6 +601,7 @@ def fused_step(
     write_x0: bool = True,
     history: torch.Tensor | None = None,
     last_sample: torch.Tensor | None = None,
+    x0_noise: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Apply one reverse step (rows of ``table``) to a batch, in one kernel launch.
 
@@ -617,6 +639,8 @@ def fused_step(
             ``[0, B, ...]`` (no slots): a ring step without UniPC's corrector
             (DPM-Solver++ 3M), which reads only the ring besides x and m and writes only
             x_next and the row's ring slot (its corrector columns are not read).
+        x0_noise: the x0 written carries the step's noise, ``x0 + X0_Z z`` (the x0 of a
+            churned sample ``x + c z``, Karras et al. 2022 Alg. 2); needs noise or seeds.
 
     Returns:
         ``(x_next, x0)`` laid out like x, in x's dtype (or out's / x0_out's); x0 is None
@@ -638,6 +662,7 @@ def fused_step(
         clip_range is None,
         thresholding is None,
         variance_mode,
+        x0_noise,
         *[
             None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16 == 0)
             for t in tensors
@@ -645,7 +670,7 @@ def fused_step(
     )
     config = _LAUNCH_CONFIGS.get(key)
     if config is None:
-        config = _launch_config(*tensors, guided, clip_range, variance_mode)
+        config = _launch_config(*tensors, guided, clip_range, variance_mode, x0_noise)
         if len(_LAUNCH_CONFIGS) > 256:
             _LAUNCH_CONFIGS.clear()
         _LAUNCH_CONFIGS[key] = config
@@ -864,7 +889,7 @@ _FAST_LAUNCH = {"enabled": True}
 def _launch_config(
     x, model_output, table, rows, x0_prev, noise, seeds, grad, out, x0_out, history,
     last_sample, guided, clip_range,
-    variance_mode,
+    variance_mode, x0_noise=False,
 ) -> _LaunchConfig:  # fmt: skip
     """Check what protects memory (clear errors) and compute the launch constants."""
     if not isinstance(x, torch.Tensor) or not isinstance(model_output, torch.Tensor):
@@ -937,6 +962,8 @@ def _launch_config(
         if seeds.dtype != torch.int64 or seeds.shape != (batch,) or seeds.device != x.device:
             raise ValueError(f"seeds must be an int64 tensor [{batch}] on x's device")
     hist_slots, corrector = _check_unipc_state(history, last_sample, x0_prev, x, batch)
+    if x0_noise and (noise is None and seeds is None or hist_slots):
+        raise ValueError("x0_noise needs the step's noise (noise= or seeds=) and no history")
 
     block_s, block_n, num_warps = _block_sizes(batch, n_per_sample)
     grid = (triton.cdiv(n_per_sample, block_n), triton.cdiv(batch, block_s))
@@ -968,6 +995,7 @@ def _launch_config(
         last_sstride=last_sample.stride(0) if last_sample is not None else 0,
         HIST_SLOTS=hist_slots,
         HIST_CORRECTOR=corrector,
+        X0_NOISE=bool(x0_noise),
         BLOCK_S=block_s,
         BLOCK_N=block_n,
         **_BACKWARD_ONLY,

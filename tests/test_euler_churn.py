@@ -26,7 +26,7 @@ from test_diffusers_adapter import (  # noqa: E402
     run_pair,
 )
 
-from fastdiff import reference, tables  # noqa: E402
+from fastdiff import philox, reference, tables  # noqa: E402
 from fastdiff.diffusers import FusedEulerDiscreteScheduler  # noqa: E402
 from fastdiff.kernels.fused_step import fused_step  # noqa: E402
 
@@ -50,23 +50,29 @@ def random_churn(rng: random.Random) -> dict:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 def test_churn_table_in_one_launch_is_the_reference(prediction_type, dtype, device):
-    """``tables.euler_churn_table`` applied by one kernel launch (noise tensor z; x0 plus
-    its ``x0_noise z``) against ``reference.euler_churn_step`` in float64, rows with and
-    without churn, into outputs poisoned with NaN; odd shapes."""
-    g = torch.Generator().manual_seed(0)
+    """``tables.euler_churn_table`` applied by one kernel launch (``x0_noise``: the x0
+    written is that of the churned sample) against ``reference.euler_churn_step`` in
+    float64, rows with and without churn, into outputs poisoned with NaN; odd shapes; the
+    noise a tensor z, or made in the kernel (Philox seeds; the reference gets the same
+    stream from ``fastdiff.philox``)."""
+    g = torch.Generator().manual_seed(random.randrange(2**31))
     sigma = torch.tensor([14.6, 3.0, 0.4], dtype=torch.float64)
     hat = sigma * torch.tensor([1.4142135623730951, 1.0, 1.2], dtype=torch.float64)
     sigma_next = torch.tensor([3.0, 0.4, 0.0], dtype=torch.float64)
-    table, x0_noise = tables.euler_churn_table(sigma, hat, sigma_next, prediction_type, 1.003)
+    table = tables.euler_churn_table(sigma, hat, sigma_next, prediction_type, 1.003)
     table = table.float().to(device)
     shape = (3, 5, 7, 9)
-    for i in range(3):
+    seeds = torch.randint(0, 2**62, (shape[0],), generator=g).to(device)
+    for i, philox_noise in [(0, False), (1, False), (2, False), (0, True), (2, True)]:
         x, m, z = (torch.randn(shape, generator=g).to(device, dtype) for _ in range(3))
         x = x * sigma[i].item()
         out, x0 = torch.full_like(x, float("nan")), torch.full_like(x, float("nan"))
         rows = torch.tensor([i], device=device)
-        fused_step(x, m, table, rows, noise=z, out=out, x0_out=x0)
-        x0 = x0.double() + x0_noise[i].item() * z.double()
+        if philox_noise:
+            fused_step(x, m, table, rows, seeds=seeds, out=out, x0_out=x0, x0_noise=True)
+            z = philox.randn(seeds, rows.reshape(()), shape)
+        else:
+            fused_step(x, m, table, rows, noise=z, out=out, x0_out=x0, x0_noise=True)
         want, want_x0 = reference.euler_churn_step(
             x.double(),
             m.double(),
@@ -81,7 +87,63 @@ def test_churn_table_in_one_launch_is_the_reference(prediction_type, dtype, devi
         scale = 1 + x.double().abs().max().item()
         atol = tol["atol"] * scale
         torch.testing.assert_close(out.double(), want, rtol=tol["rtol"], atol=atol)
-        torch.testing.assert_close(x0, want_x0, rtol=tol["rtol"], atol=atol)
+        torch.testing.assert_close(x0.double(), want_x0, rtol=tol["rtol"], atol=atol)
+
+
+def test_x0_noise_needs_noise_and_no_history(device):
+    """``x0_noise`` without the step's noise (nothing to add) is refused, naming it."""
+    x = torch.randn(2, 3, 4, device=device)
+    table = torch.zeros(1, len(tables.COLUMNS), device=device)
+    rows = torch.zeros(1, dtype=torch.long, device=device)
+    with pytest.raises(ValueError, match="x0_noise needs the step's noise"):
+        fused_step(x, x, table, rows, x0_noise=True)
+
+
+def test_x0_noise_gradients_are_the_reference(device):
+    """The backward of a churn step (``x0_noise``): the noise's gradient carries the x0's
+    ``x0_z`` term, as autograd through ``reference.euler_churn_step`` gives in float64."""
+    g = torch.Generator().manual_seed(random.randrange(2**31))
+    sigma, hat, nxt = (torch.tensor([v], dtype=torch.float64) for v in (3.0, 4.2, 0.4))
+    table = tables.euler_churn_table(sigma, hat, nxt, "epsilon", 1.0).float().to(device)
+    rows = torch.zeros(1, dtype=torch.long, device=device)
+    x, m, z, gy, gx0 = (torch.randn(2, 3, 5, generator=g, dtype=torch.float64) for _ in range(5))
+    inputs = [t.to(device, torch.float32).requires_grad_() for t in (x, m, z)]
+    out, x0 = fused_step(*inputs[:2], table, rows, noise=inputs[2], x0_noise=True)
+    got = torch.autograd.grad((out * gy.to(out)).sum() + (x0 * gx0.to(x0)).sum(), inputs)
+    ref = [t.clone().requires_grad_() for t in (x, m, z)]
+    want_out, want_x0 = reference.euler_churn_step(
+        ref[0], ref[1], sigma[0], hat[0], nxt[0], prediction_type="epsilon", noise=ref[2]
+    )
+    want = torch.autograd.grad((want_out * gy).sum() + (want_x0 * gx0).sum(), ref)
+    for name, a, b in zip(("x", "model_output", "noise"), got, want):
+        torch.testing.assert_close(a.double().cpu(), b, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("draw", range(3))
+def test_philox_churn_backends_agree(draw, seed):
+    """``noise="philox"``: the kernel makes the churn noise (and adds it to the x0 it
+    writes); the reference backend takes the same stream from ``fastdiff.philox``: the same
+    samples and x0 at every step of random churn configs, to the dtype's tolerance."""
+    rng = random.Random(seed)
+    case = random_case("euler", rng)
+    churn = {"s_churn": rng.uniform(0.5, 3.0), "s_noise": rng.uniform(0.9, 1.1)}
+    results = []
+    for backend in ("triton", "reference"):
+        f = FusedEulerDiscreteScheduler(**case["config"], backend=backend, noise="philox")
+        f.set_timesteps(5, device=DEVICE)
+        torch.manual_seed(seed)  # the Philox seeds come from the global RNG
+        gen = torch.Generator().manual_seed(seed + 1)
+        x = randn(SHAPE, generator=gen) * f.init_noise_sigma
+        steps = []
+        for t in f.timesteps:
+            out = f.step(randn(SHAPE, generator=gen), t, f.scale_model_input(x, t), **churn)
+            x = out.prev_sample
+            steps.append((out.prev_sample, out.pred_original_sample))
+        results.append(steps)
+    for k, ((xt, x0t), (xr, x0r)) in enumerate(zip(*results)):
+        scale = 1 + xr.abs().max().item()
+        assert_step_close(xt, xr, f"step {k} prev_sample", scale)
+        assert_step_close(x0t, x0r, f"step {k} pred_original_sample", scale)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -15,11 +15,10 @@ from diffusers.schedulers.scheduling_euler_discrete import (
 )
 from diffusers.utils import logging
 
-from fastdiff import philox, reference, tables
+from fastdiff import reference, tables
 from fastdiff.checks import check_churn
 from fastdiff.diffusers._common import nan_row, promote, step_output, upload
 from fastdiff.diffusers._rows import StepIndexMixin
-from fastdiff.kernels.utils import memory_format_of
 
 __all__ = ["FusedEulerAncestralDiscreteScheduler", "FusedEulerDiscreteScheduler"]
 
@@ -45,15 +44,12 @@ class EulerBase(StepIndexMixin):
                 "sigma_next": torch.cat([sigma_next, nan]),
             }
         hat = self._churn_plan(churn)[0].to(torch.float64)
-        table, x0_noise = tables.euler_churn_table(
-            sigma, hat, sigma_next, prediction_type, churn[3]
-        )
+        table = tables.euler_churn_table(sigma, hat, sigma_next, prediction_type, churn[3])
         return {
             "table": torch.cat([table, nan_row()]),
             "sigma": torch.cat([sigma, nan]),
             "sigma_hat": torch.cat([hat, nan]),
             "sigma_next": torch.cat([sigma_next, nan]),
-            "x0_noise": torch.cat([x0_noise, nan]).float(),
         }
 
     def _churn_plan(self, churn: tuple) -> tuple[torch.Tensor, list[bool], bool, bool]:
@@ -73,12 +69,13 @@ class EulerBase(StepIndexMixin):
             plan = self._plan_device[key] = (hat, churned, all(churned), any(churned))
         return plan
 
-    def _churn_noise(self, model_output, x, generator, rows, churn) -> torch.Tensor | None:
-        """The churn noise of this step, drawn as diffusers draws it (only where gamma > 0);
-        with ``noise="philox"`` and no generator, the Philox noise of the step's row (the
-        kernel's bits), made in PyTorch: diffusers' x0 carries it. With the step index on the
-        device, whether this step churns is not known on the host: every step draws (Philox),
-        or the plan's steps must all churn or none (torch's noise)."""
+    def _churn_noise(self, model_output, x, generator, churn):
+        """The churn noise of this step as ``(noise, seeds)`` for ``_run_step``: drawn as
+        diffusers draws it (only where gamma > 0), or with ``noise="philox"`` and no generator
+        the seeds of the kernel's Philox noise; ``(None, None)``: the step does not churn.
+        With the step index on the device, whether this step churns is not known on the host:
+        every step draws (Philox), or the plan's steps must all churn or none (torch's
+        noise)."""
         _, churned, every, some = self._churn_plan(churn)
         index = self._step_index
         philox_keys = generator is None and self.uses_philox_noise
@@ -95,17 +92,8 @@ class EulerBase(StepIndexMixin):
         else:
             draws = some
         if not draws:
-            return None
-        noise, seeds = self._step_noise(model_output, x, generator)
-        if noise is None:
-            noise = philox.randn(
-                seeds,
-                rows.reshape(()),
-                x.shape,
-                dtype=model_output.dtype,
-                memory_format=memory_format_of(x),
-            )
-        return noise
+            return None, None
+        return self._step_noise(model_output, x, generator)
 
     def _input_divisor(self) -> torch.Tensor:
         """``sqrt(sigma^2 + 1)`` per sigma (CPU float32, the bits diffusers' scale_model_input
@@ -212,23 +200,20 @@ class EulerBase(StepIndexMixin):
         noise = seeds = None
         levels = ("sigma", "sigma_next")
         options = {}
+        kernel_options = {}
         if churn is not None:
-            noise = self._churn_noise(model_output, x, generator, rows, churn)
+            noise, seeds = self._churn_noise(model_output, x, generator, churn)
             rule, levels = reference.euler_churn_step, ("sigma", "sigma_hat", "sigma_next")
             options["s_noise"] = churn[3]
+            # diffusers' x0 is that of the churned x + c z (but x0 = m for a sample model)
+            drawn = noise is not None or seeds is not None
+            kernel_options["x0_noise"] = drawn and prediction_type != "sample"
         elif self._eta > 0:
             noise, seeds = self._step_noise(model_output, x, generator)
             rule, options["eta"] = reference.euler_ancestral_step, self._eta
         else:
             rule = reference.euler_step
-        ran_reference = []
-        x0_carries_noise = prediction_type != "sample"  # (x0 = m: x0_noise is 0)
-
-        def reference_step(xr, m, z):
-            ran_reference.append(True)
-            return rule_step(xr, m, z)
-
-        rule_step = self._reference_rule(
+        reference_step = self._reference_rule(
             tabs, rows, rule, levels, prediction_type=prediction_type, **options
         )
         # diffusers computes in float32 and returns prev_sample in the model output's dtype
@@ -243,10 +228,8 @@ class EulerBase(StepIndexMixin):
             x0_dtype=model_output.dtype if prediction_type == "sample" else x0_dtype,
             noise=noise,
             seeds=seeds,
+            **kernel_options,
         )
-        if churn is not None and noise is not None and not ran_reference and x0_carries_noise:
-            # the kernel's x0 is that of x, diffusers' that of x_hat = x + c z
-            x0 = x0.addcmul_(noise.to(x0.device), tabs["x0_noise"].index_select(0, rows))
         self._end_step(x0)
         return step_output(self._output_cls, return_dict, prev, x0)
 
@@ -291,10 +274,9 @@ class FusedEulerDiscreteScheduler(EulerBase, EulerDiscreteScheduler):
         (Karras et al. 2022 Alg. 2): ``gamma = min(s_churn / (len(sigmas) - 1), sqrt(2) - 1)``
         where ``s_tmin <= sigma <= s_tmax`` (else 0), ``sigma_hat = sigma (gamma + 1)`` and,
         where gamma > 0, ``sample + s_noise sqrt(sigma_hat^2 - sigma^2) z`` before the Euler
-        step from sigma_hat (``tables.euler_churn_table``: still one launch; the churn noise
-        in ``pred_original_sample``, but for a sample prediction, is one more elementwise
-        op; with ``noise="philox"`` the Philox noise is made in PyTorch, as it is needed
-        there too).
+        step from sigma_hat (``tables.euler_churn_table``: one launch, which also writes
+        ``pred_original_sample`` with the churn noise diffusers' x0 carries; with
+        ``noise="philox"`` the noise is made in the kernel).
 
         Args:
             s_churn: the churn (>= 0; 0: the deterministic step).
