@@ -426,7 +426,8 @@ class FusedDPMSolverMultistepScheduler(DPMRowsMixin, StepIndexMixin, DPMSolverMu
     def _phase_rows(self, tabs: dict, rows: torch.Tensor, row: int, phase: int):
         """The kernel's rows of a host step (``rows``, the view of table row ``row``):
         ``rows`` itself at phase 0, else the row's copy in the phase's block of the history
-        table (a view made once per row)."""
+        table (a view made once per row). The in-kernel noise is keyed by the row: a step
+        taken again at another phase draws other Philox noise (a loop stays at phase 0)."""
         if not phase:
             return rows
         row += phase * len(tabs["order"])
