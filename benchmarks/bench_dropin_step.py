@@ -54,7 +54,8 @@ CASES = {
     "heun": ("HeunDiscreteScheduler", KARRAS, {}, 9, False),
     "lcm": ("LCMScheduler", {}, {}, 4, True),
     "tcd": ("TCDScheduler", {}, {"eta": 0.3}, 4, True),
-    "euler_churn": ("EulerDiscreteScheduler", KARRAS, {"s_churn": 1.0}, 4, True),
+    # diffusers' Euler returns its x0 in float32: 2 passes of a bf16 sample
+    "euler_churn": ("EulerDiscreteScheduler", KARRAS, {"s_churn": 1.0}, 5, True),
     "dpmpp_2m_sde": (
         "DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", **KARRAS}, {}, 5, True
     ),
