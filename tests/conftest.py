@@ -38,6 +38,17 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
+def no_tf32():
+    """Full float32 convolutions and matmuls on a GPU: TF32 rounds a model's inputs to 10
+    mantissa bits, which would turn the schedulers' float32-ulp differences into 1e-3 ones
+    in pipeline comparisons (use: ``pytestmark = pytest.mark.usefixtures("no_tf32")``)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.fixture
 def device():
     """CUDA when there is one (GPU runs), else the CPU under the Triton interpreter."""
     return torch.device("cuda") if HAS_CUDA else torch.device("cpu")

@@ -85,14 +85,7 @@ def seed():
     return random.randrange(2**31)
 
 
-@pytest.fixture(autouse=True)
-def no_tf32():
-    """Full float32 convolutions on a GPU: TF32 rounds the UNet's inputs to 10 mantissa bits,
-    which would turn the schedulers' float32-ulp differences into 1e-3 ones."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+pytestmark = pytest.mark.usefixtures("no_tf32")  # conftest
 
 
 def _images(pipe, seed, *, global_rng=False, **kwargs):

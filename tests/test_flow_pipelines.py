@@ -45,13 +45,7 @@ def seed():
     return random.randrange(2**31)
 
 
-@pytest.fixture(autouse=True)
-def no_tf32():
-    """Full float32 matmuls on a GPU (TF32 would turn ulp differences into 1e-3 ones)."""
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = saved
+pytestmark = pytest.mark.usefixtures("no_tf32")  # conftest
 
 
 def _embeddings(seed, batch=2, tokens=5, dim=8):

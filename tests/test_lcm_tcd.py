@@ -565,14 +565,6 @@ def tiny_unet(time_cond_proj_dim=None) -> UNet2DConditionModel:
     )
 
 
-@pytest.fixture(autouse=False)
-def no_tf32():
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
 def _latents_close(got, want):
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4 * max(1.0, want.abs().max().item()))
 
