@@ -83,7 +83,8 @@ class _StubLaunches:
 
     def __enter__(self):
         module = fused_step_module
-        self._saved = (module._interpreting, module._fused_step_kernel, triton.runtime.driver._active)
+        driver = triton.runtime.driver
+        self._saved = (module._interpreting, module._fused_step_kernel, driver._active)
         real_kernel = module._fused_step_kernel
 
         class _JIT:  # only reached at a flags key's first launch: it "compiles" the stub
@@ -199,7 +200,8 @@ def profile_case(name: str, shape, iterations: int, stub: bool, top: int) -> Non
     print(f"{name}: {done} iterations under cProfile (us per iteration; profiled, so inflated)")
     print(f"{'own':>8} {'cumul':>8} {'calls/it':>8}  function")
     for own, cumulative, calls, where in sorted(rows, reverse=True)[:top]:
-        print(f"{own / done * 1e6:8.2f} {cumulative / done * 1e6:8.2f} {calls / done:8.2f}  {where}")
+        us, cumulative_us = own / done * 1e6, cumulative / done * 1e6
+        print(f"{us:8.2f} {cumulative_us:8.2f} {calls / done:8.2f}  {where}")
     print(f"\n{'own':>8}  file (layer)")
     for file, own in sorted(per_file.items(), key=lambda kv: -kv[1])[:top]:
         print(f"{own / done * 1e6:8.2f}  {file}")
@@ -216,7 +218,8 @@ def _short(file: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("names", nargs="*", default=list(SCHEDULERS), help="cases (default all)")
-    parser.add_argument("--launch", choices=("stub", "real"), default="real" if HAS_CUDA else "stub")
+    default_launch = "real" if HAS_CUDA else "stub"
+    parser.add_argument("--launch", choices=("stub", "real"), default=default_launch)
     parser.add_argument("--rounds", type=int, default=40, help="interleaved loops per case")
     parser.add_argument("--shape", type=lambda s: tuple(int(v) for v in s.split(",")))
     parser.add_argument("--profile", metavar="NAME", help="cProfile one case instead")
@@ -231,7 +234,8 @@ def main() -> None:
         return
     results = time_cases(args.names, args.shape, args.rounds, stub)
     device = torch.cuda.get_device_name() if HAS_CUDA else "cpu"
-    print(f"# {device}, launch={args.launch}, torch {torch.__version__}, triton {triton.__version__}")
+    versions = f"torch {torch.__version__}, triton {triton.__version__}"
+    print(f"# {device}, launch={args.launch}, {versions}")
     print(f"{'case':<24} {'median us':>10} {'p10 us':>8} {'loop us':>8}")
     for name, r in results.items():
         print(f"{name:<24} {r['median_us']:10.1f} {r['p10_us']:8.1f} {r['loop_us']:8.1f}")

@@ -74,7 +74,15 @@ from .utils import (
     same_layout,
 )
 
-__all__ = ["COLUMNS", "UNIPC_COLUMNS", "UNIPC_MAX_SLOTS", "VARIANCE_MODES", "fused_step"]
+__all__ = [
+    "COLUMNS",
+    "UNIPC_COLUMNS",
+    "UNIPC_MAX_SLOTS",
+    "VARIANCE_MODES",
+    "fused_step",
+    "step_config",
+    "step_with_config",
+]
 
 # Columns of a coefficient table row, in order.
 COLUMNS = (
@@ -612,11 +620,92 @@ def fused_step(
     Example:
         >>> x_next, x0 = fused_step(x, eps, table, rows, seeds=seeds)
     """
-    guided = guidance_scale is not None
-    rescaled = guided and bool(guidance_rescale)
-    write_x0 = write_x0 or x0_out is not None
     tensors = (x, model_output, table, rows, x0_prev, noise, seeds, grad, out, x0_out)
     tensors += (history, last_sample)
+    guided = guidance_scale is not None
+    config = _config_of(tensors, guided, clip_range, thresholding, variance_mode, x0_noise)
+    return _apply(
+        config, x, model_output, table, rows, guidance_scale, guidance_rescale, clip_range,
+        thresholding, x0_prev, noise, seeds, grad, out, x0_out, write_x0, history, last_sample,
+    )  # fmt: skip
+
+
+def step_config(
+    x: torch.Tensor,
+    model_output: torch.Tensor,
+    table: torch.Tensor,
+    rows: torch.Tensor,
+    *,
+    guidance_scale: float | None = None,
+    clip_range: float | None = None,
+    thresholding: tuple[float, float] | None = None,
+    variance_mode: str = "fixed",
+    x0_prev: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    seeds: torch.Tensor | None = None,
+    grad: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    x0_out: torch.Tensor | None = None,
+    history: torch.Tensor | None = None,
+    last_sample: torch.Tensor | None = None,
+    x0_noise: bool = False,
+) -> _LaunchConfig:
+    """The checked launch configuration of ``fused_step``'s arguments (the same checks and
+    errors): what :func:`step_with_config` launches for arguments of the same signature.
+
+    For a caller that keeps its own cache of signatures (the diffusers drop-ins: one entry
+    per scheduler, step options and input layout) and so skips ``fused_step``'s own key of
+    every tensor on a step whose inputs it knows to match.
+
+    Returns:
+        The configuration, valid for tensors with the same shape, strides, dtype, device
+        and 16-byte alignment as these (and the same option kinds: guidance or not, clip or
+        not, thresholding or not, ``variance_mode``, ``x0_noise``).
+
+    Example:
+        >>> config = step_config(x, eps, table, rows)
+        >>> x_next, x0 = step_with_config(config, x, eps, table, rows)
+    """
+    tensors = (x, model_output, table, rows, x0_prev, noise, seeds, grad, out, x0_out)
+    tensors += (history, last_sample)
+    guided = guidance_scale is not None
+    return _config_of(tensors, guided, clip_range, thresholding, variance_mode, x0_noise)
+
+
+def step_with_config(
+    config: _LaunchConfig,
+    x: torch.Tensor,
+    model_output: torch.Tensor,
+    table: torch.Tensor,
+    rows: torch.Tensor,
+    *,
+    guidance_scale: float | None = None,
+    guidance_rescale: float = 0.0,
+    clip_range: float | None = None,
+    thresholding: tuple[float, float] | None = None,
+    x0_prev: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    seeds: torch.Tensor | None = None,
+    grad: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    x0_out: torch.Tensor | None = None,
+    write_x0: bool = True,
+    history: torch.Tensor | None = None,
+    last_sample: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``fused_step`` with the configuration :func:`step_config` returned for arguments of
+    this signature, unchecked: the caller guarantees that every tensor has the shape,
+    strides, dtype, device and alignment of the ones checked (nothing else protects memory
+    here). Same arguments and result as ``fused_step``."""
+    return _apply(
+        config, x, model_output, table, rows, guidance_scale, guidance_rescale, clip_range,
+        thresholding, x0_prev, noise, seeds, grad, out, x0_out, write_x0, history, last_sample,
+    )  # fmt: skip
+
+
+def _config_of(tensors, guided, clip_range, thresholding, variance_mode, x0_noise):
+    """The cached launch configuration of ``tensors`` (``fused_step``'s tensor arguments in
+    order) and the option kinds; checked (``_launch_config``) at a signature's first call."""
     # The cache key: everything about each tensor that validation and Triton's
     # specialization depend on (shape, strides, dtype, device, 16-byte alignment), built in
     # one comprehension (no call per tensor; None slots stay None, so positions still count).
@@ -637,8 +726,17 @@ def fused_step(
         if len(_LAUNCH_CONFIGS) > 256:
             _LAUNCH_CONFIGS.clear()
         _LAUNCH_CONFIGS[key] = config
+    return config
+
+
+def _apply(
+    config, x, model_output, table, rows, guidance_scale, guidance_rescale, clip_range,
+    thresholding, x0_prev, noise, seeds, grad, out, x0_out, write_x0, history, last_sample,
+):  # fmt: skip
+    """The step's launches with a checked configuration (``fused_step`` after its checks)."""
+    write_x0 = write_x0 or x0_out is not None
     mscale = None
-    if rescaled:
+    if guidance_scale is not None and guidance_rescale:
         mscale = _rescale_factor(model_output, config, guidance_scale, guidance_rescale)
     options = (table, rows, seeds, guidance_scale, clip_range, thresholding, write_x0)
     options += (history, last_sample)

@@ -105,7 +105,8 @@ class TimestepRowsMixin(FusedSchedulerMixin):
             t = int(value)
             if t != value or not 0 <= t < train_steps:
                 raise ValueError(f"timestep must be an integer in [0, {train_steps}), got {value}")
-            return self._row(tables, t + 1), t
+            view = tables["row_views"].get(t + 1)  # (_row's common case, inline)
+            return (view if view is not None else self._row(tables, t + 1)), t
         batch = x.shape[0]
         if timestep.is_floating_point() and _base.on_host(timestep):
             raise ValueError("per-sample timesteps must be an integer tensor")
@@ -211,7 +212,8 @@ class StepIndexMixin(FusedSchedulerMixin):
                 f"step index {index} is outside the {n} steps of the plan: step was called "
                 "more often than set_timesteps planned (call set_timesteps again)"
             )
-        return self._row(tables, index + offset)
+        view = tables["row_views"].get(index + offset)  # (_row's common case, inline)
+        return view if view is not None else self._row(tables, index + offset)
 
     def _add_noise_indices(self, timesteps: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Step indices for add_noise (diffusers' rule), without a sync."""
