@@ -65,8 +65,7 @@ class TimestepRowsMixin(FusedSchedulerMixin):
         x0 processing, the reference ``rule(x, m, ab_t, ab_next, **options)``, both outputs in
         ``promote(sample, model_output)`` as diffusers returns them."""
         config = self.config
-        clip_range, thresholding = self._processing(config)
-        processing = dict(clip_range=clip_range, thresholding=thresholding)
+        clip_range, thresholding = self._processing_options  # (_begin_step checked config)
         prediction_type = config.prediction_type
         reference_step = self._reference_rule(
             tables,
@@ -75,7 +74,8 @@ class TimestepRowsMixin(FusedSchedulerMixin):
             ("ab", "ab_next"),
             by_row,
             prediction_type=prediction_type,
-            **processing,
+            clip_range=clip_range,
+            thresholding=thresholding,
             **options,
         )
         out_dtype = promote(sample.dtype, model_output.dtype)
@@ -92,7 +92,8 @@ class TimestepRowsMixin(FusedSchedulerMixin):
             noise=noise,
             seeds=seeds,
             variance_mode=variance_mode,
-            **processing,
+            clip_range=clip_range,
+            thresholding=thresholding,
         )
 
     def _timestep_rows(
