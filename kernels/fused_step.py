@@ -624,7 +624,7 @@ def fused_step(
     tensors += (history, last_sample)
     guided = guidance_scale is not None
     config = _config_of(tensors, guided, clip_range, thresholding, variance_mode, x0_noise)
-    return _apply(
+    return step_with_config(
         config, x, model_output, table, rows, guidance_scale, guidance_rescale, clip_range,
         thresholding, x0_prev, noise, seeds, grad, out, x0_out, write_x0, history, last_sample,
     )  # fmt: skip
@@ -678,7 +678,6 @@ def step_with_config(
     model_output: torch.Tensor,
     table: torch.Tensor,
     rows: torch.Tensor,
-    *,
     guidance_scale: float | None = None,
     guidance_rescale: float = 0.0,
     clip_range: float | None = None,
@@ -696,44 +695,9 @@ def step_with_config(
     """``fused_step`` with the configuration :func:`step_config` returned for arguments of
     this signature, unchecked: the caller guarantees that every tensor has the shape,
     strides, dtype, device and alignment of the ones checked (nothing else protects memory
-    here). Same arguments and result as ``fused_step``."""
-    return _apply(
-        config, x, model_output, table, rows, guidance_scale, guidance_rescale, clip_range,
-        thresholding, x0_prev, noise, seeds, grad, out, x0_out, write_x0, history, last_sample,
-    )  # fmt: skip
-
-
-def _config_of(tensors, guided, clip_range, thresholding, variance_mode, x0_noise):
-    """The cached launch configuration of ``tensors`` (``fused_step``'s tensor arguments in
-    order) and the option kinds; checked (``_launch_config``) at a signature's first call."""
-    # The cache key: everything about each tensor that validation and Triton's
-    # specialization depend on (shape, strides, dtype, device, 16-byte alignment), built in
-    # one comprehension (no call per tensor; None slots stay None, so positions still count).
-    key = (
-        guided,
-        clip_range is None,
-        thresholding is None,
-        variance_mode,
-        x0_noise,
-        *[
-            None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16 == 0)
-            for t in tensors
-        ],
-    )
-    config = _LAUNCH_CONFIGS.get(key)
-    if config is None:
-        config = _launch_config(*tensors, guided, clip_range, variance_mode, x0_noise)
-        if len(_LAUNCH_CONFIGS) > 256:
-            _LAUNCH_CONFIGS.clear()
-        _LAUNCH_CONFIGS[key] = config
-    return config
-
-
-def _apply(
-    config, x, model_output, table, rows, guidance_scale, guidance_rescale, clip_range,
-    thresholding, x0_prev, noise, seeds, grad, out, x0_out, write_x0, history, last_sample,
-):  # fmt: skip
-    """The step's launches with a checked configuration (``fused_step`` after its checks)."""
+    here). Same arguments and result as ``fused_step`` (``variance_mode`` and ``x0_noise``
+    are the configuration's), also by position in this order (``fused_step`` passes them
+    so: binding keywords costs microseconds)."""
     write_x0 = write_x0 or x0_out is not None
     mscale = None
     if guidance_scale is not None and guidance_rescale:
@@ -762,6 +726,32 @@ def _apply(
         config, options, x, model_output, x0_prev, noise, grad, mscale, out, x0_out
     )
     return x_next, x0
+
+
+def _config_of(tensors, guided, clip_range, thresholding, variance_mode, x0_noise):
+    """The cached launch configuration of ``tensors`` (``fused_step``'s tensor arguments in
+    order) and the option kinds; checked (``_launch_config``) at a signature's first call."""
+    # The cache key: everything about each tensor that validation and Triton's
+    # specialization depend on (shape, strides, dtype, device, 16-byte alignment), built in
+    # one comprehension (no call per tensor; None slots stay None, so positions still count).
+    key = (
+        guided,
+        clip_range is None,
+        thresholding is None,
+        variance_mode,
+        x0_noise,
+        *[
+            None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16 == 0)
+            for t in tensors
+        ],
+    )
+    config = _LAUNCH_CONFIGS.get(key)
+    if config is None:
+        config = _launch_config(*tensors, guided, clip_range, variance_mode, x0_noise)
+        if len(_LAUNCH_CONFIGS) > 256:
+            _LAUNCH_CONFIGS.clear()
+        _LAUNCH_CONFIGS[key] = config
+    return config
 
 
 def _rescale_factor(model_output, config, guidance_scale, guidance_rescale) -> torch.Tensor:

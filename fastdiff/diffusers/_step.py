@@ -287,20 +287,14 @@ class StepTemplateMixin:
         if key is not None:
             launch = self._launches.get(key)
             if launch is not None:  # a signature this scheduler's kernel path took before
-                config, out_dtype, x0_dtype, x0_out, options = launch
-                return step_with_config(
-                    config,
-                    x,
-                    model_output,
-                    table,
-                    rows,
-                    x0_prev=x0_prev,
-                    noise=noise,
-                    seeds=seeds,
-                    out=None if out_dtype is None else torch.empty_like(x, dtype=out_dtype),
-                    x0_out=x0_out if x0_dtype is None else torch.empty_like(x, dtype=x0_dtype),
-                    **options,
-                )
+                config, out_dtype, x0_dtype, x0_out, clip, thresh, write_x0, ring, last = launch
+                return step_with_config(  # by position (binding keywords costs microseconds)
+                    config, x, model_output, table, rows, None, 0.0, clip, thresh, x0_prev,
+                    noise, seeds, None,
+                    None if out_dtype is None else torch.empty_like(x, dtype=out_dtype),
+                    x0_out if x0_dtype is None else torch.empty_like(x, dtype=x0_dtype),
+                    write_x0, ring, last,
+                )  # fmt: skip
             out_dtype = out_dtype or x.dtype  # (run_step's defaults)
             x0_dtype = x0_dtype or out_dtype
             if _KERNEL_OPTIONS.keys() >= kernel_kwargs.keys() and self._cacheable(
@@ -378,7 +372,11 @@ class StepTemplateMixin:
         )
         if len(self._launches) >= 64:  # (UniPC's device chains: a table a chain)
             self._launches.clear()
-        self._launches[key] = (config, out_dtype, x0_dtype, given_x0_out, options)
+        self._launches[key] = (
+            config, out_dtype, x0_dtype, given_x0_out, options["clip_range"],
+            options["thresholding"], options["write_x0"], options["history"],
+            options["last_sample"],
+        )  # fmt: skip
         return step_with_config(
             config,
             x,
