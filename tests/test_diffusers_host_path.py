@@ -42,14 +42,14 @@ DIFFUSERS_DIR = os.path.join("fastdiff", "diffusers") + os.sep
 # (class, noise, generator?): aten ops a step may issue besides the launch, Python calls into
 # fastdiff/diffusers a step may make (today's counts: a regression fails, a gain passes)
 CASES = {
-    "ddpm": (FusedDDPMScheduler, "torch", True, 3, 17),
-    "ddpm-philox": (FusedDDPMScheduler, "philox", False, 2, 17),
-    "ddim": (FusedDDIMScheduler, "torch", False, 2, 15),
+    "ddpm": (FusedDDPMScheduler, "torch", True, 3, 16),
+    "ddpm-philox": (FusedDDPMScheduler, "philox", False, 2, 16),
+    "ddim": (FusedDDIMScheduler, "torch", False, 2, 14),
     "euler": (FusedEulerDiscreteScheduler, "torch", False, 3, 13),
     "euler_a": (FusedEulerAncestralDiscreteScheduler, "torch", True, 4, 15),
     "euler_a-philox": (FusedEulerAncestralDiscreteScheduler, "philox", False, 3, 15),
     "dpm": (FusedDPMSolverMultistepScheduler, "torch", False, 2, 13),
-    "unipc": (FusedUniPCMultistepScheduler, "torch", False, 1, 13),
+    "unipc": (FusedUniPCMultistepScheduler, "torch", False, 1, 12),
     "flow": (FusedFlowMatchEulerDiscreteScheduler, "torch", False, 1, 12),
 }
 
@@ -190,6 +190,24 @@ def test_cached_and_dispatched_steps_agree(name):
         got = dispatched.step(other, t, x)
         assert torch.equal(got.prev_sample, want.prev_sample)
         x = want.prev_sample
+
+
+def test_a_copied_scheduler_checks_again_and_steps_alike():
+    """A deep copy (some diffusers pipelines copy their scheduler) or a pickled copy of a
+    stepped scheduler starts without the launch cache and steps as the original does."""
+    import copy
+    import pickle
+
+    scheduler = FusedDDIMScheduler(backend="triton")
+    scheduler.set_timesteps(4)
+    x, m = torch.randn(SHAPE), torch.randn(SHAPE)
+    t = scheduler.timesteps[1]
+    want = scheduler.step(m, t, x).prev_sample
+    assert scheduler._launches
+    for other in (copy.deepcopy(scheduler), pickle.loads(pickle.dumps(scheduler))):
+        assert not other._launches
+        assert torch.equal(other.step(m, t, x).prev_sample, want)
+        assert torch.equal(other.step(m, t, x).prev_sample, want)
 
 
 # aten ops of one iteration of a graphed loop (step index = the loop's counter, timestep a

@@ -40,7 +40,7 @@ from fastdiff.diffusers._common import (
     mirrored_step,
 )
 from fastdiff.diffusers._plan import PlanTablesMixin
-from fastdiff.diffusers._step import StepTemplateMixin
+from fastdiff.diffusers._step import LaunchCache, StepTemplateMixin
 
 # device_index and make_output: re-exported for the tests
 __all__ = [
@@ -122,7 +122,7 @@ class FusedSchedulerMixin(StepTemplateMixin, PlanTablesMixin):
     def _setup_fused(self, backend: str | None, noise: str) -> None:
         self.backend = backend
         self._tables: dict = {}
-        self._launches: dict = {}  # the kernel path's configurations (StepTemplateMixin)
+        self._launches = LaunchCache()  # the kernel path's configurations (StepTemplateMixin)
         self._last_tables = None
         self._seeds_cache: dict = {}
         self._seed: int | None = None

@@ -34,7 +34,7 @@ from fastdiff.diffusers._common import dense, step_output
 from fastdiff.kernels.fused_step import step_config, step_with_config
 from fastdiff.stepping import run_step
 
-__all__ = ["StepTemplateMixin"]
+__all__ = ["LaunchCache", "StepTemplateMixin"]
 
 # The kernel options a drop-in step passes to _run_step besides the tensors, with
 # run_step's defaults.
@@ -48,6 +48,19 @@ _KERNEL_OPTIONS = {
     "last_sample": None,
     "x0_noise": False,
 }
+
+
+class LaunchCache(dict):
+    """A scheduler's kernel-path configurations by input signature (``_run_step``). A copy
+    of the scheduler (``copy.deepcopy``, as some diffusers pipelines make; pickling) gets an
+    empty one: the configurations hold compiled kernels, and the copy checks its inputs
+    again at its first step."""
+
+    def __deepcopy__(self, memo):
+        return LaunchCache()
+
+    def __reduce__(self):
+        return (LaunchCache, ())
 
 
 def _dtypes(x, model_output, noise, x0_prev, out_dtype, x0_dtype, options) -> tuple:
