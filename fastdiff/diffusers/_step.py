@@ -1,7 +1,18 @@
 """The step template of the fused diffusers schedulers (mixed into ``FusedSchedulerMixin``):
 ``_begin_step`` (plan and config checks, the step index, the kernel's layout), the step's
 noise, ``_reference_rule`` (the reference path's step), ``_run_step`` (one step through
-``fastdiff.stepping.run_step``) and ``_fused_step`` (run, ``_end_step``, diffusers' output).
+``fastdiff.stepping.run_step``, or the launch cached for its input signature) and
+``_fused_step`` (run, ``_end_step``, diffusers' output).
+
+The launch cache (host cost of a step on small latents, where Python is the step's cost).
+The first kernel-path step of an input signature (the shapes, strides, dtypes, devices and
+alignment of the sample, model output, noise and previous x0; the scheduler's table, seeds
+and history buffers by identity; the rows' layout; the step options and output dtypes) is
+checked by ``fastdiff.kernels.fused_step.step_config`` (``fused_step``'s checks and errors)
+and its configuration kept; a later step of that signature launches it directly
+(``step_with_config``): no dispatch through ``run_step``, no second key of every tensor, no
+checks. Any other input (a new signature, a layout ``run_step`` would copy, the reference
+backend) takes ``run_step`` or the checks as before.
 
 Noise (``noise=``, a keyword-only constructor option like ``backend``, not saved to the
 config). "torch", the default: the noise is drawn exactly as the diffusers class draws it
@@ -227,7 +238,9 @@ class StepTemplateMixin:
         **kernel_kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One step through ``fastdiff.stepping.run_step`` (the dispatch ``Sampler.step``
-        uses), returned in the dtypes the diffusers class returns.
+        uses), returned in the dtypes the diffusers class returns; on the kernel path a step
+        of an input signature this scheduler launched before takes the cached launch (see
+        the module docstring: the same launch, outputs and bits).
 
         The reference path runs ``reference_step(xr, m, noise)`` in float64 (it is the
         fallback and the check, not the fast path; float32 would lose digits where
