@@ -70,6 +70,7 @@ if HAS_CUDA:
         ((8, 4, 128, 128), torch.bfloat16),
         ((64, 3, 256, 256), torch.float32),
         ((256, 3, 256, 256), torch.float32),
+        ((256, 3, 256, 256), torch.bfloat16),  # 16-bit I/O: the Philox step's compute shows
     ]
     LOOP_STEPS = 50
 else:

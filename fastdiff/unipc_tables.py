@@ -275,10 +275,16 @@ class UniPCHistory:
 
     Args:
         slots: S, the ring's length (``ring_slots(solver_order)``).
+        last_slots: the corrected samples' slots: 2, or 0 for a ring without UniPC's
+            corrector (DPM-Solver++ 3M: ``[0, B, ...]``, which ``fused_step`` reads as no
+            corrector).
     """
 
-    def __init__(self, slots: int) -> None:
+    def __init__(self, slots: int, last_slots: int = 2) -> None:
+        if last_slots not in (0, 2):
+            raise ValueError(f"last_slots must be 2 (UniPC) or 0 (no corrector), got {last_slots}")
         self.slots = slots
+        self.last_slots = last_slots
         self._buffers: dict = {}
 
     def buffers(self, x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -295,7 +301,7 @@ class UniPCHistory:
                     t = torch.empty_like(t, memory_format=fmt)
                 return t.zero_().view(count, batch, *rest)
 
-            found = self._buffers[key] = (alloc(self.slots), alloc(2))
+            found = self._buffers[key] = (alloc(self.slots), alloc(self.last_slots))
         return found
 
     def clear(self) -> None:

@@ -44,7 +44,11 @@ step k and the predictor of step k + 1 in one launch, with M = ``x0`` above::
 (``UNIPC_COLUMNS``: coefficients by ring slot j; the slot written is not read; the
 predictor's coefficients of x_c are folded into the others on the host, so that terms
 which cancel in exact arithmetic cancel in float64 there). Reads x, m, last and the
-ring, writes x_c, x_next and M: 5 + 3 passes at order 2.
+ring, writes x_c, x_next and M: 5 + 3 passes at order 2. Without a corrector (a
+``last_sample`` of no slots, constexpr ``HIST_CORRECTOR`` off: DPM-Solver++ 3M's x0 ring,
+whose corrector columns are 0) only ``x_next += sum_j UP_H[j] * hist[j]`` and the M store:
+last and the corrector columns are not read, x_c is not written (reads x, m and the S - 1
+slots, writes x_next and M: 6 passes at S = 3).
 
 Example:
     >>> x_next, x0 = fused_step(x, eps, table, rows, seeds=seeds)
@@ -231,12 +235,21 @@ def _philox_block(
     FAST_MATH: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PAIRS: tl.constexpr,
 ):
     """The tile's in-kernel noise: four normals per Philox call, quad q of a sample serving
-    its elements 4q .. 4q+3."""
+    its elements 4q .. 4q+3 (PAIRS: quads 2p and 2p + 1 made side by side)."""
     seed = tl.load(seed_ptr + b, mask=b_ok, other=0)[:, None]
-    quad = pid_n * (BLOCK_N // 4) + tl.arange(0, BLOCK_N // 4).to(tl.int64)
-    z0, z1, z2, z3 = _philox_normal4(seed, row[:, None], quad[None, :], FAST_MATH)
+    if PAIRS:
+        # Two consecutive quads per register group (8 elements: a 16-byte vector of 16-bit
+        # I/O): the normals land in the load's layout, with no exchange through shared memory.
+        pair = pid_n * (BLOCK_N // 4) + 2 * tl.arange(0, BLOCK_N // 8).to(tl.int64)
+        e0, e1, e2, e3 = _philox_normal4(seed, row[:, None], pair[None, :], FAST_MATH)
+        o0, o1, o2, o3 = _philox_normal4(seed, row[:, None], pair[None, :] + 1, FAST_MATH)
+        z0, z1, z2, z3 = tl.join(e0, o0), tl.join(e1, o1), tl.join(e2, o2), tl.join(e3, o3)
+    else:
+        quad = pid_n * (BLOCK_N // 4) + tl.arange(0, BLOCK_N // 4).to(tl.int64)
+        z0, z1, z2, z3 = _philox_normal4(seed, row[:, None], quad[None, :], FAST_MATH)
     return tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), (BLOCK_S, BLOCK_N))
 
 
@@ -246,27 +259,45 @@ _UNIPC_MAX = tl.constexpr(UNIPC_MAX_SLOTS)
 
 @triton.jit
 def _unipc_terms(
-    coef, b_ok, mask, x, m_conv, hist_at, last_at, hist_sstride, last_sstride, SLOTS: tl.constexpr
+    coef,
+    b_ok,
+    mask,
+    x,
+    m_conv,
+    hist_at,
+    last_at,
+    hist_sstride,
+    last_sstride,
+    SLOTS: tl.constexpr,
+    CORRECTOR: tl.constexpr,
 ):
     """UniPC (Zhao et al. 2023): the corrected sample x_c of this step (UniC) and the terms
     UP_LAST last + sum_j UP_H[j] hist[j] of the next sample (UniP), from the row's
     UNIPC_COLUMNS; also the ring slot and the last-sample slot this step writes. ``hist_at``
-    and ``last_at`` point at the tile in slot 0 of the ring and of the last samples."""
+    and ``last_at`` point at the tile in slot 0 of the ring and of the last samples. Without
+    CORRECTOR only sum_j UP_H[j] hist[j] (last and the corrector columns unread; x_c is x, a
+    placeholder the caller does not store)."""
     hist_slot = tl.load(coef + (_UNIPC0 + 4 + 2 * _UNIPC_MAX), mask=b_ok, other=0.0)
     last_slot = tl.load(coef + (_UNIPC0 + 5 + 2 * _UNIPC_MAX), mask=b_ok, other=0.0)
     hist_slot = hist_slot.to(tl.int64)[:, None]
     last_slot = last_slot.to(tl.int64)[:, None]
-    last = tl.load(last_at + (1 - last_slot) * last_sstride, mask=mask, other=0.0).to(tl.float32)
-    uc_x = tl.load(coef + _UNIPC0, mask=b_ok, other=0.0)[:, None]
-    uc_last = tl.load(coef + (_UNIPC0 + 1), mask=b_ok, other=0.0)[:, None]
-    uc_new = tl.load(coef + (_UNIPC0 + 2), mask=b_ok, other=0.0)[:, None]
-    x_c = uc_x * x + uc_last * last + uc_new * m_conv
-    pred = tl.load(coef + (_UNIPC0 + 3 + _UNIPC_MAX), mask=b_ok, other=0.0)[:, None] * last
+    if CORRECTOR:
+        last = tl.load(last_at + (1 - last_slot) * last_sstride, mask=mask, other=0.0)
+        last = last.to(tl.float32)
+        uc_x = tl.load(coef + _UNIPC0, mask=b_ok, other=0.0)[:, None]
+        uc_last = tl.load(coef + (_UNIPC0 + 1), mask=b_ok, other=0.0)[:, None]
+        uc_new = tl.load(coef + (_UNIPC0 + 2), mask=b_ok, other=0.0)[:, None]
+        x_c = uc_x * x + uc_last * last + uc_new * m_conv
+        pred = tl.load(coef + (_UNIPC0 + 3 + _UNIPC_MAX), mask=b_ok, other=0.0)[:, None] * last
+    else:
+        x_c = x
+        pred = tl.zeros_like(x)
     for j in tl.static_range(SLOTS):
         # the slot this step writes holds no input of it: not read (one pass fewer)
         h = tl.load(hist_at + j * hist_sstride, mask=mask & (hist_slot != j), other=0.0)
         h = h.to(tl.float32)
-        x_c += tl.load(coef + (_UNIPC0 + 3 + j), mask=b_ok, other=0.0)[:, None] * h
+        if CORRECTOR:
+            x_c += tl.load(coef + (_UNIPC0 + 3 + j), mask=b_ok, other=0.0)[:, None] * h
         pred += tl.load(coef + (_UNIPC0 + 4 + _UNIPC_MAX + j), mask=b_ok, other=0.0)[:, None] * h
     return x_c, pred, hist_slot, last_slot
 
@@ -333,6 +364,7 @@ def _fused_step_kernel(
     WRITE_OUT: tl.constexpr,
     WRITE_X0: tl.constexpr,
     HIST_SLOTS: tl.constexpr,
+    HIST_CORRECTOR: tl.constexpr,
     X0_NOISE: tl.constexpr,
     BACKWARD: tl.constexpr,
     HAS_GX0: tl.constexpr,
@@ -430,6 +462,7 @@ def _fused_step_kernel(
                     hist_sstride,
                     last_sstride,
                     HIST_SLOTS,
+                    HIST_CORRECTOR,
                 )
                 x_next += h_pred
             c_prev = tl.load(coef + 5, mask=b_ok, other=0.0)[:, None]
@@ -457,7 +490,8 @@ def _fused_step_kernel(
             z = tl.load(noise_ptr + b2 * noise_bstride + j2, mask=mask, other=0.0).to(tl.float32)
             acc += z_std * z
         if NOISE == 2:
-            z = _philox_block(seed_ptr, b, b_ok, row, pid_n, FAST_MATH, BLOCK_S, BLOCK_N)
+            pairs: tl.constexpr = x_ptr.dtype.element_ty.primitive_bitwidth < 32 and BLOCK_N >= 8
+            z = _philox_block(seed_ptr, b, b_ok, row, pid_n, FAST_MATH, BLOCK_S, BLOCK_N, pairs)
             acc += z_std * z
         if BACKWARD:
             if VAR_MODE != 0 and NEED_DM:
@@ -487,8 +521,9 @@ def _fused_step_kernel(
             if HIST_SLOTS > 0:  # UniPC state: slots no load of this step reads
                 h_new = x0.to(hist_ptr.dtype.element_ty)
                 tl.store(hist_at + hist_slot * hist_sstride, h_new, mask=mask)
-                l_new = x_c.to(last_ptr.dtype.element_ty)
-                tl.store(last_at + last_slot * last_sstride, l_new, mask=mask)
+                if HIST_CORRECTOR:
+                    l_new = x_c.to(last_ptr.dtype.element_ty)
+                    tl.store(last_at + last_slot * last_sstride, l_new, mask=mask)
         # Stored last, after every load: x0_out may alias x0_prev (and out may alias x).
         if WRITE_X0:
             tl.store(x0_ptr + b2 * x0_bstride + j2, x0.to(x0_ptr.dtype.element_ty), mask=mask)
@@ -609,7 +644,10 @@ def fused_step(
             ``UNIPC_COLUMNS``, and the step writes this step's M (the processed "x0") into
             the row's ``hist_slot``.
         last_sample: with ``history``: ``[2, B, ...]``, the corrected samples of this and
-            the previous step (the row's ``last_slot`` is written, the other read).
+            the previous step (the row's ``last_slot`` is written, the other read); or
+            ``[0, B, ...]`` (no slots): a ring step without UniPC's corrector
+            (DPM-Solver++ 3M), which reads only the ring besides x and m and writes only
+            x_next and the row's ring slot (its corrector columns are not read).
         x0_noise: the x0 written carries the step's noise, ``x0 + X0_Z z`` (the x0 of a
             churned sample ``x + c z``, Karras et al. 2022 Alg. 2); needs noise or seeds.
 
@@ -775,12 +813,14 @@ def _forward(config, options, x, model_output, x0_prev, noise, grad, mscale, out
     if x0_out is None and write_x0:
         x0_out = torch.empty_like(x)
     # the arguments of _FORWARD_NAMES: the inputs, then what only the forward reads / writes
+    # (a last_sample of no slots, no corrector: not read, x stands in for its pointer)
+    has_last = last_sample is not None and last_sample.numel() > 0
     written = (
         x0_prev if x0_prev is not None else x,
         out,
         x0_out if x0_out is not None else out,
         history if history is not None else x,
-        last_sample if last_sample is not None else x,
+        last_sample if has_last else x,
     )
     std, has_mscale = config.statics["STD"], mscale is not None
     thresh = None
@@ -944,7 +984,7 @@ class _LaunchConfig:
 _FORWARD_ONLY = dict.fromkeys(
     "prev_ptr out_ptr x0_ptr hist_ptr last_ptr prev_bstride out_bstride x0_bstride "
     "hist_bstride hist_sstride last_bstride last_sstride".split()
-) | {"WRITE_OUT": False, "WRITE_X0": False, "HIST_SLOTS": 0}
+) | {"WRITE_OUT": False, "WRITE_X0": False, "HIST_SLOTS": 0, "HIST_CORRECTOR": False}
 _BACKWARD_ONLY = dict.fromkeys(
     "gout_ptr gx0_ptr dx_ptr dm_ptr dprev_ptr dnoise_ptr dgrad_ptr dscale_ptr gout_bstride "
     "gx0_bstride dm_bstride dm_var_off dm_cond_off".split()
@@ -1032,7 +1072,7 @@ def _launch_config(
     if seeds is not None:
         if seeds.dtype != torch.int64 or seeds.shape != (batch,) or seeds.device != x.device:
             raise ValueError(f"seeds must be an int64 tensor [{batch}] on x's device")
-    hist_slots = _check_unipc_state(history, last_sample, x0_prev, x, batch)
+    hist_slots, corrector = _check_unipc_state(history, last_sample, x0_prev, x, batch)
     if x0_noise and (noise is None and seeds is None or hist_slots):
         raise ValueError("x0_noise needs the step's noise (noise= or seeds=) and no history")
 
@@ -1065,6 +1105,7 @@ def _launch_config(
         last_bstride=last_sample.stride(1) if last_sample is not None else 0,
         last_sstride=last_sample.stride(0) if last_sample is not None else 0,
         HIST_SLOTS=hist_slots,
+        HIST_CORRECTOR=corrector,
         X0_NOISE=bool(x0_noise),
         BLOCK_S=block_s,
         BLOCK_N=block_n,
@@ -1075,24 +1116,33 @@ def _launch_config(
     return _LaunchConfig(batch, channels, grid, statics)
 
 
-def _check_unipc_state(history, last_sample, x0_prev, x, batch) -> int:
-    """UniPC's ring ``[S, B, ...]`` and last samples ``[2, B, ...]``, every slot laid out like
-    x; returns S (0 without them)."""
+def _check_unipc_state(history, last_sample, x0_prev, x, batch) -> tuple[int, bool]:
+    """UniPC's ring ``[S, B, ...]`` and last samples ``[2, B, ...]`` (or ``[0, B, ...]``: no
+    corrector), every slot laid out like x; returns S (0 without them) and whether the step
+    has the corrector (``HIST_CORRECTOR``)."""
     if history is None and last_sample is None:
-        return 0
+        return 0, False
     if history is None or last_sample is None:
         raise ValueError("history and last_sample go together (UniPC)")
     if x0_prev is not None:
         raise ValueError("x0_prev has no place in a UniPC step (its history is the ring)")
-    for name, t, slots in (("history", history, None), ("last_sample", last_sample, 2)):
+    corrector = not (isinstance(last_sample, torch.Tensor) and last_sample.shape[:1] == (0,))
+    state = [("history", history, None)] + [("last_sample", last_sample, 2)] * corrector
+    for name, t, slots in state:
         if not isinstance(t, torch.Tensor) or t.dim() != x.dim() + 1:
             raise ValueError(f"{name} must be a [slots, B, ...] tensor like x")
         if not 1 <= t.shape[0] <= (slots or UNIPC_MAX_SLOTS) or (slots and t.shape[0] != slots):
-            raise ValueError(f"{name} has {t.shape[0]} slots, expected {slots or '1 to 4'}")
+            expected = f"{slots} (or 0: no corrector)" if slots else "1 to 4"
+            raise ValueError(f"{name} has {t.shape[0]} slots, expected {expected}")
         _check_same_layout(name, t[0], x, batch)
         if t.shape[0] > 1 and t.stride(0) < t[0].numel():
             raise ValueError(f"the slots of {name} overlap (stride {t.stride(0)})")
-    return history.shape[0]
+    if not corrector and last_sample.shape[1:] != x.shape:
+        raise ValueError(
+            f"last_sample has shape {tuple(last_sample.shape)}, expected {(0, *x.shape)} "
+            "(no slots: a ring step without corrector)"
+        )
+    return history.shape[0], corrector
 
 
 def _launch(

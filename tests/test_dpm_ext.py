@@ -17,6 +17,7 @@ import random
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("diffusers")
 
@@ -31,6 +32,7 @@ from test_diffusers_pipelines import (  # noqa: E402
 from test_dpm_graph import _eager, _loop, _randn  # noqa: E402
 from test_flow_diffusers import dpm_case  # noqa: E402
 
+import fastdiff.kernels.fused_step as fs  # noqa: E402
 from fastdiff import reference  # noqa: E402
 from fastdiff.diffusers import FusedDPMSolverMultistepScheduler  # noqa: E402
 from fastdiff.diffusers.graph import capture_denoising_loop  # noqa: E402
@@ -324,6 +326,137 @@ def test_third_order_device_index_is_the_host_index(mode, as_device, device):
     assert torch.equal(edited(True), edited(False))
     start = f.timesteps[3:]  # a chain started mid-plan (its first two rows marked there)
     assert torch.equal(run(start, True), run(start, False))
+
+
+class _StepTraffic(TorchDispatchMode):
+    """What a step moves over sample-sized tensors: the aten ops with a sample-sized output
+    (outside the fused kernel's launches) and, per launch, the passes its flags make (reads:
+    x, m, the ring's slots but the one written, the last sample, x0_prev, a noise tensor, a
+    classifier gradient, variance channels, the guided half; writes: x_next, x0, the ring's
+    slot, the corrected sample)."""
+
+    def __init__(self, monkeypatch, numel: int):
+        super().__init__()
+        self.numel, self.ops, self.launches, self.paused = numel, [], [], False
+        launch = fs._launch
+
+        def counted(config, dynamic, device, **flags):
+            v = {**config.statics, **flags}
+            slots = v["HIST_SLOTS"]
+            corrector = slots > 0 and v.get("HIST_CORRECTOR", True)  # (UniPC's pair)
+            reads = 2 + max(slots - 1, 0) + corrector + v["HAS_PREV"] + (v["NOISE"] == 1)
+            reads += v["HAS_GRAD"] + (v["VAR_MODE"] != 0) + v["CFG"]
+            writes = v["WRITE_OUT"] + v["WRITE_X0"] + (slots > 0) + corrector
+            self.launches.append(int(reads + writes))
+            self.paused = True
+            try:
+                return launch(config, dynamic, device, **flags)
+            finally:
+                self.paused = False
+
+        monkeypatch.setattr(fs, "_launch", counted)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outs = out if isinstance(out, (tuple, list)) else [out]
+        if not self.paused and any(
+            isinstance(o, torch.Tensor) and o.numel() >= self.numel for o in outs
+        ):
+            self.ops.append(str(func.overloadpacket.__name__))
+        return out
+
+
+_ALLOCATIONS = {"empty_like", "empty", "empty_strided"}  # no pass over memory
+
+
+def _third_order_scheduler(device, **config):
+    f = FusedDPMSolverMultistepScheduler(solver_order=3, backend="triton", **config)
+    f.set_timesteps(20, device=device)
+    return f
+
+
+@pytest.mark.parametrize("taken", ["once", "again"])
+def test_third_order_step_moves_the_contract_bytes(taken, monkeypatch, device):
+    """One mid-plan 3M step (a host step index; "again": the step index set back and the
+    step taken twice more, as benchmarks/bench_dropin_step.py times it) is one launch of 6
+    passes (reads x, m and the two previous x0s; writes x_next and x0, the ring's new slot)
+    and no other sample-sized op than the output's allocation: no copy into the ring, no
+    corrected-sample pair, x0 written once."""
+    f = _third_order_scheduler(device)
+    x, m = _randn(0, device), _randn(1, device)
+    for k in range(10):
+        x = f.step(m, f.timesteps[k], x).prev_sample
+    index = f.step_index
+    traffic = _StepTraffic(monkeypatch, x.numel())
+    for rep in range(1 if taken == "once" else 3):
+        f._step_index = index
+        traffic.ops.clear(), traffic.launches.clear()
+        with traffic:
+            f.step(m, f.timesteps[index], x)
+        assert traffic.launches == [6], rep
+        assert set(traffic.ops) <= _ALLOCATIONS and len(traffic.ops) <= 1, (rep, traffic.ops)
+
+
+def test_third_order_device_step_moves_the_contract_bytes(monkeypatch, as_device, device):
+    """The same with a device step index (a graphed iteration's step): 6 passes, no copy."""
+    f = _third_order_scheduler(device)
+    x, m = _randn(0, device), _randn(1, device)
+    indices = torch.arange(20, device=device)
+    traffic = _StepTraffic(monkeypatch, x.numel())
+    for k in range(12):
+        f.prepare_graph_step()
+        traffic.ops.clear(), traffic.launches.clear()
+        with traffic:
+            x = f.step(m, torch.take(f.timesteps, indices[k]), x).prev_sample
+    assert traffic.launches == [6]
+    assert set(traffic.ops) <= _ALLOCATIONS and len(traffic.ops) <= 1, traffic.ops
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", [ODE, MODES[2]], ids=["ode", "heun"])
+def test_third_order_step_taken_again_reads_the_shifted_history(mode, backend):
+    """A step taken again (the step index set back: diffusers then reads its shifted list,
+    the first run's x0 newest) as diffusers takes it, twice in a row; then the rest of the
+    plan. The ring's phase follows the list (the x0s lie one slot on after each run)."""
+    algorithm, solver_type = mode
+    config = dict(algorithm_type=algorithm, solver_type=solver_type, solver_order=3)
+    d = DPMSolverMultistepScheduler(**config)
+    f = FusedDPMSolverMultistepScheduler.from_config(d.config, backend=backend)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(SHAPE, generator=g).to(DEVICE)
+    ms = [torch.randn(SHAPE, generator=g).to(DEVICE) for _ in range(10)]
+    got = []
+    for s in (d, f):
+        s.set_timesteps(8, device=DEVICE)
+        xs, outs = x, []
+        for k, m in enumerate(ms):
+            i = 4 if k in (5, 6) else k - 2 if k > 6 else k  # step 4 taken three times
+            if k in (5, 6):
+                s._step_index = 4
+            xs = s.step(m, s.timesteps[i], xs).prev_sample
+            outs.append(xs)
+        got.append(outs)
+    for k, (want, have) in enumerate(zip(*got)):
+        scale = max(1.0, want.abs().max().item())
+        torch.testing.assert_close(have, want, rtol=1e-4, atol=1e-4 * scale, msg=f"step {k}")
+
+
+def test_third_order_step_taken_again_then_device_steps(as_device, device):
+    """After a step taken again (the ring's phase moved) the device step index reads the
+    ring at that phase: the rest of the plan bitwise as with the host index."""
+    f = FusedDPMSolverMultistepScheduler(solver_order=3, backend="triton")
+    step_fn = _loop(f, _randn(1, device))
+
+    def run(device_index):
+        f.set_timesteps(8, device=device)
+        y = _eager(f, step_fn, _randn(0, device), f.timesteps[:5])
+        for _ in range(2):
+            f._step_index = 4
+            y = step_fn(y, f.timesteps[4])
+        assert f._ring_phase == 2
+        return _eager(f, step_fn, y, f.timesteps[5:], device_index=device_index)
+
+    assert torch.equal(run(True), run(False))
 
 
 def test_sde_capture_needs_philox_noise():

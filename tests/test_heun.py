@@ -19,6 +19,7 @@ import random
 import pytest
 import torch
 from conftest import TOLERANCES
+from torch.utils._python_dispatch import TorchDispatchMode
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -579,6 +580,189 @@ def test_graph_hooks_and_refusals(as_device):
     f.set_begin_index(2)
     with pytest.raises(ValueError, match="begin_index"):
         capture_denoising_loop(lambda x, t: x, x, scheduler=f)
+
+
+# -- traffic: the tensor-sized passes of each half -------------------------------------------
+
+
+class _Traffic(TorchDispatchMode):
+    """What runs inside, as ``(name, passes read, passes written)`` per aten op and per
+    ``fused_step`` launch (recorded by ``count_launches``): the bytes of the tensors of at
+    least the sample's ``numel`` it reads and writes, over the sample's bytes. Views and
+    small tensors (rows, tables) are left out; an argument an op writes (``out=``, in place)
+    counts as written, and as read too when the op updates it in place (not ``copy_``,
+    ``fill_``, ``zero_``); a factory (``*_like``) reads nothing.
+
+    Example: ``where(c, a, b, out=a)`` of float32 ``a`` and bfloat16 ``b`` and a bfloat16
+    sample reads 2 + 1 and writes 2."""
+
+    def __init__(self, sample: torch.Tensor) -> None:
+        super().__init__()
+        self.numel = sample.numel()
+        self.unit = sample.numel() * sample.element_size()
+        self.ops: list[tuple[str, float, float]] = []
+
+    def passes(self, tensors) -> float:
+        tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
+        nbytes = sum(t.numel() * t.element_size() for t in tensors if t.numel() >= self.numel)
+        return nbytes / self.unit
+
+    def total(self) -> float:
+        return sum(read + written for _, read, written in self.ops)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func.is_view:
+            return out
+        schema = func._schema
+        values = [*args, *(kwargs.get(a.name) for a in schema.arguments[len(args) :])]
+        overwrites = schema.name.endswith("_like") or schema.name in OVERWRITES
+        read = []
+        for argument, value in zip(schema.arguments, values):
+            written = argument.alias_info is not None and argument.alias_info.is_write
+            if not overwrites and (not written or not argument.kwarg_only):
+                read += value if isinstance(value, (list, tuple)) else [value]
+        returned = out if isinstance(out, (list, tuple)) else [out]
+        entry = (schema.name, self.passes(read), self.passes(returned))
+        if entry[1] or entry[2]:
+            self.ops.append(entry)
+        return out
+
+
+OVERWRITES = ("aten::copy_", "aten::fill_", "aten::zero_")  # write their first argument only
+KERNEL_READS = ("x0_prev", "noise", "grad", "history", "last_sample")  # besides x and m
+
+
+@pytest.fixture
+def count_launches(monkeypatch):
+    """``fused_step`` launches recorded by the active ``_Traffic``: x, the model output and
+    the tensors of ``KERNEL_READS`` read, the sample and x0 written (the kernel itself runs
+    outside the mode: under the interpreter its own torch calls are not the step's)."""
+    from torch.utils._python_dispatch import _disable_current_modes, _get_current_dispatch_mode
+
+    from fastdiff import stepping
+
+    launch = stepping.fused_step
+
+    def counted(x, model_output, table, rows, **options):
+        traffic = _get_current_dispatch_mode()
+        with _disable_current_modes():
+            prev, x0 = launch(x, model_output, table, rows, **options)
+        if isinstance(traffic, _Traffic):
+            read = [x, model_output, *(options.get(name) for name in KERNEL_READS)]
+            traffic.ops.append(("fused_step", traffic.passes(read), traffic.passes([prev, x0])))
+        return prev, x0
+
+    monkeypatch.setattr(stepping, "fused_step", counted)
+
+
+def _traffic_of_a_step(device_index, dtype, changed=False):
+    """The ``_Traffic`` of both halves of a mid-plan step (a Karras plan of 10 steps: short
+    steps, the one-launch form) on the triton backend, the second half given the first
+    half's ``prev_sample`` (``changed``: a copy, as an inpainting loop's blend), with the
+    step index on the host or (``device_index``: a graphed iteration's hooks) the device
+    (every sample a copy of the prediction, as the graph's latents buffer)."""
+    f = FusedHeunDiscreteScheduler(use_karras_sigmas=True, backend="triton")
+    f.set_timesteps(10, device=DEVICE)
+    g = torch.Generator().manual_seed(0)
+    x, m = (randn(SHAPE, generator=g).to(dtype) for _ in range(2))
+    x = x * 5
+    plan = f.timesteps
+    indices = torch.arange(len(plan), device=DEVICE)
+    halves = []
+    for k in range(8):  # the tables and the graph buffers made, then step 3 measured
+        if device_index:
+            f.prepare_graph_step()
+            t = torch.take(plan, indices[k])
+        else:
+            t = plan[k]
+        with _Traffic(x) as traffic:
+            out = f.step(m, t, x)
+        x = out.prev_sample
+        if device_index or (changed and k % 2 == 0):  # a graph's latents: a copy of it
+            x = x.clone()
+        halves.append(traffic)
+    return halves[6:]
+
+
+LAUNCH = "fused_step"
+# (first half, second half): (name, passes read, written) of every tensor-sized op
+HOST_TRAFFIC = {
+    (torch.float32, False): ([(LAUNCH, 2, 2)], [(LAUNCH, 3, 2)]),
+    (torch.bfloat16, False): ([(LAUNCH, 2, 2)], [(LAUNCH, 3, 2)]),
+    # the sample changed between the halves: the midpoint lerp, in float32
+    (torch.float32, True): ([(LAUNCH, 2, 2)], [("aten::lerp", 2, 1), (LAUNCH, 3, 2)]),
+    (torch.bfloat16, True): (
+        [(LAUNCH, 2, 2)],
+        [("aten::_to_copy", 1, 2), ("aten::_to_copy", 1, 2), ("aten::lerp", 4, 2), (LAUNCH, 4, 2)],
+    ),
+}
+# both halves alike: the compare with the first half's prediction (a bool tensor and its
+# all()), the start kept (where, into the float32 start buffer), x0_prev = lerp(start, D, w)
+# in float32 (D widened first for 16-bit samples) and the launch reading x0_prev
+DEVICE_TRAFFIC = {
+    torch.float32: [
+        ("aten::eq", 2, 0.25),
+        ("aten::all", 0.25, 0),
+        ("aten::where", 2, 1),
+        ("aten::lerp", 2, 1),
+        (LAUNCH, 3, 2),
+    ],
+    torch.bfloat16: [
+        ("aten::eq", 2, 0.5),
+        ("aten::all", 0.5, 0),
+        ("aten::where", 3, 2),
+        ("aten::_to_copy", 1, 2),
+        ("aten::lerp", 4, 2),
+        (LAUNCH, 4, 2),
+    ],
+}
+
+
+@pytest.mark.parametrize("changed", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_host_path_traffic_per_half(dtype, changed, count_launches):
+    """With the step index on the host each half is its contract's traffic, one launch and
+    no other tensor-sized op (no copy of the start or of x0, no compare: the second half
+    recognises the first half's prediction by identity and version): 4 passes (x, m read;
+    x_next, x0 written), then 5 (x, m and the first half's x0 read); a sample changed
+    between the halves adds the midpoint lerp (float32: 16-bit operands widened first)."""
+    first, second = _traffic_of_a_step(False, dtype, changed)
+    want_first, want_second = HOST_TRAFFIC[dtype, changed]
+    assert first.ops == want_first and first.total() == 4
+    assert second.ops == want_second
+    assert second.total() == {False: 5, True: 8 if dtype == torch.float32 else 18}[changed]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_device_path_traffic_per_half(dtype, count_launches, as_device):
+    """A graphed iteration's half (the half, its form and the step index on the device):
+    the same ops in both halves, 13.5 passes in float32 and 23 in bfloat16."""
+    for half in _traffic_of_a_step(True, dtype):
+        assert half.ops == DEVICE_TRAFFIC[dtype]
+        assert half.total() == {torch.float32: 13.5, torch.bfloat16: 23}[dtype]
+
+
+@pytest.mark.parametrize("case", ["eps", "long-steps", "inpainting"])
+def test_device_path_is_the_host_path_bitwise_in_bfloat16(case, as_device):
+    """bfloat16 latents (the start kept in a float32 buffer on the device path): every
+    iteration run as a graphed one gives the host-state loop's bits, both forms of the
+    second half."""
+    config, steps, inpainting = GRAPH_CASES[case]
+    f = FusedHeunDiscreteScheduler(**config, backend="triton")
+    g = torch.Generator().manual_seed(0)
+    weight, x, known = (torch.randn(SHAPE, generator=g).to(DEVICE, torch.bfloat16) for _ in "wxk")
+    mask = (torch.arange(SHAPE[-1], device=DEVICE) < 3).to(torch.bfloat16)
+    blend = (lambda x: (1 - mask) * x + mask * known) if inpainting else None
+    step_fn = _graph_loop(f, weight, blend)
+    f.set_timesteps(steps, device=DEVICE)
+    x = x * f.init_noise_sigma
+    eager = _eager_loop(f, step_fn, x)
+    f.set_timesteps(steps, device=DEVICE)
+    graphed = _eager_loop(f, step_fn, x, device_index=True)
+    assert graphed.dtype == torch.bfloat16 and torch.equal(graphed, eager)
+    assert f.graph_state(x)[1].dtype == torch.float32
 
 
 # -- pipelines and the mixture --------------------------------------------------------------

@@ -454,3 +454,104 @@ def test_multistep_without_previous_x0_is_first_order(i, device):
     _check(got, want, torch.float32)
     want_ddim, _ = _reference64(ddim, x, m, i)
     torch.testing.assert_close(want, want_ddim, rtol=1e-10, atol=1e-10)
+
+
+# -- the history ring without corrector (DPM-Solver++ 3M) ---------------------------------
+
+_CORRECTOR_COLUMNS = ("uc_x", "uc_last", "uc_new", *(f"uc_h{j}" for j in range(4)), "up_last")
+
+
+def _third_order_rows(sde: bool):
+    """A DPM++ 3M plan of 8 steps (``FusedDPMSolverMultistepScheduler``'s host tables, VP,
+    v prediction) with its corrector columns made NaN: a kernel that reads one gives NaN."""
+    pytest.importorskip("diffusers")
+    from fastdiff.diffusers import FusedDPMSolverMultistepScheduler
+    from fastdiff.kernels.fused_step import UNIPC_COLUMNS
+
+    algorithm = "sde-dpmsolver++" if sde else "dpmsolver++"
+    f = FusedDPMSolverMultistepScheduler(
+        solver_order=3, algorithm_type=algorithm, prediction_type="v_prediction"
+    )
+    f.set_timesteps(8)
+    host = f._build("v_prediction", True, 3, sde)
+    table = host["history_table"].clone()
+    for name in _CORRECTOR_COLUMNS:
+        table[:, UNIPC_COLUMNS.index(name)] = float("nan")
+    return host, table, 8
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("phase", [0, 1, 2])
+@pytest.mark.parametrize("sde", [False, True], ids=["ode", "sde"])
+def test_history_ring_without_corrector_matches_reference(sde, phase, layout, dtype, device):
+    """The history switch without corrector (``last_sample`` of no slots): per sample a row of
+    another order (3, 2, 1) and ring slot, in a phase block; against
+    ``reference.dpmpp_multistep_step`` on the slots it reads. Outputs and written slots
+    poisoned with NaN, the corrector columns NaN (not read); the slots read are left as
+    they were and nothing but x_next and the row's slot is written."""
+    from fastdiff import reference
+
+    host, table, n = _third_order_rows(sde)
+    block = len(host["order"])
+    steps = [(5, 0), (1, 2 * n + 2), (3, n + 1)]  # (k, block offset): orders 3, 2, 1
+    rows = torch.tensor([phase * block + offset + k for k, offset in steps], device=device)
+    assert [int(host["order"][offset + k]) for k, offset in steps] == [3, 2, 1]
+    shape = (3, 5, 7, 9)  # not a multiple of any block
+    x, m = _make(shape, dtype, layout, device), _make(shape, dtype, layout, device)
+    z = _make(shape, dtype, layout, device) if sde else None
+    flat = torch.randn((3 * shape[0], *shape[1:])).to(device=device, dtype=dtype)
+    if layout == "channels_last":
+        flat = flat.contiguous(memory_format=torch.channels_last)
+    ring = flat.view(3, *shape)
+    written = [(k + phase) % 3 for k, _ in steps]
+    for b, slot in enumerate(written):
+        ring[slot, b] = float("nan")  # written by the step, never read
+    ring_in = ring.clone()
+    out = torch.full_like(x, float("nan"))
+    last = ring.new_empty((0, *shape))
+    x_next, x0 = fused_step(
+        x,
+        m,
+        table.to(device),
+        rows,
+        noise=z,
+        out=out,
+        write_x0=False,
+        history=ring,
+        last_sample=last,
+    )
+    assert x_next is out and x0 is None
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    assert out.is_contiguous(memory_format=fmt)
+    for b, (k, offset) in enumerate(steps):
+        row = offset + k
+        order = int(host["order"][row])
+        levels = [float(host[name][row]) for name in ("ab", "ab_next", "ab_prev", "ab_prev2")]
+        prevs = [ring_in[(k - lag + phase) % 3, b].double() for lag in (1, 2)]
+        want_next, want_x0 = reference.dpmpp_multistep_step(
+            x[b].double(),
+            m[b].double(),
+            *levels[:2],
+            history=list(zip(prevs, levels[2:]))[: order - 1],
+            prediction_type="v_prediction",
+            sde=sde,
+            noise=None if z is None else z[b].double(),
+        )
+        for got, want in ((out[b], want_next), (ring[written[b], b], want_x0)):
+            _check(got, want, dtype)
+        for j in range(3):
+            if j != written[b]:
+                assert torch.equal(ring[j, b], ring_in[j, b]), (b, j)  # NaN-free: read only
+
+
+def test_history_ring_without_corrector_rejects_bad_state(device):
+    """A last sample of no slots must still be shaped like the ring's samples."""
+    host, table, _ = _third_order_rows(False)
+    x = torch.randn(2, 3, device=device)
+    ring = torch.zeros(3, 2, 3, device=device)
+    rows = torch.zeros(1, dtype=torch.int64, device=device)
+    with pytest.raises(ValueError, match="no slots"):
+        fused_step(x, x, table.to(device), rows, history=ring, last_sample=ring[:0, :1])
+    with pytest.raises(ValueError, match="last_sample has 1 slots, expected 2 \\(or 0"):
+        fused_step(x, x, table.to(device), rows, history=ring, last_sample=ring[:1])

@@ -97,14 +97,17 @@ def test_errors():
         randn(seeds_from(0, 3), 0, (2, 3))
 
 
-@pytest.mark.parametrize("shape", [(3, 5, 7, 9), (70, 2), (2, 1, 33)])
-def test_kernel_draws_the_same_stream(shape, device):
-    """In-kernel Philox noise equals fastdiff.philox.randn (std = 1, everything else 0)."""
-    x = torch.randn(shape, device=device)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 5, 7, 9), (70, 2), (2, 1, 33), (2, 3, 1000)])
+def test_kernel_draws_the_same_stream(shape, dtype, device):
+    """In-kernel Philox noise equals fastdiff.philox.randn (std = 1, everything else 0), for
+    every input dtype (16-bit inputs make the quads in pairs: the same values, in float32
+    outputs)."""
+    x = torch.randn(shape, device=device).to(dtype)
     table = torch.zeros(6, len(COLUMNS), device=device)
     table[:, COLUMNS.index("std")] = 1.0
     seeds = seeds_from(77, shape[0], device)
-    out = torch.full_like(x, float("nan"))
+    out = torch.full(shape, float("nan"), device=device)
     fused_step(
         x, torch.randn_like(x), table, torch.tensor([4], device=device), seeds=seeds, out=out
     )

@@ -33,11 +33,14 @@ class FusedDPMSolverMultistepScheduler(DPMRowsMixin, StepIndexMixin, DPMSolverMu
     as diffusers). The SDE and heun rows: ``flow_tables.dpmpp_2m_sde_table_as``; order 3:
     ``flow_tables.dpmpp_3m_table_as`` (diffusers' 3M update, its SDE coefficient included),
     the two previous x0s kept in a ring of three device slots that the kernel reads and
-    writes through its UniPC history columns (``model_outputs`` holds views of the slots; the
-    kernel also reads and writes its unused last-sample pair: 2 passes over the floor);
-    their reference: ``reference.dpmpp_multistep_step``. Where diffusers divides 0 by 0 (heun, a
-    plan whose last level repeats) or takes the root of a negative variance (SDE, a final
-    ``sigma_min`` above the last level), the step gives the limit / no noise, not NaN.
+    writes through its UniPC history columns without corrector (``model_outputs`` holds
+    views of the slots; the kernel reads x, the model output and the two slots, and writes
+    the next sample and this step's x0 into the third slot: 6 passes, the contract's); the
+    ring's phase follows the history where it lies (a step taken again reads the shifted
+    list as it is, no copy); their reference: ``reference.dpmpp_multistep_step``. Where
+    diffusers divides 0 by 0 (heun, a plan whose last level repeats) or takes the root of a
+    negative variance (SDE, a final ``sigma_min`` above the last level), the step gives the
+    limit / no noise, not NaN.
 
     Flow matching (Sana): ``use_flow_sigmas`` with ``flow_shift`` or dynamic shifting (``mu``),
     ``prediction_type="flow_prediction"`` (also epsilon / sample), on the flow path
@@ -77,9 +80,12 @@ class FusedDPMSolverMultistepScheduler(DPMRowsMixin, StepIndexMixin, DPMSolverMu
         # scheduler's lifetime and rewritten in place (a captured graph holds their pointers)
         self._x0_buffers: dict[tuple, torch.Tensor] = {}
         self._chain_rows: dict[tuple, torch.Tensor] = {}
-        # solver_order=3: the x0 ring (slot k % 3 holds the x0 of step k) and its slot views
+        # solver_order=3: the x0 ring (slot (k + phase) % 3 holds the x0 of step k), its slot
+        # views and its phase (0 at a chain's start; a device step keeps it)
         self._ring_history: unipc_tables.UniPCHistory | None = None
         self._ring_slots: dict[int, list[torch.Tensor]] = {}
+        self._ring_phase = 0
+        self._ring_x0: torch.Tensor | None = None  # the slot a host step writes its x0 to
         super()._setup_fused(backend, noise)
 
     # -- CUDA-graph hooks (see FusedSchedulerMixin; check_capturable: StepIndexMixin's) -----
@@ -93,14 +99,14 @@ class FusedDPMSolverMultistepScheduler(DPMRowsMixin, StepIndexMixin, DPMSolverMu
             latents: a sample like the loop's (shape, dtype, device, memory format).
 
         Returns:
-            ``[x0_prev]``, ``[]`` for ``solver_order=1`` (no history), ``[ring,
-            last_sample]`` for ``solver_order=3`` (the x0 ring).
+            ``[x0_prev]``, ``[]`` for ``solver_order=1`` (no history), ``[ring]`` for
+            ``solver_order=3`` (the x0 ring).
         """
         if self.config.solver_order == 1:
             return []
         if self.config.solver_order == 3:
-            ring, _, last = self._ring(dense(latents), latents.dtype)
-            return [ring, last]
+            ring, _, _ = self._ring(dense(latents), latents.dtype)
+            return [ring]
         return [self._x0_buffer(dense(latents), latents.dtype)]
 
     # -- end of the CUDA-graph hooks ----------------------------------------------------------
@@ -272,7 +278,9 @@ class FusedDPMSolverMultistepScheduler(DPMRowsMixin, StepIndexMixin, DPMSolverMu
         history = {}  # order 3: the kernel's ring arguments
         store = None
         if order == 3:
-            rows, x0_prevs, x0_out, history, store = self._third_order_state(tabs, x, x0_dtype, n)
+            rows, kernel_rows, x0_prevs, self._ring_x0, history, store = self._third_order_state(
+                tabs, x, x0_dtype, n
+            )
             x0_prev = None
         elif isinstance(index, torch.Tensor) and order > 1:
             # a device step index (a graphed loop): the order comes from the row, the previous
@@ -288,6 +296,7 @@ class FusedDPMSolverMultistepScheduler(DPMRowsMixin, StepIndexMixin, DPMSolverMu
             # the previous step's x0 (diffusers shifts the list first, then reads [-2])
             x0_prev = None if first or order == 1 else self.model_outputs[-1]
         if order < 3:
+            kernel_rows = rows
             prevs = [] if x0_prev is None else [x0_prev]
 
             def x0_prevs():
@@ -301,6 +310,8 @@ class FusedDPMSolverMultistepScheduler(DPMRowsMixin, StepIndexMixin, DPMSolverMu
             like = torch.empty((), device=model_output.device, dtype=torch.float32).expand(x.shape)
             noise, seeds = self._step_noise(like, x, call["generator"], variance_noise)
         _, thresholding = self._processing(config)
+        if thresholding is not None and self._ring_x0 is not None and x0_dtype != x.dtype:
+            x0_out = self._ring_x0  # order 3: the threshold's quantile reads x0 in x0's dtype
         midpoint = not (sde or solver_type == "heun" or order == 3)
 
         def reference_step(xr, m, noise):  # the reference backend's step
@@ -317,7 +328,7 @@ class FusedDPMSolverMultistepScheduler(DPMRowsMixin, StepIndexMixin, DPMSolverMu
             x,
             model_output,
             tabs,
-            rows,
+            kernel_rows,
             reference_step,
             call["return_dict"],
             out_dtype=x0_dtype,
@@ -332,51 +343,107 @@ class FusedDPMSolverMultistepScheduler(DPMRowsMixin, StepIndexMixin, DPMSolverMu
 
     def _third_order_state(self, tabs: dict, x: torch.Tensor, x0_dtype: torch.dtype, n: int):
         """``solver_order=3``: the rows (of the block ``lower_order_nums`` picks, or of the
-        device chain), the previous x0s the reference reads (a callable: read only there),
-        x0's slot of the ring with a host index (``x0_out``: the kernel writes x0 there, the
-        reference path copies it there) and the kernel's ``history`` / ``last_sample``.
+        device chain), the kernel's rows (of the ring's phase block), the previous x0s the
+        reference reads (a callable: read only there), x0's slot of the ring with a host
+        index (the step's x0, which the kernel writes once, as the ring's new slot; None
+        with a device index), the kernel's ``history`` / ``last_sample`` (no slots: no
+        corrector) and the reference path's ``store`` of x0 into its slot.
 
-        The ring holds the x0 of step k in slot ``k % 3``; a previous x0 that ``model_outputs``
-        holds elsewhere (a list the caller replaced) is copied in first. With a device index
-        the slot is known on the device only: the kernel writes x0 to its slot (no ``x0_out``,
-        ``model_outputs`` gets None), the reference path copies it there."""
+        The ring holds the x0 of step k in slot ``(k + phase) % 3``. With a host index the
+        phase is read off ``model_outputs``: the newest previous x0 that is a ring slot (or
+        None: a device step's, in the ring at the current phase) fixes it, so a step taken
+        again (the list shifted, its x0s one slot on) reads the ring as it lies; a previous
+        x0 held elsewhere (a list the caller replaced) is copied into its slot (at most one
+        copy reads a slot, never one another copy writes). With a device index the slot is
+        known on the device only, at the phase of the last host step: the kernel writes x0
+        to its slot (no slot returned, ``model_outputs`` gets None), the reference path copies
+        it there.
+
+        Example:
+            >>> rows, kernel_rows, prevs, x0_slot, history, store = self._third_order_state(
+            ...     tabs, x, torch.float32, n)
+        """
         index = self._step_index
         done = self.lower_order_nums
         ring, slots, last = self._ring(x, x0_dtype)
         if done == 0:
             self._ring_history.clear()  # the chain's start: unread slots are multiplied by 0
-        kernel = {"history": ring, "last_sample": last}
+            self._ring_phase = 0
+        kernel = {"history": ring, "last_sample": last, "write_x0": False}
         lags = range(1, min(done, 2) + 1)
         if not isinstance(index, torch.Tensor):
-            rows = self._index_rows(tabs, offset=(n + 1, 2 * n + 2)[done] if done < 2 else 0)
-            for lag in lags:
-                slot, kept = slots[(index - lag) % 3], self.model_outputs[-lag]
-                if kept is not None and kept is not slot:
-                    slot.copy_(kept)
-            prevs = [slots[(index - lag) % 3] for lag in lags]
-            return rows, (lambda: prevs), slots[index % 3], kernel, None
+            offset = (n + 1, 2 * n + 2)[done] if done < 2 else 0
+            rows = self._index_rows(tabs, offset=offset)
+            kept = {lag: self._kept_x0(index, lag, slots) for lag in lags}
+            phase = self._ring_phase_of(index, kept, slots)
+            self._ring_phase = phase
+            prevs = [slots[(index - lag + phase) % 3] for lag in lags]
+            for lag, prev in zip(lags, prevs):
+                if kept[lag] is not prev:
+                    prev.copy_(kept[lag])
+            x0_slot = slots[(index + phase) % 3]
+            kernel_rows = self._phase_rows(tabs, rows, index + offset, phase)
+            return rows, kernel_rows, (lambda: prevs), x0_slot, kernel, x0_slot.copy_
+        phase = self._ring_phase
         rows = self._device_chain_rows(tabs, index, done == 0, n)
-        position = {lag: (index - lag).remainder(3).reshape(1) for lag in (0, *lags)}
+        kernel_rows = rows + phase * len(tabs["order"]) if phase else rows
+        positions: dict[int, torch.Tensor] = {}
+
+        def position(lag: int) -> torch.Tensor:  # the slot of step index - lag, on the device
+            if lag not in positions:  # (made where read only: the kernel path reads none)
+                positions[lag] = (index + (phase - lag)).remainder(3).reshape(1)
+            return positions[lag]
+
         for lag in lags:
             kept = self.model_outputs[-lag]
             if kept is not None and not any(kept is slot for slot in slots):
-                ring.index_copy_(0, position[lag], kept.unsqueeze(0).to(ring.dtype))
+                ring.index_copy_(0, position(lag), kept.unsqueeze(0).to(ring.dtype))
 
         def prevs():
-            return [ring.index_select(0, position[lag])[0] for lag in lags]
+            return [ring.index_select(0, position(lag))[0] for lag in lags]
 
         def store(x0):  # the reference path's x0 into its slot (the kernel writes it itself)
-            ring.index_copy_(0, position[0], x0.unsqueeze(0).to(ring.dtype))
+            ring.index_copy_(0, position(0), x0.unsqueeze(0).to(ring.dtype))
 
-        return rows, prevs, None, {**kernel, "write_x0": False}, store
+        return rows, kernel_rows, prevs, None, kernel, store
+
+    def _kept_x0(self, index: int, lag: int, slots: list[torch.Tensor]) -> torch.Tensor:
+        """The x0 of step ``index - lag`` as ``model_outputs`` keeps it; None there (a device
+        step's x0) is its ring slot at the current phase."""
+        kept = self.model_outputs[-lag]
+        return slots[(index - lag + self._ring_phase) % 3] if kept is None else kept
+
+    def _ring_phase_of(self, index: int, kept: dict, slots: list[torch.Tensor]) -> int:
+        """The ring phase of a host step: that of the newest kept x0 that is a ring slot
+        (slot s holding step ``index - lag``: ``(s - index + lag) % 3``), else the current
+        one (a chain's first step, or a history held outside the ring)."""
+        for lag, tensor in kept.items():
+            for s, slot in enumerate(slots):
+                if tensor is slot:
+                    return (s - index + lag) % 3
+        return self._ring_phase
+
+    def _phase_rows(self, tabs: dict, rows: torch.Tensor, row: int, phase: int):
+        """The kernel's rows of a host step (``rows``, the view of table row ``row``):
+        ``rows`` itself at phase 0, else the row's copy in the phase's block of the history
+        table (a view made once per row). The in-kernel noise is keyed by the row: a step
+        taken again at another phase draws other Philox noise (a loop stays at phase 0)."""
+        if not phase:
+            return rows
+        row += phase * len(tabs["order"])
+        views = tabs["row_views"]
+        view = views.get(("history", row))
+        if view is None:
+            view = views[("history", row)] = tabs["history_rows"][row : row + 1]
+        return view
 
     def _ring(self, x: torch.Tensor, dtype: torch.dtype):
         """The persistent x0 ring ``[3, B, ...]`` of samples like ``x`` in ``dtype`` (each slot
         laid out like x: ``unipc_tables.UniPCHistory``), its slot views (made once:
-        ``model_outputs`` holds them) and the kernel's last-sample pair (the DPM rows'
-        corrector writes 0 to its slot 0)."""
+        ``model_outputs`` holds them) and the kernel's last-sample state of no slots (a ring
+        step without UniPC's corrector)."""
         if self._ring_history is None:
-            self._ring_history = unipc_tables.UniPCHistory(3)
+            self._ring_history = unipc_tables.UniPCHistory(3, last_slots=0)
         ring, last = self._ring_history.buffers(x, dtype)
         slots = self._ring_slots.get(ring.data_ptr())
         if slots is None:
@@ -444,7 +511,11 @@ class FusedDPMSolverMultistepScheduler(DPMRowsMixin, StepIndexMixin, DPMSolverMu
         return prev, x0
 
     def _end_step(self, x0: torch.Tensor | None) -> None:
-        """diffusers' history: the list shifted, this step's x0 last; then the step index."""
+        """diffusers' history: the list shifted, this step's x0 last (order 3, a host index:
+        the ring slot the step wrote, ``_ring_x0``; None after a device step); then the step
+        index."""
+        if x0 is None:  # order 3: the kernel wrote x0 once, as the ring's new slot
+            x0 = self._ring_x0
         order = self.config.solver_order
         for i in range(order - 1):
             self.model_outputs[i] = self.model_outputs[i + 1]

@@ -31,8 +31,9 @@ class DPMRowsMixin:
         for ``solver_order=3`` also rows ``2n+2..3n+1`` at most second order (the step after
         that) and the poison row 3n+2. The SDE and the heun form:
         ``flow_tables.dpmpp_2m_sde_table_as`` (eta 1 or 0); order 3: ``dpmpp_3m_table_as``,
-        whose table ("history_table") has the kernel's UniPC columns: the x0 of step k is
-        written to ring slot ``k % 3``, the previous two are read from the other slots.
+        whose table ("history_table") has the kernel's UniPC columns in three phase blocks
+        (``_history_rows``; "history_rows" indexes them): with phase p the x0 of step k is
+        written to ring slot ``(k + p) % 3``, the previous two are read from the other slots.
         """
         sigmas = self.sigmas.to(torch.float64)
         n = len(sigmas) - 1
@@ -83,28 +84,42 @@ class DPMRowsMixin:
         out["first"] = out["order"] == 1
         if order == 3:
             out["history_table"] = self._history_rows(out["table"], out.pop("c_prev2"), n)
+            out["history_rows"] = torch.arange(len(out["history_table"]), dtype=torch.int64)
         return out
 
     @staticmethod
     def _history_rows(table: torch.Tensor, c_prev2: torch.Tensor, n: int) -> torch.Tensor:
-        """``table`` (the blocks of ``_build``, P1's coefficient in ``x0_prev``) in the kernel's
-        UniPC columns, float32: the x0 of step k goes to ring slot ``k % 3``, P1 is read from
-        slot ``(k - 1) % 3`` and P2 (``c_prev2``) from ``(k - 2) % 3``; the corrector columns
-        are 0 (its last-sample slot 0 is written with 0). Poison rows stay NaN, with slot 0."""
+        """``table`` (the blocks of ``_build``, R rows, P1's coefficient in ``x0_prev``) in the
+        kernel's UniPC columns, float32, once per ring phase p = 0, 1, 2 (row ``p R + i``):
+        the x0 of step k goes to ring slot ``(k + p) % 3``, P1 is read from slot
+        ``(k - 1 + p) % 3`` and P2 (``c_prev2``) from ``(k - 2 + p) % 3``; the corrector
+        columns are 0 (the kernel runs without corrector: no last sample). Poison rows stay
+        NaN, with slot 0.
+
+        The phase lets a step read its history where it lies: after a step is taken again
+        (``model_outputs`` shifted twice, its x0s one slot on) the ring is read as it is
+        instead of copied into place.
+
+        Example:
+            >>> wide = DPMRowsMixin._history_rows(table, c_prev2, n)  # [3 R, len(UNIPC_COLUMNS)]
+        """
         col = {name: j for j, name in enumerate(UNIPC_COLUMNS)}
         rows = len(table)
-        wide = torch.zeros(rows, len(UNIPC_COLUMNS), dtype=torch.float64)
-        wide[:, : len(COLUMNS)] = table
         k = torch.arange(rows) % (n + 1)  # the step index of a row (n: a poison row)
         poison = k == n
         r = torch.arange(rows)
         up_h0 = col["up_h0"]
-        wide[r, up_h0 + (k - 1) % 3] = table[:, COL["x0_prev"]]
-        wide[r, up_h0 + (k - 2) % 3] = c_prev2
-        wide[:, COL["x0_prev"]] = 0.0
-        wide[:, col["hist_slot"]] = torch.where(poison, 0, k % 3).double()
-        wide[poison, : col["hist_slot"]] = float("nan")
-        return wide.float()
+        phases = []
+        for phase in range(3):
+            wide = torch.zeros(rows, len(UNIPC_COLUMNS), dtype=torch.float64)
+            wide[:, : len(COLUMNS)] = table
+            wide[r, up_h0 + (k - 1 + phase) % 3] = table[:, COL["x0_prev"]]
+            wide[r, up_h0 + (k - 2 + phase) % 3] = c_prev2
+            wide[:, COL["x0_prev"]] = 0.0
+            wide[:, col["hist_slot"]] = torch.where(poison, 0, (k + phase) % 3).double()
+            wide[poison, : col["hist_slot"]] = float("nan")
+            phases.append(wide)
+        return torch.cat(phases).float()
 
     def _levels(self, sigmas: torch.Tensor):
         """The reference's levels of each step by name, and ``(alpha, sigma, alpha_next,

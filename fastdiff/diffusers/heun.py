@@ -50,6 +50,13 @@ class FusedHeunDiscreteScheduler(EulerBase, HeunDiscreteScheduler):
     of x and D; with a device step index: when the plan has one). State between the halves is
     device tensors (x0, the start), no host sync.
 
+    Traffic, in passes over the sample (tests/test_heun.py pins it): the first half reads
+    x_s and m and writes x and D (4); the second, given the first half's ``prev_sample``
+    (recognised by identity and version counter: no compare, no copy), reads x, m and D and
+    writes x_next and x0 (5): one launch each and no other tensor-sized op. The midpoint
+    form adds the lerp in float32 (float32 samples: 3 passes; bfloat16: 13, the operands
+    widened first).
+
     A step whose timestep is not the plan's at the step index, or a second half whose step
     index is not the one its first half left, is refused: ValueError when both are known on
     the host, NaN (the poison row) when either lives on the device. ``set_timesteps`` resets
@@ -59,8 +66,11 @@ class FusedHeunDiscreteScheduler(EulerBase, HeunDiscreteScheduler):
     the state between the halves (which half is next, at which step index; the first half's
     sample, x0 and prediction) lives in device buffers (``graph_state``) written in place,
     and the form of the second half is chosen by comparing the sample with the first half's
-    prediction on the device, so the graphed loop gives the eager loop's bits (``graph_state``
-    and the compare: about 9 more passes over the sample a half). There ``prev_sample`` and
+    prediction on the device, so the graphed loop gives the eager loop's bits. Every graphed
+    half runs the same ops: the compare (2.5 passes; 3 in bfloat16), keeping the start
+    (``where`` into the start buffer, 3; 5 in bfloat16, whose start is kept in float32),
+    ``x0_prev = lerp(x_s, D, w)`` in float32 (3; bfloat16: 9, D widened first) and the
+    launch reading it: 13.5 passes a half in float32, 23 in bfloat16. There ``prev_sample`` and
     ``pred_original_sample`` are those buffers, rewritten every half.
 
     Example:
@@ -286,7 +296,7 @@ class FusedHeunDiscreteScheduler(EulerBase, HeunDiscreteScheduler):
         rows = self._guard(timestep, rows, offset, None if state is None else state.index)
         x0_prev = None if state is None else state.x0
         if offset == 2 * n1:  # P = x_s + (s' - s) d / 2 = lerp(x_s, D, (s - s') / (2 s))
-            dtype = promote(promote(state.start.dtype, state.x0.dtype), torch.float32)
+            dtype = self._midpoint_dtype(state.start.dtype, state.x0.dtype)
             weight = tabs["midpoint_weight"].index_select(0, rows).to(dtype)
             x0_prev = torch.lerp(state.start.to(dtype), state.x0.to(dtype), weight)
         options = {"prediction_type": prediction_type, "clip_range": clip_range}
@@ -309,7 +319,8 @@ class FusedHeunDiscreteScheduler(EulerBase, HeunDiscreteScheduler):
     def graph_state(self, latents: torch.Tensor) -> list[torch.Tensor]:
         """The device buffers a graphed half step on samples like ``latents`` reads and
         writes besides them (allocated here if new; x0 and the prediction in the latents'
-        dtype): which half is next, the step's start, the first half's x0 and prediction.
+        dtype, the start in the midpoint's: float32, float64 for float64): which half is next,
+        the step's start, the first half's x0 and prediction.
 
         Args:
             latents: a sample like the loop's (shape, dtype, device, memory format).
@@ -324,18 +335,25 @@ class FusedHeunDiscreteScheduler(EulerBase, HeunDiscreteScheduler):
 
     def _buffers(self, x: torch.Tensor, out_dtype: torch.dtype, x0_dtype: torch.dtype):
         """``(pending, start, x0, prev)`` of samples laid out like ``x``: int64 ``[1]``, 0 or
-        the step index + 1 of the second half next; the first half's sample, x0 and
+        the step index + 1 of the second half next; the first half's sample (in the
+        midpoint's dtype, ``_midpoint_dtype``: the lerp reads it without a cast), x0 and
         prediction (zeros when new)."""
         key = (x.device, x.shape, x.stride(), x.dtype, out_dtype, x0_dtype)
         buffers = self._graph_buffers.get(key)
         if buffers is None:
             buffers = self._graph_buffers[key] = (
                 torch.zeros(1, dtype=torch.int64, device=x.device),
-                torch.zeros_like(x),
+                torch.zeros_like(x, dtype=self._midpoint_dtype(x.dtype, x0_dtype)),
                 torch.zeros_like(x, dtype=x0_dtype),
                 torch.zeros_like(x, dtype=out_dtype),
             )
         return buffers
+
+    @staticmethod
+    def _midpoint_dtype(sample_dtype: torch.dtype, x0_dtype: torch.dtype) -> torch.dtype:
+        """The dtype the midpoint ``lerp(x_s, D, w)`` is computed in: float32, or float64
+        when the sample or x0 is."""
+        return promote(promote(sample_dtype, x0_dtype), torch.float32)
 
     def _device_half(self, x, timestep, tabs, prediction_type, clip_range, out_dtype, x0_dtype):
         """One half step whose choices are all made on the device, the same arithmetic as
@@ -364,11 +382,11 @@ class FusedHeunDiscreteScheduler(EulerBase, HeunDiscreteScheduler):
         plan = self._plan_on(x.device).index_select(0, at)
         t = timestep.reshape(1).to(x.device) if isinstance(timestep, torch.Tensor) else timestep
         rows = torch.where((plan == t) & (index >= 0) & (index < n), rows, n)  # n: poison
-        # a first half keeps its sample as x_s (before the step: prev_sample may alias it)
+        # a first half keeps its sample as x_s (before the step: prev_sample may alias it),
+        # widened exactly to the midpoint's dtype (the host path's start.to(dtype))
         torch.where(second, start, x, out=start)
-        dtype = promote(promote(x.dtype, x0_dtype), torch.float32)
-        weight = tabs["prev_weight"].index_select(0, rows).to(dtype)
-        x0_prev = torch.lerp(start.to(dtype), d.to(dtype), weight)
+        weight = tabs["prev_weight"].index_select(0, rows).to(start.dtype)
+        x0_prev = torch.lerp(start, d.to(start.dtype), weight)
 
         def reference_step(xr, m, _noise):
             s, s_next = self._values(tabs, rows, "sigma", "sigma_next")

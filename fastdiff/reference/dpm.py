@@ -49,8 +49,8 @@ from fastdiff.reference.common import (
     process_x0_compute,
     schedule_like,
 )
-from fastdiff.reference.flow import _flow_x0
-from fastdiff.reference.vp import _x0_from_output
+from fastdiff.reference.flow import flow_x0_compute
+from fastdiff.reference.vp import vp_x0_compute
 
 __all__ = ["DPM_SOLVER_TYPES", "dpmpp_multistep_step"]
 
@@ -112,9 +112,9 @@ def dpmpp_multistep_step(
     xc, m = x.to(dtype), model_output.to(dtype)
     lev = schedule_like(level, "level", xc)
     if space == "vp":
-        x0 = _x0_from_output(xc, m, lev, prediction_type)
+        x0 = vp_x0_compute(xc, m, lev, prediction_type)
     else:
-        x0 = _flow_x0(xc, m, lev, prediction_type)
+        x0 = flow_x0_compute(xc, m, lev, prediction_type)
     x0 = process_x0_compute(x0, clip_range, thresholding)
     _, sigma = _alpha_sigma(lev, space)
     alpha_n, sigma_n = _alpha_sigma(schedule_like(level_next, "level_next", xc), space)

@@ -34,7 +34,9 @@ def flow_forward(x0: Tensor, eps: Tensor, sigma: ScheduleValue) -> Tensor:
     return ((1 - s) * x0.to(dtype) + s * eps.to(dtype)).to(x0.dtype)
 
 
-def _flow_x0(x: Tensor, m: Tensor, s: Tensor, prediction_type: str) -> Tensor:
+def flow_x0_compute(x: Tensor, m: Tensor, s: Tensor, prediction_type: str) -> Tensor:
+    """x0 from a model output on the flow path ``x = (1 - s) x0 + s eps`` (tensors already in
+    the compute dtype; :func:`flow_x0` is the public step-level form)."""
     if prediction_type == "flow_prediction":
         return x - s * m  # x0 = x - s v
     if prediction_type == "epsilon":
@@ -55,7 +57,9 @@ def flow_x0(
     """
     dtype = compute_dtype_of(x)
     xc = x.to(dtype)
-    return _flow_x0(xc, model_output.to(dtype), _level(sigma, xc), prediction_type).to(x.dtype)
+    return flow_x0_compute(xc, model_output.to(dtype), _level(sigma, xc), prediction_type).to(
+        x.dtype
+    )
 
 
 def flow_eps(
@@ -74,14 +78,14 @@ def flow_eps(
         return (xc + (1 - s) * m).to(x.dtype)
     if prediction_type == "epsilon":
         return m.to(x.dtype)
-    return ((xc - (1 - s) * _flow_x0(xc, m, s, prediction_type)) / s).to(x.dtype)
+    return ((xc - (1 - s) * flow_x0_compute(xc, m, s, prediction_type)) / s).to(x.dtype)
 
 
 def _flow_prepared(x, model_output, sigma, prediction_type, clip_range, thresholding):
     dtype = compute_dtype_of(x)
     xc = x.to(dtype)
     s = _level(sigma, xc)
-    x0 = _flow_x0(xc, model_output.to(dtype), s, prediction_type)
+    x0 = flow_x0_compute(xc, model_output.to(dtype), s, prediction_type)
     if clip_range is not None or thresholding is not None:
         x0 = process_x0(x0, clip_range, thresholding)
     return xc, s, x0

@@ -54,7 +54,9 @@ def _prepare_step(x, model_output, prediction_type, clip_range, thresholding):
 # -- predictions (compute-dtype tensors in and out) -----------------------------------------
 
 
-def _x0_from_output(x: Tensor, m: Tensor, ab: Tensor, prediction_type: str) -> Tensor:
+def vp_x0_compute(x: Tensor, m: Tensor, ab: Tensor, prediction_type: str) -> Tensor:
+    """x0 from a model output at ``alpha_bar = ab`` (tensors already in the compute dtype;
+    shared with ``reference.dpm``)."""
     if prediction_type == "epsilon":
         # Ho et al. 2020 eq. 4 solved for x0 (eq. 15)
         return (x - torch.sqrt(1 - ab) * m) / torch.sqrt(ab)
@@ -100,7 +102,7 @@ def predict_x0(x: Tensor, model_output: Tensor, ab_t: ScheduleValue, prediction_
     Example:
         >>> x0 = predict_x0(x, eps_hat, 0.5, "epsilon")
     """
-    return _predict(_x0_from_output, x, model_output, ab_t, prediction_type)
+    return _predict(vp_x0_compute, x, model_output, ab_t, prediction_type)
 
 
 def predict_eps(x: Tensor, model_output: Tensor, ab_t: ScheduleValue, prediction_type: str):
@@ -234,7 +236,7 @@ def ddpm_step(
     pred, v = split_learned_variance(model_output, variance_type)
     xc, m = _prepare_step(x, pred, prediction_type, clip_range, thresholding)
     at, an = schedule_like(ab_t, "ab_t", xc), schedule_like(ab_next, "ab_next", xc)
-    x0 = process_x0_compute(_x0_from_output(xc, m, at, prediction_type), clip_range, thresholding)
+    x0 = process_x0_compute(vp_x0_compute(xc, m, at, prediction_type), clip_range, thresholding)
     coef_x0, coef_xt = posterior_mean_coefficients(at, an)
     x_next = coef_x0 * x0 + coef_xt * xc  # eq. 7
     log_var = _ddpm_log_variance(at, an, variance_type, None if v is None else v.to(xc.dtype))
@@ -279,7 +281,7 @@ def ddim_step(
     """
     xc, m = _prepare_step(x, model_output, prediction_type, clip_range, thresholding)
     at, an = schedule_like(ab_t, "ab_t", xc), schedule_like(ab_next, "ab_next", xc)
-    x0 = process_x0_compute(_x0_from_output(xc, m, at, prediction_type), clip_range, thresholding)
+    x0 = process_x0_compute(vp_x0_compute(xc, m, at, prediction_type), clip_range, thresholding)
     if use_clipped_model_output:
         eps = _eps_from_x0(xc, x0, at)
     else:
@@ -426,7 +428,7 @@ def dpmpp_2m_step(
         raise ValueError("x0_prev needs ab_prev (alpha bar of the step that produced x0_prev)")
     xc, m = _prepare_step(x, model_output, prediction_type, clip_range, thresholding)
     at, an = schedule_like(ab_t, "ab_t", xc), schedule_like(ab_next, "ab_next", xc)
-    x0 = process_x0_compute(_x0_from_output(xc, m, at, prediction_type), clip_range, thresholding)
+    x0 = process_x0_compute(vp_x0_compute(xc, m, at, prediction_type), clip_range, thresholding)
     alpha_t, sigma_t = torch.sqrt(at), torch.sqrt(1 - at)
     alpha_n, sigma_n = torch.sqrt(an), torch.sqrt(1 - an)
     exp_neg_h = alpha_t * sigma_n / (sigma_t * alpha_n)  # finite for ab_next = 1 and ab_t = 0
