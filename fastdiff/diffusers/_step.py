@@ -42,7 +42,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from fastdiff import backend as backends
 from fastdiff import philox
 from fastdiff.diffusers._common import dense, step_output
-from fastdiff.kernels.fused_step import step_config, step_with_config
+from fastdiff.kernels import fused_step as fused_kernel
 from fastdiff.stepping import run_step
 
 __all__ = ["LaunchCache", "StepTemplateMixin"]
@@ -314,7 +314,8 @@ class StepTemplateMixin:
             launch = self._launches.get(key)
             if launch is not None:  # a signature this scheduler's kernel path took before
                 config, out_dtype, x0_dtype, x0_out, clip, thresh, write_x0, ring, last = launch
-                return step_with_config(  # by position (binding keywords costs microseconds)
+                # by position (binding keywords costs microseconds)
+                return fused_kernel.step_with_config(
                     config, x, model_output, table, rows, None, 0.0, clip, thresh, x0_prev,
                     noise, seeds, None,
                     None if out_dtype is None else torch.empty_like(x, dtype=out_dtype),
@@ -379,7 +380,7 @@ class StepTemplateMixin:
             x0_dtype = None
         out = None if out_dtype is None else torch.empty_like(x, dtype=out_dtype)
         x0_out = given_x0_out if x0_dtype is None else torch.empty_like(x, dtype=x0_dtype)
-        config = step_config(
+        config = fused_kernel.step_config(
             x,
             model_output,
             table,
@@ -403,7 +404,7 @@ class StepTemplateMixin:
             options["thresholding"], options["write_x0"], options["history"],
             options["last_sample"],
         )  # fmt: skip
-        return step_with_config(
+        return fused_kernel.step_with_config(
             config,
             x,
             model_output,
