@@ -56,6 +56,7 @@ Example:
 
 from __future__ import annotations
 
+import operator
 import os
 import warnings
 
@@ -77,7 +78,15 @@ from .utils import (
     same_layout,
 )
 
-__all__ = ["COLUMNS", "UNIPC_COLUMNS", "UNIPC_MAX_SLOTS", "VARIANCE_MODES", "fused_step"]
+__all__ = [
+    "COLUMNS",
+    "UNIPC_COLUMNS",
+    "UNIPC_MAX_SLOTS",
+    "VARIANCE_MODES",
+    "fused_step",
+    "step_config",
+    "step_with_config",
+]
 
 # Columns of a coefficient table row, in order.
 COLUMNS = (
@@ -649,33 +658,87 @@ def fused_step(
     Example:
         >>> x_next, x0 = fused_step(x, eps, table, rows, seeds=seeds)
     """
-    guided = guidance_scale is not None
-    rescaled = guided and bool(guidance_rescale)
-    write_x0 = write_x0 or x0_out is not None
     tensors = (x, model_output, table, rows, x0_prev, noise, seeds, grad, out, x0_out)
     tensors += (history, last_sample)
-    # The cache key: everything about each tensor that validation and Triton's
-    # specialization depend on (shape, strides, dtype, device, 16-byte alignment), built in
-    # one comprehension (no call per tensor; None slots stay None, so positions still count).
-    key = (
-        guided,
-        clip_range is None,
-        thresholding is None,
-        variance_mode,
-        x0_noise,
-        *[
-            None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16 == 0)
-            for t in tensors
-        ],
-    )
-    config = _LAUNCH_CONFIGS.get(key)
-    if config is None:
-        config = _launch_config(*tensors, guided, clip_range, variance_mode, x0_noise)
-        if len(_LAUNCH_CONFIGS) > 256:
-            _LAUNCH_CONFIGS.clear()
-        _LAUNCH_CONFIGS[key] = config
+    guided = guidance_scale is not None
+    config = _config_of(tensors, guided, clip_range, thresholding, variance_mode, x0_noise)
+    return step_with_config(
+        config, x, model_output, table, rows, guidance_scale, guidance_rescale, clip_range,
+        thresholding, x0_prev, noise, seeds, grad, out, x0_out, write_x0, history, last_sample,
+    )  # fmt: skip
+
+
+def step_config(
+    x: torch.Tensor,
+    model_output: torch.Tensor,
+    table: torch.Tensor,
+    rows: torch.Tensor,
+    *,
+    guidance_scale: float | None = None,
+    clip_range: float | None = None,
+    thresholding: tuple[float, float] | None = None,
+    variance_mode: str = "fixed",
+    x0_prev: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    seeds: torch.Tensor | None = None,
+    grad: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    x0_out: torch.Tensor | None = None,
+    history: torch.Tensor | None = None,
+    last_sample: torch.Tensor | None = None,
+    x0_noise: bool = False,
+) -> _LaunchConfig:
+    """The checked launch configuration of ``fused_step``'s arguments (the same checks and
+    errors): what :func:`step_with_config` launches for arguments of the same signature.
+
+    For a caller that keeps its own cache of signatures (the diffusers drop-ins: one entry
+    per scheduler, step options and input layout) and so skips ``fused_step``'s own key of
+    every tensor on a step whose inputs it knows to match.
+
+    Returns:
+        The configuration, valid for tensors with the same shape, strides, dtype, device
+        and 16-byte alignment as these (and the same option kinds: guidance or not, clip or
+        not, thresholding or not, ``variance_mode``, ``x0_noise``).
+
+    Example:
+        >>> config = step_config(x, eps, table, rows)
+        >>> x_next, x0 = step_with_config(config, x, eps, table, rows)
+    """
+    tensors = (x, model_output, table, rows, x0_prev, noise, seeds, grad, out, x0_out)
+    tensors += (history, last_sample)
+    guided = guidance_scale is not None
+    return _config_of(tensors, guided, clip_range, thresholding, variance_mode, x0_noise)
+
+
+def step_with_config(
+    config: _LaunchConfig,
+    x: torch.Tensor,
+    model_output: torch.Tensor,
+    table: torch.Tensor,
+    rows: torch.Tensor,
+    guidance_scale: float | None = None,
+    guidance_rescale: float = 0.0,
+    clip_range: float | None = None,
+    thresholding: tuple[float, float] | None = None,
+    x0_prev: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    seeds: torch.Tensor | None = None,
+    grad: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    x0_out: torch.Tensor | None = None,
+    write_x0: bool = True,
+    history: torch.Tensor | None = None,
+    last_sample: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``fused_step`` with the configuration :func:`step_config` returned for arguments of
+    this signature, unchecked: the caller guarantees that every tensor has the shape,
+    strides, dtype, device and alignment of the ones checked (nothing else protects memory
+    here). Same arguments and result as ``fused_step`` (``variance_mode`` and ``x0_noise``
+    are the configuration's), also by position in this order (``fused_step`` passes them
+    so: binding keywords costs microseconds)."""
+    write_x0 = write_x0 or x0_out is not None
     mscale = None
-    if rescaled:
+    if guidance_scale is not None and guidance_rescale:
         mscale = _rescale_factor(model_output, config, guidance_scale, guidance_rescale)
     options = (table, rows, seeds, guidance_scale, clip_range, thresholding, write_x0)
     options += (history, last_sample)
@@ -703,6 +766,32 @@ def fused_step(
     return x_next, x0
 
 
+def _config_of(tensors, guided, clip_range, thresholding, variance_mode, x0_noise):
+    """The cached launch configuration of ``tensors`` (``fused_step``'s tensor arguments in
+    order) and the option kinds; checked (``_launch_config``) at a signature's first call."""
+    # The cache key: everything about each tensor that validation and Triton's
+    # specialization depend on (shape, strides, dtype, device, 16-byte alignment), built in
+    # one comprehension (no call per tensor; None slots stay None, so positions still count).
+    key = (
+        guided,
+        clip_range is None,
+        thresholding is None,
+        variance_mode,
+        x0_noise,
+        *[
+            None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16 == 0)
+            for t in tensors
+        ],
+    )
+    config = _LAUNCH_CONFIGS.get(key)
+    if config is None:
+        config = _launch_config(*tensors, guided, clip_range, variance_mode, x0_noise)
+        if len(_LAUNCH_CONFIGS) > 256:
+            _LAUNCH_CONFIGS.clear()
+        _LAUNCH_CONFIGS[key] = config
+    return config
+
+
 def _rescale_factor(model_output, config, guidance_scale, guidance_rescale) -> torch.Tensor:
     """Guidance rescale (Lin et al. 2023 eq. 15-16) as a per-sample factor of the guided
     output: ``phi std(m_c) / std(m) + 1 - phi`` (torch: a reduction before the step)."""
@@ -723,27 +812,31 @@ def _forward(config, options, x, model_output, x0_prev, noise, grad, mscale, out
         out = torch.empty_like(x)
     if x0_out is None and write_x0:
         x0_out = torch.empty_like(x)
-    dynamic = _input_args(options, x, model_output, noise, grad, mscale, None)
-    dynamic["prev_ptr"] = x0_prev if x0_prev is not None else x
-    dynamic["out_ptr"] = out
-    dynamic["x0_ptr"] = x0_out if x0_out is not None else out
-    dynamic["hist_ptr"] = history if history is not None else x
+    # the arguments of _FORWARD_NAMES: the inputs, then what only the forward reads / writes
     # (a last_sample of no slots, no corrector: not read, x stands in for its pointer)
     has_last = last_sample is not None and last_sample.numel() > 0
-    dynamic["last_ptr"] = last_sample if has_last else x
+    written = (
+        x0_prev if x0_prev is not None else x,
+        out,
+        x0_out if x0_out is not None else out,
+        history if history is not None else x,
+        last_sample if has_last else x,
+    )
+    std, has_mscale = config.statics["STD"], mscale is not None
     thresh = None
     if thresholding is not None:
         ratio, max_value = thresholding
         # Pass 1: x0 only, into a temporary (x0_out may alias x0_prev, which pass 2 reads);
         # then the per-sample quantile of |x0| (Saharia et al. 2022).
         raw = torch.empty_like(x, dtype=x0_out.dtype if x0_out is not None else x.dtype)
-        pre = {**dynamic, "x0_ptr": raw, "x0_bstride": raw.stride(0)}
-        _launch(config, pre, x.device, THRESH=False, WRITE_OUT=False, WRITE_X0=True, STD=False)
+        pre = _input_values(options, x, model_output, noise, grad, mscale, None)
+        pre += (*written[:2], raw, *written[3:])
+        extra = (("x0_bstride", raw.stride(0)),)
+        _launch(config, pre, x.device, (False, False, True, False, has_mscale), extra)
         abs_x0 = raw.float().abs().reshape(config.batch, -1)
         thresh = _per_sample_quantile(abs_x0, ratio).clamp(1.0, max_value).contiguous()
-        dynamic["thresh_ptr"] = thresh
-    flags = {"THRESH": thresholding is not None, "WRITE_OUT": True, "WRITE_X0": write_x0}
-    _launch(config, dynamic, x.device, **flags)
+    values = _input_values(options, x, model_output, noise, grad, mscale, thresh) + written
+    _launch(config, values, x.device, (thresh is not None, True, write_x0, std, has_mscale))
     return out, (x0_out if write_x0 else None), thresh
 
 
@@ -774,23 +867,41 @@ class _FusedStep(torch.autograd.Function):
         return None, None, *grads
 
 
-def _input_args(options, x, model_output, noise, grad, mscale, thresh) -> dict:
-    """The kernel arguments of both directions: the inputs read (an absent one stood in for
-    by a tensor the kernel does not read) and the option scalars."""
+# The kernel arguments of both directions that change from call to call (``_input_values``)
+# and those of the forward alone: _launch takes them in this order.
+_INPUT_NAMES = (
+    "x_ptr", "m_ptr", "noise_ptr", "grad_ptr", "thresh_ptr", "mscale_ptr", "seed_ptr",
+    "table_ptr", "rows_ptr", "guidance_scale", "clip_range",
+)  # fmt: skip
+_FORWARD_NAMES = (*_INPUT_NAMES, "prev_ptr", "out_ptr", "x0_ptr", "hist_ptr", "last_ptr")
+# The forward's switches that differ between its launches, in the order _launch takes them.
+_FLAG_NAMES = ("THRESH", "WRITE_OUT", "WRITE_X0", "STD", "MSCALE")
+
+
+def _input_values(options, x, model_output, noise, grad, mscale, thresh) -> tuple:
+    """The values of ``_INPUT_NAMES``: the inputs read (an absent one stood in for by a
+    tensor the kernel does not read) and the option scalars."""
     table, rows, seeds, guidance_scale, clip_range = options[:5]
-    return {
-        "x_ptr": x,
-        "m_ptr": model_output,
-        "noise_ptr": noise if noise is not None else x,
-        "grad_ptr": grad if grad is not None else x,
-        "thresh_ptr": thresh if thresh is not None else table,
-        "mscale_ptr": mscale if mscale is not None else table,
-        "seed_ptr": seeds if seeds is not None else rows,
-        "table_ptr": table,
-        "rows_ptr": rows,
-        "guidance_scale": float(guidance_scale) if guidance_scale is not None else 0.0,
-        "clip_range": float(clip_range) if clip_range is not None else 0.0,
-    }
+    return (
+        x,
+        model_output,
+        noise if noise is not None else x,
+        grad if grad is not None else x,
+        thresh if thresh is not None else table,
+        mscale if mscale is not None else table,
+        seeds if seeds is not None else rows,
+        table,
+        rows,
+        float(guidance_scale) if guidance_scale is not None else 0.0,
+        float(clip_range) if clip_range is not None else 0.0,
+    )
+
+
+def _input_args(options, x, model_output, noise, grad, mscale, thresh) -> dict:
+    """``_input_values`` by name (the backward's launch binds them)."""
+    return dict(
+        zip(_INPUT_NAMES, _input_values(options, x, model_output, noise, grad, mscale, thresh))
+    )
 
 
 def _like_x(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -865,8 +976,8 @@ class _LaunchConfig:
         self.channels = channels
         self.grid = grid
         self.statics = statics
-        self.kernels = {}
-        self.arg_lists = {}  # by flags: the arguments in signature order, tensors left None
+        self.kernels = {}  # by _launch's flags (and extra): the compiled kernel
+        self.arg_lists = {}  # by the same key: _argument_order
 
 
 # What the kernel's other direction reads and writes: None (a constexpr, not launched).
@@ -1034,35 +1145,47 @@ def _check_unipc_state(history, last_sample, x0_prev, x, batch) -> tuple[int, bo
     return history.shape[0], corrector
 
 
-_ARG_INDEX = {name: i for i, name in enumerate(_fused_step_kernel.arg_names)}
-
-
-def _launch(config: _LaunchConfig, dynamic: dict, device: torch.device, **flags) -> None:
-    """Launch the forward kernel: bound by Triton the first time (it compiles and
-    specializes), then through :func:`_fast_launch` with the compiled kernel and the
-    signature-ordered arguments of this signature and flags, ``dynamic`` filled in."""
-    flags["MSCALE"] = dynamic["mscale_ptr"] is not dynamic["table_ptr"]
-    flag_key = tuple(flags.values())
-    kernel = config.kernels.get(flag_key)
+def _launch(
+    config: _LaunchConfig, values: tuple, device: torch.device, flags: tuple, extra: tuple = ()
+) -> None:
+    """Launch the forward kernel with ``values`` (of ``_FORWARD_NAMES``), ``flags`` (of
+    ``_FLAG_NAMES``) and ``extra`` ((name, value) pairs overriding the signature's
+    constants): bound by Triton the first time (it compiles and specializes), then through
+    :func:`_fast_launch` with the compiled kernel and the arguments put in signature order
+    by one C call (``_argument_order``)."""
+    key = (flags, extra) if extra else flags
+    kernel = config.kernels.get(key)
     if kernel is not None:
-        args = config.arg_lists.get(flag_key)
-        if args is None:
-            values = {**config.statics, **flags}
-            args = [values.get(name) for name in _fused_step_kernel.arg_names]
-            config.arg_lists[flag_key] = args
-        args = args.copy()
-        for name, value in dynamic.items():
-            args[_ARG_INDEX[name]] = value
-        if _fast_launch(kernel, config.grid, device, args):
+        order = config.arg_lists.get(key)
+        if order is None:
+            order = config.arg_lists[key] = _argument_order(config, flags, extra)
+        gather, constants = order
+        if _fast_launch(kernel, config.grid, device, gather(values + constants)):
             return
-    compiled = _fused_step_kernel[config.grid](**{**config.statics, **dynamic, **flags})
+    bound = {**config.statics, **dict(extra), **dict(zip(_FLAG_NAMES, flags))}
+    bound.update(zip(_FORWARD_NAMES, values))
+    compiled = _fused_step_kernel[config.grid](**bound)
     if hasattr(compiled, "result"):
         compiled = compiled.result()
     if not _interpreting() and hasattr(triton, "knobs") and hasattr(compiled, "packed_metadata"):
-        config.kernels[flag_key] = compiled
+        config.kernels[key] = compiled
 
 
-def _fast_launch(kernel, grid, device: torch.device, args: list) -> bool:
+def _argument_order(config: _LaunchConfig, flags: tuple, extra: tuple):
+    """``(gather, constants)``: ``gather(values + constants)`` is the kernel's argument
+    tuple in signature order (``operator.itemgetter``), ``constants`` the values of every
+    argument not in ``_FORWARD_NAMES`` (the signature's, these flags', ``extra``; None for
+    the backward's pointers)."""
+    fixed = {**config.statics, **dict(extra), **dict(zip(_FLAG_NAMES, flags))}
+    names = _fused_step_kernel.arg_names
+    dynamic = {name: i for i, name in enumerate(_FORWARD_NAMES)}
+    others = [name for name in names if name not in dynamic]
+    at = {name: len(_FORWARD_NAMES) + i for i, name in enumerate(others)}
+    gather = operator.itemgetter(*(dynamic[n] if n in dynamic else at[n] for n in names))
+    return gather, tuple(fixed.get(name) for name in others)
+
+
+def _fast_launch(kernel, grid, device: torch.device, args: tuple) -> bool:
     """Launch a compiled kernel through Triton's private launcher, with the arguments in
     signature order, as Triton's ``JITFunction.run`` does after binding them (the binding
     costs tens of microseconds a call). On a Triton whose launcher differs it warns once,

@@ -42,15 +42,15 @@ DIFFUSERS_DIR = os.path.join("fastdiff", "diffusers") + os.sep
 # (class, noise, generator?): aten ops a step may issue besides the launch, Python calls into
 # fastdiff/diffusers a step may make (today's counts: a regression fails, a gain passes)
 CASES = {
-    "ddpm": (FusedDDPMScheduler, "torch", True, 3, 21),
-    "ddpm-philox": (FusedDDPMScheduler, "philox", False, 2, 21),
-    "ddim": (FusedDDIMScheduler, "torch", False, 2, 19),
-    "euler": (FusedEulerDiscreteScheduler, "torch", False, 3, 17),
-    "euler_a": (FusedEulerAncestralDiscreteScheduler, "torch", True, 4, 19),
-    "euler_a-philox": (FusedEulerAncestralDiscreteScheduler, "philox", False, 3, 19),
-    "dpm": (FusedDPMSolverMultistepScheduler, "torch", False, 2, 16),
-    "unipc": (FusedUniPCMultistepScheduler, "torch", False, 1, 16),
-    "flow": (FusedFlowMatchEulerDiscreteScheduler, "torch", False, 1, 15),
+    "ddpm": (FusedDDPMScheduler, "torch", True, 3, 16),
+    "ddpm-philox": (FusedDDPMScheduler, "philox", False, 2, 16),
+    "ddim": (FusedDDIMScheduler, "torch", False, 2, 14),
+    "euler": (FusedEulerDiscreteScheduler, "torch", False, 3, 13),
+    "euler_a": (FusedEulerAncestralDiscreteScheduler, "torch", True, 4, 15),
+    "euler_a-philox": (FusedEulerAncestralDiscreteScheduler, "philox", False, 3, 15),
+    "dpm": (FusedDPMSolverMultistepScheduler, "torch", False, 2, 13),
+    "unipc": (FusedUniPCMultistepScheduler, "torch", False, 1, 12),
+    "flow": (FusedFlowMatchEulerDiscreteScheduler, "torch", False, 1, 12),
 }
 
 
@@ -132,6 +132,82 @@ def test_python_calls_per_step(name, no_launch):
         f"{name}: a step makes {sum(calls.values())} calls in fastdiff.diffusers "
         f"({dict(calls)}); at most {bound}"
     )
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_a_steady_step_skips_the_dispatch_and_the_checks(name, no_launch, monkeypatch):
+    """A step whose inputs have the signature of an earlier step of the same scheduler
+    launches the configuration checked then: neither run_step (the backend dispatch) nor
+    the kernel's checks run again."""
+    iteration = _steady_step(name)
+    import fastdiff.diffusers._step as step_module
+
+    calls = collections.Counter()
+    run_step, check = step_module.run_step, fused_step_module._launch_config
+
+    def counted(function, label):
+        return lambda *a, **k: calls.update([label]) or function(*a, **k)
+
+    monkeypatch.setattr(step_module, "run_step", counted(run_step, "run_step"))
+    monkeypatch.setattr(fused_step_module, "_launch_config", counted(check, "checks"))
+    iteration()
+    iteration()
+    assert not calls, dict(calls)
+
+
+def test_a_new_signature_is_checked_after_the_cached_ones(no_launch):
+    """Every input whose signature the scheduler has not launched yet gets the kernel's
+    checks and their errors, however many steps of other signatures came before; an input
+    that needs a copy takes the dispatch (run_step) and gives the same result."""
+    scheduler = FusedDDIMScheduler(backend="triton")
+    scheduler.set_timesteps(10)
+    x, m = torch.randn(SHAPE), torch.randn(SHAPE)
+    t = scheduler.timesteps[3]
+    for _ in range(3):
+        scheduler.step(m, t, x)
+    with pytest.raises(ValueError, match="model_output has shape"):
+        scheduler.step(torch.randn(2, *SHAPE[1:]), t, x)
+    with pytest.raises(ValueError, match="model_output has shape"):
+        scheduler.step(torch.randn(1, *SHAPE), t, x)
+    with pytest.raises(TypeError, match="model_output has dtype"):
+        scheduler.step(m.to(torch.int32), t, x)
+    scheduler.step(m, t, x)  # the cached signature still launches
+
+
+@pytest.mark.parametrize("name", ["ddim", "euler", "flow"])
+def test_cached_and_dispatched_steps_agree(name):
+    """A step through the cached launch and one that takes the dispatch (a model output
+    laid out otherwise: copied by run_step) give the same bits, interleaved."""
+    cls, noise = CASES[name][:2]
+    cached, dispatched = cls(backend="triton", noise=noise), cls(backend="triton", noise=noise)
+    x, m = torch.randn(SHAPE), torch.randn(SHAPE)
+    for scheduler in (cached, dispatched):
+        scheduler.set_timesteps(4)
+    for i, t in enumerate(cached.timesteps):
+        m_i = m + i
+        other = m_i.to(memory_format=torch.channels_last) if i % 2 else m_i
+        want = cached.step(m_i, t, x)
+        got = dispatched.step(other, t, x)
+        assert torch.equal(got.prev_sample, want.prev_sample)
+        x = want.prev_sample
+
+
+def test_a_copied_scheduler_checks_again_and_steps_alike():
+    """A deep copy (some diffusers pipelines copy their scheduler) or a pickled copy of a
+    stepped scheduler starts without the launch cache and steps as the original does."""
+    import copy
+    import pickle
+
+    scheduler = FusedDDIMScheduler(backend="triton")
+    scheduler.set_timesteps(4)
+    x, m = torch.randn(SHAPE), torch.randn(SHAPE)
+    t = scheduler.timesteps[1]
+    want = scheduler.step(m, t, x).prev_sample
+    assert scheduler._launches
+    for other in (copy.deepcopy(scheduler), pickle.loads(pickle.dumps(scheduler))):
+        assert not other._launches
+        assert torch.equal(other.step(m, t, x).prev_sample, want)
+        assert torch.equal(other.step(m, t, x).prev_sample, want)
 
 
 # aten ops of one iteration of a graphed loop (step index = the loop's counter, timestep a

@@ -340,8 +340,8 @@ class _StepTraffic(TorchDispatchMode):
         self.numel, self.ops, self.launches, self.paused = numel, [], [], False
         launch = fs._launch
 
-        def counted(config, dynamic, device, **flags):
-            v = {**config.statics, **flags}
+        def counted(config, values, device, flags, extra=()):
+            v = {**config.statics, **dict(extra), **dict(zip(fs._FLAG_NAMES, flags))}
             slots = v["HIST_SLOTS"]
             corrector = slots > 0 and v.get("HIST_CORRECTOR", True)  # (UniPC's pair)
             reads = 2 + max(slots - 1, 0) + corrector + v["HAS_PREV"] + (v["NOISE"] == 1)
@@ -350,7 +350,7 @@ class _StepTraffic(TorchDispatchMode):
             self.launches.append(int(reads + writes))
             self.paused = True
             try:
-                return launch(config, dynamic, device, **flags)
+                return launch(config, values, device, flags, extra)
             finally:
                 self.paused = False
 

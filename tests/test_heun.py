@@ -639,22 +639,28 @@ def count_launches(monkeypatch):
     """``fused_step`` launches recorded by the active ``_Traffic``: x, the model output and
     the tensors of ``KERNEL_READS`` read, the sample and x0 written (the kernel itself runs
     outside the mode: under the interpreter its own torch calls are not the step's)."""
+    import inspect
+
     from torch.utils._python_dispatch import _disable_current_modes, _get_current_dispatch_mode
 
-    from fastdiff import stepping
+    from fastdiff.kernels import fused_step as fs
 
-    launch = stepping.fused_step
+    # every launch goes through step_with_config (fused_step's, and the drop-ins' cached one)
+    launch = fs.step_with_config
+    signature = inspect.signature(launch)
 
-    def counted(x, model_output, table, rows, **options):
+    def counted(*args, **kwargs):
         traffic = _get_current_dispatch_mode()
         with _disable_current_modes():
-            prev, x0 = launch(x, model_output, table, rows, **options)
+            prev, x0 = launch(*args, **kwargs)
         if isinstance(traffic, _Traffic):
-            read = [x, model_output, *(options.get(name) for name in KERNEL_READS)]
+            options = signature.bind(*args, **kwargs).arguments
+            read = [options["x"], options["model_output"]]
+            read += [options.get(name) for name in KERNEL_READS]
             traffic.ops.append(("fused_step", traffic.passes(read), traffic.passes([prev, x0])))
         return prev, x0
 
-    monkeypatch.setattr(stepping, "fused_step", counted)
+    monkeypatch.setattr(fs, "step_with_config", counted)
 
 
 def _traffic_of_a_step(device_index, dtype, changed=False):

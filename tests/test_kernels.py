@@ -410,6 +410,23 @@ def test_fast_launch_is_taken_after_the_first_call(monkeypatch, device):
     assert torch.equal(first, second)
 
 
+def test_step_config_is_fused_step_checked_once(device):
+    """``step_config`` checks as ``fused_step`` does (the same errors) and
+    ``step_with_config`` launches what ``fused_step`` launches, bit for bit."""
+    on_device = DDPMSampler(SCHEDULE, 10, backend="triton").device_tables(device)
+    table, rows = on_device["table"], on_device["rows"][3:4]
+    g = torch.Generator().manual_seed(0)
+    x, m, z = (torch.randn(2, 3, 5, 7, generator=g).to(device) for _ in range(3))
+    want = fused_step(x, m, table, rows, noise=z, clip_range=1.0)
+    config = fs.step_config(x, m, table, rows, noise=z, clip_range=1.0)
+    got = fs.step_with_config(config, x, m, table, rows, noise=z, clip_range=1.0)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    with pytest.raises(ValueError, match="noise has shape"):
+        fs.step_config(x, m, table, rows, noise=z[:1], clip_range=1.0)
+    with pytest.raises(ValueError, match="noise has shape"):
+        fused_step(x, m, table, rows, noise=z[:1], clip_range=1.0)
+
+
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 def test_step_into_static_buffers_in_place(backend, device):
     """out= may alias x and x0_out= may alias x0_prev (how a CUDA-graph loop keeps state)."""

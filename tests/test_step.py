@@ -89,10 +89,13 @@ def test_drop_in_follows_the_environment(monkeypatch, device):
     m = torch.randn_like(x)
     t = scheduler.timesteps[2]
     calls = []
+    import fastdiff.backend as backends
     import fastdiff.stepping as stepping
 
-    resolve = stepping.resolve_backend
-    monkeypatch.setattr(stepping, "resolve_backend", lambda *a: calls.append(a) or resolve(*a))
+    resolve = backends.resolve_backend
+    record = lambda *a: calls.append(a) or resolve(*a)  # noqa: E731
+    monkeypatch.setattr(backends, "resolve_backend", record)  # the drop-ins' lookup
+    monkeypatch.setattr(stepping, "resolve_backend", record)  # run_step's
     monkeypatch.setenv("FASTDIFF_BACKEND", "reference")
     want = scheduler.step(m, t, x).prev_sample
     monkeypatch.setenv("FASTDIFF_BACKEND", "triton")

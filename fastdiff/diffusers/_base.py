@@ -40,7 +40,7 @@ from fastdiff.diffusers._common import (
     mirrored_step,
 )
 from fastdiff.diffusers._plan import PlanTablesMixin
-from fastdiff.diffusers._step import StepTemplateMixin
+from fastdiff.diffusers._step import LaunchCache, StepTemplateMixin
 
 # device_index and make_output: re-exported for the tests
 __all__ = [
@@ -122,6 +122,7 @@ class FusedSchedulerMixin(StepTemplateMixin, PlanTablesMixin):
     def _setup_fused(self, backend: str | None, noise: str) -> None:
         self.backend = backend
         self._tables: dict = {}
+        self._launches = LaunchCache()  # the kernel path's configurations (StepTemplateMixin)
         self._last_tables = None
         self._seeds_cache: dict = {}
         self._seed: int | None = None
@@ -259,10 +260,19 @@ class FusedSchedulerMixin(StepTemplateMixin, PlanTablesMixin):
         """A timestep's value when it is known on the host: a python number, a CPU tensor, or
         an element of the plan tensor (its value is in the host copy of the plan); None for
         other device tensors (reading them would sync)."""
-        if isinstance(timestep, torch.Tensor):
-            position = self._plan_position(timestep)
-            if position is not None:
-                return self._plan_values[position]
+        if isinstance(timestep, torch.Tensor) and not timestep.dim():
+            # An element of the plan tensor handed out by set_timesteps (``for t in
+            # scheduler.timesteps``, also after slicing) is found from its address: a live
+            # 0-d tensor of the plan's dtype and device whose data lies inside the plan's
+            # memory, on an element boundary, is a view of it. (Inline: a call costs a
+            # microsecond.)
+            start, stride, dtype, device = self._plan_address
+            if timestep.dtype == dtype and stride > 0:
+                offset = timestep.data_ptr() - start
+                position = offset // stride
+                if not offset % stride and 0 <= position < self._plan_len:
+                    if timestep.device == device:
+                        return self._plan_values[position]
         return host_scalar(timestep)
 
     # -- CUDA-graph hooks (fastdiff.diffusers.graph.capture_denoising_loop) -----------------

@@ -64,6 +64,7 @@ class PlanTablesMixin:
                 self.timesteps = upload(host, target)
         if not same:
             self._tables.clear()
+            self._launches.clear()  # (keyed by the tables, among others)
             self._last_tables = None
             self._plan_device.clear()
         self._plan_state = state
@@ -85,21 +86,6 @@ class PlanTablesMixin:
     def _plan_signature(self) -> tuple:
         """Plan state besides the timesteps and sigmas that the tables depend on."""
         return (self.num_inference_steps, vars(self).get("custom_timesteps"))
-
-    def _plan_position(self, timestep: torch.Tensor) -> int | None:
-        """The position of ``timestep`` in the plan when it is an element of the plan tensor
-        handed out by set_timesteps (``for t in scheduler.timesteps``, also after slicing):
-        found from its address (a live tensor whose data lies inside the plan's memory is a
-        view of it), so its value is known on the host without reading the device. None for
-        any other tensor."""
-        start, stride, dtype, device = self._plan_address
-        if timestep.dim() or timestep.dtype != dtype or stride <= 0:
-            return None
-        offset = timestep.data_ptr() - start
-        position = offset // stride
-        if offset % stride or not 0 <= position < self._plan_len or timestep.device != device:
-            return None
-        return position
 
     # -- tables ------------------------------------------------------------------------------
 

@@ -65,8 +65,7 @@ class TimestepRowsMixin(FusedSchedulerMixin):
         x0 processing, the reference ``rule(x, m, ab_t, ab_next, **options)``, both outputs in
         ``promote(sample, model_output)`` as diffusers returns them."""
         config = self.config
-        clip_range, thresholding = self._processing(config)
-        processing = dict(clip_range=clip_range, thresholding=thresholding)
+        clip_range, thresholding = self._processing_options  # (_begin_step checked config)
         prediction_type = config.prediction_type
         reference_step = self._reference_rule(
             tables,
@@ -75,7 +74,8 @@ class TimestepRowsMixin(FusedSchedulerMixin):
             ("ab", "ab_next"),
             by_row,
             prediction_type=prediction_type,
-            **processing,
+            clip_range=clip_range,
+            thresholding=thresholding,
             **options,
         )
         out_dtype = promote(sample.dtype, model_output.dtype)
@@ -92,7 +92,8 @@ class TimestepRowsMixin(FusedSchedulerMixin):
             noise=noise,
             seeds=seeds,
             variance_mode=variance_mode,
-            **processing,
+            clip_range=clip_range,
+            thresholding=thresholding,
         )
 
     def _timestep_rows(
@@ -105,7 +106,8 @@ class TimestepRowsMixin(FusedSchedulerMixin):
             t = int(value)
             if t != value or not 0 <= t < train_steps:
                 raise ValueError(f"timestep must be an integer in [0, {train_steps}), got {value}")
-            return self._row(tables, t + 1), t
+            view = tables["row_views"].get(t + 1)  # (_row's common case, inline)
+            return (view if view is not None else self._row(tables, t + 1)), t
         batch = x.shape[0]
         if timestep.is_floating_point() and _base.on_host(timestep):
             raise ValueError("per-sample timesteps must be an integer tensor")
@@ -211,7 +213,8 @@ class StepIndexMixin(FusedSchedulerMixin):
                 f"step index {index} is outside the {n} steps of the plan: step was called "
                 "more often than set_timesteps planned (call set_timesteps again)"
             )
-        return self._row(tables, index + offset)
+        view = tables["row_views"].get(index + offset)  # (_row's common case, inline)
+        return view if view is not None else self._row(tables, index + offset)
 
     def _add_noise_indices(self, timesteps: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Step indices for add_noise (diffusers' rule), without a sync."""

@@ -1,7 +1,18 @@
 """The step template of the fused diffusers schedulers (mixed into ``FusedSchedulerMixin``):
 ``_begin_step`` (plan and config checks, the step index, the kernel's layout), the step's
 noise, ``_reference_rule`` (the reference path's step), ``_run_step`` (one step through
-``fastdiff.stepping.run_step``) and ``_fused_step`` (run, ``_end_step``, diffusers' output).
+``fastdiff.stepping.run_step``, or the launch cached for its input signature) and
+``_fused_step`` (run, ``_end_step``, diffusers' output).
+
+The launch cache (host cost of a step on small latents, where Python is the step's cost).
+The first kernel-path step of an input signature (the shapes, strides, dtypes, devices and
+alignment of the sample, model output, noise and previous x0; the scheduler's table, seeds
+and history buffers by identity; the rows' layout; the step options and output dtypes) is
+checked by ``fastdiff.kernels.fused_step.step_config`` (``fused_step``'s checks and errors)
+and its configuration kept; a later step of that signature launches it directly
+(``step_with_config``): no dispatch through ``run_step``, no second key of every tensor, no
+checks. Any other input (a new signature, a layout ``run_step`` would copy, the reference
+backend) takes ``run_step`` or the checks as before.
 
 Noise (``noise=``, a keyword-only constructor option like ``backend``, not saved to the
 config). "torch", the default: the noise is drawn exactly as the diffusers class draws it
@@ -28,11 +39,49 @@ from typing import Any
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from fastdiff import backend as backends
 from fastdiff import philox
 from fastdiff.diffusers._common import dense, step_output
+from fastdiff.kernels import fused_step as fused_kernel
 from fastdiff.stepping import run_step
 
-__all__ = ["StepTemplateMixin"]
+__all__ = ["LaunchCache", "StepTemplateMixin"]
+
+# The kernel options a drop-in step passes to _run_step besides the tensors, with
+# run_step's defaults.
+_KERNEL_OPTIONS = {
+    "clip_range": None,
+    "thresholding": None,
+    "variance_mode": "fixed",
+    "write_x0": True,
+    "x0_out": None,
+    "history": None,
+    "last_sample": None,
+    "x0_noise": False,
+}
+
+
+class LaunchCache(dict):
+    """A scheduler's kernel-path configurations by input signature (``_run_step``). A copy
+    of the scheduler (``copy.deepcopy``, as some diffusers pipelines make; pickling) gets an
+    empty one: the configurations hold compiled kernels, and the copy checks its inputs
+    again at its first step."""
+
+    def __deepcopy__(self, memo):
+        return LaunchCache()
+
+    def __reduce__(self):
+        return (LaunchCache, ())
+
+
+def _dtypes(x, model_output, noise, x0_prev, out_dtype, x0_dtype, options) -> tuple:
+    """The dtypes run_step resolves an "auto" backend with (those of its outputs, with its
+    defaults, and of its inputs)."""
+    out_dtype = out_dtype or x.dtype
+    x0_out = options.get("x0_out")
+    x0_dtype = x0_out.dtype if x0_out is not None else (x0_dtype or out_dtype)
+    dtypes = (out_dtype, x0_dtype, model_output.dtype)
+    return dtypes + tuple(t.dtype for t in (x0_prev, noise) if t is not None)
 
 
 class StepTemplateMixin:
@@ -94,8 +143,11 @@ class StepTemplateMixin:
         (``dense``)."""
         if self._needs_plan and self.num_inference_steps is None:
             self._check_planned()
-        self.check_config()
+        if self.config is not self._checked_config:  # (check_config's own test, inline)
+            self.check_config()
         self._enter_step(timestep)
+        if not contiguous and sample.is_contiguous():  # (dense's common case, inline)
+            return sample
         return dense(sample, contiguous)
 
     def _enter_step(self, timestep: Any) -> None:
@@ -186,7 +238,9 @@ class StepTemplateMixin:
         **kernel_kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One step through ``fastdiff.stepping.run_step`` (the dispatch ``Sampler.step``
-        uses), returned in the dtypes the diffusers class returns.
+        uses), returned in the dtypes the diffusers class returns; on the kernel path a step
+        of an input signature this scheduler launched before takes the cached launch (see
+        the module docstring: the same launch, outputs and bits).
 
         The reference path runs ``reference_step(xr, m, noise)`` in float64 (it is the
         fallback and the check, not the fast path; float32 would lose digits where
@@ -213,11 +267,75 @@ class StepTemplateMixin:
         """
         if noise is not None and noise.device != x.device:  # a generator on another device
             noise = noise.to(x.device)
+        table = step_tables[self._kernel_table]
+        backend = self._backend
+        key = None
+        if backend is None:  # FASTDIFF_BACKEND decides at every step (fastdiff.backend reads it)
+            try:
+                dtypes = _dtypes(
+                    x, model_output, noise, x0_prev, out_dtype, x0_dtype, kernel_kwargs
+                )
+                backend = backends.resolve_backend(None, x, dtypes)  # run_step's resolution
+            except AttributeError:  # not a tensor: run_step raises as it does
+                pass
+        if backend is not None and backend != "reference":
+            # What the kernel path depends on besides the options: the backend, everything
+            # fused_step checks and specializes on about the inputs (shape, strides, dtype,
+            # device, 16-byte alignment), the scheduler's own device tensors by identity
+            # (its table and Philox seeds: made once, never reshaped) and the rows' layout
+            # (their alignment is not specialized on). Inline: a call costs a microsecond.
+            try:
+                key = (
+                    backend,
+                    table,
+                    seeds,
+                    (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16 == 0),
+                    model_output.shape,
+                    model_output.stride(),
+                    model_output.dtype,
+                    model_output.device,
+                    model_output.data_ptr() % 16 == 0,
+                    (rows.shape, rows.stride(), rows.dtype, rows.device),
+                    None
+                    if noise is None
+                    else (noise.shape, noise.stride(), noise.dtype, noise.device),
+                    None if noise is None else noise.data_ptr() % 16 == 0,
+                    None
+                    if x0_prev is None
+                    else (x0_prev.shape, x0_prev.stride(), x0_prev.dtype, x0_prev.device),
+                    None if x0_prev is None else x0_prev.data_ptr() % 16 == 0,
+                    out_dtype,
+                    x0_dtype,
+                    *kernel_kwargs.items(),
+                )
+            except AttributeError:  # not a tensor: run_step raises as it does
+                pass
+        if key is not None:
+            launch = self._launches.get(key)
+            if launch is not None:  # a signature this scheduler's kernel path took before
+                config, out_dtype, x0_dtype, x0_out, clip, thresh, write_x0, ring, last = launch
+                # by position (binding keywords costs microseconds)
+                return fused_kernel.step_with_config(
+                    config, x, model_output, table, rows, None, 0.0, clip, thresh, x0_prev,
+                    noise, seeds, None,
+                    None if out_dtype is None else torch.empty_like(x, dtype=out_dtype),
+                    x0_out if x0_dtype is None else torch.empty_like(x, dtype=x0_dtype),
+                    write_x0, ring, last,
+                )  # fmt: skip
+            out_dtype = out_dtype or x.dtype  # (run_step's defaults)
+            x0_dtype = x0_dtype or out_dtype
+            if _KERNEL_OPTIONS.keys() >= kernel_kwargs.keys() and self._cacheable(
+                backend, x, model_output, noise, x0_prev, out_dtype, x0_dtype, kernel_kwargs
+            ):
+                return self._first_launch(
+                    key, x, model_output, table, rows, noise, seeds, x0_prev, out_dtype,
+                    x0_dtype, kernel_kwargs,
+                )  # fmt: skip
         return run_step(
-            self._backend,
+            backend,
             x,
             model_output,
-            step_tables[self._kernel_table],
+            table,
             rows,
             lambda xr, m, _x0_prev, z, _grad: reference_step(xr, m, z),
             out_dtype=out_dtype,
@@ -227,6 +345,77 @@ class StepTemplateMixin:
             x0_prev=x0_prev,
             compute_dtype=torch.float64,
             **kernel_kwargs,
+        )
+
+    # -- the kernel path's launches, cached per signature ------------------------------------
+
+    @staticmethod
+    def _cacheable(backend, x, model_output, noise, x0_prev, out_dtype, x0_dtype, options):
+        """Whether ``run_step`` would launch the kernel on these inputs as they are (the
+        kernel backend; x contiguous and the other inputs strided like it: no copy), so
+        that a later step of the same signature can launch it directly."""
+        if backend == "auto":  # (decided by x's device and the dtypes: in the key)
+            dtypes = _dtypes(x, model_output, noise, x0_prev, out_dtype, x0_dtype, options)
+            backend = backends.resolve_backend(backend, x, dtypes)
+        if backend != "triton" or not x.is_contiguous():
+            return False
+        strides = x.stride()
+        return all(t is None or t.stride() == strides for t in (model_output, noise, x0_prev))
+
+    def _first_launch(
+        self, key, x, model_output, table, rows, noise, seeds, x0_prev, out_dtype, x0_dtype,
+        kernel_kwargs,
+    ):  # fmt: skip
+        """The kernel path of ``run_step`` (the outputs ``run_step`` allocates, the checks of
+        ``fused_step``, the same errors), its configuration kept under ``key`` for the
+        steps of the same signature."""
+        options = {**_KERNEL_OPTIONS, **kernel_kwargs}
+        given_x0_out = options.pop("x0_out")
+        x0_noise = options.pop("x0_noise")
+        variance_mode = options.pop("variance_mode")
+        write_x0 = options["write_x0"] or given_x0_out is not None
+        # the outputs run_step allocates: in the dtypes asked for where they are not x's
+        out_dtype = None if out_dtype == x.dtype else out_dtype
+        if given_x0_out is not None or not write_x0 or x0_dtype == x.dtype:
+            x0_dtype = None
+        out = None if out_dtype is None else torch.empty_like(x, dtype=out_dtype)
+        x0_out = given_x0_out if x0_dtype is None else torch.empty_like(x, dtype=x0_dtype)
+        config = fused_kernel.step_config(
+            x,
+            model_output,
+            table,
+            rows,
+            clip_range=options["clip_range"],
+            thresholding=options["thresholding"],
+            variance_mode=variance_mode,
+            x0_prev=x0_prev,
+            noise=noise,
+            seeds=seeds,
+            out=out,
+            x0_out=x0_out,
+            history=options["history"],
+            last_sample=options["last_sample"],
+            x0_noise=x0_noise,
+        )
+        if len(self._launches) >= 64:  # (UniPC's device chains: a table a chain)
+            self._launches.clear()
+        self._launches[key] = (
+            config, out_dtype, x0_dtype, given_x0_out, options["clip_range"],
+            options["thresholding"], options["write_x0"], options["history"],
+            options["last_sample"],
+        )  # fmt: skip
+        return fused_kernel.step_with_config(
+            config,
+            x,
+            model_output,
+            table,
+            rows,
+            x0_prev=x0_prev,
+            noise=noise,
+            seeds=seeds,
+            out=out,
+            x0_out=x0_out,
+            **options,
         )
 
     @staticmethod

@@ -50,6 +50,7 @@ class FusedUniPCMultistepScheduler(StepIndexMixin, UniPCMultistepScheduler):
 
     def _setup_fused(self, backend: str | None, noise: str) -> None:
         self._history: unipc_tables.UniPCHistory | None = None
+        self._history_order: int | None = None  # the solver order the ring was made for
         self._active: tuple | None = None  # (tables, table of the device-indexed chain)
         super()._setup_fused(backend, noise)
 
@@ -213,14 +214,16 @@ class FusedUniPCMultistepScheduler(StepIndexMixin, UniPCMultistepScheduler):
             x.device,
             lambda: self._build(prediction_type, order, predict_x0, processed),
         )
-        slots = unipc_tables.ring_slots(order)
-        if self._history is None or self._history.slots != slots:
-            self._history = unipc_tables.UniPCHistory(slots)
+        if self._history is None or self._history_order != order:
+            self._history = unipc_tables.UniPCHistory(unipc_tables.ring_slots(order))
+            self._history_order = order
         w = min(self.lower_order_nums, order)  # earlier steps of this chain (diffusers' count)
         if w == 0:
             self._history.clear()
-        dtypes = (model_output.dtype, sample.dtype)
-        use_kernel = resolve_backend(self.backend, x, dtypes) == "triton"  # as run_step picks
+        backend = self._backend
+        if backend not in ("triton", "reference"):  # (an explicit backend needs no resolving)
+            backend = resolve_backend(backend, x, (model_output.dtype, sample.dtype))
+        use_kernel = backend == "triton"  # as run_step picks
         ring, last = self._history.buffers(x, x.dtype if use_kernel else torch.float64)
         index = self._step_index
         if isinstance(index, torch.Tensor):
