@@ -175,14 +175,14 @@ def test_a_new_signature_is_checked_after_the_cached_ones(no_launch):
 
 
 @pytest.mark.parametrize("name", ["ddim", "euler", "flow"])
-def test_cached_and_dispatched_steps_agree(name):
+def test_cached_and_dispatched_steps_agree(name, device):
     """A step through the cached launch and one that takes the dispatch (a model output
     laid out otherwise: copied by run_step) give the same bits, interleaved."""
     cls, noise = CASES[name][:2]
     cached, dispatched = cls(backend="triton", noise=noise), cls(backend="triton", noise=noise)
-    x, m = torch.randn(SHAPE), torch.randn(SHAPE)
+    x, m = torch.randn(SHAPE, device=device), torch.randn(SHAPE, device=device)
     for scheduler in (cached, dispatched):
-        scheduler.set_timesteps(4)
+        scheduler.set_timesteps(4, device=device)
     for i, t in enumerate(cached.timesteps):
         m_i = m + i
         other = m_i.to(memory_format=torch.channels_last) if i % 2 else m_i
@@ -192,15 +192,15 @@ def test_cached_and_dispatched_steps_agree(name):
         x = want.prev_sample
 
 
-def test_a_copied_scheduler_checks_again_and_steps_alike():
+def test_a_copied_scheduler_checks_again_and_steps_alike(device):
     """A deep copy (some diffusers pipelines copy their scheduler) or a pickled copy of a
     stepped scheduler starts without the launch cache and steps as the original does."""
     import copy
     import pickle
 
     scheduler = FusedDDIMScheduler(backend="triton")
-    scheduler.set_timesteps(4)
-    x, m = torch.randn(SHAPE), torch.randn(SHAPE)
+    scheduler.set_timesteps(4, device=device)
+    x, m = torch.randn(SHAPE, device=device), torch.randn(SHAPE, device=device)
     t = scheduler.timesteps[1]
     want = scheduler.step(m, t, x).prev_sample
     assert scheduler._launches
