@@ -44,7 +44,8 @@ ADVANCING = {
     "lcm": ("FusedLCMScheduler", {"noise": "philox"}),
     "tcd": ("FusedTCDScheduler", {"noise": "philox"}),
 }
-SIDE = {"ddim", "ddpm", "euler", "euler_a"}  # a per-step value advanced with the timestep
+# a per-step value advanced with the timestep (the row, Euler's input scale)
+SIDE = {"ddim", "ddpm", "euler", "euler_a", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde"}
 
 
 def _randn(seed: int, shape=SHAPE, device="cpu", dtype=torch.float32) -> torch.Tensor:
@@ -160,6 +161,9 @@ def test_advancing_loop_is_the_eager_loop(name, per_graph, as_device, device):
     f.set_timesteps(steps, device=device)
     torch.manual_seed(5)
     assert torch.equal(loop.run(x), eager)  # again: the buffers reset by run
+    # and once more without a new plan: the scheduler's host state after a chain, as a
+    # replay finds it (DPM-Solver++'s first step reads its row from the advance's value)
+    assert torch.equal(loop.run(x), eager)
     # after the loop a step of the scheduler advances nothing
     count = int(loop.counter)
     f.step(torch.zeros_like(x), f.timesteps[0], x.clone())
