@@ -136,7 +136,7 @@ def _eager(f, step_fn, x, steps, device):
     return x
 
 
-@pytest.mark.parametrize("per_graph", [1, 3])
+@pytest.mark.parametrize("per_graph", [1, 3, 6])
 @pytest.mark.parametrize("name", list(ADVANCING))
 def test_advancing_loop_is_the_eager_loop(name, per_graph, as_device, device):
     steps = 6
