@@ -21,7 +21,7 @@ from torch import Tensor
 
 from fastdiff import philox, reference
 from fastdiff.backend import resolve_backend
-from fastdiff.kernels.fused_step import fused_step
+from fastdiff.kernels.fused_step import LoopAdvance, fused_step
 from fastdiff.kernels.utils import as_dense, memory_format_of
 
 __all__ = ["ReferenceStep", "run_step"]
@@ -60,6 +60,7 @@ def run_step(
     history: Tensor | None = None,
     last_sample: Tensor | None = None,
     x0_noise: bool = False,
+    advance: LoopAdvance | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """One step: ``fused_step`` on the table rows, or ``reference_step`` on the same inputs.
 
@@ -74,6 +75,9 @@ def run_step(
         guidance_scale, guidance_rescale, clip_range, thresholding, variance_mode, x0_prev,
             noise, seeds, grad, history, last_sample, x0_noise: the step's options, as
             ``fused_step`` takes them (the reference step returns its own x0).
+        advance: a graphed loop's ``LoopAdvance``, advanced by the kernel path's launch
+            (``fused_step``); the reference path advances nothing (``advance.launches``
+            tells the loop).
         out, x0_out: preallocated outputs (checked like x before); may alias x / x0_prev.
         write_x0: also return x0 (False: None, and one pass fewer on the kernel path).
         out_dtype, x0_dtype: dtypes of the returned sample and x0 (default: x's).
@@ -138,6 +142,7 @@ def run_step(
                 history=history,
                 last_sample=last_sample,
                 x0_noise=x0_noise,
+                advance=advance,
             )
         except (TypeError, ValueError):
             if check is not None:

@@ -80,6 +80,7 @@ from .utils import (
 
 __all__ = [
     "COLUMNS",
+    "LoopAdvance",
     "UNIPC_COLUMNS",
     "UNIPC_MAX_SLOTS",
     "VARIANCE_MODES",
@@ -302,6 +303,29 @@ def _unipc_terms(
     return x_c, pred, hist_slot, last_slot
 
 
+@triton.jit
+def _advance_loop(
+    counter_ptr, ticket_ptr, plan_ptr, t_ptr, src_ptr, dst_ptr, n_steps, ADVANCE: tl.constexpr
+):
+    """A graphed loop's advance at the end of its step (``ADVANCE``): the program that takes
+    the grid's last ticket increments the counter, writes the next timestep (and with
+    ADVANCE 2 the next per-step value) and resets the ticket. The barrier orders every
+    thread's loads and stores of this program before its ticket (acquire-release at GPU
+    scope: the last program sees every other program's done)."""
+    tl.debug_barrier()
+    total = tl.num_programs(0) * tl.num_programs(1)
+    ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
+    if ticket == total - 1:
+        count = tl.load(counter_ptr) + 1
+        tl.store(counter_ptr, count)
+        more = count < n_steps
+        at = tl.minimum(count, n_steps - 1)  # in bounds also where nothing is written
+        tl.store(t_ptr, tl.load(plan_ptr + at, mask=more), mask=more)
+        if ADVANCE == 2:
+            tl.store(dst_ptr, tl.load(src_ptr + at, mask=more), mask=more)
+        tl.store(ticket_ptr, 0)
+
+
 # Per-sample scalars (rows, seeds, thresholds, rescale factors) are not specialized on their
 # pointers' alignment: a step index is a view rows[i:i+1], aligned for every other i only.
 @triton.jit(do_not_specialize=["thresh_ptr", "mscale_ptr", "seed_ptr", "rows_ptr"])
@@ -377,12 +401,27 @@ def _fused_step_kernel(
     FAST_MATH: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    adv_counter_ptr=None,
+    adv_ticket_ptr=None,
+    adv_plan_ptr=None,
+    adv_t_ptr=None,
+    adv_src_ptr=None,
+    adv_dst_ptr=None,
+    adv_steps=None,
+    ADVANCE: tl.constexpr = 0,
 ):
     """The step (see the module docstring), or with BACKWARD its gradients: x_next and x0 are
     linear in every input given the masks of the x0 processing, which the backward recomputes
     from x and m (nothing but the inputs is saved). The pointers of the other direction are
     None. STD: the step's std is needed (noise or a classifier gradient, or their gradients);
-    in the backward NOISE and HAS_GRAD say what the learned-variance gradient reads."""
+    in the backward NOISE and HAS_GRAD say what the learned-variance gradient reads.
+
+    ADVANCE (forward only; 0: off): the launch also advances a graphed loop
+    (:class:`LoopAdvance`): every program, after its last store, takes a ticket; the last
+    one (all others have read their rows, which may be the counter, by then) increments the
+    counter, writes the next iteration's timestep ``plan[counter]`` (nothing once the
+    counter reaches ``adv_steps``) and, with ADVANCE 2, the next per-step value
+    ``src[counter]`` into ``dst``, then resets the ticket to 0."""
     pid_n, b, b_ok, mask, b2, j2 = _tile(n_samples, n_per_sample, BLOCK_S, BLOCK_N)
     row, coef, c_x0_x, c_x0_m, c_x, c_x0, c_m = _coefficients(
         table_ptr, rows_ptr, b, b_ok, rows_stride, N_COLS
@@ -527,6 +566,11 @@ def _fused_step_kernel(
         # Stored last, after every load: x0_out may alias x0_prev (and out may alias x).
         if WRITE_X0:
             tl.store(x0_ptr + b2 * x0_bstride + j2, x0.to(x0_ptr.dtype.element_ty), mask=mask)
+        if ADVANCE != 0:
+            _advance_loop(
+                adv_counter_ptr, adv_ticket_ptr, adv_plan_ptr, adv_t_ptr, adv_src_ptr,
+                adv_dst_ptr, adv_steps, ADVANCE,
+            )  # fmt: skip
 
 
 def _interpreting() -> bool:
@@ -611,6 +655,7 @@ def fused_step(
     history: torch.Tensor | None = None,
     last_sample: torch.Tensor | None = None,
     x0_noise: bool = False,
+    advance: LoopAdvance | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Apply one reverse step (rows of ``table``) to a batch, in one kernel launch.
 
@@ -650,6 +695,10 @@ def fused_step(
             x_next and the row's ring slot (its corrector columns are not read).
         x0_noise: the x0 written carries the step's noise, ``x0 + X0_Z z`` (the x0 of a
             churned sample ``x + c z``, Karras et al. 2022 Alg. 2); needs noise or seeds.
+        advance: a graphed loop's :class:`LoopAdvance`: the launch also advances the loop
+            (its counter, next timestep and per-step value) after its stores; counted in
+            ``advance.launches``. Not on the differentiable path (nothing is advanced there:
+            the count tells).
 
     Returns:
         ``(x_next, x0)`` laid out like x, in x's dtype (or out's / x0_out's); x0 is None
@@ -665,6 +714,7 @@ def fused_step(
     return step_with_config(
         config, x, model_output, table, rows, guidance_scale, guidance_rescale, clip_range,
         thresholding, x0_prev, noise, seeds, grad, out, x0_out, write_x0, history, last_sample,
+        advance,
     )  # fmt: skip
 
 
@@ -729,6 +779,7 @@ def step_with_config(
     write_x0: bool = True,
     history: torch.Tensor | None = None,
     last_sample: torch.Tensor | None = None,
+    advance: LoopAdvance | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``fused_step`` with the configuration :func:`step_config` returned for arguments of
     this signature, unchecked: the caller guarantees that every tensor has the shape,
@@ -761,7 +812,7 @@ def step_with_config(
             x0 = x0_out.copy_(x0)
         return x_next, x0
     x_next, x0, _ = _forward(
-        config, options, x, model_output, x0_prev, noise, grad, mscale, out, x0_out
+        config, options, x, model_output, x0_prev, noise, grad, mscale, out, x0_out, advance
     )
     return x_next, x0
 
@@ -805,8 +856,11 @@ def _rescale_factor(model_output, config, guidance_scale, guidance_rescale) -> t
     return guidance_rescale * ratio + (1.0 - guidance_rescale)
 
 
-def _forward(config, options, x, model_output, x0_prev, noise, grad, mscale, out, x0_out):
-    """The step's launches; returns ``(x_next, x0 or None, thresholds or None)``."""
+def _forward(
+    config, options, x, model_output, x0_prev, noise, grad, mscale, out, x0_out, advance=None
+):
+    """The step's launches (the last one advances ``advance``'s loop, if given); returns
+    ``(x_next, x0 or None, thresholds or None)``."""
     thresholding, write_x0, history, last_sample = options[5:]
     if out is None:
         out = torch.empty_like(x)
@@ -836,7 +890,12 @@ def _forward(config, options, x, model_output, x0_prev, noise, grad, mscale, out
         abs_x0 = raw.float().abs().reshape(config.batch, -1)
         thresh = _per_sample_quantile(abs_x0, ratio).clamp(1.0, max_value).contiguous()
     values = _input_values(options, x, model_output, noise, grad, mscale, thresh) + written
-    _launch(config, values, x.device, (thresh is not None, True, write_x0, std, has_mscale))
+    flags = (thresh is not None, True, write_x0, std, has_mscale)
+    if advance is None:
+        _launch(config, values, x.device, flags)
+    else:
+        _launch(config, values, x.device, flags, advance.kernel_args)
+        advance.launches += 1
     return out, (x0_out if write_x0 else None), thresh
 
 
@@ -993,6 +1052,87 @@ _BACKWARD_ONLY = dict.fromkeys(
 )
 
 
+# A launch that advances no loop (LoopAdvance.kernel_args: one that does).
+_NO_ADVANCE = dict.fromkeys(
+    "adv_counter_ptr adv_ticket_ptr adv_plan_ptr adv_t_ptr adv_src_ptr adv_dst_ptr "
+    "adv_steps".split()
+) | {"ADVANCE": 0}
+
+
+class LoopAdvance:
+    """A graphed loop's state that its step's launch advances (``fused_step(advance=)``,
+    ``ADVANCE``), so that an iteration needs no launch of its own for it: the loop's step
+    counter (0-d int64), a ticket (int32 ``[1]`` scratch, zero between launches), the plan
+    (1-D, ``num_steps`` timesteps) and the 0-d timestep buffer the loop hands its step
+    (``plan[counter]``, in the plan's dtype); optionally a per-step value (``set_side``):
+    ``side_src[counter]`` written to ``side_dst`` (``[1]``) as well.
+
+    ``out`` is the loop's sample buffer, where its caller may have the step write (the
+    kernel reads every element before it writes it). ``launches`` counts the advancing
+    launches (the caller resets and reads it: exactly one per iteration, or the loop
+    advances by more than one step).
+
+    Example:
+        >>> advance = LoopAdvance(counter, ticket, plan, timestep, out=latents)
+        >>> fused_step(latents, eps, table, counter.reshape(1), out=latents, advance=advance)
+    """
+
+    def __init__(
+        self,
+        counter: torch.Tensor,
+        ticket: torch.Tensor,
+        plan: torch.Tensor,
+        timestep: torch.Tensor,
+        *,
+        out: torch.Tensor | None = None,
+    ) -> None:
+        device = counter.device
+        if counter.dtype != torch.int64 or counter.dim() != 0:
+            raise ValueError("counter must be a 0-d int64 tensor")
+        if ticket.dtype != torch.int32 or ticket.numel() != 1 or ticket.device != device:
+            raise ValueError("ticket must be a one-element int32 tensor on the counter's device")
+        if plan.dim() != 1 or plan.numel() == 0 or not plan.is_contiguous():
+            raise ValueError("plan must be a non-empty contiguous 1-D tensor")
+        if timestep.dim() != 0 or timestep.dtype != plan.dtype:
+            raise ValueError("timestep must be a 0-d tensor of the plan's dtype")
+        if plan.device != device or timestep.device != device:
+            raise ValueError("plan and timestep must be on the counter's device")
+        self.counter, self.ticket, self.plan, self.timestep = counter, ticket, plan, timestep
+        self.num_steps = plan.numel()
+        self.out = out
+        self.side_src: torch.Tensor | None = None
+        self.side_dst: torch.Tensor | None = None
+        self.launches = 0
+        self.kernel_args = self._arguments()
+
+    def set_side(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Also write ``src[counter]`` (a contiguous 1-D tensor of at least ``num_steps``
+        values, one a plan step) into ``dst`` (one element of ``src``'s dtype) at every
+        advance."""
+        if src.dim() != 1 or src.numel() < self.num_steps or not src.is_contiguous():
+            raise ValueError(f"src must be a contiguous 1-D tensor of >= {self.num_steps} values")
+        if dst.numel() != 1 or dst.dtype != src.dtype:
+            raise ValueError("dst must be one element of src's dtype")
+        if src.device != self.counter.device or dst.device != self.counter.device:
+            raise ValueError("src and dst must be on the counter's device")
+        self.side_src, self.side_dst = src, dst
+        self.kernel_args = self._arguments()
+
+    def _arguments(self) -> tuple:
+        """The kernel's advance arguments as ``(name, value)`` pairs (``_launch``'s extra)."""
+        side = self.side_src is not None
+        return (
+            ("adv_counter_ptr", self.counter),
+            ("adv_ticket_ptr", self.ticket),
+            ("adv_plan_ptr", self.plan),
+            ("adv_t_ptr", self.timestep),
+            ("adv_src_ptr", self.side_src if side else None),
+            ("adv_dst_ptr", self.side_dst if side else None),
+            ("adv_steps", self.num_steps),
+            ("ADVANCE", 2 if side else 1),
+        )
+
+
 _LAUNCH_CONFIGS: dict = {}
 _FAST_LAUNCH = {"enabled": True}
 
@@ -1110,6 +1250,7 @@ def _launch_config(
         BLOCK_S=block_s,
         BLOCK_N=block_n,
         **_BACKWARD_ONLY,
+        **_NO_ADVANCE,
     )
     statics["STD"] = statics["NOISE"] != 0 or statics["HAS_GRAD"]  # the forward's
     statics["num_warps"] = num_warps

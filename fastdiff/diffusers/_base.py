@@ -54,6 +54,7 @@ __all__ = [
 # per diffusers class: (takes clip_sample, takes thresholding), read once from its __init__
 _HONOURED: dict[type, tuple[bool, bool]] = {}
 NOISE_SOURCES = ("torch", "philox")  # the step noise: drawn as diffusers draws it, or in-kernel
+_STATE_OPTIONS = ("x0_out", "history", "last_sample")  # kernel buffers besides the inputs
 
 
 def on_host(t: torch.Tensor) -> bool:
@@ -306,10 +307,47 @@ class FusedSchedulerMixin(StepTemplateMixin, PlanTablesMixin):
                 'noise="philox" (in-kernel noise) for a graphed loop, or the eager loop'
             )
 
-    def prepare_graph_step(self, step_index: torch.Tensor | None = None) -> None:
+    # Whether a graphed step may advance the loop in its kernel (graph_advance): every step
+    # that is one fused launch reading the loop's state before it and nothing after it.
+    _graph_advances = True
+    _graph_advance = None  # the loop's LoopAdvance during an iteration whose step advances it
+
+    def graph_advance(self, advance: Any) -> bool:
+        """Offered once by a graphed loop over this scheduler's own plan (its counter is the
+        step index): whether this scheduler's step takes the loop's advance over, so that an
+        iteration launches neither the timestep gather, the counter's increment nor the copy
+        of the step's sample (``prepare_graph_step(advance=)``).
+
+        Taken, the step's kernel launch writes ``prev_sample`` into the loop's latents
+        (``advance.out``, where the layouts and dtypes match) and advances the counter and
+        the timestep buffer ``advance.timestep`` (which the loop hands its ``step_fn`` as
+        ``t``) after its stores; a per-step value the step reads besides (Euler's input
+        scale, DDPM / DDIM's table row) is set here (``advance.set_side``) and read from
+        ``advance.side_dst``. The loop checks that each iteration made exactly one advancing
+        launch (else it takes its own path).
+
+        Args:
+            advance: the loop's ``fastdiff.kernels.fused_step.LoopAdvance``.
+
+        Returns:
+            Whether the step advances the loop (False: the reference backend, a step of
+            more than one launch by design).
+        """
+        if not self._graph_advances or self._backend == "reference":
+            return False
+        side = self._graph_side(advance)
+        if side is not None:
+            advance.set_side(*side)
+        return True
+
+    def _graph_side(self, advance: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(src, dst)``: a per-step value the graphed step reads (``graph_advance``)."""
+        return None
+
+    def prepare_graph_step(self, step_index: torch.Tensor | None = None, advance: Any = None):
         """Called at the start of every iteration of a captured denoising loop, before the
         loop's ``scale_model_input`` / ``step`` (state kept on the host would otherwise be
-        frozen at its captured value). Default: nothing (DDPM / DDIM: the row is the
+        frozen at its captured value). Default: the advance (DDPM / DDIM: the row is the
         timestep itself).
 
         Args:
@@ -317,6 +355,35 @@ class FusedSchedulerMixin(StepTemplateMixin, PlanTablesMixin):
                 advances in place after the iteration (its own counter, when it runs over the
                 scheduler's own timesteps), or None: the index is looked up on the device
                 from the iteration's timestep.
+            advance: the loop's advance, which this iteration's step launch advances (one
+                ``graph_advance`` took), or None: the loop advances itself.
         """
+        self._graph_advance = advance
+
+    def finish_graph_step(self) -> None:
+        """Called at the end of every iteration of a captured denoising loop: a step called
+        after it (outside the loop) advances nothing."""
+        self._graph_advance = None
+
+    def graph_kernel_options(self, x, model_output, out_dtype, noise, x0_prev, options: dict):
+        """The kernel options of a step that advances a graphed loop: ``options`` with
+        ``advance``, and ``out=`` the loop's latents where the step's sample fits them (same
+        shape, strides and dtype; no other input in their memory, x itself or apart)."""
+        advance = self._graph_advance
+        options = {**options, "advance": advance}
+        latents = advance.out
+        if latents is None or "out" in options or latents.dtype != (out_dtype or x.dtype):
+            return options
+        if latents.shape != x.shape or latents.stride() != x.stride():
+            return options
+        memory = latents.untyped_storage().data_ptr()
+        others = (model_output, noise, x0_prev, *(options.get(k) for k in _STATE_OPTIONS))
+        for t in others:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == memory:
+                return options
+        if x.untyped_storage().data_ptr() == memory and x.data_ptr() != latents.data_ptr():
+            return options
+        options["out"] = latents
+        return options
 
     # -- end of the CUDA-graph hooks ----------------------------------------------------------

@@ -45,6 +45,12 @@ class TimestepRowsMixin(FusedSchedulerMixin):
 
         return {name: framed(v) for name, v in columns.items()}
 
+    def _graph_side(self, advance: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows of the loop's timesteps (as ``_timestep_rows`` makes them on the device),
+        advanced with the timestep."""
+        rows = (advance.plan.long() + 1).clamp_(0, self._train_steps + 1)
+        return rows, rows[:1].clone()
+
     def _vp_step(
         self,
         x: torch.Tensor,
@@ -100,6 +106,9 @@ class TimestepRowsMixin(FusedSchedulerMixin):
         self, timestep: Any, tables: dict[str, torch.Tensor], x: torch.Tensor
     ) -> tuple[torch.Tensor, int | torch.Tensor | None]:
         """(rows on x's device, the timestep on the host or None when it lives on a device)."""
+        advance = self._graph_advance
+        if advance is not None and timestep is advance.timestep and advance.side_dst is not None:
+            return advance.side_dst, None  # a graphed loop's timestep: its row, advanced with it
         train_steps = self._train_steps
         value = self._host_value(timestep)
         if value is not None:
@@ -148,12 +157,13 @@ class StepIndexMixin(FusedSchedulerMixin):
                 "frozen into the graph; capture a loop over the plan's timesteps instead"
             )
 
-    def prepare_graph_step(self, step_index: torch.Tensor | None = None) -> None:
+    def prepare_graph_step(self, step_index: torch.Tensor | None = None, advance: Any = None):
         """The iteration's step index: the loop's own device counter (``step_index``, which
-        the loop advances in place: the step does not), or None, so that
-        ``scale_model_input`` / ``step`` look it up on the device from the iteration's
-        timestep (a host index would be frozen)."""
+        the loop or the step's launch with ``advance`` advances in place: the step's own
+        bookkeeping does not), or None, so that ``scale_model_input`` / ``step`` look it up
+        on the device from the iteration's timestep (a host index would be frozen)."""
         self._step_index = self._loop_index = step_index
+        self._graph_advance = advance
 
     # -- end of the CUDA-graph hooks ----------------------------------------------------------
 

@@ -267,6 +267,10 @@ class StepTemplateMixin:
         """
         if noise is not None and noise.device != x.device:  # a generator on another device
             noise = noise.to(x.device)
+        if self._graph_advance is not None:  # a graphed loop's step advances it (_base hooks)
+            kernel_kwargs = self.graph_kernel_options(
+                x, model_output, out_dtype, noise, x0_prev, kernel_kwargs
+            )
         table = step_tables[self._kernel_table]
         backend = self._backend
         key = None

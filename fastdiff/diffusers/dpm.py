@@ -137,7 +137,25 @@ class FusedDPMSolverMultistepScheduler(DPMRowsMixin, StepIndexMixin, DPMSolverMu
             if self.config.solver_order == 3:
                 later = torch.where(k == start + 1, k + (2 * n + 2), k)
             torch.where(k == start, k + (n + 1), later, out=chain)
+        advance = self._graph_advance
+        if not first and advance is not None and advance.side_src is chain:
+            return advance.side_dst  # the row advanced with the loop's timestep (_graph_side)
         return chain.index_select(0, index.reshape(1))
+
+    def _graph_side(self, advance) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The device chain's rows (``_device_chain_rows``), advanced with the loop's
+        timestep: a graphed step after the chain's first gathers no row. Made here as a
+        chain from step 0 makes them (the loop's chains start there), so that the value the
+        loop sets at a run's start is step 0's row before any step ran."""
+        order = self.config.solver_order
+        if order == 1:
+            return None
+        device, n = advance.counter.device, self._plan_len
+        k = torch.arange(n + 1, dtype=torch.int64, device=device)
+        later = torch.where(k == 1, k + (2 * n + 2), k) if order == 3 else k
+        chain = self._chain_rows.setdefault((device, n), torch.empty_like(k))
+        torch.where(k == 0, k + (n + 1), later, out=chain)
+        return chain, chain[:1].clone()
 
     def _unsupported(self, config) -> list[tuple[str, bool, str]]:
         return [

@@ -123,6 +123,22 @@ class EulerBase(StepIndexMixin):
             self._plan_device[key] = scale
         return scale
 
+    def _graph_side(self, advance) -> tuple[torch.Tensor, torch.Tensor]:
+        """The input scale of every step (``_input_scale``), advanced with the loop's timestep
+        by the step's launch (``graph_advance``): scale_model_input gathers nothing."""
+        scale = self._input_scale(advance.counter.device, torch.float32)
+        return scale, scale[:1].clone()
+
+    def _graph_scaled(self, sample: torch.Tensor) -> torch.Tensor:
+        """scale_model_input's device path with the step's scale read from the loop's
+        per-step value (``_graph_side``): the same number and operation as there."""
+        scale = self._graph_advance.side_dst
+        if scale.device.type != "cuda":
+            return sample / scale.reshape(())
+        if sample.requires_grad and torch.is_grad_enabled():
+            return (sample * scale).to(sample.dtype)
+        return torch.mul(sample, scale, out=torch.empty_like(sample))
+
     def scale_model_input(self, sample: torch.Tensor, timestep: float | torch.Tensor):
         """``sample / sqrt(sigma^2 + 1)``, bitwise as diffusers computes it, whether the step
         index lives on the host or on the device (no host sync for a CUDA timestep).
@@ -151,6 +167,8 @@ class EulerBase(StepIndexMixin):
                 self._input_divisor()
                 divisors = self._plan_device["divisors"]
             sample = sample / divisors[index]  # a 0-d CPU tensor, as in diffusers
+        elif self._graph_advance is not None and sample.dtype != torch.float64:
+            sample = self._graph_scaled(sample)  # a graphed loop's step that advances it
         elif index.device.type != "cuda":
             scale = self._input_scale(index.device, sample.dtype)
             sample = sample / scale.index_select(0, index.reshape(1)).reshape(())  # as above

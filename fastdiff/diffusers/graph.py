@@ -1,13 +1,18 @@
 """A diffusers-style denoising loop ``for t in timesteps: latents = step_fn(latents, t)`` as
 a CUDA graph of one iteration, replayed for every timestep.
 
-The scheduler takes part through two public methods of every fused scheduler
+The scheduler takes part through public methods of every fused scheduler
 (``FusedSchedulerMixin``): ``check_capturable()`` raises ValueError saying why its loop cannot
-be replayed, and ``prepare_graph_step(step_index)`` runs at the start of every captured
-iteration (``step_index``: the loop's device counter over the scheduler's own plan, else
-None); a
-scheduler with ``graph_state(latents)`` (device buffers its step reads and writes) has them
-saved and restored with the latents by the graph's verification.
+be replayed, and ``prepare_graph_step(step_index, advance)`` runs at the start of every
+captured iteration (``step_index``: the loop's device counter over the scheduler's own plan,
+else None), ``finish_graph_step()`` at its end; a scheduler with ``graph_state(latents)``
+(device buffers its step reads and writes) has them saved and restored with the latents by
+the graph's verification. Over its own plan the loop offers the scheduler its advance
+(``graph_advance``): the step's one kernel launch then writes the next latents into the
+loop's buffer and advances the counter and the timestep itself, so that an iteration
+launches nothing else of the loop's (the first iteration checks that the step made exactly
+one such launch; otherwise the loop gathers the timestep, copies the latents and increments
+the counter itself, as for any other scheduler).
 diffusers' own schedulers are refused (they read the timestep on the host).
 """
 
@@ -20,9 +25,18 @@ import torch
 from tqdm.auto import tqdm
 
 from fastdiff import capture, philox
-from fastdiff.capture import GraphedLoop, GraphEngine, GraphRuntime
+from fastdiff.capture import GraphCaptureError, GraphedLoop, GraphEngine, GraphRuntime
+from fastdiff.kernels.fused_step import LoopAdvance
 
-__all__ = ["DenoisingLoopGraph", "capture_denoising_loop", "check_scheduler"]
+__all__ = ["ADVANCE_HELP", "DenoisingLoopGraph", "capture_denoising_loop", "check_scheduler"]
+
+ADVANCE_HELP = (
+    "The scheduler's step advanced the loop in its kernel launch (the loop's latents, its "
+    "timestep t and the step index hold the next step's values once the step has run): a "
+    "step_fn that reads t, the step index or its input latents after scheduler.step sees "
+    "the next step's. Read them before the step, or pass advance=False to "
+    "capture_denoising_loop (the loop then advances itself, a few launches more a step)."
+)
 
 
 def check_scheduler(scheduler: Any) -> None:
@@ -60,7 +74,10 @@ class DenoisingLoopGraph(GraphedLoop):
     ``step_fn(latents, t)`` is one iteration of your loop (model call, guidance, the
     scheduler's step) and returns the next latents. In the graph ``latents`` is a static
     buffer and ``t`` a 0-d device tensor holding the current timestep (gathered from the plan
-    by a device counter). Capture happens in the first run (warm-up, capture, a bitwise check
+    by a device counter, or, where the scheduler's step advances the loop, a buffer the
+    step's launch rewrites with the next timestep: read ``t`` before the scheduler's step;
+    the graph's verification, against the loop's own path, catches a step_fn that reads it
+    after). Capture happens in the first run (warm-up, capture, a bitwise check
     of the first replay, as :class:`fastdiff.SamplingGraph`).
 
     Schedulers: the fastdiff.diffusers ``Fused*`` ones pass ``scheduler=`` (checked by its
@@ -76,6 +93,8 @@ class DenoisingLoopGraph(GraphedLoop):
         scheduler: the loop's scheduler.
         steps_per_graph, warmup_steps, verify: as for ``fastdiff.SamplingGraph``.
         runtime: the device runtime (default: ``fastdiff.capture.make_runtime``).
+        advance: offer the scheduler the loop's advance (``graph_advance``; False: the loop
+            gathers the timestep, copies the latents and increments its counter itself).
 
     Raises:
         ValueError: a scheduler that cannot be replayed, a step_fn calling a model
@@ -108,6 +127,7 @@ class DenoisingLoopGraph(GraphedLoop):
         warmup_steps: int = 2,
         verify: bool = True,
         runtime: GraphRuntime | None = None,
+        advance: bool = True,
     ) -> None:
         if not callable(step_fn):
             raise TypeError(f"step_fn must be callable, got {type(step_fn).__name__}")
@@ -125,6 +145,8 @@ class DenoisingLoopGraph(GraphedLoop):
         capture.check_graphable(step_fn, "step_fn")
         prepare = getattr(scheduler, "prepare_graph_step", None)
         self._prepare = prepare if callable(prepare) else None
+        finish = getattr(scheduler, "finish_graph_step", None)
+        self._finish = finish if callable(finish) else None
         self.scheduler = scheduler
         self.step_fn = step_fn
         device = latents.device
@@ -141,21 +163,96 @@ class DenoisingLoopGraph(GraphedLoop):
         # device buffers the scheduler's step reads and writes (DPM-Solver++'s previous x0)
         graph_state = getattr(scheduler, "graph_state", None)
         extra = list(graph_state(self.latents)) if callable(graph_state) else []
+        self.timestep = self.plan[0].clone()  # the iteration's t where the step advances
+        self.advance = self._offer_advance(own_index and advance)
+        self._probed = False  # whether an iteration checked the step's advancing launch
+        if self.advance is not None:
+            extra += [self.timestep, self.advance.ticket]
+            extra += [self.advance.side_dst] if self.advance.side_dst is not None else []
         self.engine = GraphEngine(
             runtime,
             self._body,
             [self.latents, self.counter, *extra],
+            reference=self._loop_body if self.advance is not None else None,
             steps_per_graph=steps_per_graph,
             warmup_steps=warmup_steps,
             verify=verify,
             device=device,
         )
 
+    def _offer_advance(self, offer: bool) -> LoopAdvance | None:
+        """The loop's advance, if offered and the scheduler's step takes it over."""
+        take = getattr(self.scheduler, "graph_advance", None)
+        if not offer or not callable(take):
+            return None
+        ticket = torch.zeros(1, dtype=torch.int32, device=self.device)
+        advance = LoopAdvance(self.counter, ticket, self.plan, self.timestep, out=self.latents)
+        return advance if take(advance) else None
+
     def _body(self) -> None:
+        """One iteration: the scheduler's step advances the loop (its launch), else the
+        loop's own (``_loop_body``)."""
+        advance = self.advance
+        if advance is None:
+            self._loop_body()
+            return
+        saved = None if self._probed else [t.clone() for t in self.engine.state]
+        advance.launches = 0
+        self._prepare(self._step_index, advance=advance)
+        try:
+            new = self.step_fn(self.latents, self.timestep)
+        finally:
+            if self._finish is not None:
+                self._finish()
+        if advance.launches != 1:
+            self._fall_back(saved, advance.launches, new)
+            return
+        self._probed = True
+        self._store(new)
+
+    def _fall_back(self, saved: list[torch.Tensor] | None, launches: int, new: Any) -> None:
+        """The first iteration's step did not make exactly one advancing launch: from now on
+        the loop advances itself (this iteration finished so, or, where the counter moved
+        more than once, taken again from the saved state)."""
+        if saved is None:  # a later iteration did otherwise than the first one checked
+            raise RuntimeError(
+                f"step_fn made {launches} advancing scheduler step launches in an iteration "
+                "after the first made one: a step_fn must call scheduler.step the same way in "
+                "every iteration (or pass advance=False)"
+            )
+        self.advance = None
+        self.engine.reference = self.engine.body
+        if launches == 0:  # nothing advanced: this iteration is the loop's own so far
+            self._store(new)
+            self.counter.add_(1)
+            return
+        for t, s in zip(self.engine.state, saved):
+            t.copy_(s)
+        self._loop_body()
+
+    def _loop_body(self) -> None:
+        """One iteration the loop advances itself: the timestep gathered from the plan, the
+        step's latents copied into the buffer, the counter incremented (the reference of the
+        graph's verification where the step advances the loop: its buffers as there)."""
         t = torch.take(self.plan, self.counter)
         if self._prepare is not None:
             self._prepare(self._step_index)
-        new = self.step_fn(self.latents, t)
+        try:
+            new = self.step_fn(self.latents, t)
+        finally:
+            if self._finish is not None:
+                self._finish()
+        self._store(new)
+        self.counter.add_(1)
+        advance = self.advance
+        if advance is not None:  # what the advancing launch leaves in its buffers
+            at = self.counter.clamp(max=self.num_steps - 1)
+            self.timestep.copy_(torch.take(self.plan, at))
+            if advance.side_dst is not None:
+                advance.side_dst.copy_(torch.take(advance.side_src, at))
+
+    def _store(self, new: Any) -> None:
+        """The step_fn's result into the latents buffer (nothing to copy where it is it)."""
         if not isinstance(new, torch.Tensor):
             raise TypeError(f"step_fn must return the next latents, got {type(new).__name__}")
         if new.shape != self.latents.shape or new.dtype != self.latents.dtype:
@@ -165,7 +262,6 @@ class DenoisingLoopGraph(GraphedLoop):
             )
         if new.data_ptr() != self.latents.data_ptr():
             self.latents.copy_(new)
-        self.counter.add_(1)
 
     def run(self, latents: torch.Tensor, *, progress: bool = False) -> torch.Tensor:
         """Runs the loop from ``latents`` over every timestep (the first run captures).
@@ -181,8 +277,19 @@ class DenoisingLoopGraph(GraphedLoop):
             raise ValueError(f"latents must be a tensor of shape {tuple(self.latents.shape)}")
         self.latents.copy_(latents)
         self.counter.zero_()
+        advance = self.advance
+        if advance is not None:
+            self.timestep.copy_(self.plan[0])
+            advance.ticket.zero_()
+            if advance.side_dst is not None:
+                advance.side_dst.copy_(advance.side_src[:1])
         with tqdm(total=self.num_steps, disable=not progress, leave=False) as bar:
-            self.engine.run(self.num_steps, lambda done: bar.update(1))
+            try:
+                self.engine.run(self.num_steps, lambda done: bar.update(1))
+            except GraphCaptureError as err:
+                if self.advance is None or "does not reproduce" not in str(err):
+                    raise  # (not the verification's mismatch, which the advance may explain)
+                raise GraphCaptureError(f"{err}\n{ADVANCE_HELP}") from err
         return self.latents.clone()
 
 
@@ -199,7 +306,7 @@ def capture_denoising_loop(
         latents: a tensor like the loop's latents.
         timesteps: the plan (default: ``scheduler.timesteps``).
         **options: ``scheduler``, ``steps_per_graph``, ``warmup_steps``, ``verify``,
-            ``runtime`` (see there).
+            ``runtime``, ``advance`` (see there).
 
     Returns:
         The loop; ``loop.run(latents)`` returns the final latents.

@@ -78,6 +78,9 @@ class FusedHeunDiscreteScheduler(EulerBase, HeunDiscreteScheduler):
     """
 
     _output_cls = HeunDiscreteSchedulerOutput
+    # a graphed half step updates its device state with ops after its launch: the loop
+    # advances itself (graph_advance)
+    _graph_advances = False
 
     def _unsupported(self, config) -> list[tuple[str, bool, str]]:
         clip, _ = self._x0_options(config)

@@ -113,6 +113,17 @@ class FusedUniPCMultistepScheduler(StepIndexMixin, UniPCMultistepScheduler):
                 "frozen into the graph; capture a loop over the plan's timesteps instead"
             )
 
+    def graph_state(self, latents: torch.Tensor) -> list[torch.Tensor]:
+        """The device buffers a kernel step on samples like ``latents`` reads and writes
+        besides them (the ring of converted outputs and the last corrected samples, in the
+        latents' dtype, allocated here if new): what a graphed loop saves and restores with
+        the latents to re-run steps (its verification of several steps a graph)."""
+        order = self.config.solver_order
+        if self._history is None or self._history_order != order:
+            self._history = unipc_tables.UniPCHistory(unipc_tables.ring_slots(order))
+            self._history_order = order
+        return list(self._history.buffers(latents, latents.dtype))
+
     def _miss_index(self) -> int:
         return len(self._plan_host) - 1  # diffusers: a timestep not in the plan -> last step
 
