@@ -1,11 +1,14 @@
 """Shared pieces of the reference steps: the compute dtype, schedule values, x0 processing
-(clipping, dynamic thresholding) and classifier-free guidance.
+(clipping, dynamic thresholding), the x0 options every step takes and classifier-free
+guidance.
 
 Example:
     >>> x0 = process_x0(x0, thresholding=(0.995, 1.5))
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -66,6 +69,38 @@ def process_x0(x0: Tensor, clip_range: float | None = None, thresholding: tuple 
         >>> process_x0(x0, thresholding=(0.995, 1.5))
     """
     return process_x0_compute(x0.to(compute_dtype_of(x0)), clip_range, thresholding).to(x0.dtype)
+
+
+@dataclass(frozen=True)
+class X0Options:
+    """How a step reads x0 off the model output and post-processes it: the model's
+    ``prediction_type`` and at most one of ``clip_range`` (clamp x0 to ``[-r, r]``) and
+    ``thresholding`` (``(ratio, max_value)``, dynamic thresholding; see :func:`process_x0`).
+
+    The steps take these as keywords (``**x0_options``) and read them with :meth:`of`, so a
+    name that is not one of these is a TypeError.
+
+    Example:
+        >>> X0Options.of({"clip_range": 1.0}, "flow_prediction").process(x0)
+    """
+
+    prediction_type: str = "epsilon"
+    clip_range: float | None = None
+    thresholding: tuple | None = None
+
+    @classmethod
+    def of(cls, options: dict, prediction_type: str = "epsilon") -> X0Options:
+        """The options a step was given as keywords, ``prediction_type`` the step's default."""
+        return cls(**{"prediction_type": prediction_type, **options})
+
+    @property
+    def processes(self) -> bool:
+        """Whether x0 is clipped or thresholded."""
+        return self.clip_range is not None or self.thresholding is not None
+
+    def process(self, x0: Tensor) -> Tensor:
+        """:func:`process_x0_compute` of a compute-dtype x0."""
+        return process_x0_compute(x0, self.clip_range, self.thresholding)
 
 
 def cfg_combine(
