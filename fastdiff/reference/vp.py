@@ -275,8 +275,8 @@ def ddim_step(
     ab_t: ScheduleValue,
     ab_next: ScheduleValue,
     *,
-    eta: float = 0.0,
     use_clipped_model_output: bool = False,
+    eta: float = 0.0,
     noise: Tensor | None = None,
     grad: Tensor | None = None,
     **x0_options,
@@ -376,8 +376,8 @@ def euler_ancestral_step(
     sigma: ScheduleValue,
     sigma_next: ScheduleValue,
     *,
-    noise: Tensor | None = None,
     eta: float = 1.0,
+    noise: Tensor | None = None,
     **x0_options,
 ) -> tuple[Tensor, Tensor]:
     """One Euler ancestral step (k-diffusion ``sample_euler_ancestral``):
