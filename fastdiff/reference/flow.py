@@ -9,7 +9,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastdiff.reference.common import ScheduleValue, X0Options, compute_dtype_of
+from fastdiff.reference.common import (
+    Parameterization,
+    ScheduleValue,
+    X0Options,
+    compute_dtype_of,
+    dpmpp_2m_update,
+)
 
 # State x_s = (1 - s) x0 + s eps, s in [0, 1] (Esser et al. 2024, Sec. 3.1; Liu et al. 2023,
 # eq. 1). The model predicts the velocity v = dx_s/ds = eps - x0 ("flow_prediction"), so
@@ -166,6 +172,12 @@ def flow_stochastic_step(
     return x_next.to(x.dtype), x0.to(x.dtype)
 
 
+# alpha = 1 - s, sigma = s, lambda = log((1 - s) / s); s = 0 is clean
+_FLOW = Parameterization(
+    lambda s: (1 - s, s), lambda s: torch.log(1 - s) - torch.log(s), lambda s: s == 0
+)
+
+
 def flow_dpmpp_2m_step(
     x: Tensor,
     model_output: Tensor,
@@ -197,18 +209,6 @@ def flow_dpmpp_2m_step(
         >>> x, x0 = flow_dpmpp_2m_step(x, v_hat, 0.6, 0.4, x0_prev=x0, sigma_prev=0.8)
     """
     xc, s, x0, _ = _flow_start(x, model_output, sigma, x0_options)
-    s_next = _level(sigma_next, xc)
-    # e^-h = (1 - s) s' / (s (1 - s')): finite on the step to clean (s' = 0)
-    exp_neg_h = (1 - s) * s_next / (s * (1 - s_next))
-    d = x0
-    if x0_prev is not None:
-        s_prev = _level(sigma_prev, xc)
-
-        def lam(v):
-            return torch.log(1 - v) - torch.log(v)
-
-        h = lam(s_next) - lam(s)
-        half_inv_r = torch.where(s_next == 0, 0.0, h / (2 * (lam(s) - lam(s_prev))))
-        d = x0 + half_inv_r * (x0 - x0_prev.to(xc.dtype))
-    x_next = (s_next / s) * xc + (1 - s_next) * (1 - exp_neg_h) * d
+    prev = None if x0_prev is None else (x0_prev, _level(sigma_prev, xc))
+    x_next = dpmpp_2m_update(_FLOW, xc, x0, s, _level(sigma_next, xc), prev)
     return x_next.to(x.dtype), x0.to(x.dtype)

@@ -12,7 +12,14 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from fastdiff.reference.common import ScheduleValue, X0Options, compute_dtype_of, schedule_like
+from fastdiff.reference.common import (
+    Parameterization,
+    ScheduleValue,
+    X0Options,
+    compute_dtype_of,
+    dpmpp_2m_update,
+    schedule_like,
+)
 from fastdiff.reference.sigma import churn_step
 
 VARIANCE_TYPES = (
@@ -402,6 +409,12 @@ def _half_log_snr(ab: Tensor) -> Tensor:
     return 0.5 * (torch.log(ab) - torch.log1p(-ab))
 
 
+# alpha = sqrt(ab), sigma = sqrt(1 - ab) (Ho et al. 2020 eq. 4); ab = 1 is clean
+_VP = Parameterization(
+    lambda ab: (torch.sqrt(ab), torch.sqrt(1 - ab)), _half_log_snr, lambda ab: ab == 1
+)
+
+
 def dpmpp_2m_step(
     x: Tensor,
     model_output: Tensor,
@@ -424,17 +437,8 @@ def dpmpp_2m_step(
     if x0_prev is not None and ab_prev is None:
         raise ValueError("x0_prev needs ab_prev (alpha bar of the step that produced x0_prev)")
     xc, _, at, an, x0 = _vp_start(x, model_output, ab_t, ab_next, x0_options)
-    alpha_t, sigma_t = torch.sqrt(at), torch.sqrt(1 - at)
-    alpha_n, sigma_n = torch.sqrt(an), torch.sqrt(1 - an)
-    exp_neg_h = alpha_t * sigma_n / (sigma_t * alpha_n)  # finite for ab_next = 1 and ab_t = 0
-    d = x0
-    if x0_prev is not None:
-        lam_t = _half_log_snr(at)
-        h = _half_log_snr(an) - lam_t
-        h_prev = lam_t - _half_log_snr(schedule_like(ab_prev, "ab_prev", xc))
-        half_inv_r = torch.where(an == 1, 0.0, h / (2 * h_prev))  # 1 / (2 r)
-        d = x0 + half_inv_r * (x0 - x0_prev.to(xc.dtype))
-    x_next = (sigma_n / sigma_t) * xc - alpha_n * (exp_neg_h - 1) * d
+    prev = None if x0_prev is None else (x0_prev, schedule_like(ab_prev, "ab_prev", xc))
+    x_next = dpmpp_2m_update(_VP, xc, x0, at, an, prev)
     return x_next.to(x.dtype), x0.to(x.dtype)
 
 
