@@ -659,7 +659,8 @@ def fused_step(
     Example:
         >>> x_next, x0 = fused_step(x, eps, table, rows, seeds=seeds)
     """
-    config = step_config(**locals())  # locals(): the arguments by name (nothing else bound yet)
+    # step_config of these arguments (locals(): them alone, by name), without its name check
+    config = _options_config(x, model_output, table, rows, locals().get)
     return step_with_config(
         config, x, model_output, table, rows, guidance_scale, guidance_rescale, clip_range,
         thresholding, x0_prev, noise, seeds, grad, out, x0_out, write_x0, history, last_sample,
@@ -674,6 +675,9 @@ _STEP_OPTIONS = {
     if p.kind is inspect.Parameter.KEYWORD_ONLY
 }
 _TENSOR_OPTIONS = ("x0_prev", "noise", "seeds", "grad", "out", "x0_out", "history", "last_sample")
+# (_options_config reads these with dict.get's None default)
+_NONE_DEFAULTS = (*_TENSOR_OPTIONS, "guidance_scale", "clip_range", "thresholding")
+assert all(_STEP_OPTIONS[name] is None for name in _NONE_DEFAULTS)
 
 
 def step_config(
@@ -698,17 +702,25 @@ def step_config(
         >>> config = step_config(x, eps, table, rows)
         >>> x_next, x0 = step_with_config(config, x, eps, table, rows)
     """
-    unknown = options.keys() - _STEP_OPTIONS.keys()
-    if unknown:
+    if not options.keys() <= _STEP_OPTIONS.keys():
+        unknown = sorted(options.keys() - _STEP_OPTIONS.keys())
         raise TypeError(
-            f"step_config() got unexpected keyword argument(s) {sorted(unknown)}: it takes "
+            f"step_config() got unexpected keyword argument(s) {unknown}: it takes "
             f"fused_step's options {sorted(_STEP_OPTIONS)}"
         )
-    o = _STEP_OPTIONS | options
-    tensors = (x, model_output, table, rows, *[o[name] for name in _TENSOR_OPTIONS])
-    guided = o["guidance_scale"] is not None
-    thresholding, variance_mode = o["thresholding"], o["variance_mode"]
-    return _config_of(tensors, guided, o["clip_range"], thresholding, variance_mode, o["x0_noise"])
+    return _options_config(x, model_output, table, rows, options.get)
+
+
+def _options_config(x, model_output, table, rows, get) -> _LaunchConfig:
+    """``step_config`` of options whose names are known to be fused_step's, read by ``get``
+    (``dict.get`` of fused_step's own arguments, or of step_config's checked options; the
+    tensor options and guidance / clip / thresholding default to None)."""
+    tensors = (x, model_output, table, rows, *map(get, _TENSOR_OPTIONS))
+    guided = get("guidance_scale") is not None
+    clip_range, thresholding = get("clip_range"), get("thresholding")
+    variance_mode = get("variance_mode", _STEP_OPTIONS["variance_mode"])
+    x0_noise = get("x0_noise", _STEP_OPTIONS["x0_noise"])
+    return _config_of(tensors, guided, clip_range, thresholding, variance_mode, x0_noise)
 
 
 def step_with_config(
