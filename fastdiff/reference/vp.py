@@ -100,13 +100,14 @@ def _vp_start(x: Tensor, model_output: Tensor, ab_t, ab_next, x0_options: dict):
     return xc, m, at, an, opts.process(vp_x0_compute(xc, m, at, opts.prediction_type))
 
 
-def _sigma_start(x: Tensor, model_output: Tensor, sigma, sigma_next, x0_options: dict, at=0):
+def _sigma_start(x: Tensor, model_output: Tensor, sigma, sigma_next, x0_options: dict, made_at=0):
     """What every sigma-space step starts from: ``(x, sigma, sigma_next, x0)`` in the compute
-    dtype, x0 read at ``(sigma, sigma_next)[at]`` and processed."""
+    dtype, x0 read (then processed) at the level the output was made at:
+    ``(sigma, sigma_next)[made_at]``."""
     opts = X0Options.of(x0_options)
     xc, m = _prepare_step(x, model_output)
     s, s_next = _sigma(sigma, "sigma", xc), _sigma(sigma_next, "sigma_next", xc)
-    x0 = _x0_from_output_sigma_space(xc, m, (s, s_next)[at], opts.prediction_type)
+    x0 = _x0_from_output_sigma_space(xc, m, (s, s_next)[made_at], opts.prediction_type)
     return xc, s, s_next, opts.process(x0)
 
 
@@ -468,7 +469,7 @@ def heun_correction_step(
         >>> x1, d0 = euler_step(x, eps0, s, s_next)
         >>> x_next, x0 = heun_correction_step(x1, eps1, s, s_next, x_start=x, x0_start=d0)
     """
-    xc, s, s_next, x0 = _sigma_start(x, model_output, sigma, sigma_next, x0_options, at=1)
+    xc, s, s_next, x0 = _sigma_start(x, model_output, sigma, sigma_next, x0_options, made_at=1)
     xs = x_start.to(xc.dtype)
     d = (xs - x0_start.to(xc.dtype)) / s
     d_next = (xc - x0) / s_next
