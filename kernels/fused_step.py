@@ -56,6 +56,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import operator
 import os
 import warnings
@@ -640,21 +641,21 @@ def fused_step(
     table: torch.Tensor,
     rows: torch.Tensor,
     *,
+    x0_prev: torch.Tensor | None = None,
+    history: torch.Tensor | None = None,
+    last_sample: torch.Tensor | None = None,
     guidance_scale: float | None = None,
     guidance_rescale: float = 0.0,
     clip_range: float | None = None,
     thresholding: tuple[float, float] | None = None,
     variance_mode: str = "fixed",
-    x0_prev: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
     seeds: torch.Tensor | None = None,
+    x0_noise: bool = False,
     grad: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     x0_out: torch.Tensor | None = None,
     write_x0: bool = True,
-    history: torch.Tensor | None = None,
-    last_sample: torch.Tensor | None = None,
-    x0_noise: bool = False,
     advance: LoopAdvance | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Apply one reverse step (rows of ``table``) to a batch, in one kernel launch.
@@ -673,17 +674,7 @@ def fused_step(
         table: float32 ``[R, len(COLUMNS)]`` coefficient table on x's device.
         rows: int tensor on x's device, ``[1]`` (or 0-d) for the batch or ``[B]`` per
             sample; the row index is also the step counter of the in-kernel noise.
-        guidance_scale: classifier-free guidance scale ``w``; None: no guidance.
-        guidance_rescale: ``phi`` of Lin et al. 2023 (a per-sample std: 2 extra passes).
-        clip_range: clamp x0 to ``[-r, r]``.
-        thresholding: ``(ratio, max_value)`` dynamic thresholding (2 extra passes).
-        variance_mode: "fixed", "learned" or "learned_range".
         x0_prev: the previous step's x0 (multistep samplers).
-        noise: explicit standard-normal noise like x (wins over ``seeds``).
-        seeds: int64 ``[B]`` per-sample Philox keys: in-kernel noise.
-        grad: classifier-guidance gradient like x.
-        out, x0_out: preallocated outputs like x; ``out`` may alias x, ``x0_out`` x0_prev.
-        write_x0: also write the predicted x0 (one more pass).
         history: UniPC (``fastdiff.unipc``): the ring ``[S, B, ...]`` (S <= UNIPC_MAX_SLOTS,
             each slot laid out like x) of converted model outputs; with it ``table`` has
             ``UNIPC_COLUMNS``, and the step writes this step's M (the processed "x0") into
@@ -693,8 +684,18 @@ def fused_step(
             ``[0, B, ...]`` (no slots): a ring step without UniPC's corrector
             (DPM-Solver++ 3M), which reads only the ring besides x and m and writes only
             x_next and the row's ring slot (its corrector columns are not read).
+        guidance_scale: classifier-free guidance scale ``w``; None: no guidance.
+        guidance_rescale: ``phi`` of Lin et al. 2023 (a per-sample std: 2 extra passes).
+        clip_range: clamp x0 to ``[-r, r]``.
+        thresholding: ``(ratio, max_value)`` dynamic thresholding (2 extra passes).
+        variance_mode: "fixed", "learned" or "learned_range".
+        noise: explicit standard-normal noise like x (wins over ``seeds``).
+        seeds: int64 ``[B]`` per-sample Philox keys: in-kernel noise.
         x0_noise: the x0 written carries the step's noise, ``x0 + X0_Z z`` (the x0 of a
             churned sample ``x + c z``, Karras et al. 2022 Alg. 2); needs noise or seeds.
+        grad: classifier-guidance gradient like x.
+        out, x0_out: preallocated outputs like x; ``out`` may alias x, ``x0_out`` x0_prev.
+        write_x0: also write the predicted x0 (one more pass).
         advance: a graphed loop's :class:`LoopAdvance`: the launch also advances the loop
             (its counter, next timestep and per-step value) after its stores; counted in
             ``advance.launches``. Not on the differentiable path (nothing is advanced there:
@@ -707,10 +708,8 @@ def fused_step(
     Example:
         >>> x_next, x0 = fused_step(x, eps, table, rows, seeds=seeds)
     """
-    tensors = (x, model_output, table, rows, x0_prev, noise, seeds, grad, out, x0_out)
-    tensors += (history, last_sample)
-    guided = guidance_scale is not None
-    config = _config_of(tensors, guided, clip_range, thresholding, variance_mode, x0_noise)
+    # step_config of these arguments (locals(): them alone, by name), without its name check
+    config = _options_config(x, model_output, table, rows, locals().get)
     return step_with_config(
         config, x, model_output, table, rows, guidance_scale, guidance_rescale, clip_range,
         thresholding, x0_prev, noise, seeds, grad, out, x0_out, write_x0, history, last_sample,
@@ -718,28 +717,27 @@ def fused_step(
     )  # fmt: skip
 
 
+# fused_step's keyword options and their defaults (step_config takes the same), and those of
+# them that are tensors, in the order _config_of keys them after (x, model_output, table, rows)
+_STEP_OPTIONS = {
+    name: p.default
+    for name, p in inspect.signature(fused_step).parameters.items()
+    if p.kind is inspect.Parameter.KEYWORD_ONLY
+}
+_TENSOR_OPTIONS = ("x0_prev", "noise", "seeds", "grad", "out", "x0_out", "history", "last_sample")
+# (_options_config reads these with dict.get's None default)
+_NONE_DEFAULTS = (*_TENSOR_OPTIONS, "guidance_scale", "clip_range", "thresholding")
+assert all(_STEP_OPTIONS[name] is None for name in _NONE_DEFAULTS)
+
+
 def step_config(
-    x: torch.Tensor,
-    model_output: torch.Tensor,
-    table: torch.Tensor,
-    rows: torch.Tensor,
-    *,
-    guidance_scale: float | None = None,
-    clip_range: float | None = None,
-    thresholding: tuple[float, float] | None = None,
-    variance_mode: str = "fixed",
-    x0_prev: torch.Tensor | None = None,
-    noise: torch.Tensor | None = None,
-    seeds: torch.Tensor | None = None,
-    grad: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
-    x0_out: torch.Tensor | None = None,
-    history: torch.Tensor | None = None,
-    last_sample: torch.Tensor | None = None,
-    x0_noise: bool = False,
+    x: torch.Tensor, model_output: torch.Tensor, table: torch.Tensor, rows: torch.Tensor, **options
 ) -> _LaunchConfig:
     """The checked launch configuration of ``fused_step``'s arguments (the same checks and
     errors): what :func:`step_with_config` launches for arguments of the same signature.
+    ``options`` are ``fused_step``'s keyword options (the launch-only ones, such as
+    ``guidance_rescale`` or ``write_x0``, are accepted and do not change the configuration);
+    an unknown name is a TypeError.
 
     For a caller that keeps its own cache of signatures (the diffusers drop-ins: one entry
     per scheduler, step options and input layout) and so skips ``fused_step``'s own key of
@@ -754,9 +752,24 @@ def step_config(
         >>> config = step_config(x, eps, table, rows)
         >>> x_next, x0 = step_with_config(config, x, eps, table, rows)
     """
-    tensors = (x, model_output, table, rows, x0_prev, noise, seeds, grad, out, x0_out)
-    tensors += (history, last_sample)
-    guided = guidance_scale is not None
+    if not options.keys() <= _STEP_OPTIONS.keys():
+        unknown = sorted(options.keys() - _STEP_OPTIONS.keys())
+        raise TypeError(
+            f"step_config() got unexpected keyword argument(s) {unknown}: it takes "
+            f"fused_step's options {sorted(_STEP_OPTIONS)}"
+        )
+    return _options_config(x, model_output, table, rows, options.get)
+
+
+def _options_config(x, model_output, table, rows, get) -> _LaunchConfig:
+    """``step_config`` of options whose names are known to be fused_step's, read by ``get``
+    (``dict.get`` of fused_step's own arguments, or of step_config's checked options; the
+    tensor options and guidance / clip / thresholding default to None)."""
+    tensors = (x, model_output, table, rows, *map(get, _TENSOR_OPTIONS))
+    guided = get("guidance_scale") is not None
+    clip_range, thresholding = get("clip_range"), get("thresholding")
+    variance_mode = get("variance_mode", _STEP_OPTIONS["variance_mode"])
+    x0_noise = get("x0_noise", _STEP_OPTIONS["x0_noise"])
     return _config_of(tensors, guided, clip_range, thresholding, variance_mode, x0_noise)
 
 

@@ -6,6 +6,7 @@ in float64 from the same inputs (tolerances by dtype in conftest.py). On this CP
 the kernels run under the Triton interpreter; with a GPU the same tests run on the card.
 """
 
+import inspect
 import types
 import warnings
 
@@ -425,6 +426,27 @@ def test_step_config_is_fused_step_checked_once(device):
         fs.step_config(x, m, table, rows, noise=z[:1], clip_range=1.0)
     with pytest.raises(ValueError, match="noise has shape"):
         fused_step(x, m, table, rows, noise=z[:1], clip_range=1.0)
+
+
+def test_step_config_takes_fused_steps_options(device):
+    """``step_config`` takes every keyword option of ``fused_step`` (the launch-only ones
+    too, which do not change the configuration) and refuses any other name."""
+    on_device = DDPMSampler(SCHEDULE, 10, backend="triton").device_tables(device)
+    table, rows = on_device["table"], on_device["rows"][3:4]
+    x, m = (torch.randn(2, 3, 5, 7, device=device) for _ in range(2))
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(fused_step).parameters.items()
+        if p.kind is p.KEYWORD_ONLY
+    }
+    assert len(defaults) == 15
+    base = fs.step_config(x, m, table, rows)
+    assert fs.step_config(x, m, table, rows, **defaults) is base
+    launch_only = {"guidance_rescale": 0.5, "write_x0": False}
+    assert fs.step_config(x, m, table, rows, **launch_only) is base
+    assert fs.step_config(x, m, table, rows, clip_range=1.0) is not base
+    with pytest.raises(TypeError, match="clip_sample"):
+        fs.step_config(x, m, table, rows, clip_sample=1.0)
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])

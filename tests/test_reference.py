@@ -390,6 +390,41 @@ def test_clip_and_dynamic_thresholding(gen):
     assert_close(R.process_x0(small, thresholding=(0.9, 3.0)), small.clamp(-1, 1), **TOL64)
 
 
+X0_STEPS = {
+    "ddpm_step": (R.ddpm_step, (0.5, 0.7)),
+    "ddim_step": (R.ddim_step, (0.5, 0.7)),
+    "euler_step": (R.euler_step, (2.0, 1.0)),
+    "euler_ancestral_step": (R.euler_ancestral_step, (2.0, 1.0)),
+    "dpmpp_2m_step": (R.dpmpp_2m_step, (0.5, 0.7)),
+    "flow_euler_step": (R.flow_euler_step, (0.7, 0.5)),
+    "flow_dpmpp_2m_step": (R.flow_dpmpp_2m_step, (0.7, 0.5)),
+    "dpmpp_multistep_step": (R.dpmpp_multistep_step, (0.5, 0.7)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(X0_STEPS))
+def test_steps_take_the_x0_options(gen, name):
+    """Every step reads its x0 options (X0Options) by keyword: clipping shows in the x0 it
+    returns, and a name that is not an option is a TypeError."""
+    step, levels = X0_STEPS[name]
+    x, m = 3 * randn(gen, *SHAPE), 3 * randn(gen, *SHAPE)
+    _, x0 = step(x, m, *levels, prediction_type="sample", clip_range=0.5)
+    assert torch.equal(x0, m.clamp(-0.5, 0.5))
+    _, x0 = step(x, m, *levels, prediction_type="sample")
+    assert torch.equal(x0, m)
+    with pytest.raises(TypeError, match="clip_sample"):
+        step(x, m, *levels, clip_sample=0.5)
+
+
+def test_x0_options_defaults():
+    assert R.X0Options.of({}) == R.X0Options("epsilon", None, None)
+    assert R.X0Options.of({"clip_range": 1.0}, "flow_prediction").processes
+    assert not R.X0Options.of({"prediction_type": "sample"}, "flow_prediction").processes
+    assert R.X0Options.of({"prediction_type": "sample"}, "flow_prediction").prediction_type == (
+        "sample"
+    )
+
+
 def test_cfg_combine(gen):
     uncond, cond = randn(gen, *SHAPE), randn(gen, *SHAPE)
     w = 7.5

@@ -95,15 +95,6 @@ class FusedDDIMScheduler(TimestepRowsMixin, DDIMScheduler):
                 )
             noise, seeds = self._step_noise(model_output, x, generator, variance_noise)
         return self._vp_step(
-            x,
-            model_output,
-            sample,
-            tabs,
-            rows,
-            reference.ddim_step,
-            call["return_dict"],
-            noise=noise,
-            seeds=seeds,
-            eta=eta,
-            use_clipped_model_output=use_clipped,
-        )
+            x, model_output, sample, tabs, rows, reference.ddim_step, call["return_dict"],
+            noise=noise, seeds=seeds, eta=eta, use_clipped_model_output=use_clipped,
+        )  # fmt: skip

@@ -151,17 +151,9 @@ class FusedDDPMScheduler(TimestepRowsMixin, DDPMScheduler):
             noise, seeds = self._step_noise(prediction, x, generator, variance_noise)
         # learned_range: x is contiguous (see above), so the kernel gets the [B, 2C, ...] model
         # output contiguous too
+        variance_mode = "learned_range" if learned else "fixed"
         return self._vp_step(
-            x,
-            model_output,
-            sample,
-            tabs,
-            rows,
-            reference.ddpm_step,
-            call["return_dict"],
-            noise=noise,
-            seeds=seeds,
-            by_row={"add_noise": "noisy"},
-            variance_mode="learned_range" if learned else "fixed",
+            x, model_output, sample, tabs, rows, reference.ddpm_step, call["return_dict"],
+            noise=noise, seeds=seeds, by_row={"add_noise": "noisy"}, variance_mode=variance_mode,
             variance_type=variance_type,
-        )
+        )  # fmt: skip

@@ -270,10 +270,10 @@ class FusedDPMSolverMultistepScheduler(DPMRowsMixin, StepIndexMixin, DPMSolverMu
         """
         x = self._begin_step(timestep, sample)
         config = self.config
-        n = self._plan_len
         prediction_type = config.prediction_type
         if config.get("variance_type") in ("learned", "learned_range"):
             model_output = model_output[:, :3]
+        n = self._plan_len
         final_first_order = bool(
             config.euler_at_final
             or (config.lower_order_final and n < 15)

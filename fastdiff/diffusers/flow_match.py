@@ -97,7 +97,7 @@ class FusedFlowMatchEulerDiscreteScheduler(StepIndexMixin, FlowMatchEulerDiscret
     def scale_noise(
         self,
         sample: torch.Tensor,
-        timestep: float | torch.Tensor,
+        timestep: reference.ScheduleValue,
         noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The flow path ``s noise + (1 - s) sample`` at each sample's timestep, as diffusers

@@ -12,9 +12,10 @@ and results come back in ``x.dtype``; schedule values are python floats or tenso
 validated here: ``fastdiff.checks`` does that at the public boundary (``Sampler``, the
 drop-ins).
 
-Modules: ``common`` (dtype, schedule values, x0 processing, guidance), ``vp`` (DDPM, DDIM,
-Euler, DPM-Solver++, the Heun correction), ``consistency`` (LCM, TCD), ``flow`` (flow
-matching), ``unipc`` (UniPC), ``dpm`` (DPM-Solver++ multistep in any space: SDE, heun,
+Modules: ``common`` (dtype, schedule values, x0 processing, guidance, and ``X0Options``: the
+``prediction_type``, ``clip_range`` and ``thresholding`` keywords every step takes), ``vp``
+(DDPM, DDIM, Euler, DPM-Solver++, the Heun correction), ``consistency`` (LCM, TCD), ``flow``
+(flow matching), ``unipc`` (UniPC), ``dpm`` (DPM-Solver++ multistep in any space: SDE, heun,
 order 3), ``sigma`` (k-diffusion's samplers on a denoiser: churn, Heun, DPM-Solver++(2M) and
 its SDE, LCM).
 
@@ -25,6 +26,7 @@ Example:
 from fastdiff.checks import PREDICTION_TYPES
 from fastdiff.reference.common import (
     ScheduleValue,
+    X0Options,
     cfg_combine,
     compute_dtype_of,
     process_x0,
@@ -85,6 +87,7 @@ __all__ = [
     "UNIPC_PREDICTION_TYPES",
     "UNIPC_SOLVER_TYPES",
     "VARIANCE_TYPES",
+    "X0Options",
     "ancestral_sigmas",
     "cfg_combine",
     "churn_gamma",

@@ -11,12 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastdiff.reference.common import (
-    ScheduleValue,
-    compute_dtype_of,
-    process_x0_compute,
-    schedule_like,
-)
+from fastdiff.reference.common import ScheduleValue, X0Options, compute_dtype_of, schedule_like
 from fastdiff.reference.vp import predict_eps, predict_x0
 
 __all__ = ["consistency_step", "renoise"]
@@ -31,10 +26,8 @@ def consistency_step(
     *,
     c_skip: ScheduleValue = 0.0,
     c_out: ScheduleValue = 1.0,
-    prediction_type: str = "epsilon",
-    clip_range: float | None = None,
-    thresholding: tuple | None = None,
     noise: Tensor | None = None,
+    **x0_options,
 ) -> tuple[Tensor, Tensor]:
     """One multistep consistency sampling step: LCM (Luo et al. 2023: the eps-parameterized
     consistency function of Sec. 4.1, eq. 9, in their multistep sampling algorithm) and TCD's
@@ -49,17 +42,20 @@ def consistency_step(
     ``c_out = u / sqrt(u^2 + 1/4)`` of ``u = t * timestep_scaling``; TCD: ``c_skip = 0``,
     ``c_out = 1``, ``ab_s`` at ``s = floor((1 - gamma) t_next)``. Without ``noise`` the z
     term is left out (a step that adds no noise passes ``ab_next = ab_s``: ``x' = y``).
-    Returns ``(x_next, y)``: y is LCM's ``denoised`` and TCD's ``pred_noised_sample``.
+    ``x0_options``: ``prediction_type`` ("epsilon"), ``clip_range``, ``thresholding``
+    (:class:`X0Options`). Returns ``(x_next, y)``: y is LCM's ``denoised`` and TCD's
+    ``pred_noised_sample``.
 
     Example:
         >>> x, denoised = consistency_step(x, eps_hat, ab[t], 1.0, ab[t_next], c_skip=cs,
         ...                                c_out=co, noise=torch.randn_like(x))
     """
+    opts = X0Options.of(x0_options)
     dtype = compute_dtype_of(x)
     xc, m = x.to(dtype), model_output.to(dtype)
     a_s, an = schedule_like(ab_s, "ab_s", xc), schedule_like(ab_next, "ab_next", xc)
-    x0 = process_x0_compute(predict_x0(xc, m, ab_t, prediction_type), clip_range, thresholding)
-    eps = predict_eps(xc, m, ab_t, prediction_type)
+    x0 = opts.process(predict_x0(xc, m, ab_t, opts.prediction_type))
+    eps = predict_eps(xc, m, ab_t, opts.prediction_type)
     x_s = torch.sqrt(a_s) * x0 + torch.sqrt(1 - a_s) * eps
     y = schedule_like(c_skip, "c_skip", xc) * xc + schedule_like(c_out, "c_out", xc) * x_s
     x_next = _renoise(y, a_s, an, None if noise is None else noise.to(dtype))

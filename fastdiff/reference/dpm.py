@@ -43,12 +43,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from fastdiff.reference.common import (
-    ScheduleValue,
-    compute_dtype_of,
-    process_x0_compute,
-    schedule_like,
-)
+from fastdiff.reference.common import ScheduleValue, X0Options, compute_dtype_of, schedule_like
 from fastdiff.reference.flow import flow_x0_compute
 from fastdiff.reference.vp import vp_x0_compute
 
@@ -78,12 +73,10 @@ def dpmpp_multistep_step(
     *,
     history: Sequence[tuple[Tensor, ScheduleValue]] = (),
     space: str = "vp",
-    prediction_type: str = "epsilon",
     sde: bool = False,
     solver_type: str = "midpoint",
     noise: Tensor | None = None,
-    clip_range: float | None = None,
-    thresholding: tuple | None = None,
+    **x0_options,
 ) -> tuple[Tensor, Tensor]:
     """One DPM-Solver++ multistep step (see the module docstring) of order ``1 + len(history)``.
 
@@ -95,11 +88,11 @@ def dpmpp_multistep_step(
             clean) at the step and at the step it goes to.
         history: the previous steps' x0 and levels, newest first (at most 2).
         space: "vp" or "flow".
-        prediction_type: the model's prediction type.
         sde: the SDE form (SDE-DPM-Solver++), which adds ``sigma' sqrt(1 - e^-2h) noise``.
         solver_type: "midpoint" or "heun" (order 2; order 3 has one form).
         noise: standard normal noise like x (with ``sde``).
-        clip_range, thresholding: the x0 processing (diffusers' thresholding).
+        x0_options: ``prediction_type`` (default "epsilon"), ``clip_range``,
+            ``thresholding`` (diffusers' thresholding): :class:`X0Options`.
 
     Returns:
         ``(x_next, x0)`` in ``x.dtype``.
@@ -108,14 +101,12 @@ def dpmpp_multistep_step(
         >>> x, x0 = dpmpp_multistep_step(x, v_hat, 0.6, 0.4, space="flow",
         ...                              prediction_type="flow_prediction")
     """
+    opts = X0Options.of(x0_options)
     dtype = compute_dtype_of(x)
     xc, m = x.to(dtype), model_output.to(dtype)
     lev = schedule_like(level, "level", xc)
-    if space == "vp":
-        x0 = vp_x0_compute(xc, m, lev, prediction_type)
-    else:
-        x0 = flow_x0_compute(xc, m, lev, prediction_type)
-    x0 = process_x0_compute(x0, clip_range, thresholding)
+    x0_compute = vp_x0_compute if space == "vp" else flow_x0_compute
+    x0 = opts.process(x0_compute(xc, m, lev, opts.prediction_type))
     _, sigma = _alpha_sigma(lev, space)
     alpha_n, sigma_n = _alpha_sigma(schedule_like(level_next, "level_next", xc), space)
     lam = _log_snr(level, space, xc)

@@ -9,7 +9,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastdiff.reference.common import ScheduleValue, compute_dtype_of, process_x0
+from fastdiff.reference.common import (
+    Parameterization,
+    ScheduleValue,
+    X0Options,
+    compute_dtype_of,
+    dpmpp_2m_update,
+)
 
 # State x_s = (1 - s) x0 + s eps, s in [0, 1] (Esser et al. 2024, Sec. 3.1; Liu et al. 2023,
 # eq. 1). The model predicts the velocity v = dx_s/ds = eps - x0 ("flow_prediction"), so
@@ -81,14 +87,15 @@ def flow_eps(
     return ((xc - (1 - s) * flow_x0_compute(xc, m, s, prediction_type)) / s).to(x.dtype)
 
 
-def _flow_prepared(x, model_output, sigma, prediction_type, clip_range, thresholding):
+def _flow_start(x: Tensor, model_output: Tensor, sigma: ScheduleValue, x0_options: dict):
+    """What every flow step starts from: ``(x, s, x0, options)``, x and s in the compute
+    dtype, x0 processed (:class:`X0Options`, whose default here is "flow_prediction")."""
+    opts = X0Options.of(x0_options, "flow_prediction")
     dtype = compute_dtype_of(x)
     xc = x.to(dtype)
     s = _level(sigma, xc)
-    x0 = flow_x0_compute(xc, model_output.to(dtype), s, prediction_type)
-    if clip_range is not None or thresholding is not None:
-        x0 = process_x0(x0, clip_range, thresholding)
-    return xc, s, x0
+    x0 = flow_x0_compute(xc, model_output.to(dtype), s, opts.prediction_type)
+    return xc, s, opts.process(x0), opts
 
 
 def flow_euler_step(
@@ -96,10 +103,7 @@ def flow_euler_step(
     model_output: Tensor,
     sigma: ScheduleValue,
     sigma_next: ScheduleValue,
-    *,
-    prediction_type: str = "flow_prediction",
-    clip_range: float | None = None,
-    thresholding: tuple | None = None,
+    **x0_options,
 ) -> tuple[Tensor, Tensor]:
     """One Euler step of the flow ODE ``dx/ds = v`` (Liu et al. 2023, Sec. 2.1)::
 
@@ -113,8 +117,8 @@ def flow_euler_step(
         model_output: the model output, like x.
         sigma: the current level s > 0.
         sigma_next: the next level s' (0: clean).
-        prediction_type: "flow_prediction", "epsilon" or "sample".
-        clip_range, thresholding: x0 processing (see :func:`process_x0`).
+        x0_options: ``prediction_type`` ("flow_prediction", "epsilon" or "sample"; the
+            default "flow_prediction"), ``clip_range``, ``thresholding`` (:class:`X0Options`).
 
     Returns:
         ``(x_next, x0)`` in ``x.dtype``.
@@ -122,9 +126,8 @@ def flow_euler_step(
     Example:
         >>> x, x0 = flow_euler_step(x, v_hat, sigmas[i], sigmas[i + 1])
     """
-    xc, s, x0 = _flow_prepared(x, model_output, sigma, prediction_type, clip_range, thresholding)
-    processed = clip_range is not None or thresholding is not None
-    if prediction_type == "flow_prediction" and not processed:
+    xc, s, x0, opts = _flow_start(x, model_output, sigma, x0_options)
+    if opts.prediction_type == "flow_prediction" and not opts.processes:
         v = model_output.to(xc.dtype)  # also at s = 0 (diffusers' inverted sigmas start there)
     else:
         v = (xc - x0) / s
@@ -139,10 +142,8 @@ def flow_stochastic_step(
     sigma_next: ScheduleValue,
     noise: Tensor | None,
     *,
-    prediction_type: str = "flow_prediction",
-    clip_range: float | None = None,
-    thresholding: tuple | None = None,
     grad: Tensor | None = None,
+    **x0_options,
 ) -> tuple[Tensor, Tensor]:
     """The stochastic flow step (diffusers' ``stochastic_sampling``): x0 put back on the flow
     path at s' with fresh noise::
@@ -151,8 +152,7 @@ def flow_stochastic_step(
                                     classifier gradient, Dhariwal & Nichol 2021, Alg. 1)
 
     Args:
-        x, model_output, sigma, sigma_next, prediction_type, clip_range, thresholding: see
-            :func:`flow_euler_step`.
+        x, model_output, sigma, sigma_next, x0_options: see :func:`flow_euler_step`.
         noise: z ~ N(0, I) like x (None: the mean alone).
         grad: classifier guidance, the already-scaled gradient of log p(y | x), or None.
 
@@ -162,7 +162,7 @@ def flow_stochastic_step(
     Example:
         >>> x, x0 = flow_stochastic_step(x, v_hat, 0.7, 0.5, torch.randn_like(x))
     """
-    xc, _, x0 = _flow_prepared(x, model_output, sigma, prediction_type, clip_range, thresholding)
+    xc, _, x0, _ = _flow_start(x, model_output, sigma, x0_options)
     s_next = _level(sigma_next, xc)
     x_next = (1 - s_next) * x0
     if grad is not None:
@@ -170,6 +170,12 @@ def flow_stochastic_step(
     if noise is not None:
         x_next = x_next + s_next * noise.to(xc.dtype)
     return x_next.to(x.dtype), x0.to(x.dtype)
+
+
+# alpha = 1 - s, sigma = s, lambda = log((1 - s) / s); s = 0 is clean
+_FLOW = Parameterization(
+    lambda s: (1 - s, s), lambda s: torch.log(1 - s) - torch.log(s), lambda s: s == 0
+)
 
 
 def flow_dpmpp_2m_step(
@@ -180,9 +186,7 @@ def flow_dpmpp_2m_step(
     *,
     x0_prev: Tensor | None = None,
     sigma_prev: ScheduleValue | None = None,
-    prediction_type: str = "flow_prediction",
-    clip_range: float | None = None,
-    thresholding: tuple | None = None,
+    **x0_options,
 ) -> tuple[Tensor, Tensor]:
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2, midpoint form) on the flow path, where
     ``alpha = 1 - s`` and ``sigma = s`` (diffusers' ``use_flow_sigmas``)::
@@ -193,8 +197,8 @@ def flow_dpmpp_2m_step(
     ``D = x0`` (first order) without ``x0_prev`` and on the step to clean (s' = 0).
 
     Args:
-        x, model_output, sigma, sigma_next, prediction_type, clip_range, thresholding: see
-            :func:`flow_euler_step` (s < 1: lambda is finite).
+        x, model_output, sigma, sigma_next, x0_options: see :func:`flow_euler_step` (s < 1:
+            lambda is finite).
         x0_prev: the previous step's x0, or None.
         sigma_prev: the previous step's level (with ``x0_prev``).
 
@@ -204,19 +208,7 @@ def flow_dpmpp_2m_step(
     Example:
         >>> x, x0 = flow_dpmpp_2m_step(x, v_hat, 0.6, 0.4, x0_prev=x0, sigma_prev=0.8)
     """
-    xc, s, x0 = _flow_prepared(x, model_output, sigma, prediction_type, clip_range, thresholding)
-    s_next = _level(sigma_next, xc)
-    # e^-h = (1 - s) s' / (s (1 - s')): finite on the step to clean (s' = 0)
-    exp_neg_h = (1 - s) * s_next / (s * (1 - s_next))
-    d = x0
-    if x0_prev is not None:
-        s_prev = _level(sigma_prev, xc)
-
-        def lam(v):
-            return torch.log(1 - v) - torch.log(v)
-
-        h = lam(s_next) - lam(s)
-        half_inv_r = torch.where(s_next == 0, 0.0, h / (2 * (lam(s) - lam(s_prev))))
-        d = x0 + half_inv_r * (x0 - x0_prev.to(xc.dtype))
-    x_next = (s_next / s) * xc + (1 - s_next) * (1 - exp_neg_h) * d
+    xc, s, x0, _ = _flow_start(x, model_output, sigma, x0_options)
+    prev = None if x0_prev is None else (x0_prev, _level(sigma_prev, xc))
+    x_next = dpmpp_2m_update(_FLOW, xc, x0, s, _level(sigma_next, xc), prev)
     return x_next.to(x.dtype), x0.to(x.dtype)

@@ -21,7 +21,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastdiff.reference.common import ScheduleValue, compute_dtype_of, schedule_like
+from fastdiff.reference.common import (
+    Parameterization,
+    ScheduleValue,
+    compute_dtype_of,
+    dpmpp_2m_update,
+    schedule_like,
+)
 
 __all__ = [
     "SDE_SOLVER_TYPES",
@@ -103,6 +109,10 @@ def _log_ratio(s: Tensor, s_next: Tensor) -> Tensor:
     return s.log() - s_next.log()
 
 
+# alpha = 1 (variance exploding), lambda = -log sigma; sigma = 0 is clean
+_VE = Parameterization(lambda s: (1.0, s), lambda s: -torch.log(s), lambda s: s == 0)
+
+
 def dpmpp_2m_sigma_step(
     x: Tensor,
     denoised: Tensor,
@@ -123,12 +133,8 @@ def dpmpp_2m_sigma_step(
     """
     xc, d, d_prev = _prepared(x, denoised, denoised_prev)
     s, s_next = schedule_like(sigma, "sigma", xc), schedule_like(sigma_next, "sigma_next", xc)
-    if d_prev is not None:
-        h = _log_ratio(s, s_next)
-        h_prev = _log_ratio(schedule_like(sigma_prev, "sigma_prev", xc), s)
-        half_inv_r = torch.where(s_next > 0, h / (2 * h_prev), 0.0)  # 1 / (2 r)
-        d = (1 + half_inv_r) * d - half_inv_r * d_prev
-    x_next = (s_next / s) * xc + (1 - s_next / s) * d  # 1 - e^-h = 1 - sigma' / sigma
+    prev = None if d_prev is None else (d_prev, schedule_like(sigma_prev, "sigma_prev", xc))
+    x_next = dpmpp_2m_update(_VE, xc, d, s, s_next, prev)  # 1 - e^-h = 1 - sigma' / sigma
     return x_next.to(x.dtype), denoised.to(x.dtype)
 
 

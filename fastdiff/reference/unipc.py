@@ -10,12 +10,7 @@ import torch
 from torch import Tensor
 
 from fastdiff.checks import PREDICTION_TYPES
-from fastdiff.reference.common import (
-    ScheduleValue,
-    compute_dtype_of,
-    process_x0_compute,
-    schedule_like,
-)
+from fastdiff.reference.common import ScheduleValue, X0Options, compute_dtype_of, schedule_like
 
 #
 # Zhao et al. 2023 ("UniPC: A Unified Predictor-Corrector Framework for Fast Sampling of
@@ -94,14 +89,7 @@ def unipc_rhos(r: Tensor, hh: Tensor, order: int, solver_type: str, corrector: b
 
 
 def unipc_convert(
-    x: Tensor,
-    model_output: Tensor,
-    alpha: Tensor,
-    sigma: Tensor,
-    prediction_type: str,
-    predict_x0: bool,
-    clip_range: float | None = None,
-    thresholding: tuple | None = None,
+    x: Tensor, model_output: Tensor, alpha: Tensor, sigma: Tensor, predict_x0: bool, **x0_options
 ) -> Tensor:
     """The converted output M of UniPC: the data prediction x0 (processed if asked) or the
     noise prediction eps, of the point ``x = alpha x0 + sigma eps``.
@@ -111,10 +99,12 @@ def unipc_convert(
     (velocity ``v = eps - x0`` of ``x = (1 - s) x0 + s eps``): ``x0 = x - s v``.
 
     Args: x, model_output: compute-dtype tensors; alpha, sigma: broadcastable schedule values
-    of x's point; prediction_type: one of ``UNIPC_PREDICTION_TYPES``; predict_x0: x0 or eps;
-    clip_range, thresholding: clipping / dynamic thresholding of x0 (data prediction only).
+    of x's point; predict_x0: x0 or eps; x0_options: ``prediction_type`` (one of
+    ``UNIPC_PREDICTION_TYPES``, default "epsilon") and the clipping / dynamic thresholding of
+    x0 (data prediction only), as :class:`X0Options`.
     """
-    m = model_output
+    opts = X0Options.of(x0_options)
+    m, prediction_type = model_output, opts.prediction_type
     if predict_x0:
         if prediction_type == "epsilon":
             x0 = (x - sigma * m) / alpha
@@ -124,7 +114,7 @@ def unipc_convert(
             x0 = alpha * x - sigma * m
         else:
             x0 = x - sigma * m
-        return process_x0_compute(x0, clip_range, thresholding)
+        return opts.process(x0)
     if prediction_type == "epsilon":
         return m
     if prediction_type == "sample":
@@ -214,9 +204,7 @@ def unipc_step(
     predictor_order: int = 1,
     predict_x0: bool = True,
     solver_type: str = "bh2",
-    prediction_type: str = "epsilon",
-    clip_range: float | None = None,
-    thresholding: tuple | None = None,
+    **x0_options,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One UniPC step k: the corrector UniC of the sample ``x`` the last predictor made, then
     the predictor UniP of the next sample (Zhao et al. 2023, Sec. 3; the order of diffusers'
@@ -243,9 +231,9 @@ def unipc_step(
         predictor_order: p >= 1.
         predict_x0: keep data predictions (True) or noise predictions.
         solver_type: "bh1" or "bh2".
-        prediction_type: one of ``UNIPC_PREDICTION_TYPES``.
-        clip_range: clamp x0 to ``[-r, r]`` (data prediction; exclusive with thresholding).
-        thresholding: ``(ratio, max_value)`` dynamic thresholding of x0 (data prediction).
+        x0_options: ``prediction_type`` (one of ``UNIPC_PREDICTION_TYPES``, default
+            "epsilon"), ``clip_range`` / ``thresholding`` (the x0 processing of the data
+            prediction): :class:`X0Options`.
 
     Returns:
         ``(x_next, x_corrected, M_k)`` in ``x.dtype``: the next sample, the corrected sample
@@ -276,15 +264,9 @@ def unipc_step(
     hist = [h.to(dtype) for h in history]
     kw = dict(predict_x0=predict_x0, solver_type=solver_type)
 
+    alpha_k, sigma_k = _over_x(alphas[1], xc), _over_x(sigmas[1], xc)
     converted = unipc_convert(
-        xc,
-        model_output.to(dtype),
-        _over_x(alphas[1], xc),
-        _over_x(sigmas[1], xc),
-        prediction_type,
-        predict_x0,
-        clip_range,
-        thresholding,
+        xc, model_output.to(dtype), alpha_k, sigma_k, predict_x0, **x0_options
     )
     corrected = xc
     if q:  # UniC-q from t_{k-1} to t_k with M_k as the new point

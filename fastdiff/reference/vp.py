@@ -13,9 +13,11 @@ import torch
 from torch import Tensor
 
 from fastdiff.reference.common import (
+    Parameterization,
     ScheduleValue,
+    X0Options,
     compute_dtype_of,
-    process_x0_compute,
+    dpmpp_2m_update,
     schedule_like,
 )
 from fastdiff.reference.sigma import churn_step
@@ -45,7 +47,7 @@ def _optional_like(t: Tensor | None, name: str, x: Tensor, dtype: torch.dtype) -
     return None if t is None else t.to(dtype)
 
 
-def _prepare_step(x, model_output, prediction_type, clip_range, thresholding):
+def _prepare_step(x: Tensor, model_output: Tensor) -> tuple[Tensor, Tensor]:
     """``(x, model_output)`` in the compute dtype."""
     dtype = compute_dtype_of(x)
     return x.to(dtype), model_output.to(dtype)
@@ -87,6 +89,26 @@ def _x0_from_output_sigma_space(x: Tensor, m: Tensor, sigma: Tensor, prediction_
     if prediction_type == "sample":
         return m
     return -sigma / torch.sqrt(sigma**2 + 1) * m + x / (sigma**2 + 1)
+
+
+def _vp_start(x: Tensor, model_output: Tensor, ab_t, ab_next, x0_options: dict):
+    """What every VP step starts from: ``(x, model output, ab_t, ab_next, x0)``, in the
+    compute dtype, x0 processed (Ho et al. 2020 eq. 15; Salimans & Ho 2022 for v)."""
+    opts = X0Options.of(x0_options)
+    xc, m = _prepare_step(x, model_output)
+    at, an = schedule_like(ab_t, "ab_t", xc), schedule_like(ab_next, "ab_next", xc)
+    return xc, m, at, an, opts.process(vp_x0_compute(xc, m, at, opts.prediction_type))
+
+
+def _sigma_start(x: Tensor, model_output: Tensor, sigma, sigma_next, x0_options: dict, made_at=0):
+    """What every sigma-space step starts from: ``(x, sigma, sigma_next, x0)`` in the compute
+    dtype, x0 read (then processed) at the level the output was made at:
+    ``(sigma, sigma_next)[made_at]``."""
+    opts = X0Options.of(x0_options)
+    xc, m = _prepare_step(x, model_output)
+    s, s_next = _sigma(sigma, "sigma", xc), _sigma(sigma_next, "sigma_next", xc)
+    x0 = _x0_from_output_sigma_space(xc, m, (s, s_next)[made_at], opts.prediction_type)
+    return xc, s, s_next, opts.process(x0)
 
 
 def _predict(from_output: Callable, x: Tensor, model_output: Tensor, ab_t, prediction_type):
@@ -209,13 +231,11 @@ def ddpm_step(
     ab_t: ScheduleValue,
     ab_next: ScheduleValue,
     *,
-    prediction_type: str = "epsilon",
     variance_type: str = "fixed_small",
-    clip_range: float | None = None,
-    thresholding: tuple | None = None,
     noise: Tensor | None = None,
     add_noise: bool | Tensor | None = None,
     grad: Tensor | None = None,
+    **x0_options,
 ) -> tuple[Tensor, Tensor]:
     """One ancestral DDPM step (Ho et al. 2020 eq. 6-7, Alg. 2):
     ``x_next = mu~(x_t, x0) + sigma z`` with the processed x0, ``beta' = 1 - ab_t / ab_next``
@@ -229,14 +249,14 @@ def ddpm_step(
         noise: z like x (None: the mean). add_noise: None adds noise where ``ab_next < 1``;
             a bool or bool tensor ``[]`` / ``[B]`` overrides.
         grad: the already-scaled gradient of log p(y | x_t), like x.
+        x0_options: ``prediction_type`` ("epsilon"), ``clip_range``, ``thresholding``
+            (:class:`X0Options`).
 
     Example:
         >>> x, x0 = ddpm_step(x, eps_hat, ab[t], ab[t_next], noise=torch.randn_like(x))
     """
     pred, v = split_learned_variance(model_output, variance_type)
-    xc, m = _prepare_step(x, pred, prediction_type, clip_range, thresholding)
-    at, an = schedule_like(ab_t, "ab_t", xc), schedule_like(ab_next, "ab_next", xc)
-    x0 = process_x0_compute(vp_x0_compute(xc, m, at, prediction_type), clip_range, thresholding)
+    xc, _, at, an, x0 = _vp_start(x, pred, ab_t, ab_next, x0_options)
     coef_x0, coef_xt = posterior_mean_coefficients(at, an)
     x_next = coef_x0 * x0 + coef_xt * xc  # eq. 7
     log_var = _ddpm_log_variance(at, an, variance_type, None if v is None else v.to(xc.dtype))
@@ -263,29 +283,27 @@ def ddim_step(
     ab_t: ScheduleValue,
     ab_next: ScheduleValue,
     *,
-    eta: float = 0.0,
-    prediction_type: str = "epsilon",
-    clip_range: float | None = None,
-    thresholding: tuple | None = None,
     use_clipped_model_output: bool = False,
+    eta: float = 0.0,
     noise: Tensor | None = None,
     grad: Tensor | None = None,
+    **x0_options,
 ) -> tuple[Tensor, Tensor]:
     """One DDIM step (Song et al. 2021 eq. 12, sigma of eq. 16 times ``eta``):
     ``x_next = sqrt(ab') x0 + sqrt(1 - ab' - sigma^2) eps + sigma z`` (+ ``sigma^2 grad``).
     eps comes from the raw model output, or from the processed x0 with
     ``use_clipped_model_output``; for eta > 1 the direction coefficient is clamped at 0.
+    ``x0_options``: ``prediction_type`` ("epsilon"), ``clip_range``, ``thresholding``
+    (:class:`X0Options`), as every step here.
 
     Example:
         >>> x, x0 = ddim_step(x, eps_hat, ab[t], ab[t_next])
     """
-    xc, m = _prepare_step(x, model_output, prediction_type, clip_range, thresholding)
-    at, an = schedule_like(ab_t, "ab_t", xc), schedule_like(ab_next, "ab_next", xc)
-    x0 = process_x0_compute(vp_x0_compute(xc, m, at, prediction_type), clip_range, thresholding)
+    xc, m, at, an, x0 = _vp_start(x, model_output, ab_t, ab_next, x0_options)
     if use_clipped_model_output:
         eps = _eps_from_x0(xc, x0, at)
     else:
-        eps = _eps_from_output(xc, m, at, prediction_type)
+        eps = _eps_from_output(xc, m, at, X0Options.of(x0_options).prediction_type)
     sigma = _ddim_sigma(at, an, eta)
     x_next = torch.sqrt(an) * x0 + torch.sqrt((1 - an - sigma**2).clamp(min=0)) * eps
     z, g = _optional_like(noise, "noise", x, xc.dtype), _optional_like(grad, "grad", x, xc.dtype)
@@ -304,10 +322,7 @@ def euler_step(
     model_output: Tensor,
     sigma: ScheduleValue,
     sigma_next: ScheduleValue,
-    *,
-    prediction_type: str = "epsilon",
-    clip_range: float | None = None,
-    thresholding: tuple | None = None,
+    **x0_options,
 ) -> tuple[Tensor, Tensor]:
     """One Euler step of the probability-flow ODE in sigma space (Karras et al. 2022 Alg. 2,
     no churn): ``d = (x - x0) / sigma``, ``x_next = x + (sigma_next - sigma) d``.
@@ -315,10 +330,7 @@ def euler_step(
     Example:
         >>> x, x0 = euler_step(x, eps_hat, sigmas[i], sigmas[i + 1])
     """
-    xc, m = _prepare_step(x, model_output, prediction_type, clip_range, thresholding)
-    s, s_next = _sigma(sigma, "sigma", xc), schedule_like(sigma_next, "sigma_next", xc)
-    x0 = _x0_from_output_sigma_space(xc, m, s, prediction_type)
-    x0 = process_x0_compute(x0, clip_range, thresholding)
+    xc, s, s_next, x0 = _sigma_start(x, model_output, sigma, sigma_next, x0_options)
     x_next = xc + (s_next - s) * (xc - x0) / s
     return x_next.to(x.dtype), x0.to(x.dtype)
 
@@ -344,7 +356,7 @@ def euler_churn_step(
     Example:
         >>> x, x0 = euler_churn_step(x, eps_hat, s, 1.2 * s, s_next, noise=torch.randn_like(x))
     """
-    xc, m = _prepare_step(x, model_output, prediction_type, None, None)
+    xc, m = _prepare_step(x, model_output)
     if noise is not None:
         xc = churn_step(xc, noise.to(xc.dtype), sigma, sigma_hat, s_noise)
     s_x0 = sigma if prediction_type == "v_prediction" else sigma_hat
@@ -373,10 +385,8 @@ def euler_ancestral_step(
     sigma_next: ScheduleValue,
     *,
     eta: float = 1.0,
-    prediction_type: str = "epsilon",
-    clip_range: float | None = None,
-    thresholding: tuple | None = None,
     noise: Tensor | None = None,
+    **x0_options,
 ) -> tuple[Tensor, Tensor]:
     """One Euler ancestral step (k-diffusion ``sample_euler_ancestral``):
     ``x_next = x + (sigma_down - sigma) d + sigma_up z``, the split of :func:`ancestral_sigmas`.
@@ -384,10 +394,7 @@ def euler_ancestral_step(
     Example:
         >>> x, x0 = euler_ancestral_step(x, eps_hat, s, s_next, noise=torch.randn_like(x))
     """
-    xc, m = _prepare_step(x, model_output, prediction_type, clip_range, thresholding)
-    s, s_next = _sigma(sigma, "sigma", xc), schedule_like(sigma_next, "sigma_next", xc)
-    x0 = _x0_from_output_sigma_space(xc, m, s, prediction_type)
-    x0 = process_x0_compute(x0, clip_range, thresholding)
+    xc, s, s_next, x0 = _sigma_start(x, model_output, sigma, sigma_next, x0_options)
     down, up = ancestral_sigmas(s, s_next, eta)
     x_next = xc + (down - s) * (xc - x0) / s
     if noise is not None:
@@ -403,6 +410,12 @@ def _half_log_snr(ab: Tensor) -> Tensor:
     return 0.5 * (torch.log(ab) - torch.log1p(-ab))
 
 
+# alpha = sqrt(ab), sigma = sqrt(1 - ab) (Ho et al. 2020 eq. 4); ab = 1 is clean
+_VP = Parameterization(
+    lambda ab: (torch.sqrt(ab), torch.sqrt(1 - ab)), _half_log_snr, lambda ab: ab == 1
+)
+
+
 def dpmpp_2m_step(
     x: Tensor,
     model_output: Tensor,
@@ -411,9 +424,7 @@ def dpmpp_2m_step(
     *,
     x0_prev: Tensor | None = None,
     ab_prev: ScheduleValue | None = None,
-    prediction_type: str = "epsilon",
-    clip_range: float | None = None,
-    thresholding: tuple | None = None,
+    **x0_options,
 ) -> tuple[Tensor, Tensor]:
     """One DPM-Solver++(2M) step (Lu et al. 2022 Alg. 2, midpoint form as diffusers):
     first order (eq. 9, = DDIM) ``x_next = (sigma'/sigma) x - alpha' (exp(-h) - 1) x0`` with
@@ -426,20 +437,9 @@ def dpmpp_2m_step(
     """
     if x0_prev is not None and ab_prev is None:
         raise ValueError("x0_prev needs ab_prev (alpha bar of the step that produced x0_prev)")
-    xc, m = _prepare_step(x, model_output, prediction_type, clip_range, thresholding)
-    at, an = schedule_like(ab_t, "ab_t", xc), schedule_like(ab_next, "ab_next", xc)
-    x0 = process_x0_compute(vp_x0_compute(xc, m, at, prediction_type), clip_range, thresholding)
-    alpha_t, sigma_t = torch.sqrt(at), torch.sqrt(1 - at)
-    alpha_n, sigma_n = torch.sqrt(an), torch.sqrt(1 - an)
-    exp_neg_h = alpha_t * sigma_n / (sigma_t * alpha_n)  # finite for ab_next = 1 and ab_t = 0
-    d = x0
-    if x0_prev is not None:
-        lam_t = _half_log_snr(at)
-        h = _half_log_snr(an) - lam_t
-        h_prev = lam_t - _half_log_snr(schedule_like(ab_prev, "ab_prev", xc))
-        half_inv_r = torch.where(an == 1, 0.0, h / (2 * h_prev))  # 1 / (2 r)
-        d = x0 + half_inv_r * (x0 - x0_prev.to(xc.dtype))
-    x_next = (sigma_n / sigma_t) * xc - alpha_n * (exp_neg_h - 1) * d
+    xc, _, at, an, x0 = _vp_start(x, model_output, ab_t, ab_next, x0_options)
+    prev = None if x0_prev is None else (x0_prev, schedule_like(ab_prev, "ab_prev", xc))
+    x_next = dpmpp_2m_update(_VP, xc, x0, at, an, prev)
     return x_next.to(x.dtype), x0.to(x.dtype)
 
 
@@ -454,9 +454,7 @@ def heun_correction_step(
     *,
     x_start: Tensor,
     x0_start: Tensor,
-    prediction_type: str = "epsilon",
-    clip_range: float | None = None,
-    thresholding: tuple | None = None,
+    **x0_options,
 ) -> tuple[Tensor, Tensor]:
     """The second half of one Heun step (Karras et al. 2022 Alg. 1 lines 7-8). The first half
     (:func:`euler_step` from ``x_start`` at ``sigma``, whose x0 was ``x0_start``) gave
@@ -471,10 +469,7 @@ def heun_correction_step(
         >>> x1, d0 = euler_step(x, eps0, s, s_next)
         >>> x_next, x0 = heun_correction_step(x1, eps1, s, s_next, x_start=x, x0_start=d0)
     """
-    xc, m = _prepare_step(x, model_output, prediction_type, clip_range, thresholding)
-    s, s_next = _sigma(sigma, "sigma", xc), _sigma(sigma_next, "sigma_next", xc)
-    x0 = _x0_from_output_sigma_space(xc, m, s_next, prediction_type)
-    x0 = process_x0_compute(x0, clip_range, thresholding)
+    xc, s, s_next, x0 = _sigma_start(x, model_output, sigma, sigma_next, x0_options, made_at=1)
     xs = x_start.to(xc.dtype)
     d = (xs - x0_start.to(xc.dtype)) / s
     d_next = (xc - x0) / s_next
