@@ -439,7 +439,7 @@ def test_step_config_takes_fused_steps_options(device):
         for name, p in inspect.signature(fused_step).parameters.items()
         if p.kind is p.KEYWORD_ONLY
     }
-    assert len(defaults) == 15
+    assert len(defaults) == 16  # advance included (a launch-only option)
     base = fs.step_config(x, m, table, rows)
     assert fs.step_config(x, m, table, rows, **defaults) is base
     launch_only = {"guidance_rescale": 0.5, "write_x0": False}
