@@ -312,18 +312,24 @@ def _advance_loop(
     the grid's last ticket increments the counter, writes the next timestep (and with
     ADVANCE 2 the next per-step value) and resets the ticket. The barrier orders every
     thread's loads and stores of this program before its ticket (acquire-release at GPU
-    scope: the last program sees every other program's done)."""
+    scope: the last program sees every other program's done). Every program reads the
+    counter and the next plan entry before its ticket (the counter is incremented only after
+    the last ticket, so each reads the step's own value), which keeps those two loads out of
+    the last program's chain of dependent memory round trips."""
+    count = tl.load(counter_ptr) + 1
+    more = count < n_steps
+    at = tl.minimum(count, n_steps - 1)  # in bounds also where nothing is written
+    t_next = tl.load(plan_ptr + at)
+    if ADVANCE == 2:
+        v_next = tl.load(src_ptr + at)
     tl.debug_barrier()
     total = tl.num_programs(0) * tl.num_programs(1)
     ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
     if ticket == total - 1:
-        count = tl.load(counter_ptr) + 1
         tl.store(counter_ptr, count)
-        more = count < n_steps
-        at = tl.minimum(count, n_steps - 1)  # in bounds also where nothing is written
-        tl.store(t_ptr, tl.load(plan_ptr + at, mask=more), mask=more)
+        tl.store(t_ptr, t_next, mask=more)
         if ADVANCE == 2:
-            tl.store(dst_ptr, tl.load(src_ptr + at, mask=more), mask=more)
+            tl.store(dst_ptr, v_next, mask=more)
         tl.store(ticket_ptr, 0)
 
 
