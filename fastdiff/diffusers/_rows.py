@@ -64,37 +64,23 @@ class TimestepRowsMixin(FusedSchedulerMixin):
         """The rest of a DDPM / DDIM step (``_fused_step``): the config's prediction type and
         x0 processing, the reference ``rule(x, m, ab_t, ab_next, **options)``, both outputs in
         ``promote(sample, model_output)`` as diffusers returns them."""
-        config = self.config
         clip_range, thresholding = self._processing_options  # (_begin_step checked config)
-        prediction_type = config.prediction_type
-        reference_step = self._reference_rule(
-            tables,
-            rows,
-            rule,
-            ("ab", "ab_next"),
-            by_row,
-            prediction_type=prediction_type,
-            clip_range=clip_range,
-            thresholding=thresholding,
-            **options,
-        )
+        prediction_type = self.config.prediction_type
+        options["prediction_type"] = prediction_type
+        options["clip_range"] = clip_range
+        options["thresholding"] = thresholding
+        reference_step = self._rule(tables, rows, rule, ("ab", "ab_next"), by_row, options)
         out_dtype = promote(sample.dtype, model_output.dtype)
-        return self._fused_step(
-            x,
-            model_output,
-            tables,
-            rows,
-            reference_step,
-            return_dict,
-            out_dtype=out_dtype,
-            x0_dtype=out_dtype,
-            prediction_type=prediction_type,
-            noise=noise,
-            seeds=seeds,
-            variance_mode=variance_mode,
-            clip_range=clip_range,
-            thresholding=thresholding,
-        )
+        x0_dtype = model_output.dtype if prediction_type == "sample" else out_dtype
+        kernel_options = {
+            "variance_mode": variance_mode,
+            "clip_range": clip_range,
+            "thresholding": thresholding,
+        }
+        return self._fused(
+            x, model_output, tables, rows, reference_step, return_dict, out_dtype, x0_dtype,
+            noise, seeds, None, kernel_options,
+        )  # fmt: skip
 
     def _timestep_rows(
         self, timestep: Any, tables: dict[str, torch.Tensor], x: torch.Tensor

@@ -170,6 +170,11 @@ class StepTemplateMixin:
         ``by_row`` (keyword -> table name) read from ``tables`` at ``rows``; ``noise=`` only
         when the step has noise."""
 
+        return self._rule(tables, rows, fn, levels, by_row, options)
+
+    def _rule(self, tables, rows, fn, levels, by_row, options):
+        """``_reference_rule`` by position (``options`` a dict)."""
+
         def reference_step(xr, m, noise):
             values = self._values(tables, rows, *levels, *(by_row.values() if by_row else ()))
             kwargs = dict(zip(by_row, values[len(levels) :])) if by_row else {}
@@ -191,7 +196,10 @@ class StepTemplateMixin:
         out_dtype: torch.dtype,
         x0_dtype: torch.dtype,
         prediction_type: str | None = None,
-        **run_kwargs: Any,
+        noise: torch.Tensor | None = None,
+        seeds: torch.Tensor | None = None,
+        x0_prev: torch.Tensor | None = None,
+        **kernel_kwargs: Any,
     ):
         """The step's body and epilogue: ``_run_step``, then ``_end_step(x0)``, then the
         diffusers output: ``self._output_cls(prev_sample[, pred_original_sample])`` (as many
@@ -203,20 +211,26 @@ class StepTemplateMixin:
             out_dtype, x0_dtype: dtypes of the returned sample and x0 (x0 in the model
                 output's dtype for ``prediction_type="sample"``, as diffusers).
             prediction_type: the config's prediction type, or None.
-            **run_kwargs: further ``_run_step`` options (noise, seeds, x0_prev, kernel options).
+            noise, seeds, x0_prev, **kernel_kwargs: further ``_run_step`` options.
         """
         if prediction_type == "sample":
             x0_dtype = model_output.dtype
-        prev, x0 = self._run_step(
-            x,
-            model_output,
-            step_tables,
-            rows,
-            reference_step,
-            out_dtype=out_dtype,
-            x0_dtype=x0_dtype,
-            **run_kwargs,
-        )
+        return self._fused(
+            x, model_output, step_tables, rows, reference_step, return_dict, out_dtype,
+            x0_dtype, noise, seeds, x0_prev, kernel_kwargs,
+        )  # fmt: skip
+
+    def _fused(
+        self, x, model_output, step_tables, rows, reference_step, return_dict, out_dtype,
+        x0_dtype, noise, seeds, x0_prev, kernel_kwargs,
+    ):  # fmt: skip
+        """``_fused_step`` by position (``kernel_kwargs`` a dict of kernel options; the
+        prediction type's x0 dtype already applied): keyword arguments cost a microsecond a
+        layer on the hot path."""
+        prev, x0 = self._step_once(
+            x, model_output, step_tables, rows, reference_step, out_dtype, x0_dtype, noise,
+            seeds, x0_prev, kernel_kwargs,
+        )  # fmt: skip
         self._end_step(x0)
         return step_output(self._output_cls, return_dict, prev, x0)
 
@@ -265,6 +279,16 @@ class StepTemplateMixin:
         Returns:
             ``(prev_sample, pred_original_sample)``.
         """
+        return self._step_once(
+            x, model_output, step_tables, rows, reference_step, out_dtype, x0_dtype, noise,
+            seeds, x0_prev, kernel_kwargs,
+        )  # fmt: skip
+
+    def _step_once(
+        self, x, model_output, step_tables, rows, reference_step, out_dtype, x0_dtype, noise,
+        seeds, x0_prev, kernel_kwargs,
+    ):  # fmt: skip
+        """``_run_step`` by position (``kernel_kwargs``: a dict of the kernel options)."""
         if noise is not None and noise.device != x.device:  # a generator on another device
             noise = noise.to(x.device)
         table = step_tables[self._kernel_table]
@@ -282,28 +306,46 @@ class StepTemplateMixin:
             # What the kernel path depends on besides the options: the backend, everything
             # fused_step checks and specializes on about the inputs (shape, strides, dtype,
             # device, 16-byte alignment), the scheduler's own device tensors by identity
-            # (its table and Philox seeds: made once, never reshaped) and the rows' layout
-            # (their alignment is not specialized on). Inline: a call costs a microsecond.
+            # (its table and Philox seeds: made once, never reshaped; by id, which no other
+            # tensor can take while the entry keeps them alive) and the rows' layout (their
+            # alignment is not specialized on). Flat and inline: a call costs a microsecond.
             try:
                 key = (
                     backend,
-                    table,
-                    seeds,
-                    (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16 == 0),
+                    id(table),
+                    id(seeds),
+                    x.shape,
+                    x.stride(),
+                    x.dtype,
+                    x.device,
+                    x.data_ptr() % 16 == 0,
                     model_output.shape,
                     model_output.stride(),
                     model_output.dtype,
                     model_output.device,
                     model_output.data_ptr() % 16 == 0,
-                    (rows.shape, rows.stride(), rows.dtype, rows.device),
+                    rows.shape,
+                    rows.stride(),
+                    rows.dtype,
+                    rows.device,
                     None
                     if noise is None
-                    else (noise.shape, noise.stride(), noise.dtype, noise.device),
-                    None if noise is None else noise.data_ptr() % 16 == 0,
+                    else (
+                        noise.shape,
+                        noise.stride(),
+                        noise.dtype,
+                        noise.device,
+                        noise.data_ptr() % 16 == 0,
+                    ),
                     None
                     if x0_prev is None
-                    else (x0_prev.shape, x0_prev.stride(), x0_prev.dtype, x0_prev.device),
-                    None if x0_prev is None else x0_prev.data_ptr() % 16 == 0,
+                    else (
+                        x0_prev.shape,
+                        x0_prev.stride(),
+                        x0_prev.dtype,
+                        x0_prev.device,
+                        x0_prev.data_ptr() % 16 == 0,
+                    ),
                     out_dtype,
                     x0_dtype,
                     *kernel_kwargs.items(),
@@ -313,7 +355,7 @@ class StepTemplateMixin:
         if key is not None:
             launch = self._launches.get(key)
             if launch is not None:  # a signature this scheduler's kernel path took before
-                config, out_dtype, x0_dtype, x0_out, clip, thresh, write_x0, ring, last = launch
+                config, out_dtype, x0_dtype, x0_out, clip, thresh, write_x0, ring, last = launch[:9]
                 # by position (binding keywords costs microseconds)
                 return fused_kernel.step_with_config(
                     config, x, model_output, table, rows, None, 0.0, clip, thresh, x0_prev,
@@ -402,7 +444,7 @@ class StepTemplateMixin:
         self._launches[key] = (
             config, out_dtype, x0_dtype, given_x0_out, options["clip_range"],
             options["thresholding"], options["write_x0"], options["history"],
-            options["last_sample"],
+            options["last_sample"], table, seeds,  # (alive while keyed by id)
         )  # fmt: skip
         return fused_kernel.step_with_config(
             config,

@@ -324,22 +324,11 @@ class FusedDPMSolverMultistepScheduler(DPMRowsMixin, StepIndexMixin, DPMSolverMu
 
         # order 3: the rows in the kernel's UniPC columns (the x0 ring)
         self._kernel_table = "history_table" if order == 3 else "table"
-        return self._fused_step(
-            x,
-            model_output,
-            tabs,
-            kernel_rows,
-            reference_step,
-            call["return_dict"],
-            out_dtype=x0_dtype,
-            x0_dtype=x0_dtype,
-            x0_prev=x0_prev,
-            x0_out=x0_out,
-            noise=noise,
-            seeds=seeds,
-            thresholding=thresholding,
-            **history,
-        )
+        kernel_options = {"x0_out": x0_out, "thresholding": thresholding, **history}
+        return self._fused(
+            x, model_output, tabs, kernel_rows, reference_step, call["return_dict"], x0_dtype,
+            x0_dtype, noise, seeds, x0_prev, kernel_options,
+        )  # fmt: skip
 
     def _third_order_state(self, tabs: dict, x: torch.Tensor, x0_dtype: torch.dtype, n: int):
         """``solver_order=3``: the rows (of the block ``lower_order_nums`` picks, or of the
