@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
+from diffusers.utils.torch_utils import randn_tensor as _randn_tensor
 
 from fastdiff import backend as backends
 from fastdiff import philox
@@ -103,7 +104,19 @@ class StepTemplateMixin:
 
     @staticmethod
     def _draw(shape, generator, device, dtype) -> torch.Tensor:
-        """Noise drawn exactly as the diffusers schedulers draw it."""
+        """Noise drawn exactly as the diffusers schedulers draw it (``randn_tensor``): its
+        common case inline (no generator, or one generator on the tensor's device type:
+        the same ``torch.randn`` call, without ``randn_tensor``'s Python around it); a CPU
+        generator for a CUDA tensor, a list of generators or another device kind through
+        ``randn_tensor`` itself."""
+        if (
+            randn_tensor is _randn_tensor  # (not replaced: tests patch it to inject noise)
+            and type(device) is torch.device
+            and device.type in ("cpu", "cuda")
+            and (generator is None or type(generator) is torch.Generator)
+            and (generator is None or generator.device.type == device.type)
+        ):
+            return torch.randn(shape, generator=generator, device=device, dtype=dtype)
         return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
 
     def _step_noise(
