@@ -152,6 +152,8 @@ def mirrored_step(diffusers_cls: type, extras: dict[str, Any], doc: str | None) 
     accepted = frozenset(defaults)
 
     def step(self, model_output, timestep, sample, *args, **kwargs):
+        if not kwargs and not args:  # (the common call: the defaults, copied)
+            return self._step(model_output, timestep, sample, defaults.copy())
         if args:
             if len(args) > len(names):
                 raise TypeError(
