@@ -69,7 +69,7 @@ class TimestepRowsMixin(FusedSchedulerMixin):
         options["prediction_type"] = prediction_type
         options["clip_range"] = clip_range
         options["thresholding"] = thresholding
-        reference_step = self._rule(tables, rows, rule, ("ab", "ab_next"), by_row, options)
+        reference_step = (tables, rows, rule, ("ab", "ab_next"), by_row, options)  # (_rule's)
         out_dtype = promote(sample.dtype, model_output.dtype)
         x0_dtype = model_output.dtype if prediction_type == "sample" else out_dtype
         kernel_options = {
@@ -121,6 +121,7 @@ class StepIndexMixin(FusedSchedulerMixin):
     """
 
     _loop_index: torch.Tensor | None = None  # a graphed loop's counter (prepare_graph_step)
+    _indexes_steps = True  # _begin_step finds the step index at a plan's first step
 
     # -- CUDA-graph hooks (see FusedSchedulerMixin) ------------------------------------------
 
@@ -173,14 +174,13 @@ class StepIndexMixin(FusedSchedulerMixin):
         else:
             self._step_index = self._begin_index
 
-    def _enter_step(self, timestep: Any) -> None:
-        if self._step_index is None:
-            self._init_step_index(timestep)
-
     def _end_step(self, x0: torch.Tensor | None) -> None:
         """Advance the step index (on the device for a device index: it stays on the poison
         row once past the end)."""
         index = self._step_index
+        if type(index) is int:  # (the host index, the common case, first)
+            self._step_index = index + 1
+            return
         if index is not None and index is self._loop_index:
             return  # a graphed loop's counter: the loop advances it
         if isinstance(index, torch.Tensor):

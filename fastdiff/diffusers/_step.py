@@ -149,22 +149,24 @@ class StepTemplateMixin:
     # -- running a step: the template every drop-in's ``step`` follows ---------------------
 
     _needs_plan = False  # step raises diffusers' "run set_timesteps" error (DDIM, DPM, UniPC)
+    # Whether the class keeps diffusers' step index (StepIndexMixin: found at a plan's first
+    # step by ``_init_step_index``); without it the row is the timestep itself.
+    _indexes_steps = False
 
     def _begin_step(self, timestep: Any, sample: torch.Tensor, contiguous: bool = False):
         """The step's prologue: diffusers' check for a plan (``_needs_plan``), the config
-        check, the step index (``_enter_step``); returns ``sample`` laid out for the kernel
+        check, the step index (``_init_step_index`` when none is set, for the classes that
+        keep one: ``_indexes_steps``); returns ``sample`` laid out for the kernel
         (``dense``)."""
         if self._needs_plan and self.num_inference_steps is None:
             self._check_planned()
         if self.config is not self._checked_config:  # (check_config's own test, inline)
             self.check_config()
-        self._enter_step(timestep)
+        if self._indexes_steps and self._step_index is None:  # (inline: a call a step less)
+            self._init_step_index(timestep)
         if not contiguous and sample.is_contiguous():  # (dense's common case, inline)
             return sample
         return dense(sample, contiguous)
-
-    def _enter_step(self, timestep: Any) -> None:
-        """Step-index bookkeeping at the start of a step (none: the row is the timestep)."""
 
     def _end_step(self, x0: torch.Tensor | None) -> None:
         """State kept after a step (multistep history, the step index); none by default."""
@@ -301,7 +303,9 @@ class StepTemplateMixin:
         self, x, model_output, step_tables, rows, reference_step, out_dtype, x0_dtype, noise,
         seeds, x0_prev, kernel_kwargs,
     ):  # fmt: skip
-        """``_run_step`` by position (``kernel_kwargs``: a dict of the kernel options)."""
+        """``_run_step`` by position (``kernel_kwargs``: a dict of the kernel options;
+        ``reference_step`` also as the arguments of ``_rule``, a tuple: the closure is made
+        only where the reference path runs)."""
         if noise is not None and noise.device != x.device:  # a generator on another device
             noise = noise.to(x.device)
         table = step_tables[self._kernel_table]
@@ -368,7 +372,7 @@ class StepTemplateMixin:
         if key is not None:
             launch = self._launches.get(key)
             if launch is not None:  # a signature this scheduler's kernel path took before
-                config, out_dtype, x0_dtype, x0_out, clip, thresh, write_x0, ring, last = launch[:9]
+                config, out_dtype, x0_dtype, x0_out, clip, thresh, write_x0, ring, last, _ = launch
                 # by position (binding keywords costs microseconds)
                 return fused_kernel.step_with_config(
                     config, x, model_output, table, rows, None, 0.0, clip, thresh, x0_prev,
@@ -386,6 +390,8 @@ class StepTemplateMixin:
                     key, x, model_output, table, rows, noise, seeds, x0_prev, out_dtype,
                     x0_dtype, kernel_kwargs,
                 )  # fmt: skip
+        if type(reference_step) is tuple:  # a ``_rule`` spec, made into the step only here
+            reference_step = self._rule(*reference_step)
         return run_step(
             backend,
             x,
@@ -457,7 +463,7 @@ class StepTemplateMixin:
         self._launches[key] = (
             config, out_dtype, x0_dtype, given_x0_out, options["clip_range"],
             options["thresholding"], options["write_x0"], options["history"],
-            options["last_sample"], table, seeds,  # (alive while keyed by id)
+            options["last_sample"], (table, seeds),  # (alive while keyed by id)
         )  # fmt: skip
         return fused_kernel.step_with_config(
             config,

@@ -214,7 +214,7 @@ class EulerBase(StepIndexMixin):
         else:
             rule = reference.euler_step
         options["prediction_type"] = prediction_type
-        reference_step = self._rule(tabs, rows, rule, levels, None, options)
+        reference_step = (tabs, rows, rule, levels, None, options)  # (_rule's arguments)
         # diffusers computes in float32 and returns prev_sample in the model output's dtype
         out_dtype = model_output.dtype
         x0_dtype = out_dtype if prediction_type == "sample" else promote(torch.float32, out_dtype)

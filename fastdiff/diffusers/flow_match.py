@@ -182,7 +182,7 @@ class FusedFlowMatchEulerDiscreteScheduler(StepIndexMixin, FlowMatchEulerDiscret
         if stochastic:
             noise, seeds = self._noise_of_step(sample, call["generator"])
         rule = reference.flow_stochastic_step if stochastic else reference.flow_euler_step
-        reference_step = self._rule(tabs, rows, rule, ("sigma", "sigma_next"), None, {})
+        reference_step = (tabs, rows, rule, ("sigma", "sigma_next"), None, {})  # (_rule's)
         return self._fused(
             x, model_output, tabs, rows, reference_step, call["return_dict"], model_output.dtype,
             torch.float32, noise, seeds, None, _NO_X0,
