@@ -280,8 +280,14 @@ def test_step_noise_is_randn_tensor_bit_for_bit(generator, dtype):
     draw = FusedDDPMScheduler._draw
     seed = int(torch.randint(0, 2**31, (1,)))
     device = torch.device("cpu")
+    scheduler = FusedDDPMScheduler()
+
+    def step_noise(shape, generator, device, dtype):  # the step's own inline draw
+        like = torch.empty(shape, device=device, dtype=dtype)
+        return scheduler._step_noise(like, like, generator)[0]
+
     results = []
-    for fn in (randn_tensor, draw):
+    for fn in (randn_tensor, draw, step_noise):
         if generator is None:
             torch.manual_seed(seed)
             got = fn((2, 3, 5), generator=None, device=device, dtype=dtype)
@@ -291,9 +297,10 @@ def test_step_noise_is_randn_tensor_bit_for_bit(generator, dtype):
             got = fn((2, 3, 5), generator=g, device=device, dtype=dtype)
             after = torch.rand(4, generator=g)
         results.append((got, after))
-    (want, want_after), (got, got_after) = results
-    assert got.dtype == want.dtype and got.device == want.device
-    assert torch.equal(got, want) and torch.equal(got_after, want_after)
+    (want, want_after), *others = results
+    for got, got_after in others:
+        assert got.dtype == want.dtype and got.device == want.device
+        assert torch.equal(got, want) and torch.equal(got_after, want_after)
     gens = [torch.Generator().manual_seed(seed + i) for i in range(2)]  # a list: randn_tensor's
     want = randn_tensor((2, 3), generator=gens, device=device, dtype=dtype)
     gens = [torch.Generator().manual_seed(seed + i) for i in range(2)]

@@ -144,7 +144,18 @@ class StepTemplateMixin:
             return variance_noise, None
         if generator is None and self._noise == "philox":
             return None, self._philox_seeds(x.shape[0], x.device)
-        return self._draw(like.shape, generator, like.device, like.dtype), None
+        device = like.device
+        if (  # (_draw's common case, inline: a call a step less)
+            randn_tensor is _randn_tensor
+            and device.type in ("cpu", "cuda")
+            and (
+                generator is None
+                or (type(generator) is torch.Generator and generator.device.type == device.type)
+            )
+        ):
+            noise = torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype)
+            return noise, None
+        return self._draw(like.shape, generator, device, like.dtype), None
 
     # -- running a step: the template every drop-in's ``step`` follows ---------------------
 
