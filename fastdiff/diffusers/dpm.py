@@ -86,6 +86,7 @@ class FusedDPMSolverMultistepScheduler(DPMRowsMixin, StepIndexMixin, DPMSolverMu
         self._ring_slots: dict[int, list[torch.Tensor]] = {}
         self._ring_phase = 0
         self._ring_x0: torch.Tensor | None = None  # the slot a host step writes its x0 to
+        self._step_static: tuple | None = None  # (config, plan length, the tables' key)
         super()._setup_fused(backend, noise)
 
     # -- CUDA-graph hooks (see FusedSchedulerMixin; check_capturable: StepIndexMixin's) -----
@@ -256,16 +257,22 @@ class FusedDPMSolverMultistepScheduler(DPMRowsMixin, StepIndexMixin, DPMSolverMu
         prediction_type = config.prediction_type
         if config.get("variance_type") in ("learned", "learned_range"):
             model_output = model_output[:, :3]
-        final_first_order = bool(
-            config.euler_at_final
-            or (config.lower_order_final and n < 15)
-            or config.final_sigmas_type == "zero"
-        )
-        order = config.solver_order
-        sde = config.algorithm_type == "sde-dpmsolver++"
-        solver_type = config.solver_type
+        static = self._step_static  # the step's options, read once per config and plan length
+        if static is None or static[0] is not config or static[1] != n:
+            final_first_order = bool(
+                config.euler_at_final
+                or (config.lower_order_final and n < 15)
+                or config.final_sigmas_type == "zero"
+            )
+            order = config.solver_order
+            sde = config.algorithm_type == "sde-dpmsolver++"
+            solver_type = config.solver_type
+            key = ("dpm", prediction_type, final_first_order, order, sde, solver_type)
+            static = self._step_static = (config, n, key)
+        key = static[2]
+        _, prediction_type, final_first_order, order, sde, solver_type = key
         tabs = self._device_tables(
-            ("dpm", prediction_type, final_first_order, order, sde, solver_type),
+            key,
             x.device,
             lambda: self._build(prediction_type, final_first_order, order, sde, solver_type),
         )
