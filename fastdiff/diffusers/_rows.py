@@ -70,7 +70,9 @@ class TimestepRowsMixin(FusedSchedulerMixin):
         options["clip_range"] = clip_range
         options["thresholding"] = thresholding
         reference_step = (tables, rows, rule, ("ab", "ab_next"), by_row, options)  # (_rule's)
-        out_dtype = promote(sample.dtype, model_output.dtype)
+        out_dtype = sample.dtype  # (promote_types(a, a) is a: no call for the common case)
+        if out_dtype is not model_output.dtype:
+            out_dtype = promote(out_dtype, model_output.dtype)
         x0_dtype = model_output.dtype if prediction_type == "sample" else out_dtype
         kernel_options = {
             "variance_mode": variance_mode,

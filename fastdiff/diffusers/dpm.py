@@ -278,7 +278,9 @@ class FusedDPMSolverMultistepScheduler(DPMRowsMixin, StepIndexMixin, DPMSolverMu
         )
         first = self.lower_order_nums < 1
         # diffusers converts the output to x0 first, then returns prev_sample in x0's dtype
-        promoted = promote(sample.dtype, model_output.dtype)
+        promoted = sample.dtype  # (promote_types(a, a) is a: no call for the common case)
+        if promoted is not model_output.dtype:
+            promoted = promote(promoted, model_output.dtype)
         x0_dtype = model_output.dtype if prediction_type == "sample" else promoted
         index = self._step_index
         x0_out = None

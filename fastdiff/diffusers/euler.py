@@ -24,6 +24,9 @@ __all__ = ["FusedEulerAncestralDiscreteScheduler", "FusedEulerDiscreteScheduler"
 
 logger = logging.get_logger(__name__)
 
+# promote_types(float32, dtype) of the usual model output dtypes (no call on the hot path)
+_WITH_FLOAT32 = dict.fromkeys((torch.float16, torch.bfloat16, torch.float32), torch.float32)
+
 
 class EulerBase(StepIndexMixin):
     """Shared by both Euler schedulers: the sigma-space table (``tables.euler_table`` with
@@ -217,7 +220,9 @@ class EulerBase(StepIndexMixin):
         reference_step = (tabs, rows, rule, levels, None, options)  # (_rule's arguments)
         # diffusers computes in float32 and returns prev_sample in the model output's dtype
         out_dtype = model_output.dtype
-        x0_dtype = out_dtype if prediction_type == "sample" else promote(torch.float32, out_dtype)
+        x0_dtype = out_dtype
+        if prediction_type != "sample":
+            x0_dtype = _WITH_FLOAT32.get(out_dtype) or promote(torch.float32, out_dtype)
         prev, x0 = self._step_once(
             x, model_output, tabs, rows, reference_step, out_dtype, x0_dtype, noise, seeds,
             None, kernel_options,
