@@ -42,15 +42,15 @@ DIFFUSERS_DIR = os.path.join("fastdiff", "diffusers") + os.sep
 # (class, noise, generator?): aten ops a step may issue besides the launch, Python calls into
 # fastdiff/diffusers a step may make (today's counts: a regression fails, a gain passes)
 CASES = {
-    "ddpm": (FusedDDPMScheduler, "torch", True, 3, 16),
-    "ddpm-philox": (FusedDDPMScheduler, "philox", False, 2, 16),
-    "ddim": (FusedDDIMScheduler, "torch", False, 2, 14),
-    "euler": (FusedEulerDiscreteScheduler, "torch", False, 3, 13),
-    "euler_a": (FusedEulerAncestralDiscreteScheduler, "torch", True, 4, 15),
-    "euler_a-philox": (FusedEulerAncestralDiscreteScheduler, "philox", False, 3, 15),
-    "dpm": (FusedDPMSolverMultistepScheduler, "torch", False, 2, 13),
-    "unipc": (FusedUniPCMultistepScheduler, "torch", False, 1, 12),
-    "flow": (FusedFlowMatchEulerDiscreteScheduler, "torch", False, 1, 12),
+    "ddpm": (FusedDDPMScheduler, "torch", True, 3, 12),
+    "ddpm-philox": (FusedDDPMScheduler, "philox", False, 2, 13),
+    "ddim": (FusedDDIMScheduler, "torch", False, 2, 11),
+    "euler": (FusedEulerDiscreteScheduler, "torch", False, 3, 10),
+    "euler_a": (FusedEulerAncestralDiscreteScheduler, "torch", True, 4, 11),
+    "euler_a-philox": (FusedEulerAncestralDiscreteScheduler, "philox", False, 3, 12),
+    "dpm": (FusedDPMSolverMultistepScheduler, "torch", False, 2, 11),
+    "unipc": (FusedUniPCMultistepScheduler, "torch", False, 1, 11),
+    "flow": (FusedFlowMatchEulerDiscreteScheduler, "torch", False, 1, 10),
 }
 
 
