@@ -42,15 +42,15 @@ DIFFUSERS_DIR = os.path.join("fastdiff", "diffusers") + os.sep
 # (class, noise, generator?): aten ops a step may issue besides the launch, Python calls into
 # fastdiff/diffusers a step may make (today's counts: a regression fails, a gain passes)
 CASES = {
-    "ddpm": (FusedDDPMScheduler, "torch", True, 3, 16),
-    "ddpm-philox": (FusedDDPMScheduler, "philox", False, 2, 16),
-    "ddim": (FusedDDIMScheduler, "torch", False, 2, 14),
-    "euler": (FusedEulerDiscreteScheduler, "torch", False, 3, 13),
-    "euler_a": (FusedEulerAncestralDiscreteScheduler, "torch", True, 4, 15),
-    "euler_a-philox": (FusedEulerAncestralDiscreteScheduler, "philox", False, 3, 15),
-    "dpm": (FusedDPMSolverMultistepScheduler, "torch", False, 2, 13),
-    "unipc": (FusedUniPCMultistepScheduler, "torch", False, 1, 12),
-    "flow": (FusedFlowMatchEulerDiscreteScheduler, "torch", False, 1, 12),
+    "ddpm": (FusedDDPMScheduler, "torch", True, 3, 12),
+    "ddpm-philox": (FusedDDPMScheduler, "philox", False, 2, 13),
+    "ddim": (FusedDDIMScheduler, "torch", False, 2, 11),
+    "euler": (FusedEulerDiscreteScheduler, "torch", False, 3, 10),
+    "euler_a": (FusedEulerAncestralDiscreteScheduler, "torch", True, 4, 11),
+    "euler_a-philox": (FusedEulerAncestralDiscreteScheduler, "philox", False, 3, 12),
+    "dpm": (FusedDPMSolverMultistepScheduler, "torch", False, 2, 11),
+    "unipc": (FusedUniPCMultistepScheduler, "torch", False, 1, 11),
+    "flow": (FusedFlowMatchEulerDiscreteScheduler, "torch", False, 1, 10),
 }
 
 
@@ -267,3 +267,62 @@ def test_set_timesteps_checks_positional_arguments():
     flow = FusedFlowMatchEulerDiscreteScheduler()
     with pytest.raises(ValueError, match="sigmas"):
         flow.set_timesteps(None, "cpu", [0.2, 0.5])  # not decreasing
+
+
+@pytest.mark.parametrize("generator", [None, "cpu"], ids=["global RNG", "generator"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_step_noise_is_randn_tensor_bit_for_bit(generator, dtype):
+    """The step noise drawn inline (``_draw``'s common case) is diffusers' ``randn_tensor``
+    draw: the same values, and the generator (or torch's global stream) left in the same
+    state; the other cases go through ``randn_tensor`` itself."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    draw = FusedDDPMScheduler._draw
+    seed = int(torch.randint(0, 2**31, (1,)))
+    device = torch.device("cpu")
+    scheduler = FusedDDPMScheduler()
+
+    def step_noise(shape, generator, device, dtype):  # the step's own inline draw
+        like = torch.empty(shape, device=device, dtype=dtype)
+        return scheduler._step_noise(like, like, generator)[0]
+
+    results = []
+    for fn in (randn_tensor, draw, step_noise):
+        if generator is None:
+            torch.manual_seed(seed)
+            got = fn((2, 3, 5), generator=None, device=device, dtype=dtype)
+            after = torch.rand(4)
+        else:
+            g = torch.Generator().manual_seed(seed)
+            got = fn((2, 3, 5), generator=g, device=device, dtype=dtype)
+            after = torch.rand(4, generator=g)
+        results.append((got, after))
+    (want, want_after), *others = results
+    for got, got_after in others:
+        assert got.dtype == want.dtype and got.device == want.device
+        assert torch.equal(got, want) and torch.equal(got_after, want_after)
+    gens = [torch.Generator().manual_seed(seed + i) for i in range(2)]  # a list: randn_tensor's
+    want = randn_tensor((2, 3), generator=gens, device=device, dtype=dtype)
+    gens = [torch.Generator().manual_seed(seed + i) for i in range(2)]
+    assert torch.equal(draw((2, 3), gens, device, dtype), want)
+
+
+def test_launch_cache_keys_tables_by_identity_and_keeps_them_alive(no_launch):
+    """The launch cache keys the scheduler's table by id: its entry holds the table (an id
+    is unique only among live objects), and a new plan (new tables) gets its own entry, its
+    inputs checked again."""
+    scheduler = FusedDDIMScheduler(backend="triton")
+    x, m = torch.randn(SHAPE), torch.randn(SHAPE)
+    scheduler.set_timesteps(10)
+    t = scheduler.timesteps[3]
+    scheduler.step(m, t, x)
+    ((key, entry),) = scheduler._launches.items()
+    table = scheduler._last_tables[2]["table"]
+    assert id(table) in key and any(item is table for item in entry[-1])  # (its kept refs)
+    scheduler.set_timesteps(7)  # another plan: tables and launches dropped
+    assert not scheduler._launches
+    with pytest.raises(ValueError, match="model_output has shape"):
+        scheduler.step(torch.randn(2, *SHAPE[1:]), scheduler.timesteps[2], x)
+    scheduler.step(m, scheduler.timesteps[2], x)
+    ((new_key, _),) = scheduler._launches.items()
+    assert new_key != key

@@ -99,9 +99,11 @@ def fused_set_timesteps(diffusers_cls: type) -> Callable[..., None]:
             plan(self, *args, **kwargs)
             return
         self.check_config()
-        check = getattr(self, "_check_plan", None)
+        # (looked up on the class: a missing instance attribute goes through diffusers'
+        # ConfigMixin.__getattr__, which costs a microsecond)
+        check = getattr(type(self), "_check_plan", None)
         if check is not None:  # by name, without inspect's bind (diffusers' call checks them)
-            check({**defaults, **dict(zip(names, args)), **kwargs})
+            check(self, {**defaults, **dict(zip(names, args)), **kwargs})
         if "device" in kwargs:
             device = kwargs["device"]
             kwargs["device"] = self._planning_device(device)
@@ -110,7 +112,7 @@ def fused_set_timesteps(diffusers_cls: type) -> Callable[..., None]:
             args = (*args[:at], self._planning_device(device), *args[at + 1 :])
         else:
             device = None
-        saved = dict(vars(self))  # diffusers sets some attributes before its own checks
+        saved = vars(self).copy()  # diffusers sets some attributes before its own checks
         try:
             plan(self, *args, **kwargs)
         except Exception:
@@ -150,6 +152,8 @@ def mirrored_step(diffusers_cls: type, extras: dict[str, Any], doc: str | None) 
     accepted = frozenset(defaults)
 
     def step(self, model_output, timestep, sample, *args, **kwargs):
+        if not kwargs and not args:  # (the common call: the defaults, copied)
+            return self._step(model_output, timestep, sample, defaults.copy())
         if args:
             if len(args) > len(names):
                 raise TypeError(

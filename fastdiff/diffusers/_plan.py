@@ -73,13 +73,15 @@ class PlanTablesMixin:
         self._plan_sigmas = sigmas
         self._plan_values = values
         self._plan_len = len(values)
-        plan = self._plan_tensor = self.timesteps  # the tensor the pipeline iterates
-        self._plan_address = (
-            plan.data_ptr(),
-            plan.stride(0) * plan.element_size() if plan.dim() == 1 else 0,
-            plan.dtype,
-            plan.device,
-        )
+        plan = self.timesteps  # the tensor the pipeline iterates
+        if plan is not self._plan_tensor:  # (the same tensor kept: the same address)
+            self._plan_tensor = plan
+            self._plan_address = (
+                plan.data_ptr(),
+                plan.stride(0) * plan.element_size() if plan.dim() == 1 else 0,
+                plan.dtype,
+                plan.device,
+            )
         self._seeds_cache.clear()
         self._seed = None
 

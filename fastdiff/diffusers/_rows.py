@@ -70,37 +70,25 @@ class TimestepRowsMixin(FusedSchedulerMixin):
         """The rest of a DDPM / DDIM step (``_fused_step``): the config's prediction type and
         x0 processing, the reference ``rule(x, m, ab_t, ab_next, **options)``, both outputs in
         ``promote(sample, model_output)`` as diffusers returns them."""
-        config = self.config
         clip_range, thresholding = self._processing_options  # (_begin_step checked config)
-        prediction_type = config.prediction_type
-        reference_step = self._reference_rule(
-            tables,
-            rows,
-            rule,
-            ("ab", "ab_next"),
-            by_row,
-            prediction_type=prediction_type,
-            clip_range=clip_range,
-            thresholding=thresholding,
-            **options,
-        )
-        out_dtype = promote(sample.dtype, model_output.dtype)
-        return self._fused_step(
-            x,
-            model_output,
-            tables,
-            rows,
-            reference_step,
-            return_dict,
-            out_dtype=out_dtype,
-            x0_dtype=out_dtype,
-            prediction_type=prediction_type,
-            noise=noise,
-            seeds=seeds,
-            variance_mode=variance_mode,
-            clip_range=clip_range,
-            thresholding=thresholding,
-        )
+        prediction_type = self.config.prediction_type
+        options["prediction_type"] = prediction_type
+        options["clip_range"] = clip_range
+        options["thresholding"] = thresholding
+        reference_step = (tables, rows, rule, ("ab", "ab_next"), by_row, options)  # (_rule's)
+        out_dtype = sample.dtype  # (promote_types(a, a) is a: no call for the common case)
+        if out_dtype is not model_output.dtype:
+            out_dtype = promote(out_dtype, model_output.dtype)
+        x0_dtype = model_output.dtype if prediction_type == "sample" else out_dtype
+        kernel_options = {
+            "variance_mode": variance_mode,
+            "clip_range": clip_range,
+            "thresholding": thresholding,
+        }
+        return self._fused(
+            x, model_output, tables, rows, reference_step, return_dict, out_dtype, x0_dtype,
+            noise, seeds, None, kernel_options,
+        )  # fmt: skip
 
     def _timestep_rows(
         self, timestep: Any, tables: dict[str, torch.Tensor], x: torch.Tensor
@@ -144,6 +132,7 @@ class StepIndexMixin(FusedSchedulerMixin):
     """
 
     _loop_index: torch.Tensor | None = None  # a graphed loop's counter (prepare_graph_step)
+    _indexes_steps = True  # _begin_step finds the step index at a plan's first step
 
     # -- CUDA-graph hooks (see FusedSchedulerMixin) ------------------------------------------
 
@@ -197,14 +186,13 @@ class StepIndexMixin(FusedSchedulerMixin):
         else:
             self._step_index = self._begin_index
 
-    def _enter_step(self, timestep: Any) -> None:
-        if self._step_index is None:
-            self._init_step_index(timestep)
-
     def _end_step(self, x0: torch.Tensor | None) -> None:
         """Advance the step index (on the device for a device index: it stays on the poison
         row once past the end)."""
         index = self._step_index
+        if type(index) is int:  # (the host index, the common case, first)
+            self._step_index = index + 1
+            return
         if index is not None and index is self._loop_index:
             return  # a graphed loop's counter: the loop advances it
         if isinstance(index, torch.Tensor):

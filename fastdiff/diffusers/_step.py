@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
+from diffusers.utils.torch_utils import randn_tensor as _randn_tensor
 
 from fastdiff import backend as backends
 from fastdiff import philox
@@ -103,7 +104,19 @@ class StepTemplateMixin:
 
     @staticmethod
     def _draw(shape, generator, device, dtype) -> torch.Tensor:
-        """Noise drawn exactly as the diffusers schedulers draw it."""
+        """Noise drawn exactly as the diffusers schedulers draw it (``randn_tensor``): its
+        common case inline (no generator, or one generator on the tensor's device type:
+        the same ``torch.randn`` call, without ``randn_tensor``'s Python around it); a CPU
+        generator for a CUDA tensor, a list of generators or another device kind through
+        ``randn_tensor`` itself."""
+        if (
+            randn_tensor is _randn_tensor  # (not replaced: tests patch it to inject noise)
+            and type(device) is torch.device
+            and device.type in ("cpu", "cuda")
+            and (generator is None or type(generator) is torch.Generator)
+            and (generator is None or generator.device.type == device.type)
+        ):
+            return torch.randn(shape, generator=generator, device=device, dtype=dtype)
         return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
 
     def _step_noise(
@@ -131,27 +144,40 @@ class StepTemplateMixin:
             return variance_noise, None
         if generator is None and self._noise == "philox":
             return None, self._philox_seeds(x.shape[0], x.device)
-        return self._draw(like.shape, generator, like.device, like.dtype), None
+        device = like.device
+        if (  # (_draw's common case, inline: a call a step less)
+            randn_tensor is _randn_tensor
+            and device.type in ("cpu", "cuda")
+            and (
+                generator is None
+                or (type(generator) is torch.Generator and generator.device.type == device.type)
+            )
+        ):
+            noise = torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype)
+            return noise, None
+        return self._draw(like.shape, generator, device, like.dtype), None
 
     # -- running a step: the template every drop-in's ``step`` follows ---------------------
 
     _needs_plan = False  # step raises diffusers' "run set_timesteps" error (DDIM, DPM, UniPC)
+    # Whether the class keeps diffusers' step index (StepIndexMixin: found at a plan's first
+    # step by ``_init_step_index``); without it the row is the timestep itself.
+    _indexes_steps = False
 
     def _begin_step(self, timestep: Any, sample: torch.Tensor, contiguous: bool = False):
         """The step's prologue: diffusers' check for a plan (``_needs_plan``), the config
-        check, the step index (``_enter_step``); returns ``sample`` laid out for the kernel
+        check, the step index (``_init_step_index`` when none is set, for the classes that
+        keep one: ``_indexes_steps``); returns ``sample`` laid out for the kernel
         (``dense``)."""
         if self._needs_plan and self.num_inference_steps is None:
             self._check_planned()
         if self.config is not self._checked_config:  # (check_config's own test, inline)
             self.check_config()
-        self._enter_step(timestep)
+        if self._indexes_steps and self._step_index is None:  # (inline: a call a step less)
+            self._init_step_index(timestep)
         if not contiguous and sample.is_contiguous():  # (dense's common case, inline)
             return sample
         return dense(sample, contiguous)
-
-    def _enter_step(self, timestep: Any) -> None:
-        """Step-index bookkeeping at the start of a step (none: the row is the timestep)."""
 
     def _end_step(self, x0: torch.Tensor | None) -> None:
         """State kept after a step (multistep history, the step index); none by default."""
@@ -169,6 +195,11 @@ class StepTemplateMixin:
         function: ``fn(xr, m, *levels, noise=noise, **by_row, **options)``, the levels and
         ``by_row`` (keyword -> table name) read from ``tables`` at ``rows``; ``noise=`` only
         when the step has noise."""
+
+        return self._rule(tables, rows, fn, levels, by_row, options)
+
+    def _rule(self, tables, rows, fn, levels, by_row, options):
+        """``_reference_rule`` by position (``options`` a dict)."""
 
         def reference_step(xr, m, noise):
             values = self._values(tables, rows, *levels, *(by_row.values() if by_row else ()))
@@ -191,7 +222,10 @@ class StepTemplateMixin:
         out_dtype: torch.dtype,
         x0_dtype: torch.dtype,
         prediction_type: str | None = None,
-        **run_kwargs: Any,
+        noise: torch.Tensor | None = None,
+        seeds: torch.Tensor | None = None,
+        x0_prev: torch.Tensor | None = None,
+        **kernel_kwargs: Any,
     ):
         """The step's body and epilogue: ``_run_step``, then ``_end_step(x0)``, then the
         diffusers output: ``self._output_cls(prev_sample[, pred_original_sample])`` (as many
@@ -203,20 +237,26 @@ class StepTemplateMixin:
             out_dtype, x0_dtype: dtypes of the returned sample and x0 (x0 in the model
                 output's dtype for ``prediction_type="sample"``, as diffusers).
             prediction_type: the config's prediction type, or None.
-            **run_kwargs: further ``_run_step`` options (noise, seeds, x0_prev, kernel options).
+            noise, seeds, x0_prev, **kernel_kwargs: further ``_run_step`` options.
         """
         if prediction_type == "sample":
             x0_dtype = model_output.dtype
-        prev, x0 = self._run_step(
-            x,
-            model_output,
-            step_tables,
-            rows,
-            reference_step,
-            out_dtype=out_dtype,
-            x0_dtype=x0_dtype,
-            **run_kwargs,
-        )
+        return self._fused(
+            x, model_output, step_tables, rows, reference_step, return_dict, out_dtype,
+            x0_dtype, noise, seeds, x0_prev, kernel_kwargs,
+        )  # fmt: skip
+
+    def _fused(
+        self, x, model_output, step_tables, rows, reference_step, return_dict, out_dtype,
+        x0_dtype, noise, seeds, x0_prev, kernel_kwargs,
+    ):  # fmt: skip
+        """``_fused_step`` by position (``kernel_kwargs`` a dict of kernel options; the
+        prediction type's x0 dtype already applied): keyword arguments cost a microsecond a
+        layer on the hot path."""
+        prev, x0 = self._step_once(
+            x, model_output, step_tables, rows, reference_step, out_dtype, x0_dtype, noise,
+            seeds, x0_prev, kernel_kwargs,
+        )  # fmt: skip
         self._end_step(x0)
         return step_output(self._output_cls, return_dict, prev, x0)
 
@@ -265,6 +305,18 @@ class StepTemplateMixin:
         Returns:
             ``(prev_sample, pred_original_sample)``.
         """
+        return self._step_once(
+            x, model_output, step_tables, rows, reference_step, out_dtype, x0_dtype, noise,
+            seeds, x0_prev, kernel_kwargs,
+        )  # fmt: skip
+
+    def _step_once(
+        self, x, model_output, step_tables, rows, reference_step, out_dtype, x0_dtype, noise,
+        seeds, x0_prev, kernel_kwargs,
+    ):  # fmt: skip
+        """``_run_step`` by position (``kernel_kwargs``: a dict of the kernel options;
+        ``reference_step`` also as the arguments of ``_rule``, a tuple: the closure is made
+        only where the reference path runs)."""
         if noise is not None and noise.device != x.device:  # a generator on another device
             noise = noise.to(x.device)
         if self._graph_advance is not None:  # a graphed loop's step advances it (_base hooks)
@@ -286,28 +338,46 @@ class StepTemplateMixin:
             # What the kernel path depends on besides the options: the backend, everything
             # fused_step checks and specializes on about the inputs (shape, strides, dtype,
             # device, 16-byte alignment), the scheduler's own device tensors by identity
-            # (its table and Philox seeds: made once, never reshaped) and the rows' layout
-            # (their alignment is not specialized on). Inline: a call costs a microsecond.
+            # (its table and Philox seeds: made once, never reshaped; by id, which no other
+            # tensor can take while the entry keeps them alive) and the rows' layout (their
+            # alignment is not specialized on). Flat and inline: a call costs a microsecond.
             try:
                 key = (
                     backend,
-                    table,
-                    seeds,
-                    (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16 == 0),
+                    id(table),
+                    id(seeds),
+                    x.shape,
+                    x.stride(),
+                    x.dtype,
+                    x.device,
+                    x.data_ptr() % 16 == 0,
                     model_output.shape,
                     model_output.stride(),
                     model_output.dtype,
                     model_output.device,
                     model_output.data_ptr() % 16 == 0,
-                    (rows.shape, rows.stride(), rows.dtype, rows.device),
+                    rows.shape,
+                    rows.stride(),
+                    rows.dtype,
+                    rows.device,
                     None
                     if noise is None
-                    else (noise.shape, noise.stride(), noise.dtype, noise.device),
-                    None if noise is None else noise.data_ptr() % 16 == 0,
+                    else (
+                        noise.shape,
+                        noise.stride(),
+                        noise.dtype,
+                        noise.device,
+                        noise.data_ptr() % 16 == 0,
+                    ),
                     None
                     if x0_prev is None
-                    else (x0_prev.shape, x0_prev.stride(), x0_prev.dtype, x0_prev.device),
-                    None if x0_prev is None else x0_prev.data_ptr() % 16 == 0,
+                    else (
+                        x0_prev.shape,
+                        x0_prev.stride(),
+                        x0_prev.dtype,
+                        x0_prev.device,
+                        x0_prev.data_ptr() % 16 == 0,
+                    ),
                     out_dtype,
                     x0_dtype,
                     *kernel_kwargs.items(),
@@ -317,7 +387,7 @@ class StepTemplateMixin:
         if key is not None:
             launch = self._launches.get(key)
             if launch is not None:  # a signature this scheduler's kernel path took before
-                config, out_dtype, x0_dtype, x0_out, clip, thresh, write_x0, ring, last = launch
+                config, out_dtype, x0_dtype, x0_out, clip, thresh, write_x0, ring, last, _ = launch
                 # by position (binding keywords costs microseconds)
                 return fused_kernel.step_with_config(
                     config, x, model_output, table, rows, None, 0.0, clip, thresh, x0_prev,
@@ -335,6 +405,8 @@ class StepTemplateMixin:
                     key, x, model_output, table, rows, noise, seeds, x0_prev, out_dtype,
                     x0_dtype, kernel_kwargs,
                 )  # fmt: skip
+        if type(reference_step) is tuple:  # a ``_rule`` spec, made into the step only here
+            reference_step = self._rule(*reference_step)
         return run_step(
             backend,
             x,
@@ -406,7 +478,7 @@ class StepTemplateMixin:
         self._launches[key] = (
             config, out_dtype, x0_dtype, given_x0_out, options["clip_range"],
             options["thresholding"], options["write_x0"], options["history"],
-            options["last_sample"],
+            options["last_sample"], (table, seeds),  # (alive while keyed by id)
         )  # fmt: skip
         return fused_kernel.step_with_config(
             config,

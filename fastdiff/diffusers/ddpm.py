@@ -117,14 +117,16 @@ class FusedDDPMScheduler(TimestepRowsMixin, DDPMScheduler):
             raise ValueError("pass either generator or variance_noise, not both")
         prediction_type = config.prediction_type
         variance_type = config.variance_type
-        channels = sample.shape[1] if sample.dim() > 1 else None
-        if learned and (channels is None or model_output.shape[1] != 2 * channels):
-            raise ValueError(
-                "variance_type='learned_range' needs a model output with twice the sample's "
-                f"channels (prediction, then variance values), got {tuple(model_output.shape)} "
-                f"for a sample of shape {tuple(sample.shape)}"
-            )
-        prediction = model_output[:, :channels] if learned else model_output
+        prediction = model_output
+        if learned:
+            channels = sample.shape[1] if sample.dim() > 1 else None
+            if channels is None or model_output.shape[1] != 2 * channels:
+                raise ValueError(
+                    "variance_type='learned_range' needs a model output with twice the "
+                    "sample's channels (prediction, then variance values), got "
+                    f"{tuple(model_output.shape)} for a sample of shape {tuple(sample.shape)}"
+                )
+            prediction = model_output[:, :channels]
         tabs = self._device_tables(
             ("ddpm", prediction_type, variance_type),
             x.device,
@@ -135,8 +137,11 @@ class FusedDDPMScheduler(TimestepRowsMixin, DDPMScheduler):
             plan = tabs.get("plan_set")
             if plan is None:
                 plan = tabs["plan_set"] = frozenset(self._plan_host.tolist())
-            given = (t_host,) if isinstance(t_host, int) else t_host.tolist()
-            missing = () if given[0] in plan and len(given) == 1 else set(given) - plan
+            if type(t_host) is int:  # (one host timestep, the common case)
+                missing = () if t_host in plan else (t_host,)
+            else:
+                given = (t_host,) if isinstance(t_host, int) else t_host.tolist()
+                missing = () if given[0] in plan and len(given) == 1 else set(given) - plan
             if missing:
                 raise ValueError(f"timesteps {sorted(missing)} are not in scheduler.timesteps")
         # diffusers draws noise only where t > 0 (a device timestep: always, see the class doc)

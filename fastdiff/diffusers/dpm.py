@@ -86,6 +86,7 @@ class FusedDPMSolverMultistepScheduler(DPMRowsMixin, StepIndexMixin, DPMSolverMu
         self._ring_slots: dict[int, list[torch.Tensor]] = {}
         self._ring_phase = 0
         self._ring_x0: torch.Tensor | None = None  # the slot a host step writes its x0 to
+        self._step_static: tuple | None = None  # (config, plan length, the tables' key)
         super()._setup_fused(backend, noise)
 
     # -- CUDA-graph hooks (see FusedSchedulerMixin; check_capturable: StepIndexMixin's) -----
@@ -274,22 +275,30 @@ class FusedDPMSolverMultistepScheduler(DPMRowsMixin, StepIndexMixin, DPMSolverMu
         if config.get("variance_type") in ("learned", "learned_range"):
             model_output = model_output[:, :3]
         n = self._plan_len
-        final_first_order = bool(
-            config.euler_at_final
-            or (config.lower_order_final and n < 15)
-            or config.final_sigmas_type == "zero"
-        )
-        order = config.solver_order
-        sde = config.algorithm_type == "sde-dpmsolver++"
-        solver_type = config.solver_type
+        static = self._step_static  # the step's options, read once per config and plan length
+        if static is None or static[0] is not config or static[1] != n:
+            final_first_order = bool(
+                config.euler_at_final
+                or (config.lower_order_final and n < 15)
+                or config.final_sigmas_type == "zero"
+            )
+            order = config.solver_order
+            sde = config.algorithm_type == "sde-dpmsolver++"
+            solver_type = config.solver_type
+            key = ("dpm", prediction_type, final_first_order, order, sde, solver_type)
+            static = self._step_static = (config, n, key)
+        key = static[2]
+        _, prediction_type, final_first_order, order, sde, solver_type = key
         tabs = self._device_tables(
-            ("dpm", prediction_type, final_first_order, order, sde, solver_type),
+            key,
             x.device,
             lambda: self._build(prediction_type, final_first_order, order, sde, solver_type),
         )
         first = self.lower_order_nums < 1
         # diffusers converts the output to x0 first, then returns prev_sample in x0's dtype
-        promoted = promote(sample.dtype, model_output.dtype)
+        promoted = sample.dtype  # (promote_types(a, a) is a: no call for the common case)
+        if promoted is not model_output.dtype:
+            promoted = promote(promoted, model_output.dtype)
         x0_dtype = model_output.dtype if prediction_type == "sample" else promoted
         index = self._step_index
         x0_out = None
@@ -342,22 +351,11 @@ class FusedDPMSolverMultistepScheduler(DPMRowsMixin, StepIndexMixin, DPMSolverMu
 
         # order 3: the rows in the kernel's UniPC columns (the x0 ring)
         self._kernel_table = "history_table" if order == 3 else "table"
-        return self._fused_step(
-            x,
-            model_output,
-            tabs,
-            kernel_rows,
-            reference_step,
-            call["return_dict"],
-            out_dtype=x0_dtype,
-            x0_dtype=x0_dtype,
-            x0_prev=x0_prev,
-            x0_out=x0_out,
-            noise=noise,
-            seeds=seeds,
-            thresholding=thresholding,
-            **history,
-        )
+        kernel_options = {"x0_out": x0_out, "thresholding": thresholding, **history}
+        return self._fused(
+            x, model_output, tabs, kernel_rows, reference_step, call["return_dict"], x0_dtype,
+            x0_dtype, noise, seeds, x0_prev, kernel_options,
+        )  # fmt: skip
 
     def _third_order_state(self, tabs: dict, x: torch.Tensor, x0_dtype: torch.dtype, n: int):
         """``solver_order=3``: the rows (of the block ``lower_order_nums`` picks, or of the

@@ -24,6 +24,9 @@ __all__ = ["FusedEulerAncestralDiscreteScheduler", "FusedEulerDiscreteScheduler"
 
 logger = logging.get_logger(__name__)
 
+# promote_types(float32, dtype) of the usual model output dtypes (no call on the hot path)
+_WITH_FLOAT32 = dict.fromkeys((torch.float16, torch.bfloat16, torch.float32), torch.float32)
+
 
 class EulerBase(StepIndexMixin):
     """Shared by both Euler schedulers: the sigma-space table (``tables.euler_table`` with
@@ -231,23 +234,17 @@ class EulerBase(StepIndexMixin):
             rule, options["eta"] = reference.euler_ancestral_step, self._eta
         else:
             rule = reference.euler_step
-        reference_step = self._reference_rule(
-            tabs, rows, rule, levels, prediction_type=prediction_type, **options
-        )
+        options["prediction_type"] = prediction_type
+        reference_step = (tabs, rows, rule, levels, None, options)  # (_rule's arguments)
         # diffusers computes in float32 and returns prev_sample in the model output's dtype
-        x0_dtype = promote(torch.float32, model_output.dtype)
-        prev, x0 = self._run_step(
-            x,
-            model_output,
-            tabs,
-            rows,
-            reference_step,
-            out_dtype=model_output.dtype,
-            x0_dtype=model_output.dtype if prediction_type == "sample" else x0_dtype,
-            noise=noise,
-            seeds=seeds,
-            **kernel_options,
-        )
+        out_dtype = model_output.dtype
+        x0_dtype = out_dtype
+        if prediction_type != "sample":
+            x0_dtype = _WITH_FLOAT32.get(out_dtype) or promote(torch.float32, out_dtype)
+        prev, x0 = self._step_once(
+            x, model_output, tabs, rows, reference_step, out_dtype, x0_dtype, noise, seeds,
+            None, kernel_options,
+        )  # fmt: skip
         self._end_step(x0)
         return step_output(self._output_cls, return_dict, prev, x0)
 

@@ -18,6 +18,8 @@ from fastdiff.flow import check_flow_sigmas
 
 __all__ = ["FusedFlowMatchEulerDiscreteScheduler"]
 
+_NO_X0 = {"write_x0": False}  # diffusers returns no x0: 3 passes over the tensor
+
 
 class FusedFlowMatchEulerDiscreteScheduler(StepIndexMixin, FlowMatchEulerDiscreteScheduler):
     """Drop-in ``FlowMatchEulerDiscreteScheduler`` whose ``step`` is one fused kernel launch:
@@ -180,16 +182,8 @@ class FusedFlowMatchEulerDiscreteScheduler(StepIndexMixin, FlowMatchEulerDiscret
         if stochastic:
             noise, seeds = self._noise_of_step(sample, call["generator"])
         rule = reference.flow_stochastic_step if stochastic else reference.flow_euler_step
-        return self._fused_step(
-            x,
-            model_output,
-            tabs,
-            rows,
-            self._reference_rule(tabs, rows, rule, ("sigma", "sigma_next")),
-            call["return_dict"],
-            out_dtype=model_output.dtype,
-            x0_dtype=torch.float32,
-            noise=noise,
-            seeds=seeds,
-            write_x0=False,  # diffusers returns no x0: 3 passes over the tensor
-        )
+        reference_step = (tabs, rows, rule, ("sigma", "sigma_next"), None, {})  # (_rule's)
+        return self._fused(
+            x, model_output, tabs, rows, reference_step, call["return_dict"], model_output.dtype,
+            torch.float32, noise, seeds, None, _NO_X0,
+        )  # fmt: skip

@@ -266,20 +266,14 @@ class FusedUniPCMultistepScheduler(StepIndexMixin, UniPCMultistepScheduler):
                 thresholding=thresholding,
             )
 
-        return self._fused_step(
-            x,
-            model_output,
-            tables,
-            rows,
-            reference_step,
-            call["return_dict"],
-            out_dtype=sample.dtype,
-            x0_dtype=sample.dtype,
-            thresholding=thresholding,
-            history=ring,
-            last_sample=last,
-            write_x0=False,  # the step returns the sample only
-        )
+        # (write_x0 off: the step returns the sample only)
+        kernel_options = {
+            "thresholding": thresholding, "history": ring, "last_sample": last, "write_x0": False
+        }  # fmt: skip
+        return self._fused(
+            x, model_output, tables, rows, reference_step, call["return_dict"], sample.dtype,
+            sample.dtype, None, None, None, kernel_options,
+        )  # fmt: skip
 
     def _end_step(self, x0: torch.Tensor | None) -> None:
         if self.lower_order_nums < self.config.solver_order:
