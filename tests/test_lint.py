@@ -40,3 +40,13 @@ def test_no_module_imports_another_modules_private_name():
     package = [f for f in (ROOT / "fastdiff").rglob("*.py") if "kernels" not in f.parts]
     files = sorted(package) + sorted((ROOT / "kernels").glob("*.py"))
     assert [line for f in files for line in _private_imports(f)] == []
+
+
+def test_no_library_module_is_over_500_lines():
+    """One job a module: none under fastdiff/ is over 500 lines (the kernel family in
+    kernels/ may be longer: it stays one kernel and its launcher)."""
+    package = [f for f in (ROOT / "fastdiff").rglob("*.py") if "kernels" not in f.parts]
+    long = {
+        str(f.relative_to(ROOT)): n for f in package if (n := len(f.read_text().splitlines())) > 500
+    }
+    assert not long, long

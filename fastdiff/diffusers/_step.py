@@ -4,15 +4,13 @@ noise, ``_reference_rule`` (the reference path's step), ``_run_step`` (one step 
 ``fastdiff.stepping.run_step``, or the launch cached for its input signature) and
 ``_fused_step`` (run, ``_end_step``, diffusers' output).
 
-The launch cache (host cost of a step on small latents, where Python is the step's cost).
-The first kernel-path step of an input signature (the shapes, strides, dtypes, devices and
-alignment of the sample, model output, noise and previous x0; the scheduler's table, seeds
+The launch cache: the first kernel-path step of an input signature (shapes, strides, dtypes,
+devices and alignment of the sample, model output, noise and previous x0; the table, seeds
 and history buffers by identity; the rows' layout; the step options and output dtypes) is
-checked by ``fastdiff.kernels.fused_step.step_config`` (``fused_step``'s checks and errors)
-and its configuration kept; a later step of that signature launches it directly
-(``step_with_config``): no dispatch through ``run_step``, no second key of every tensor, no
-checks. Any other input (a new signature, a layout ``run_step`` would copy, the reference
-backend) takes ``run_step`` or the checks as before.
+checked by ``fastdiff.kernels.fused_step.step_config`` and its configuration kept; a later
+step of that signature launches it directly (``step_with_config``), unchecked. Any other
+input (a new signature, a layout ``run_step`` would copy, the reference backend) takes
+``run_step``.
 
 Noise (``noise=``, a keyword-only constructor option like ``backend``, not saved to the
 config). "torch", the default: the noise is drawn exactly as the diffusers class draws it
@@ -27,8 +25,8 @@ passed to ``step`` is used as diffusers uses it in both modes.
 
 Example:
     >>> x = self._begin_step(timestep, sample)
-    >>> return self._fused_step(x, model_output, tabs, rows, reference_step, Output, True,
-    ...                         out_dtype=x.dtype, x0_dtype=x.dtype)
+    >>> return self._fused(x, model_output, tabs, rows, reference_step, return_dict, x.dtype,
+    ...                    x.dtype, noise, seeds, None, {})
 """
 
 from __future__ import annotations
@@ -250,9 +248,8 @@ class StepTemplateMixin:
         self, x, model_output, step_tables, rows, reference_step, return_dict, out_dtype,
         x0_dtype, noise, seeds, x0_prev, kernel_kwargs,
     ):  # fmt: skip
-        """``_fused_step`` by position (``kernel_kwargs`` a dict of kernel options; the
-        prediction type's x0 dtype already applied): keyword arguments cost a microsecond a
-        layer on the hot path."""
+        """``_fused_step`` by position (``kernel_kwargs`` a dict of kernel options; x0's dtype
+        already the prediction type's): keywords cost a microsecond a layer on the hot path."""
         prev, x0 = self._step_once(
             x, model_output, step_tables, rows, reference_step, out_dtype, x0_dtype, noise,
             seeds, x0_prev, kernel_kwargs,
