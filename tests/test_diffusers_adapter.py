@@ -43,6 +43,7 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers import DDIMScheduler, DDPMScheduler  # noqa: E402
 from diffusers_cases import BACKENDS, DEVICE, PAIRS  # noqa: E402
 
+import fastdiff.diffusers as fused_module  # noqa: E402
 import fastdiff.diffusers._base as base  # noqa: E402
 import fastdiff.diffusers._step as step_template  # noqa: E402  (the step noise draws here)
 from fastdiff.diffusers import (  # noqa: E402
@@ -1054,3 +1055,17 @@ def test_gpu_loop_captured_in_cuda_graph(name):
         assert captured.shape == eager.shape and torch.isfinite(captured).all()
     else:
         torch.testing.assert_close(captured, eager)
+
+
+@pytest.mark.parametrize("name", [n for n in fused_module.__all__ if n.endswith("Scheduler")])
+def test_step_refuses_a_model_output_or_sample_that_is_not_a_tensor(name):
+    """A step given something other than a tensor says which argument it is (not an
+    AttributeError from deep inside)."""
+    scheduler = getattr(fused_module, name)()
+    scheduler.set_timesteps(4)
+    x = torch.randn(1, 4, 8, 8)
+    t = scheduler.timesteps[0]
+    with pytest.raises(TypeError, match="model_output must be a tensor, got NoneType"):
+        scheduler.step(None, t, x)
+    with pytest.raises(TypeError, match="sample must be a tensor, got float"):
+        scheduler.step(torch.randn_like(x), t, 1.0)

@@ -152,6 +152,9 @@ def mirrored_step(diffusers_cls: type, extras: dict[str, Any], doc: str | None) 
     accepted = frozenset(defaults)
 
     def step(self, model_output, timestep, sample, *args, **kwargs):
+        if not isinstance(model_output, torch.Tensor) or not isinstance(sample, torch.Tensor):
+            bad = "model_output" if not isinstance(model_output, torch.Tensor) else "sample"
+            raise TypeError(f"step(): {bad} must be a tensor, got {type(locals()[bad]).__name__}")
         if not kwargs and not args:  # (the common call: the defaults, copied)
             return self._step(model_output, timestep, sample, defaults.copy())
         if args:

@@ -338,47 +338,19 @@ class StepTemplateMixin:
             # (its table and Philox seeds: made once, never reshaped; by id, which no other
             # tensor can take while the entry keeps them alive) and the rows' layout (their
             # alignment is not specialized on). Flat and inline: a call costs a microsecond.
+            z, p = noise, x0_prev
             try:
                 key = (
-                    backend,
-                    id(table),
-                    id(seeds),
-                    x.shape,
-                    x.stride(),
-                    x.dtype,
-                    x.device,
-                    x.data_ptr() % 16 == 0,
-                    model_output.shape,
-                    model_output.stride(),
-                    model_output.dtype,
-                    model_output.device,
-                    model_output.data_ptr() % 16 == 0,
-                    rows.shape,
-                    rows.stride(),
-                    rows.dtype,
-                    rows.device,
-                    None
-                    if noise is None
-                    else (
-                        noise.shape,
-                        noise.stride(),
-                        noise.dtype,
-                        noise.device,
-                        noise.data_ptr() % 16 == 0,
-                    ),
-                    None
-                    if x0_prev is None
-                    else (
-                        x0_prev.shape,
-                        x0_prev.stride(),
-                        x0_prev.dtype,
-                        x0_prev.device,
-                        x0_prev.data_ptr() % 16 == 0,
-                    ),
-                    out_dtype,
-                    x0_dtype,
-                    *kernel_kwargs.items(),
-                )
+                    backend, id(table), id(seeds), rows.shape, rows.stride(), rows.dtype,
+                    rows.device, out_dtype, x0_dtype, *kernel_kwargs.items(),
+                    x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16 == 0,
+                    model_output.shape, model_output.stride(), model_output.dtype,
+                    model_output.device, model_output.data_ptr() % 16 == 0,
+                    None if z is None else (z.shape, z.stride(), z.dtype, z.device),
+                    None if z is None else z.data_ptr() % 16 == 0,
+                    None if p is None else (p.shape, p.stride(), p.dtype, p.device),
+                    None if p is None else p.data_ptr() % 16 == 0,
+                )  # fmt: skip
             except AttributeError:  # not a tensor: run_step raises as it does
                 pass
         if key is not None:
