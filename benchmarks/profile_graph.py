@@ -75,7 +75,8 @@ def report(name: str, advance: bool = True) -> None:
     steps_at.sort()
     # the graph's period: first step kernel's start to the last one's end, a step
     period_us = (steps_at[-1][1] - steps_at[0][0]) / len(steps_at)
-    print(f"{name}{'' if advance else ' (advance=False)'}: replay wall {wall_us:.2f} us a step, in the graph {period_us:.2f} us a "
+    label = name if advance else f"{name} (advance=False)"
+    print(f"{label}: replay wall {wall_us:.2f} us a step, in the graph {period_us:.2f} us a "
           f"step, kernels {kernel_us:.2f} us a step, advancing step: {advancing}")  # fmt: skip
     for kernel in sorted(total, key=total.get, reverse=True):
         print(f"    {count[kernel] / steps:6.2f} a step  {total[kernel] / count[kernel]:7.2f} us"
