@@ -207,8 +207,9 @@ class FlowDPMSolverPP2MSampler(FlowSampler):
 
     def _reference_step(self, x, m, v, i, x0_prev, noise, grad):
         s, s_next, s_prev = self._levels(x, i)
+        history = () if x0_prev is None else [(x0_prev, s_prev)]
         return self._reference_call(
-            reference.flow_dpmpp_2m_step, x, m, s, s_next, x0_prev=x0_prev, sigma_prev=s_prev
+            reference.dpmpp_multistep_step, x, m, s, s_next, history=history, space="flow"
         )
 
 

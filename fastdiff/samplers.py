@@ -168,13 +168,13 @@ class DPMSolverPP2MSampler(Sampler):
     def _reference_step(self, x, m, v, i, x0_prev, noise, grad):
         first_order = self._first_order(i, x)
         ab, ab_next = self._ab(x, i)
-        x1, x0 = self._reference_call(reference.dpmpp_2m_step, x, m, ab, ab_next)
+        x1, x0 = self._reference_call(reference.dpmpp_multistep_step, x, m, ab, ab_next)
         if x0_prev is None or first_order is True:
             return x1, x0
         ab_prev = self._values(x, i)["alpha_bar_prev"]
         ab_prev = torch.where(ab_prev < 1.0, ab_prev, 0.5)
         x2, _ = self._reference_call(
-            reference.dpmpp_2m_step, x, m, ab, ab_next, x0_prev=x0_prev, ab_prev=ab_prev
+            reference.dpmpp_multistep_step, x, m, ab, ab_next, history=[(x0_prev, ab_prev)]
         )
         if first_order is False:
             return x2, x0

@@ -180,9 +180,10 @@ def test_steps_are_exact_on_the_straight_path(s, s_next):
         got, _ = reference.flow_stochastic_step(x, m, s, s_next, eps, **kw)
         torch.testing.assert_close(got, want)
         if s < 1:
-            got, _ = reference.flow_dpmpp_2m_step(x, m, s, s_next, **kw)
+            dpm = functools.partial(reference.dpmpp_multistep_step, space="flow", **kw)
+            got, _ = dpm(x, m, s, s_next)
             torch.testing.assert_close(got, want)
-            got, _ = reference.flow_dpmpp_2m_step(x, m, s, s_next, x0_prev=x0, sigma_prev=0.9, **kw)
+            got, _ = dpm(x, m, s, s_next, history=[(x0, 0.9)])
             torch.testing.assert_close(got, want)
 
 
@@ -199,15 +200,12 @@ def test_flow_dpm_is_vp_dpm_on_the_scaled_state():
     def ab(v):
         return (1 - v) ** 2 / c2(v)
 
+    dpm = functools.partial(reference.dpmpp_multistep_step, prediction_type="sample")
     for x0_prev in (None, m_prev):
-        prev = {} if x0_prev is None else {"x0_prev": x0_prev}
-        got, _ = reference.flow_dpmpp_2m_step(
-            x, x0, s, s_next, sigma_prev=s_prev, prediction_type="sample", **prev
-        )
-        vp_prev = {} if x0_prev is None else {"x0_prev": x0_prev, "ab_prev": ab(s_prev)}
-        want, _ = reference.dpmpp_2m_step(
-            x / math.sqrt(c2(s)), x0, ab(s), ab(s_next), prediction_type="sample", **vp_prev
-        )
+        flow_history = () if x0_prev is None else [(x0_prev, s_prev)]
+        got, _ = dpm(x, x0, s, s_next, history=flow_history, space="flow")
+        vp_history = () if x0_prev is None else [(x0_prev, ab(s_prev))]
+        want, _ = dpm(x / math.sqrt(c2(s)), x0, ab(s), ab(s_next), history=vp_history)
         torch.testing.assert_close(got, want * math.sqrt(c2(s_next)))
 
 

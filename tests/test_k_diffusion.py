@@ -53,10 +53,8 @@ def _dpm_2m_rows():
 
 
 def _dpm_2m_ref(i, x, m, xp, z):
-    xp = None if i == 0 else xp
-    return reference.dpmpp_2m_sigma_step(
-        x, m, S[i], S_NEXT[i], denoised_prev=xp, sigma_prev=S_PREV[i]
-    )[0]
+    history = () if i == 0 else [(xp, S_PREV[i])]
+    return reference.dpmpp_multistep_step(x, m, S[i], S_NEXT[i], history=history, space="ve")[0]
 
 
 def _sde_case(eta, solver_type, s_noise=1.0):

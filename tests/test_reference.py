@@ -11,6 +11,7 @@ replayed); shapes are odd on purpose.
 
 from __future__ import annotations
 
+import functools
 import math
 import secrets
 
@@ -294,7 +295,7 @@ def test_dpmpp_first_order_is_ddim_eta0(gen, ptype):
     # Lu et al. 2022 Sec. 4.1: DPM-Solver++(1) is DDIM.
     x, m = randn(gen, *SHAPE), randn(gen, *SHAPE)
     ab_t, ab_next = schedule_pair(gen)
-    dpm = R.dpmpp_2m_step(x, m, ab_t, ab_next, prediction_type=ptype)
+    dpm = R.dpmpp_multistep_step(x, m, ab_t, ab_next, prediction_type=ptype)
     ddim = R.ddim_step(x, m, ab_t, ab_next, prediction_type=ptype)
     assert_close(dpm[0], ddim[0], **TOL64)
     assert_close(dpm[1], ddim[1], **TOL64)
@@ -315,30 +316,52 @@ def test_dpmpp_second_order_closed_form(gen):
     d = (1 + 1 / (2 * bcast(r))) * x0 - 1 / (2 * bcast(r)) * x0_prev
     sigma_t, sigma_n, alpha_n = (1 - ab_t) ** 0.5, (1 - ab_next) ** 0.5, ab_next**0.5
     expected = bcast(sigma_n / sigma_t) * x - bcast(alpha_n * (torch.exp(-h) - 1)) * d
-    got, _ = R.dpmpp_2m_step(x, m, ab_t, ab_next, x0_prev=x0_prev, ab_prev=ab_prev)
+    got, _ = R.dpmpp_multistep_step(x, m, ab_t, ab_next, history=[(x0_prev, ab_prev)])
     assert_close(got, expected, **TOL64)
     # a constant x0 makes the correction vanish: second order = first order
-    x_next, x0 = R.dpmpp_2m_step(x, m, ab_t, ab_next)
-    same, _ = R.dpmpp_2m_step(x, m, ab_t, ab_next, x0_prev=x0, ab_prev=ab_prev)
+    x_next, x0 = R.dpmpp_multistep_step(x, m, ab_t, ab_next)
+    same, _ = R.dpmpp_multistep_step(x, m, ab_t, ab_next, history=[(x0, ab_prev)])
     assert_close(same, x_next, **TOL64)
+
+
+def test_dpmpp_ve_is_vp_on_the_scaled_state(gen):
+    """k-diffusion's sigma space (``space="ve"``, x = x0 + sigma eps) is the VP state over
+    sqrt(ab) with sigma = sqrt((1 - ab) / ab); DPM-Solver++ is invariant to the scale, so the
+    VE step is the VP step over sqrt(ab_next) (first and second order)."""
+    x, m, x0_prev = randn(gen, *SHAPE), randn(gen, *SHAPE), randn(gen, *SHAPE)
+    ab_prev, ab, ab_next = 0.2, 0.4, 0.7
+
+    def sigma(a):
+        return ((1 - a) / a) ** 0.5
+
+    for second_order in (False, True):
+        vp_history = [(x0_prev, ab_prev)] if second_order else []
+        ve_history = [(x0_prev, sigma(ab_prev))] if second_order else []
+        want, _ = R.dpmpp_multistep_step(
+            x, m, ab, ab_next, history=vp_history, prediction_type="sample"
+        )
+        got, _ = R.dpmpp_multistep_step(
+            x / ab**0.5, m, sigma(ab), sigma(ab_next), history=ve_history, space="ve"
+        )
+        assert_close(got * ab_next**0.5, want, **TOL64)
 
 
 def test_dpmpp_first_order_at_the_ends(gen):
     x, m, x0_prev = randn(gen, *SHAPE), randn(gen, *SHAPE), randn(gen, *SHAPE)
     ab_t = uniform(gen, 0.1, 0.9, SHAPE[0])
     # to clean (h = inf): first order, which returns x0 itself
-    x_next, x0 = R.dpmpp_2m_step(x, m, ab_t, 1.0, x0_prev=x0_prev, ab_prev=ab_t / 2)
+    x_next, x0 = R.dpmpp_multistep_step(x, m, ab_t, 1.0, history=[(x0_prev, ab_t / 2)])
     assert torch.isfinite(x_next).all()
     assert_close(x_next, x0, **TOL64)
     # ab_prev = 0 (no previous information, lambda_prev = -inf): first order, per sample
     ab_next = ab_t + (1 - ab_t) / 2
     ab_prev = torch.tensor([0.0, 0.05, 0.0], dtype=F64) * ab_t
-    mixed, _ = R.dpmpp_2m_step(x, m, ab_t, ab_next, x0_prev=x0_prev, ab_prev=ab_prev)
-    first, _ = R.dpmpp_2m_step(x, m, ab_t, ab_next)
+    mixed, _ = R.dpmpp_multistep_step(x, m, ab_t, ab_next, history=[(x0_prev, ab_prev)])
+    first, _ = R.dpmpp_multistep_step(x, m, ab_t, ab_next)
     assert_close(mixed[[0, 2]], first[[0, 2]], **TOL64)
     assert not torch.allclose(mixed[1], first[1])
     # from pure noise (ab_t = 0, zero terminal SNR) with v-prediction: finite
-    x_next, _ = R.dpmpp_2m_step(x, m, 0.0, 0.3, prediction_type="v_prediction")
+    x_next, _ = R.dpmpp_multistep_step(x, m, 0.0, 0.3, prediction_type="v_prediction")
     assert torch.isfinite(x_next).all()
 
 
@@ -361,8 +384,8 @@ def test_solvers_converge_at_their_order_on_gaussian_data(gen):
         x, x0, ab_prev = x_start, None, None
         for a, a_next in zip(abs_[:-1], abs_[1:]):
             m = denoiser(x, a)
-            kw = {"x0_prev": x0, "ab_prev": ab_prev} if second_order else {}
-            x, x0 = R.dpmpp_2m_step(x, m, a, a_next, prediction_type="sample", **kw)
+            kw = {"history": [(x0, ab_prev)]} if second_order and x0 is not None else {}
+            x, x0 = R.dpmpp_multistep_step(x, m, a, a_next, prediction_type="sample", **kw)
             ab_prev = a
         return (x - exact).abs().max().item()
 
@@ -395,9 +418,11 @@ X0_STEPS = {
     "ddim_step": (R.ddim_step, (0.5, 0.7)),
     "euler_step": (R.euler_step, (2.0, 1.0)),
     "euler_ancestral_step": (R.euler_ancestral_step, (2.0, 1.0)),
-    "dpmpp_2m_step": (R.dpmpp_2m_step, (0.5, 0.7)),
     "flow_euler_step": (R.flow_euler_step, (0.7, 0.5)),
-    "flow_dpmpp_2m_step": (R.flow_dpmpp_2m_step, (0.7, 0.5)),
+    "flow_dpmpp_multistep_step": (
+        functools.partial(R.dpmpp_multistep_step, space="flow"),
+        (0.7, 0.5),
+    ),
     "dpmpp_multistep_step": (R.dpmpp_multistep_step, (0.5, 0.7)),
 }
 
@@ -468,7 +493,7 @@ def all_steps(x, m, z, ab_t, ab_next):
         "ddim": R.ddim_step(x, m, ab_t, ab_next, eta=0.5, noise=z, thresholding=(0.9, 2.0)),
         "euler": R.euler_step(x, m, sigma, sigma_next, prediction_type="v_prediction"),
         "euler_a": R.euler_ancestral_step(x, m, sigma, sigma_next, noise=z),
-        "dpmpp": R.dpmpp_2m_step(x, m, ab_t, ab_next, x0_prev=x0_prev, ab_prev=ab_old),
+        "dpmpp": R.dpmpp_multistep_step(x, m, ab_t, ab_next, history=[(x0_prev, ab_old)]),
     }
 
 
@@ -816,9 +841,9 @@ def test_dpmpp_2m_matches_diffusers(gen, ptype, steps, thresholding):
     for i, t in enumerate(scheduler.timesteps):
         m = 2 * randn(gen, *SHAPE, dtype=torch.float32)
         out = scheduler.step(m, t, x)
-        ours, x0 = R.dpmpp_2m_step(
+        ours, x0 = R.dpmpp_multistep_step(
             ours, m, ab[i], ab[i + 1],
-            x0_prev=x0_prev, ab_prev=ab_prev, prediction_type=ptype,
+            history=[] if x0_prev is None else [(x0_prev, ab_prev)], prediction_type=ptype,
             thresholding=(0.9, 2.0) if thresholding else None,
         )  # fmt: skip
         assert_close(x0, scheduler.model_outputs[-1], **TOL_DIFFUSERS32)
@@ -858,8 +883,10 @@ def test_errors_the_math_needs():
     x = torch.randn(2, 3, 4, 5)
     with pytest.raises(ValueError, match=r"even number of channels"):
         R.split_learned_variance(x, "learned")
-    with pytest.raises(ValueError, match=r"x0_prev needs ab_prev"):
-        R.dpmpp_2m_step(x, x, 0.5, 0.6, x0_prev=x)
+    with pytest.raises(ValueError, match=r"space must be one of \('vp', 'flow', 've'\)"):
+        R.dpmpp_multistep_step(x, x, 0.5, 0.6, space="edm")
+    with pytest.raises(ValueError, match=r'space "ve" takes the denoised x0'):
+        R.dpmpp_multistep_step(x, x, 0.5, 0.6, space="ve", prediction_type="epsilon")
     with pytest.raises(
         ValueError, match=r"ab_next must be .*shape \[\] or \[B\] with B=2, got shape \(3,\)"
     ):

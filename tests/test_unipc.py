@@ -69,7 +69,7 @@ def test_unip2_bh2_is_dpmpp_2m():
     got, _, _ = reference.unipc_step(
         x, m, (a1, a, a0), (s1, s, s0), history=(x0_prev,), predictor_order=2, solver_type="bh2"
     )
-    want, _ = reference.dpmpp_2m_step(x, m, ab, ab_next, x0_prev=x0_prev, ab_prev=ab_prev)
+    want, _ = reference.dpmpp_multistep_step(x, m, ab, ab_next, history=[(x0_prev, ab_prev)])
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 

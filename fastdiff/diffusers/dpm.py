@@ -361,28 +361,22 @@ class FusedDPMSolverMultistepScheduler(
         )  # fmt: skip
 
     def _midpoint_reference(self, xr, m, tabs, rows, x0_prev, prediction_type, thresholding):
-        """The reference step of the ODE midpoint form: ``reference.dpmpp_2m_step`` (VP) or
-        ``flow_dpmpp_2m_step``, first order where the row is."""
+        """The reference step of the ODE midpoint form: ``reference.dpmpp_multistep_step``
+        (order 2 with ``x0_prev``), first order where the row is."""
+        options = dict(prediction_type=prediction_type, thresholding=thresholding)
         if self.config.use_flow_sigmas:  # first-order rows have sigma_prev = 1 (r = inf)
             s, s_next, s_prev = self._values(tabs, rows, "sigma", "sigma_next", "sigma_prev")
-            return reference.flow_dpmpp_2m_step(
-                xr,
-                m,
-                s,
-                s_next,
-                x0_prev=None if x0_prev is None else x0_prev.to(xr.dtype),
-                sigma_prev=s_prev,
-                prediction_type=prediction_type,
-                thresholding=thresholding,
-            )
+            history = () if x0_prev is None else [(x0_prev.to(xr.dtype), s_prev)]
+            step = reference.dpmpp_multistep_step
+            return step(xr, m, s, s_next, history=history, space="flow", **options)
         ab, ab_next, ab_prev, first_order = self._values(
             tabs, rows, "ab", "ab_next", "ab_prev", "first"
         )
-        kwargs = dict(prediction_type=prediction_type, thresholding=thresholding)
-        prev, x0 = reference.dpmpp_2m_step(xr, m, ab, ab_next, **kwargs)
+        prev, x0 = reference.dpmpp_multistep_step(xr, m, ab, ab_next, **options)
         if x0_prev is not None:
-            second, _ = reference.dpmpp_2m_step(
-                xr, m, ab, ab_next, x0_prev=x0_prev.to(xr.dtype), ab_prev=ab_prev, **kwargs
+            history = [(x0_prev.to(xr.dtype), ab_prev)]
+            second, _ = reference.dpmpp_multistep_step(
+                xr, m, ab, ab_next, history=history, **options
             )
             mask = first_order.reshape(-1, *([1] * (xr.dim() - 1)))
             prev = torch.where(mask, prev, second)

@@ -284,7 +284,7 @@ def sample_euler_ancestral(plan, disable, eta=1.0, s_noise=1.0, noise_sampler=No
 @_k_sampler
 def sample_dpmpp_2m(plan, disable):
     """DPM-Solver++(2M) (Lu et al. 2022 Alg. 2) in sigma space, k-diffusion's form: first
-    order on the first step and on the step to 0 (``reference.dpmpp_2m_sigma_step``).
+    order on the first step and on the step to 0 (``reference.dpmpp_multistep_step``, VE).
 
     Example:
         >>> x = sample_dpmpp_2m(model, torch.randn(1, 4, 64, 64) * sigmas[0], sigmas)
@@ -299,9 +299,8 @@ def sample_dpmpp_2m(plan, disable):
         s, s_next, s_prev = plan.ends(i)
 
         def ref(xc, m, xp, z, g):
-            return reference.dpmpp_2m_sigma_step(
-                xc, m, s, s_next, denoised_prev=xp, sigma_prev=s_prev
-            )
+            history = () if xp is None else [(xp, s_prev)]
+            return reference.dpmpp_multistep_step(xc, m, s, s_next, history=history, space="ve")
 
         return plan.step(i, x, denoised, ref, x0_prev=old_denoised)
 

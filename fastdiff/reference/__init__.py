@@ -14,10 +14,10 @@ drop-ins).
 
 Modules: ``common`` (dtype, schedule values, x0 processing, guidance, and ``X0Options``: the
 ``prediction_type``, ``clip_range`` and ``thresholding`` keywords every step takes), ``vp``
-(DDPM, DDIM, Euler, DPM-Solver++, the Heun correction), ``consistency`` (LCM, TCD), ``flow``
-(flow matching), ``unipc`` (UniPC), ``dpm`` (DPM-Solver++ multistep in any space: SDE, heun,
-order 3), ``sigma`` (k-diffusion's samplers on a denoiser: churn, Heun, DPM-Solver++(2M) and
-its SDE, LCM).
+(DDPM, DDIM, Euler, the Heun correction), ``consistency`` (LCM, TCD), ``flow`` (flow
+matching), ``unipc`` (UniPC), ``dpm`` (DPM-Solver++ multistep, orders 1-3, ODE and SDE, in
+the VP, flow and VE spaces: DPM-Solver++(2M) is its order 2), ``sigma`` (k-diffusion's
+samplers on a denoiser: churn, Heun, the SDE form of DPM-Solver++(2M), LCM).
 
 Example:
     >>> x_next, x0 = ddim_step(x, eps_hat, ab[t], ab[t_next], eta=0.0)
@@ -34,9 +34,8 @@ from fastdiff.reference.common import (
     schedule_like,
 )
 from fastdiff.reference.consistency import consistency_step, renoise
-from fastdiff.reference.dpm import DPM_SOLVER_TYPES, dpmpp_multistep_step
+from fastdiff.reference.dpm import DPM_SOLVER_TYPES, DPM_SPACES, dpmpp_multistep_step
 from fastdiff.reference.flow import (
-    flow_dpmpp_2m_step,
     flow_eps,
     flow_euler_step,
     flow_forward,
@@ -48,7 +47,6 @@ from fastdiff.reference.sigma import (
     churn_gamma,
     churn_step,
     dpmpp_2m_sde_step,
-    dpmpp_2m_sigma_step,
     heun_step,
     lcm_step,
 )
@@ -68,7 +66,6 @@ from fastdiff.reference.vp import (
     ddim_step,
     ddpm_step,
     ddpm_variance,
-    dpmpp_2m_step,
     euler_ancestral_step,
     euler_churn_step,
     euler_step,
@@ -81,6 +78,7 @@ from fastdiff.reference.vp import (
 
 __all__ = [
     "DPM_SOLVER_TYPES",
+    "DPM_SPACES",
     "PREDICTION_TYPES",
     "SDE_SOLVER_TYPES",
     "ScheduleValue",
@@ -98,13 +96,10 @@ __all__ = [
     "ddpm_step",
     "ddpm_variance",
     "dpmpp_2m_sde_step",
-    "dpmpp_2m_sigma_step",
-    "dpmpp_2m_step",
     "dpmpp_multistep_step",
     "euler_ancestral_step",
     "euler_churn_step",
     "euler_step",
-    "flow_dpmpp_2m_step",
     "flow_eps",
     "flow_euler_step",
     "flow_forward",

@@ -8,7 +8,6 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -102,47 +101,6 @@ class X0Options:
     def process(self, x0: Tensor) -> Tensor:
         """:func:`process_x0_compute` of a compute-dtype x0."""
         return process_x0_compute(x0, self.clip_range, self.thresholding)
-
-
-# -- DPM-Solver++(2M) on any x = alpha x0 + sigma eps ---------------------------------------
-
-
-@dataclass(frozen=True)
-class Parameterization:
-    """What tells apart the spaces a step works in: ``alpha_sigma(level)`` gives ``(alpha,
-    sigma)`` of ``x = alpha x0 + sigma eps`` at a level (alpha bar, flow s, VE sigma; compute-
-    dtype tensors), ``log_snr(level)`` is ``lambda = log(alpha / sigma)`` and
-    ``clean(level)`` says where the level is clean data."""
-
-    alpha_sigma: Callable[[Tensor], tuple[Tensor | float, Tensor]]
-    log_snr: Callable[[Tensor], Tensor]
-    clean: Callable[[Tensor], Tensor]
-
-
-def dpmpp_2m_update(
-    space: Parameterization, x: Tensor, x0: Tensor, level: Tensor, level_next: Tensor, prev=None
-) -> Tensor:
-    """One DPM-Solver++(2M) update (Lu et al. 2022 Alg. 2, midpoint form as diffusers and
-    k-diffusion) of the compute-dtype ``x`` with its (processed) x0::
-
-        x' = (sigma' / sigma) x + alpha' (1 - e^-h) D,   e^-h = alpha sigma' / (sigma alpha')
-        D = x0 + (x0 - x0_prev) / (2 r),   r = h_prev / h,   h = lambda' - lambda
-
-    with ``prev = (x0_prev, level_prev)`` (the previous visited step, its level a compute-dtype
-    tensor); ``D = x0`` (eq. 9, first order) without it and on the step to clean. e^-h is
-    written so that it is finite there (and at alpha = 0)."""
-    alpha, sigma = space.alpha_sigma(level)
-    alpha_n, sigma_n = space.alpha_sigma(level_next)
-    exp_neg_h = alpha * sigma_n / (sigma * alpha_n)
-    d = x0
-    if prev is not None:
-        x0_prev, level_prev = prev
-        lam = space.log_snr(level)
-        h = space.log_snr(level_next) - lam
-        h_prev = lam - space.log_snr(level_prev)
-        half_inv_r = torch.where(space.clean(level_next), 0.0, h / (2 * h_prev))  # 1 / (2 r)
-        d = x0 + half_inv_r * (x0 - x0_prev.to(x.dtype))
-    return (sigma_n / sigma) * x + alpha_n * (1 - exp_neg_h) * d
 
 
 def cfg_combine(

@@ -47,15 +47,34 @@ from fastdiff.reference.common import ScheduleValue, X0Options, compute_dtype_of
 from fastdiff.reference.flow import flow_x0_compute
 from fastdiff.reference.vp import vp_x0_compute
 
-__all__ = ["DPM_SOLVER_TYPES", "dpmpp_multistep_step"]
+__all__ = ["DPM_SOLVER_TYPES", "DPM_SPACES", "dpmpp_multistep_step"]
 
 DPM_SOLVER_TYPES = ("midpoint", "heun")
 
 
+DPM_SPACES = ("vp", "flow", "ve")
+# each space's model output -> x0 and its default prediction type
+_X0_OF = {"vp": (vp_x0_compute, "epsilon"), "flow": (flow_x0_compute, "flow_prediction")}
+
+
+def _denoised(x: Tensor, m: Tensor, level: Tensor, prediction_type: str) -> Tensor:
+    """VE (k-diffusion's samplers): the model output is the denoised x0 itself."""
+    if prediction_type != "sample":
+        raise ValueError(
+            f'space "ve" takes the denoised x0 (prediction_type "sample"), got {prediction_type!r}'
+        )
+    return m
+
+
+_X0_OF["ve"] = (_denoised, "sample")
+
+
 def _alpha_sigma(level: Tensor, space: str) -> tuple[Tensor, Tensor]:
-    """(alpha, sigma) of a level: alpha bar (VP) or s (flow)."""
+    """(alpha, sigma) of a level: alpha bar (VP), s (flow) or sigma (VE, alpha = 1)."""
     if space == "vp":
         return level.sqrt(), (1 - level).sqrt()
+    if space == "ve":
+        return torch.ones_like(level), level
     return 1 - level, level
 
 
@@ -84,15 +103,18 @@ def dpmpp_multistep_step(
         x: the current sample.
         model_output: the model output (epsilon, sample, v_prediction; flow_prediction on
             flow levels), converted to x0 (then clipped / thresholded) as diffusers does.
-        level, level_next: alpha bar (``space="vp"``, 1 for clean) or s (``"flow"``, 0 for
-            clean) at the step and at the step it goes to.
-        history: the previous steps' x0 and levels, newest first (at most 2).
-        space: "vp" or "flow".
+        level, level_next: alpha bar (``space="vp"``, 1 for clean), s (``"flow"``, 0 for
+            clean) or sigma (``"ve"``, 0 for clean) at the step and at the step it goes to.
+        history: the previous steps' x0 and levels, newest first (at most 2); one entry:
+            DPM-Solver++(2M) (Alg. 2).
+        space: "vp", "flow" or "ve" (k-diffusion's sigma space, ``x = x0 + sigma eps``,
+            where the model output is the denoised x0).
         sde: the SDE form (SDE-DPM-Solver++), which adds ``sigma' sqrt(1 - e^-2h) noise``.
         solver_type: "midpoint" or "heun" (order 2; order 3 has one form).
         noise: standard normal noise like x (with ``sde``).
-        x0_options: ``prediction_type`` (default "epsilon"), ``clip_range``,
-            ``thresholding`` (diffusers' thresholding): :class:`X0Options`.
+        x0_options: ``prediction_type`` (default: "epsilon" in VP, "flow_prediction" in
+            flow, "sample" in VE), ``clip_range``, ``thresholding`` (diffusers'
+            thresholding): :class:`X0Options`.
 
     Returns:
         ``(x_next, x0)`` in ``x.dtype``.
@@ -101,11 +123,13 @@ def dpmpp_multistep_step(
         >>> x, x0 = dpmpp_multistep_step(x, v_hat, 0.6, 0.4, space="flow",
         ...                              prediction_type="flow_prediction")
     """
-    opts = X0Options.of(x0_options)
+    if space not in DPM_SPACES:
+        raise ValueError(f"space must be one of {DPM_SPACES}, got {space!r}")
+    x0_compute, default_prediction = _X0_OF[space]
+    opts = X0Options.of(x0_options, default_prediction)
     dtype = compute_dtype_of(x)
     xc, m = x.to(dtype), model_output.to(dtype)
     lev = schedule_like(level, "level", xc)
-    x0_compute = vp_x0_compute if space == "vp" else flow_x0_compute
     x0 = opts.process(x0_compute(xc, m, lev, opts.prediction_type))
     _, sigma = _alpha_sigma(lev, space)
     alpha_n, sigma_n = _alpha_sigma(schedule_like(level_next, "level_next", xc), space)

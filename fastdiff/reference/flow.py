@@ -10,11 +10,9 @@ import torch
 from torch import Tensor
 
 from fastdiff.reference.common import (
-    Parameterization,
     ScheduleValue,
     X0Options,
     compute_dtype_of,
-    dpmpp_2m_update,
 )
 
 # State x_s = (1 - s) x0 + s eps, s in [0, 1] (Esser et al. 2024, Sec. 3.1; Liu et al. 2023,
@@ -169,46 +167,4 @@ def flow_stochastic_step(
         x_next = x_next + s_next**2 * grad.to(xc.dtype)
     if noise is not None:
         x_next = x_next + s_next * noise.to(xc.dtype)
-    return x_next.to(x.dtype), x0.to(x.dtype)
-
-
-# alpha = 1 - s, sigma = s, lambda = log((1 - s) / s); s = 0 is clean
-_FLOW = Parameterization(
-    lambda s: (1 - s, s), lambda s: torch.log(1 - s) - torch.log(s), lambda s: s == 0
-)
-
-
-def flow_dpmpp_2m_step(
-    x: Tensor,
-    model_output: Tensor,
-    sigma: ScheduleValue,
-    sigma_next: ScheduleValue,
-    *,
-    x0_prev: Tensor | None = None,
-    sigma_prev: ScheduleValue | None = None,
-    **x0_options,
-) -> tuple[Tensor, Tensor]:
-    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2, midpoint form) on the flow path, where
-    ``alpha = 1 - s`` and ``sigma = s`` (diffusers' ``use_flow_sigmas``)::
-
-        lambda = log((1 - s) / s),  h = lambda' - lambda,  r = (lambda - lambda_prev) / h
-        x' = (s' / s) x + (1 - s') (1 - e^-h) D,  D = x0 + (x0 - x0_prev) / (2 r)
-
-    ``D = x0`` (first order) without ``x0_prev`` and on the step to clean (s' = 0).
-
-    Args:
-        x, model_output, sigma, sigma_next, x0_options: see :func:`flow_euler_step` (s < 1:
-            lambda is finite).
-        x0_prev: the previous step's x0, or None.
-        sigma_prev: the previous step's level (with ``x0_prev``).
-
-    Returns:
-        ``(x_next, x0)`` in ``x.dtype``.
-
-    Example:
-        >>> x, x0 = flow_dpmpp_2m_step(x, v_hat, 0.6, 0.4, x0_prev=x0, sigma_prev=0.8)
-    """
-    xc, s, x0, _ = _flow_start(x, model_output, sigma, x0_options)
-    prev = None if x0_prev is None else (x0_prev, _level(sigma_prev, xc))
-    x_next = dpmpp_2m_update(_FLOW, xc, x0, s, _level(sigma_next, xc), prev)
     return x_next.to(x.dtype), x0.to(x.dtype)

@@ -4,16 +4,17 @@ denoised estimate of x0 (Karras et al. 2022 Sec. 2; k-diffusion's ``sample_*`` f
 
 Euler and Euler ancestral are ``reference.euler_step`` / ``euler_ancestral_step`` with
 ``prediction_type="sample"``; here are the others: Karras's churn (Alg. 2 lines 4-6), the
-second-order Heun correction (Alg. 2 lines 7-11), DPM-Solver++(2M) (Lu et al. 2022 Alg. 2)
-and its SDE form (Lu et al. 2022, SDE-DPM-Solver++(2M), with k-diffusion's ``eta``), and
-the LCM step (Luo et al. 2023 Alg. 1: a consistency estimate re-noised).
+second-order Heun correction (Alg. 2 lines 7-11), the SDE form of DPM-Solver++(2M) (Lu et
+al. 2022, SDE-DPM-Solver++(2M), with k-diffusion's ``eta``), and the LCM step (Luo et al.
+2023 Alg. 1: a consistency estimate re-noised). DPM-Solver++(2M) itself is
+``reference.dpmpp_multistep_step`` with ``space="ve"``.
 
 Contract as the other reference steps (``fastdiff.reference``): float64 computes in float64,
 other dtypes in float32, results in ``x.dtype``; sigmas are python floats or ``[]`` / ``[B]``
 tensors; every step returns ``(x_next, x0)`` where x0 is the denoiser output used.
 
 Example:
-    >>> x, d = dpmpp_2m_sigma_step(x, denoised, 14.6, 9.7, denoised_prev=old, sigma_prev=20.0)
+    >>> x, d = dpmpp_2m_sde_step(x, denoised, 14.6, 9.7, denoised_prev=old, sigma_prev=20.0)
 """
 
 from __future__ import annotations
@@ -22,10 +23,8 @@ import torch
 from torch import Tensor
 
 from fastdiff.reference.common import (
-    Parameterization,
     ScheduleValue,
     compute_dtype_of,
-    dpmpp_2m_update,
     schedule_like,
 )
 
@@ -34,7 +33,6 @@ __all__ = [
     "churn_gamma",
     "churn_step",
     "dpmpp_2m_sde_step",
-    "dpmpp_2m_sigma_step",
     "heun_step",
     "lcm_step",
 ]
@@ -107,35 +105,6 @@ def heun_step(
 def _log_ratio(s: Tensor, s_next: Tensor) -> Tensor:
     # h = lambda' - lambda with lambda = log(alpha / sigma) = -log sigma (alpha = 1, VE)
     return s.log() - s_next.log()
-
-
-# alpha = 1 (variance exploding), lambda = -log sigma; sigma = 0 is clean
-_VE = Parameterization(lambda s: (1.0, s), lambda s: -torch.log(s), lambda s: s == 0)
-
-
-def dpmpp_2m_sigma_step(
-    x: Tensor,
-    denoised: Tensor,
-    sigma: ScheduleValue,
-    sigma_next: ScheduleValue,
-    *,
-    denoised_prev: Tensor | None = None,
-    sigma_prev: ScheduleValue | None = None,
-) -> tuple[Tensor, Tensor]:
-    """One DPM-Solver++(2M) step (Lu et al. 2022 Alg. 2, eq. 9 with alpha = 1) in sigma
-    space: ``h = log(sigma / sigma')``, first order ``x' = (sigma' / sigma) x + (1 - e^-h) D``;
-    with ``denoised_prev`` (made at ``sigma_prev``), ``r = h_prev / h`` and
-    ``D <- (1 + 1 / (2r)) D - D_prev / (2r)``. The step to ``sigma' = 0`` is first order
-    (``x' = D``), as k-diffusion.
-
-    Example:
-        >>> x, d = dpmpp_2m_sigma_step(x, denoised, s, s_next, denoised_prev=old, sigma_prev=p)
-    """
-    xc, d, d_prev = _prepared(x, denoised, denoised_prev)
-    s, s_next = schedule_like(sigma, "sigma", xc), schedule_like(sigma_next, "sigma_next", xc)
-    prev = None if d_prev is None else (d_prev, schedule_like(sigma_prev, "sigma_prev", xc))
-    x_next = dpmpp_2m_update(_VE, xc, d, s, s_next, prev)  # 1 - e^-h = 1 - sigma' / sigma
-    return x_next.to(x.dtype), denoised.to(x.dtype)
 
 
 def dpmpp_2m_sde_step(

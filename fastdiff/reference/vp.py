@@ -13,11 +13,9 @@ import torch
 from torch import Tensor
 
 from fastdiff.reference.common import (
-    Parameterization,
     ScheduleValue,
     X0Options,
     compute_dtype_of,
-    dpmpp_2m_update,
     schedule_like,
 )
 from fastdiff.reference.sigma import churn_step
@@ -399,47 +397,6 @@ def euler_ancestral_step(
     x_next = xc + (down - s) * (xc - x0) / s
     if noise is not None:
         x_next = x_next + up * noise.to(xc.dtype)
-    return x_next.to(x.dtype), x0.to(x.dtype)
-
-
-# -- DPM-Solver++(2M) (Lu et al. 2022) ------------------------------------------------------
-
-
-def _half_log_snr(ab: Tensor) -> Tensor:
-    # lambda = log(alpha / sigma) (Lu et al. Sec. 2); +inf for clean, -inf for pure noise
-    return 0.5 * (torch.log(ab) - torch.log1p(-ab))
-
-
-# alpha = sqrt(ab), sigma = sqrt(1 - ab) (Ho et al. 2020 eq. 4); ab = 1 is clean
-_VP = Parameterization(
-    lambda ab: (torch.sqrt(ab), torch.sqrt(1 - ab)), _half_log_snr, lambda ab: ab == 1
-)
-
-
-def dpmpp_2m_step(
-    x: Tensor,
-    model_output: Tensor,
-    ab_t: ScheduleValue,
-    ab_next: ScheduleValue,
-    *,
-    x0_prev: Tensor | None = None,
-    ab_prev: ScheduleValue | None = None,
-    **x0_options,
-) -> tuple[Tensor, Tensor]:
-    """One DPM-Solver++(2M) step (Lu et al. 2022 Alg. 2, midpoint form as diffusers):
-    first order (eq. 9, = DDIM) ``x_next = (sigma'/sigma) x - alpha' (exp(-h) - 1) x0`` with
-    ``h = lambda' - lambda``; with ``x0_prev`` from the previous visited step (alpha bar
-    ``ab_prev``), ``D = x0 + (x0 - x0_prev) / (2 r)``, ``r = h_prev / h``, replaces x0.
-    The step to clean (``ab_next == 1``) and ``ab_prev == 0`` are first order.
-
-    Example:
-        >>> x, x0 = dpmpp_2m_step(x, eps_hat, ab[t], ab[t_next], x0_prev=x0, ab_prev=ab[t_old])
-    """
-    if x0_prev is not None and ab_prev is None:
-        raise ValueError("x0_prev needs ab_prev (alpha bar of the step that produced x0_prev)")
-    xc, _, at, an, x0 = _vp_start(x, model_output, ab_t, ab_next, x0_options)
-    prev = None if x0_prev is None else (x0_prev, schedule_like(ab_prev, "ab_prev", xc))
-    x_next = dpmpp_2m_update(_VP, xc, x0, at, an, prev)
     return x_next.to(x.dtype), x0.to(x.dtype)
 
 
