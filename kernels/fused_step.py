@@ -837,36 +837,18 @@ def step_with_config(
         if x0_out is not None:
             x0 = x0_out.copy_(x0)
         return x_next, x0
-    # The one-launch forward, inline (``_forward``'s without thresholding: the same
-    # allocations, values and flags; a frame and two tuples less on the hot path).
+    # The one-launch forward (``_forward`` without thresholding: a frame and the options
+    # tuple less on the hot path).
     if out is None:
         out = torch.empty_like(x)
     if x0_out is None and write_x0:
         x0_out = torch.empty_like(x)
-    values = (
-        x,
-        model_output,
-        x if noise is None else noise,
-        x if grad is None else grad,
-        table,  # thresh_ptr (not read)
-        table if mscale is None else mscale,
-        rows if seeds is None else seeds,
-        table,
-        rows,
-        0.0 if guidance_scale is None else float(guidance_scale),
-        0.0 if clip_range is None else float(clip_range),
-        x if x0_prev is None else x0_prev,
-        out,
-        out if x0_out is None else x0_out,
-        x if history is None else history,
-        x if last_sample is None or not last_sample.numel() else last_sample,
-    )
+    values = _forward_values(
+        x, model_output, table, rows, seeds, guidance_scale, clip_range, noise, grad, mscale,
+        None, x0_prev, out, x0_out, history, last_sample,
+    )  # fmt: skip
     flags = (False, True, write_x0, config.statics["STD"], mscale is not None)
-    if advance is None:
-        _launch(config, values, x.device, flags)
-    else:
-        _launch(config, values, x.device, flags, advance.kernel_args)
-        advance.launches += 1
+    _launch(config, values, x.device, flags, () if advance is None else advance.take())
     return out, (x0_out if write_x0 else None)
 
 
@@ -914,21 +896,13 @@ def _forward(
 ):
     """The step's launches (the last one advances ``advance``'s loop, if given); returns
     ``(x_next, x0 or None, thresholds or None)``."""
+    table, rows, seeds, guidance_scale, clip_range = options[:5]
     thresholding, write_x0, history, last_sample = options[5:]
     if out is None:
         out = torch.empty_like(x)
     if x0_out is None and write_x0:
         x0_out = torch.empty_like(x)
-    # the arguments of _FORWARD_NAMES: the inputs, then what only the forward reads / writes
-    # (a last_sample of no slots, no corrector: not read, x stands in for its pointer)
-    has_last = last_sample is not None and last_sample.numel() > 0
-    written = (
-        x0_prev if x0_prev is not None else x,
-        out,
-        x0_out if x0_out is not None else out,
-        history if history is not None else x,
-        last_sample if has_last else x,
-    )
+    inputs = (x, model_output, table, rows, seeds, guidance_scale, clip_range, noise, grad, mscale)
     std, has_mscale = config.statics["STD"], mscale is not None
     thresh = None
     if thresholding is not None:
@@ -936,19 +910,14 @@ def _forward(
         # Pass 1: x0 only, into a temporary (x0_out may alias x0_prev, which pass 2 reads);
         # then the per-sample quantile of |x0| (Saharia et al. 2022).
         raw = torch.empty_like(x, dtype=x0_out.dtype if x0_out is not None else x.dtype)
-        pre = _input_values(options, x, model_output, noise, grad, mscale, None)
-        pre += (*written[:2], raw, *written[3:])
+        pre = _forward_values(*inputs, None, x0_prev, out, raw, history, last_sample)
         extra = (("x0_bstride", raw.stride(0)),)
         _launch(config, pre, x.device, (False, False, True, False, has_mscale), extra)
         abs_x0 = raw.float().abs().reshape(config.batch, -1)
         thresh = _per_sample_quantile(abs_x0, ratio).clamp(1.0, max_value).contiguous()
-    values = _input_values(options, x, model_output, noise, grad, mscale, thresh) + written
+    values = _forward_values(*inputs, thresh, x0_prev, out, x0_out, history, last_sample)
     flags = (thresh is not None, True, write_x0, std, has_mscale)
-    if advance is None:
-        _launch(config, values, x.device, flags)
-    else:
-        _launch(config, values, x.device, flags, advance.kernel_args)
-        advance.launches += 1
+    _launch(config, values, x.device, flags, () if advance is None else advance.take())
     return out, (x0_out if write_x0 else None), thresh
 
 
@@ -979,7 +948,7 @@ class _FusedStep(torch.autograd.Function):
         return None, None, *grads
 
 
-# The kernel arguments of both directions that change from call to call (``_input_values``)
+# The kernel arguments of both directions that change from call to call (``_forward_values``)
 # and those of the forward alone: _launch takes them in this order.
 _INPUT_NAMES = (
     "x_ptr", "m_ptr", "noise_ptr", "grad_ptr", "thresh_ptr", "mscale_ptr", "seed_ptr",
@@ -990,30 +959,41 @@ _FORWARD_NAMES = (*_INPUT_NAMES, "prev_ptr", "out_ptr", "x0_ptr", "hist_ptr", "l
 _FLAG_NAMES = ("THRESH", "WRITE_OUT", "WRITE_X0", "STD", "MSCALE")
 
 
-def _input_values(options, x, model_output, noise, grad, mscale, thresh) -> tuple:
-    """The values of ``_INPUT_NAMES``: the inputs read (an absent one stood in for by a
-    tensor the kernel does not read) and the option scalars."""
-    table, rows, seeds, guidance_scale, clip_range = options[:5]
+def _forward_values(
+    x, model_output, table, rows, seeds, guidance_scale, clip_range, noise, grad, mscale, thresh,
+    x0_prev, out, x0_out, history, last_sample,
+) -> tuple:  # fmt: skip
+    """The values of ``_FORWARD_NAMES``: the inputs read (an absent one stood in for by a
+    tensor the kernel does not read), the option scalars, then what only the forward reads
+    and writes (a last_sample of no slots, no corrector: not read, x stands in for it)."""
     return (
         x,
         model_output,
-        noise if noise is not None else x,
-        grad if grad is not None else x,
-        thresh if thresh is not None else table,
-        mscale if mscale is not None else table,
-        seeds if seeds is not None else rows,
+        x if noise is None else noise,
+        x if grad is None else grad,
+        table if thresh is None else thresh,
+        table if mscale is None else mscale,
+        rows if seeds is None else seeds,
         table,
         rows,
-        float(guidance_scale) if guidance_scale is not None else 0.0,
-        float(clip_range) if clip_range is not None else 0.0,
+        0.0 if guidance_scale is None else float(guidance_scale),
+        0.0 if clip_range is None else float(clip_range),
+        x if x0_prev is None else x0_prev,
+        out,
+        out if x0_out is None else x0_out,
+        x if history is None else history,
+        x if last_sample is None or not last_sample.numel() else last_sample,
     )
 
 
 def _input_args(options, x, model_output, noise, grad, mscale, thresh) -> dict:
-    """``_input_values`` by name (the backward's launch binds them)."""
-    return dict(
-        zip(_INPUT_NAMES, _input_values(options, x, model_output, noise, grad, mscale, thresh))
-    )
+    """The values of ``_INPUT_NAMES`` by name (the backward's launch binds them)."""
+    table, rows, seeds, guidance_scale, clip_range = options[:5]
+    values = _forward_values(
+        x, model_output, table, rows, seeds, guidance_scale, clip_range, noise, grad, mscale,
+        thresh, None, None, None, None, None,
+    )  # fmt: skip
+    return dict(zip(_INPUT_NAMES, values))
 
 
 def _like_x(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -1170,6 +1150,11 @@ class LoopAdvance:
             raise ValueError("src and dst must be on the counter's device")
         self.side_src, self.side_dst = src, dst
         self.kernel_args = self._arguments()
+
+    def take(self) -> tuple:
+        """The kernel's advance arguments for one launch, counted in ``launches``."""
+        self.launches += 1
+        return self.kernel_args
 
     def _arguments(self) -> tuple:
         """The kernel's advance arguments as ``(name, value)`` pairs (``_launch``'s extra)."""
