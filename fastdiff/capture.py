@@ -50,6 +50,11 @@ class GraphCaptureError(RuntimeError):
     reproduce the eager iteration; the message says why and what to do."""
 
 
+class GraphMismatchError(GraphCaptureError):
+    """The captured graph's replay did not reproduce the loop's reference iterations bitwise
+    (the verification)."""
+
+
 class GraphRuntime(Protocol):
     """What the engine needs from a device: a side stream, capture and replay."""
 
@@ -373,7 +378,7 @@ class GraphEngine:
                 if t.is_floating_point() and t.numel()
             )
             self.reset()
-            raise GraphCaptureError(
+            raise GraphMismatchError(
                 "the captured CUDA graph does not reproduce the eager step (max abs difference "
                 f"{diff:.3g}): the step depends on something a replayed graph cannot see (a "
                 "Python-side counter or cache, host random numbers, dropout in training mode), "

@@ -306,29 +306,37 @@ def _unipc_terms(
 
 @triton.jit
 def _advance_loop(
-    counter_ptr, ticket_ptr, plan_ptr, t_ptr, src_ptr, dst_ptr, n_steps, ADVANCE: tl.constexpr
-):
+    counter_ptr, ticket_ptr, plan_ptr, t_ptr, src_ptr, dst_ptr, n_steps, x_next, scaled_at,
+    mask, ADVANCE: tl.constexpr,
+):  # fmt: skip
     """A graphed loop's advance at the end of its step (``ADVANCE``): the program that takes
     the grid's last ticket increments the counter, writes the next timestep (and with
-    ADVANCE 2 the next per-step value) and resets the ticket. The barrier orders every
-    thread's loads and stores of this program before its ticket (acquire-release at GPU
-    scope: the last program sees every other program's done). Every program reads the
-    counter and the next plan entry before its ticket (the counter is incremented only after
-    the last ticket, so each reads the step's own value), which keeps those two loads out of
-    the last program's chain of dependent memory round trips."""
+    ADVANCE >= 2 the next per-step value ``v``) and resets the ticket; with ADVANCE 3 every
+    program also stores its tile of the next step's model input ``round(x_next) * v`` at
+    ``scaled_at`` (the written sample, rounded to the buffer's dtype, times ``v`` in float32
+    and rounded once: what ``torch.mul`` of the sample and a 1-D float32 ``v`` gives). The
+    barrier orders every thread's loads and stores of this program before its ticket
+    (acquire-release at GPU scope: the last program sees every other program's done). Every
+    program reads the counter and the next plan entry before its ticket (the counter is
+    incremented only after the last ticket, so each reads the step's own value), which keeps
+    those two loads out of the last program's chain of dependent memory round trips."""
     count = tl.load(counter_ptr) + 1
     more = count < n_steps
     at = tl.minimum(count, n_steps - 1)  # in bounds also where nothing is written
     t_next = tl.load(plan_ptr + at)
-    if ADVANCE == 2:
+    if ADVANCE >= 2:
         v_next = tl.load(src_ptr + at)
+    if ADVANCE == 3:
+        dtype = scaled_at.dtype.element_ty
+        scaled = x_next.to(dtype).to(tl.float32) * v_next
+        tl.store(scaled_at, scaled.to(dtype), mask=mask)
     tl.debug_barrier()
     total = tl.num_programs(0) * tl.num_programs(1)
     ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
     if ticket == total - 1:
         tl.store(counter_ptr, count)
         tl.store(t_ptr, t_next, mask=more)
-        if ADVANCE == 2:
+        if ADVANCE >= 2:
             tl.store(dst_ptr, v_next, mask=more)
         tl.store(ticket_ptr, 0)
 
@@ -414,6 +422,7 @@ def _fused_step_kernel(
     adv_t_ptr=None,
     adv_src_ptr=None,
     adv_dst_ptr=None,
+    adv_scaled_ptr=None,
     adv_steps=None,
     ADVANCE: tl.constexpr = 0,
 ):
@@ -427,8 +436,10 @@ def _fused_step_kernel(
     (:class:`LoopAdvance`): every program, after its last store, takes a ticket; the last
     one (all others have read their rows, which may be the counter, by then) increments the
     counter, writes the next iteration's timestep ``plan[counter]`` (nothing once the
-    counter reaches ``adv_steps``) and, with ADVANCE 2, the next per-step value
-    ``src[counter]`` into ``dst``, then resets the ticket to 0."""
+    counter reaches ``adv_steps``) and, with ADVANCE >= 2, the next per-step value
+    ``src[counter]`` into ``dst``, then resets the ticket to 0; with ADVANCE 3 every program
+    also writes its tile of the next model input ``out * src[counter]`` into ``scaled``
+    (laid out as ``out``)."""
     pid_n, b, b_ok, mask, b2, j2 = _tile(n_samples, n_per_sample, BLOCK_S, BLOCK_N)
     row, coef, c_x0_x, c_x0_m, c_x, c_x0, c_m = _coefficients(
         table_ptr, rows_ptr, b, b_ok, rows_stride, N_COLS
@@ -574,9 +585,14 @@ def _fused_step_kernel(
         if WRITE_X0:
             tl.store(x0_ptr + b2 * x0_bstride + j2, x0.to(x0_ptr.dtype.element_ty), mask=mask)
         if ADVANCE != 0:
+            if ADVANCE == 3:  # the next model input where out is stored (LoopAdvance.scaled)
+                tl.static_assert(WRITE_OUT)
+                scaled_at = adv_scaled_ptr + b2 * out_bstride + j2
+            else:
+                scaled_at = adv_scaled_ptr
             _advance_loop(
                 adv_counter_ptr, adv_ticket_ptr, adv_plan_ptr, adv_t_ptr, adv_src_ptr,
-                adv_dst_ptr, adv_steps, ADVANCE,
+                adv_dst_ptr, adv_steps, x_next, scaled_at, mask, ADVANCE,
             )  # fmt: skip
 
 
@@ -848,7 +864,7 @@ def step_with_config(
         None, x0_prev, out, x0_out, history, last_sample,
     )  # fmt: skip
     flags = (False, True, write_x0, config.statics["STD"], mscale is not None)
-    _launch(config, values, x.device, flags, () if advance is None else advance.take())
+    _launch(config, values, x.device, flags, () if advance is None else advance.take(out))
     return out, (x0_out if write_x0 else None)
 
 
@@ -917,7 +933,7 @@ def _forward(
         thresh = _per_sample_quantile(abs_x0, ratio).clamp(1.0, max_value).contiguous()
     values = _forward_values(*inputs, thresh, x0_prev, out, x0_out, history, last_sample)
     flags = (thresh is not None, True, write_x0, std, has_mscale)
-    _launch(config, values, x.device, flags, () if advance is None else advance.take())
+    _launch(config, values, x.device, flags, () if advance is None else advance.take(out))
     return out, (x0_out if write_x0 else None), thresh
 
 
@@ -1088,7 +1104,7 @@ _BACKWARD_ONLY = dict.fromkeys(
 # A launch that advances no loop (LoopAdvance.kernel_args: one that does).
 _NO_ADVANCE = dict.fromkeys(
     "adv_counter_ptr adv_ticket_ptr adv_plan_ptr adv_t_ptr adv_src_ptr adv_dst_ptr "
-    "adv_steps".split()
+    "adv_scaled_ptr adv_steps".split()
 ) | {"ADVANCE": 0}
 
 
@@ -1098,7 +1114,9 @@ class LoopAdvance:
     counter (0-d int64), a ticket (int32 ``[1]`` scratch, zero between launches), the plan
     (1-D, ``num_steps`` timesteps) and the 0-d timestep buffer the loop hands its step
     (``plan[counter]``, in the plan's dtype); optionally a per-step value (``set_side``):
-    ``side_src[counter]`` written to ``side_dst`` (``[1]``) as well.
+    ``side_src[counter]`` written to ``side_dst`` (``[1]``) as well, and the next step's
+    model input scaled by it (``set_scaled``: ``scaled = out * side_dst``, Euler's
+    ``scale_model_input``, written by the same launch).
 
     ``out`` is the loop's sample buffer, where its caller may have the step write (the
     kernel reads every element before it writes it). ``launches`` counts the advancing
@@ -1135,6 +1153,7 @@ class LoopAdvance:
         self.out = out
         self.side_src: torch.Tensor | None = None
         self.side_dst: torch.Tensor | None = None
+        self.scaled: torch.Tensor | None = None
         self.launches = 0
         self.kernel_args = self._arguments()
 
@@ -1151,8 +1170,48 @@ class LoopAdvance:
         self.side_src, self.side_dst = src, dst
         self.kernel_args = self._arguments()
 
-    def take(self) -> tuple:
-        """The kernel's advance arguments for one launch, counted in ``launches``."""
+    def set_scaled(self, scaled: torch.Tensor | None) -> None:
+        """Also write the next step's model input ``out * side_dst`` (after the advance) into
+        ``scaled``, a buffer like ``out`` (same shape, strides, dtype; float32 side values),
+        at every advance; the step's launch must then store its sample into ``out``. None:
+        no longer."""
+        if scaled is not None:
+            out, src = self.out, self.side_src
+            if out is None or src is None or src.dtype != torch.float32:
+                raise ValueError("set_scaled needs out and a float32 per-step value (set_side)")
+            if scaled.shape != out.shape or scaled.stride() != out.stride():
+                raise ValueError("scaled must have out's shape and strides")
+            if scaled.dtype != out.dtype or scaled.device != out.device:
+                raise ValueError("scaled must have out's dtype and device")
+        self.scaled = scaled
+        self.kernel_args = self._arguments()
+
+    def restart(self) -> None:
+        """A run's start, from ``out`` holding its first sample and the counter at 0: the
+        timestep, the ticket, the per-step value and the model input as the advance leaves
+        them before step 0."""
+        self.timestep.copy_(self.plan[0])
+        self.ticket.zero_()
+        if self.side_dst is not None:
+            self.side_dst.copy_(self.side_src[:1])
+        if self.scaled is not None:
+            torch.mul(self.out, self.side_dst, out=self.scaled)
+
+    def leave(self, sample: torch.Tensor) -> None:
+        """What an advancing launch leaves in these buffers, done by PyTorch after a step the
+        loop advanced itself (``sample``: the step's result; the counter incremented)."""
+        at = self.counter.clamp(max=self.num_steps - 1)
+        self.timestep.copy_(torch.take(self.plan, at))
+        if self.side_dst is not None:
+            self.side_dst.copy_(torch.take(self.side_src, at))
+        if self.scaled is not None:
+            torch.mul(sample, self.side_dst, out=self.scaled)
+
+    def take(self, out: torch.Tensor) -> tuple:
+        """The kernel's advance arguments for one launch storing its sample into ``out``,
+        counted in ``launches``."""
+        if self.scaled is not None and out is not self.out:
+            raise ValueError("a launch that writes the scaled model input must store into out")
         self.launches += 1
         return self.kernel_args
 
@@ -1166,8 +1225,9 @@ class LoopAdvance:
             ("adv_t_ptr", self.timestep),
             ("adv_src_ptr", self.side_src if side else None),
             ("adv_dst_ptr", self.side_dst if side else None),
+            ("adv_scaled_ptr", self.scaled),
             ("adv_steps", self.num_steps),
-            ("ADVANCE", 2 if side else 1),
+            ("ADVANCE", 3 if self.scaled is not None else 2 if side else 1),
         )
 
 

@@ -46,6 +46,7 @@ ADVANCING = {
 }
 # a per-step value advanced with the timestep (the row, Euler's input scale)
 SIDE = {"ddim", "ddpm", "euler", "euler_a", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde"}
+SCALED = {"euler", "euler_a"}  # and the next step's model input (LoopAdvance.set_scaled)
 
 
 def _randn(seed: int, shape=SHAPE, device="cpu", dtype=torch.float32) -> torch.Tensor:
@@ -87,6 +88,40 @@ def test_kernel_advances_once_per_launch_over_a_grid_of_programs(side, device):
         assert int(dst) == (int(src[min(k, 2)]) if side else 7)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_kernel_writes_the_next_model_input(dtype, device):
+    """ADVANCE 3 (``set_scaled``): every program also writes its tile of the next step's
+    model input, the stored sample times the advanced per-step value: bitwise
+    ``torch.mul(sample, dst)`` (float32 product of the rounded sample, rounded once),
+    poisoned before the launch. (The interpreter truncates bf16 stores: bf16 on a card only.)"""
+    if dtype == torch.bfloat16 and device.type != "cuda":
+        pytest.skip("the Triton interpreter truncates bf16 stores instead of rounding")
+    x, m = _randn(0, (3, 5001), device, dtype), _randn(1, (3, 5001), device, dtype)
+    table = _randn(2, (4, len(kernel.COLUMNS)), device)
+    counter = torch.tensor(0, device=device)
+    ticket = torch.zeros(1, dtype=torch.int32, device=device)
+    plan = torch.tensor([900, 600, 300], device=device)
+    out = x.clone()
+    advance = kernel.LoopAdvance(counter, ticket, plan, plan[0].clone(), out=out)
+    src = torch.rand(4, generator=torch.Generator().manual_seed(3)).to(device) + 0.1
+    advance.set_side(src, src[:1].clone())
+    scaled = torch.full_like(out, float("nan"))
+    advance.set_scaled(scaled)
+    assert dict(advance.kernel_args)["ADVANCE"] == 3
+    rows = counter.reshape(1)
+    for k in range(1, 4):
+        expected = kernel.fused_step(out, m, table, rows, write_x0=False)[0]
+        scaled.fill_(float("nan"))
+        kernel.fused_step(out, m, table, rows, out=out, write_x0=False, advance=advance)
+        assert torch.equal(out, expected) and int(counter) == k
+        assert torch.equal(advance.side_dst, src[min(k, 2) : min(k, 2) + 1])
+        assert torch.equal(scaled, torch.mul(out, src[min(k, 2) : min(k, 2) + 1]).to(dtype))
+    with pytest.raises(ValueError, match="store into out"):  # its sample elsewhere
+        kernel.fused_step(out, m, table, rows, advance=advance)
+    advance.set_scaled(None)
+    assert dict(advance.kernel_args)["ADVANCE"] == 2
+
+
 def test_loop_advance_checks_its_buffers():
     counter, ticket = torch.tensor(0), torch.zeros(1, dtype=torch.int32)
     plan = torch.tensor([3, 2, 1])
@@ -102,6 +137,16 @@ def test_loop_advance_checks_its_buffers():
     with pytest.raises(ValueError, match="dst"):
         advance.set_side(torch.zeros(3), torch.zeros(1, dtype=torch.int64))
     assert dict(advance.kernel_args)["ADVANCE"] == 1
+    with pytest.raises(ValueError, match="set_scaled needs out"):  # no out, no side value
+        advance.set_scaled(torch.zeros(3))
+    out = torch.zeros(2, 3)
+    advance = kernel.LoopAdvance(counter, ticket, plan, plan[0].clone(), out=out)
+    advance.set_side(torch.zeros(3), torch.zeros(1))
+    with pytest.raises(ValueError, match="shape and strides"):
+        advance.set_scaled(torch.zeros(3, 2).t())
+    with pytest.raises(ValueError, match="dtype"):
+        advance.set_scaled(torch.zeros(2, 3, dtype=torch.float16))
+    assert dict(advance.kernel_args)["ADVANCE"] == 2
 
 
 # -- the loop ------------------------------------------------------------------------------
@@ -149,6 +194,8 @@ def test_advancing_loop_is_the_eager_loop(name, per_graph, as_device, device):
     loop = capture_denoising_loop(step_fn, x, scheduler=f, steps_per_graph=per_graph)
     advance = loop.advance
     assert advance is not None and (advance.side_dst is not None) == (name in SIDE)
+    # the Euler pair's launch writes the next model input (on a card: CPU scaling divides)
+    assert (advance.scaled is not None) == (name in SCALED and device.type == "cuda")
     written.clear()
     assert torch.equal(loop.run(x), eager)
     # the step wrote into the loop's latents, except in the verification's reference
@@ -274,11 +321,12 @@ def test_gpu_every_dropin_loop_is_bitwise_eager(name, dtype, per_graph, device):
     f = getattr(fused, cls_name)(**{"backend": "triton", **config})
     torch.manual_seed(5)
     f.set_timesteps(steps, device=device)
-    written = []
+    written, inputs = [], []
     weight = _randn(1, shape, device, dtype)
 
     def step_fn(latents, t):
         xi = f.scale_model_input(latents, t)
+        inputs.append(xi.data_ptr())
         m = torch.tanh(xi * weight) * (t.float() / 1000 + 0.5)
         prev = f.step(m.to(latents.dtype), t, latents).prev_sample
         written.append(prev.data_ptr() == latents.data_ptr())
@@ -302,3 +350,33 @@ def test_gpu_every_dropin_loop_is_bitwise_eager(name, dtype, per_graph, device):
     assert loop.advance is not None and loop.advance.launches == 1
     assert int(loop.advance.ticket) == 0 and torch.equal(loop.timestep, loop.plan[-1])
     assert any(written)  # the step wrote into the loop's latents
+    # the Euler pair's model input is the one the previous step's launch wrote
+    scaled = loop.advance.scaled
+    assert (scaled is not None) == (name in SCALED)
+    assert scaled is None or scaled.data_ptr() in inputs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(SCALED))
+def test_gpu_a_step_fn_changing_the_sample_scales_its_input_again(name, device):
+    """A step_fn that changes the step's sample (an inpainting blend): the launch's scaled
+    model input would be stale, so the loop's first iteration stops it, and the graphed loop
+    is still bitwise the eager one."""
+    shape, steps = (2, 4, 16, 16), 8
+    f = _scheduler(name, steps, device)
+    keep = _randn(7, shape, device) > 0
+    weight = _randn(1, shape, device)
+    init = _randn(2, shape, device)
+
+    def step_fn(latents, t):
+        xi = f.scale_model_input(latents, t)
+        prev = f.step(torch.tanh(xi * weight), t, latents).prev_sample
+        return torch.where(keep, init, prev)
+
+    x = _randn(0, shape, device)
+    eager = _eager(f, step_fn, x, steps, device)
+    loop = capture_denoising_loop(step_fn, x, scheduler=f)
+    assert loop.advance.scaled is not None
+    graphed = loop.run(x)
+    assert loop.captured and loop.advance is not None and loop.advance.scaled is None
+    assert torch.equal(graphed, eager) and torch.equal(loop.run(x), eager)

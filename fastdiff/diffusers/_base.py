@@ -368,22 +368,33 @@ class FusedSchedulerMixin(StepTemplateMixin, PlanTablesMixin):
     def graph_kernel_options(self, x, model_output, out_dtype, noise, x0_prev, options: dict):
         """The kernel options of a step that advances a graphed loop: ``options`` with
         ``advance``, and ``out=`` the loop's latents where the step's sample fits them (same
-        shape, strides and dtype; no other input in their memory, x itself or apart)."""
+        shape, strides and dtype; no other input in their memory, x itself or apart); where
+        it does not, the advance no longer writes the scaled model input (``set_scaled``,
+        which needs the sample in the latents)."""
         advance = self._graph_advance
         options = {**options, "advance": advance}
         latents = advance.out
-        if latents is None or "out" in options or latents.dtype != (out_dtype or x.dtype):
-            return options
-        if latents.shape != x.shape or latents.stride() != x.stride():
-            return options
-        memory = latents.untyped_storage().data_ptr()
-        others = (model_output, noise, x0_prev, *(options.get(k) for k in _STATE_OPTIONS))
-        for t in others:
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == memory:
-                return options
-        if x.untyped_storage().data_ptr() == memory and x.data_ptr() != latents.data_ptr():
-            return options
-        options["out"] = latents
+        if "out" not in options and _fits(
+            latents, x, model_output, out_dtype, noise, x0_prev, options
+        ):
+            options["out"] = latents
+        elif advance.scaled is not None:
+            advance.set_scaled(None)
         return options
 
     # -- end of the CUDA-graph hooks ----------------------------------------------------------
+
+
+def _fits(latents, x, model_output, out_dtype, noise, x0_prev, options) -> bool:
+    """Whether a graphed step may store its sample into the loop's ``latents``
+    (``graph_kernel_options``)."""
+    if latents is None or latents.dtype != (out_dtype or x.dtype):
+        return False
+    if latents.shape != x.shape or latents.stride() != x.stride():
+        return False
+    memory = latents.untyped_storage().data_ptr()
+    others = (model_output, noise, x0_prev, *(options.get(k) for k in _STATE_OPTIONS))
+    for t in others:
+        if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == memory:
+            return False
+    return x.untyped_storage().data_ptr() != memory or x.data_ptr() == latents.data_ptr()

@@ -132,10 +132,25 @@ class EulerBase(StepIndexMixin):
         scale = self._input_scale(advance.counter.device, torch.float32)
         return scale, scale[:1].clone()
 
+    def graph_advance(self, advance) -> bool:
+        """The base class's (the input scale advanced with the loop, ``_graph_side``); on
+        CUDA the step's launch also writes the next step's model input, the loop's latents
+        times that scale (``LoopAdvance.set_scaled``: the same product, float32 and rounded
+        once), so that ``scale_model_input`` of the loop's latents launches nothing."""
+        taken = super().graph_advance(advance)
+        out = advance.out
+        if taken and out is not None and out.is_cuda and out.dtype != torch.float64:
+            advance.set_scaled(torch.empty_like(out))
+        return taken
+
     def _graph_scaled(self, sample: torch.Tensor) -> torch.Tensor:
         """scale_model_input's device path with the step's scale read from the loop's
-        per-step value (``_graph_side``): the same number and operation as there."""
-        scale = self._graph_advance.side_dst
+        per-step value (``_graph_side``): the same number and operation as there; of the
+        loop's latents themselves the input the previous step's launch wrote."""
+        advance = self._graph_advance
+        if advance.scaled is not None and sample is advance.out:
+            return advance.scaled
+        scale = advance.side_dst
         if scale.device.type != "cuda":
             return sample / scale.reshape(())
         if sample.requires_grad and torch.is_grad_enabled():

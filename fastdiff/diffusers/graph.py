@@ -25,7 +25,12 @@ import torch
 from tqdm.auto import tqdm
 
 from fastdiff import capture, philox
-from fastdiff.capture import GraphCaptureError, GraphedLoop, GraphEngine, GraphRuntime
+from fastdiff.capture import (
+    GraphedLoop,
+    GraphEngine,
+    GraphMismatchError,
+    GraphRuntime,
+)
 from fastdiff.kernels.fused_step import LoopAdvance
 
 __all__ = ["ADVANCE_HELP", "DenoisingLoopGraph", "capture_denoising_loop", "check_scheduler"]
@@ -168,7 +173,7 @@ class DenoisingLoopGraph(GraphedLoop):
         self._probed = False  # whether an iteration checked the step's advancing launch
         if self.advance is not None:
             extra += [self.timestep, self.advance.ticket]
-            extra += [self.advance.side_dst] if self.advance.side_dst is not None else []
+            extra += [t for t in (self.advance.side_dst, self.advance.scaled) if t is not None]
         self.engine = GraphEngine(
             runtime,
             self._body,
@@ -198,17 +203,32 @@ class DenoisingLoopGraph(GraphedLoop):
             return
         saved = None if self._probed else [t.clone() for t in self.engine.state]
         advance.launches = 0
-        self._prepare(self._step_index, advance=advance)
-        try:
-            new = self.step_fn(self.latents, self.timestep)
-        finally:
-            if self._finish is not None:
-                self._finish()
+        new = self._iterate(self.timestep, advance)
         if advance.launches != 1:
             self._fall_back(saved, advance.launches, new)
             return
+        if not self._probed and advance.scaled is not None and not self._is_latents(new):
+            # the step_fn changes the step's sample (the scaled model input the launch wrote
+            # would not be the next input's): scale_model_input computes it again from now on
+            advance.set_scaled(None)
         self._probed = True
         self._store(new)
+
+    def _iterate(self, t: torch.Tensor, advance: LoopAdvance | None = None) -> Any:
+        """The step_fn of this iteration between the scheduler's prepare and finish hooks."""
+        if advance is not None:
+            self._prepare(self._step_index, advance=advance)
+        elif self._prepare is not None:
+            self._prepare(self._step_index)
+        try:
+            return self.step_fn(self.latents, t)
+        finally:
+            if self._finish is not None:
+                self._finish()
+
+    def _is_latents(self, new: Any) -> bool:
+        """Whether ``new`` is the latents buffer itself (the step wrote its sample there)."""
+        return isinstance(new, torch.Tensor) and new.data_ptr() == self.latents.data_ptr()
 
     def _fall_back(self, saved: list[torch.Tensor] | None, launches: int, new: Any) -> None:
         """The first iteration's step did not make exactly one advancing launch: from now on
@@ -234,22 +254,11 @@ class DenoisingLoopGraph(GraphedLoop):
         """One iteration the loop advances itself: the timestep gathered from the plan, the
         step's latents copied into the buffer, the counter incremented (the reference of the
         graph's verification where the step advances the loop: its buffers as there)."""
-        t = torch.take(self.plan, self.counter)
-        if self._prepare is not None:
-            self._prepare(self._step_index)
-        try:
-            new = self.step_fn(self.latents, t)
-        finally:
-            if self._finish is not None:
-                self._finish()
+        new = self._iterate(torch.take(self.plan, self.counter))
         self._store(new)
         self.counter.add_(1)
-        advance = self.advance
-        if advance is not None:  # what the advancing launch leaves in its buffers
-            at = self.counter.clamp(max=self.num_steps - 1)
-            self.timestep.copy_(torch.take(self.plan, at))
-            if advance.side_dst is not None:
-                advance.side_dst.copy_(torch.take(advance.side_src, at))
+        if self.advance is not None:  # what the advancing launch leaves in its buffers
+            self.advance.leave(self.latents)
 
     def _store(self, new: Any) -> None:
         """The step_fn's result into the latents buffer (nothing to copy where it is it)."""
@@ -277,19 +286,15 @@ class DenoisingLoopGraph(GraphedLoop):
             raise ValueError(f"latents must be a tensor of shape {tuple(self.latents.shape)}")
         self.latents.copy_(latents)
         self.counter.zero_()
-        advance = self.advance
-        if advance is not None:
-            self.timestep.copy_(self.plan[0])
-            advance.ticket.zero_()
-            if advance.side_dst is not None:
-                advance.side_dst.copy_(advance.side_src[:1])
+        if self.advance is not None:
+            self.advance.restart()
         with tqdm(total=self.num_steps, disable=not progress, leave=False) as bar:
             try:
                 self.engine.run(self.num_steps, lambda done: bar.update(1))
-            except GraphCaptureError as err:
-                if self.advance is None or "does not reproduce" not in str(err):
-                    raise  # (not the verification's mismatch, which the advance may explain)
-                raise GraphCaptureError(f"{err}\n{ADVANCE_HELP}") from err
+            except GraphMismatchError as err:
+                if self.advance is None:
+                    raise
+                raise GraphMismatchError(f"{err}\n{ADVANCE_HELP}") from err  # (the likely why)
         return self.latents.clone()
 
 
