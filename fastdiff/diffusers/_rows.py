@@ -67,7 +67,7 @@ class TimestepRowsMixin(FusedSchedulerMixin):
         variance_mode: str = "fixed",
         **options: Any,
     ):
-        """The rest of a DDPM / DDIM step (``_fused_step``): the config's prediction type and
+        """The rest of a DDPM / DDIM step (``_fused``): the config's prediction type and
         x0 processing, the reference ``rule(x, m, ab_t, ab_next, **options)``, both outputs in
         ``promote(sample, model_output)`` as diffusers returns them."""
         clip_range, thresholding = self._processing_options  # (_begin_step checked config)

@@ -1,8 +1,9 @@
 """The step template of the fused diffusers schedulers (mixed into ``FusedSchedulerMixin``):
 ``_begin_step`` (plan and config checks, the step index, the kernel's layout), the step's
-noise, ``_reference_rule`` (the reference path's step), ``_run_step`` (one step through
-``fastdiff.stepping.run_step``, or the launch cached for its input signature) and
-``_fused_step`` (run, ``_end_step``, diffusers' output).
+noise, ``_rule`` (the reference path's step), ``_step_once`` (one step through
+``fastdiff.stepping.run_step``, or the launch cached for its input signature) and ``_fused``
+(run, ``_end_step``, diffusers' output). These three take their arguments by position only
+(binding keywords costs about a microsecond a layer on the hot path).
 
 The launch cache: the first kernel-path step of an input signature (shapes, strides, dtypes,
 devices and alignment of the sample, model output, noise and previous x0; the table, seeds
@@ -31,12 +32,10 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
-from diffusers.utils.torch_utils import randn_tensor as _randn_tensor
 
 from fastdiff import backend as backends
 from fastdiff import philox
@@ -46,7 +45,12 @@ from fastdiff.stepping import run_step
 
 __all__ = ["LaunchCache", "StepTemplateMixin"]
 
-# The kernel options a drop-in step passes to _run_step besides the tensors, with
+# diffusers' own randn_tensor: _draw's inline draw is its exact copy only while the module's
+# ``randn_tensor`` is still this one (tests patch ``fastdiff.diffusers._step.randn_tensor``
+# to inject noise; a patched one is called).
+_DIFFUSERS_RANDN = randn_tensor
+
+# The kernel options a drop-in step passes to _step_once besides the tensors, with
 # run_step's defaults.
 _KERNEL_OPTIONS = {
     "clip_range": None,
@@ -61,7 +65,7 @@ _KERNEL_OPTIONS = {
 
 
 class LaunchCache(dict):
-    """A scheduler's kernel-path configurations by input signature (``_run_step``). A copy
+    """A scheduler's kernel-path configurations by input signature (``_step_once``). A copy
     of the scheduler (``copy.deepcopy``, as some diffusers pipelines make; pickling) gets an
     empty one: the configurations hold compiled kernels, and the copy checks its inputs
     again at its first step."""
@@ -105,14 +109,16 @@ class StepTemplateMixin:
         """Noise drawn exactly as the diffusers schedulers draw it (``randn_tensor``): its
         common case inline (no generator, or one generator on the tensor's device type:
         the same ``torch.randn`` call, without ``randn_tensor``'s Python around it); a CPU
-        generator for a CUDA tensor, a list of generators or another device kind through
-        ``randn_tensor`` itself."""
+        generator for a CUDA tensor, a list of generators, another device kind or a
+        replaced ``randn_tensor`` (``_DIFFUSERS_RANDN``) through ``randn_tensor`` itself."""
         if (
-            randn_tensor is _randn_tensor  # (not replaced: tests patch it to inject noise)
+            randn_tensor is _DIFFUSERS_RANDN
             and type(device) is torch.device
             and device.type in ("cpu", "cuda")
-            and (generator is None or type(generator) is torch.Generator)
-            and (generator is None or generator.device.type == device.type)
+            and (
+                generator is None
+                or (type(generator) is torch.Generator and generator.device.type == device.type)
+            )
         ):
             return torch.randn(shape, generator=generator, device=device, dtype=dtype)
         return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
@@ -124,7 +130,7 @@ class StepTemplateMixin:
         generator: torch.Generator | None,
         variance_noise: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The noise of a step that adds noise, as ``(noise, seeds)`` for ``_run_step``.
+        """The noise of a step that adds noise, as ``(noise, seeds)`` for ``_step_once``.
 
         Args:
             like: the tensor whose shape, device and dtype diffusers draws the noise like.
@@ -143,8 +149,10 @@ class StepTemplateMixin:
         if generator is None and self._noise == "philox":
             return None, self._philox_seeds(x.shape[0], x.device)
         device = like.device
-        if (  # (_draw's common case, inline: a call a step less)
-            randn_tensor is _randn_tensor
+        # _draw's common case, inline: calling _draw would cost a call a step (which
+        # test_python_calls_per_step bounds); like.device is a torch.device: no type check
+        if (
+            randn_tensor is _DIFFUSERS_RANDN
             and device.type in ("cpu", "cuda")
             and (
                 generator is None
@@ -180,24 +188,23 @@ class StepTemplateMixin:
     def _end_step(self, x0: torch.Tensor | None) -> None:
         """State kept after a step (multistep history, the step index); none by default."""
 
-    def _reference_rule(
-        self,
-        tables: dict[str, torch.Tensor],
-        rows: torch.Tensor,
-        fn: Callable[..., tuple[torch.Tensor, torch.Tensor]],
-        levels: tuple[str, ...],
-        by_row: dict[str, str] | None = None,
-        **options: Any,
-    ):
-        """The reference path's step ``(xr, m, noise) -> (prev, x0)`` of a ``fastdiff.reference``
-        function: ``fn(xr, m, *levels, noise=noise, **by_row, **options)``, the levels and
-        ``by_row`` (keyword -> table name) read from ``tables`` at ``rows``; ``noise=`` only
-        when the step has noise."""
-
-        return self._rule(tables, rows, fn, levels, by_row, options)
-
     def _rule(self, tables, rows, fn, levels, by_row, options):
-        """``_reference_rule`` by position (``options`` a dict)."""
+        """The reference path's step ``(xr, m, noise) -> (prev, x0)`` of a ``fastdiff.reference``
+        function: ``fn(xr, m, *levels, noise=noise, **by_row, **options)``, ``noise=`` only
+        when the step has noise. By position (a drop-in may also pass these six arguments to
+        ``_step_once`` as a tuple in place of the step: the closure is then made only where
+        the reference path runs).
+
+        Args:
+            tables: the step's device tables (``_device_tables``), name -> tensor.
+            rows: the step's table rows.
+            fn: the ``fastdiff.reference`` step function, returning ``(prev, x0)``.
+            levels: names of the tables whose values at ``rows`` are ``fn``'s positional
+                arguments after ``(xr, m)``.
+            by_row: keyword -> table name: ``fn``'s keyword arguments read at ``rows``, or
+                None.
+            options: ``fn``'s further keyword arguments, a dict (``{}`` for none).
+        """
 
         def reference_step(xr, m, noise):
             values = self._values(tables, rows, *levels, *(by_row.values() if by_row else ()))
@@ -208,48 +215,21 @@ class StepTemplateMixin:
 
         return reference_step
 
-    def _fused_step(
-        self,
-        x: torch.Tensor,
-        model_output: torch.Tensor,
-        step_tables: dict[str, torch.Tensor],
-        rows: torch.Tensor,
-        reference_step: Callable,
-        return_dict: bool,
-        *,
-        out_dtype: torch.dtype,
-        x0_dtype: torch.dtype,
-        prediction_type: str | None = None,
-        noise: torch.Tensor | None = None,
-        seeds: torch.Tensor | None = None,
-        x0_prev: torch.Tensor | None = None,
-        **kernel_kwargs: Any,
-    ):
-        """The step's body and epilogue: ``_run_step``, then ``_end_step(x0)``, then the
-        diffusers output: ``self._output_cls(prev_sample[, pred_original_sample])`` (as many
-        values as the class has fields), or the tuple without ``return_dict``.
-
-        Args:
-            x, model_output, step_tables, rows, reference_step: as ``_run_step`` takes them.
-            return_dict: diffusers' ``return_dict``.
-            out_dtype, x0_dtype: dtypes of the returned sample and x0 (x0 in the model
-                output's dtype for ``prediction_type="sample"``, as diffusers).
-            prediction_type: the config's prediction type, or None.
-            noise, seeds, x0_prev, **kernel_kwargs: further ``_run_step`` options.
-        """
-        if prediction_type == "sample":
-            x0_dtype = model_output.dtype
-        return self._fused(
-            x, model_output, step_tables, rows, reference_step, return_dict, out_dtype,
-            x0_dtype, noise, seeds, x0_prev, kernel_kwargs,
-        )  # fmt: skip
-
     def _fused(
         self, x, model_output, step_tables, rows, reference_step, return_dict, out_dtype,
         x0_dtype, noise, seeds, x0_prev, kernel_kwargs,
     ):  # fmt: skip
-        """``_fused_step`` by position (``kernel_kwargs`` a dict of kernel options; x0's dtype
-        already the prediction type's): keywords cost a microsecond a layer on the hot path."""
+        """The step's body and epilogue: ``_step_once``, then ``_end_step(x0)``, then the
+        diffusers output: ``self._output_cls(prev_sample[, pred_original_sample])`` (as many
+        values as the class has fields), or the tuple without ``return_dict``. By position.
+
+        Args:
+            x, model_output, step_tables, rows, reference_step: as ``_step_once`` takes them.
+            return_dict: diffusers' ``return_dict``.
+            out_dtype, x0_dtype: dtypes of the returned sample and x0 (the caller gives x0
+                the model output's dtype for ``prediction_type="sample"``, as diffusers).
+            noise, seeds, x0_prev, kernel_kwargs: as ``_step_once`` takes them.
+        """
         prev, x0 = self._step_once(
             x, model_output, step_tables, rows, reference_step, out_dtype, x0_dtype, noise,
             seeds, x0_prev, kernel_kwargs,
@@ -257,27 +237,14 @@ class StepTemplateMixin:
         self._end_step(x0)
         return step_output(self._output_cls, return_dict, prev, x0)
 
-    def _run_step(
-        self,
-        x: torch.Tensor,
-        model_output: torch.Tensor,
-        step_tables: dict[str, torch.Tensor],
-        rows: torch.Tensor,
-        reference_step: Callable[
-            [torch.Tensor, torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]
-        ],
-        *,
-        out_dtype: torch.dtype,
-        x0_dtype: torch.dtype,
-        noise: torch.Tensor | None = None,
-        seeds: torch.Tensor | None = None,
-        x0_prev: torch.Tensor | None = None,
-        **kernel_kwargs: Any,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _step_once(
+        self, x, model_output, step_tables, rows, reference_step, out_dtype, x0_dtype, noise,
+        seeds, x0_prev, kernel_kwargs,
+    ):  # fmt: skip
         """One step through ``fastdiff.stepping.run_step`` (the dispatch ``Sampler.step``
         uses), returned in the dtypes the diffusers class returns; on the kernel path a step
         of an input signature this scheduler launched before takes the cached launch (see
-        the module docstring: the same launch, outputs and bits).
+        the module docstring: the same launch, outputs and bits). By position.
 
         The reference path runs ``reference_step(xr, m, noise)`` in float64 (it is the
         fallback and the check, not the fast path; float32 would lose digits where
@@ -291,29 +258,21 @@ class StepTemplateMixin:
             model_output: the model output the step reads.
             step_tables: the step's device tables (``_device_tables``).
             rows: the step's table rows.
-            reference_step: the reference path's step; returns ``(prev, x0)``.
-            out_dtype, x0_dtype: dtypes of the returned sample and x0 prediction.
+            reference_step: the reference path's step ``(xr, m, noise) -> (prev, x0)``, or
+                the tuple of ``_rule``'s six arguments (made into the step only where the
+                reference path runs).
+            out_dtype, x0_dtype: dtypes of the returned sample and x0 prediction (None:
+                ``run_step``'s defaults).
             noise: explicit standard-normal noise like ``x``, or None.
             seeds: per-sample Philox keys for in-kernel noise, or None.
             x0_prev: the previous step's x0 for the kernel (multistep), or None.
-            **kernel_kwargs: further ``fused_step`` options (clip_range, thresholding,
-                variance_mode, write_x0, history, last_sample).
+            kernel_kwargs: a dict of further ``fused_step`` options (``_KERNEL_OPTIONS``:
+                clip_range, thresholding, variance_mode, write_x0, x0_out, history,
+                last_sample, x0_noise; ``{}`` for none), part of the launch cache's key.
 
         Returns:
             ``(prev_sample, pred_original_sample)``.
         """
-        return self._step_once(
-            x, model_output, step_tables, rows, reference_step, out_dtype, x0_dtype, noise,
-            seeds, x0_prev, kernel_kwargs,
-        )  # fmt: skip
-
-    def _step_once(
-        self, x, model_output, step_tables, rows, reference_step, out_dtype, x0_dtype, noise,
-        seeds, x0_prev, kernel_kwargs,
-    ):  # fmt: skip
-        """``_run_step`` by position (``kernel_kwargs``: a dict of the kernel options;
-        ``reference_step`` also as the arguments of ``_rule``, a tuple: the closure is made
-        only where the reference path runs)."""
         if noise is not None and noise.device != x.device:  # a generator on another device
             noise = noise.to(x.device)
         if self._graph_advance is not None:  # a graphed loop's step advances it (_base hooks)

@@ -139,27 +139,19 @@ class _ConsistencyBase(StepIndexMixin):
                 seeds = self._philox_seeds(x.shape[0], x.device)
             else:  # as diffusers draws it: like the model output, in denoised's dtype
                 noise = self._draw(model_output.shape, generator, model_output.device, out_dtype)
-        options = {"out_dtype": out_dtype, "x0_dtype": out_dtype}
         if not processed:
-            reference_step = self._reference_rule(
+            reference_step = self._rule(
                 tabs,
                 rows,
                 consistency_step,
                 ("ab", "ab_s", "ab_next"),
                 {"c_skip": "c_skip", "c_out": "c_out"},
-                prediction_type=prediction_type,
+                {"prediction_type": prediction_type},
             )
-            return self._fused_step(
-                x,
-                model_output,
-                tabs,
-                rows,
-                reference_step,
-                return_dict,
-                noise=noise,
-                seeds=seeds,
-                **options,
-            )
+            return self._fused(
+                x, model_output, tabs, rows, reference_step, return_dict, out_dtype, out_dtype,
+                noise, seeds, None, {},
+            )  # fmt: skip
         # x0 processed before c_out: y first, then a second launch re-noises it
 
         def denoise_step(xr, m, _z):
@@ -175,13 +167,13 @@ class _ConsistencyBase(StepIndexMixin):
             ab_s, ab_next = self._values(tabs, rows, "ab_s", "ab_next")
             return renoise(yr, ab_s, ab_next, z), yr
 
-        y, _ = self._run_step(
-            x, model_output, tabs, rows, denoise_step, clip_range=clip_range,
-            thresholding=thresholding, write_x0=False, **options,
+        y, _ = self._step_once(
+            x, model_output, tabs, rows, denoise_step, out_dtype, out_dtype, None, None, None,
+            {"clip_range": clip_range, "thresholding": thresholding, "write_x0": False},
         )  # fmt: skip
-        prev, _ = self._run_step(
-            y, y, {"table": tabs["renoise"]}, rows, renoise_step, noise=noise, seeds=seeds,
-            write_x0=False, **options,
+        prev, _ = self._step_once(
+            y, y, {"table": tabs["renoise"]}, rows, renoise_step, out_dtype, out_dtype, noise,
+            seeds, None, {"write_x0": False},
         )  # fmt: skip
         self._end_step(y)
         return step_output(self._output_cls, return_dict, prev, y)

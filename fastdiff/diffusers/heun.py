@@ -252,18 +252,10 @@ class FusedHeunDiscreteScheduler(EulerBase, HeunDiscreteScheduler):
                 sample, timestep, tabs, state, prediction_type, clip_range
             )
             outputs = {}
-        prev, x0 = self._run_step(
-            x,
-            model_output,
-            tabs,
-            rows,
-            reference_step,
-            out_dtype=out_dtype,
-            x0_dtype=x0_dtype,
-            x0_prev=x0_prev,
-            clip_range=clip_range,
-            **outputs,
-        )
+        prev, x0 = self._step_once(
+            x, model_output, tabs, rows, reference_step, out_dtype, x0_dtype, None, None,
+            x0_prev, {"clip_range": clip_range, **outputs},
+        )  # fmt: skip
         self._end_step(x0)
         if outputs:
             self._state_on_device = True
@@ -307,7 +299,7 @@ class FusedHeunDiscreteScheduler(EulerBase, HeunDiscreteScheduler):
         if state is not None:
             rule = heun_correction_step
             options.update(x_start=state.start, x0_start=state.x0)
-        reference_step = self._reference_rule(tabs, rows, rule, ("sigma", "sigma_next"), **options)
+        reference_step = self._rule(tabs, rows, rule, ("sigma", "sigma_next"), None, options)
         return rows, x0_prev, reference_step
 
     # -- CUDA-graph hooks (see FusedSchedulerMixin; check_capturable: StepIndexMixin's) -----
@@ -368,7 +360,7 @@ class FusedHeunDiscreteScheduler(EulerBase, HeunDiscreteScheduler):
         ``x0_prev = lerp(x_s, D, w)``, ``w = 1`` (D, exactly) but in the midpoint form. A
         timestep that is not the plan's at that index gives the poison row (NaN), and a
         first half next. Returns the rows, ``x0_prev``, the reference step and the outputs
-        (the prediction and x0 buffers) of the half's ``_run_step``; ``pending`` is already
+        (the prediction and x0 buffers) of the half's ``_step_once``; ``pending`` is already
         the next half's."""
         n = self._plan_len
         n1 = n + 1

@@ -53,8 +53,6 @@ DPM_SOLVER_TYPES = ("midpoint", "heun")
 
 
 DPM_SPACES = ("vp", "flow", "ve")
-# each space's model output -> x0 and its default prediction type
-_X0_OF = {"vp": (vp_x0_compute, "epsilon"), "flow": (flow_x0_compute, "flow_prediction")}
 
 
 def _denoised(x: Tensor, m: Tensor, level: Tensor, prediction_type: str) -> Tensor:
@@ -66,7 +64,12 @@ def _denoised(x: Tensor, m: Tensor, level: Tensor, prediction_type: str) -> Tens
     return m
 
 
-_X0_OF["ve"] = (_denoised, "sample")
+# each space's model output -> x0 and its default prediction type
+_X0_OF = {
+    "vp": (vp_x0_compute, "epsilon"),
+    "flow": (flow_x0_compute, "flow_prediction"),
+    "ve": (_denoised, "sample"),
+}
 
 
 def _alpha_sigma(level: Tensor, space: str) -> tuple[Tensor, Tensor]:
