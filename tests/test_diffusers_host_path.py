@@ -272,12 +272,12 @@ def test_set_timesteps_checks_positional_arguments():
 @pytest.mark.parametrize("generator", [None, "cpu"], ids=["global RNG", "generator"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_step_noise_is_randn_tensor_bit_for_bit(generator, dtype):
-    """The step noise drawn inline (``_draw``'s common case) is diffusers' ``randn_tensor``
-    draw: the same values, and the generator (or torch's global stream) left in the same
-    state; the other cases go through ``randn_tensor`` itself."""
+    """The step noise drawn inline (``_step_noise``'s common case, also in another dtype than
+    the tensor it is drawn like) is diffusers' ``randn_tensor`` draw: the same values, and
+    the generator (or torch's global stream) left in the same state; the other cases go
+    through ``randn_tensor`` itself."""
     from diffusers.utils.torch_utils import randn_tensor
 
-    draw = FusedDDPMScheduler._draw
     seed = int(torch.randint(0, 2**31, (1,)))
     device = torch.device("cpu")
     scheduler = FusedDDPMScheduler()
@@ -286,8 +286,15 @@ def test_step_noise_is_randn_tensor_bit_for_bit(generator, dtype):
         like = torch.empty(shape, device=device, dtype=dtype)
         return scheduler._step_noise(like, like, generator)[0]
 
+    def step_noise_as(shape, generator, device, dtype):  # drawn like a float64 tensor
+        like = torch.empty(shape, device=device, dtype=torch.float64)
+        return scheduler._step_noise(like, like, generator, None, dtype)[0]
+
+    def draw(shape, generator, device, dtype):
+        return step_noise(shape, generator, device, dtype)
+
     results = []
-    for fn in (randn_tensor, draw, step_noise):
+    for fn in (randn_tensor, step_noise, step_noise_as):
         if generator is None:
             torch.manual_seed(seed)
             got = fn((2, 3, 5), generator=None, device=device, dtype=dtype)

@@ -45,7 +45,7 @@ from fastdiff.stepping import run_step
 
 __all__ = ["LaunchCache", "StepTemplateMixin"]
 
-# diffusers' own randn_tensor: _draw's inline draw is its exact copy only while the module's
+# diffusers' own randn_tensor: _step_noise's inline draw is its exact copy only while the module's
 # ``randn_tensor`` is still this one (tests patch ``fastdiff.diffusers._step.randn_tensor``
 # to inject noise; a patched one is called).
 _DIFFUSERS_RANDN = randn_tensor
@@ -104,39 +104,28 @@ class StepTemplateMixin:
             seeds = self._seeds_cache[key] = philox.seeds_from(self._seed, batch, device)
         return seeds
 
-    @staticmethod
-    def _draw(shape, generator, device, dtype) -> torch.Tensor:
-        """Noise drawn exactly as the diffusers schedulers draw it (``randn_tensor``): its
-        common case inline (no generator, or one generator on the tensor's device type:
-        the same ``torch.randn`` call, without ``randn_tensor``'s Python around it); a CPU
-        generator for a CUDA tensor, a list of generators, another device kind or a
-        replaced ``randn_tensor`` (``_DIFFUSERS_RANDN``) through ``randn_tensor`` itself."""
-        if (
-            randn_tensor is _DIFFUSERS_RANDN
-            and type(device) is torch.device
-            and device.type in ("cpu", "cuda")
-            and (
-                generator is None
-                or (type(generator) is torch.Generator and generator.device.type == device.type)
-            )
-        ):
-            return torch.randn(shape, generator=generator, device=device, dtype=dtype)
-        return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-
     def _step_noise(
         self,
         like: torch.Tensor,
         x: torch.Tensor,
         generator: torch.Generator | None,
         variance_noise: torch.Tensor | None = None,
+        dtype: torch.dtype | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The noise of a step that adds noise, as ``(noise, seeds)`` for ``_step_once``.
+
+        Drawn as diffusers draws it, ``randn_tensor(like.shape, generator, like.device,
+        dtype)``: its common case (no generator, or one generator on the tensor's device
+        type) inline, the same ``torch.randn`` call without ``randn_tensor``'s Python around
+        it; a CPU generator for a CUDA tensor, a list of generators, another device kind or
+        a replaced ``randn_tensor`` (``_DIFFUSERS_RANDN``) through ``randn_tensor`` itself.
 
         Args:
             like: the tensor whose shape, device and dtype diffusers draws the noise like.
             x: the current sample (its batch size and device key the Philox seeds).
             generator: draws the noise as diffusers does (``randn_tensor``), or None.
             variance_noise: explicit standard-normal noise (taken as it is), or None.
+            dtype: the noise's dtype where diffusers draws it in another than ``like``'s.
 
         Returns:
             ``(variance_noise, None)`` when it is given; ``(None, seeds)``, per-sample Philox
@@ -149,8 +138,8 @@ class StepTemplateMixin:
         if generator is None and self._noise == "philox":
             return None, self._philox_seeds(x.shape[0], x.device)
         device = like.device
-        # _draw's common case, inline: calling _draw would cost a call a step (which
-        # test_python_calls_per_step bounds); like.device is a torch.device: no type check
+        if dtype is None:
+            dtype = like.dtype
         if (
             randn_tensor is _DIFFUSERS_RANDN
             and device.type in ("cpu", "cuda")
@@ -159,9 +148,8 @@ class StepTemplateMixin:
                 or (type(generator) is torch.Generator and generator.device.type == device.type)
             )
         ):
-            noise = torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype)
-            return noise, None
-        return self._draw(like.shape, generator, device, like.dtype), None
+            return torch.randn(like.shape, generator=generator, device=device, dtype=dtype), None
+        return randn_tensor(like.shape, generator=generator, device=device, dtype=dtype), None
 
     # -- running a step: the template every drop-in's ``step`` follows ---------------------
 

@@ -135,10 +135,8 @@ class _ConsistencyBase(StepIndexMixin):
         out_dtype = promote(sample.dtype, model_output.dtype)
         noise = seeds = None
         if self._is_noisy(eta):
-            if generator is None and self.uses_philox_noise:
-                seeds = self._philox_seeds(x.shape[0], x.device)
-            else:  # as diffusers draws it: like the model output, in denoised's dtype
-                noise = self._draw(model_output.shape, generator, model_output.device, out_dtype)
+            # as diffusers draws it: like the model output, in denoised's dtype
+            noise, seeds = self._step_noise(model_output, x, generator, None, out_dtype)
         if not processed:
             reference_step = self._rule(
                 tabs,

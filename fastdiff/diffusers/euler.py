@@ -73,7 +73,7 @@ class EulerBase(StepIndexMixin):
         return plan
 
     def _churn_noise(self, model_output, x, generator, churn):
-        """The churn noise of this step as ``(noise, seeds)`` for ``_run_step``: drawn as
+        """The churn noise of this step as ``(noise, seeds)`` for ``_step_once``: drawn as
         diffusers draws it (only where gamma > 0), or with ``noise="philox"`` and no generator
         the seeds of the kernel's Philox noise; ``(None, None)``: the step does not churn.
         With the step index on the device, whether this step churns is not known on the host:

@@ -141,9 +141,7 @@ class FusedFlowMatchEulerDiscreteScheduler(StepIndexMixin, FlowMatchEulerDiscret
     def _noise_of_step(self, sample: torch.Tensor, generator) -> tuple:
         """(noise, seeds) of ``stochastic_sampling``: diffusers' ``randn_tensor`` draw in
         float32 (like the upcast sample), or in-kernel Philox with ``noise="philox"``."""
-        if generator is None and self.uses_philox_noise:
-            return None, self._philox_seeds(sample.shape[0], sample.device)
-        return self._draw(sample.shape, generator, sample.device, torch.float32), None
+        return self._step_noise(sample, sample, generator, None, torch.float32)
 
     def _step(
         self, model_output, timestep, sample, call: dict
