@@ -1154,6 +1154,7 @@ class LoopAdvance:
         self.side_src: torch.Tensor | None = None
         self.side_dst: torch.Tensor | None = None
         self.scaled: torch.Tensor | None = None
+        self.scaled_reads = 0  # the scaled input handed out (the caller counts and resets)
         self.launches = 0
         self.kernel_args = self._arguments()
 

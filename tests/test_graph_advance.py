@@ -357,11 +357,14 @@ def test_gpu_every_dropin_loop_is_bitwise_eager(name, dtype, per_graph, device):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["blend", "cfg", "identity"])
 @pytest.mark.parametrize("name", sorted(SCALED))
-def test_gpu_a_step_fn_changing_the_sample_scales_its_input_again(name, device):
-    """A step_fn that changes the step's sample (an inpainting blend): the launch's scaled
-    model input would be stale, so the loop's first iteration stops it, and the graphed loop
-    is still bitwise the eager one."""
+def test_gpu_where_the_scaled_input_does_not_fit_it_is_computed_again(name, variant, device):
+    """Where the launch's scaled model input would be wrong or unread, the loop stops it
+    (first iteration) or the step does (the model's output in its memory), and the graphed
+    loop is still bitwise the eager one: a step_fn that changes the step's sample (an
+    inpainting blend), one that scales another tensor (the doubled batch of guidance), a
+    model whose output is its input."""
     shape, steps = (2, 4, 16, 16), 8
     f = _scheduler(name, steps, device)
     keep = _randn(7, shape, device) > 0
@@ -369,9 +372,14 @@ def test_gpu_a_step_fn_changing_the_sample_scales_its_input_again(name, device):
     init = _randn(2, shape, device)
 
     def step_fn(latents, t):
+        if variant == "cfg":
+            xi = f.scale_model_input(torch.cat([latents] * 2), t)
+            m_u, m_c = torch.tanh(xi * weight.repeat(2, 1, 1, 1)).chunk(2)
+            return f.step(m_u + 3.0 * (m_c - m_u), t, latents).prev_sample
         xi = f.scale_model_input(latents, t)
-        prev = f.step(torch.tanh(xi * weight), t, latents).prev_sample
-        return torch.where(keep, init, prev)
+        m = xi if variant == "identity" else torch.tanh(xi * weight)
+        prev = f.step(m, t, latents).prev_sample
+        return torch.where(keep, init, prev) if variant == "blend" else prev
 
     x = _randn(0, shape, device)
     eager = _eager(f, step_fn, x, steps, device)

@@ -368,33 +368,40 @@ class FusedSchedulerMixin(StepTemplateMixin, PlanTablesMixin):
     def graph_kernel_options(self, x, model_output, out_dtype, noise, x0_prev, options: dict):
         """The kernel options of a step that advances a graphed loop: ``options`` with
         ``advance``, and ``out=`` the loop's latents where the step's sample fits them (same
-        shape, strides and dtype; no other input in their memory, x itself or apart); where
-        it does not, the advance no longer writes the scaled model input (``set_scaled``,
-        which needs the sample in the latents)."""
+        shape, strides and dtype; no other input in their memory, x itself or apart). The
+        advance no longer writes the scaled model input (``set_scaled``) where the sample
+        does not go into the latents, or where an input of the step is in its memory (the
+        model's output may be a view of its input)."""
         advance = self._graph_advance
         options = {**options, "advance": advance}
         latents = advance.out
-        if "out" not in options and _fits(
-            latents, x, model_output, out_dtype, noise, x0_prev, options
-        ):
+        others = (model_output, noise, x0_prev, *(options.get(k) for k in _STATE_OPTIONS))
+        fits = "out" not in options and _fits(latents, x, out_dtype, others)
+        if fits:
             options["out"] = latents
-        elif advance.scaled is not None:
+        scaled = advance.scaled
+        if scaled is not None and (not fits or _shares(scaled, (x, *others))):
             advance.set_scaled(None)
         return options
 
     # -- end of the CUDA-graph hooks ----------------------------------------------------------
 
 
-def _fits(latents, x, model_output, out_dtype, noise, x0_prev, options) -> bool:
-    """Whether a graphed step may store its sample into the loop's ``latents``
-    (``graph_kernel_options``)."""
+def _shares(buffer: torch.Tensor, tensors) -> bool:
+    """Whether a tensor among ``tensors`` (None allowed) is in ``buffer``'s memory."""
+    memory = buffer.untyped_storage().data_ptr()
+    return any(
+        isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == memory for t in tensors
+    )
+
+
+def _fits(latents, x, out_dtype, others) -> bool:
+    """Whether a graphed step may store its sample into the loop's ``latents``: their
+    dtype, shape and strides, none of the step's ``others`` inputs in their memory, and x
+    either apart or the latents themselves (``graph_kernel_options``)."""
     if latents is None or latents.dtype != (out_dtype or x.dtype):
         return False
-    if latents.shape != x.shape or latents.stride() != x.stride():
+    if latents.shape != x.shape or latents.stride() != x.stride() or _shares(latents, others):
         return False
     memory = latents.untyped_storage().data_ptr()
-    others = (model_output, noise, x0_prev, *(options.get(k) for k in _STATE_OPTIONS))
-    for t in others:
-        if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == memory:
-            return False
     return x.untyped_storage().data_ptr() != memory or x.data_ptr() == latents.data_ptr()

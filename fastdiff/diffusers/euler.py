@@ -149,6 +149,7 @@ class EulerBase(StepIndexMixin):
         loop's latents themselves the input the previous step's launch wrote."""
         advance = self._graph_advance
         if advance.scaled is not None and sample is advance.out:
+            advance.scaled_reads += 1
             return advance.scaled
         scale = advance.side_dst
         if scale.device.type != "cuda":

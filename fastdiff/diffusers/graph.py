@@ -202,15 +202,17 @@ class DenoisingLoopGraph(GraphedLoop):
             self._loop_body()
             return
         saved = None if self._probed else [t.clone() for t in self.engine.state]
-        advance.launches = 0
+        advance.launches = advance.scaled_reads = 0
         new = self._iterate(self.timestep, advance)
         if advance.launches != 1:
             self._fall_back(saved, advance.launches, new)
             return
-        if not self._probed and advance.scaled is not None and not self._is_latents(new):
-            # the step_fn changes the step's sample (the scaled model input the launch wrote
-            # would not be the next input's): scale_model_input computes it again from now on
-            advance.set_scaled(None)
+        if not self._probed and advance.scaled is not None:
+            if not advance.scaled_reads or not self._is_latents(new):
+                # the scaled model input the launch writes is not read (scale_model_input of
+                # another tensor), or would not be the next input's (the step_fn changes the
+                # step's sample): not written from now on (scale_model_input computes it)
+                advance.set_scaled(None)
         self._probed = True
         self._store(new)
 
