@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -40,7 +41,7 @@ __all__ = ["MEMO_ENTRIES", "PlanTablesMixin"]
 
 MEMO_ENTRIES = 16  # plans recorded per scheduler and config (0: no memo)
 _MISSING = object()
-_ACTIVE: list = []  # the traces of the set_timesteps calls being traced (innermost last)
+_LOCAL = threading.local()  # .active: the traces of this thread's traced calls (innermost last)
 _TRACERS: dict[type, type] = {}
 
 
@@ -70,7 +71,7 @@ class _Trace:
 
 def _traced_getattribute(self, name):
     value = object.__getattribute__(self, name)
-    trace = _ACTIVE[-1]
+    trace = _LOCAL.active[-1]
     if name not in trace.writes and name not in trace.reads and name not in trace.class_reads:
         if object.__getattribute__(self, "__dict__").get(name, _MISSING) is value:
             trace.reads[name] = value
@@ -82,12 +83,12 @@ def _traced_getattribute(self, name):
 
 
 def _traced_setattr(self, name, value):
-    _ACTIVE[-1].writes[name] = None
+    _LOCAL.active[-1].writes[name] = None
     object.__setattr__(self, name, value)
 
 
 def _traced_delattr(self, name):
-    _ACTIVE[-1].bad = True
+    _LOCAL.active[-1].bad = True
     object.__delattr__(self, name)
 
 
@@ -175,12 +176,14 @@ class PlanTablesMixin:
             previous is sigmas
             or (sigmas is not None and previous is not None and torch.equal(sigmas, previous))
         )
-        if planned_on_host and device is not None:
+        if planned_on_host and device is not None and hit is not None:
+            self.timesteps = hit.placed  # (recorded for this device; copied after another plan)
+        elif planned_on_host and device is not None:
             # the same plan on the same device: the uploaded timesteps again (no copy)
             target = torch.device(device)
             if target.type == "cuda" and target.index is None:
                 target = torch.device("cuda", torch.cuda.current_device())
-            kept = self._plan_tensor if same else hit and hit.placed
+            kept = self._plan_tensor if same else None
             if kept is not None and kept.device == target and kept.dim() == 1:
                 self.timesteps = kept
             else:
@@ -268,20 +271,30 @@ class PlanTablesMixin:
         seen.add(key)
         return False
 
-    def _plan_traced(self, plan: Callable, args: tuple, kwargs: dict) -> tuple:
+    def _plan_traced(self, plan: Callable, args: tuple, kwargs: dict) -> tuple | None:
         """diffusers' ``plan(self, *args, **kwargs)`` traced: (trace, config, the config's
-        attributes before, the attributes written with their values after)."""
+        attributes before, the attributes written with their values after); None: run
+        untraced (a class with its own attribute access or slots)."""
+        cls = type(self)
+        if (
+            cls.__getattribute__ is not object.__getattribute__
+            or cls.__setattr__ is not object.__setattr__
+            or cls.__delattr__ is not object.__delattr__
+            or "__slots__" in vars(cls)
+        ):  # (a class with its own attribute access: not traced, not recorded)
+            plan(self, *args, **kwargs)
+            return None
         config = self.config
         before = dict(vars(config))
         trace = _Trace()
-        cls = type(self)
-        _ACTIVE.append(trace)
+        active = vars(_LOCAL).setdefault("active", [])
+        active.append(trace)
         object.__setattr__(self, "__class__", _tracer(cls))
         try:
             plan(self, *args, **kwargs)
         finally:
             object.__setattr__(self, "__class__", cls)
-            _ACTIVE.pop()
+            active.pop()
         attributes = vars(self)
         written = {name: attributes.get(name, _MISSING) for name in trace.writes}
         return trace, config, before, written
